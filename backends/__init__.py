@@ -1,0 +1,1 @@
+"""The paiton torch.compile backend: options, the backend function, fusion reports."""

@@ -1,0 +1,110 @@
+"""The `paiton` torch.compile backend.
+
+    torch.compile(model, backend="paiton")                       # Inductor does the rest
+    torch.compile(model, backend="paiton", mode="reduce-overhead")   # ... with CUDA graphs
+    torch.compile(model, backend="paiton", options={"paiton.inner_compiler": "eager"})
+
+Dynamo hands the backend a torch-level FX graph. With the default inner compiler, Inductor's
+`compile_fx` lowers it to ATen with AOTAutograd and Paiton's passes run as Inductor's
+`post_grad_custom_pre_pass`; Inductor then compiles everything Paiton did not fuse, with the
+same mode handling (CUDA graphs for "reduce-overhead") and the same FX graph cache as
+`backend="inductor"`. With `paiton.inner_compiler="eager"`, AOTAutograd lowers the graph
+(with Inductor's decompositions, so the passes see the same ATen ops) and the rewritten graph
+runs as it is.
+
+Paiton fuses inference graphs. A graph that needs gradients (grad mode on and an input that
+requires grad) is compiled without Paiton's passes, with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None, options: dict | None = None):
+    """Compile one Dynamo graph. `mode` and `options` are what torch.compile passes."""
+    from torch._dynamo.utils import counters
+
+    from paiton.backends.fusion_report import record_graph
+    from paiton.backends.options import PaitonOptions
+    from paiton.passes.pass_manager import PaitonPassManager, counts_from_counters
+
+    opts = PaitonOptions.from_backend_kwargs(mode, options)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    )
+    if needs_grad:
+        log.warning(
+            "paiton: this graph needs gradients (grad mode is on and an input requires grad); Paiton fuses "
+            "inference graphs only, so it is compiled without Paiton's passes. Run the model under "
+            "torch.no_grad() or torch.inference_mode() to get the fusions."
+        )
+    manager = PaitonPassManager({name: on and not needs_grad for name, on in opts.passes.items()})
+
+    before = counters["inductor"].copy()
+    if opts.inner_compiler == "eager":
+        compiled = _compile_without_inductor(gm, example_inputs, manager)
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        if torch._inductor.config.post_grad_custom_pre_pass is not None:
+            raise RuntimeError(
+                "paiton: torch._inductor.config.post_grad_custom_pre_pass is already set; Paiton runs its "
+                "passes there. Move the other pass to post_grad_custom_post_pass."
+            )
+        patches = {**opts.inductor_config, "post_grad_custom_pre_pass": manager if manager.passes else None}
+        compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    counts = counts_from_counters(counters["inductor"] - before, [p.name for p in manager.passes])
+
+    record = record_graph(gm, example_inputs, _current_compile_id(), opts.inner_compiler, counts)
+    log.info(
+        "paiton: compiled graph %s with %s: %s",
+        record.compile_id,
+        opts.inner_compiler,
+        ", ".join(f"{name}={n}" for name, n in counts.items()) or "no passes",
+    )
+    return compiled
+
+
+def _compile_without_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], manager):
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.decomposition import select_decomp_table
+
+    def run_passes(aten_gm: torch.fx.GraphModule, _inputs):
+        manager(aten_gm.graph)
+        aten_gm.recompile()
+        return make_boxed_func(aten_gm.forward)
+
+    # Inductor's decompositions: without them casts stay `_to_copy` rather than
+    # `convert_element_type`, and the passes (traced with them) would match nothing.
+    return aot_autograd(
+        fw_compiler=run_passes,
+        decompositions=select_decomp_table(),
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)
+
+
+def _current_compile_id() -> str:
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    return str(compile_id) if compile_id is not None else "?"
+
+
+def _reset() -> None:
+    """Called by torch._dynamo.reset(): compiled graphs are gone, and so are their records and,
+    as for backend="inductor", the CUDA graph trees."""
+    from paiton.backends.fusion_report import clear_fusion_records
+
+    clear_fusion_records()
+    if torch.cuda.is_available():
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
+
+
+paiton_backend.reset = _reset

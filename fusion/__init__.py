@@ -1,0 +1,1 @@
+"""Triton kernels and the torch.library ops (paiton::*) that wrap them, with CPU references."""

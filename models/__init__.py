@@ -1,0 +1,1 @@
+"""Qwen3 models: presets with random weights, for tests, demos and benchmarks."""

@@ -1,0 +1,1 @@
+"""FX graph passes over the ATen graph: the pass manager and one file per fusion."""

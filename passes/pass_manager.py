@@ -1,0 +1,64 @@
+"""The ordered list of Paiton passes, run as one Inductor custom graph pass.
+
+Order matters: a fusion whose pattern contains another's runs first (fused add + RMSNorm
+before plain RMSNorm), and cleanup runs last. The manager is handed to Inductor as
+`post_grad_custom_pre_pass` (the ATen graph after AOTAutograd, before Inductor's own post-grad
+rewrites) or run directly on the ATen graph by the backend's eager inner compiler.
+
+Each run leaves the rewrite counts in `last_counts` and adds them to Inductor's counters
+(`counters["inductor"]["paiton.<pass>"]`). Inductor stores counter increments with a cached
+graph and replays them on a cache hit, so the counts are right whether or not the passes ran
+in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
+from paiton.passes.paiton_pass import PaitonPass, hash_source_files
+from paiton.passes.rms_norm import RMSNormPass
+
+log = logging.getLogger(__name__)
+
+# Every pass Paiton has, in the order they run.
+PASS_ORDER: tuple[type[PaitonPass], ...] = (FusedAddRMSNormPass, RMSNormPass)
+PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASS_ORDER)
+COUNTER_PREFIX = "paiton."
+
+
+class PaitonPassManager(CustomGraphPass):
+    def __init__(self, enabled: dict[str, bool] | None = None) -> None:
+        enabled = enabled or {}
+        unknown = set(enabled) - set(PASS_NAMES)
+        if unknown:
+            raise ValueError(f"unknown Paiton pass(es) {sorted(unknown)}; passes are {list(PASS_NAMES)}")
+        self.enabled = {name: enabled.get(name, True) for name in PASS_NAMES}
+        self.passes: list[PaitonPass] = [cls() for cls in PASS_ORDER if self.enabled[cls.name]]
+        self.last_counts: dict[str, int] = {}
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        counts = {}
+        for p in self.passes:
+            counts[p.name] = p(graph)
+            counters["inductor"][COUNTER_PREFIX + p.name] += counts[p.name]
+        # Cleanup: the matcher erases what it replaced; anything left dangling goes here.
+        graph.eliminate_dead_code()
+        graph.lint()
+        self.last_counts = counts
+        log.debug("paiton passes: %s", counts)
+
+    def uuid(self) -> str:
+        # The enabled set and each pass's own uuid (a hash of its source files) decide the
+        # rewritten graph; Inductor's FX graph cache keys on this.
+        per_pass = ",".join(f"{p.name}={p.uuid()}" for p in self.passes)
+        return hash_source_files([__file__], extra=f"{self.enabled}|{per_pass}")
+
+
+def counts_from_counters(delta: dict[str, int], pass_names) -> dict[str, int]:
+    """Rewrite counts per pass from a difference of `counters["inductor"]`."""
+    return {name: int(delta.get(COUNTER_PREFIX + name, 0)) for name in pass_names}

@@ -1,0 +1,68 @@
+"""Helpers shared by the tests: tolerances, graph capture, op counting."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import torch
+
+# Tolerances for "matches eager" and why.
+#  fp32: the fused kernel reduces in a different order than torch.mean; a few ulp.
+#  fp16/bf16: the normalized value is rounded to the input dtype before the weight multiply;
+#  if the kernel rounds it one ulp away from eager (reduction order; on CPU the interpreter
+#  also rounds fp32->bf16 toward zero, see ENV_NOTES), weight * y moves by up to 2 ulp of the
+#  output, and the output's own rounding adds one more: 3 ulp.
+ULPS = {torch.float32: 8, torch.float16: 3, torch.bfloat16: 3}
+MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int | None = None) -> None:
+    """|actual - expected| <= ulps units in the last place of expected's dtype, elementwise
+    (plus a floor at the dtype's smallest normal, for values near zero)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    dtype = expected.dtype
+    ulps = ULPS[dtype] if ulps is None else ulps
+    a, e = actual.double(), expected.double()
+    assert torch.isfinite(a).all(), "non-finite values in the result"
+    exponent = torch.floor(torch.log2(e.abs().clamp_min(torch.finfo(dtype).tiny)))
+    ulp = torch.pow(2.0, exponent - MANTISSA_BITS[dtype])
+    err = (a - e).abs()
+    bad = err > ulps * ulp + torch.finfo(dtype).tiny
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{int(bad.sum())}/{bad.numel()} elements differ by more than {ulps} ulp; first at {idx}: "
+            f"{a[tuple(idx)].item()} vs {e[tuple(idx)].item()} (max err {err.max().item():.3g})"
+        )
+
+
+def op_census(graph: torch.fx.Graph) -> collections.Counter:
+    """How often each op is called in `graph`, by name ("aten.rsqrt.default", "paiton.rms_norm.default")."""
+    return collections.Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
+
+
+@contextlib.contextmanager
+def capture_paiton_graphs():
+    """Record the ops of the ATen graph before and after Paiton's passes, for every graph
+    compiled inside the block (vLLM's TestBackend idea): yields a list of
+    (ops_before, ops_after, reported_counts)."""
+    from paiton.passes.pass_manager import PaitonPassManager
+
+    captured = []
+    original = PaitonPassManager.__call__
+
+    def recording_call(self, graph):
+        before = op_census(graph)
+        original(self, graph)
+        captured.append((before, op_census(graph), dict(self.last_counts)))
+
+    PaitonPassManager.__call__ = recording_call
+    try:
+        yield captured
+    finally:
+        PaitonPassManager.__call__ = original
+
+
+EAGER_INNER = {"paiton.inner_compiler": "eager"}
