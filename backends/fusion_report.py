@@ -25,6 +25,11 @@ class GraphFusions:
     counts: dict[str, int]  # pass name -> subgraphs rewritten
     _tensors: dict[int, weakref.ref] = field(default_factory=dict, repr=False, compare=False)
 
+    def add_tensors(self, tensors: Iterable) -> None:
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._tensors[id(t)] = weakref.ref(t)
+
     def uses_any(self, tensors: Iterable[torch.Tensor]) -> bool:
         for t in tensors:
             ref = self._tensors.get(id(t))
@@ -39,16 +44,31 @@ _records: list[GraphFusions] = []
 def record_graph(
     gm: torch.fx.GraphModule, example_inputs, compile_id: str, inner_compiler: str, counts: dict[str, int]
 ) -> GraphFusions:
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    tensors += list(gm.parameters()) + list(gm.buffers())  # when Dynamo keeps modules as attributes
-    record = GraphFusions(
-        compile_id=compile_id,
-        inner_compiler=inner_compiler,
-        counts=dict(counts),
-        _tensors={id(t): weakref.ref(t) for t in tensors},
-    )
+    record = GraphFusions(compile_id=compile_id, inner_compiler=inner_compiler, counts=dict(counts))
+    record.add_tensors(example_inputs)
+    record.add_tensors(list(gm.parameters()) + list(gm.buffers()))  # when Dynamo keeps modules as attributes
     _records.append(record)
     return record
+
+
+def attribute_runs(compiled, record: GraphFusions, example_inputs):
+    """Wrap a compiled graph so that running it with another module's parameters attributes the
+    graph to that module too.
+
+    Dynamo passes parameters as graph inputs and guards on their shapes, not their identity: a
+    second instance of the same model class runs the first one's compiled graph without a new
+    compile. The check costs one dict lookup per call (the first parameter input's identity).
+    """
+    anchor = next((i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)), None)
+    if anchor is None:
+        return compiled
+
+    def run(*args):
+        if not record.uses_any((args[anchor],)):
+            record.add_tensors(args)
+        return compiled(*args)
+
+    return run
 
 
 def clear_fusion_records() -> None:

@@ -30,7 +30,7 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
     """Compile one Dynamo graph. `mode` and `options` are what torch.compile passes."""
     from torch._dynamo.utils import counters
 
-    from paiton.backends.fusion_report import record_graph
+    from paiton.backends.fusion_report import attribute_runs, record_graph
     from paiton.backends.options import PaitonOptions
     from paiton.passes.pass_manager import PaitonPassManager, counts_from_counters
 
@@ -68,7 +68,7 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
         opts.inner_compiler,
         ", ".join(f"{name}={n}" for name, n in counts.items()) or "no passes",
     )
-    return compiled
+    return attribute_runs(compiled, record, example_inputs)
 
 
 def _compile_without_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], manager):

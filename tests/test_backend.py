@@ -1,0 +1,219 @@
+"""The backend's contract: options, errors, the entry point, logging, caching, reports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from paiton_testing import EAGER_INNER
+
+import paiton
+from paiton.backends.options import PaitonOptionError, PaitonOptions
+from paiton.passes.pass_manager import PASS_NAMES, PaitonPassManager
+
+
+class TinyNorm(torch.nn.Module):
+    """Linear, then residual add + RMSNorm, then RMSNorm (as transformers writes them)."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+        self.w1 = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        self.w2 = torch.nn.Parameter(torch.rand(dim) + 0.5)
+
+    @staticmethod
+    def norm(x, weight, eps=1e-6):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def forward(self, x):
+        residual = x + self.proj(x)
+        return self.norm(self.norm(residual, self.w1), self.w2), residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_options():
+    opts = PaitonOptions.from_backend_kwargs()
+    assert opts.inner_compiler == "inductor"
+    assert opts.passes == {name: True for name in PASS_NAMES}
+    assert opts.inductor_config == {}
+
+
+def test_mode_and_inductor_options_reach_inductor():
+    assert PaitonOptions.from_backend_kwargs(mode="reduce-overhead").inductor_config == {"triton.cudagraphs": True}
+    opts = PaitonOptions.from_backend_kwargs(options={"coordinate_descent_tuning": True, "paiton.rms_norm": False})
+    assert opts.inductor_config == {"coordinate_descent_tuning": True}
+    assert opts.passes["rms_norm"] is False and opts.passes["fused_add_rms_norm"] is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(options={"paiton.rms_norms": False}), "unknown Paiton option 'paiton.rms_norms'"),
+        (dict(options={"paiton.inner_compiler": "tvm"}), "must be one of"),
+        (dict(options={"paiton.rms_norm": "off"}), "True or False"),
+        (dict(options={"coordinate_descent_tunning": True}), "not a Paiton option .* nor an Inductor config option"),
+        (dict(options={"coordinate_descent_tuning": "yes"}), "takes bool"),
+        (dict(mode="fastest"), "unknown torch.compile mode 'fastest'"),
+        (dict(mode="reduce-overhead", options=None), None),
+        (dict(options={**EAGER_INNER, "triton.cudagraphs": True}), "cannot apply"),
+        (dict(options={"post_grad_custom_pre_pass": None}), "post_grad_custom_post_pass"),
+        (dict(options=["paiton.rms_norm"]), "must be a dict"),
+    ],
+)
+def test_option_errors_are_clear(kwargs, message):
+    if message is None:
+        PaitonOptions.from_backend_kwargs(**kwargs)
+        return
+    with pytest.raises(PaitonOptionError, match=message):
+        PaitonOptions.from_backend_kwargs(**kwargs)
+
+
+def test_unknown_option_fails_the_compile():
+    """torch.compile surfaces the backend's error instead of silently running eager."""
+    compiled = torch.compile(TinyNorm(), backend="paiton", options={"paiton.fused_add_rms_norms": False})
+    with pytest.raises(Exception, match="unknown Paiton option"):
+        compiled(torch.randn(2, 32))
+
+
+def test_unknown_pass_in_manager():
+    with pytest.raises(ValueError, match="unknown Paiton pass"):
+        PaitonPassManager({"swiglu": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# The Inductor FX graph cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_uuid_is_stable_and_follows_the_options():
+    assert PaitonPassManager().uuid() == PaitonPassManager().uuid()
+    assert PaitonPassManager().uuid() != PaitonPassManager({"rms_norm": False}).uuid()
+    assert PaitonPassManager({"rms_norm": False}).uuid() != PaitonPassManager({"fused_add_rms_norm": False}).uuid()
+
+
+@pytest.mark.slow
+def test_counts_survive_an_fx_graph_cache_hit():
+    """The second compile of the same graph is served from Inductor's cache (the passes do not
+    run); the counts must still be reported."""
+    from torch._dynamo.utils import counters
+
+    module, x = TinyNorm(), torch.randn(4, 32)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
+        expected = module(x)
+        for attempt in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            out, _ = torch.compile(module, backend="paiton")(x)
+            torch.testing.assert_close(out, expected[0])
+            assert paiton.fusion_counts(module) == {"fused_add_rms_norm": 1, "rms_norm": 1}, attempt
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fusion_counts_for_each_way_of_compiling():
+    x = torch.randn(3, 32)
+    expected = {"fused_add_rms_norm": 1, "rms_norm": 1}
+    with torch.no_grad():
+        module = TinyNorm()
+        compiled = torch.compile(module, backend="paiton", options=EAGER_INNER)
+        compiled(x)
+        assert paiton.fusion_counts(compiled) == expected
+        assert paiton.fusion_counts(module) == expected
+
+        other = TinyNorm()  # never compiled: no records
+        assert paiton.fusion_counts(other) == {"fused_add_rms_norm": 0, "rms_norm": 0}
+
+        # Dynamo reuses the first instance's graph for a second instance of the class (it guards
+        # on parameter shapes, not identity): the shared graph is attributed to both.
+        compiled_forward = torch.compile(other.forward, backend="paiton", options=EAGER_INNER)
+        compiled_forward(x)
+        assert paiton.fusion_counts(compiled_forward) == expected
+        assert paiton.fusion_counts(other) == expected
+        assert len(paiton.fusion_graphs()) == 1 and paiton.fusion_counts() == expected
+
+    with pytest.raises(TypeError, match="needs a torch.nn.Module"):
+        paiton.fusion_counts(42)
+
+
+def test_dynamo_reset_clears_the_records():
+    with torch.no_grad():
+        torch.compile(TinyNorm(), backend="paiton", options=EAGER_INNER)(torch.randn(3, 32))
+    assert paiton.fusion_counts()["rms_norm"] == 1
+    torch._dynamo.reset()
+    assert paiton.fusion_counts() == {name: 0 for name in PASS_NAMES}
+
+
+def test_graphs_that_need_gradients_are_not_rewritten(caplog):
+    module, x = TinyNorm(), torch.randn(3, 32)
+    with caplog.at_level("WARNING", logger="paiton"):
+        out, _ = torch.compile(module, backend="paiton", options=EAGER_INNER)(x)
+    out.sum().backward()  # the graph still trains
+    assert module.w1.grad is not None
+    assert paiton.fusion_counts(module) == {name: 0 for name in PASS_NAMES}
+    assert "needs gradients" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# In a fresh process: the entry point and TORCH_LOGS
+# ---------------------------------------------------------------------------------------------
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    dim = 32
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        def forward(self, x):
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.weight * h.to(x.dtype)
+    m, x = M(), torch.randn(4, dim)
+    with torch.no_grad():
+        out = torch.compile(m, backend="paiton", options={"paiton.inner_compiler": "eager"})(x)
+        torch.testing.assert_close(out, m(x))
+    assert "paiton" not in sys.modules or sys.modules["paiton"].__name__ == "paiton"
+    import paiton
+    print("COUNTS", paiton.fusion_counts(m))
+    """
+)
+
+
+def run_fresh(env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT], capture_output=True, text=True, env=env, timeout=300, cwd="/"
+    )
+
+
+def test_backend_by_name_in_a_fresh_process():
+    """`backend="paiton"` resolves through the torch_dynamo_backends entry point; the script
+    never imports paiton before compiling."""
+    result = run_fresh()
+    assert result.returncode == 0, result.stderr
+    assert "COUNTS {'fused_add_rms_norm': 0, 'rms_norm': 1}" in result.stdout
+
+
+def test_torch_logs_switches_the_paiton_logger_on():
+    result = run_fresh({"TORCH_LOGS": "+paiton"})
+    assert result.returncode == 0, result.stderr
+    assert "pass rms_norm rewrote 1 subgraph(s)" in result.stderr
+    assert "paiton: compiled graph 0/0 with eager: fused_add_rms_norm=0, rms_norm=1" in result.stderr
+    quiet = run_fresh()
+    assert "rewrote" not in quiet.stderr

@@ -1,0 +1,110 @@
+"""End to end: a tiny random Qwen3 from transformers through `backend="paiton"`.
+
+Per decoder layer Qwen3 has four RMSNorms: input_layernorm, post_attention_layernorm, q_norm
+and k_norm, plus the final norm. The residual adds feed three of them per pair of layers:
+
+    layer 0 input norm              <- embeddings                     rms_norm
+    post-attention norm (each)      <- residual + attention output    fused_add_rms_norm
+    layer i>0 input norm            <- residual + previous MLP output fused_add_rms_norm
+    final norm                      <- residual + last MLP output     fused_add_rms_norm
+    q_norm, k_norm (each)           <- projections, per head          rms_norm
+
+so per graph: fused_add_rms_norm = 2L, rms_norm = 2L + 1.
+
+On CPU the fused ops run the Triton kernels in the interpreter, so these compare the kernels'
+numerics with eager as well. The tiny model's logits are below 1 in magnitude. Tolerances:
+fp32 within 1e-5 (the kernels reduce in another order; measured 3e-7); bf16 within 0.03 + 2%,
+about 8 bf16 ulps at the logits' scale (one-ulp differences in normalized activations pass
+through bf16 matmuls; on CPU the interpreter also rounds fp32->bf16 toward zero; measured
+0.008-0.010).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from paiton_testing import EAGER_INNER
+
+import paiton
+from paiton.models.qwen3 import build_qwen3
+
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def expected_counts(num_layers: int) -> dict[str, int]:
+    return {"fused_add_rms_norm": 2 * num_layers, "rms_norm": 2 * num_layers + 1}
+
+
+def prefill_and_decode(forward, model, input_ids, decode_steps):
+    """Prefill with a StaticCache, then greedy decode steps; the logits of every step."""
+    from transformers import StaticCache
+
+    batch, prompt_len = input_ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + decode_steps + 1)
+    out = forward(
+        input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(prompt_len), use_cache=True
+    )
+    logits = [out.logits[:, -1]]
+    for step in range(decode_steps):
+        position = torch.tensor([prompt_len + step])
+        token = logits[-1].argmax(-1, keepdim=True)
+        out = forward(
+            input_ids=token,
+            past_key_values=cache,
+            cache_position=position,
+            position_ids=position.expand(batch, 1),
+            use_cache=True,
+        )
+        logits.append(out.logits[:, -1])
+    return logits
+
+
+@pytest.mark.parametrize("num_layers", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_match_eager_without_cache(num_layers, dtype):
+    model = build_qwen3("tiny", dtype=dtype, num_hidden_layers=num_layers)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        actual = torch.compile(model, backend="paiton", options=EAGER_INNER)(input_ids).logits
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    assert paiton.fusion_counts(model) == expected_counts(num_layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_cache_decode_matches_eager(dtype):
+    """Prefill and decode are two graphs; both fuse every norm, and every step's logits match."""
+    num_layers = 2
+    model = build_qwen3("tiny", dtype=dtype, num_hidden_layers=num_layers)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    compiled = torch.compile(model, backend="paiton", options=EAGER_INNER)
+    with torch.no_grad():
+        expected = prefill_and_decode(model, model, input_ids, decode_steps=4)
+        actual = prefill_and_decode(compiled, model, input_ids, decode_steps=4)
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, **TOLERANCE[dtype], msg=lambda m: f"step {step}: {m}")
+
+    graphs = paiton.fusion_graphs(compiled)
+    assert len(graphs) == 2, [g.compile_id for g in graphs]  # prefill, decode: no recompiles per step
+    for graph in graphs:
+        assert graph.counts == expected_counts(num_layers)
+    assert paiton.fusion_counts(compiled) == {k: 2 * v for k, v in expected_counts(num_layers).items()}
+
+
+@pytest.mark.slow
+def test_through_inductor_with_static_cache():
+    """The default inner compiler (Inductor) on prefill + decode, fp32: same tokens, logits within
+    fp32 tolerance, every norm fused in both graphs."""
+    num_layers = 2
+    model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=num_layers)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    compiled = torch.compile(model, backend="paiton")
+    with torch.no_grad():
+        expected = prefill_and_decode(model, model, input_ids, decode_steps=3)
+        actual = prefill_and_decode(compiled, model, input_ids, decode_steps=3)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])
+        assert torch.equal(a.argmax(-1), e.argmax(-1))
+    graphs = paiton.fusion_graphs(model)
+    assert [g.counts for g in graphs] == [expected_counts(num_layers)] * 2
+    assert all(g.inner_compiler == "inductor" for g in graphs)
