@@ -26,6 +26,7 @@ import torch
 from paiton_testing import EAGER_INNER
 
 import paiton
+from paiton.models.hf_loop import hf_static_cache_greedy
 from paiton.models.qwen3 import build_qwen3
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
@@ -33,30 +34,6 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 
 def expected_counts(num_layers: int) -> dict[str, int]:
     return {"fused_add_rms_norm": 2 * num_layers, "rms_norm": 2 * num_layers + 1}
-
-
-def prefill_and_decode(forward, model, input_ids, decode_steps):
-    """Prefill with a StaticCache, then greedy decode steps; the logits of every step."""
-    from transformers import StaticCache
-
-    batch, prompt_len = input_ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + decode_steps + 1)
-    out = forward(
-        input_ids=input_ids, past_key_values=cache, cache_position=torch.arange(prompt_len), use_cache=True
-    )
-    logits = [out.logits[:, -1]]
-    for step in range(decode_steps):
-        position = torch.tensor([prompt_len + step])
-        token = logits[-1].argmax(-1, keepdim=True)
-        out = forward(
-            input_ids=token,
-            past_key_values=cache,
-            cache_position=position,
-            position_ids=position.expand(batch, 1),
-            use_cache=True,
-        )
-        logits.append(out.logits[:, -1])
-    return logits
 
 
 @pytest.mark.parametrize("num_layers", [2, 3])
@@ -79,8 +56,8 @@ def test_static_cache_decode_matches_eager(dtype):
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
     compiled = torch.compile(model, backend="paiton", options=EAGER_INNER)
     with torch.no_grad():
-        expected = prefill_and_decode(model, model, input_ids, decode_steps=4)
-        actual = prefill_and_decode(compiled, model, input_ids, decode_steps=4)
+        expected = hf_static_cache_greedy(model, model, input_ids, new_tokens=5)
+        actual = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=5, follow=expected)
     for step, (a, e) in enumerate(zip(actual, expected)):
         torch.testing.assert_close(a, e, **TOLERANCE[dtype], msg=lambda m: f"step {step}: {m}")
 
@@ -100,8 +77,8 @@ def test_through_inductor_with_static_cache():
     input_ids = torch.randint(0, model.config.vocab_size, (1, 8))
     compiled = torch.compile(model, backend="paiton")
     with torch.no_grad():
-        expected = prefill_and_decode(model, model, input_ids, decode_steps=3)
-        actual = prefill_and_decode(compiled, model, input_ids, decode_steps=3)
+        expected = hf_static_cache_greedy(model, model, input_ids, new_tokens=4)
+        actual = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=4)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])
         assert torch.equal(a.argmax(-1), e.argmax(-1))

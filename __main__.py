@@ -1,0 +1,5 @@
+import sys
+
+from paiton.cli import main
+
+sys.exit(main())

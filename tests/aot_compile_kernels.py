@@ -1,0 +1,89 @@
+"""Compile Paiton's Triton kernels ahead of time for GPU targets, without a GPU; print JSON.
+
+Run as a script in a process *without* TRITON_INTERPRET (the interpreter replaces kernels by
+Python functions that triton.compile cannot take). test_aot_compile.py drives it.
+
+Kernels are compiled with the launch configuration the launcher picks and with the
+specialization the JIT applies at run time for aligned tensors (pointers and the row width
+divisible by 16), so the code checked is the code that runs.
+"""
+
+import json
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from paiton.fusion.rms_norm import _rms_norm_kernel, rms_norm_launch_config
+
+TARGETS = {
+    "sm_80": GPUTarget("cuda", 80, 32),
+    "sm_90": GPUTarget("cuda", 90, 32),
+    "gfx942": GPUTarget("hip", "gfx942", 64),
+    "gfx950": GPUTarget("hip", "gfx950", 64),
+}
+# Qwen3 row widths: head_dim 128 (q/k norms), hidden 4096 (8B) and 5120 (14B/32B), and one
+# wider than a single block (the two-pass path).
+ROW_WIDTHS = (128, 4096, 5120, 20480)
+TOKENS = 64
+
+
+def rms_norm_cases():
+    for dtype in ("bf16", "fp16", "fp32"):
+        for has_residual in (False, True):
+            for width in ROW_WIDTHS:
+                config = rms_norm_launch_config(TOKENS * (32 if width == 128 else 1), width)
+                yield f"rms_norm/{dtype}/residual={has_residual}/cols={width}", dtype, has_residual, config
+
+
+def compile_rms_norm(dtype, has_residual, config, target):
+    pointer = f"*{dtype}"
+    signature = {
+        "x_ptr": pointer, "residual_ptr": pointer, "weight_ptr": pointer, "out_ptr": pointer, "sum_ptr": pointer,
+        "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
+        "HAS_RESIDUAL": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "NUM_COL_BLOCKS": "constexpr",
+    }
+    names = list(signature)
+    aligned = ["x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "sum_ptr", "n_cols"]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    constexprs = {"HAS_RESIDUAL": has_residual, **{k: v for k, v in config.items() if k != "num_warps"}}
+    source = ASTSource(fn=_rms_norm_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
+
+
+def summarize(kernel, target):
+    asm = kernel.asm
+    if target.backend == "cuda":
+        code = asm["ptx"]
+        return {
+            "binary": "cubin" in asm,
+            "loads": sorted(set(re.findall(r"ld\.global[.\w]*", code))),
+            "local_memory": ".local" in code,
+        }
+    code = asm["amdgcn"]
+    number = lambda key: int(re.search(rf"{key}:?\s+(\d+)", code).group(1))  # noqa: E731
+    return {
+        "binary": "hsaco" in asm,
+        "loads": sorted(set(re.findall(r"(?:global|buffer)_load_\w+", code))),
+        "vgpr_spills": number(r"\.vgpr_spill_count"),
+        "sgpr_spills": number(r"\.sgpr_spill_count"),
+        "scratch_bytes": number("; ScratchSize"),
+    }
+
+
+def main():
+    results = {}
+    for name, dtype, has_residual, config in rms_norm_cases():
+        for target_name, target in TARGETS.items():
+            try:
+                kernel = compile_rms_norm(dtype, has_residual, config, target)
+                results[f"{name}@{target_name}"] = {"ok": True, **summarize(kernel, target)}
+            except Exception as error:  # reported, and failed by the test
+                results[f"{name}@{target_name}"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    json.dump(results, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
