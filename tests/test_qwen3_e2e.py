@@ -85,3 +85,22 @@ def test_through_inductor_with_static_cache():
     graphs = paiton.fusion_graphs(model)
     assert [g.counts for g in graphs] == [expected_counts(num_layers)] * 2
     assert all(g.inner_compiler == "inductor" for g in graphs)
+
+
+@pytest.mark.slow
+def test_transformers_generate_with_compile_config():
+    """`generate` with a static cache and CompileConfig(backend="paiton"): transformers passes
+    mode="reduce-overhead" to the backend and compiles the decode step; tokens equal eager's."""
+    from transformers import CompileConfig
+
+    num_layers = 2
+    model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=num_layers)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    expected = model.generate(input_ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    compile_config = CompileConfig(backend="paiton", fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles only on GPUs otherwise
+    actual = model.generate(
+        input_ids, max_new_tokens=8, do_sample=False, cache_implementation="static", compile_config=compile_config
+    )
+    assert torch.equal(actual, expected)
+    assert [g.counts for g in paiton.fusion_graphs(model)] == [expected_counts(num_layers)]  # the decode step

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in one command (device time is scarce): install the checkout,
+# run the whole test suite on the GPU (kernels on CUDA tensors, `gpu` tests included), the
+# RMSNorm micro-benchmark, and the demo at a real size. Logs and results go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/paiton-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING" || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+python3 -m pytest -q -ra -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest.log" | tail -25
+python3 -m pytest -q -s -m gpu tests/test_gpu.py -k microbenchmark 2>&1 | grep -E "paiton .* us" > "$OUT/microbench_test.txt"
+python3 bench/rms_norm_kernels.py --out "$OUT" 2>&1 | tail -20
+timeout 400 paiton demo --model "${DEMO_MODEL:-qwen3-8b}" --mode reduce-overhead 2>&1 | tee "$OUT/demo.log" | grep -v "^\[paiton\]" | tail -15
