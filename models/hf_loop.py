@@ -29,14 +29,22 @@ def hf_static_cache_greedy(
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    config = model.config
+    cache = StaticCache(config=config, max_cache_len=prompt_len + new_tokens)
+    # Allocate the cache now, outside any compiled graph. Left to the first forward, it would
+    # be allocated inside the compiled prefill; under CUDA graphs (mode="reduce-overhead")
+    # that memory belongs to the graph's pool and the next replay overwrites it.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache.early_initialization(batch, config.num_key_value_heads, head_dim, model.dtype, device)
     out = forward(
         input_ids=input_ids,
         past_key_values=cache,
         cache_position=torch.arange(prompt_len, device=device),
         use_cache=True,
     )
-    logits = [out.logits[:, -1]]
+    # Clone what is kept: under CUDA graphs an output lives in the graph's memory pool until
+    # the next replay.
+    logits = [out.logits[:, -1].clone()]
     for step in range(new_tokens - 1):
         position = torch.tensor([prompt_len + step], device=device)
         previous = follow[step] if follow is not None else logits[-1]
@@ -47,5 +55,5 @@ def hf_static_cache_greedy(
             position_ids=position.expand(batch, 1),
             use_cache=True,
         )
-        logits.append(out.logits[:, -1])
+        logits.append(out.logits[:, -1].clone())
     return logits
