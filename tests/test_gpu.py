@@ -31,27 +31,40 @@ def expected_counts(num_layers):
     ],
 )
 def test_decode_parity_on_gpu(preset, layers, dtype, mode):
-    """Prefill + 8 greedy decode steps (StaticCache): same tokens as eager; logits within fp32
-    rounding (fp32) or a few bf16 ulps (bf16); every norm fused in both graphs."""
+    """Prefill + 8 decode steps (StaticCache), Paiton and stock Inductor both fed eager's greedy
+    tokens. fp32: logits within 1e-4 of eager and the same tokens. bf16: compiled code does not
+    round intermediates where eager does, so both compilers move away from eager; Paiton must
+    stay as close to eager as stock Inductor is (within 1.5x its largest logit difference).
+    Every norm is fused in both graphs."""
     from torch._dynamo.utils import counters
 
     counters.clear()
     model = build_qwen3(preset, device="cuda", dtype=dtype, num_hidden_layers=layers)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 32), device="cuda")
-    compiled = torch.compile(model, backend="paiton", mode=None if mode == "default" else mode)
+    compile_mode = None if mode == "default" else mode
     expected = hf_static_cache_greedy(model, model, input_ids, new_tokens=9)
-    # Teacher-forced on eager's tokens, so every step compares the same computation.
-    actual = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=9, follow=expected)
-    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
-    agree = 0
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, **tolerance)
-        agree += int(torch.equal(a.argmax(-1), e.argmax(-1)))
-    # Random weights put near-ties in bf16 argmaxes; allow one flipped step of nine in bf16.
-    assert agree >= (len(expected) if dtype == torch.float32 else len(expected) - 1)
+    paiton_logits = hf_static_cache_greedy(
+        torch.compile(model, backend="paiton", mode=compile_mode), model, input_ids, new_tokens=9, follow=expected
+    )
     assert [g.counts for g in paiton.fusion_graphs(model)] == [expected_counts(layers)] * 2
     if mode == "reduce-overhead":
         assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs were skipped"
+
+    def max_diff(logits):
+        return max((a.float() - e.float()).abs().max().item() for a, e in zip(logits, expected))
+
+    if dtype == torch.float32:
+        for a, e in zip(paiton_logits, expected):
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+            assert torch.equal(a.argmax(-1), e.argmax(-1))
+        return
+    torch._dynamo.reset()
+    inductor_logits = hf_static_cache_greedy(
+        torch.compile(model, mode=compile_mode), model, input_ids, new_tokens=9, follow=expected
+    )
+    paiton_diff, inductor_diff = max_diff(paiton_logits), max_diff(inductor_logits)
+    print(f"{preset} x{layers} {mode}: max |logit - eager| paiton {paiton_diff:.4f}, stock inductor {inductor_diff:.4f}")
+    assert paiton_diff <= 1.5 * inductor_diff + 1e-2, (paiton_diff, inductor_diff)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
