@@ -171,18 +171,25 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    labels = [f"{r['model'].split('-')[1]} t{r['tokens']}\n{r['op'].replace('_rms_norm', '+norm')}:{r['what']}" for r in rows]
+    short_op = {"rms_norm": "norm", "fused_add_rms_norm": "add+norm"}
+    labels = [f"{r['model'].split('-')[1]} t={r['tokens']}\n{short_op[r['op']]} {r['what']}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
     ax.bar([x - 0.2 for x in xs], [r["inductor_us"] for r in rows], 0.4, label="stock Inductor")
     ax.bar([x + 0.2 for x in xs], [r["paiton_us"] for r in rows], 0.4, label="Paiton")
     ax.scatter(list(xs), [r["floor_us"] for r in rows], marker="_", s=400, color="k", label="floor (bytes / copy rate)", zorder=3)
-    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_xticks(list(xs), labels, fontsize=7, rotation=35, ha="right")
     ax.set_ylabel("us per call (in a CUDA graph)")
     ax.set_title(f"RMSNorm kernels, bf16, {result['env']['card']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def replot(json_path):
+    """Redraw the PNG of a results file (e.g. after a change to the plot's layout)."""
+    with open(json_path) as f:
+        plot(json.load(f), json_path[: -len(".json")] + ".png")
 
 
 def main(argv=None):
