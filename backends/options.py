@@ -12,6 +12,9 @@
 * any other key is an Inductor config option (as with `backend="inductor"`), e.g.
   `{"triton.cudagraphs": True}`; `mode` adds Inductor's options for that mode.
 
+torch.compile accepts `mode` or `options`, not both: with Paiton options, ask for a mode's
+effect through its Inductor options (`"triton.cudagraphs": True` for "reduce-overhead").
+
 Anything unknown is an error that names what is known: a misspelt option must not be ignored.
 """
 

@@ -174,7 +174,7 @@ def _launch(
     summed = None
     if residual is not None:
         residual = residual.contiguous()
-        summed = torch.empty_like(x)
+        summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     weight = weight.contiguous()
     n_rows = x.numel() // n_cols if n_cols else 0
     if n_rows == 0:
@@ -197,7 +197,13 @@ def _launch(
     return out, summed
 
 
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check_inputs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
+    # The kernel computes in fp32: wider dtypes would come back fp64 but only fp32-accurate.
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"paiton rms_norm: x and weight must be float32/float16/bfloat16, got {x.dtype}/{weight.dtype}")
     if x.dim() < 1:
         raise ValueError("paiton rms_norm: x must have at least one dimension")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -228,7 +234,15 @@ def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     if is_interpreted(_rms_norm_kernel):
         return _launch(x, None, weight, eps)[0]
     _check_inputs(x, None, weight)
-    return rms_norm_reference(x, weight, eps).contiguous()
+    return _fresh_contiguous(rms_norm_reference(x, weight, eps))
+
+
+def _fresh_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` with the strides `torch.empty(t.shape)` has, as the fake implementations promise.
+    (`.contiguous()` keeps odd strides on size-1 dims.)"""
+    if t.stride() == torch.empty(t.shape, device="meta").stride():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 @rms_norm.register_fake
@@ -254,7 +268,7 @@ def _fused_add_rms_norm_cpu(
         return _launch(x, residual, weight, eps)
     _check_inputs(x, residual, weight)
     out, summed = fused_add_rms_norm_reference(x, residual, weight, eps)
-    return out.contiguous(), summed.contiguous()
+    return _fresh_contiguous(out), _fresh_contiguous(summed)
 
 
 @fused_add_rms_norm.register_fake

@@ -22,11 +22,16 @@ def hf_static_cache_greedy(
     `follow`: the logits another run returned; each step then feeds that run's argmax instead
     of its own (teacher forcing), so two models stay comparable step by step even where a
     near-tie flips one greedy choice."""
+    with warnings.catch_warnings():
+        # transformers >= 5.2x renames `past_key_values` to `cache` with a FutureWarning; the
+        # GPU image's 5.17 knows only `past_key_values`.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        return _greedy(forward, model, input_ids, new_tokens, follow)
+
+
+def _greedy(forward, model, input_ids, new_tokens, follow):
     from transformers import StaticCache
 
-    # transformers >= 5.2x renames `past_key_values` to `cache` with a FutureWarning; the GPU
-    # image's 5.17 knows only `past_key_values`.
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     config = model.config

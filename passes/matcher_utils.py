@@ -8,6 +8,9 @@ Built on Inductor's pattern machinery (`fwd_only`, `fx_to_pattern`, `register_gr
   pattern is traced once and every literal is part of it: `pow(x, 2)` does not match
   `pow(x, 3)`, `mean(x, [-1])` does not match `mean(x, [1])`, a cast to float32 does not
   match a cast to float64. This keeps near-miss graphs alone and makes no trace per match.
+* **No extra keyword arguments.** Inductor's matcher compares only the keyword arguments the
+  pattern has and ignores the others, so `add(x, r, alpha=2)` would match a traced `x + r`.
+  A match is rejected when any of its nodes has a keyword argument its pattern node lacks.
 * **Scalars read from the graph.** Arguments named in `scalars` (eps) are traced with a
   sentinel value that `fx_to_pattern` turns into a `KeywordArg`, so the match captures the
   graph's own value (any value) and the replacement receives it. The sentinel exists only at
@@ -47,7 +50,8 @@ def register_fusion(
 
     `search_fn` and `replace_fn` take the same arguments: the tensors of `example_inputs`
     (in order) and the scalar arguments named in `scalars`, in the order of `search_fn`'s
-    signature. `example_inputs` fix dtypes and ranks; sizes are free. If `search_fn` returns a
+    signature. `example_inputs` fix the dtypes (casts are traced as literals); ranks and
+    sizes are free unless the pattern's ops spell them out (the extra check decides). If `search_fn` returns a
     tuple, `replace_fn` returns one of the same length and each output's users move over.
     """
     argnames = list(inspect.signature(search_fn).parameters)
@@ -62,11 +66,21 @@ def register_fusion(
     search_gm = fwd_only(search_fn, trace_args)
     _check_sentinels_landed(search_gm, sentinels, search_fn)
     pattern = fx_to_pattern(search_gm, argnames=argnames, scalar_workaround=sentinels)
+    allowed_kwargs: dict[Any, set[str]] = {}
+    for node in search_gm.graph.nodes:
+        if node.op == "call_function":
+            allowed_kwargs.setdefault(node.target, set()).update(node.kwargs)
+
+    def check(match: Match) -> bool:
+        for node in match.nodes:
+            if node.op == "call_function" and not set(node.kwargs) <= allowed_kwargs.get(node.target, set()):
+                return False
+        return extra_check(match)
 
     def apply_replacement(match: Match, *args: Any, **kwargs: Any) -> None:
         match.replace_by_example(replace_fn, [kwargs[name] for name in argnames])
 
-    register_graph_pattern(pattern, extra_check=extra_check, pass_dict=pm_pass)(apply_replacement)
+    register_graph_pattern(pattern, extra_check=check, pass_dict=pm_pass)(apply_replacement)
 
 
 def _check_sentinels_landed(gm: torch.fx.GraphModule, sentinels: dict[str, float], fn: Callable) -> None:

@@ -69,7 +69,8 @@ def test_decode_parity_on_gpu(preset, layers, dtype, mode):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_kernel_rounds_like_eager_on_gpu(dtype):
-    """On the GPU, casts round to nearest: the kernel's bf16/fp16 output is within one ulp."""
+    """On the GPU, casts round to nearest (unlike the CPU interpreter): bf16/fp16 outputs within 2 ulp
+    (the normalized value may round one ulp apart before the weight multiply)."""
     x = torch.randn(64, 4096, device="cuda").to(dtype)
     weight = torch.randn(4096, device="cuda").to(dtype)
     assert_close_ulps(torch.ops.paiton.rms_norm(x, weight, 1e-6), rms_norm_reference(x, weight, 1e-6), ulps=2 if dtype != torch.float32 else 8)

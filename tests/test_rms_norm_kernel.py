@@ -126,9 +126,22 @@ def test_bad_weight_shape_is_a_clear_error():
         torch.ops.paiton.rms_norm(x, torch.ones(7, device=DEVICE), 1e-6)
 
 
+def test_unsupported_dtypes_are_refused():
+    """The kernel computes in fp32; an fp64 result would be only fp32-accurate."""
+    x = random_input((2, 8), torch.float64)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        torch.ops.paiton.rms_norm(x, torch.ones(8, dtype=torch.float64, device=DEVICE), 1e-6)
+
+
 @pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm"])
-def test_ops_pass_torch_library_opcheck(op):
-    """Schema, fake (meta) implementation and real implementation agree."""
-    x, weight = random_input((3, 5, 40), torch.float32), random_input((40,), torch.float32)
-    args = (x, weight, 1e-6) if op == "rms_norm" else (x, random_input((3, 5, 40), torch.float32), weight, 1e-6)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_pass_torch_library_opcheck(op, dtype):
+    """Schema, fake (meta) implementation and real implementation agree (also on a layout with
+    odd strides on a size-1 dim)."""
+    x = random_input((5, 1, 40), dtype).transpose(0, 1)
+    weight = random_input((40,), dtype)
+    args = (x, weight, 1e-6) if op == "rms_norm" else (x, random_input((1, 5, 40), dtype), weight, 1e-6)
     torch.library.opcheck(getattr(torch.ops.paiton, op).default, args)
+    outputs = getattr(torch.ops.paiton, op)(*args)
+    for out in outputs if isinstance(outputs, tuple) else (outputs,):
+        assert out.stride() == torch.empty(out.shape).stride()

@@ -182,6 +182,8 @@ class NearMiss(torch.nn.Module):
         v, eps, dtype = self.variant, 1e-6, x.dtype
         if v == "broadcast_add":
             x = x + self.bias  # the add broadcasts: not a residual add
+        elif v == "add_alpha":
+            x = torch.add(x, self.bias.expand_as(x), alpha=2)  # x + 2 * r is not x + r
         h = x.to(torch.float32)
         if v == "mean_other_dim":
             var = h.pow(2).mean(1, keepdim=True)
@@ -199,6 +201,8 @@ class NearMiss(torch.nn.Module):
             y = h * (torch.rsqrt(var) + eps)
         elif v == "tensor_eps":
             y = h * torch.rsqrt(var + self.eps_tensor)
+        elif v == "eps_alpha":
+            y = h * torch.rsqrt(torch.add(var, eps, alpha=1000.0))
         else:
             y = h * torch.rsqrt(var + eps)
         if v == "weight_before_cast":
@@ -219,8 +223,10 @@ NEAR_MISSES = {
     "tensor_eps": {},
     "weight_before_cast": {},
     "weight_2d": {},
+    "eps_alpha": {},
     # The add is not fused, but the norm after it is a plain RMSNorm.
     "broadcast_add": {"rms_norm": 1},
+    "add_alpha": {"rms_norm": 1},
 }
 
 
