@@ -86,7 +86,8 @@ def demo(args: argparse.Namespace) -> int:
         print(f"| {graph.compile_id} | " + " | ".join(str(graph.counts.get(n, 0)) for n in paiton.PASS_NAMES) + " |")
 
     layers = model.config.num_hidden_layers
-    print(f"expected per graph: fused_add_rms_norm={2 * layers}, rms_norm={2 * layers + 1} (4 norms a layer + final)")
+    print(f"expected per graph: fused_add_rms_norm={2 * layers}, rms_norm={2 * layers + 1} (4 norms a layer + final), "
+          f"swiglu={layers}")
 
     runs = {"paiton": actual}
     if args.compare_inductor:

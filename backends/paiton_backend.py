@@ -30,7 +30,7 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
     """Compile one Dynamo graph. `mode` and `options` are what torch.compile passes."""
     from torch._dynamo.utils import counters
 
-    import paiton.fusion.rms_norm  # noqa: F401  (registers torch.ops.paiton.*: the compiled graph calls them)
+    import paiton.fusion.ops  # noqa: F401  (registers torch.ops.paiton.*: the compiled graph calls them)
     from paiton.backends.fusion_report import attribute_runs, record_graph
     from paiton.backends.options import PaitonOptions
     from paiton.passes.pass_manager import PaitonPassManager, counts_from_counters

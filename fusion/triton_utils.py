@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -24,3 +25,30 @@ def device_guard(tensor: torch.Tensor):
     if tensor.device.type == "cuda":  # ROCm devices are "cuda" in torch too
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a 2-D [rows, last dim] tensor with unit column stride and one row stride, as a
+    view when its layout allows (e.g. a column slice of a wider matrix, such as the gate half
+    of a merged gate/up projection), else as a contiguous copy."""
+    cols = t.shape[-1] if t.dim() else 1
+    rows = t.numel() // cols if cols else 0
+    if t.dim() >= 1 and (t.stride(-1) == 1 or cols == 1):
+        try:
+            return t.view(rows, cols)
+        except RuntimeError:  # leading dims do not collapse to one stride
+            pass
+    return t.contiguous().view(rows, cols)
+
+
+@functools.cache
+def warp_size(device_index: int) -> int:
+    """Threads per warp (NVIDIA: 32) or wavefront (AMD CDNA: 64) of a GPU."""
+    return getattr(torch.cuda.get_device_properties(device_index), "warp_size", 32)
+
+
+def device_warp_size(tensor: torch.Tensor) -> int:
+    """The warp size a launch on `tensor`'s device gets; 32 for the CPU interpreter."""
+    if tensor.device.type != "cuda":
+        return 32
+    return warp_size(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())

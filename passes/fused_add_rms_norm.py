@@ -24,7 +24,7 @@ from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
 from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion
 from paiton.passes.paiton_pass import PatternFusionPass
-from paiton.passes.rms_norm import FUSED_DTYPES, normable, rms_norm_variants, same_size
+from paiton.passes.rms_norm import FUSED_DTYPES, normable, rms_norm_variants, same_shape
 
 
 def make_add_rms_norm(rms_norm):
@@ -39,10 +39,6 @@ def make_add_rms_norm(rms_norm):
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     out, summed = torch.ops.paiton.fused_add_rms_norm(x, residual, weight, eps)
     return out, summed
-
-
-def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dim() == b.dim() and all(same_size(m, n) for m, n in zip(a.shape, b.shape))
 
 
 class FusedAddRMSNormPass(PatternFusionPass):

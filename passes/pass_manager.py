@@ -22,11 +22,12 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.rms_norm import RMSNormPass
+from paiton.passes.swiglu import SwiGLUPass
 
 log = logging.getLogger(__name__)
 
 # Every pass Paiton has, in the order they run.
-PASS_ORDER: tuple[type[PaitonPass], ...] = (FusedAddRMSNormPass, RMSNormPass)
+PASS_ORDER: tuple[type[PaitonPass], ...] = (FusedAddRMSNormPass, RMSNormPass, SwiGLUPass)
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASS_ORDER)
 COUNTER_PREFIX = "paiton."
 

@@ -58,6 +58,10 @@ def same_size(a, b) -> bool:
     return statically_known_true(a == b)
 
 
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(same_size(m, n) for m, n in zip(a.shape, b.shape))
+
+
 def normable(x, weight, dtype: torch.dtype) -> bool:
     """x and weight are `dtype` tensors, weight 1-D over x's last dim, on x's device.
 

@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from paiton.fusion.rms_norm import _rms_norm_kernel, rms_norm_launch_config
+from paiton.fusion.swiglu import _silu_mul_kernel, silu_mul_launch_config
 
 TARGETS = {
     "sm_80": GPUTarget("cuda", 80, 32),
@@ -53,6 +54,23 @@ def compile_rms_norm(dtype, has_residual, config, target):
     return triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
 
 
+def silu_mul_cases():
+    for dtype in ("bf16", "fp16", "fp32"):
+        yield f"silu_mul/{dtype}", dtype
+
+
+def compile_silu_mul(dtype, target):
+    signature = {
+        "gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+        "n_cols": "i32", "gate_row_stride": "i32", "up_row_stride": "i32", "BLOCK": "constexpr",
+    }
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n != "BLOCK"}
+    config = silu_mul_launch_config(target.warp_size)
+    source = ASTSource(fn=_silu_mul_kernel, signature=signature, constexprs={"BLOCK": config["BLOCK"]}, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
+
+
 def summarize(kernel, target):
     asm = kernel.asm
     if target.backend == "cuda":
@@ -74,12 +92,13 @@ def summarize(kernel, target):
 
 
 def main():
+    cases = [(name, lambda t, c=c: compile_rms_norm(*c, t)) for name, *c in rms_norm_cases()]
+    cases += [(name, lambda t, d=dtype: compile_silu_mul(d, t)) for name, dtype in silu_mul_cases()]
     results = {}
-    for name, dtype, has_residual, config in rms_norm_cases():
+    for name, compile_for in cases:
         for target_name, target in TARGETS.items():
             try:
-                kernel = compile_rms_norm(dtype, has_residual, config, target)
-                results[f"{name}@{target_name}"] = {"ok": True, **summarize(kernel, target)}
+                results[f"{name}@{target_name}"] = {"ok": True, **summarize(compile_for(target), target)}
             except Exception as error:  # reported, and failed by the test
                 results[f"{name}@{target_name}"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     json.dump(results, sys.stdout)

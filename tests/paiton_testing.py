@@ -66,3 +66,13 @@ def capture_paiton_graphs():
 
 
 EAGER_INNER = {"paiton.inner_compiler": "eager"}
+
+
+def fusions(**nonzero: int) -> dict[str, int]:
+    """Rewrite counts of every Paiton pass: the given ones, 0 for the rest (so the tests keep
+    checking that no other pass fires as passes are added)."""
+    from paiton.passes.pass_manager import PASS_NAMES
+
+    unknown = set(nonzero) - set(PASS_NAMES)
+    assert not unknown, f"not Paiton passes: {unknown}"
+    return {name: nonzero.get(name, 0) for name in PASS_NAMES}

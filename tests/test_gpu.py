@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from paiton_testing import assert_close_ulps
+from paiton_testing import assert_close_ulps, fusions
 
 import paiton
 from paiton.fusion.rms_norm import rms_norm_reference
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
 
 
 def expected_counts(num_layers):
-    return {"fused_add_rms_norm": 2 * num_layers, "rms_norm": 2 * num_layers + 1}
+    return fusions(fused_add_rms_norm=2 * num_layers, rms_norm=2 * num_layers + 1, swiglu=num_layers)
 
 
 @pytest.mark.parametrize(

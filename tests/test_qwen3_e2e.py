@@ -9,7 +9,8 @@ and k_norm, plus the final norm. The residual adds feed three of them per pair o
     final norm                      <- residual + last MLP output     fused_add_rms_norm
     q_norm, k_norm (each)           <- projections, per head          rms_norm
 
-so per graph: fused_add_rms_norm = 2L, rms_norm = 2L + 1.
+so per graph: fused_add_rms_norm = 2L, rms_norm = 2L + 1; and each layer's MLP has one
+SwiGLU (silu(gate) * up): swiglu = L.
 
 On CPU the fused ops run the Triton kernels in the interpreter, so these compare the kernels'
 numerics with eager as well. The tiny model's logits are below 1 in magnitude. Tolerances:
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paiton_testing import EAGER_INNER
+from paiton_testing import EAGER_INNER, fusions
 
 import paiton
 from paiton.models.hf_loop import hf_static_cache_greedy
@@ -33,7 +34,7 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 
 
 def expected_counts(num_layers: int) -> dict[str, int]:
-    return {"fused_add_rms_norm": 2 * num_layers, "rms_norm": 2 * num_layers + 1}
+    return fusions(fused_add_rms_norm=2 * num_layers, rms_norm=2 * num_layers + 1, swiglu=num_layers)
 
 
 @pytest.mark.parametrize("num_layers", [2, 3])
