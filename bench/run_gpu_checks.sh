@@ -13,5 +13,5 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 # GPU tests first (printing the micro-benchmark lines), then the rest of the suite on this machine.
 python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | grep -E "passed|failed|error|paiton .* us|^FAILED|^ERROR"
 [ -n "${SKIP_SUITE:-}" ] || python3 -m pytest -q -ra -p no:cacheprovider -m "not gpu" tests/ 2>&1 | tee "$OUT/pytest.log" | tail -8
-[ -n "${SKIP_BENCH:-}" ] || python3 bench/rms_norm_kernels.py --out "$OUT" 2>&1 | tail -20
+[ -n "${SKIP_BENCH:-}" ] || python3 bench/fused_kernels.py --out "$OUT" 2>&1 | tail -20
 timeout 400 paiton demo --model "${DEMO_MODEL:-qwen3-8b}" --mode reduce-overhead 2>&1 | tee "$OUT/demo.log" | grep -v "^\[paiton\]" | tail -15

@@ -78,9 +78,9 @@ def test_kernel_rounds_like_eager_on_gpu(dtype):
 
 def test_kernel_microbenchmark_against_inductor():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import rms_norm_kernels
+    import fused_kernels
 
-    result = rms_norm_kernels.run(reps=30, tokens_list=(1, 64))
+    result = fused_kernels.run(reps=30, tokens_list=(1, 64))
     for row in result["rows"]:
         print(f"{row['model']} t={row['tokens']} {row['op']}:{row['what']} paiton {row['paiton_us']:.2f} us "
               f"inductor {row['inductor_us']:.2f} us ratio {row['inductor_over_paiton']:.2f}")

@@ -1,19 +1,20 @@
-"""Micro-benchmark: Paiton's RMSNorm kernels against what stock Inductor generates for the same
-subgraph, at Qwen3 shapes, on one GPU.
+"""Micro-benchmark: each of Paiton's fused kernels against what stock Inductor generates for the
+same subgraph (the eager reference, torch.compile'd), at Qwen3 shapes, on one GPU.
 
-    python bench/rms_norm_kernels.py [--out bench/results] [--reps 200]
+    python bench/fused_kernels.py [--out bench/results] [--reps 200]
 
-Subgraphs (bf16, as transformers' Qwen3RMSNorm writes them):
+Subgraphs (bf16, as transformers writes them):
   rms_norm            hidden norm: [tokens, hidden];  q/k norm: [tokens * heads, head_dim]
   fused_add_rms_norm  residual add + norm: [tokens, hidden]
-at tokens = 1 and 64 (decode batch 1 and 64), Qwen3-8B (hidden 4096, 32 q heads, 8 kv heads,
-head_dim 128) and Qwen3-32B (hidden 5120, 64 q heads).
+  silu_mul            SwiGLU's silu(gate) * up: [tokens, intermediate]
+at tokens = 1 and 64 (decode batch 1 and 64), Qwen3-8B (hidden 4096, intermediate 12288, 32 q
+heads, head_dim 128) and Qwen3-32B (hidden 5120, intermediate 25600, 64 q heads).
 
 Each kernel is timed as a decode step runs it under mode="reduce-overhead": N calls captured in
 one CUDA graph, the graph replayed, time per call = median replay time / N (no launch
 overhead in the number). Inputs stay in L2 between calls, as they do in a decode step where the
 previous kernel just wrote them. The floor is bytes moved / measured copy bandwidth.
-Writes rms_norm_kernels-<card>-<date>.json, .md and .png under --out.
+Writes fused_kernels-<card>-<date>.json, .md and .png under --out.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import sys
 import torch
 
 SHAPES = {
-    "qwen3-8b": dict(hidden=4096, q_heads=32, kv_heads=8, head_dim=128),
-    "qwen3-32b": dict(hidden=5120, q_heads=64, kv_heads=8, head_dim=128),
+    "qwen3-8b": dict(hidden=4096, intermediate=12288, q_heads=32, kv_heads=8, head_dim=128),
+    "qwen3-32b": dict(hidden=5120, intermediate=25600, q_heads=64, kv_heads=8, head_dim=128),
 }
 EPS = 1e-6
 
@@ -42,6 +43,7 @@ def cases(tokens_list=(1, 64)):
             yield dict(model=model, tokens=tokens, op="rms_norm", what="hidden", rows=tokens, cols=s["hidden"])
             yield dict(model=model, tokens=tokens, op="rms_norm", what="q_norm", rows=tokens * s["q_heads"], cols=s["head_dim"])
             yield dict(model=model, tokens=tokens, op="fused_add_rms_norm", what="hidden", rows=tokens, cols=s["hidden"])
+            yield dict(model=model, tokens=tokens, op="silu_mul", what="mlp", rows=tokens, cols=s["intermediate"])
 
 
 def graph_time_us(fn, calls_per_graph=50, reps=200):
@@ -84,30 +86,48 @@ def copy_bandwidth_gbs():
     return 2 * n * 10 / (start.elapsed_time(end) / 1e3) / 1e9
 
 
-def run(reps=200, tokens_list=(1, 64)):
-    import paiton.fusion.rms_norm  # noqa: F401  (torch.ops.paiton.*)
+def subgraph(op):
+    """(Paiton's op, the eager reference) for a case's op, called as f(x, other, weight)."""
     from paiton.fusion.rms_norm import fused_add_rms_norm_reference, rms_norm_reference
+    from paiton.fusion.swiglu import silu_mul_reference
+
+    return {
+        "rms_norm": (lambda x, r, w: torch.ops.paiton.rms_norm(x, w, EPS), lambda x, r, w: rms_norm_reference(x, w, EPS)),
+        "fused_add_rms_norm": (
+            lambda x, r, w: torch.ops.paiton.fused_add_rms_norm(x, r, w, EPS),
+            lambda x, r, w: fused_add_rms_norm_reference(x, r, w, EPS),
+        ),
+        "silu_mul": (lambda x, r, w: torch.ops.paiton.silu_mul(x, r), lambda x, r, w: silu_mul_reference(x, r)),
+    }[op]
+
+
+BYTES_MOVED = {  # elements of x read/written, in units of x.nbytes, plus the weight
+    "rms_norm": lambda x, w: 2 * x.nbytes + w.nbytes,
+    "fused_add_rms_norm": lambda x, w: 4 * x.nbytes + w.nbytes,
+    "silu_mul": lambda x, w: 3 * x.nbytes,
+}
+
+
+def run(reps=200, tokens_list=(1, 64)):
+    import paiton.fusion.ops  # noqa: F401  (torch.ops.paiton.*)
 
     torch.manual_seed(0)
+    # One compiled reference per op, recompiled for each shape (dynamic=False): more shapes
+    # than Dynamo's default recompile limit.
+    torch._dynamo.config.recompile_limit = 64
     dtype = torch.bfloat16
     bandwidth = copy_bandwidth_gbs()
-    inductor_norm = torch.compile(rms_norm_reference, dynamic=False)
-    inductor_add_norm = torch.compile(fused_add_rms_norm_reference, dynamic=False)
     rows = []
     for case in cases(tokens_list):
         x = torch.randn(case["rows"], case["cols"], device="cuda", dtype=dtype)
-        residual = torch.randn_like(x)
+        other = torch.randn_like(x)  # the residual, or SwiGLU's up
         weight = torch.randn(case["cols"], device="cuda", dtype=dtype)
-        if case["op"] == "rms_norm":
-            paiton_fn = lambda: torch.ops.paiton.rms_norm(x, weight, EPS)  # noqa: E731
-            inductor_fn = lambda: inductor_norm(x, weight, EPS)  # noqa: E731
-            eager = rms_norm_reference(x, weight, EPS)
-            bytes_moved = 2 * x.nbytes + weight.nbytes
-        else:
-            paiton_fn = lambda: torch.ops.paiton.fused_add_rms_norm(x, residual, weight, EPS)  # noqa: E731
-            inductor_fn = lambda: inductor_add_norm(x, residual, weight, EPS)  # noqa: E731
-            eager = fused_add_rms_norm_reference(x, residual, weight, EPS)
-            bytes_moved = 4 * x.nbytes + weight.nbytes
+        paiton_op, reference = subgraph(case["op"])
+        inductor_op = torch.compile(reference, dynamic=False)
+        paiton_fn = lambda: paiton_op(x, other, weight)  # noqa: E731
+        inductor_fn = lambda: inductor_op(x, other, weight)  # noqa: E731
+        eager = reference(x, other, weight)
+        bytes_moved = BYTES_MOVED[case["op"]](x, weight)
         # Correctness first, on these very inputs: Paiton within 1 bf16 ulp-ish of eager.
         ours = paiton_fn()
         for a, e in zip(ours if isinstance(ours, tuple) else (ours,), eager if isinstance(eager, tuple) else (eager,)):
@@ -147,7 +167,7 @@ def environment():
 def markdown(result):
     env = result["env"]
     lines = [
-        f"# RMSNorm kernels: Paiton vs stock Inductor ({env['card']})",
+        f"# Fused kernels: Paiton vs stock Inductor ({env['card']})",
         "",
         f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}. bf16, eps 1e-6. "
         f"Time per call inside a CUDA graph (median of replays). Copy bandwidth measured in the same run: "
@@ -171,7 +191,7 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    short_op = {"rms_norm": "norm", "fused_add_rms_norm": "add+norm"}
+    short_op = {"rms_norm": "norm", "fused_add_rms_norm": "add+norm", "silu_mul": "silu*up"}
     labels = [f"{r['model'].split('-')[1]} t={r['tokens']}\n{short_op[r['op']]} {r['what']}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
@@ -180,7 +200,7 @@ def plot(result, path):
     ax.scatter(list(xs), [r["floor_us"] for r in rows], marker="_", s=400, color="k", label="floor (bytes / copy rate)", zorder=3)
     ax.set_xticks(list(xs), labels, fontsize=7, rotation=35, ha="right")
     ax.set_ylabel("us per call (in a CUDA graph)")
-    ax.set_title(f"RMSNorm kernels, bf16, {result['env']['card']}")
+    ax.set_title(f"Fused kernels, bf16, {result['env']['card']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -198,11 +218,11 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=200)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench/rms_norm_kernels.py needs a CUDA/ROCm GPU")
+        sys.exit("bench/fused_kernels.py needs a CUDA/ROCm GPU")
     result = {"env": environment(), **run(reps=args.reps)}
     os.makedirs(args.out, exist_ok=True)
     card = result["env"]["card"].replace(" ", "_")
-    stem = os.path.join(args.out, f"rms_norm_kernels-{card}-{result['env']['date'][:10]}")
+    stem = os.path.join(args.out, f"fused_kernels-{card}-{result['env']['date'][:10]}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)
