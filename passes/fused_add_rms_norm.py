@@ -46,7 +46,7 @@ class FusedAddRMSNormPass(PatternFusionPass):
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.rms_norm", "paiton.passes.rms_norm")
 
     @classmethod
-    def register_patterns(cls, pm_pass: PatternMatcherPass) -> None:
+    def register_patterns(cls, pm_pass: PatternMatcherPass, key=None) -> None:
         import paiton.fusion.rms_norm  # noqa: F401  (registers torch.ops.paiton.fused_add_rms_norm)
 
         for dtype in FUSED_DTYPES:

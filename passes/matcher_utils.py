@@ -8,6 +8,8 @@ Built on Inductor's pattern machinery (`fwd_only`, `fx_to_pattern`, `register_gr
   pattern is traced once and every literal is part of it: `pow(x, 2)` does not match
   `pow(x, 3)`, `mean(x, [-1])` does not match `mean(x, [1])`, a cast to float32 does not
   match a cast to float64. This keeps near-miss graphs alone and makes no trace per match.
+* **Distinct outputs.** Inductor's multi-output matching may bind two outputs of a pattern to
+  the same subgraph; such a match is rejected.
 * **No extra keyword arguments.** Inductor's matcher compares only the keyword arguments the
   pattern has and ignores the others, so `add(x, r, alpha=2)` would match a traced `x + r`.
   A match is rejected when any of its nodes has a keyword argument its pattern node lacks.
@@ -72,6 +74,11 @@ def register_fusion(
             allowed_kwargs.setdefault(node.target, set()).update(node.kwargs)
 
     def check(match: Match) -> bool:
+        # A multi-output pattern can match two of its outputs on one subgraph (the q and k
+        # halves of QK-norm + RoPE both on q's nodes): each output must be its own node.
+        outputs = match.output_nodes()
+        if len(set(outputs)) != len(outputs):
+            return False
         for node in match.nodes:
             if node.op == "call_function" and not set(node.kwargs) <= allowed_kwargs.get(node.target, set()):
                 return False

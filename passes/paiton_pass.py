@@ -67,25 +67,38 @@ def _uuid_of(cls: type[PaitonPass]) -> str:
 class PatternFusionPass(PaitonPass):
     """A pass made of traced patterns (see `matcher_utils.register_fusion`).
 
-    Subclasses implement `register_patterns(pm_pass)`. Patterns are traced once per process,
-    the first time a pass of this class runs, not at import: tracing costs tens of
-    milliseconds per pattern and most imports never compile anything.
+    Subclasses implement `register_patterns(pm_pass, key)`. Patterns are traced the first
+    time a pass of this class runs, not at import: tracing costs tens of milliseconds per
+    pattern and most imports never compile anything. A pattern that spells out a size (the
+    half-width slices of rotary embedding) is traced per size: `pattern_keys(graph)` names the
+    sizes a graph needs, and each is traced once per process.
     """
 
     depends_on = ("paiton.passes.matcher_utils",)
 
     @classmethod
+    def pattern_keys(cls, graph: torch.fx.Graph) -> set:
+        """The variants of the patterns `graph` may need (default: one, `None`)."""
+        return {None}
+
+    @classmethod
     @abstractmethod
-    def register_patterns(cls, pm_pass: PatternMatcherPass) -> None: ...
+    def register_patterns(cls, pm_pass: PatternMatcherPass, key) -> None: ...
 
     def apply(self, graph: torch.fx.Graph) -> int:
-        return _patterns_of(type(self)).apply(graph)
+        pm_pass = _pattern_pass_of(type(self))
+        for key in type(self).pattern_keys(graph):
+            _register_patterns_once(type(self), key)
+        return pm_pass.apply(graph)
 
 
 @functools.cache
-def _patterns_of(cls: type[PatternFusionPass]) -> PatternMatcherPass:
-    pm_pass = PatternMatcherPass(pass_name=f"paiton_{cls.name}")
+def _pattern_pass_of(cls: type[PatternFusionPass]) -> PatternMatcherPass:
+    return PatternMatcherPass(pass_name=f"paiton_{cls.name}")
+
+
+@functools.cache
+def _register_patterns_once(cls: type[PatternFusionPass], key) -> None:
     # Trace on small real CPU tensors, outside any fake mode the caller (Inductor) has active.
     with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.no_grad():
-        cls.register_patterns(pm_pass)
-    return pm_pass
+        cls.register_patterns(_pattern_pass_of(cls), key)

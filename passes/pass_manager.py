@@ -18,16 +18,19 @@ import logging
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
 
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
+from paiton.passes.qk_norm_rope import QKNormRoPEPass
 from paiton.passes.rms_norm import RMSNormPass
 from paiton.passes.swiglu import SwiGLUPass
 
 log = logging.getLogger(__name__)
 
 # Every pass Paiton has, in the order they run.
-PASS_ORDER: tuple[type[PaitonPass], ...] = (FusedAddRMSNormPass, RMSNormPass, SwiGLUPass)
+# QK-norm + RoPE starts from the RMSNorm pass's output.
+PASS_ORDER: tuple[type[PaitonPass], ...] = (FusedAddRMSNormPass, RMSNormPass, QKNormRoPEPass, SwiGLUPass)
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASS_ORDER)
 COUNTER_PREFIX = "paiton."
 
@@ -47,7 +50,13 @@ class PaitonPassManager(CustomGraphPass):
         for p in self.passes:
             counts[p.name] = p(graph)
             counters["inductor"][COUNTER_PREFIX + p.name] += counts[p.name]
-        # Cleanup: the matcher erases what it replaced; anything left dangling goes here.
+            if counts[p.name]:
+                # A multi-output replacement sits where the matcher put it, which can be before
+                # the definition of an input that came later in the original order (q's rotary
+                # output before k's projection): restore a topological order for the next
+                # pass, keeping the original order elsewhere.
+                stable_topological_sort(graph)
+        # Cleanup: drop what the rewrites left unused.
         graph.eliminate_dead_code()
         graph.lint()
         self.last_counts = counts

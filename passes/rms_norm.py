@@ -94,7 +94,7 @@ class RMSNormPass(PatternFusionPass):
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.rms_norm",)
 
     @classmethod
-    def register_patterns(cls, pm_pass: PatternMatcherPass) -> None:
+    def register_patterns(cls, pm_pass: PatternMatcherPass, key=None) -> None:
         import paiton.fusion.rms_norm  # noqa: F401  (registers torch.ops.paiton.rms_norm)
 
         for dtype in FUSED_DTYPES:

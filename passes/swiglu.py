@@ -43,7 +43,7 @@ class SwiGLUPass(PatternFusionPass):
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.swiglu", "paiton.passes.rms_norm")
 
     @classmethod
-    def register_patterns(cls, pm_pass: PatternMatcherPass) -> None:
+    def register_patterns(cls, pm_pass: PatternMatcherPass, key=None) -> None:
         import paiton.fusion.swiglu  # noqa: F401  (registers torch.ops.paiton.silu_mul)
 
         for dtype in FUSED_DTYPES:

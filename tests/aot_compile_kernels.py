@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from paiton.fusion.rms_norm import _rms_norm_kernel, rms_norm_launch_config
+from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.swiglu import _silu_mul_kernel, silu_mul_launch_config
 
 TARGETS = {
@@ -71,6 +72,28 @@ def compile_silu_mul(dtype, target):
     return triton.compile(source, target=target, options={"num_warps": config["num_warps"]})
 
 
+def qk_norm_rope_cases():
+    # Qwen3-8B (32 q heads) and 32B (64) with 8 kv heads, head_dim 128.
+    for dtype in ("bf16", "fp16", "fp32"):
+        for q_heads in (32, 64):
+            yield f"qk_norm_rope/{dtype}/q_heads={q_heads}", dtype, q_heads
+
+
+def compile_qk_norm_rope(dtype, q_heads, target):
+    pointers = ["q_ptr", "k_ptr", "q_w_ptr", "k_w_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr"]
+    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "eps",
+            "q_stride_b", "q_stride_s", "q_stride_h", "k_stride_b", "k_stride_s", "k_stride_h",
+            "cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]
+    signature = {**{p: f"*{dtype}" for p in pointers}, **{n: "i32" for n in ints}, "eps": "fp32",
+                 "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr"}
+    names = list(signature)
+    # As the JIT specializes for Qwen3's aligned tensors (head_dim 128, strides multiples of 16).
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("eps", "seq_len", "n_q_heads", "n_k_heads") and signature[n] != "constexpr"}
+    source = ASTSource(fn=_qk_norm_rope_kernel, signature=signature,
+                       constexprs={"BLOCK_HEADS": q_heads, "BLOCK_HALF": 64}, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": 4})
+
+
 def summarize(kernel, target):
     asm = kernel.asm
     if target.backend == "cuda":
@@ -94,6 +117,7 @@ def summarize(kernel, target):
 def main():
     cases = [(name, lambda t, c=c: compile_rms_norm(*c, t)) for name, *c in rms_norm_cases()]
     cases += [(name, lambda t, d=dtype: compile_silu_mul(d, t)) for name, dtype in silu_mul_cases()]
+    cases += [(name, lambda t, c=c: compile_qk_norm_rope(*c, t)) for name, *c in qk_norm_rope_cases()]
     results = {}
     for name, compile_for in cases:
         for target_name, target in TARGETS.items():

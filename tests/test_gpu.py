@@ -18,7 +18,9 @@ pytestmark = pytest.mark.gpu
 
 
 def expected_counts(num_layers):
-    return fusions(fused_add_rms_norm=2 * num_layers, rms_norm=2 * num_layers + 1, swiglu=num_layers)
+    return fusions(
+        fused_add_rms_norm=2 * num_layers, rms_norm=2 * num_layers + 1, qk_norm_rope=num_layers, swiglu=num_layers
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ and k_norm, plus the final norm. The residual adds feed three of them per pair o
     final norm                      <- residual + last MLP output     fused_add_rms_norm
     q_norm, k_norm (each)           <- projections, per head          rms_norm
 
-so per graph: fused_add_rms_norm = 2L, rms_norm = 2L + 1; and each layer's MLP has one
-SwiGLU (silu(gate) * up): swiglu = L.
+so per graph: fused_add_rms_norm = 2L, rms_norm = 2L + 1. Then the q/k norms (2 of the
+rms_norm rewrites a layer) and the rotary embedding after them fuse into one op:
+qk_norm_rope = L. Each layer's MLP has one SwiGLU (silu(gate) * up): swiglu = L.
 
 On CPU the fused ops run the Triton kernels in the interpreter, so these compare the kernels'
 numerics with eager as well. The tiny model's logits are below 1 in magnitude. Tolerances:
@@ -34,7 +35,9 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 
 
 def expected_counts(num_layers: int) -> dict[str, int]:
-    return fusions(fused_add_rms_norm=2 * num_layers, rms_norm=2 * num_layers + 1, swiglu=num_layers)
+    return fusions(
+        fused_add_rms_norm=2 * num_layers, rms_norm=2 * num_layers + 1, qk_norm_rope=num_layers, swiglu=num_layers
+    )
 
 
 @pytest.mark.parametrize("num_layers", [2, 3])

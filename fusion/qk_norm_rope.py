@@ -1,0 +1,174 @@
+"""Qwen3's per-head q/k RMSNorm followed by rotary embedding: one Triton kernel for q and k.
+
+Eager (transformers' Qwen3Attention + apply_rotary_pos_emb), for q and for k::
+
+    x   = Qwen3RMSNorm(x)                       # [B, S, H, D] over D, rounded to the dtype
+    x   = x.transpose(1, 2)                     # [B, H, S, D]
+    out = x * cos + rotate_half(x) * sin        # cos/sin [B, S, D] unsqueezed at dim 1
+    rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
+
+In bf16/fp16 each product and the sum round to the dtype; the kernel rounds at the same
+points. The outputs have eager's layout: shape [B, H, S, D], memory in [B, S, H, D] order
+(the transpose is a view, and elementwise ops keep their input's memory order).
+
+Op: paiton::qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps) -> (q_out, k_out). q and k
+may be strided views (e.g. column slices of a merged qkv matmul): the kernel reads them in
+place. cos/sin may have batch 1 (broadcast over the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from paiton.fusion.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
+from paiton.fusion.triton_utils import device_guard, is_interpreted
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps):
+    """Eager's code: the q/k norms, the transposes, apply_rotary_pos_emb."""
+    q = rms_norm_reference(q, q_weight, eps).transpose(1, 2)
+    k = rms_norm_reference(k, k_weight, eps).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@triton.jit
+def _norm_rope_heads(
+    x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr,
+    b, s, seq_len, n_heads, head_dim, eps,
+    stride_b, stride_s, stride_h,
+    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """All heads of one token: norm over head_dim, weight, then rotary embedding."""
+    half = head_dim // 2
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    cols = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (cols < half)
+    row = x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h
+    x1 = tl.load(row + cols, mask=mask, other=0.0)
+    x2 = tl.load(row + half + cols, mask=mask, other=0.0)
+    dtype = x1.dtype
+
+    # RMSNorm, rounded as Qwen3RMSNorm rounds: normalized value, then the weight multiply.
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1f * x1f, axis=1) + tl.sum(x2f * x2f, axis=1)) / head_dim + eps)[:, None]
+    w1 = tl.load(w_ptr + cols, mask=cols < half, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + half + cols, mask=cols < half, other=0.0).to(tl.float32)
+    y1 = (w1 * (x1f * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    y2 = (w2 * (x2f * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+
+    # Rotary embedding: out = y * cos + rotate_half(y) * sin, each product and the sum rounded.
+    cos1 = tl.load(cos_ptr + cols, mask=cols < half, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + half + cols, mask=cols < half, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + cols, mask=cols < half, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + half + cols, mask=cols < half, other=0.0).to(tl.float32)
+    out1 = (y1 * cos1).to(dtype).to(tl.float32) + (-y2 * sin1).to(dtype).to(tl.float32)
+    out2 = (y2 * cos2).to(dtype).to(tl.float32) + (y1 * sin2).to(dtype).to(tl.float32)
+
+    # Output memory is [B, S, H, D]: token-major, heads contiguous.
+    out_row = out_ptr + ((b.to(tl.int64) * seq_len + s) * n_heads + heads) * head_dim
+    tl.store(out_row + cols, out1.to(dtype), mask=mask)
+    tl.store(out_row + half + cols, out2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
+    seq_len, n_q_heads, n_k_heads, head_dim, eps,
+    q_stride_b, q_stride_s, q_stride_h,
+    k_stride_b, k_stride_s, k_stride_h,
+    cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
+    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads."""
+    token = tl.program_id(0)
+    b = token // seq_len
+    s = token % seq_len
+    cos_row = cos_ptr + b.to(tl.int64) * cos_stride_b + s.to(tl.int64) * cos_stride_s
+    sin_row = sin_ptr + b.to(tl.int64) * sin_stride_b + s.to(tl.int64) * sin_stride_s
+    if tl.program_id(1) == 0:
+        _norm_rope_heads(q_ptr, q_w_ptr, q_out_ptr, cos_row, sin_row, b, s, seq_len, n_q_heads, head_dim, eps,
+                         q_stride_b, q_stride_s, q_stride_h, BLOCK_HEADS, BLOCK_HALF)
+    else:
+        _norm_rope_heads(k_ptr, k_w_ptr, k_out_ptr, cos_row, sin_row, b, s, seq_len, n_k_heads, head_dim, eps,
+                         k_stride_b, k_stride_s, k_stride_h, BLOCK_HEADS, BLOCK_HALF)
+
+
+def _check_inputs(q, k, q_weight, k_weight, cos, sin) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"paiton qk_norm_rope: q and k are [batch, seq, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}")
+    batch, seq, _, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != seq or k.shape[3] != head_dim or head_dim % 2:
+        raise ValueError(f"paiton qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, seq or (even) head_dim")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1] != seq or t.shape[2] != head_dim:
+            raise ValueError(f"paiton qk_norm_rope: {name} must be [batch or 1, seq, head_dim], got {tuple(t.shape)}")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w.dim() != 1 or w.shape[0] != head_dim:
+            raise ValueError(f"paiton qk_norm_rope: {name} must be [head_dim], got {tuple(w.shape)}")
+    dtypes = {t.dtype for t in (q, k, q_weight, k_weight, cos, sin)}
+    if len(dtypes) != 1 or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"paiton qk_norm_rope: one dtype among float32/float16/bfloat16 for all inputs, got {dtypes}")
+
+
+def _empty_outputs(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, S, D] tensors laid out as [B, S, H, D], as eager's rotary output is."""
+    return tuple(x.new_empty(x.shape).transpose(1, 2) for x in (q, k))
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, eps):
+    _check_inputs(q, k, q_weight, k_weight, cos, sin)
+    q_out, k_out = _empty_outputs(q, k)
+    batch, seq, n_q_heads, head_dim = q.shape
+    if q.numel() == 0:
+        return q_out, k_out
+    q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
+    q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    grid = (batch * seq, 2)
+    with device_guard(q):
+        _qk_norm_rope_kernel[grid](
+            q, k, q_weight, k_weight, q_out, k_out, cos, sin,
+            seq, n_q_heads, k.shape[2], head_dim, float(eps),
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
+            BLOCK_HEADS=triton.next_power_of_2(max(n_q_heads, k.shape[2])),
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            num_warps=4,
+        )
+    return q_out, k_out
+
+
+@torch.library.custom_op("paiton::qk_norm_rope", mutates_args=())
+def qk_norm_rope(
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q and k, transpose to [B, H, S, D], rotary embedding."""
+    return _launch(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+@qk_norm_rope.register_kernel("cpu")
+def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, eps):
+    if is_interpreted(_qk_norm_rope_kernel):
+        return _launch(q, k, q_weight, k_weight, cos, sin, eps)
+    _check_inputs(q, k, q_weight, k_weight, cos, sin)
+    outputs = _empty_outputs(q, k)
+    for out, value in zip(outputs, qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)):
+        out.copy_(value)
+    return outputs
+
+
+@qk_norm_rope.register_fake
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps):
+    _check_inputs(q, k, q_weight, k_weight, cos, sin)
+    return _empty_outputs(q, k)

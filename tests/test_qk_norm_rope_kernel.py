@@ -1,0 +1,86 @@
+"""The qk_norm_rope kernel against eager's code (Qwen3 q/k norms + apply_rotary_pos_emb)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paiton.fusion import qk_norm_rope as qk_module
+from paiton.fusion.qk_norm_rope import qk_norm_rope_reference, rotate_half
+from paiton.fusion.rms_norm import rms_norm_reference
+from paiton.fusion.triton_utils import is_interpreted
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def test_cpu_ops_run_the_triton_kernel():
+    assert DEVICE == "cuda" or is_interpreted(qk_module._qk_norm_rope_kernel)
+
+
+def random(shape, dtype, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator) * scale).to(dtype=dtype, device=DEVICE)
+
+
+def assert_rotary_close(actual, expected, normed, cos, sin, dtype):
+    """Error bound from the computation: the output is y*cos + rotate_half(y)*sin of the
+    normalized y (itself a few roundings from eager's), each product and the sum rounded. So
+    the error scales with |y*cos| + |rotate_half(y)*sin|, not with the (possibly cancelled)
+    result: allowed 8 unit roundoffs of that (the CPU interpreter also truncates each cast)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    # Eager's memory layout ([B, S, H, D] order); a size-1 dim's stride carries no meaning.
+    assert all(a == e for a, e, n in zip(actual.stride(), expected.stride(), actual.shape) if n > 1)
+    y = normed.double()
+    scale = (y * cos.double()).abs() + (rotate_half(y) * sin.double()).abs()
+    error = (actual.double() - expected.double()).abs()
+    bound = 8 * UNIT_ROUNDOFF[dtype] * scale + torch.finfo(dtype).tiny
+    assert (error <= bound).all(), f"max error {error.max().item():.3g}, worst ratio {(error / bound).max().item():.2f}"
+
+
+@settings(max_examples=40)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 5),
+    q_heads=st.integers(1, 9),
+    gqa=st.sampled_from([1, 2, 4, 8]),
+    head_dim=st.sampled_from([8, 24, 64, 128]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    merged=st.booleans(),
+    cos_batch_one=st.booleans(),
+    eps=st.sampled_from([1e-6, 1e-5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_eager(batch, seq, q_heads, gqa, head_dim, dtype, merged, cos_batch_one, eps, seed):
+    k_heads = max(1, q_heads // gqa)
+    if merged:  # q and k as column slices of one qkv projection output
+        qkv = random((batch, seq, (q_heads + 2 * k_heads) * head_dim), dtype, seed)
+        q = qkv[..., : q_heads * head_dim].view(batch, seq, q_heads, head_dim)
+        k = qkv[..., q_heads * head_dim : (q_heads + k_heads) * head_dim].view(batch, seq, k_heads, head_dim)
+    else:
+        q, k = random((batch, seq, q_heads, head_dim), dtype, seed), random((batch, seq, k_heads, head_dim), dtype, seed + 1)
+    q_weight, k_weight = random((head_dim,), dtype, seed + 2), random((head_dim,), dtype, seed + 3)
+    angles = random((1 if cos_batch_one else batch, seq, head_dim), torch.float32, seed + 4, scale=3.0)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    actual = torch.ops.paiton.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+    expected = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
+    for a, e, x, w in zip(actual, expected, (q, k), (q_weight, k_weight)):
+        normed = rms_norm_reference(x, w, eps).transpose(1, 2)
+        assert_rotary_close(a, e, normed, cos.unsqueeze(1), sin.unsqueeze(1), dtype)
+
+
+def test_bad_shapes_are_clear_errors():
+    q, k = random((1, 2, 4, 8), torch.float32, 0), random((1, 2, 2, 8), torch.float32, 1)
+    w, cs = random((8,), torch.float32, 2), random((1, 2, 8), torch.float32, 3)
+    with pytest.raises(ValueError, match="cos must be"):
+        torch.ops.paiton.qk_norm_rope(q, k, w, w, cs[:, :1], cs, 1e-6)
+    with pytest.raises(ValueError, match="one dtype"):
+        torch.ops.paiton.qk_norm_rope(q, k, w, w, cs.double(), cs, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    qkv = random((2, 3, 8 * 16), dtype, 0)
+    q, k = qkv[..., :64].view(2, 3, 4, 16), qkv[..., 64:96].view(2, 3, 2, 16)
+    w, cs = random((16,), dtype, 1), random((2, 3, 16), dtype, 2)
+    torch.library.opcheck(torch.ops.paiton.qk_norm_rope.default, (q, k, w, w, cs, cs, 1e-6))
