@@ -42,10 +42,19 @@ def test_silu_mul_matches_reference(leading, width, dtype, merged, seed):
         gate, up = random((*leading, width), dtype, seed), random((*leading, width), dtype, seed + 1)
     out = torch.ops.paiton.silu_mul(gate, up)
     assert out.is_contiguous()
-    # s = silu(gate) is rounded before the multiply: one ulp of s (2 ulp of the product, as
-    # for the RMSNorm weight multiply) plus the product's own rounding. The interpreter's
-    # exp and round-toward-zero casts differ from eager's within that.
-    assert_close_ulps(out, silu_mul_reference(gate, up))
+    expected = silu_mul_reference(gate, up)
+    if dtype == torch.float32:
+        # Triton's fp32 exp (as Inductor's) is the fast hardware one: exp(-g) computed as
+        # 2**(-g * log2(e)) loses |g| * 2**-24 in the exponent's rounding, a relative error
+        # of about |g| ulp (seen on an H100: 15 ulp at |g| near 8); plus a few ulp of rounding.
+        relative = (out.double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-30)
+        allowed = (8 + 2 * gate.double().abs()) * 2.0**-24
+        assert (relative <= allowed).all(), f"worst {(relative / allowed).max().item():.2f} of the allowed error"
+    else:
+        # s = silu(gate) is rounded before the multiply: one ulp of s (2 ulp of the product, as
+        # for the RMSNorm weight multiply) plus the product's own rounding. The interpreter's
+        # round-toward-zero casts differ from eager's within that.
+        assert_close_ulps(out, expected)
 
 
 def test_rows_that_do_not_collapse_are_copied_not_misread():
