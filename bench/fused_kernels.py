@@ -8,6 +8,9 @@ Subgraphs (bf16, as transformers writes them):
   fused_add_rms_norm  residual add + norm: [tokens, hidden]
   silu_mul            SwiGLU's silu(gate) * up: [tokens, intermediate]
   qk_norm_rope        q/k per-head norms + rotary: q [tokens, 1, q_heads, 128], k [.., kv_heads, 128]
+  decode_attention    one decode query per sequence over a StaticCache of 4096 positions with 1024
+                      filled; Inductor's side is what transformers runs: repeat_kv, a causal mask
+                      over the whole cache, SDPA. The floor counts the filled part of the cache.
 at tokens = 1 and 64 (decode batch 1 and 64), Qwen3-8B (hidden 4096, intermediate 12288, 32 q
 heads, head_dim 128) and Qwen3-32B (hidden 5120, intermediate 25600, 64 q heads).
 
@@ -36,6 +39,19 @@ SHAPES = {
     "qwen3-32b": dict(hidden=5120, intermediate=25600, q_heads=64, kv_heads=8, head_dim=128),
 }
 EPS = 1e-6
+# Decode attention: a static cache of CACHE_LEN positions, FILLED of them written so far.
+CACHE_LEN, FILLED = 4096, 1024
+
+
+def hf_sdpa_decode(q, k_cache, v_cache, positions, kv_mask, scale):
+    """What transformers runs for one decode step over a StaticCache (sdpa attention): repeat_kv,
+    a causal mask over the whole cache from the positions, SDPA."""
+    batch, q_heads, q_len, _ = q.shape
+    group = q_heads // k_cache.shape[1]
+    k = k_cache[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, q_heads, *k_cache.shape[2:])
+    v = v_cache[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, q_heads, *v_cache.shape[2:])
+    mask = torch.arange(k_cache.shape[2], device=q.device)[None, None, None, :] <= positions.view(1, 1, q_len, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(batch, 1, -1, -1), scale=scale)
 
 
 def cases(tokens_list=(1, 64)):
@@ -47,6 +63,8 @@ def cases(tokens_list=(1, 64)):
             yield dict(model=model, tokens=tokens, op="silu_mul", what="mlp", rows=tokens, cols=s["intermediate"])
             yield dict(model=model, tokens=tokens, op="qk_norm_rope", what="q+k", rows=tokens * (s["q_heads"] + s["kv_heads"]),
                        cols=s["head_dim"])
+            yield dict(model=model, tokens=tokens, op="decode_attention", what=f"cache {CACHE_LEN}, filled {FILLED}",
+                       rows=tokens * s["q_heads"], cols=s["head_dim"])
 
 
 def graph_time_us(fn, calls_per_graph=50, reps=200):
@@ -118,6 +136,15 @@ def make_case(case, dtype):
         args = (q, k, w, w, cos, sin, EPS)
         return (lambda: torch.ops.paiton.qk_norm_rope(*args)), (lambda f: f(*args)), qk_norm_rope_reference, \
             2 * (q.nbytes + k.nbytes) + 2 * cos.nbytes + 2 * w.nbytes
+    if op == "decode_attention":  # `tokens` sequences, one query each, at position FILLED - 1
+        s = SHAPES[case["model"]]
+        q = torch.randn(case["tokens"], s["q_heads"], 1, s["head_dim"], device="cuda", dtype=dtype)
+        k_cache, v_cache = torch.randn(2, case["tokens"], s["kv_heads"], CACHE_LEN, s["head_dim"], device="cuda", dtype=dtype)
+        positions = torch.tensor([FILLED - 1], device="cuda")
+        args = (q, k_cache, v_cache, positions, None, s["head_dim"] ** -0.5)
+        filled_bytes = 2 * k_cache.nbytes * FILLED // CACHE_LEN
+        return (lambda: torch.ops.paiton.decode_attention(*args)), (lambda f: f(*args)), hf_sdpa_decode, \
+            2 * q.nbytes + filled_bytes
     raise ValueError(op)
 
 
@@ -199,7 +226,8 @@ def plot(result, path):
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    short_op = {"rms_norm": "norm", "fused_add_rms_norm": "add+norm", "silu_mul": "silu*up", "qk_norm_rope": "qk norm+rope"}
+    short_op = {"rms_norm": "norm", "fused_add_rms_norm": "add+norm", "silu_mul": "silu*up", "qk_norm_rope": "qk norm+rope",
+                "decode_attention": "attention"}
     labels = [f"{r['model'].split('-')[1]} t={r['tokens']}\n{short_op[r['op']]} {r['what']}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))

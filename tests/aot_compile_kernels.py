@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from paiton.fusion.rms_norm import _rms_norm_kernel, rms_norm_launch_config
+from paiton.fusion.decode_attention import DECODE_BLOCK_N, _decode_attention_combine_kernel, _decode_attention_split_kernel
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.swiglu import _silu_mul_kernel, silu_mul_launch_config
 
@@ -94,12 +95,41 @@ def compile_qk_norm_rope(dtype, q_heads, target):
     return triton.compile(source, target=target, options={"num_warps": 4})
 
 
+def decode_attention_cases():
+    # Qwen3-8B (GQA 4) and 32B (GQA 8) decode, head_dim 128, with and without a KV mask.
+    for dtype in ("bf16", "fp16"):
+        for group in (4, 8):
+            for has_mask in (False, True):
+                yield f"decode_attention/{dtype}/group={group}/mask={has_mask}", dtype, group, has_mask
+
+
+def compile_decode_attention(dtype, group, has_mask, target):
+    pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
+                "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+    ints = ["n_kv_heads", "q_len", "head_dim", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b", "k_stride_h",
+            "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s", "mask_stride_b",
+            "split_size", "n_splits"]
+    signature = {**pointers, **{n: "i32" for n in ints}, "scale": "fp32"}
+    signature = {n: signature[n] for n in _decode_attention_split_kernel.arg_names if n in signature}
+    constexprs = {"GROUP": group, "BLOCK_M": max(16, group), "BLOCK_N": DECODE_BLOCK_N, "BLOCK_D": 128,
+                  "HAS_MASK": has_mask, "DOT_FP32": False}
+    signature.update({n: "constexpr" for n in constexprs})
+    names = list(signature)
+    aligned = [n for n in names if n.endswith("_ptr") or n in ("head_dim", "k_stride_b", "k_stride_h", "k_stride_n",
+                                                               "v_stride_b", "v_stride_h", "v_stride_n", "q_stride_b",
+                                                               "q_stride_h", "q_stride_s", "split_size")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn=_decode_attention_split_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options={"num_warps": 4})
+
+
 def summarize(kernel, target):
     asm = kernel.asm
     if target.backend == "cuda":
         code = asm["ptx"]
         return {
             "binary": "cubin" in asm,
+            "matrix": sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", code))),
             "loads": sorted(set(re.findall(r"ld\.global[.\w]*", code))),
             "local_memory": ".local" in code,
         }
@@ -107,6 +137,7 @@ def summarize(kernel, target):
     number = lambda key: int(re.search(rf"{key}:?\s+(\d+)", code).group(1))  # noqa: E731
     return {
         "binary": "hsaco" in asm,
+        "matrix": sorted(set(re.findall(r"\bv_mfma_\w+", code))),
         "loads": sorted(set(re.findall(r"(?:global|buffer)_load_\w+", code))),
         "vgpr_spills": number(r"\.vgpr_spill_count"),
         "sgpr_spills": number(r"\.sgpr_spill_count"),
@@ -118,6 +149,7 @@ def main():
     cases = [(name, lambda t, c=c: compile_rms_norm(*c, t)) for name, *c in rms_norm_cases()]
     cases += [(name, lambda t, d=dtype: compile_silu_mul(d, t)) for name, dtype in silu_mul_cases()]
     cases += [(name, lambda t, c=c: compile_qk_norm_rope(*c, t)) for name, *c in qk_norm_rope_cases()]
+    cases += [(name, lambda t, c=c: compile_decode_attention(*c, t)) for name, *c in decode_attention_cases()]
     results = {}
     for name, compile_for in cases:
         for target_name, target in TARGETS.items():

@@ -1,0 +1,266 @@
+"""Decode attention over a static KV cache: a split-K ("flash-decoding") Triton kernel.
+
+For each sequence b, query i (at position positions[b, i]) and query head h::
+
+    out[b, h, i] = softmax(scale * q[b, h, i] . k[b, h // G, j] over j in valid(b, i)) @ v[b, h // G, j]
+    valid(b, i)  = { j : j <= positions[b, i] and (kv_mask[b, j] if a mask is given) }
+
+with G = query heads per KV head (grouped-query attention). What the kernel does not do is
+what makes decoding cheap:
+  * it never materializes repeated KV heads (transformers' repeat_kv copies the whole cache
+    G times a step): each program loads a KV tile once for its G query heads;
+  * it reads only the filled part of the cache: a sequence's loop stops at its largest query
+    position, read on the device (no host sync, so it runs inside CUDA graphs), and per-
+    sequence positions make ragged batches work;
+  * it splits the sequence across programs when (batch x KV heads) alone would leave most of
+    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass.
+
+Op: paiton::decode_attention(q, k_cache, v_cache, positions, kv_mask, scale) -> out
+    q [B, Hq, Sq, D] (any layout with unit stride over D), caches [B, Hkv, L, D],
+    positions int [B, Sq] or [Sq] (shared by the batch), kv_mask bool [B, L] or None.
+    out [B, Hq, Sq, D], laid out as [B, Sq, Hq, D] in memory (as CUDA's SDPA kernels return
+    it, so `out.transpose(1, 2)` is contiguous).
+A query with no valid key gets zeros (eager SDPA would give NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from paiton.fusion.rms_norm import SUPPORTED_DTYPES
+from paiton.fusion.triton_utils import device_guard, is_interpreted
+
+
+def decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale):
+    """The definition above, in float64 math (repeat_kv + masked softmax), cast to q.dtype."""
+    batch, q_heads, q_len, _ = q.shape
+    group = q_heads // k_cache.shape[1]
+    k = k_cache.double().repeat_interleave(group, dim=1)
+    v = v_cache.double().repeat_interleave(group, dim=1)
+    scores = scale * q.double() @ k.transpose(-1, -2)  # [B, Hq, Sq, L]
+    positions = positions.expand(batch, q_len) if positions.dim() == 2 else positions.expand(batch, -1)
+    kv_index = torch.arange(k.shape[2], device=q.device)
+    valid = kv_index[None, None, :] <= positions[:, :, None]  # [B, Sq, L]
+    if kv_mask is not None:
+        valid = valid & kv_mask[:, None, :]
+    valid = valid[:, None]  # [B, 1, Sq, L]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows without a valid key: zeros
+    return (probs @ v).to(q.dtype)
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, part_out_ptr, part_lse_ptr,
+    n_kv_heads, q_len, head_dim, scale,
+    q_stride_b, q_stride_h, q_stride_s,
+    k_stride_b, k_stride_h, k_stride_n,
+    v_stride_b, v_stride_h, v_stride_n,
+    pos_stride_b, pos_stride_s, mask_stride_b,
+    split_size, n_splits,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Program (b * Hkv + kv head, split): the G query heads x Sq queries that share the KV
+    head, over this split's part of the filled cache. Writes the split's normalized output
+    and log-sum-exp per row to the partials [B, Hq, Sq, n_splits, (D)]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // n_kv_heads).to(tl.int64)
+    kv_head = (pid % n_kv_heads).to(tl.int64)
+
+    rows = tl.arange(0, BLOCK_M)  # row = g * q_len + i
+    row_valid = rows < GROUP * q_len
+    q_head = kv_head * GROUP + rows // q_len
+    q_index = rows % q_len
+    cols_d = tl.arange(0, BLOCK_D)
+    d_valid = cols_d < head_dim
+
+    positions = tl.load(pos_ptr + b * pos_stride_b + q_index * pos_stride_s, mask=row_valid, other=-1)
+    kv_end = tl.minimum(tl.max(positions, axis=0) + 1, (split + 1) * split_size)
+    kv_start = split * split_size
+
+    q = tl.load(
+        q_ptr + b * q_stride_b + q_head[:, None] * q_stride_h + q_index[:, None] * q_stride_s + cols_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+    )
+    if DOT_FP32:  # the CPU interpreter's dot is wrong on bf16 operands (see ENV_NOTES)
+        q = q.to(tl.float32)
+    k_base = k_ptr + b * k_stride_b + kv_head * k_stride_h
+    v_base = v_ptr + b * v_stride_b + kv_head * v_stride_h
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(kv_start, kv_end, BLOCK_N):
+        cols_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = cols_n < kv_end
+        kv_mask_2d = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + cols_n[:, None] * k_stride_n + cols_d[None, :], mask=kv_mask_2d, other=0.0)
+        v = tl.load(v_base + cols_n[:, None] * v_stride_n + cols_d[None, :], mask=kv_mask_2d, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        valid = (cols_n[None, :] <= positions[:, None]) & n_valid[None, :]
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * mask_stride_b + cols_n, mask=n_valid, other=0)
+            valid = valid & (keep != 0)[None, :]
+        scores = tl.where(valid, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # A row with no valid key yet keeps m = -inf; shift by 0 there to avoid inf - inf.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_shift[:, None])
+        alpha = tl.exp(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    part_row = ((b * GROUP * n_kv_heads + q_head) * q_len + q_index) * n_splits + split  # [B, Hq, Sq, n_splits]
+    tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+    tl.store(part_out_ptr + part_row[:, None] * head_dim + cols_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _decode_attention_combine_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, n_q_heads, q_len, head_dim, n_splits,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b, h, i): the log-sum-exp weighted sum of the splits' outputs."""
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
+    splits = tl.arange(0, BLOCK_SPLITS)
+    cols_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + row * n_splits + splits, mask=splits < n_splits, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    weights = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max)))
+    parts = tl.load(
+        part_out_ptr + (row * n_splits + splits[:, None]) * head_dim + cols_d[None, :],
+        mask=(splits[:, None] < n_splits) & (cols_d[None, :] < head_dim), other=0.0,
+    )
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    # Output memory is [B, Sq, Hq, D].
+    b = row // (n_q_heads * q_len)
+    h = (row // q_len) % n_q_heads
+    i = row % q_len
+    tl.store(out_ptr + ((b * q_len + i) * n_q_heads + h) * head_dim + cols_d, out.to(out_ptr.dtype.element_ty),
+             mask=cols_d < head_dim)
+
+
+# A KV tile of 64 positions: at head_dim 128 in bf16, 16 KB of K and 16 KB of V per step.
+DECODE_BLOCK_N = 64
+
+
+def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors: int) -> int:
+    """How many sequence splits: enough programs for two waves over the GPU, but no split
+    shorter than one KV tile."""
+    wanted = triton.cdiv(2 * multiprocessors, max(batch_kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(cache_len, DECODE_BLOCK_N)))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_inputs(q, k_cache, v_cache, positions, kv_mask) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"paiton decode_attention: q [B, Hq, Sq, D] and caches [B, Hkv, L, D] of one shape; got q {tuple(q.shape)}, "
+            f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}"
+        )
+    batch, q_heads, q_len, head_dim = q.shape
+    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim or q_heads % k_cache.shape[1]:
+        raise ValueError(
+            f"paiton decode_attention: caches {tuple(k_cache.shape)} do not fit q {tuple(q.shape)} (batch, head_dim, and "
+            "query heads a multiple of KV heads)"
+        )
+    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"paiton decode_attention: q and caches in one of float32/float16/bfloat16, got {q.dtype}/{k_cache.dtype}")
+    if positions.dtype not in (torch.int32, torch.int64) or positions.shape[-1] != q_len or positions.dim() not in (1, 2):
+        raise ValueError(f"paiton decode_attention: positions are int [B, Sq] or [Sq]; got {positions.dtype} {tuple(positions.shape)}")
+    if positions.dim() == 2 and positions.shape[0] not in (1, batch):
+        raise ValueError(f"paiton decode_attention: positions batch {positions.shape[0]} does not match q's {batch}")
+    if kv_mask is not None and (kv_mask.dtype != torch.bool or tuple(kv_mask.shape) != (batch, k_cache.shape[2])):
+        raise ValueError(f"paiton decode_attention: kv_mask is bool [B, L]; got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+
+
+def _empty_output(q: torch.Tensor) -> torch.Tensor:
+    batch, q_heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
+
+
+def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None):
+    _check_inputs(q, k_cache, v_cache, positions, kv_mask)
+    out = _empty_output(q)
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, cache_len = k_cache.shape[1], k_cache.shape[2]
+    if out.numel() == 0:
+        return out
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    if positions.dim() == 1:
+        positions = positions[None]
+    pos_stride_b = positions.stride(0) if positions.shape[0] > 1 else 0
+    if n_splits is None:
+        n_splits = decode_attention_splits(batch * kv_heads, cache_len, _multiprocessors(q.device))
+    split_size = triton.cdiv(triton.cdiv(cache_len, n_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    n_splits = triton.cdiv(cache_len, split_size)
+    group = q_heads // kv_heads
+    part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    with device_guard(q):
+        _decode_attention_split_kernel[(batch * kv_heads, n_splits)](
+            q, k_cache, v_cache, positions, kv_mask if kv_mask is not None else positions, part_out, part_lse,
+            kv_heads, q_len, head_dim, float(scale),
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            pos_stride_b, positions.stride(1), kv_mask.stride(0) if kv_mask is not None else 0,
+            split_size, n_splits,
+            GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=DECODE_BLOCK_N,
+            BLOCK_D=block_d, HAS_MASK=kv_mask is not None, DOT_FP32=is_interpreted(_decode_attention_split_kernel),
+            num_warps=4,
+        )
+        _decode_attention_combine_kernel[(batch * q_heads * q_len,)](
+            part_out, part_lse, out, q_heads, q_len, head_dim, n_splits,
+            BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+@torch.library.custom_op("paiton::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+    kv_mask: torch.Tensor | None, scale: float,
+) -> torch.Tensor:
+    """Causal attention of a few query tokens per sequence over a static KV cache (module doc)."""
+    return _launch(q, k_cache, v_cache, positions, kv_mask, scale)
+
+
+@decode_attention.register_kernel("cpu")
+def _decode_attention_cpu(q, k_cache, v_cache, positions, kv_mask, scale):
+    if is_interpreted(_decode_attention_split_kernel):
+        return _launch(q, k_cache, v_cache, positions, kv_mask, scale)
+    _check_inputs(q, k_cache, v_cache, positions, kv_mask)
+    out = _empty_output(q)
+    return out.copy_(decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale))
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(q, k_cache, v_cache, positions, kv_mask, scale):
+    _check_inputs(q, k_cache, v_cache, positions, kv_mask)
+    return _empty_output(q)
+
+
+def default_scale(head_dim: int) -> float:
+    """SDPA's default softmax scale."""
+    return 1.0 / math.sqrt(head_dim)
