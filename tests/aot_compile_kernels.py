@@ -97,7 +97,7 @@ def compile_qk_norm_rope(dtype, q_heads, target):
 
 def decode_attention_cases():
     # Qwen3-8B (GQA 4) and 32B (GQA 8) decode, head_dim 128, with and without a KV mask.
-    for dtype in ("bf16", "fp16"):
+    for dtype in ("bf16", "fp16", "fp32"):
         for group in (4, 8):
             for has_mask in (False, True):
                 yield f"decode_attention/{dtype}/group={group}/mask={has_mask}", dtype, group, has_mask
@@ -112,7 +112,7 @@ def compile_decode_attention(dtype, group, has_mask, target):
     signature = {**pointers, **{n: "i32" for n in ints}, "scale": "fp32"}
     signature = {n: signature[n] for n in _decode_attention_split_kernel.arg_names if n in signature}
     constexprs = {"GROUP": group, "BLOCK_M": max(16, group), "BLOCK_N": DECODE_BLOCK_N, "BLOCK_D": 128,
-                  "HAS_MASK": has_mask, "DOT_FP32": False}
+                  "HAS_MASK": has_mask, "DOT_FP32": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else None}
     signature.update({n: "constexpr" for n in constexprs})
     names = list(signature)
     aligned = [n for n in names if n.endswith("_ptr") or n in ("head_dim", "k_stride_b", "k_stride_h", "k_stride_n",
