@@ -25,6 +25,7 @@ A query with no valid key gets zeros (eager SDPA would give NaN).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -165,10 +166,15 @@ def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors
     return max(1, min(wanted, triton.cdiv(cache_len, DECODE_BLOCK_N)))
 
 
+@functools.cache
+def _multiprocessors_of(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _multiprocessors_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _check_inputs(q, k_cache, v_cache, positions, kv_mask) -> None:

@@ -20,6 +20,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
+from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
@@ -30,7 +31,13 @@ log = logging.getLogger(__name__)
 
 # Every pass Paiton has, in the order they run.
 # QK-norm + RoPE starts from the RMSNorm pass's output.
-PASS_ORDER: tuple[type[PaitonPass], ...] = (FusedAddRMSNormPass, RMSNormPass, QKNormRoPEPass, SwiGLUPass)
+PASS_ORDER: tuple[type[PaitonPass], ...] = (
+    FusedAddRMSNormPass,
+    RMSNormPass,
+    QKNormRoPEPass,
+    DecodeAttentionPass,
+    SwiGLUPass,
+)
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASS_ORDER)
 COUNTER_PREFIX = "paiton."
 

@@ -1,0 +1,257 @@
+"""Decode-step attention over a static KV cache -> one `paiton.decode_attention` op.
+
+Unfused, as transformers' sdpa attention runs a decode step over a StaticCache (and as a
+hand-written loop with a static cache writes it)::
+
+    k = reshape(clone(expand(unsqueeze(k_cache, 2), [B, Hkv, G, L, D])), [B, Hq, L, D])   # repeat_kv
+    v = (the same for v_cache)
+    mask = le(kv_index, q_position)          # kv_index = arange(L), q_position = positions [Sq]
+           [expand to [B, 1, Sq, L]] [where(mask, 0, -inf): an additive mask]
+    out = <SDPA>(q, k, v, mask, scale=s)[0]  # the device's lowering: _for_cpu, efficient, cudnn
+
+Fused::
+
+    out = paiton.decode_attention(q, k_cache, v_cache, positions, None, s)
+
+k_cache/v_cache are whatever tensors repeat_kv expanded: the cache after this step's write
+(the write itself, an index_put, stays in the graph and Inductor performs it in place).
+
+Why a graph walk rather than a traced pattern: the SDPA node is a different ATen op on each
+device (and can only be traced there), and the glue before it comes in a few spellings
+(view or reshape, expand to batch or not, a boolean or an additive mask). The walk accepts
+exactly the forms listed above and checks shapes, so anything else is left alone: prefill
+(more than MAX_DECODE_QUERIES queries), a mask that is not exactly "key position <= query
+position" (padding, sliding window, custom masks), is_causal=True, dropout, returned
+attention weights or log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from paiton.passes.paiton_pass import PaitonPass
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Decode steps have one query per sequence (a few with speculative decoding); more is prefill,
+# which stays with SDPA's flash kernels.
+MAX_DECODE_QUERIES = 8
+
+SDPA_OPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: "attn_mask",
+    aten._scaled_dot_product_efficient_attention.default: "attn_bias",
+    aten._scaled_dot_product_cudnn_attention.default: "attn_bias",
+    aten._scaled_dot_product_flash_attention.default: None,  # takes no mask: never a cache decode
+    aten.scaled_dot_product_attention.default: "attn_mask",
+}
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def bound_args(node: torch.fx.Node) -> dict:
+    """The call's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    values = {}
+    for index, arg in enumerate(schema.arguments):
+        if index < len(node.args) and not arg.kwarg_only:
+            values[arg.name] = node.args[index]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            values[arg.name] = arg.default_value
+    return values
+
+
+def val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def is_call(node, *targets) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def same(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def strip_unsqueezes(node):
+    while is_call(node, aten.unsqueeze.default):
+        node = node.args[0]
+    return node
+
+
+def repeated_kv_source(node) -> tuple[torch.fx.Node, int] | None:
+    """(the [B, Hkv, L, D] tensor, G) if `node` is repeat_kv of it, G = 1 if no repeat."""
+    if is_call(node, *VIEW_OPS) and is_call(node.args[0], aten.clone.default):
+        expand = node.args[0].args[0]
+        if is_call(expand, aten.expand.default) and is_call(expand.args[0], aten.unsqueeze.default):
+            source, dim = expand.args[0].args
+            expanded = val(expand)
+            if dim == 2 and expanded is not None and expanded.dim() == 5 and isinstance(expanded.shape[2], int):
+                return source, expanded.shape[2]
+        return None
+    return node, 1
+
+
+def is_arange(node, length) -> bool:
+    """arange(length) as it lowers: iota(length, start=0, step=1), maybe `+ 0`."""
+    if is_call(node, aten.add.Tensor) and node.args[1] == 0:
+        node = node.args[0]
+    if is_call(node, prims.iota.default):
+        return same(node.args[0], length) and node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
+    if is_call(node, aten.arange.default, aten.arange.start):
+        args = node.args if node.target is aten.arange.start else (0, node.args[0])
+        return args[0] == 0 and same(args[1], length)
+    return False
+
+
+def causal_positions(mask, batch, q_len, cache_len):
+    """The query-positions node [Sq] or [B, Sq] if `mask` is exactly "kv index <= query
+    position" (boolean, or additive: where(mask, 0, -inf)), expanded or not; else None."""
+    if is_call(mask, aten.where.self):
+        condition, keep, drop = mask.args
+        if not (_is_scalar(keep, 0.0) and _is_scalar(drop, float("-inf"))):
+            return None
+        mask = condition
+    if is_call(mask, aten.expand.default):
+        mask = mask.args[0]
+    if not is_call(mask, aten.le.Tensor):
+        return None
+    kv_index, q_position = mask.args
+    kv_values, q_values = val(kv_index), val(q_position)
+    if kv_values is None or q_values is None or kv_values.dim() != 4 or q_values.dim() != 4:
+        return None
+    # kv_index [1, 1, 1, L] from arange(L); q_position [1 or B, 1, Sq, 1] from positions.
+    if not (all(same(n, 1) for n in kv_values.shape[:3]) and same(kv_values.shape[3], cache_len)):
+        return None
+    if not (same(q_values.shape[1], 1) and same(q_values.shape[2], q_len) and same(q_values.shape[3], 1)):
+        return None
+    if not is_arange(strip_unsqueezes(kv_index), cache_len):
+        return None
+    positions = strip_unsqueezes(q_position)
+    values = val(positions)
+    if values is None or values.dtype not in (torch.int64, torch.int32):
+        return None
+    if values.dim() == 1 and same(values.shape[0], q_len) and same(q_values.shape[0], 1):
+        return positions
+    if values.dim() == 2 and same(values.shape[1], q_len) and (same(values.shape[0], batch) or same(values.shape[0], 1)):
+        return positions
+    return None
+
+
+def _is_scalar(node, value) -> bool:
+    """`node` is the number `value`: a Python number, a 0-d full/scalar_tensor, or a 0-d
+    constant (`torch.tensor(0.0)` in a forward becomes lift_fresh_copy of a get_attr)."""
+    if isinstance(node, (int, float)):
+        return node == value
+    if is_call(node, aten.full.default) and node.args[0] == []:
+        return node.args[1] == value
+    if is_call(node, aten.scalar_tensor.default):
+        return node.args[0] == value
+    if is_call(node, aten.lift_fresh_copy.default):
+        node = node.args[0]
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr" and node.graph.owning_module is not None:
+        constant = getattr(node.graph.owning_module, node.target, None)
+        if not isinstance(constant, torch.Tensor) or constant.numel() != 1:
+            return False
+        with unset_fake_temporarily():  # a real constant, read while the compiler's fake mode is on
+            return constant.item() == value
+    return False
+
+
+def output_layout_matches(sdpa_out, ours) -> bool:
+    """Users of SDPA's output were traced against its strides (a view after the transpose
+    relies on them); the fused op must give the same wherever a dim has more than one element."""
+    return all(same(a, b) for a, b, n in zip(sdpa_out.stride(), ours.stride(), sdpa_out.shape) if not same(n, 1))
+
+
+class DecodeAttentionPass(PaitonPass):
+    name = "decode_attention"
+    depends_on = ("paiton.fusion.decode_attention",)
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        import paiton.fusion.decode_attention  # noqa: F401  (registers torch.ops.paiton.decode_attention)
+
+        rewritten = 0
+        for node in list(graph.nodes):
+            if is_call(node, *SDPA_OPS) and self._rewrite(graph, node):
+                rewritten += 1
+        return rewritten
+
+    def _rewrite(self, graph: torch.fx.Graph, sdpa: torch.fx.Node) -> bool:
+        mask_name = SDPA_OPS[sdpa.target]
+        if mask_name is None:
+            return False
+        args = bound_args(sdpa)
+        if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False) or args.get("enable_gqa", False):
+            return False
+        # Only the attention output may be used (not the log-sum-exp or debug outputs).
+        if sdpa.target is aten.scaled_dot_product_attention.default:
+            output = sdpa
+        else:
+            getitems = {user.args[1]: user for user in sdpa.users if user.target is operator.getitem}
+            if len(getitems) != len(sdpa.users) or 0 not in getitems:
+                return False
+            if any(user.users for index, user in getitems.items() if index != 0):
+                return False
+            output = getitems[0]
+        q, k, v, mask = args["query"], args["key"], args["value"], args.get(mask_name)
+        q_val, out_val = val(q), val(output)
+        if not isinstance(q_val, FakeTensor) or not isinstance(out_val, torch.Tensor) or q_val.dim() != 4:
+            return False
+        batch, q_heads, q_len, head_dim = q_val.shape
+        if not isinstance(q_len, int) or q_len > MAX_DECODE_QUERIES:
+            return False
+        k_source, v_source = repeated_kv_source(k), repeated_kv_source(v)
+        if k_source is None or v_source is None or k_source[1] != v_source[1]:
+            return False
+        (k_cache, group), (v_cache, _) = k_source, v_source
+        k_val, v_val = val(k_cache), val(v_cache)
+        if k_val is None or v_val is None or k_val.dim() != 4 or k_val.shape != v_val.shape:
+            return False
+        if not (same(k_val.shape[1] * group, q_heads) and same(k_val.shape[0], batch) and same(k_val.shape[3], head_dim)):
+            return False
+        if q_val.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_val.dtype != q_val.dtype:
+            return False
+        positions = causal_positions(mask, batch, q_len, k_val.shape[2]) if mask is not None else None
+        if positions is None:
+            return False
+        scale = args.get("scale")
+        if scale is None:
+            scale = 1.0 / math.sqrt(head_dim)
+
+        with graph.inserting_before(output if output is not sdpa else sdpa):
+            fused = graph.call_function(
+                torch.ops.paiton.decode_attention.default, (q, k_cache, v_cache, positions, None, float(scale))
+            )
+        with q_val.fake_mode:
+            fused.meta["val"] = torch.ops.paiton.decode_attention.default(
+                q_val, k_val, v_val, val(positions), None, float(scale)
+            )
+        result = fused
+        if not output_layout_matches(out_val, fused.meta["val"]):
+            if not out_val.is_contiguous():
+                graph.erase_node(fused)
+                return False
+            # The CPU lowering returns [B, H, S, D] contiguous; with several queries that is
+            # another layout than the op's: copy (a decode step's output is a few KB).
+            with graph.inserting_after(fused):
+                result = graph.call_function(aten.clone.default, (fused,), {"memory_format": torch.contiguous_format})
+            with q_val.fake_mode:
+                result.meta["val"] = fused.meta["val"].clone(memory_format=torch.contiguous_format)
+        output.replace_all_uses_with(result)
+        for node in (fused, result):
+            node.meta.update({key: value for key, value in output.meta.items() if key != "val"})
+        # Erase SDPA here: the CUDA lowerings carry RNG outputs, which makes FX's dead-code
+        # elimination keep them (it would compute attention a second time). The glue before
+        # it (repeat_kv, the mask) is pure and goes with the manager's cleanup.
+        if sdpa is not output:
+            for getitem in list(sdpa.users):
+                graph.erase_node(getitem)
+        graph.erase_node(sdpa)
+        return True

@@ -1,0 +1,193 @@
+"""The decode-attention pass on hand-written static-cache attention (cache write, repeat_kv,
+a causal mask from the query positions, SDPA), through backend="paiton" (eager inner
+compiler), with the fused op running its CPU reference (float64 math). Tolerance: the
+reference and eager SDPA differ by float rounding only (fp32: 1e-5; bf16: one bf16 ulp of the
+output scale, 2e-2). Also: the SDPA lowerings of CUDA, matched structurally on fake CUDA
+tensors (no GPU needed)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions
+
+import paiton
+from paiton.fusion import decode_attention as attention_module
+from paiton.passes.decode_attention import MAX_DECODE_QUERIES, DecodeAttentionPass
+
+FUSED_OP = "paiton.decode_attention.default"
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    monkeypatch.setattr(attention_module, "is_interpreted", lambda kernel: False)
+
+
+def repeat_kv(x, group):  # transformers' repeat_kv
+    b, h, n, d = x.shape
+    return x if group == 1 else x[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+
+
+class StaticCacheAttention(torch.nn.Module):
+    """One attention step over a static KV cache, as transformers' StaticCache + sdpa writes it
+    (or a hand-written loop: `write` picks index_copy_, index_put_ or slice assignment)."""
+
+    def __init__(self, batch, kv_heads, cache_len, head_dim, dtype, group, write="index_copy", mask="additive"):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(batch, kv_heads, cache_len, head_dim, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(batch, kv_heads, cache_len, head_dim, dtype=dtype))
+        self.group, self.write, self.mask = group, write, mask
+
+    def forward(self, q, k, v, positions, start: int = 0):
+        if self.write == "index_copy":
+            self.k_cache.index_copy_(2, positions, k)
+            self.v_cache.index_copy_(2, positions, v)
+        elif self.write == "index_put":  # gpt-fast's KVCache.update
+            self.k_cache[:, :, positions] = k
+            self.v_cache[:, :, positions] = v
+        else:  # slice assignment at a Python int position
+            self.k_cache[:, :, start : start + k.shape[2]] = k
+            self.v_cache[:, :, start : start + v.shape[2]] = v
+        keys, values = repeat_kv(self.k_cache, self.group), repeat_kv(self.v_cache, self.group)
+        cache_len, q_len = keys.shape[2], q.shape[2]
+        kv_index = torch.arange(cache_len, device=q.device)
+        allowed = kv_index[None, None, None, :] <= positions[None, None, :, None]
+        scale = q.shape[-1] ** -0.5
+        if self.mask == "sliding_window":
+            allowed = allowed & (kv_index[None, None, None, :] > positions[None, None, :, None] - 4)
+        if self.mask == "is_causal":
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale)
+        allowed = allowed.expand(q.shape[0], 1, q_len, cache_len)
+        if self.mask == "boolean":
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+        additive = torch.where(allowed, torch.tensor(0.0, dtype=q.dtype), torch.tensor(float("-inf"), dtype=q.dtype))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=additive, scale=scale)
+
+
+def run_step(module_args, q_len, filled, seed, **module_kwargs):
+    """Fill the first `filled` cache positions, then one step of q_len queries, eager and
+    compiled on copies; returns (expected, actual, ops after the passes, reported counts)."""
+    batch, kv_heads, cache_len, head_dim, dtype, group = module_args
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)  # noqa: E731
+    eager = StaticCacheAttention(*module_args, **module_kwargs)
+    eager.k_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
+    eager.v_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
+    compiled_module = StaticCacheAttention(*module_args, **module_kwargs)
+    compiled_module.load_state_dict(eager.state_dict())
+    q = randn(batch, kv_heads * group, q_len, head_dim)
+    k, v = randn(batch, kv_heads, q_len, head_dim), randn(batch, kv_heads, q_len, head_dim)
+    positions = torch.arange(filled, filled + q_len)
+    with torch.no_grad():
+        expected = eager(q, k, v, positions, filled)
+        with capture_paiton_graphs() as graphs:
+            actual = torch.compile(compiled_module, backend="paiton", options=EAGER_INNER)(q, k, v, positions, filled)
+    torch.testing.assert_close(compiled_module.k_cache, eager.k_cache, rtol=0, atol=0)  # the cache write stays
+    (_, after, reported), = graphs
+    return expected, actual, after, reported
+
+
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 4, 8]),
+    head_dim=st.sampled_from([16, 64, 128]),
+    cache_len=st.integers(16, 200),
+    q_len=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    write=st.sampled_from(["index_copy", "index_put", "slice"]),
+    mask=st.sampled_from(["additive", "boolean"]),
+    data=st.data(),
+)
+def test_decode_attention_is_fused(batch, kv_heads, group, head_dim, cache_len, q_len, dtype, write, mask, data):
+    torch._dynamo.reset()
+    filled = data.draw(st.integers(0, cache_len - q_len))
+    expected, actual, after, reported = run_step(
+        (batch, kv_heads, cache_len, head_dim, dtype, group), q_len, filled, data.draw(st.integers(0, 2**31 - 1)),
+        write=write, mask=mask,
+    )
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    assert reported == fusions(decode_attention=1)
+    # No repeated KV heads (a clone of the few-KB output, for the CPU lowering's layout when
+    # there are several queries, is the only clone allowed).
+    assert after[FUSED_OP] == 1 and after["aten.clone.default"] <= (1 if q_len > 1 else 0)
+    assert not [op for op in after if "scaled_dot_product" in op]
+
+
+@pytest.mark.parametrize("mask", ["sliding_window", "is_causal"])
+def test_other_masks_are_left_alone(mask):
+    expected, actual, after, reported = run_step((2, 2, 32, 16, torch.float32, 2), 1, 10, 0, mask=mask)
+    torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
+    assert reported == fusions() and after[FUSED_OP] == 0
+
+
+def test_prefill_is_left_to_sdpa():
+    q_len = MAX_DECODE_QUERIES + 1
+    expected, actual, after, reported = run_step((1, 2, 64, 16, torch.float32, 2), q_len, 0, 0)
+    torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
+    assert reported == fusions() and after[FUSED_OP] == 0
+
+
+class CustomMask(torch.nn.Module):
+    def forward(self, q, k_cache, v_cache, mask):
+        return F.scaled_dot_product_attention(q, repeat_kv(k_cache, 2), repeat_kv(v_cache, 2), attn_mask=mask)
+
+
+def test_custom_mask_is_left_alone():
+    q, cache = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
+    mask = torch.rand(1, 1, 1, 8) > 0.5
+    mask[..., 0] = True
+    with torch.no_grad(), capture_paiton_graphs() as graphs:
+        torch.compile(CustomMask(), backend="paiton", options=EAGER_INNER)(q, cache, cache, mask)
+    assert graphs[0][2] == fusions()
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA's SDPA lowerings, structurally: the ATen graph as it reaches the pass on a GPU (see
+# bench/results/aten-graphs-h100-*: cudnn or efficient attention, an additive mask built with
+# `where(mask, full(0), full(-inf))`), traced on fake tensors, matched without running. (The
+# fake tensors are CPU ones: a CPU build of torch cannot make fake CUDA constants; the pass
+# does not look at devices.)
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_style_decode_graph(sdpa_op, group=4):
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(q, k_cache, v_cache, offset):
+        cache_len = k_cache.shape[2]
+        positions = torch.arange(1) + offset
+        keys, values = repeat_kv(k_cache, group), repeat_kv(v_cache, group)
+        allowed = torch.arange(cache_len)[None, None, None, :] <= positions[None, None, :, None]
+        bias = torch.where(allowed.expand(q.shape[0], 1, 1, cache_len), torch.full((), 0.0, dtype=q.dtype),
+                           torch.full((), float("-inf"), dtype=q.dtype))
+        return sdpa_op(q, keys, values, bias, False, scale=0.125)[0]
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        args = (torch.empty(2, 8, 1, 64, dtype=torch.bfloat16), torch.empty(2, 2, 128, 64, dtype=torch.bfloat16),
+                torch.empty(2, 2, 128, 64, dtype=torch.bfloat16), torch.empty((), dtype=torch.int64))
+        return make_fx(step, decomposition_table=select_decomp_table())(*args)
+
+
+@pytest.mark.parametrize("sdpa", ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention"])
+def test_cuda_sdpa_lowerings_are_matched(sdpa):
+    gm = gpu_style_decode_graph(getattr(torch.ops.aten, sdpa).default)
+    assert DecodeAttentionPass().apply(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert FUSED_OP in targets and not [t for t in targets if "scaled_dot_product" in t or "clone" in t or "where" in t]
+    fused = next(n for n in gm.graph.nodes if str(n.target) == FUSED_OP)
+    assert fused.args[5] == 0.125 and tuple(fused.meta["val"].shape) == (2, 8, 1, 64)
+
+
+def test_switched_off():
+    module = StaticCacheAttention(1, 2, 16, 16, torch.float32, 2)
+    with torch.no_grad():
+        torch.compile(module, backend="paiton", options={**EAGER_INNER, "paiton.decode_attention": False})(
+            torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), torch.tensor([3])
+        )
+    assert paiton.fusion_counts(module)["decode_attention"] == 0
