@@ -76,3 +76,18 @@ def fusions(**nonzero: int) -> dict[str, int]:
     unknown = set(nonzero) - set(PASS_NAMES)
     assert not unknown, f"not Paiton passes: {unknown}"
     return {name: nonzero.get(name, 0) for name in PASS_NAMES}
+
+
+def qwen3_fusions(num_layers: int, queries: int) -> dict[str, int]:
+    """What one compiled Qwen3 graph of `queries` tokens per sequence must fuse, per
+    test_qwen3_e2e.py's docstring: the decode-attention kernel takes attention in graphs of
+    up to MAX_DECODE_QUERIES tokens (decode steps, short prompts)."""
+    from paiton.passes.decode_attention import MAX_DECODE_QUERIES
+
+    return fusions(
+        fused_add_rms_norm=2 * num_layers,
+        rms_norm=2 * num_layers + 1,
+        qk_norm_rope=num_layers,
+        decode_attention=num_layers if queries <= MAX_DECODE_QUERIES else 0,
+        swiglu=num_layers,
+    )

@@ -7,25 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from paiton_testing import assert_close_ulps, fusions
+from paiton_testing import assert_close_ulps, qwen3_fusions
 
 import paiton
 from paiton.fusion.rms_norm import rms_norm_reference
 from paiton.models.hf_loop import hf_static_cache_greedy
 from paiton.models.qwen3 import build_qwen3
-from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
 pytestmark = pytest.mark.gpu
-
-
-def expected_counts(num_layers, queries):
-    return fusions(
-        fused_add_rms_norm=2 * num_layers,
-        rms_norm=2 * num_layers + 1,
-        qk_norm_rope=num_layers,
-        decode_attention=num_layers if queries <= MAX_DECODE_QUERIES else 0,
-        swiglu=num_layers,
-    )
 
 
 @pytest.mark.parametrize(
@@ -53,7 +42,7 @@ def test_decode_parity_on_gpu(preset, layers, dtype, mode):
     paiton_logits = hf_static_cache_greedy(
         torch.compile(model, backend="paiton", mode=compile_mode), model, input_ids, new_tokens=9, follow=expected
     )
-    assert [g.counts for g in paiton.fusion_graphs(model)] == [expected_counts(layers, 32), expected_counts(layers, 1)]
+    assert [g.counts for g in paiton.fusion_graphs(model)] == [qwen3_fusions(layers, 32), qwen3_fusions(layers, 1)]
     if mode == "reduce-overhead":
         assert counters["inductor"]["cudagraph_skips"] == 0, "CUDA graphs were skipped"
 

@@ -27,26 +27,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paiton_testing import EAGER_INNER, fusions
+from paiton_testing import EAGER_INNER, qwen3_fusions
 
 import paiton
 from paiton.models.hf_loop import hf_static_cache_greedy
 from paiton.models.qwen3 import build_qwen3
-from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
-
-
-def expected_counts(num_layers: int, queries: int) -> dict[str, int]:
-    """Per graph of `queries` tokens per sequence: attention goes to the decode kernel for up
-    to MAX_DECODE_QUERIES of them (decode steps; short prompts too), else stays with SDPA."""
-    return fusions(
-        fused_add_rms_norm=2 * num_layers,
-        rms_norm=2 * num_layers + 1,
-        qk_norm_rope=num_layers,
-        decode_attention=num_layers if queries <= MAX_DECODE_QUERIES else 0,
-        swiglu=num_layers,
-    )
 
 
 @pytest.mark.parametrize("num_layers", [2, 3])
@@ -58,7 +45,7 @@ def test_logits_match_eager_without_cache(num_layers, dtype):
         expected = model(input_ids).logits
         actual = torch.compile(model, backend="paiton", options=EAGER_INNER)(input_ids).logits
     torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
-    assert paiton.fusion_counts(model) == expected_counts(num_layers, queries=11)
+    assert paiton.fusion_counts(model) == qwen3_fusions(num_layers, queries=11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -76,7 +63,7 @@ def test_static_cache_decode_matches_eager(dtype):
 
     graphs = paiton.fusion_graphs(compiled)
     assert len(graphs) == 2, [g.compile_id for g in graphs]  # prefill, decode: no recompiles per step
-    assert [g.counts for g in graphs] == [expected_counts(num_layers, queries=9), expected_counts(num_layers, queries=1)]
+    assert [g.counts for g in graphs] == [qwen3_fusions(num_layers, queries=9), qwen3_fusions(num_layers, queries=1)]
     decode_step = graphs[1].counts
     assert decode_step["decode_attention"] == num_layers  # every layer's attention: the decode kernel
 
@@ -96,7 +83,7 @@ def test_through_inductor_with_static_cache():
         torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])
         assert torch.equal(a.argmax(-1), e.argmax(-1))
     graphs = paiton.fusion_graphs(model)
-    assert [g.counts for g in graphs] == [expected_counts(num_layers, queries=8), expected_counts(num_layers, queries=1)]
+    assert [g.counts for g in graphs] == [qwen3_fusions(num_layers, queries=8), qwen3_fusions(num_layers, queries=1)]
     assert all(g.inner_compiler == "inductor" for g in graphs)
 
 
@@ -119,4 +106,4 @@ def test_transformers_generate_with_compile_config():
     # The decode step. generate builds the causal mask outside the compiled forward and passes it
     # in: the graph cannot show that the mask is causal, so attention stays with SDPA there
     # (the decode-attention pass leaves masks it cannot prove alone).
-    assert [g.counts for g in paiton.fusion_graphs(model)] == [{**expected_counts(num_layers, queries=1), "decode_attention": 0}]
+    assert [g.counts for g in paiton.fusion_graphs(model)] == [{**qwen3_fusions(num_layers, queries=1), "decode_attention": 0}]
