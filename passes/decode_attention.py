@@ -6,7 +6,7 @@ hand-written loop with a static cache writes it)::
     k = reshape(clone(expand(unsqueeze(k_cache, 2), [B, Hkv, G, L, D])), [B, Hq, L, D])   # repeat_kv
     v = (the same for v_cache)
     mask = le(kv_index, q_position)          # kv_index = arange(L), q_position = positions [Sq]
-           [expand to [B, 1, Sq, L]] [where(mask, 0, -inf): an additive mask]
+           [expand to [B, 1, Sq, L]] [where(mask, 0, -inf or <= -65504): an additive mask]
     out = <SDPA>(q, k, v, mask, scale=s)[0]  # the device's lowering: _for_cpu, efficient, cudnn
 
 Fused::
@@ -115,7 +115,7 @@ def causal_positions(mask, batch, q_len, cache_len):
     position" (boolean, or additive: where(mask, 0, -inf)), expanded or not; else None."""
     if is_call(mask, aten.where.self):
         condition, keep, drop = mask.args
-        if not (_is_scalar(keep, 0.0) and _is_scalar(drop, float("-inf"))):
+        if not (_is_scalar(keep, lambda x: x == 0.0) and _is_scalar(drop, masks_out)):
             return None
         mask = condition
     if is_call(mask, aten.expand.default):
@@ -144,15 +144,22 @@ def causal_positions(mask, batch, q_len, cache_len):
     return None
 
 
-def _is_scalar(node, value) -> bool:
-    """`node` is the number `value`: a Python number, a 0-d full/scalar_tensor, or a 0-d
+def masks_out(value: float) -> bool:
+    """An additive mask value that removes a key: -inf, or a negative number so large that
+    exp(score + value - max) is 0 in fp32 for any real attention score. On the H100
+    (transformers 5.17) the bf16 mask holds -65536: float16's minimum, rounded to bf16."""
+    return value <= -65504.0
+
+
+def _is_scalar(node, test) -> bool:
+    """`node` is a number passing `test`: a Python number, a 0-d full/scalar_tensor, or a 0-d
     constant (`torch.tensor(0.0)` in a forward becomes lift_fresh_copy of a get_attr)."""
     if isinstance(node, (int, float)):
-        return node == value
+        return test(node)
     if is_call(node, aten.full.default) and node.args[0] == []:
-        return node.args[1] == value
+        return test(node.args[1])
     if is_call(node, aten.scalar_tensor.default):
-        return node.args[0] == value
+        return test(node.args[0])
     if is_call(node, aten.lift_fresh_copy.default):
         node = node.args[0]
     if isinstance(node, torch.fx.Node) and node.op == "get_attr" and node.graph.owning_module is not None:
@@ -160,7 +167,7 @@ def _is_scalar(node, value) -> bool:
         if not isinstance(constant, torch.Tensor) or constant.numel() != 1:
             return False
         with unset_fake_temporarily():  # a real constant, read while the compiler's fake mode is on
-            return constant.item() == value
+            return test(constant.item())
     return False
 
 

@@ -153,7 +153,7 @@ def test_custom_mask_is_left_alone():
 # ---------------------------------------------------------------------------------------------
 
 
-def gpu_style_decode_graph(sdpa_op, group=4):
+def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf")):
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -164,7 +164,7 @@ def gpu_style_decode_graph(sdpa_op, group=4):
         keys, values = repeat_kv(k_cache, group), repeat_kv(v_cache, group)
         allowed = torch.arange(cache_len)[None, None, None, :] <= positions[None, None, :, None]
         bias = torch.where(allowed.expand(q.shape[0], 1, 1, cache_len), torch.full((), 0.0, dtype=q.dtype),
-                           torch.full((), float("-inf"), dtype=q.dtype))
+                           torch.full((), masked_value, dtype=q.dtype))
         return sdpa_op(q, keys, values, bias, False, scale=0.125)[0]
 
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -173,15 +173,24 @@ def gpu_style_decode_graph(sdpa_op, group=4):
         return make_fx(step, decomposition_table=select_decomp_table())(*args)
 
 
+# -65536: the H100 graph's bf16 mask value (float16's minimum, rounded to bf16).
+@pytest.mark.parametrize("masked_value", [float("-inf"), -65536.0])
 @pytest.mark.parametrize("sdpa", ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention"])
-def test_cuda_sdpa_lowerings_are_matched(sdpa):
-    gm = gpu_style_decode_graph(getattr(torch.ops.aten, sdpa).default)
+def test_cuda_sdpa_lowerings_are_matched(sdpa, masked_value):
+    gm = gpu_style_decode_graph(getattr(torch.ops.aten, sdpa).default, masked_value=masked_value)
     assert DecodeAttentionPass().apply(gm.graph) == 1
     gm.graph.eliminate_dead_code()
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert FUSED_OP in targets and not [t for t in targets if "scaled_dot_product" in t or "clone" in t or "where" in t]
     fused = next(n for n in gm.graph.nodes if str(n.target) == FUSED_OP)
     assert fused.args[5] == 0.125 and tuple(fused.meta["val"].shape) == (2, 8, 1, 64)
+
+
+def test_a_mild_additive_mask_is_left_alone():
+    """-100 does not remove a key (exp(-100) is not 0 in fp32 relative to a score): not a mask
+    the kernel's hard masking reproduces."""
+    gm = gpu_style_decode_graph(torch.ops.aten._scaled_dot_product_cudnn_attention.default, masked_value=-100.0)
+    assert DecodeAttentionPass().apply(gm.graph) == 0
 
 
 def test_switched_off():
