@@ -27,13 +27,12 @@ attention weights or log-sum-exp.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from paiton.passes.matcher_utils import same_size as same
 from paiton.passes.paiton_pass import PaitonPass
 
 aten = torch.ops.aten
@@ -73,10 +72,6 @@ def val(node):
 
 def is_call(node, *targets) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def same(a, b) -> bool:
-    return statically_known_true(a == b)
 
 
 def strip_unsqueezes(node):
@@ -230,7 +225,9 @@ class DecodeAttentionPass(PaitonPass):
             return False
         scale = args.get("scale")
         if scale is None:
-            scale = 1.0 / math.sqrt(head_dim)
+            from paiton.fusion.decode_attention import default_scale
+
+            scale = default_scale(head_dim)
 
         with graph.inserting_before(output if output is not sdpa else sdpa):
             fused = graph.call_function(

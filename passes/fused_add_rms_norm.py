@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
-from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion
+from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion, same_shape
 from paiton.passes.paiton_pass import PatternFusionPass
-from paiton.passes.rms_norm import FUSED_DTYPES, normable, rms_norm_variants, same_shape
+from paiton.passes.rms_norm import FUSED_DTYPES, normable, rms_norm_variants
 
 
 def make_add_rms_norm(rms_norm):

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._inductor.pattern_matcher import (
     Match,
     PatternMatcherPass,
@@ -115,3 +116,12 @@ def bound_value(match: Match, name: str) -> Any:
 
 def is_python_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def same_size(a, b) -> bool:
+    """Sizes equal for certain (symbolic sizes included; unknown counts as different)."""
+    return statically_known_true(a == b)
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(same_size(m, n) for m, n in zip(a.shape, b.shape))

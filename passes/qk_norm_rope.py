@@ -25,9 +25,9 @@ import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
 from paiton.fusion.qk_norm_rope import rotate_half
-from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion
+from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion, same_size
 from paiton.passes.paiton_pass import PatternFusionPass
-from paiton.passes.rms_norm import FUSED_DTYPES, same_size
+from paiton.passes.rms_norm import FUSED_DTYPES
 
 RMS_NORM_OP = "paiton.rms_norm.default"
 
@@ -56,7 +56,7 @@ def rotary_inputs_fit(match: Match) -> bool:
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.dim() != 3:
         return False
     batch, seq, _, head_dim = q.shape
-    same = lambda a, b: same_size(a, b)  # noqa: E731
+    same = same_size
     return (
         same(k.shape[0], batch) and same(k.shape[1], seq) and same(k.shape[3], head_dim)
         and all((same(t.shape[0], batch) or same(t.shape[0], 1)) and same(t.shape[1], seq) and same(t.shape[2], head_dim)

@@ -24,9 +24,8 @@ import itertools
 
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion
+from paiton.passes.matcher_utils import bound_value, is_python_number, register_fusion, same_size
 from paiton.passes.paiton_pass import PatternFusionPass
 
 # The input dtypes Paiton fuses: the model's compute dtype.
@@ -52,14 +51,6 @@ def make_rms_norm(square: str, weight_side: str):
 def rms_norm_variants():
     """Every (square form, weight side) combination Paiton matches."""
     return [make_rms_norm(square, side) for square, side in itertools.product(SQUARE_FORMS, WEIGHT_SIDES)]
-
-
-def same_size(a, b) -> bool:
-    return statically_known_true(a == b)
-
-
-def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dim() == b.dim() and all(same_size(m, n) for m, n in zip(a.shape, b.shape))
 
 
 def normable(x, weight, dtype: torch.dtype) -> bool:

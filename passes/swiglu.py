@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
-from paiton.passes.matcher_utils import bound_value, register_fusion
+from paiton.passes.matcher_utils import bound_value, register_fusion, same_shape
 from paiton.passes.paiton_pass import PatternFusionPass
-from paiton.passes.rms_norm import FUSED_DTYPES, same_shape
+from paiton.passes.rms_norm import FUSED_DTYPES
 
 
 def silu_times_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
