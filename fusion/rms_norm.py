@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from paiton.fusion.triton_utils import device_guard, is_interpreted
+from paiton.fusion.triton_utils import device_guard, fresh_contiguous, is_interpreted
 
 # ---------------------------------------------------------------------------------------------
 # Reference: the eager computation, copied from transformers' Qwen3RMSNorm.forward
@@ -234,15 +234,7 @@ def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     if is_interpreted(_rms_norm_kernel):
         return _launch(x, None, weight, eps)[0]
     _check_inputs(x, None, weight)
-    return _fresh_contiguous(rms_norm_reference(x, weight, eps))
-
-
-def _fresh_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """`t` with the strides `torch.empty(t.shape)` has, as the fake implementations promise.
-    (`.contiguous()` keeps odd strides on size-1 dims.)"""
-    if t.stride() == torch.empty(t.shape, device="meta").stride():
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return fresh_contiguous(rms_norm_reference(x, weight, eps))
 
 
 @rms_norm.register_fake
@@ -268,7 +260,7 @@ def _fused_add_rms_norm_cpu(
         return _launch(x, residual, weight, eps)
     _check_inputs(x, residual, weight)
     out, summed = fused_add_rms_norm_reference(x, residual, weight, eps)
-    return _fresh_contiguous(out), _fresh_contiguous(summed)
+    return fresh_contiguous(out), fresh_contiguous(summed)
 
 
 @fused_add_rms_norm.register_fake

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from paiton.fusion.triton_utils import as_rows, device_guard, device_warp_size, is_interpreted
+from paiton.fusion.triton_utils import as_rows, device_guard, device_warp_size, fresh_contiguous, is_interpreted
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ def _silu_mul_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if is_interpreted(_silu_mul_kernel):
         return _launch(gate, up)
     _check_inputs(gate, up)
-    return torch.empty(gate.shape, dtype=gate.dtype).copy_(silu_mul_reference(gate, up))
+    return fresh_contiguous(silu_mul_reference(gate, up))
 
 
 @silu_mul.register_fake

@@ -52,3 +52,12 @@ def device_warp_size(tensor: torch.Tensor) -> int:
     if tensor.device.type != "cuda":
         return 32
     return warp_size(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+
+
+def fresh_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` with the strides `torch.empty(t.shape)` has, as the ops' fake implementations
+    promise for their CPU reference results. (`.contiguous()` keeps odd strides on size-1
+    dims.)"""
+    if t.stride() == torch.empty(t.shape, device="meta").stride():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
