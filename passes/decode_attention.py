@@ -108,13 +108,12 @@ def is_arange(node, length) -> bool:
 def causal_positions(mask, batch, q_len, cache_len):
     """The query-positions node [Sq] or [B, Sq] if `mask` is exactly "kv index <= query
     position" (boolean, or additive: where(mask, 0, -inf)), expanded or not; else None."""
+    mask = strip_mask_layout(mask, cache_len)
     if is_call(mask, aten.where.self):
         condition, keep, drop = mask.args
         if not (_is_scalar(keep, lambda x: x == 0.0) and _is_scalar(drop, masks_out)):
             return None
-        mask = condition
-    if is_call(mask, aten.expand.default):
-        mask = mask.args[0]
+        mask = strip_mask_layout(condition, cache_len)
     if not is_call(mask, aten.le.Tensor):
         return None
     kv_index, q_position = mask.args
@@ -137,6 +136,25 @@ def causal_positions(mask, batch, q_len, cache_len):
     if values.dim() == 2 and same(values.shape[1], q_len) and (same(values.shape[0], batch) or same(values.shape[0], 1)):
         return positions
     return None
+
+
+def strip_mask_layout(mask, cache_len):
+    """The mask before the layout steps SDPA's lowerings put around it: expand to [B, H, Sq, L],
+    and, for efficient attention (fp32 on CUDA) with L not a multiple of 16, pad_bias's
+    `slice(constant_pad_nd(mask, [0, p]), -1, 0, L)` (pads the row stride, keeps the values)."""
+    while True:
+        if is_call(mask, aten.expand.default):
+            mask = mask.args[0]
+        elif is_call(mask, aten.slice.Tensor) and is_call(mask.args[0], aten.constant_pad_nd.default):
+            padded, window = mask.args[0], bound_args(mask)
+            padded_val, pad = val(padded), padded.args[1]
+            if padded_val is None or window["dim"] not in (-1, padded_val.dim() - 1) or window["step"] != 1:
+                return mask
+            if window["start"] not in (None, 0) or not same(window["end"], cache_len) or list(pad[:1]) != [0] or len(pad) != 2:
+                return mask
+            mask = padded.args[0]
+        else:
+            return mask
 
 
 def masks_out(value: float) -> bool:

@@ -153,7 +153,7 @@ def test_custom_mask_is_left_alone():
 # ---------------------------------------------------------------------------------------------
 
 
-def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf")):
+def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf"), cache_len=128, pad_bias=False):
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -165,11 +165,14 @@ def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf")):
         allowed = torch.arange(cache_len)[None, None, None, :] <= positions[None, None, :, None]
         bias = torch.where(allowed.expand(q.shape[0], 1, 1, cache_len), torch.full((), 0.0, dtype=q.dtype),
                            torch.full((), masked_value, dtype=q.dtype))
+        if pad_bias:  # what SDPA's preprocess_mask does before efficient attention when L % 16 != 0
+            bias = torch.nn.functional.pad(bias, (0, 16 - cache_len % 16))[..., :cache_len]
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], cache_len)
         return sdpa_op(q, keys, values, bias, False, scale=0.125)[0]
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        args = (torch.empty(2, 8, 1, 64, dtype=torch.bfloat16), torch.empty(2, 2, 128, 64, dtype=torch.bfloat16),
-                torch.empty(2, 2, 128, 64, dtype=torch.bfloat16), torch.empty((), dtype=torch.int64))
+        args = (torch.empty(2, 8, 1, 64, dtype=torch.bfloat16), torch.empty(2, 2, cache_len, 64, dtype=torch.bfloat16),
+                torch.empty(2, 2, cache_len, 64, dtype=torch.bfloat16), torch.empty((), dtype=torch.int64))
         return make_fx(step, decomposition_table=select_decomp_table())(*args)
 
 
@@ -184,6 +187,32 @@ def test_cuda_sdpa_lowerings_are_matched(sdpa, masked_value):
     assert FUSED_OP in targets and not [t for t in targets if "scaled_dot_product" in t or "clone" in t or "where" in t]
     fused = next(n for n in gm.graph.nodes if str(n.target) == FUSED_OP)
     assert fused.args[5] == 0.125 and tuple(fused.meta["val"].shape) == (2, 8, 1, 64)
+
+
+def test_efficient_attention_with_a_padded_bias_is_matched():
+    """fp32 on CUDA lowers to efficient attention, whose bias rows must be 16-aligned: with a
+    cache of 41 the graph pads the bias and slices it back (seen on the H100 with tiny Qwen3)."""
+    gm = gpu_style_decode_graph(torch.ops.aten._scaled_dot_product_efficient_attention.default, cache_len=41,
+                                pad_bias=True)
+    assert "constant_pad_nd" in str(gm.graph)
+    assert DecodeAttentionPass().apply(gm.graph) == 1
+
+
+def test_a_padded_bias_sliced_elsewhere_is_left_alone():
+    """A slice that keeps other columns than the first L is not the same mask."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def step(q, k_cache, v_cache, offset):
+        allowed = torch.arange(40)[None, None, None, :] <= (torch.arange(1) + offset)[None, None, :, None]
+        bias = torch.where(allowed, torch.full((), 0.0), torch.full((), float("-inf")))
+        bias = torch.nn.functional.pad(bias, (0, 8))[..., 1:41]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k_cache, v_cache, bias, False, scale=0.125)[0]
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gm = make_fx(step)(torch.empty(1, 2, 1, 16), torch.empty(1, 2, 40, 16), torch.empty(1, 2, 40, 16),
+                           torch.empty((), dtype=torch.int64))
+    assert DecodeAttentionPass().apply(gm.graph) == 0
 
 
 def test_a_mild_additive_mask_is_left_alone():
