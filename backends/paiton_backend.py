@@ -33,7 +33,7 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
     import paiton.fusion.ops  # noqa: F401  (registers torch.ops.paiton.*: the compiled graph calls them)
     from paiton.backends.fusion_report import attribute_runs, record_graph
     from paiton.backends.options import PaitonOptions
-    from paiton.passes.pass_manager import PaitonPassManager, counts_from_counters
+    from paiton.passes.pass_manager import COUNTER_PREFIX, DYNAMO_GRAPH_PASSES, PaitonPassManager, counts_from_counters
 
     opts = PaitonOptions.from_backend_kwargs(mode, options)
     needs_grad = torch.is_grad_enabled() and any(
@@ -45,9 +45,13 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
             "inference graphs only, so it is compiled without Paiton's passes. Run the model under "
             "torch.no_grad() or torch.inference_mode() to get the fusions."
         )
-    manager = PaitonPassManager({name: on and not needs_grad for name, on in opts.passes.items()})
+    enabled = {name: on and not needs_grad for name, on in opts.passes.items()}
+    manager = PaitonPassManager(enabled)
 
     before = counters["inductor"].copy()
+    dynamo_graph_passes = [cls() for cls in DYNAMO_GRAPH_PASSES if enabled[cls.name]]
+    for graph_pass in dynamo_graph_passes:
+        counters["inductor"][COUNTER_PREFIX + graph_pass.name] += graph_pass(gm, example_inputs)
     if opts.inner_compiler == "eager":
         compiled = _compile_without_inductor(gm, example_inputs, manager)
     else:
@@ -60,7 +64,9 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
             )
         patches = {**opts.inductor_config, "post_grad_custom_pre_pass": manager if manager.passes else None}
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    counts = counts_from_counters(counters["inductor"] - before, [p.name for p in manager.passes])
+    for graph_pass in dynamo_graph_passes:
+        graph_pass.after_compile()
+    counts = counts_from_counters(counters["inductor"] - before, [name for name, on in enabled.items() if on])
 
     record = record_graph(gm, example_inputs, _current_compile_id(), opts.inner_compiler, counts)
     log.info(

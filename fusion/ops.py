@@ -1,3 +1,3 @@
 """Importing this module registers every `paiton::*` op (a compiled graph calls them)."""
 
-from paiton.fusion import decode_attention, qk_norm_rope, rms_norm, swiglu  # noqa: F401
+from paiton.fusion import decode_attention, packed_linear, qk_norm_rope, rms_norm, swiglu  # noqa: F401

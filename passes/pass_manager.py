@@ -22,6 +22,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
+from paiton.passes.merged_projections import MergedProjectionsPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
 from paiton.passes.rms_norm import RMSNormPass
@@ -38,7 +39,10 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     DecodeAttentionPass,
     SwiGLUPass,
 )
-PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASS_ORDER)
+# Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see
+# merged_projections.py for why that one cannot wait for the ATen graph).
+DYNAMO_GRAPH_PASSES = (MergedProjectionsPass,)
+PASS_NAMES: tuple[str, ...] = tuple(p.name for p in DYNAMO_GRAPH_PASSES + PASS_ORDER)
 COUNTER_PREFIX = "paiton."
 
 

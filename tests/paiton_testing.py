@@ -47,25 +47,38 @@ def op_census(graph: torch.fx.Graph) -> collections.Counter:
 def capture_paiton_graphs():
     """Record the ops of the ATen graph before and after Paiton's passes, for every graph
     compiled inside the block (vLLM's TestBackend idea): yields a list of
-    (ops_before, ops_after, reported_counts)."""
-    from paiton.passes.pass_manager import PaitonPassManager
+    (ops_before, ops_after, reported_counts); a pass that is switched off reports 0."""
+    from paiton.passes.merged_projections import MergedProjectionsPass
+    from paiton.passes.pass_manager import PASS_NAMES, PaitonPassManager
 
     captured = []
-    original = PaitonPassManager.__call__
+    # The merged-projections pass runs on Dynamo's graph just before the ATen passes of the
+    # same graph: its count joins that graph's record.
+    dynamo_counts = {}
+    original_call, original_dynamo_call = PaitonPassManager.__call__, MergedProjectionsPass.__call__
+
+    def recording_dynamo_call(self, gm, example_inputs):
+        dynamo_counts[self.name] = original_dynamo_call(self, gm, example_inputs)
+        return dynamo_counts[self.name]
 
     def recording_call(self, graph):
         before = op_census(graph)
-        original(self, graph)
-        captured.append((before, op_census(graph), dict(self.last_counts)))
+        original_call(self, graph)
+        counts = {**self.last_counts, **dynamo_counts}
+        dynamo_counts.clear()
+        captured.append((before, op_census(graph), {name: counts.get(name, 0) for name in PASS_NAMES}))
 
-    PaitonPassManager.__call__ = recording_call
+    PaitonPassManager.__call__, MergedProjectionsPass.__call__ = recording_call, recording_dynamo_call
     try:
         yield captured
     finally:
-        PaitonPassManager.__call__ = original
+        PaitonPassManager.__call__, MergedProjectionsPass.__call__ = original_call, original_dynamo_call
 
 
 EAGER_INNER = {"paiton.inner_compiler": "eager"}
+# For a pass's own tests that compare with eager bit for bit: merging projections changes the
+# GEMMs' shapes (and so their rounding) in front of the pass under test.
+UNMERGED = {**EAGER_INNER, "paiton.merged_projections": False}
 
 
 def fusions(**nonzero: int) -> dict[str, int]:
@@ -85,6 +98,7 @@ def qwen3_fusions(num_layers: int, queries: int) -> dict[str, int]:
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
     return fusions(
+        merged_projections=2 * num_layers,  # q/k/v and gate/up
         fused_add_rms_norm=2 * num_layers,
         rms_norm=2 * num_layers + 1,
         qk_norm_rope=num_layers,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions
+from paiton_testing import UNMERGED, capture_paiton_graphs, fusions
 
 import paiton
 from paiton.fusion import qk_norm_rope as qk_module
@@ -67,7 +67,7 @@ def compile_and_compare(module, *inputs):
     with torch.no_grad():
         expected = module(*inputs)
         with capture_paiton_graphs() as graphs:
-            actual = torch.compile(module, backend="paiton", options=EAGER_INNER)(*inputs)
+            actual = torch.compile(module, backend="paiton", options=UNMERGED)(*inputs)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert all(sa == se for sa, se, n in zip(a.stride(), e.stride(), a.shape) if n > 1), (a.stride(), e.stride())
@@ -133,7 +133,7 @@ def test_two_head_dims_in_one_graph():
 def test_switched_off():
     module = AttentionFront(32, 4, 2, 16, torch.float32)
     with torch.no_grad():
-        torch.compile(module, backend="paiton", options={**EAGER_INNER, "paiton.qk_norm_rope": False})(
+        torch.compile(module, backend="paiton", options={**UNMERGED, "paiton.qk_norm_rope": False})(
             torch.randn(1, 3, 32), *rotary_inputs(1, 3, 16, torch.float32)
         )
     assert paiton.fusion_counts(module) == fusions(rms_norm=2)

@@ -1,0 +1,197 @@
+"""Linear layers that read the same input -> one matrix product against their merged weight.
+
+Unfused, Qwen3's attention and MLP (Dynamo's graph, weights are parameters)::
+
+    q = linear(x, Wq); k = linear(x, Wk); v = linear(x, Wv)       # three reads of x, three GEMMs
+    gate = linear(h, Wg); up = linear(h, Wu)
+
+Fused::
+
+    qkv  = linear(x, W_qkv)            # W_qkv = rows of Wq, Wk, Wv, one buffer
+    q, k, v = narrow(qkv, -1, 0, Nq), narrow(qkv, -1, Nq, Nk), narrow(qkv, -1, Nq + Nk, Nv)
+
+The consumers read the slices in place: Paiton's silu_mul and qk_norm_rope kernels take
+strided inputs, so the merged output is not copied apart.
+
+The merged weight must exist once, not per call, and the model must not hold two copies of
+these weights. So this pass does not concatenate in the graph (that would copy every weight
+every step); it packs the *parameters* once:
+
+1. `__call__` (before the graph is compiled): the group's linears become one
+   `paiton.packed_linear(x, W_first, sum N)` and `narrow`s of its output. The op multiplies by
+   the [sum N, K] matrix that starts at W_first (fusion/packed_linear.py).
+2. `after_compile` (once the graph is compiled, before it first runs): the group's weights are
+   copied, in order, into one new [sum N, K] buffer, and each parameter is pointed at its
+   block of rows (`param.data = buffer[a:b]`). The old storages are freed, so memory stays
+   flat (peak: one group's weights more, while copying). Values, shapes, strides, names and
+   the model's eager forward are unchanged. It packs after compiling because the tracer has
+   recorded the parameters' storage offsets; a later graph (the decode step after prefill)
+   finds the weights packed already.
+
+This is the one Paiton pass that runs on Dynamo's graph, before AOTAutograd, rather than on
+the ATen graph: only here are the real parameters at hand, and only they can show that
+weights are (or can be made) adjacent blocks of one buffer (fake tensors do not keep storage
+identity).
+
+Merged: a group of at least two `linear(x, W, bias=None)` on the same input node `x` whose
+weights are distinct 2-D `nn.Parameter`s (graph inputs) of one dtype, device and in_features,
+each owning its whole storage and sharing it with no other graph input (tied weights are left
+alone), or already packed by this pass. Left alone: linears with a bias, weights that are not
+parameters (a CUDA graph copies other inputs each replay, and only its own elements), or
+that are computed in the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+log = logging.getLogger(__name__)
+
+LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+class MergedProjectionsPass:
+    """Runs on Dynamo's graph with the example inputs (real tensors), see the module docstring.
+    `name` is its option: `options={"paiton.merged_projections": False}` switches it off."""
+
+    name = "merged_projections"
+
+    def __init__(self) -> None:
+        self._to_pack: list[list[torch.nn.Parameter]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> int:
+        """Rewrite `gm`; return the number of groups merged. Call `after_compile` next."""
+        inputs = {node: value for node, value in zip(_placeholders(gm.graph), example_inputs)}
+        storage_users = defaultdict(int)
+        for value in example_inputs:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
+                storage_users[_storage_key(value)] += 1
+
+        rewritten = 0
+        for group in _shared_input_groups(gm.graph, inputs):
+            weights = [inputs[node.args[1]] for node in group]
+            if not _is_packed(weights):
+                if not _can_pack(weights, storage_users):
+                    continue
+                self._to_pack.append(weights)
+            _rewrite(gm.graph, group, weights)
+            rewritten += 1
+        if rewritten:
+            gm.graph.lint()
+            gm.recompile()
+        return rewritten
+
+    def after_compile(self) -> None:
+        """Pack the weights the rewritten graph expects packed."""
+        for weights in self._to_pack:
+            _pack(weights)
+        self._to_pack.clear()
+
+
+def _placeholders(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [node for node in graph.nodes if node.op == "placeholder"]
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _linear_weight(node: torch.fx.Node, inputs: dict) -> torch.nn.Parameter | None:
+    """The weight of `linear(x, W)` without bias when W is a 2-D parameter input, else None."""
+    if node.op != "call_function" or node.target not in LINEAR_TARGETS or node.kwargs.keys() - {"bias"}:
+        return None
+    args = list(node.args) + [node.kwargs.get("bias")]
+    if len(node.args) not in (2, 3) or args[2] is not None:
+        return None
+    weight = inputs.get(args[1])
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2 or not isinstance(args[0], torch.fx.Node):
+        return None
+    return weight
+
+
+def _shared_input_groups(graph: torch.fx.Graph, inputs: dict) -> list[list[torch.fx.Node]]:
+    """Linears (in graph order) grouped by input, dtype, device and in_features; groups of 2+."""
+    groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        weight = _linear_weight(node, inputs)
+        if weight is not None:
+            groups[(node.args[0], weight.dtype, weight.device, weight.shape[1])].append(node)
+    result = []
+    for nodes in groups.values():
+        distinct, seen = [], set()
+        for node in nodes:  # the same weight twice on one input is one product, not two
+            if node.args[1] not in seen:
+                seen.add(node.args[1])
+                distinct.append(node)
+        if len(distinct) == len(nodes) and len(nodes) >= 2:
+            result.append(nodes)
+    return result
+
+
+def _is_packed(weights: list[torch.Tensor]) -> bool:
+    """The weights are consecutive row blocks, in this order, of one buffer they fill exactly."""
+    first = weights[0]
+    offset = 0
+    for w in weights:
+        if _storage_key(w) != _storage_key(first) or not w.is_contiguous() or w.storage_offset() != offset:
+            return False
+        offset += w.numel()
+    return first.untyped_storage().nbytes() == offset * first.element_size()
+
+
+def _can_pack(weights: list[torch.Tensor], storage_users: dict) -> bool:
+    for w in weights:
+        owns_storage = w.is_contiguous() and w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+        if not owns_storage or storage_users[_storage_key(w)] != 1:
+            return False
+    return True
+
+
+def _pack(weights: list[torch.nn.Parameter]) -> None:
+    with unset_fake_temporarily(), torch.no_grad():
+        first = weights[0]
+        rows = sum(w.shape[0] for w in weights)
+        buffer = torch.empty((rows, first.shape[1]), dtype=first.dtype, device=first.device)
+        start = 0
+        for w in weights:
+            block = buffer[start : start + w.shape[0]]
+            block.copy_(w)
+            w.data = block  # the parameter keeps its identity; its old storage is freed
+            start += w.shape[0]
+    log.debug("paiton: packed %d weights into one [%d, %d] buffer", len(weights), rows, first.shape[1])
+
+
+def _rewrite(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[torch.Tensor]) -> None:
+    import paiton.fusion.packed_linear  # noqa: F401  (registers torch.ops.paiton.packed_linear)
+
+    x, first_weight = group[0].args[0], group[0].args[1]
+    rows = sum(w.shape[0] for w in weights)
+    with graph.inserting_before(group[0]):
+        product = graph.call_function(torch.ops.paiton.packed_linear.default, (x, first_weight, rows))
+        parts, start = [], 0
+        for node, w in zip(group, weights):
+            parts.append(graph.call_function(torch.narrow, (product, -1, start, w.shape[0])))
+            node.replace_all_uses_with(parts[-1])
+            start += w.shape[0]
+    for node in group:
+        graph.erase_node(node)
+    _set_example_values([product] + parts)
+
+
+def _set_example_values(new_nodes) -> None:
+    """Dynamo's nodes carry fake example values that Inductor's pre-grad passes read; give
+    the new nodes theirs, computed in the fake mode of their inputs' example values."""
+    def example(a):
+        return a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
+
+    for node in new_nodes:
+        args = [example(a) for a in node.args]
+        mode = next((getattr(a, "fake_mode", None) for a in args if getattr(a, "fake_mode", None)), None)
+        if mode is None or any(isinstance(a, torch.fx.Node) for a in node.args if example(a) is None):
+            return
+        with mode:
+            node.meta["example_value"] = node.target(*args)
