@@ -8,6 +8,10 @@ Subgraphs (bf16, as transformers writes them):
   fused_add_rms_norm  residual add + norm: [tokens, hidden]
   silu_mul            SwiGLU's silu(gate) * up: [tokens, intermediate]
   qk_norm_rope        q/k per-head norms + rotary: q [tokens, 1, q_heads, 128], k [.., kv_heads, 128]
+  qk_norm_rope_cache  the same, with k and v written into a StaticCache slot (Inductor's side:
+                      norms, rotary, index_copy_ of k and of v)
+  packed_linear       the merged q/k/v (and gate/up) projection: one GEMM against the packed
+                      weights; Inductor's side: the separate linears
   decode_attention    one decode query per sequence over a StaticCache of 4096 positions with 1024
                       filled; Inductor's side is what transformers runs: repeat_kv, a causal mask
                       over the whole cache, SDPA. The floor counts the filled part of the cache.
@@ -54,6 +58,20 @@ def hf_sdpa_decode(q, k_cache, v_cache, positions, kv_mask, scale):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(batch, 1, -1, -1), scale=scale)
 
 
+def qk_norm_rope_cache_reference(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots):
+    """Eager's front of attention in a StaticCache decode step: norms, rotary, the cache write."""
+    from paiton.fusion.qk_norm_rope import qk_norm_rope_reference
+
+    q_rotated, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
+    k_cache.index_copy_(2, slots, k_rotated)
+    v_cache.index_copy_(2, slots, v)
+    return q_rotated
+
+
+def separate_linears(x, *weights):
+    return tuple(torch.nn.functional.linear(x, w) for w in weights)
+
+
 def cases(tokens_list=(1, 64)):
     for model, s in SHAPES.items():
         for tokens in tokens_list:
@@ -63,6 +81,12 @@ def cases(tokens_list=(1, 64)):
             yield dict(model=model, tokens=tokens, op="silu_mul", what="mlp", rows=tokens, cols=s["intermediate"])
             yield dict(model=model, tokens=tokens, op="qk_norm_rope", what="q+k", rows=tokens * (s["q_heads"] + s["kv_heads"]),
                        cols=s["head_dim"])
+            yield dict(model=model, tokens=tokens, op="qk_norm_rope_cache", what="q+k, k/v to cache",
+                       rows=tokens * (s["q_heads"] + s["kv_heads"]), cols=s["head_dim"])
+            qkv = (s["q_heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"])
+            yield dict(model=model, tokens=tokens, op="packed_linear", what="q/k/v", rows=tokens, cols=s["hidden"], outs=qkv)
+            yield dict(model=model, tokens=tokens, op="packed_linear", what="gate/up", rows=tokens, cols=s["hidden"],
+                       outs=(s["intermediate"], s["intermediate"]))
             yield dict(model=model, tokens=tokens, op="decode_attention", what=f"cache {CACHE_LEN}, filled {FILLED}",
                        rows=tokens * s["q_heads"], cols=s["head_dim"])
 
@@ -136,6 +160,29 @@ def make_case(case, dtype):
         args = (q, k, w, w, cos, sin, EPS)
         return (lambda: torch.ops.paiton.qk_norm_rope(*args)), (lambda f: f(*args)), qk_norm_rope_reference, \
             2 * (q.nbytes + k.nbytes) + 2 * cos.nbytes + 2 * w.nbytes
+    if op == "qk_norm_rope_cache":  # as qk_norm_rope, and v; the caches hold CACHE_LEN positions
+        s = SHAPES[case["model"]]
+        q = torch.randn(case["tokens"], 1, s["q_heads"], s["head_dim"], device="cuda", dtype=dtype)
+        k = torch.randn(case["tokens"], 1, s["kv_heads"], s["head_dim"], device="cuda", dtype=dtype)
+        v = torch.randn(case["tokens"], s["kv_heads"], 1, s["head_dim"], device="cuda", dtype=dtype)
+        w = torch.randn(s["head_dim"], device="cuda", dtype=dtype)
+        cos, sin = torch.randn(2, case["tokens"], 1, s["head_dim"], device="cuda", dtype=dtype)
+        k_cache, v_cache = torch.randn(2, case["tokens"], s["kv_heads"], CACHE_LEN, s["head_dim"], device="cuda", dtype=dtype)
+        args = (q, k, v, w, w, cos, sin, EPS, k_cache, v_cache, torch.tensor([FILLED], device="cuda"))
+        return (lambda: torch.ops.paiton.qk_norm_rope_cache(*args)), (lambda f: f(*args)), qk_norm_rope_cache_reference, \
+            2 * (q.nbytes + k.nbytes + v.nbytes) + 2 * cos.nbytes + 2 * w.nbytes
+    if op == "packed_linear":  # x [tokens, hidden] times the packed [sum outs, hidden] weights
+        x = torch.randn(rows, cols, device="cuda", dtype=dtype)
+        packed = torch.randn(sum(case["outs"]), cols, device="cuda", dtype=dtype) * cols**-0.5
+        weights = packed.split(list(case["outs"]))
+        # The same weights for both sides (Inductor's linears read them as separate tensors).
+        first = weights[0]
+
+        def paiton_fn():
+            out = torch.ops.paiton.packed_linear(x, first, packed.shape[0])
+            return tuple(out.split(list(case["outs"]), dim=-1))
+
+        return paiton_fn, (lambda f: f(x, *weights)), separate_linears, packed.nbytes + x.nbytes + rows * packed.shape[0] * 2
     if op == "decode_attention":  # `tokens` sequences, one query each, at position FILLED - 1
         s = SHAPES[case["model"]]
         q = torch.randn(case["tokens"], s["q_heads"], 1, s["head_dim"], device="cuda", dtype=dtype)
@@ -227,7 +274,7 @@ def plot(result, path):
 
     rows = result["rows"]
     short_op = {"rms_norm": "norm", "fused_add_rms_norm": "add+norm", "silu_mul": "silu*up", "qk_norm_rope": "qk norm+rope",
-                "decode_attention": "attention"}
+                "qk_norm_rope_cache": "qk norm+rope+cache", "packed_linear": "merged GEMM", "decode_attention": "attention"}
     labels = [f"{r['model'].split('-')[1]} t={r['tokens']}\n{short_op[r['op']]} {r['what']}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))

@@ -43,11 +43,13 @@ def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps):
 @triton.jit
 def _norm_rope_heads(
     x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr,
-    b, s, seq_len, n_heads, head_dim, eps,
-    stride_b, stride_s, stride_h,
+    b, s, s_out, n_heads, head_dim, eps,
+    stride_b, stride_s, stride_h, out_stride_b, out_stride_s, out_stride_h,
     BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """All heads of one token: norm over head_dim, weight, then rotary embedding."""
+    """All heads of one token: norm over head_dim, weight, then rotary embedding; written at
+    out[b, s_out, head] (through the output's strides: a fresh [B, S, H, D] tensor, or the
+    KV cache [B, H, L, D] at the token's cache slot)."""
     half = head_dim // 2
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
@@ -73,33 +75,63 @@ def _norm_rope_heads(
     out1 = (y1 * cos1).to(dtype).to(tl.float32) + (-y2 * sin1).to(dtype).to(tl.float32)
     out2 = (y2 * cos2).to(dtype).to(tl.float32) + (y1 * sin2).to(dtype).to(tl.float32)
 
-    # Output memory is [B, S, H, D]: token-major, heads contiguous.
-    out_row = out_ptr + ((b.to(tl.int64) * seq_len + s) * n_heads + heads) * head_dim
+    out_row = out_ptr + b.to(tl.int64) * out_stride_b + s_out.to(tl.int64) * out_stride_s + heads * out_stride_h
     tl.store(out_row + cols, out1.to(dtype), mask=mask)
     tl.store(out_row + half + cols, out2.to(dtype), mask=mask)
 
 
 @triton.jit
+def _copy_heads(
+    x_ptr, out_ptr, b, s, s_out, n_heads, head_dim,
+    stride_b, stride_s, stride_h, out_stride_b, out_stride_s, out_stride_h,
+    BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """All heads of one token copied to out[b, s_out, head] (v into its cache slot)."""
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < n_heads) & (cols < head_dim)
+    x = tl.load(x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h + cols, mask=mask)
+    out_row = out_ptr + b.to(tl.int64) * out_stride_b + s_out.to(tl.int64) * out_stride_s + heads * out_stride_h
+    tl.store(out_row + cols, x, mask=mask)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr, slot_ptr,
     seq_len, n_q_heads, n_k_heads, head_dim, eps,
     q_stride_b, q_stride_s, q_stride_h,
     k_stride_b, k_stride_s, k_stride_h,
+    v_stride_b, v_stride_s, v_stride_h,
+    q_out_stride_b, q_out_stride_s, q_out_stride_h,
+    k_out_stride_b, k_out_stride_s, k_out_stride_h,
+    v_out_stride_b, v_out_stride_s, v_out_stride_h,
     cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
-    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads."""
+    """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
+    WRITE_CACHE, k goes to its cache slot (slot_ptr[s]) and which = 2 copies v to its slot."""
     token = tl.program_id(0)
+    which = tl.program_id(1)
     b = token // seq_len
     s = token % seq_len
+    if WRITE_CACHE:
+        slot = tl.load(slot_ptr + s)
+    else:
+        slot = s
     cos_row = cos_ptr + b.to(tl.int64) * cos_stride_b + s.to(tl.int64) * cos_stride_s
     sin_row = sin_ptr + b.to(tl.int64) * sin_stride_b + s.to(tl.int64) * sin_stride_s
-    if tl.program_id(1) == 0:
-        _norm_rope_heads(q_ptr, q_w_ptr, q_out_ptr, cos_row, sin_row, b, s, seq_len, n_q_heads, head_dim, eps,
-                         q_stride_b, q_stride_s, q_stride_h, BLOCK_HEADS, BLOCK_HALF)
+    if which == 0:
+        _norm_rope_heads(q_ptr, q_w_ptr, q_out_ptr, cos_row, sin_row, b, s, s, n_q_heads, head_dim, eps,
+                         q_stride_b, q_stride_s, q_stride_h, q_out_stride_b, q_out_stride_s, q_out_stride_h,
+                         BLOCK_HEADS, BLOCK_HALF)
+    elif which == 1:
+        _norm_rope_heads(k_ptr, k_w_ptr, k_out_ptr, cos_row, sin_row, b, s, slot, n_k_heads, head_dim, eps,
+                         k_stride_b, k_stride_s, k_stride_h, k_out_stride_b, k_out_stride_s, k_out_stride_h,
+                         BLOCK_HEADS, BLOCK_HALF)
     else:
-        _norm_rope_heads(k_ptr, k_w_ptr, k_out_ptr, cos_row, sin_row, b, s, seq_len, n_k_heads, head_dim, eps,
-                         k_stride_b, k_stride_s, k_stride_h, BLOCK_HEADS, BLOCK_HALF)
+        _copy_heads(v_ptr, v_out_ptr, b, s, slot, n_k_heads, head_dim,
+                    v_stride_b, v_stride_s, v_stride_h, v_out_stride_b, v_out_stride_s, v_out_stride_h,
+                    BLOCK_HEADS, 2 * BLOCK_HALF)
 
 
 def _check_inputs(q, k, q_weight, k_weight, cos, sin) -> None:
@@ -119,33 +151,67 @@ def _check_inputs(q, k, q_weight, k_weight, cos, sin) -> None:
         raise ValueError(f"paiton qk_norm_rope: one dtype among float32/float16/bfloat16 for all inputs, got {dtypes}")
 
 
+def _check_cache_inputs(k, v, k_cache, v_cache, slots) -> None:
+    batch, seq, kv_heads, head_dim = k.shape
+    if tuple(v.shape) != (batch, kv_heads, seq, head_dim) or v.dtype != k.dtype:
+        raise ValueError(f"paiton qk_norm_rope_cache: v must be [batch, kv_heads, seq, head_dim] {(batch, kv_heads, seq, head_dim)} "
+                         f"in k's dtype; got {tuple(v.shape)} {v.dtype}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or cache.shape[0] != batch or cache.shape[1] != kv_heads or cache.shape[3] != head_dim \
+                or cache.dtype != k.dtype or cache.stride(-1) != 1:
+            raise ValueError(f"paiton qk_norm_rope_cache: {name} must be [batch, kv_heads, cache_len, head_dim] in k's dtype "
+                             f"with unit stride over head_dim; got {tuple(cache.shape)} {cache.dtype}")
+    if slots.dim() != 1 or slots.shape[0] != seq or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paiton qk_norm_rope_cache: slots must be int [seq] (the cache index of each token); got "
+                         f"{tuple(slots.shape)} {slots.dtype}")
+
+
 def _empty_outputs(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, H, S, D] tensors laid out as [B, S, H, D], as eager's rotary output is."""
     return tuple(x.new_empty(x.shape).transpose(1, 2) for x in (q, k))
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps):
+def _bsh_strides(t: torch.Tensor, seq_dim: int) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, S, H, D] (seq_dim 1) or [B, H, S, D] (seq_dim 2) tensor."""
+    return t.stride(0), t.stride(seq_dim), t.stride(3 - seq_dim)
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None):
+    """q/k outputs as `_empty_outputs`; with cache = (v, k_cache, v_cache, slots), k and v are
+    written to their cache slots instead and only q_out is returned."""
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     q_out, k_out = _empty_outputs(q, k)
+    if cache is not None:
+        v, k_cache, v_cache, slots = cache
+        _check_cache_inputs(k, v, k_cache, v_cache, slots)
     batch, seq, n_q_heads, head_dim = q.shape
     if q.numel() == 0:
-        return q_out, k_out
+        return q_out if cache is not None else (q_out, k_out)
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
     q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
-    grid = (batch * seq, 2)
+    if cache is not None:
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        k_target, v_source, v_target, slot_source = k_cache, v, v_cache, slots
+        k_target_strides, v_strides, v_target_strides = _bsh_strides(k_cache, 2), _bsh_strides(v, 2), _bsh_strides(v_cache, 2)
+    else:  # unused pointers and strides: WRITE_CACHE is off
+        k_target, v_source, v_target, slot_source = k_out, k, k_out, q
+        k_target_strides = _bsh_strides(k_out, 2)
+        v_strides = v_target_strides = (0, 0, 0)
+    grid = (batch * seq, 3 if cache is not None else 2)
     with device_guard(q):
         _qk_norm_rope_kernel[grid](
-            q, k, q_weight, k_weight, q_out, k_out, cos, sin,
+            q, k, v_source, q_weight, k_weight, q_out, k_target, v_target, cos, sin, slot_source,
             seq, n_q_heads, k.shape[2], head_dim, float(eps),
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
+            *_bsh_strides(q, 1), *_bsh_strides(k, 1), *v_strides,
+            *_bsh_strides(q_out, 2), *k_target_strides, *v_target_strides,
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
+            WRITE_CACHE=cache is not None,
             BLOCK_HEADS=triton.next_power_of_2(max(n_q_heads, k.shape[2])),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             num_warps=4,
         )
-    return q_out, k_out
+    return q_out if cache is not None else (q_out, k_out)
 
 
 @torch.library.custom_op("paiton::qk_norm_rope", mutates_args=())
@@ -172,3 +238,34 @@ def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, eps):
 def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps):
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     return _empty_outputs(q, k)
+
+
+@torch.library.custom_op("paiton::qk_norm_rope_cache", mutates_args=("k_cache", "v_cache"))
+def qk_norm_rope_cache(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """qk_norm_rope, with the rotated k and v ([B, Hkv, S, D]) written into the KV cache at
+    `slots` (as `k_cache.index_copy_(2, slots, k_rotated)`, the same for v) instead of
+    returned. Returns the rotated q."""
+    return _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=(v, k_cache, v_cache, slots))
+
+
+@qk_norm_rope_cache.register_kernel("cpu")
+def _qk_norm_rope_cache_cpu(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots):
+    if is_interpreted(_qk_norm_rope_kernel):
+        return _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=(v, k_cache, v_cache, slots))
+    _check_inputs(q, k, q_weight, k_weight, cos, sin)
+    _check_cache_inputs(k, v, k_cache, v_cache, slots)
+    q_rotated, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
+    k_cache.index_copy_(2, slots, k_rotated)
+    v_cache.index_copy_(2, slots, v)
+    return _empty_outputs(q, k)[0].copy_(q_rotated)
+
+
+@qk_norm_rope_cache.register_fake
+def _qk_norm_rope_cache_fake(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots):
+    _check_inputs(q, k, q_weight, k_weight, cos, sin)
+    _check_cache_inputs(k, v, k_cache, v_cache, slots)
+    return _empty_outputs(q, k)[0]

@@ -22,6 +22,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
+from paiton.passes.kv_cache_write import KVCacheWritePass
 from paiton.passes.merged_projections import MergedProjectionsPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
@@ -31,12 +32,14 @@ from paiton.passes.swiglu import SwiGLUPass
 log = logging.getLogger(__name__)
 
 # Every pass Paiton has, in the order they run.
-# QK-norm + RoPE starts from the RMSNorm pass's output.
+# QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
+# RoPE op and looks for the attention (fused or not) that reads the cache.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
     RMSNormPass,
     QKNormRoPEPass,
     DecodeAttentionPass,
+    KVCacheWritePass,
     SwiGLUPass,
 )
 # Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see

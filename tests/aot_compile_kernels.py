@@ -74,24 +74,28 @@ def compile_silu_mul(dtype, target):
 
 
 def qk_norm_rope_cases():
-    # Qwen3-8B (32 q heads) and 32B (64) with 8 kv heads, head_dim 128.
+    # Qwen3-8B (32 q heads) and 32B (64) with 8 kv heads, head_dim 128; without and with the
+    # KV-cache write (k and v into their cache slots).
     for dtype in ("bf16", "fp16", "fp32"):
         for q_heads in (32, 64):
-            yield f"qk_norm_rope/{dtype}/q_heads={q_heads}", dtype, q_heads
+            for write_cache in (False, True):
+                yield f"qk_norm_rope/{dtype}/q_heads={q_heads}/cache={write_cache}", dtype, q_heads, write_cache
 
 
-def compile_qk_norm_rope(dtype, q_heads, target):
-    pointers = ["q_ptr", "k_ptr", "q_w_ptr", "k_w_ptr", "q_out_ptr", "k_out_ptr", "cos_ptr", "sin_ptr"]
-    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "eps",
-            "q_stride_b", "q_stride_s", "q_stride_h", "k_stride_b", "k_stride_s", "k_stride_h",
-            "cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]
-    signature = {**{p: f"*{dtype}" for p in pointers}, **{n: "i32" for n in ints}, "eps": "fp32",
-                 "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr"}
+def compile_qk_norm_rope(dtype, q_heads, write_cache, target):
+    pointers = ["q_ptr", "k_ptr", "v_ptr", "q_w_ptr", "k_w_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr", "cos_ptr", "sin_ptr"]
+    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "eps"]
+    for tensor in ("q", "k", "v", "q_out", "k_out", "v_out"):
+        ints += [f"{tensor}_stride_b", f"{tensor}_stride_s", f"{tensor}_stride_h"]
+    ints += ["cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]
+    signature = {**{p: f"*{dtype}" for p in pointers}, "slot_ptr": "*i64", **{n: "i32" for n in ints}, "eps": "fp32",
+                 "WRITE_CACHE": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr"}
     names = list(signature)
     # As the JIT specializes for Qwen3's aligned tensors (head_dim 128, strides multiples of 16).
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in ("eps", "seq_len", "n_q_heads", "n_k_heads") and signature[n] != "constexpr"}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n not in ("eps", "seq_len", "n_q_heads", "n_k_heads", "slot_ptr") and signature[n] != "constexpr"}
     source = ASTSource(fn=_qk_norm_rope_kernel, signature=signature,
-                       constexprs={"BLOCK_HEADS": q_heads, "BLOCK_HALF": 64}, attrs=attrs)
+                       constexprs={"WRITE_CACHE": write_cache, "BLOCK_HEADS": q_heads, "BLOCK_HALF": 64}, attrs=attrs)
     return triton.compile(source, target=target, options={"num_warps": 4})
 
 

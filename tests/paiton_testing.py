@@ -91,10 +91,11 @@ def fusions(**nonzero: int) -> dict[str, int]:
     return {name: nonzero.get(name, 0) for name in PASS_NAMES}
 
 
-def qwen3_fusions(num_layers: int, queries: int) -> dict[str, int]:
+def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True) -> dict[str, int]:
     """What one compiled Qwen3 graph of `queries` tokens per sequence must fuse, per
-    test_qwen3_e2e.py's docstring: the decode-attention kernel takes attention in graphs of
-    up to MAX_DECODE_QUERIES tokens (decode steps, short prompts)."""
+    test_qwen3_e2e.py's docstring: the decode-attention kernel takes attention over a static
+    cache in graphs of up to MAX_DECODE_QUERIES tokens (decode steps, short prompts), and the
+    cache write joins the QK-norm + RoPE kernel whenever there is a static cache."""
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
     return fusions(
@@ -102,6 +103,7 @@ def qwen3_fusions(num_layers: int, queries: int) -> dict[str, int]:
         fused_add_rms_norm=2 * num_layers,
         rms_norm=2 * num_layers + 1,
         qk_norm_rope=num_layers,
-        decode_attention=num_layers if queries <= MAX_DECODE_QUERIES else 0,
+        kv_cache_write=num_layers if static_cache else 0,
+        decode_attention=num_layers if static_cache and queries <= MAX_DECODE_QUERIES else 0,
         swiglu=num_layers,
     )

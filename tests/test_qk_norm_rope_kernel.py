@@ -84,3 +84,69 @@ def test_opcheck(dtype):
     q, k = qkv[..., :64].view(2, 3, 4, 16), qkv[..., 64:96].view(2, 3, 2, 16)
     w, cs = random((16,), dtype, 1), random((2, 3, 16), dtype, 2)
     torch.library.opcheck(torch.ops.paiton.qk_norm_rope.default, (q, k, w, w, cs, cs, 1e-6))
+
+
+@settings(max_examples=25)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.integers(1, 4),
+    q_heads=st.integers(1, 8),
+    gqa=st.sampled_from([1, 2, 4, 8]),
+    head_dim=st.sampled_from([8, 64, 128]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    cache_len=st.integers(4, 40),
+    slot_dtype=st.sampled_from([torch.int64, torch.int32]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtype, cache_len, slot_dtype, seed):
+    """qk_norm_rope_cache: q as qk_norm_rope gives it; k rotated and v copied into the caches
+    at `slots`, exactly where `index_copy_` puts them; every other cache slot untouched."""
+    k_heads = max(1, q_heads // gqa)
+    qkv = random((batch, seq, (q_heads + 2 * k_heads) * head_dim), dtype, seed)  # the merged projection
+    q = qkv[..., : q_heads * head_dim].view(batch, seq, q_heads, head_dim)
+    k = qkv[..., q_heads * head_dim : (q_heads + k_heads) * head_dim].view(batch, seq, k_heads, head_dim)
+    v = qkv[..., (q_heads + k_heads) * head_dim :].view(batch, seq, k_heads, head_dim).transpose(1, 2)
+    q_weight, k_weight = random((head_dim,), dtype, seed + 2), random((head_dim,), dtype, seed + 3)
+    angles = random((1, seq, head_dim), torch.float32, seed + 4, scale=3.0)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(cache_len, generator=generator)[:seq].to(device=DEVICE, dtype=slot_dtype)
+    k_cache = random((batch, k_heads, cache_len, head_dim), dtype, seed + 5)
+    v_cache = random((batch, k_heads, cache_len, head_dim), dtype, seed + 6)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+
+    q_out = torch.ops.paiton.qk_norm_rope_cache(q, k, v, q_weight, k_weight, cos, sin, 1e-6, k_cache, v_cache, slots)
+
+    q_expected, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, 1e-6)
+    expected_k.index_copy_(2, slots.long(), k_rotated)
+    expected_v.index_copy_(2, slots.long(), v)
+    cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
+    assert_rotary_close(q_out, q_expected, rms_norm_reference(q, q_weight, 1e-6).transpose(1, 2), cos1, sin1, dtype)
+    written = torch.zeros(cache_len, dtype=torch.bool, device=DEVICE)
+    written[slots.long()] = True
+    assert torch.equal(k_cache[:, :, ~written], expected_k[:, :, ~written])
+    assert torch.equal(v_cache, expected_v)  # a copy: exact
+    normed_k = rms_norm_reference(k, k_weight, 1e-6).transpose(1, 2)
+    assert_rotary_close(k_cache[:, :, slots.long()], k_rotated.contiguous(), normed_k, cos1, sin1, dtype)
+
+
+def test_cache_write_bad_inputs_are_clear_errors():
+    q, k = random((1, 2, 4, 8), torch.float32, 0), random((1, 2, 2, 8), torch.float32, 1)
+    v, w, cs = random((1, 2, 2, 8), torch.float32, 2), random((8,), torch.float32, 3), random((1, 2, 8), torch.float32, 4)
+    cache, slots = random((1, 2, 6, 8), torch.float32, 5), torch.tensor([0, 1], device=DEVICE)
+    with pytest.raises(ValueError, match="slots must be int"):
+        torch.ops.paiton.qk_norm_rope_cache(q, k, v, w, w, cs, cs, 1e-6, cache, cache.clone(), slots.float())
+    with pytest.raises(ValueError, match="k_cache must be"):
+        torch.ops.paiton.qk_norm_rope_cache(q, k, v, w, w, cs, cs, 1e-6, cache[:, :1], cache.clone(), slots)
+    with pytest.raises(ValueError, match="v must be"):
+        torch.ops.paiton.qk_norm_rope_cache(q, k, v[:, :, :1], w, w, cs, cs, 1e-6, cache, cache.clone(), slots)
+
+
+def test_cache_write_opcheck():
+    qkv = random((2, 3, 8 * 16), torch.float32, 0)
+    q, k = qkv[..., :64].view(2, 3, 4, 16), qkv[..., 64:96].view(2, 3, 2, 16)
+    v = qkv[..., 96:].view(2, 3, 2, 16).transpose(1, 2)
+    w, cs = random((16,), torch.float32, 1), random((2, 3, 16), torch.float32, 2)
+    caches = random((2, 2, 8, 16), torch.float32, 3), random((2, 2, 8, 16), torch.float32, 4)
+    torch.library.opcheck(torch.ops.paiton.qk_norm_rope_cache.default,
+                          (q, k, v, w, w, cs, cs, 1e-6, *caches, torch.tensor([5, 2, 7], device=DEVICE)))

@@ -1,0 +1,212 @@
+"""QK-norm + RoPE and the KV-cache write after it -> one kernel that writes the cache slots.
+
+After the QK-norm + RoPE pass, a step over a static KV cache reads (transformers' StaticCache
+writes with `index_copy_`, a hand-written loop with `index_put_`; both reach the ATen graph as
+a functional `index_put` plus a copy back into the cache input at the end)::
+
+    q_rot, k_rot = paiton.qk_norm_rope(q, k, q_w, k_w, cos, sin, eps)
+    k_all = index_put(k_cache, [None, None, slots], k_rot)        # k_rot [B, Hkv, S, D]
+    v_all = index_put(v_cache, [None, None, slots], v)
+    attention(q_rot, k_all, v_all, ...)                           # paiton.decode_attention or SDPA
+    ... copy_(k_cache, k_all); copy_(v_cache, v_all)               # the mutation, at the end
+
+Fused (auto_functionalized: the graph stays functional; Inductor's reinplacing turns it into
+the in-place kernel call and drops the copies back, as for any mutating custom op)::
+
+    q_rot, k_all, v_all = auto_functionalized(paiton.qk_norm_rope_cache, q, k, v, q_w, k_w,
+                                              cos, sin, eps, k_cache, v_cache, slots)
+
+so the rotated k is written once, straight into its cache slot, v is copied by the same
+kernel, and no [B, Hkv, S, D] k is materialized.
+
+Matched only when: both writes are plain (`accumulate=False`) index_puts along the sequence
+dim with one index tensor `slots` [S]; the caches are graph inputs (a cache made inside the
+graph would be cloned, not written in place) used by nothing but their write and the copy
+back; the v write is the one whose result the same attention node reads as its values (found
+by walking from attention's key and value arguments through views and repeat_kv). Anything
+else (a cache written at other indices for k and v, a cache read before the write) is left
+alone.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from paiton.passes.decode_attention import SDPA_OPS, is_call, val
+from paiton.passes.paiton_pass import PaitonPass
+
+aten = torch.ops.aten
+
+# Ops between a cache write and the attention that reads it: views, and repeat_kv's
+# unsqueeze/expand/clone/reshape.
+GLUE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+    aten.expand.default, aten.clone.default, aten.slice.Tensor, aten.permute.default, aten.alias.default,
+}
+
+
+def _attention_nodes():
+    return {torch.ops.paiton.decode_attention.default, *SDPA_OPS}
+
+
+def _source_write(node):
+    """The index_put that `node` (an attention key/value argument) is a view or repeat of."""
+    for _ in range(8):
+        if is_call(node, aten.index_put.default):
+            return node
+        if not is_call(node, *GLUE_OPS):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _reading_attention(write):
+    """The attention node whose key is (a view or repeat of) `write`."""
+    frontier, attention = [write], _attention_nodes()
+    for _ in range(8):
+        next_frontier = []
+        for node in frontier:
+            for user in node.users:
+                if user.op == "call_function" and user.target in attention and _source_write(user.args[1]) is write:
+                    return user
+                if is_call(user, *GLUE_OPS):
+                    next_frontier.append(user)
+        frontier = next_frontier
+    return None
+
+
+VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default)
+
+
+def _same_but_leading_ones(a, b) -> bool:
+    """The shapes differ at most by leading size-1 dims (setitem views its value that way
+    before index_put, which broadcasts it back)."""
+    def strip(shape):
+        shape = list(shape)
+        while shape and shape[0] == 1:
+            shape.pop(0)
+        return shape
+
+    return strip(a) == strip(b)
+
+
+def _is_noop_view(node) -> bool:
+    before, after = val(node.args[0]) if is_call(node, *VIEW_OPS) else None, val(node)
+    return before is not None and after is not None and _same_but_leading_ones(before.shape, after.shape)
+
+
+def _through_noop_views(node):
+    """Follow single views that only add or drop leading size-1 dims (`cache[:, :, pos] = k`)."""
+    while len(node.users) == 1 and _is_noop_view(next(iter(node.users))):
+        node = next(iter(node.users))
+    return node
+
+
+def _before_noop_views(node):
+    while _is_noop_view(node):
+        node = node.args[0]
+    return node
+
+
+def _cache_write(node, value, slots=None):
+    """(cache, slots) if `node` is index_put(cache, [None, None, slots], value) writing a
+    graph-input cache [B, H, L, D] that nothing else reads; else None."""
+    if not is_call(node, aten.index_put.default) or node.args[2] is not value:
+        return None
+    if (len(node.args) > 3 and node.args[3]) or node.kwargs.get("accumulate", False):
+        return None
+    cache, indices = node.args[0], node.args[1]
+    if not (isinstance(indices, (list, tuple)) and len(indices) == 3 and indices[0] is None and indices[1] is None):
+        return None
+    index = indices[2]
+    if slots is not None and index is not slots:
+        return None
+    cache_val, index_val, value_val = val(cache), val(index), val(value)
+    if cache_val is None or index_val is None or value_val is None or cache.op != "placeholder":
+        return None
+    if index_val.dim() != 1 or index_val.dtype not in (torch.int32, torch.int64) or cache_val.dim() != 4:
+        return None
+    if any(user is not node and not is_call(user, aten.copy_.default) for user in cache.users):
+        return None
+    return cache, index
+
+
+class KVCacheWritePass(PaitonPass):
+    name = "kv_cache_write"
+    depends_on = ("paiton.fusion.qk_norm_rope", "paiton.passes.decode_attention")
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        import paiton.fusion.decode_attention  # noqa: F401  (the ops this pass looks for and makes)
+        import paiton.fusion.qk_norm_rope  # noqa: F401
+
+        rewritten = 0
+        for node in list(graph.nodes):
+            if is_call(node, torch.ops.paiton.qk_norm_rope.default) and self._rewrite(graph, node):
+                rewritten += 1
+        return rewritten
+
+    def _rewrite(self, graph: torch.fx.Graph, rope: torch.fx.Node) -> bool:
+        outputs = {user.args[1]: user for user in rope.users if user.target is operator.getitem}
+        if len(outputs) != 2 or len(rope.users) != 2:
+            return False
+        # The pattern is symmetric in q and k: whichever output is written to a cache is k.
+        for k_side in (1, 0):
+            k_value = _through_noop_views(outputs[k_side])
+            if len(k_value.users) == 1 and _cache_write(next(iter(k_value.users)), k_value) is not None:
+                break
+        else:
+            return False
+        k_out, k_write = outputs[k_side], next(iter(k_value.users))
+        k_cache, slots = _cache_write(k_write, k_value)
+        attention = _reading_attention(k_write)
+        if attention is None:
+            return False
+        v_write = _source_write(attention.args[2])
+        if v_write is None or v_write is k_write:
+            return False
+        found = _cache_write(v_write, v_write.args[2], slots)
+        v = _before_noop_views(v_write.args[2])
+        if found is None:
+            return False
+        v_cache = found[0]
+        k_val, v_val, kc_val, vc_val = val(k_out), val(v), val(k_cache), val(v_cache)
+        if v_val.shape != k_val.shape or v_val.dtype != k_val.dtype or kc_val.shape != vc_val.shape:
+            return False
+        if kc_val.dtype != k_val.dtype or vc_val.dtype != k_val.dtype or kc_val.stride(-1) != 1 or vc_val.stride(-1) != 1:
+            return False
+
+        q_side = 1 - k_side
+        q, k, weights, cos, sin, eps = rope.args[q_side], rope.args[k_side], rope.args[2:4], *rope.args[4:7]
+        kwargs = dict(q=q, k=k, v=v, q_weight=weights[q_side], k_weight=weights[k_side], cos=cos, sin=sin,
+                      eps=eps, k_cache=k_cache, v_cache=v_cache, slots=slots)
+        op = torch.ops.paiton.qk_norm_rope_cache.default
+        # Inserted where the v write was: every input is defined by then (the manager restores
+        # a topological order for q's users).
+        with graph.inserting_before(v_write if _position(graph, v_write) > _position(graph, k_write) else k_write):
+            fused = graph.call_function(torch.ops.higher_order.auto_functionalized, (op,), kwargs)
+            results = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
+        fake_kwargs = {name: val(a) if isinstance(a, torch.fx.Node) else a for name, a in kwargs.items()}
+        with val(q).fake_mode:
+            fused.meta["val"] = torch.ops.higher_order.auto_functionalized(op, **fake_kwargs)
+        for i, result in enumerate(results):
+            result.meta["val"] = fused.meta["val"][i]
+        for old, new in ((outputs[q_side], results[0]), (k_write, results[1]), (v_write, results[2])):
+            new.meta.update({key: value for key, value in old.meta.items() if key != "val"})
+            old.replace_all_uses_with(new)
+        k_views = []  # between k's output and its write, last first
+        node = k_value
+        while node is not k_out:
+            k_views.append(node)
+            node = node.args[0]
+        for node in (k_write, v_write, *k_views, outputs[0], outputs[1], rope):
+            graph.erase_node(node)
+        return True
+
+
+def _position(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
+    for index, n in enumerate(graph.nodes):
+        if n is node:
+            return index
+    raise ValueError(node)
