@@ -100,25 +100,30 @@ def compile_qk_norm_rope(dtype, q_heads, write_cache, target):
 
 
 def decode_attention_cases():
-    # Qwen3-8B (GQA 4) and 32B (GQA 8) decode, head_dim 128, with and without a KV mask.
+    # Qwen3-8B (GQA 4) and 32B (GQA 8) decode, head_dim 128: bounded by query positions (a causal
+    # mask built in the graph), with a KV mask as well, or by a mask alone (generate's mask input).
     for dtype in ("bf16", "fp16", "fp32"):
         for group in (4, 8):
-            for has_mask in (False, True):
-                yield f"decode_attention/{dtype}/group={group}/mask={has_mask}", dtype, group, has_mask
+            for has_positions, has_mask in ((True, False), (True, True), (False, True)):
+                yield (f"decode_attention/{dtype}/group={group}/positions={has_positions}/mask={has_mask}", dtype, group,
+                       has_positions, has_mask)
 
 
-def compile_decode_attention(dtype, group, has_mask, target):
+def compile_decode_attention(dtype, group, has_positions, has_mask, target):
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
                 "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
-    ints = ["n_kv_heads", "q_len", "head_dim", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b", "k_stride_h",
-            "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s", "mask_stride_b",
-            "split_size", "n_splits"]
-    signature = {**pointers, **{n: "i32" for n in ints}, "scale": "fp32"}
-    signature = {n: signature[n] for n in _decode_attention_split_kernel.arg_names if n in signature}
+    ints = ["n_kv_heads", "q_len", "head_dim", "cache_len", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b",
+            "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s",
+            "mask_stride_b", "mask_stride_s", "mask_stride_n", "split_size", "n_splits"]
     constexprs = {"GROUP": group, "BLOCK_M": max(16, group), "BLOCK_N": DECODE_BLOCK_N, "BLOCK_D": 128,
-                  "HAS_MASK": has_mask, "DOT_FP32": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else None}
-    signature.update({n: "constexpr" for n in constexprs})
-    names = list(signature)
+                  "HAS_POSITIONS": has_positions, "HAS_MASK": has_mask, "DOT_FP32": False,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else None}
+    if has_mask:  # a contiguous mask: the JIT specializes its unit key stride as a constant
+        constexprs["mask_stride_n"] = 1
+    signature = {**pointers, **{n: "i32" for n in ints}, "scale": "fp32", **{n: "constexpr" for n in constexprs}}
+    names = _decode_attention_split_kernel.arg_names
+    assert set(signature) == set(names), set(signature) ^ set(names)
+    signature = {n: signature[n] for n in names}
     aligned = [n for n in names if n.endswith("_ptr") or n in ("head_dim", "k_stride_b", "k_stride_h", "k_stride_n",
                                                                "v_stride_b", "v_stride_h", "v_stride_n", "q_stride_b",
                                                                "q_stride_h", "q_stride_s", "split_size")]

@@ -1,13 +1,15 @@
 """The decode attention kernel (split-K, grouped-query, filled-part-only) against a float64
-reference of the same definition: causal by per-sequence query positions, optional KV mask."""
+reference of the same definition: causal by per-sequence query positions, and/or a boolean
+mask per sequence or per query (positions None: the mask alone, as generate passes it)."""
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paiton.fusion import decode_attention as attention_module
-from paiton.fusion.decode_attention import _launch, decode_attention_reference, decode_attention_splits
+from paiton.fusion.decode_attention import DECODE_BLOCK_N, _launch, decode_attention_reference, decode_attention_splits
 from paiton.fusion.triton_utils import is_interpreted
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +60,94 @@ def test_matches_reference(batch, kv_heads, group, q_len, head_dim, cache_len, d
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale), **TOLERANCE[dtype])
 
 
+# Mask shapes the op takes: [B, L] and [B, Sq, L], with batch and/or query dims of 1 broadcast.
+MASK_SHAPES = {"[B, L]": lambda b, s: (b,), "[1, L]": lambda b, s: (1,), "[B, Sq, L]": lambda b, s: (b, s),
+               "[1, Sq, L]": lambda b, s: (1, s), "[B, 1, L]": lambda b, s: (b, 1)}
+
+
+def random_mask(leading, cache_len, generator):
+    """A boolean mask with the shapes generate's masks have and the cases the kernel treats
+    apart: a left-padding prefix, whole KV tiles off (their K/V are not loaded), the
+    unfilled tail off, and a row with no key at all (zeros)."""
+    mask = torch.rand(*leading, cache_len, generator=generator) > 0.3
+    pad = int(torch.randint(0, cache_len, (), generator=generator))
+    mask[..., : pad // 2] = False
+    tile = int(torch.randint(0, triton.cdiv(cache_len, DECODE_BLOCK_N), (), generator=generator)) * DECODE_BLOCK_N
+    mask[..., tile : tile + DECODE_BLOCK_N] = False
+    mask[..., cache_len - pad // 3 :] = False
+    if torch.rand((), generator=generator) < 0.3:
+        mask.view(-1, cache_len)[int(torch.randint(0, mask.numel() // cache_len, (), generator=generator))] = False
+    return mask.to(DEVICE)
+
+
+@settings(max_examples=40)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4, 8]),
+    q_len=st.integers(1, 4),
+    head_dim=st.sampled_from([16, 24, 64]),
+    cache_len=st.integers(4, 300),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    mask_shape=st.sampled_from(sorted(MASK_SHAPES)),
+    with_positions=st.booleans(),
+    n_splits=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_masks_per_query_match_reference(batch, kv_heads, group, q_len, head_dim, cache_len, dtype, mask_shape,
+                                         with_positions, n_splits, seed):
+    generator = torch.Generator().manual_seed(seed)
+    q = random((batch, kv_heads * group, q_len, head_dim), dtype, generator)
+    k_cache = random((batch, kv_heads, cache_len, head_dim), dtype, generator)
+    v_cache = random((batch, kv_heads, cache_len, head_dim), dtype, generator)
+    kv_mask = random_mask(MASK_SHAPES[mask_shape](batch, q_len), cache_len, generator)
+    positions = None
+    if with_positions:
+        starts = torch.randint(0, cache_len - q_len + 1, (batch, 1), generator=generator)
+        positions = (starts + torch.arange(q_len)).to(DEVICE)
+    scale = head_dim**-0.5
+    out = _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=n_splits)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_without_positions_unattended_keys_are_not_read(n_splits):
+    """positions None: the mask alone bounds what is read. K/V before the first key and after
+    the last key any query of a sequence attends to (left padding, the unfilled cache) are
+    never loaded: NaN there must not reach the output (a loaded NaN value times a zero weight
+    is NaN). A hole between attended keys is read (finite here), as eager SDPA reads it."""
+    generator = torch.Generator().manual_seed(0)
+    cache_len = 5 * DECODE_BLOCK_N + 7
+    q = random((2, 4, 2, 32), torch.float32, generator)
+    k_cache, v_cache = (random((2, 2, cache_len, 32), torch.float32, generator) for _ in range(2))
+    kv_mask = torch.zeros(2, 2, cache_len, dtype=torch.bool, device=DEVICE)
+    kv_mask[0, :, 3:90] = True  # sequence 0: left padding of 3, filled up to 90
+    kv_mask[0, 0, 89] = False  # its first query does not see the second's key
+    kv_mask[1, :, 60:70] = True  # sequence 1: a hole of whole tiles (70-199) between its keys
+    kv_mask[1, :, 200:230] = True
+    span = torch.arange(cache_len, device=DEVICE)
+    unread = torch.stack([(span < 3) | (span >= 90), (span < 60) | (span >= 230)])  # [B, L]
+    for cache in (k_cache, v_cache):
+        cache.masked_fill_(unread[:, None, :, None], float("nan"))
+    out = _launch(q, k_cache, v_cache, None, kv_mask, 0.125, n_splits=n_splits)
+    assert torch.isfinite(out).all()
+    clean = [c.nan_to_num(0.0) for c in (k_cache, v_cache)]
+    torch.testing.assert_close(out, decode_attention_reference(q, *clean, None, kv_mask, 0.125))
+
+
+def test_without_positions_a_row_with_no_valid_key_gets_zeros():
+    generator = torch.Generator().manual_seed(0)
+    q = random((2, 2, 2, 16), torch.float32, generator)
+    cache = random((2, 1, 100, 16), torch.float32, generator)
+    kv_mask = torch.rand(2, 2, 100, generator=generator).to(DEVICE) > 0.5
+    kv_mask[1, 0] = False
+    out = _launch(q, cache, cache, None, kv_mask, 0.25, n_splits=2)
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))
+    torch.testing.assert_close(out, decode_attention_reference(q, cache, cache, None, kv_mask, 0.25))
+    assert out[0].abs().sum() > 0 and out[1, :, 1].abs().sum() > 0
+
+
 def test_reads_only_the_filled_part():
     """Garbage (NaN) beyond every sequence's last position must not reach the output."""
     generator = torch.Generator().manual_seed(0)
@@ -95,13 +185,23 @@ def test_bad_inputs_are_clear_errors():
         torch.ops.paiton.decode_attention(q, cache, cache, torch.tensor([1], device=DEVICE), None, 0.25)
     with pytest.raises(ValueError, match="positions are int"):
         torch.ops.paiton.decode_attention(q[:, :2], cache, cache, torch.tensor([1.0], device=DEVICE), None, 0.25)
+    q = q[:, :2]
+    for bad_mask in (torch.ones(1, 8, device=DEVICE),  # float: an additive mask is not this op's
+                     torch.ones(1, 1, 1, 8, dtype=torch.bool, device=DEVICE),  # 4-D: SDPA's layout, not the op's
+                     torch.ones(1, 2, 8, dtype=torch.bool, device=DEVICE),  # 2 queries, q has 1
+                     torch.ones(1, 1, 7, dtype=torch.bool, device=DEVICE),  # not the cache length
+                     torch.ones(2, 8, dtype=torch.bool, device=DEVICE)):  # batch 2, q has 1
+        with pytest.raises(ValueError, match=r"kv_mask is bool \[B, L\] or \[B, Sq, L\]"):
+            torch.ops.paiton.decode_attention(q, cache, cache, None, bad_mask, 0.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_opcheck(dtype, with_mask):
+@pytest.mark.parametrize("mask_shape", [None, (2, 40), (2, 1, 40)])
+@pytest.mark.parametrize("with_positions", [True, False])
+def test_opcheck(dtype, mask_shape, with_positions):
     generator = torch.Generator().manual_seed(0)
     q = random((2, 4, 1, 16), dtype, generator)
     cache = random((2, 2, 40, 16), dtype, generator)
-    mask = torch.ones(2, 40, dtype=torch.bool, device=DEVICE) if with_mask else None
-    torch.library.opcheck(torch.ops.paiton.decode_attention.default, (q, cache, cache, torch.tensor([[3], [9]], device=DEVICE), mask, 0.25))
+    mask = torch.rand(mask_shape, generator=generator).to(DEVICE) > 0.2 if mask_shape else None
+    positions = torch.tensor([[3], [9]], device=DEVICE) if with_positions else None
+    torch.library.opcheck(torch.ops.paiton.decode_attention.default, (q, cache, cache, positions, mask, 0.25))

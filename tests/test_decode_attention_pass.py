@@ -1,6 +1,7 @@
 """The decode-attention pass on hand-written static-cache attention (cache write, repeat_kv,
-a causal mask from the query positions, SDPA), through backend="paiton" (eager inner
-compiler), with the fused op running its CPU reference (float64 math). Tolerance: the
+a causal mask from the query positions, SDPA; or a boolean mask passed in, as transformers'
+generate does), through backend="paiton" (eager inner compiler), with the fused op running
+its CPU reference (float64 math). Tolerance: the
 reference and eager SDPA differ by float rounding only (fp32: 1e-5; bf16: one bf16 ulp of the
 output scale, 2e-2). Also: the SDPA lowerings of CUDA, matched structurally on fake CUDA
 tensors (no GPU needed)."""
@@ -130,18 +131,128 @@ def test_prefill_is_left_to_sdpa():
     assert reported == fusions() and after[FUSED_OP] == 0
 
 
-class CustomMask(torch.nn.Module):
-    def forward(self, q, k_cache, v_cache, mask):
-        return F.scaled_dot_product_attention(q, repeat_kv(k_cache, 2), repeat_kv(v_cache, 2), attn_mask=mask)
+# ---------------------------------------------------------------------------------------------
+# The mask as a graph input: how transformers' generate calls a compiled forward. It builds the
+# 4-D boolean mask [B, 1, Sq, L] (left padding False) before the call; SDPA's CPU lowering turns
+# it into where(mask, 0, -inf) inside the graph. A model may convert it itself (where(mask, 0,
+# finfo.min)). Any boolean mask is exactly what the op computes; a float mask input is not known
+# to hold only 0 and -inf, and a mask per head is not one the op takes.
+# ---------------------------------------------------------------------------------------------
 
 
-def test_custom_mask_is_left_alone():
-    q, cache = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
-    mask = torch.rand(1, 1, 1, 8) > 0.5
-    mask[..., 0] = True
-    with torch.no_grad(), capture_paiton_graphs() as graphs:
-        torch.compile(CustomMask(), backend="paiton", options=EAGER_INNER)(q, cache, cache, mask)
-    assert graphs[0][2] == fusions()
+class MaskInputAttention(torch.nn.Module):
+    """One attention step over a static KV cache with the mask passed in: `convert` None hands
+    the boolean mask to SDPA; "min" or "-inf" convert it to an additive mask first; "mild"
+    converts it with -100, which does not remove a key."""
+
+    def __init__(self, batch, kv_heads, cache_len, head_dim, dtype, group, convert=None):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(batch, kv_heads, cache_len, head_dim, dtype=dtype))
+        self.register_buffer("v_cache", torch.zeros(batch, kv_heads, cache_len, head_dim, dtype=dtype))
+        self.group, self.convert = group, convert
+
+    def forward(self, q, k, v, cache_position, attention_mask):
+        self.k_cache.index_copy_(2, cache_position, k)
+        self.v_cache.index_copy_(2, cache_position, v)
+        keys, values = repeat_kv(self.k_cache, self.group), repeat_kv(self.v_cache, self.group)
+        if self.convert is not None:
+            dropped = {"min": torch.finfo(q.dtype).min, "-inf": float("-inf"), "mild": -100.0}[self.convert]
+            attention_mask = torch.where(attention_mask, torch.tensor(0.0, dtype=q.dtype), torch.tensor(dropped, dtype=q.dtype))
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=attention_mask, scale=q.shape[-1] ** -0.5)
+
+
+def generate_style_mask(batch, q_len, cache_len, filled, padding, mask_batch, mask_queries):
+    """transformers' static-cache decode mask [mask_batch, 1, mask_queries, L]: sequence b sees
+    keys padding[b] <= j <= filled + i (query i); with one mask row, all of this step's keys."""
+    kv_index = torch.arange(cache_len)
+    last = filled + (torch.arange(q_len) if mask_queries == q_len else torch.tensor([q_len - 1]))
+    mask = (kv_index[None, None, :] <= last[None, :, None]) & (kv_index[None, None, :] >= padding[:, None, None])
+    return mask[:mask_batch, None]
+
+
+def run_mask_input_step(module_args, q_len, filled, mask, seed, **module_kwargs):
+    """As run_step, for MaskInputAttention with `mask` passed in."""
+    batch, kv_heads, cache_len, head_dim, dtype, group = module_args
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)  # noqa: E731
+    eager = MaskInputAttention(*module_args, **module_kwargs)
+    eager.k_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
+    eager.v_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
+    compiled_module = MaskInputAttention(*module_args, **module_kwargs)
+    compiled_module.load_state_dict(eager.state_dict())
+    q = randn(batch, kv_heads * group, q_len, head_dim)
+    k, v = randn(batch, kv_heads, q_len, head_dim), randn(batch, kv_heads, q_len, head_dim)
+    cache_position = torch.arange(filled, filled + q_len)
+    with torch.no_grad():
+        expected = eager(q, k, v, cache_position, mask)
+        with capture_paiton_graphs() as graphs:
+            actual = torch.compile(compiled_module, backend="paiton", options=EAGER_INNER)(q, k, v, cache_position, mask)
+    (_, after, reported), = graphs
+    return expected, actual, after, reported
+
+
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([16, 64]),
+    cache_len=st.integers(16, 200),
+    q_len=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    convert=st.sampled_from([None, "min", "-inf"]),
+    batch_mask=st.booleans(),
+    query_mask=st.booleans(),
+    data=st.data(),
+)
+def test_a_boolean_mask_input_is_fused(batch, kv_heads, group, head_dim, cache_len, q_len, dtype, convert, batch_mask,
+                                       query_mask, data):
+    torch._dynamo.reset()
+    filled = data.draw(st.integers(0, cache_len - q_len))
+    # Left padding per sequence (a batched generate), when the mask has a batch dim.
+    padding = torch.tensor([data.draw(st.integers(0, filled)) if batch_mask else 0 for _ in range(batch)])
+    mask = generate_style_mask(batch, q_len, cache_len, filled, padding, batch if batch_mask else 1, q_len if query_mask else 1)
+    expected, actual, after, reported = run_mask_input_step(
+        (batch, kv_heads, cache_len, head_dim, dtype, group), q_len, filled, mask, data.draw(st.integers(0, 2**31 - 1)),
+        convert=convert,
+    )
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    assert reported == fusions(decode_attention=1)
+    # The mask reaches the op as a view of the input (squeezed to [B, Sq, L]); no repeated KV
+    # heads, no additive mask left.
+    assert after[FUSED_OP] == 1 and after["aten.squeeze.dim"] == 1 and after["aten.where.self"] == 0
+    assert after["aten.clone.default"] <= (1 if q_len > 1 else 0)
+    assert not [op for op in after if "scaled_dot_product" in op]
+
+
+def test_a_random_boolean_mask_input_is_fused():
+    """Not causal at all (holes, a query's later keys on, a sequence starting late): the op
+    applies the mask as given."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 1, 2, 70, generator=generator) > 0.5
+    mask[..., 0] = True  # eager SDPA gives NaN for a row with no key; the op gives zeros
+    mask[1, ..., :64] = False
+    mask[1, ..., 64] = True
+    expected, actual, after, reported = run_mask_input_step((2, 2, 70, 16, torch.float32, 2), 2, 30, mask, 0)
+    torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
+    assert reported == fusions(decode_attention=1)
+
+
+def test_float_or_per_head_mask_inputs_are_left_alone():
+    args = (2, 2, 32, 16, torch.float32, 2)
+    mask = generate_style_mask(2, 1, 32, 10, torch.tensor([0, 3]), 2, 1)
+    near_misses = {
+        # An additive mask input: its values could be anything, not only 0 and -inf.
+        "float input": (torch.zeros(2, 1, 1, 32).masked_fill(~mask, float("-inf")), {}),
+        # One mask per query head: the op takes one per sequence (and query).
+        "per head": (mask.expand(2, 4, 1, 32).contiguous(), {}),
+        # where(mask, 0, -100) keeps a trace of the "removed" keys: not a boolean mask.
+        "mild": (mask, {"convert": "mild"}),
+    }
+    for name, (attention_mask, kwargs) in near_misses.items():
+        torch._dynamo.reset()
+        expected, actual, after, reported = run_mask_input_step(args, 1, 10, attention_mask, 0, **kwargs)
+        torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32], msg=name)
+        assert reported == fusions() and after[FUSED_OP] == 0, name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,16 +264,19 @@ def test_custom_mask_is_left_alone():
 # ---------------------------------------------------------------------------------------------
 
 
-def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf"), cache_len=128, pad_bias=False):
+def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf"), cache_len=128, pad_bias=False, mask_input=False):
+    """`mask_input`: the boolean mask [B, 1, 1, L] is an input (generate), not built from positions."""
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def step(q, k_cache, v_cache, offset):
+    def step(q, k_cache, v_cache, offset, mask):
         cache_len = k_cache.shape[2]
         positions = torch.arange(1) + offset
         keys, values = repeat_kv(k_cache, group), repeat_kv(v_cache, group)
         allowed = torch.arange(cache_len)[None, None, None, :] <= positions[None, None, :, None]
+        if mask_input:
+            allowed = mask
         bias = torch.where(allowed.expand(q.shape[0], 1, 1, cache_len), torch.full((), 0.0, dtype=q.dtype),
                            torch.full((), masked_value, dtype=q.dtype))
         if pad_bias:  # what SDPA's preprocess_mask does before efficient attention when L % 16 != 0
@@ -172,7 +286,8 @@ def gpu_style_decode_graph(sdpa_op, group=4, masked_value=float("-inf"), cache_l
 
     with FakeTensorMode(allow_non_fake_inputs=True):
         args = (torch.empty(2, 8, 1, 64, dtype=torch.bfloat16), torch.empty(2, 2, cache_len, 64, dtype=torch.bfloat16),
-                torch.empty(2, 2, cache_len, 64, dtype=torch.bfloat16), torch.empty((), dtype=torch.int64))
+                torch.empty(2, 2, cache_len, 64, dtype=torch.bfloat16), torch.empty((), dtype=torch.int64),
+                torch.empty(2, 1, 1, cache_len, dtype=torch.bool))
         return make_fx(step, decomposition_table=select_decomp_table())(*args)
 
 
@@ -196,6 +311,21 @@ def test_efficient_attention_with_a_padded_bias_is_matched():
                                 pad_bias=True)
     assert "constant_pad_nd" in str(gm.graph)
     assert DecodeAttentionPass().apply(gm.graph) == 1
+
+
+@pytest.mark.parametrize("pad_bias", [False, True])
+@pytest.mark.parametrize("sdpa", ["_scaled_dot_product_cudnn_attention", "_scaled_dot_product_efficient_attention"])
+def test_cuda_lowerings_with_a_mask_input_are_matched(sdpa, pad_bias):
+    """generate on a GPU: the boolean mask input, made additive, expanded (and padded) for the
+    CUDA kernels; the op gets the input itself, squeezed, and no positions."""
+    gm = gpu_style_decode_graph(getattr(torch.ops.aten, sdpa).default, cache_len=41, pad_bias=pad_bias, mask_input=True)
+    assert DecodeAttentionPass().apply(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    fused = next(n for n in gm.graph.nodes if str(n.target) == FUSED_OP)
+    positions, kv_mask = fused.args[3:5]
+    assert positions is None and kv_mask.target is torch.ops.aten.squeeze.dim and kv_mask.args == (gm.graph.find_nodes(op="placeholder")[4], 1)
+    assert tuple(kv_mask.meta["val"].shape) == (2, 1, 41)
+    assert not [n for n in gm.graph.nodes if "scaled_dot_product" in str(n.target) or n.target is torch.ops.aten.where.self]
 
 
 def test_a_padded_bias_sliced_elsewhere_is_left_alone():

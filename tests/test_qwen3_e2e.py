@@ -90,22 +90,25 @@ def test_through_inductor_with_static_cache():
 
 
 @pytest.mark.slow
-def test_transformers_generate_with_compile_config():
+@pytest.mark.parametrize("left_padding", [None, 3], ids=["batch1", "batch2-left-padded"])
+def test_transformers_generate_with_compile_config(left_padding):
     """`generate` with a static cache and CompileConfig(backend="paiton"): transformers passes
-    mode="reduce-overhead" to the backend and compiles the decode step; tokens equal eager's."""
+    mode="reduce-overhead" to the backend and compiles the decode step; tokens equal eager's.
+    Also a batch of two whose second prompt is left-padded (padding masked out by the mask)."""
     from transformers import CompileConfig
 
     num_layers = 2
     model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=num_layers)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, 6))
-    expected = model.generate(input_ids, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    input_ids = torch.randint(0, model.config.vocab_size, (1 if left_padding is None else 2, 6))
+    attention_mask = torch.ones_like(input_ids)
+    if left_padding is not None:
+        attention_mask[1, :left_padding] = 0
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    expected = model.generate(input_ids, **kwargs)
     compile_config = CompileConfig(backend="paiton", fullgraph=True)
     compile_config._compile_all_devices = True  # transformers compiles only on GPUs otherwise
-    actual = model.generate(
-        input_ids, max_new_tokens=8, do_sample=False, cache_implementation="static", compile_config=compile_config
-    )
+    actual = model.generate(input_ids, **kwargs, compile_config=compile_config)
     assert torch.equal(actual, expected)
-    # The decode step. generate builds the causal mask outside the compiled forward and passes it
-    # in: the graph cannot show that the mask is causal, so attention stays with SDPA there
-    # (the decode-attention pass leaves masks it cannot prove alone).
-    assert [g.counts for g in paiton.fusion_graphs(model)] == [{**qwen3_fusions(num_layers, queries=1), "decode_attention": 0}]
+    # The decode step. generate builds the boolean mask [B, 1, 1, L] outside the compiled forward
+    # and passes it in; the decode kernel applies it as given (no proof of causality needed).
+    assert [g.counts for g in paiton.fusion_graphs(model)] == [qwen3_fusions(num_layers, queries=1)]
