@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in one command (device time is scarce): install the checkout, run
-# the kernel tests on CUDA tensors and the `gpu` tests, then (unless skipped) the rest of the
-# suite, the fused-kernel micro-benchmark and the demo at a real size. Logs and results go to $OUT.
-#   SKIP_SUITE=1 SKIP_BENCH=1 SKIP_GRAPHS=1 SKIP_DEMO=1 DEMO_MODEL=qwen3-8b PAITON_COMMIT=<sha>
+# the `gpu` tests (and the kernel tests on CUDA tensors), then, each unless skipped and each
+# under its own time limit, the rest of the suite, the fused-kernel micro-benchmark, the
+# whole-model memory/step run, the kernels-per-layer count and the demo. Logs and results go to $OUT.
+#   SKIP_KERNEL_TESTS=1 SKIP_SUITE=1 SKIP_BENCH=1 SKIP_MEMORY=1 SKIP_LAYER_KERNELS=1 SKIP_GRAPHS=1 SKIP_DEMO=1
+#   DEMO_MODEL=qwen3-8b MEMORY_MODEL=qwen3-8b BENCH_REPS=200 PAITON_COMMIT=<sha>
 set -uo pipefail
 OUT=${OUT:-/tmp/paiton-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING" || true
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} | tee "$OUT/pytest_gpu.log"
 
-python3 -m pytest -q -ra -s -p no:cacheprovider tests/test_gpu.py tests/test_*_kernel.py 2>&1 | tee "$OUT/pytest_gpu.log" \
+tests="tests/test_gpu.py"
+[ -n "${SKIP_KERNEL_TESTS:-}" ] || tests="$tests tests/test_*_kernel.py"
+timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -ra -s -p no:cacheprovider $tests 2>&1 | tee -a "$OUT/pytest_gpu.log" \
   | grep -E "passed|failed|error|paiton .* us|max \|logit|^FAILED|^ERROR"
 [ -n "${SKIP_SUITE:-}" ] || python3 -m pytest -q -ra -p no:cacheprovider -m "not gpu" tests/ 2>&1 | tee "$OUT/pytest.log" | tail -8
-[ -n "${SKIP_BENCH:-}" ] || python3 bench/fused_kernels.py --out "$OUT" 2>&1 | tail -24
+[ -n "${SKIP_BENCH:-}" ] || timeout "${BENCH_TIMEOUT:-150}" python3 bench/fused_kernels.py --out "$OUT" --reps "${BENCH_REPS:-200}" 2>&1 | tail -50
+[ -n "${SKIP_MEMORY:-}" ] || timeout "${MEMORY_TIMEOUT:-300}" python3 bench/qwen3_memory_and_step.py --model "${MEMORY_MODEL:-qwen3-8b}" \
+  --configs "${MEMORY_CONFIGS:-paiton,inductor,eager}" --steps "${MEMORY_STEPS:-32}" --out "$OUT" 2>&1 | tail -12
+[ -n "${SKIP_LAYER_KERNELS:-}" ] || timeout "${LAYER_KERNELS_TIMEOUT:-120}" python3 bench/kernels_per_layer.py --out "$OUT" 2>&1 | tail -40
 if [ -z "${SKIP_GRAPHS:-}" ]; then  # the ATen graphs the passes see on this device, for writing patterns
   python3 bench/dump_graphs.py --out /tmp/graphs --dtype bfloat16 > /dev/null 2>&1 && tar czf "$OUT/graphs.tgz" -C /tmp graphs
 fi
