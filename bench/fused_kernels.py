@@ -195,7 +195,7 @@ def make_case(case, dtype):
     raise ValueError(op)
 
 
-def run(reps=200, tokens_list=(1, 64)):
+def run(reps=200, tokens_list=(1, 64), ops=None):
     import paiton.fusion.ops  # noqa: F401  (torch.ops.paiton.*)
 
     torch.manual_seed(0)
@@ -207,6 +207,8 @@ def run(reps=200, tokens_list=(1, 64)):
     compiled = {}
     rows = []
     for case in cases(tokens_list):
+        if ops and case["op"] not in ops:
+            continue
         paiton_fn, call, reference, bytes_moved = make_case(case, dtype)
         inductor_op = compiled.setdefault(case["op"], torch.compile(reference, dynamic=False))
         inductor_fn = lambda: call(inductor_op)  # noqa: E731
@@ -299,10 +301,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--ops", default="", help="comma-separated ops to run (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/fused_kernels.py needs a CUDA/ROCm GPU")
-    result = {"env": environment(), **run(reps=args.reps)}
+    result = {"env": environment(), **run(reps=args.reps, ops=[op for op in args.ops.split(",") if op])}
     os.makedirs(args.out, exist_ok=True)
     card = result["env"]["card"].replace(" ", "_")
     stem = os.path.join(args.out, f"fused_kernels-{card}-{result['env']['date'][:10]}")
