@@ -99,7 +99,7 @@ def main(argv=None):
             first_run_s=total,
             ttft_first_run_ms=ttft * 1e3,
             max_logit_diff=max((a - e).abs().max().item() for a, e in zip(logits, eager_logits)),
-            greedy_tokens_equal_eager=f"{agree}/{len(eager_logits)}",
+            argmax_equal_eager_steps=f"{agree}/{len(eager_logits)}",
             allocated_over_weights_gib=(torch.cuda.memory_allocated() - weights) / gib,
             peak_over_weights_gib=(torch.cuda.max_memory_allocated() - weights) / gib,
         )
@@ -125,7 +125,7 @@ def main(argv=None):
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['tpot_ms']:.2f} | {r['first_run_s']:.0f} | {r['max_logit_diff']:.3f} | "
-                     f"{r['greedy_tokens_equal_eager']} | {r['allocated_over_weights_gib']:.2f} | {r['peak_over_weights_gib']:.2f} |")
+                     f"{r['argmax_equal_eager_steps']} | {r['allocated_over_weights_gib']:.2f} | {r['peak_over_weights_gib']:.2f} |")
     table = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"qwen3_memory_and_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}")
