@@ -67,27 +67,33 @@ class StaticCacheAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=additive, scale=scale)
 
 
-def run_step(module_args, q_len, filled, seed, **module_kwargs):
-    """Fill the first `filled` cache positions, then one step of q_len queries, eager and
-    compiled on copies; returns (expected, actual, ops after the passes, reported counts)."""
+def run_module_step(module_cls, module_args, q_len, filled, seed, last_input, **module_kwargs):
+    """Fill the first `filled` cache positions, then one step of q_len queries through
+    `module_cls(q, k, v, positions, last_input)`, eager and compiled on copies; returns
+    (expected, actual, ops after the passes, reported counts)."""
     batch, kv_heads, cache_len, head_dim, dtype, group = module_args
     generator = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)  # noqa: E731
-    eager = StaticCacheAttention(*module_args, **module_kwargs)
+    eager = module_cls(*module_args, **module_kwargs)
     eager.k_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
     eager.v_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
-    compiled_module = StaticCacheAttention(*module_args, **module_kwargs)
+    compiled_module = module_cls(*module_args, **module_kwargs)
     compiled_module.load_state_dict(eager.state_dict())
     q = randn(batch, kv_heads * group, q_len, head_dim)
     k, v = randn(batch, kv_heads, q_len, head_dim), randn(batch, kv_heads, q_len, head_dim)
     positions = torch.arange(filled, filled + q_len)
     with torch.no_grad():
-        expected = eager(q, k, v, positions, filled)
+        expected = eager(q, k, v, positions, last_input)
         with capture_paiton_graphs() as graphs:
-            actual = torch.compile(compiled_module, backend="paiton", options=EAGER_INNER)(q, k, v, positions, filled)
+            actual = torch.compile(compiled_module, backend="paiton", options=EAGER_INNER)(q, k, v, positions, last_input)
     torch.testing.assert_close(compiled_module.k_cache, eager.k_cache, rtol=0, atol=0)  # the cache write stays
     (_, after, reported), = graphs
     return expected, actual, after, reported
+
+
+def run_step(module_args, q_len, filled, seed, **module_kwargs):
+    """One StaticCacheAttention step (its causal mask built in the graph from `filled`)."""
+    return run_module_step(StaticCacheAttention, module_args, q_len, filled, seed, filled, **module_kwargs)
 
 
 @given(
@@ -172,23 +178,7 @@ def generate_style_mask(batch, q_len, cache_len, filled, padding, mask_batch, ma
 
 def run_mask_input_step(module_args, q_len, filled, mask, seed, **module_kwargs):
     """As run_step, for MaskInputAttention with `mask` passed in."""
-    batch, kv_heads, cache_len, head_dim, dtype, group = module_args
-    generator = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)  # noqa: E731
-    eager = MaskInputAttention(*module_args, **module_kwargs)
-    eager.k_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
-    eager.v_cache[:, :, :filled] = randn(batch, kv_heads, filled, head_dim)
-    compiled_module = MaskInputAttention(*module_args, **module_kwargs)
-    compiled_module.load_state_dict(eager.state_dict())
-    q = randn(batch, kv_heads * group, q_len, head_dim)
-    k, v = randn(batch, kv_heads, q_len, head_dim), randn(batch, kv_heads, q_len, head_dim)
-    cache_position = torch.arange(filled, filled + q_len)
-    with torch.no_grad():
-        expected = eager(q, k, v, cache_position, mask)
-        with capture_paiton_graphs() as graphs:
-            actual = torch.compile(compiled_module, backend="paiton", options=EAGER_INNER)(q, k, v, cache_position, mask)
-    (_, after, reported), = graphs
-    return expected, actual, after, reported
+    return run_module_step(MaskInputAttention, module_args, q_len, filled, seed, mask, **module_kwargs)
 
 
 @given(

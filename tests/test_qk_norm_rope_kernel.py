@@ -23,6 +23,15 @@ def random(shape, dtype, seed, scale=1.0):
     return (torch.randn(shape, generator=generator) * scale).to(dtype=dtype, device=DEVICE)
 
 
+def merged_qkv(batch, seq, q_heads, k_heads, head_dim, dtype, seed):
+    """q, k, v [batch, seq, heads, head_dim] as column slices of one merged qkv projection output."""
+    qkv = random((batch, seq, (q_heads + 2 * k_heads) * head_dim), dtype, seed)
+    q = qkv[..., : q_heads * head_dim].view(batch, seq, q_heads, head_dim)
+    k = qkv[..., q_heads * head_dim : (q_heads + k_heads) * head_dim].view(batch, seq, k_heads, head_dim)
+    v = qkv[..., (q_heads + k_heads) * head_dim :].view(batch, seq, k_heads, head_dim)
+    return q, k, v
+
+
 def assert_rotary_close(actual, expected, normed, cos, sin, dtype):
     """Error bound from the computation: the output is y*cos + rotate_half(y)*sin of the
     normalized y (itself a few roundings from eager's), each product and the sum rounded. So
@@ -54,9 +63,7 @@ def assert_rotary_close(actual, expected, normed, cos, sin, dtype):
 def test_matches_eager(batch, seq, q_heads, gqa, head_dim, dtype, merged, cos_batch_one, eps, seed):
     k_heads = max(1, q_heads // gqa)
     if merged:  # q and k as column slices of one qkv projection output
-        qkv = random((batch, seq, (q_heads + 2 * k_heads) * head_dim), dtype, seed)
-        q = qkv[..., : q_heads * head_dim].view(batch, seq, q_heads, head_dim)
-        k = qkv[..., q_heads * head_dim : (q_heads + k_heads) * head_dim].view(batch, seq, k_heads, head_dim)
+        q, k, _ = merged_qkv(batch, seq, q_heads, k_heads, head_dim, dtype, seed)
     else:
         q, k = random((batch, seq, q_heads, head_dim), dtype, seed), random((batch, seq, k_heads, head_dim), dtype, seed + 1)
     q_weight, k_weight = random((head_dim,), dtype, seed + 2), random((head_dim,), dtype, seed + 3)
@@ -102,10 +109,8 @@ def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtyp
     """qk_norm_rope_cache: q as qk_norm_rope gives it; k rotated and v copied into the caches
     at `slots`, exactly where `index_copy_` puts them; every other cache slot untouched."""
     k_heads = max(1, q_heads // gqa)
-    qkv = random((batch, seq, (q_heads + 2 * k_heads) * head_dim), dtype, seed)  # the merged projection
-    q = qkv[..., : q_heads * head_dim].view(batch, seq, q_heads, head_dim)
-    k = qkv[..., q_heads * head_dim : (q_heads + k_heads) * head_dim].view(batch, seq, k_heads, head_dim)
-    v = qkv[..., (q_heads + k_heads) * head_dim :].view(batch, seq, k_heads, head_dim).transpose(1, 2)
+    q, k, v = merged_qkv(batch, seq, q_heads, k_heads, head_dim, dtype, seed)
+    v = v.transpose(1, 2)
     q_weight, k_weight = random((head_dim,), dtype, seed + 2), random((head_dim,), dtype, seed + 3)
     angles = random((1, seq, head_dim), torch.float32, seed + 4, scale=3.0)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
