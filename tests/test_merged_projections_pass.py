@@ -159,3 +159,22 @@ def test_a_weight_replaced_after_compiling_is_an_error_not_garbage():
         packed_weight(weight, 24)
     buffer = torch.randn(24, 16)
     assert torch.equal(packed_weight(buffer[:8], 24), buffer)
+
+
+def test_a_packed_model_saves_and_loads_with_transformers(tmp_path):
+    """Packed parameters share one storage per group; transformers' save_pretrained must still
+    write every weight (not take the shared storage for tied weights and drop some)."""
+    from transformers import Qwen3ForCausalLM
+
+    from paiton.models.qwen3 import build_qwen3
+
+    torch._dynamo.reset()
+    model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=1)
+    with torch.no_grad():
+        torch.compile(model, backend="paiton", options=EAGER_INNER)(torch.randint(0, 512, (1, 4)))
+    attention = model.model.layers[0].self_attn
+    assert_packed([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+    model.save_pretrained(tmp_path)
+    saved, loaded = model.state_dict(), Qwen3ForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[name], loaded[name]) for name in saved)
