@@ -1,0 +1,123 @@
+"""The bundled decode loop on a tiny random Qwen3 (fp32, CPU): eager loop = transformers' eager
+generate token for token; Paiton-compiled loop = eager loop; ragged batches give each
+sequence the tokens it gets alone; stop tokens, sampling, streaming, timing, bucketing."""
+
+import pytest
+import torch
+from paiton_testing import EAGER_INNER, qwen3_fusions
+
+import paiton
+from paiton.models.decode_loop import DecodeLoop, Sampling, prompt_bucket, sample
+from paiton.models.hf_loop import hf_static_cache_greedy
+from paiton.models.qwen3 import build_qwen3
+
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def eager_loop(model):
+    return DecodeLoop(model, max_batch_size=4, max_length=64, backend="eager")
+
+
+def test_eager_loop_equals_transformers_generate(model, eager_loop):
+    for prompt in PROMPTS:
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  cache_implementation="static")[0, len(prompt):].tolist()
+        assert eager_loop.generate([prompt], 12).tokens == [expected]
+
+
+def test_ragged_batch_rows_equal_their_prompts_alone(eager_loop):
+    """Padding never leaks: each row of a left-padded batch gives what the prompt gives alone."""
+    together = eager_loop.generate(PROMPTS, 12)
+    assert together.tokens == [eager_loop.generate([p], 12).tokens[0] for p in PROMPTS]
+    assert together.prompt_lengths == [5, 9, 3] and together.finish_reasons == ["length"] * 3
+
+
+def test_three_loops_give_paiton_the_same_greedy_tokens(model, eager_loop):
+    """A Paiton-compiled model in the bundled loop, in transformers' generate, and in a plain
+    loop of a few lines (hf_static_cache_greedy) picks eager's tokens in each."""
+    torch._dynamo.reset()
+    expected = eager_loop.generate(PROMPTS, 10).tokens
+    loop = DecodeLoop(model, max_batch_size=4, max_length=64, options=EAGER_INNER)
+    assert loop.generate(PROMPTS, 10).tokens == expected
+    graphs = paiton.fusion_graphs(model)
+    # Prefill (padded to 16 tokens: SDPA) and the decode step (the decode kernel, with the
+    # loop's mask passed in).
+    assert [g.counts for g in graphs] == [qwen3_fusions(2, queries=16), qwen3_fusions(2, queries=1)]
+
+    compiled = torch.compile(model, backend="paiton", options=EAGER_INNER)
+    plain = hf_static_cache_greedy(compiled, model, torch.tensor([PROMPTS[0]]), new_tokens=10)
+    assert [logits.argmax(-1).item() for logits in plain] == expected[0]
+
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="paiton", fullgraph=True, mode=None, options=EAGER_INNER)
+    config._compile_all_devices = True  # transformers compiles only on GPUs otherwise
+    generated = model.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                               cache_implementation="static", compile_config=config)
+    assert generated[0, len(PROMPTS[1]):].tolist() == expected[1]
+
+
+def test_each_sequence_stops_on_its_own(eager_loop):
+    free = eager_loop.generate(PROMPTS, 12).tokens
+    stop = free[0][2]  # the first sequence's third token
+    result = eager_loop.generate(PROMPTS, 12, stop_token_ids=[stop])
+    for row, (tokens, reason) in enumerate(zip(result.tokens, result.finish_reasons)):
+        if stop in free[row]:
+            end = free[row].index(stop) + 1
+            assert tokens == free[row][:end] and reason == "stop"
+        else:
+            assert tokens == free[row] and reason == "length"
+    assert result.tokens[0] == free[0][:3]
+
+
+def test_streaming_and_timing(eager_loop):
+    seen = []
+    result = eager_loop.generate(PROMPTS[:2], 6, on_token=lambda b, token, t: seen.append((b, token, t)))
+    assert [(b, tok) for b, tok, _ in seen if b == 0] == [(0, tok) for tok in result.tokens[0]]
+    assert len(seen) == 12
+    for times in result.token_times:
+        assert times == sorted(times) and times[0] > 0
+    assert result.ttft_s == [t[0] for t in result.token_times]
+    assert all(tpot > 0 for tpot in result.tpot_s) and all(len(itl) == 5 for itl in result.itl_s)
+
+
+def test_sampling_is_seeded_and_filters_work(eager_loop):
+    hot = Sampling(temperature=1.5, seed=7)
+    first, again = eager_loop.generate(PROMPTS, 8, hot).tokens, eager_loop.generate(PROMPTS, 8, hot).tokens
+    assert first == again
+    assert eager_loop.generate(PROMPTS, 8, Sampling(temperature=1.5, seed=8)).tokens != first
+    greedy = eager_loop.generate(PROMPTS, 8).tokens
+    assert eager_loop.generate(PROMPTS, 8, Sampling(temperature=2.0, top_k=1, seed=1)).tokens == greedy
+    assert eager_loop.generate(PROMPTS, 8, Sampling(temperature=2.0, top_p=1e-6, seed=1)).tokens == greedy
+
+
+def test_top_k_and_top_p_keep_only_their_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+    top_k = sample(logits, Sampling(temperature=1.0, top_k=2), generator)
+    assert set(top_k.tolist()) == {0, 1}
+    # softmax of [4, 3, 2, 1, 0] = 0.636, 0.234, 0.086, ...: top_p 0.8 keeps the first two.
+    top_p = sample(logits, Sampling(temperature=1.0, top_p=0.8), generator)
+    assert set(top_p.tolist()) == {0, 1}
+
+
+def test_prompt_buckets():
+    assert [prompt_bucket(n, 1024) for n in (1, 16, 17, 100, 1000)] == [16, 16, 32, 128, 1024]
+    assert prompt_bucket(40, 48) == 48
+
+
+def test_bad_requests_are_clear_errors(eager_loop):
+    with pytest.raises(ValueError, match="batch of 5 prompts; this loop takes 1 to 4"):
+        eager_loop.generate([[1]] * 5, 4)
+    with pytest.raises(ValueError, match="exceed max_length 64"):
+        eager_loop.generate([[1] * 40], 30)
+    with pytest.raises(ValueError, match="at least one token"):
+        eager_loop.generate([[]], 4)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=0)
