@@ -2,6 +2,8 @@
 
     paiton demo                      # tiny random Qwen3 on CPU, or qwen3-8b in bf16 on a GPU
     paiton demo --model qwen3-0.6b --device cuda --mode reduce-overhead
+    paiton generate --model tiny --prompt-ids 1,2,3 --prompt-ids 7,8 --max-new-tokens 16
+    paiton generate --checkpoint /models/Qwen3-8B --prompt "Hello" --max-new-tokens 64 --temperature 0.7
 
 `demo` compiles a random-weight Qwen3 with `backend="paiton"`, runs a prefill and greedy
 decode steps through transformers' StaticCache beside eager, and prints which fusions fired
@@ -110,6 +112,83 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Stream tokens from the bundled decode loop, then print each sequence and its timings."""
+    import os
+
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _progress("no CUDA/ROCm device here; use --device cpu")
+        return 2
+    if device == "cpu" and args.backend == "paiton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Paiton's kernels, interpreted (see `demo`)
+    from paiton.models.checkpoint import CheckpointError, load_qwen3_checkpoint
+    from paiton.models.decode_loop import DecodeLoop, Sampling
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+
+    dtype = getattr(torch, DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
+    tokenizer = None
+    started = time.perf_counter()
+    if args.checkpoint:
+        _progress(f"loading {args.checkpoint} onto {device} as {dtype}")
+        try:
+            model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        except CheckpointError as error:
+            _progress(str(error))
+            return 2
+    else:
+        if args.model not in QWEN3_PRESETS:
+            _progress(f"unknown model {args.model!r}; presets: {', '.join(sorted(QWEN3_PRESETS))}")
+            return 2
+        _progress(f"building {args.model} with random weights on {device} as {dtype}")
+        model = build_qwen3(args.model, device=device, dtype=dtype, seed=args.seed)
+    if args.prompt is not None:
+        if tokenizer is None:
+            _progress("--prompt needs a checkpoint directory with a tokenizer; give --prompt-ids instead")
+            return 2
+        prompts = [tokenizer(args.prompt).input_ids]
+    elif args.prompt_ids:
+        try:
+            prompts = [[int(t) for t in ids.split(",") if t.strip()] for ids in args.prompt_ids]
+        except ValueError:
+            _progress("--prompt-ids takes comma-separated integers, e.g. --prompt-ids 1,2,3")
+            return 2
+    else:
+        _progress("give --prompt-ids (or --prompt with a checkpoint that has a tokenizer)")
+        return 2
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        _progress(f"token ids must be in [0, {vocab})")
+        return 2
+
+    options = {"paiton.inner_compiler": args.inner} if args.backend == "paiton" and args.inner != "inductor" else None
+    mode = "auto" if args.mode == "auto" else (None if args.mode == "default" else args.mode)
+    max_length = args.max_length or max(64, 2 ** (max(len(p) for p in prompts) + args.max_new_tokens - 1).bit_length())
+    loop = DecodeLoop(model, max_batch_size=len(prompts), max_length=max_length, backend=args.backend, mode=mode,
+                      options=options)
+    _progress(f"model ready in {time.perf_counter() - started:.1f} s; the first prefill and decode step compile "
+              f"({args.backend}), later ones replay")
+    stop = [int(t) for t in args.stop_token_ids.split(",")] if args.stop_token_ids else []
+    if tokenizer is not None and tokenizer.eos_token_id is not None and not stop:
+        stop = [tokenizer.eos_token_id]
+
+    def show(sequence, token, seconds):
+        text = tokenizer.decode([token]) if tokenizer is not None else str(token)
+        print(f"[{seconds * 1e3:9.1f} ms] seq {sequence}: {text}", file=sys.stderr, flush=True)
+
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    result = loop.generate(prompts, args.max_new_tokens, sampling, stop_token_ids=stop,
+                           on_token=show if args.stream else None)
+    for b, tokens in enumerate(result.tokens):
+        text = tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))
+        print(f"seq {b} ({result.finish_reasons[b]}, {len(tokens)} tokens): {text}")
+        print(f"  TTFT {result.ttft_s[b] * 1e3:.1f} ms (includes compiling on a first call), "
+              f"TPOT {result.tpot_s[b] * 1e3:.2f} ms, E2E {result.e2e_s[b] * 1e3:.1f} ms")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paiton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,7 +208,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the stock-Inductor run shown beside Paiton's parity")
     p.set_defaults(run=demo)
 
+    g = commands.add_parser("generate", help="generate with the bundled decode loop (a preset or a local checkpoint)")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--model", default="tiny", help="preset with random weights (default: tiny)")
+    source.add_argument("--checkpoint", help="a local Hugging Face Qwen3 directory (safetensors)")
+    g.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
+    g.add_argument("--prompt", help="text (needs a checkpoint with a tokenizer)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-length", type=int, help="static cache length (default: the next power of two that fits)")
+    g.add_argument("--backend", default="paiton", help="paiton (default), inductor, eager (no compile), any torch.compile backend")
+    g.add_argument("--inner", choices=["inductor", "eager"], default="inductor", help="paiton's inner compiler")
+    g.add_argument("--mode", default="auto", help="auto (reduce-overhead on GPU), default, reduce-overhead, ...")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", choices=sorted(DTYPES))
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop-token-ids", help="comma-separated (default: the tokenizer's EOS, if any)")
+    g.add_argument("--no-stream", dest="stream", action="store_false", help="print only the result, not each token")
+    g.set_defaults(run=generate)
+
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        if args.max_new_tokens < 1:
+            parser.error("--max-new-tokens must be at least 1")
+        return args.run(args)
     for name in ("batch", "prompt_len", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -121,3 +121,22 @@ def test_bad_requests_are_clear_errors(eager_loop):
         eager_loop.generate([[]], 4)
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
+
+
+def test_generate_command(capsys, tmp_path):
+    from paiton.cli import main
+
+    assert main(["generate", "--prompt-ids", "5,6,7,8,9", "--prompt-ids", "21,22,23", "--max-new-tokens", "6",
+                 "--backend", "eager", "--no-stream", "--seed", "3", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    model = build_qwen3("tiny", dtype=torch.float32, seed=3)
+    expected = DecodeLoop(model, max_batch_size=2, max_length=64, backend="eager").generate([PROMPTS[0], PROMPTS[2]], 6)
+    for b, tokens in enumerate(expected.tokens):
+        assert f"seq {b} (length, 6 tokens): {' '.join(map(str, tokens))}" in out
+
+    # A text prompt needs a tokenizer; a checkpoint without one is a clear error (exit 2).
+    model.save_pretrained(tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "hello", "--backend", "eager"]) == 2
+    assert "needs a checkpoint directory with a tokenizer" in capsys.readouterr().err
+    assert main(["generate", "--model", "qwen3-1b", "--prompt-ids", "1"]) == 2
+    assert main(["generate", "--prompt-ids", "1,x"]) == 2
