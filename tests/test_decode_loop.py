@@ -140,3 +140,19 @@ def test_generate_command(capsys, tmp_path):
     assert "needs a checkpoint directory with a tokenizer" in capsys.readouterr().err
     assert main(["generate", "--model", "qwen3-1b", "--prompt-ids", "1"]) == 2
     assert main(["generate", "--prompt-ids", "1,x"]) == 2
+
+
+def test_compiled_once_per_batch_size_and_prompt_bucket():
+    """New requests of a seen shape reuse the compiled graphs (the cache is new each call but
+    has the same shape); a new batch size adds its prefill and decode graphs, a longer prompt
+    bucket one prefill graph."""
+    torch._dynamo.reset()
+    model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=1)
+    loop = DecodeLoop(model, max_batch_size=4, max_length=64, options=EAGER_INNER)
+    for prompts in ([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11]], [[12], [13]]):
+        loop.generate(prompts, 4)
+    assert len(paiton.fusion_graphs(model)) == 2
+    loop.generate([[1, 2, 3]], 4)
+    assert len(paiton.fusion_graphs(model)) == 4
+    loop.generate([list(range(1, 22))], 4)  # 21 tokens: the 32 bucket
+    assert len(paiton.fusion_graphs(model)) == 5
