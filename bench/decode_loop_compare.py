@@ -1,0 +1,104 @@
+"""The bundled decode loop with eager, stock Inductor and Paiton side by side: TTFT, TPOT and
+compile time per model and batch size, in one process, on the same prompts.
+
+    python bench/decode_loop_compare.py --models qwen3-8b,qwen3-32b --batches 1,32     # on a GPU
+    python bench/decode_loop_compare.py --models tiny --batches 1,2 --device cpu --inner eager   # smoke
+
+Per model (random weights, bf16 on GPU) and backend: one DecodeLoop (compiled backends use
+mode "reduce-overhead" on a GPU), then per batch size a first `generate` (compiles the
+prefill and decode graphs: its wall time minus a measured run's is reported as compile
+time) and a measured `generate` of the same prompts. Backends run in the order given, each
+after torch._dynamo.reset(). Greedy; every compiled run's tokens are compared with eager's
+(first position where a sequence differs). Writes decode_loop-<card>-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def main(argv=None):
+    from paiton.models.decode_loop import DecodeLoop
+    from paiton.models.qwen3 import build_qwen3
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="qwen3-8b")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--backends", default="eager,inductor,paiton")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--inner", default="inductor", choices=["inductor", "eager"], help="paiton's inner compiler")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    rows = []
+    for model_name in args.models.split(","):
+        model = build_qwen3(model_name, device=args.device, dtype=dtype)
+        generator = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, model.config.vocab_size, (max(batches), args.prompt_len), generator=generator).tolist()
+        eager_tokens = {}
+        for backend in args.backends.split(","):
+            torch._dynamo.reset()
+            options = {"paiton.inner_compiler": args.inner} if backend == "paiton" and args.inner != "inductor" else None
+            loop = DecodeLoop(model, max_batch_size=max(batches), max_length=args.prompt_len + args.new_tokens + 16,
+                              backend=backend, options=options)
+            for batch in batches:
+                requests = prompts[:batch]
+                start = time.perf_counter()
+                loop.generate(requests, args.new_tokens)
+                first_run = time.perf_counter() - start
+                start = time.perf_counter()
+                result = loop.generate(requests, args.new_tokens)
+                run = time.perf_counter() - start
+                if backend == "eager":
+                    eager_tokens[batch] = result.tokens
+                divergence = [first_divergence(a, b) for a, b in zip(result.tokens, eager_tokens.get(batch, result.tokens))]
+                row = dict(model=model_name, backend=backend, batch=batch, ttft_ms=1e3 * statistics.mean(result.ttft_s),
+                           tpot_ms=1e3 * statistics.mean(result.tpot_s), compile_s=max(first_run - run, 0.0),
+                           tokens_per_s=sum(map(len, result.tokens)) / run,
+                           sequences_equal_to_eager=sum(d is None for d in divergence), first_divergence=divergence)
+                rows.append(row)
+                print({k: v for k, v in row.items() if k != "first_divergence"}, flush=True)
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = dict(date=date, commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
+               prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=str(dtype))
+    lines = [f"# Bundled decode loop: eager vs stock Inductor vs Paiton ({card})", "",
+             f"{date}, commit {env['commit']}, torch {torch.__version__}, {dtype}, prompt {args.prompt_len}, "
+             f"{args.new_tokens} new tokens, greedy, random weights.", "",
+             "| model | backend | batch | TTFT ms | TPOT ms | output tok/s | compile s | sequences = eager |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['compile_s']:.1f} | {r['sequences_equal_to_eager']}/{r['batch']} |")
+    table = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"decode_loop-{card.replace(' ', '_')}-{date[:10]}")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
