@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
 
 import torch
+from bench_common import write_results
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -91,14 +91,7 @@ def main(argv=None):
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['compile_s']:.1f} | {r['sequences_equal_to_eager']}/{r['batch']} |")
     table = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"decode_loop-{card.replace(' ', '_')}-{date[:10]}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    print(table)
-
+    write_results(args.out, f"decode_loop-{card.replace(' ', '_')}-{date[:10]}", dict(env=env, rows=rows), table)
 
 if __name__ == "__main__":
     main()

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
 
 import torch
+from bench_common import write_results
 
 
 @torch.no_grad()
@@ -127,14 +127,8 @@ def main(argv=None):
         lines.append(f"| {r['config']} | {r['tpot_ms']:.2f} | {r['first_run_s']:.0f} | {r['max_logit_diff']:.3f} | "
                      f"{r['argmax_equal_eager_steps']} | {r['allocated_over_weights_gib']:.2f} | {r['peak_over_weights_gib']:.2f} |")
     table = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"qwen3_memory_and_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(table)
-    print(table)
-
+    write_results(args.out, f"qwen3_memory_and_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}",
+                  dict(env=env, rows=rows), table)
 
 if __name__ == "__main__":
     main()
