@@ -176,10 +176,8 @@ def make_case(case, dtype):
         packed = torch.randn(sum(case["outs"]), cols, device="cuda", dtype=dtype) * cols**-0.5
         weights = packed.split(list(case["outs"]))
         # The same weights for both sides (Inductor's linears read them as separate tensors).
-        first = weights[0]
-
         def paiton_fn():
-            out = torch.ops.paiton.packed_linear(x, first, packed.shape[0])
+            out = torch.ops.paiton.packed_linear(x, list(weights))
             return tuple(out.split(list(case["outs"]), dim=-1))
 
         return paiton_fn, (lambda f: f(x, *weights)), separate_linears, packed.nbytes + x.nbytes + rows * packed.shape[0] * 2

@@ -1,16 +1,18 @@
 """One matrix product against weights packed as consecutive row blocks of one buffer.
 
-Op: paiton::packed_linear(x, first_weight, out_features) -> x @ W.T, where W is the
-[out_features, K] matrix that starts at `first_weight` (a view at offset 0 of its storage)
-and runs on through the rows of the weights packed after it (see
-passes/merged_projections.py, which packs q/k/v and gate/up weights this way).
+Op: paiton::packed_linear(x, [W_1, ..., W_n]) -> x @ cat(W_1, ..., W_n).T, computed as ONE
+GEMM against the [sum N_i, K] matrix the weights form when they lie, in this order, as
+consecutive rows of one buffer that W_1 starts (passes/merged_projections.py packs q/k/v
+and gate/up weights that way). No concatenation happens: the op checks that the weights are
+packed and views the buffer.
 
-Why an op rather than `linear(x, as_strided(first_weight, ...))` in the graph: the graph is
-traced before the weights are packed (packing changes their storage offsets, which the
-tracer has already recorded), so the traced graph cannot look past `first_weight`'s own
-rows. The op's fake implementation needs only shapes; at run time it checks that the buffer
-really holds `out_features` rows, then calls the same matrix product `linear` would
-(cuBLAS / hipBLASLt on GPUs: no Triton kernel beats it for a plain GEMM here).
+Why an op rather than `linear(x, as_strided(W_1, ...))` in the graph: the graph is traced
+before the weights are packed (packing changes their storage offsets, which the tracer has
+already recorded), so the traced graph cannot look past W_1's own rows. The op's fake
+implementation needs only shapes. Every weight is an argument, although only W_1's address
+is used: each call checks that they are still packed (a parameter replaced after compiling is
+an error, not a silently stale product), and CUDA graph trees see all of their addresses.
+The product itself is the same cuBLAS / hipBLASLt call `linear` makes.
 """
 
 from __future__ import annotations
@@ -18,39 +20,40 @@ from __future__ import annotations
 import torch
 
 
-def packed_weight(first_weight: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The [out_features, K] matrix whose first rows are `first_weight`."""
-    in_features = first_weight.shape[1]
-    available = first_weight.untyped_storage().nbytes() // first_weight.element_size()
-    if first_weight.storage_offset() != 0 or not first_weight.is_contiguous() or available < out_features * in_features:
-        raise RuntimeError(
-            f"paiton packed_linear: the weight {tuple(first_weight.shape)} does not start a packed buffer of "
-            f"{out_features} rows (storage holds {available // max(in_features, 1)} rows at offset "
-            f"{first_weight.storage_offset()}). Were the model's parameters replaced after compiling? "
-            "Call torch._dynamo.reset() and compile again."
-        )
-    return first_weight.as_strided((out_features, in_features), (in_features, 1), 0)
+def packed_weight(weights: list[torch.Tensor]) -> torch.Tensor:
+    """The [sum N_i, K] view of the buffer the weights are packed in; an error if they are not."""
+    first = weights[0]
+    in_features, offset = first.shape[1], 0
+    storage = first.untyped_storage().data_ptr()
+    for index, w in enumerate(weights):
+        if w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset or not w.is_contiguous():
+            raise RuntimeError(
+                f"paiton packed_linear: weight {index} {tuple(w.shape)} is not where the packed buffer has it "
+                f"(expected rows {offset // max(in_features, 1)}.. of the buffer that weight 0 starts). Were the "
+                "model's parameters replaced after compiling? Call torch._dynamo.reset() and compile again."
+            )
+        offset += w.numel()
+    return first.as_strided((offset // in_features, in_features), (in_features, 1), 0)
 
 
-def _check_inputs(x: torch.Tensor, first_weight: torch.Tensor, out_features: int) -> None:
-    if first_weight.dim() != 2 or x.shape[-1] != first_weight.shape[1]:
+def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    if not weights or any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
         raise ValueError(
-            f"paiton packed_linear: x [..., K] and a 2-D weight [N, K]; got {tuple(x.shape)}, {tuple(first_weight.shape)}"
+            f"paiton packed_linear: x [..., K] and 2-D weights [N_i, K]; got {tuple(x.shape)}, "
+            f"{[tuple(w.shape) for w in weights]}"
         )
-    if out_features < first_weight.shape[0] or x.dtype != first_weight.dtype:
-        raise ValueError(
-            f"paiton packed_linear: out_features ({out_features}) below the first weight's rows, or dtypes "
-            f"differ ({x.dtype}, {first_weight.dtype})"
-        )
+    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+        raise ValueError(f"paiton packed_linear: x and the weights need one dtype and device; got {x.dtype}, "
+                         f"{sorted({str(w.dtype) for w in weights})}")
 
 
 @torch.library.custom_op("paiton::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, first_weight: torch.Tensor, out_features: int) -> torch.Tensor:
-    _check_inputs(x, first_weight, out_features)
-    return torch.nn.functional.linear(x, packed_weight(first_weight, out_features))
+def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    _check_inputs(x, weights)
+    return torch.nn.functional.linear(x, packed_weight(weights))
 
 
 @packed_linear.register_fake
-def _packed_linear_fake(x, first_weight, out_features):
-    _check_inputs(x, first_weight, out_features)
-    return x.new_empty((*x.shape[:-1], out_features))
+def _packed_linear_fake(x, weights):
+    _check_inputs(x, weights)
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))

@@ -43,13 +43,13 @@ def qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps):
 @triton.jit
 def _norm_rope_heads(
     x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr,
-    b, s, s_out, n_heads, head_dim, eps,
+    b, s, s_out, out_len, n_heads, head_dim, eps,
     stride_b, stride_s, stride_h, out_stride_b, out_stride_s, out_stride_h,
     BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """All heads of one token: norm over head_dim, weight, then rotary embedding; written at
     out[b, s_out, head] (through the output's strides: a fresh [B, S, H, D] tensor, or the
-    KV cache [B, H, L, D] at the token's cache slot)."""
+    KV cache [B, H, L, D] at the token's cache slot) if 0 <= s_out < out_len."""
     half = head_dim // 2
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
@@ -76,29 +76,33 @@ def _norm_rope_heads(
     out2 = (y2 * cos2).to(dtype).to(tl.float32) + (y1 * sin2).to(dtype).to(tl.float32)
 
     out_row = out_ptr + b.to(tl.int64) * out_stride_b + s_out.to(tl.int64) * out_stride_s + heads * out_stride_h
-    tl.store(out_row + cols, out1.to(dtype), mask=mask)
-    tl.store(out_row + half + cols, out2.to(dtype), mask=mask)
+    # (The slot test is a block, not a scalar: Triton's interpreter rejects scalar & block masks.)
+    slot = s_out + 0 * heads
+    store = mask & (slot >= 0) & (slot < out_len)
+    tl.store(out_row + cols, out1.to(dtype), mask=store)
+    tl.store(out_row + half + cols, out2.to(dtype), mask=store)
 
 
 @triton.jit
 def _copy_heads(
-    x_ptr, out_ptr, b, s, s_out, n_heads, head_dim,
+    x_ptr, out_ptr, b, s, s_out, out_len, n_heads, head_dim,
     stride_b, stride_s, stride_h, out_stride_b, out_stride_s, out_stride_h,
     BLOCK_HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """All heads of one token copied to out[b, s_out, head] (v into its cache slot)."""
+    """All heads of one token copied to out[b, s_out, head] (v into its cache slot) if 0 <= s_out < out_len."""
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     cols = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < n_heads) & (cols < head_dim)
     x = tl.load(x_ptr + b.to(tl.int64) * stride_b + s.to(tl.int64) * stride_s + heads * stride_h + cols, mask=mask)
     out_row = out_ptr + b.to(tl.int64) * out_stride_b + s_out.to(tl.int64) * out_stride_s + heads * out_stride_h
-    tl.store(out_row + cols, x, mask=mask)
+    slot = s_out + 0 * heads
+    tl.store(out_row + cols, x, mask=mask & (slot >= 0) & (slot < out_len))
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr, slot_ptr,
-    seq_len, n_q_heads, n_k_heads, head_dim, eps,
+    seq_len, n_q_heads, n_k_heads, head_dim, cache_len, eps,
     q_stride_b, q_stride_s, q_stride_h,
     k_stride_b, k_stride_s, k_stride_h,
     v_stride_b, v_stride_s, v_stride_h,
@@ -109,7 +113,9 @@ def _qk_norm_rope_kernel(
     WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
-    WRITE_CACHE, k goes to its cache slot (slot_ptr[s]) and which = 2 copies v to its slot."""
+    WRITE_CACHE, k goes to its cache slot (slot_ptr[s]) and which = 2 copies v to its slot.
+    A slot outside [0, cache_len) is not written (eager's index_copy_ raises there; a kernel
+    cannot, and must not write outside the cache)."""
     token = tl.program_id(0)
     which = tl.program_id(1)
     b = token // seq_len
@@ -121,15 +127,15 @@ def _qk_norm_rope_kernel(
     cos_row = cos_ptr + b.to(tl.int64) * cos_stride_b + s.to(tl.int64) * cos_stride_s
     sin_row = sin_ptr + b.to(tl.int64) * sin_stride_b + s.to(tl.int64) * sin_stride_s
     if which == 0:
-        _norm_rope_heads(q_ptr, q_w_ptr, q_out_ptr, cos_row, sin_row, b, s, s, n_q_heads, head_dim, eps,
+        _norm_rope_heads(q_ptr, q_w_ptr, q_out_ptr, cos_row, sin_row, b, s, s, seq_len, n_q_heads, head_dim, eps,
                          q_stride_b, q_stride_s, q_stride_h, q_out_stride_b, q_out_stride_s, q_out_stride_h,
                          BLOCK_HEADS, BLOCK_HALF)
     elif which == 1:
-        _norm_rope_heads(k_ptr, k_w_ptr, k_out_ptr, cos_row, sin_row, b, s, slot, n_k_heads, head_dim, eps,
+        _norm_rope_heads(k_ptr, k_w_ptr, k_out_ptr, cos_row, sin_row, b, s, slot, cache_len, n_k_heads, head_dim, eps,
                          k_stride_b, k_stride_s, k_stride_h, k_out_stride_b, k_out_stride_s, k_out_stride_h,
                          BLOCK_HEADS, BLOCK_HALF)
     else:
-        _copy_heads(v_ptr, v_out_ptr, b, s, slot, n_k_heads, head_dim,
+        _copy_heads(v_ptr, v_out_ptr, b, s, slot, cache_len, n_k_heads, head_dim,
                     v_stride_b, v_stride_s, v_stride_h, v_out_stride_b, v_out_stride_s, v_out_stride_h,
                     BLOCK_HEADS, 2 * BLOCK_HALF)
 
@@ -201,7 +207,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None):
     with device_guard(q):
         _qk_norm_rope_kernel[grid](
             q, k, v_source, q_weight, k_weight, q_out, k_target, v_target, cos, sin, slot_source,
-            seq, n_q_heads, k.shape[2], head_dim, float(eps),
+            seq, n_q_heads, k.shape[2], head_dim, k_target.shape[2] if cache is not None else seq, float(eps),
             *_bsh_strides(q, 1), *_bsh_strides(k, 1), *v_strides,
             *_bsh_strides(q_out, 2), *k_target_strides, *v_target_strides,
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),

@@ -135,12 +135,14 @@ class DecodeLoop:
             raise ValueError(f"batch of {batch} prompts; this loop takes 1 to {self.max_batch_size}")
         if min(lengths) == 0:
             raise ValueError("every prompt needs at least one token")
-        padded = prompt_bucket(max(lengths), self.max_length)
-        if padded + max_new_tokens > self.max_length or max(lengths) > padded:
-            raise ValueError(f"prompt ({max(lengths)} tokens, padded to {padded}) + {max_new_tokens} new tokens "
-                             f"exceed max_length {self.max_length}")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        # The bucket, shortened to what the cache leaves room for (a max_length that is not a
+        # power of two must still take every request that fits it).
+        padded = max(min(prompt_bucket(max(lengths), self.max_length), self.max_length - max_new_tokens), max(lengths))
+        if padded + max_new_tokens > self.max_length:
+            raise ValueError(f"prompt ({max(lengths)} tokens, padded to {padded}) + {max_new_tokens} new tokens "
+                             f"exceed max_length {self.max_length}")
 
         device, config = self.device, self.model.config
         ids = torch.full((batch, padded), self.pad_token_id, dtype=torch.long)

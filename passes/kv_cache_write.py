@@ -174,6 +174,9 @@ class KVCacheWritePass(PaitonPass):
         k_val, v_val, kc_val, vc_val = val(k_out), val(v), val(k_cache), val(v_cache)
         if v_val.shape != k_val.shape or v_val.dtype != k_val.dtype or kc_val.shape != vc_val.shape:
             return False
+        # index_put broadcasts its value (a batch-1 k into a batch-B cache); the kernel does not.
+        if kc_val.shape[:2] != k_val.shape[:2] or kc_val.shape[3] != k_val.shape[3]:
+            return False
         if kc_val.dtype != k_val.dtype or vc_val.dtype != k_val.dtype or kc_val.stride(-1) != 1 or vc_val.stride(-1) != 1:
             return False
 

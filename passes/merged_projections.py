@@ -18,8 +18,9 @@ these weights. So this pass does not concatenate in the graph (that would copy e
 every step); it packs the *parameters* once:
 
 1. `__call__` (before the graph is compiled): the group's linears become one
-   `paiton.packed_linear(x, W_first, sum N)` and `narrow`s of its output. The op multiplies by
-   the [sum N, K] matrix that starts at W_first (fusion/packed_linear.py).
+   `paiton.packed_linear(x, [W_1, ..., W_n])` and `narrow`s of its output. The op multiplies
+   by the [sum N, K] matrix the weights form once packed, after checking that they do
+   (fusion/packed_linear.py).
 2. `after_compile` (once the graph is compiled, before it first runs): the group's weights are
    copied, in order, into one new [sum N, K] buffer, and each parameter is pointed at its
    block of rows (`param.data = buffer[a:b]`). The old storages are freed, so memory stays
@@ -35,8 +36,9 @@ identity).
 
 Merged: a group of at least two `linear(x, W, bias=None)` on the same input node `x` whose
 weights are distinct 2-D `nn.Parameter`s (graph inputs) of one dtype, device and in_features,
-each owning its whole storage and sharing it with no other graph input (tied weights are left
-alone), or already packed by this pass. Left alone: linears with a bias, weights that are not
+each owning its whole storage and sharing it with no other tensor (tied or aliased weights
+are left alone), or already packed by this pass. A weight joins at most one group (one used
+on two inputs is merged with the first). Graphs under autocast are left alone. Left alone: linears with a bias, weights that are not
 parameters (a CUDA graph copies other inputs each replay, and only its own elements), or
 that are computed in the graph.
 """
@@ -71,13 +73,21 @@ class MergedProjectionsPass:
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
                 storage_users[_storage_key(value)] += 1
 
+        if _uses_autocast(gm.graph):
+            # Under autocast a linear computes in the autocast dtype; the merged op has no
+            # autocast rule and would compute in the weights' dtype.
+            return 0
         rewritten = 0
+        claimed: set[int] = set()  # a weight joins one group: packing it twice would move it
         for group in _shared_input_groups(gm.graph, inputs):
             weights = [inputs[node.args[1]] for node in group]
+            if any(id(w) in claimed for w in weights):
+                continue
             if not _is_packed(weights):
                 if not _can_pack(weights, storage_users):
                     continue
                 self._to_pack.append(weights)
+            claimed.update(id(w) for w in weights)
             _rewrite(gm.graph, group, weights)
             rewritten += 1
         if rewritten:
@@ -96,6 +106,22 @@ def _placeholders(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [node for node in graph.nodes if node.op == "placeholder"]
 
 
+def _uses_autocast(graph: torch.fx.Graph) -> bool:
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        return True
+    return any(node.op == "call_function" and "autocast" in getattr(node.target, "__name__", str(node.target))
+               for node in graph.nodes)
+
+
+def _storage_use_count(t: torch.Tensor) -> int | None:
+    """How many tensors share `t`'s storage (1: `t` alone), where torch can tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    storage = t.untyped_storage()
+    return count(storage._cdata) - 1  # the Python storage object made here holds one reference
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr())
 
@@ -109,6 +135,9 @@ def _linear_weight(node: torch.fx.Node, inputs: dict) -> torch.nn.Parameter | No
         return None
     weight = inputs.get(args[1])
     if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2 or not isinstance(args[0], torch.fx.Node):
+        return None
+    x = args[0].meta.get("example_value")
+    if not isinstance(x, torch.Tensor) or x.dtype != weight.dtype:  # mixed dtypes: not the op's contract
         return None
     return weight
 
@@ -144,9 +173,11 @@ def _is_packed(weights: list[torch.Tensor]) -> bool:
 
 
 def _can_pack(weights: list[torch.Tensor], storage_users: dict) -> bool:
+    """Each weight owns its whole storage, which no other tensor shares (in this graph's
+    inputs, or anywhere torch can count): moving it must not decouple an alias."""
     for w in weights:
         owns_storage = w.is_contiguous() and w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
-        if not owns_storage or storage_users[_storage_key(w)] != 1:
+        if not owns_storage or storage_users[_storage_key(w)] != 1 or _storage_use_count(w) not in (None, 1):
             return False
     return True
 
@@ -168,10 +199,9 @@ def _pack(weights: list[torch.nn.Parameter]) -> None:
 def _rewrite(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[torch.Tensor]) -> None:
     import paiton.fusion.packed_linear  # noqa: F401  (registers torch.ops.paiton.packed_linear)
 
-    x, first_weight = group[0].args[0], group[0].args[1]
-    rows = sum(w.shape[0] for w in weights)
+    x = group[0].args[0]
     with graph.inserting_before(group[0]):
-        product = graph.call_function(torch.ops.paiton.packed_linear.default, (x, first_weight, rows))
+        product = graph.call_function(torch.ops.paiton.packed_linear.default, (x, [node.args[1] for node in group]))
         parts, start = [], 0
         for node, w in zip(group, weights):
             parts.append(graph.call_function(torch.narrow, (product, -1, start, w.shape[0])))
@@ -186,12 +216,16 @@ def _set_example_values(new_nodes) -> None:
     """Dynamo's nodes carry fake example values that Inductor's pre-grad passes read; give
     the new nodes theirs, computed in the fake mode of their inputs' example values."""
     def example(a):
+        if isinstance(a, (list, tuple)):
+            return [example(item) for item in a]
         return a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a
 
     for node in new_nodes:
         args = [example(a) for a in node.args]
+        if any(a is None or (isinstance(a, list) and None in a) for a in args):
+            return
         mode = next((getattr(a, "fake_mode", None) for a in args if getattr(a, "fake_mode", None)), None)
-        if mode is None or any(isinstance(a, torch.fx.Node) for a in node.args if example(a) is None):
+        if mode is None:
             return
         with mode:
             node.meta["example_value"] = node.target(*args)

@@ -84,7 +84,7 @@ def qk_norm_rope_cases():
 
 def compile_qk_norm_rope(dtype, q_heads, write_cache, target):
     pointers = ["q_ptr", "k_ptr", "v_ptr", "q_w_ptr", "k_w_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr", "cos_ptr", "sin_ptr"]
-    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "eps"]
+    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "cache_len", "eps"]
     for tensor in ("q", "k", "v", "q_out", "k_out", "v_out"):
         ints += [f"{tensor}_stride_b", f"{tensor}_stride_s", f"{tensor}_stride_h"]
     ints += ["cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]
@@ -93,7 +93,7 @@ def compile_qk_norm_rope(dtype, q_heads, write_cache, target):
     names = list(signature)
     # As the JIT specializes for Qwen3's aligned tensors (head_dim 128, strides multiples of 16).
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if n not in ("eps", "seq_len", "n_q_heads", "n_k_heads", "slot_ptr") and signature[n] != "constexpr"}
+             if n not in ("eps", "seq_len", "n_q_heads", "n_k_heads", "cache_len", "slot_ptr") and signature[n] != "constexpr"}
     source = ASTSource(fn=_qk_norm_rope_kernel, signature=signature,
                        constexprs={"WRITE_CACHE": write_cache, "BLOCK_HEADS": q_heads, "BLOCK_HALF": 64}, attrs=attrs)
     return triton.compile(source, target=target, options={"num_warps": 4})

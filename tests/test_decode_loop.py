@@ -112,6 +112,13 @@ def test_prompt_buckets():
     assert prompt_bucket(40, 48) == 48
 
 
+def test_a_request_that_fits_the_cache_is_taken(model):
+    """max_length 40 (not a power of two): a 20-token prompt would pad to 32 and leave 8; it
+    pads to 25 instead and takes 15 new tokens."""
+    loop = DecodeLoop(model, max_batch_size=1, max_length=40, backend="eager")
+    assert len(loop.generate([list(range(1, 21))], 15).tokens[0]) == 15
+
+
 def test_bad_requests_are_clear_errors(eager_loop):
     with pytest.raises(ValueError, match="batch of 5 prompts; this loop takes 1 to 4"):
         eager_loop.generate([[1]] * 5, 4)

@@ -152,13 +152,71 @@ def test_switched_off():
 
 
 def test_a_weight_replaced_after_compiling_is_an_error_not_garbage():
-    """The product reads the buffer past its first weight; if the user points that parameter
-    somewhere else, the op says so instead of reading memory it does not own."""
-    weight = torch.randn(8, 16)
-    with pytest.raises(RuntimeError, match="does not start a packed buffer of 24 rows"):
-        packed_weight(weight, 24)
+    """The product reads the packed buffer; if the user points any of its parameters somewhere
+    else (Dynamo does not guard storage), the op says so instead of using stale weights."""
+    torch._dynamo.reset()
+    module = SharedInput(16, [8, 8, 8], torch.float32)
+    compiled = torch.compile(module, backend="paiton", options=EAGER_INNER)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        compiled(x)
+        module.projections[2].weight.data = torch.randn(8, 16)
+        with pytest.raises(RuntimeError, match="weight 2 .* is not where the packed buffer has it"):
+            compiled(x)
     buffer = torch.randn(24, 16)
-    assert torch.equal(packed_weight(buffer[:8], 24), buffer)
+    assert torch.equal(packed_weight(list(buffer.split(8))), buffer)
+
+
+def test_a_weight_used_on_two_inputs_is_packed_once():
+    """W on x1 beside A, and on x2 beside B: W joins the first group only (packing it into both
+    would move it out of the first buffer). Found in review: A's product came out as B's."""
+    torch._dynamo.reset()
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.a, self.b = (torch.nn.Linear(16, 8, bias=False) for _ in range(3))
+
+        def forward(self, x1, x2):
+            return self.w(x1), self.a(x1), self.w(x2), self.b(x2)
+
+    module = TwoInputs()
+    x1, x2 = torch.randn(2, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = module(x1, x2)
+        with capture_paiton_graphs() as graphs:
+            actual = torch.compile(module, backend="paiton", options=EAGER_INNER)(x1, x2)
+        again = torch.compile(module, backend="paiton", options=EAGER_INNER)(x1, x2)
+    assert graphs[0][2]["merged_projections"] == 1
+    assert_packed([module.w.weight, module.a.weight])
+    for a, b, e in zip(actual, again, expected):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])
+        torch.testing.assert_close(b, e, **TOLERANCE[torch.float32])
+
+
+def test_autocast_and_aliased_weights_are_left_alone():
+    """Under autocast a linear computes in the autocast dtype (the merged op would not); a
+    weight whose storage another tensor shares must not be moved away from it."""
+    torch._dynamo.reset()
+
+    class Autocast(SharedInput):
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return super().forward(x)
+
+    module, x = Autocast(16, [8, 8], torch.float32), torch.randn(2, 16)
+    with torch.no_grad():
+        expected = module(x)
+    actual, graphs = run(module, x)
+    assert graphs[0][2]["merged_projections"] == 0
+    assert [a.dtype for a in actual] == [e.dtype for e in expected] == [torch.bfloat16] * 2
+
+    torch._dynamo.reset()
+    module = SharedInput(16, [8, 8], torch.float32)
+    alias = module.projections[1].weight.detach().view(-1)  # e.g. a flat view some other code keeps
+    _, graphs = run(module, x)
+    assert graphs[0][2]["merged_projections"] == 0
+    assert alias.data_ptr() == module.projections[1].weight.data_ptr()
 
 
 def test_a_packed_model_saves_and_loads_with_transformers(tmp_path):

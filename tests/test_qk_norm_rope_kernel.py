@@ -155,3 +155,19 @@ def test_cache_write_opcheck():
     caches = random((2, 2, 8, 16), torch.float32, 3), random((2, 2, 8, 16), torch.float32, 4)
     torch.library.opcheck(torch.ops.paiton.qk_norm_rope_cache.default,
                           (q, k, v, w, w, cs, cs, 1e-6, *caches, torch.tensor([5, 2, 7], device=DEVICE)))
+
+
+def test_cache_write_skips_slots_outside_the_cache():
+    """Eager's index_copy_ raises on such a slot; the kernel cannot raise, and must not write
+    outside the cache: the other tokens are written, the cache around it is untouched."""
+    q, k, v = merged_qkv(1, 3, 4, 2, 16, torch.float32, 0)
+    w, cs = random((16,), torch.float32, 1), random((1, 3, 16), torch.float32, 2)
+    k_cache, v_cache = random((1, 2, 8, 16), torch.float32, 3), random((1, 2, 8, 16), torch.float32, 4)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([2, 8, 5], device=DEVICE)
+    torch.ops.paiton.qk_norm_rope_cache(q, k, v.transpose(1, 2), w, w, cs, cs, 1e-6, k_cache, v_cache, slots)
+    written = torch.zeros(8, dtype=torch.bool)
+    written[[2, 5]] = True
+    assert torch.equal(k_cache[:, :, ~written], before_k[:, :, ~written])
+    assert torch.equal(v_cache[:, :, ~written], before_v[:, :, ~written])
+    assert torch.equal(v_cache[:, :, [2, 5]], v.transpose(1, 2)[:, :, [0, 2]])
