@@ -1,0 +1,82 @@
+"""The serving benchmark's parts that need no GPU (issue 5): ShareGPT and synthetic workloads,
+and vLLM's metric definitions checked on hand-made timings."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from serving_metrics import RequestTiming, summarize  # noqa: E402
+from serving_workload import MAX_PROMPT, MAX_TOTAL, Request, sharegpt_requests, synthetic_requests  # noqa: E402
+
+
+def words(text):
+    """A stand-in tokenizer: one token per word."""
+    return [len(w) for w in text.split()]
+
+
+def conversation(prompt_words, answer_words):
+    return {"conversations": [{"from": "human", "value": " ".join(["w"] * prompt_words)},
+                              {"from": "gpt", "value": " ".join(["a"] * answer_words)}]}
+
+
+def test_sharegpt_takes_the_first_two_turns_and_vllms_limits(tmp_path):
+    data = [conversation(10, 20), conversation(3, 20), conversation(10, 2), conversation(1100, 10),
+            conversation(1000, 1200), {"conversations": [{"from": "human", "value": "only one turn"}]},
+            conversation(6, 7)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    requests = sharegpt_requests(path, words, num_prompts=2, seed=0)
+    assert sorted((len(r.prompt), r.output_len) for r in requests) == [(6, 7), (10, 20)]
+    assert sharegpt_requests(path, words, 2, seed=0) == requests  # seeded
+    fixed = sharegpt_requests(path, words, 2, seed=0, fixed_output_len=256)
+    assert {r.output_len for r in fixed} == {256}
+    with pytest.raises(ValueError, match="only 2 usable conversations, 3 asked for"):
+        sharegpt_requests(path, words, 3)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such dataset file"),
+    ("{not json", "not valid JSON"),
+    ('{"conversations": []}', "a JSON list of conversations"),
+    ('[{"turns": []}]', "entry 0 has no 'conversations' list"),
+    ('[{"conversations": [{"value": 1}, {"value": "x"}]}]', "turns need a string 'value'"),
+])
+def test_malformed_sharegpt_files_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        sharegpt_requests(path, words, 1)
+
+
+def test_synthetic_workload_is_seeded_and_within_limits():
+    requests = synthetic_requests(300, vocab_size=1000, seed=1)
+    assert requests == synthetic_requests(300, vocab_size=1000, seed=1)
+    assert requests != synthetic_requests(300, vocab_size=1000, seed=2)
+    prompt_lens = sorted(len(r.prompt) for r in requests)
+    assert all(4 <= n <= MAX_PROMPT for n in prompt_lens)
+    assert all(len(r.prompt) + r.output_len <= MAX_TOTAL and r.output_len >= 4 for r in requests)
+    assert 120 <= prompt_lens[150] <= 330  # median near 200: a spread like ShareGPT's, not a constant
+    assert prompt_lens[30] < 100 < 400 < prompt_lens[270]
+    assert all(0 <= t < 1000 for r in requests for t in r.prompt)
+    assert {r.output_len for r in synthetic_requests(5, 1000, fixed_output_len=256)} == {256}
+    assert isinstance(requests[0], Request)
+
+
+def test_metrics_follow_vllms_definitions():
+    timings = [RequestTiming(prompt_len=10, token_times=[0.1, 0.2, 0.4]),  # TTFT 100, TPOT 150, ITLs 100, 200
+               RequestTiming(prompt_len=30, token_times=[0.3]),            # one token: no TPOT, no ITL
+               RequestTiming(prompt_len=20, token_times=[0.2, 0.5])]       # TTFT 200, TPOT 300, ITL 300
+    m = summarize(timings, duration_s=2.0)
+    assert m["completed"] == 3 and m["total_input_tokens"] == 60 and m["total_output_tokens"] == 6
+    assert m["request_throughput"] == 1.5 and m["output_throughput"] == 3.0 and m["total_token_throughput"] == 33.0
+    assert m["mean_ttft_ms"] == pytest.approx(200.0) and m["median_ttft_ms"] == pytest.approx(200.0)
+    assert m["mean_tpot_ms"] == pytest.approx(225.0)
+    assert m["mean_itl_ms"] == pytest.approx(200.0) and m["median_itl_ms"] == pytest.approx(200.0)
+    assert m["mean_e2el_ms"] == pytest.approx(400.0)
+    assert m["p99_e2el_ms"] == pytest.approx(500 - 0.02 * 100)  # numpy's linear percentile of 300, 400, 500
+    with pytest.raises(ValueError):
+        summarize([], 1.0)
