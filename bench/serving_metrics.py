@@ -44,3 +44,32 @@ def summarize(timings: list[RequestTiming], duration_s: float) -> dict[str, floa
         result[f"median_{name}_ms"] = float(np.median(values_ms))
         result[f"p99_{name}_ms"] = float(np.percentile(values_ms, 99))
     return result
+
+
+def cost_per_million_tokens(tokens_per_s: float, gpu_hourly_cost: float) -> float:
+    """Dollars per million tokens for a GPU rented at `gpu_hourly_cost` dollars an hour that
+    produces `tokens_per_s` (the public Paiton comparison argues from this)."""
+    if tokens_per_s <= 0:
+        raise ValueError("tokens_per_s must be positive")
+    return gpu_hourly_cost / 3600.0 / tokens_per_s * 1e6
+
+
+def decode_step_bytes(config, batch: int, context_len: int, dtype_bytes: int = 2) -> int:
+    """Bytes one decode step must read at least: every weight once (the embedding table only
+    for the batch's rows; with tied embeddings the table is read as the lm_head) and, per
+    sequence, K and V of the `context_len` cached positions in every layer."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * config.intermediate_size + 2 * hidden + 2 * head_dim
+    lm_head = config.vocab_size * hidden
+    embedding_rows = batch * hidden if not getattr(config, "tie_word_embeddings", False) else 0
+    weights = layers * per_layer + lm_head + embedding_rows + hidden
+    kv_cache = batch * layers * 2 * kv * context_len
+    return (weights + kv_cache) * dtype_bytes
+
+
+def bandwidth_fraction(bytes_per_step: int, tpot_s: float, copy_rate_bytes_per_s: float) -> float:
+    """The share of the measured copy rate (read + write bytes per second of a large device
+    copy) that a decode step achieves: bytes it must read / TPOT / copy rate."""
+    return bytes_per_step / tpot_s / copy_rate_bytes_per_s

@@ -80,3 +80,19 @@ def test_metrics_follow_vllms_definitions():
     assert m["p99_e2el_ms"] == pytest.approx(500 - 0.02 * 100)  # numpy's linear percentile of 300, 400, 500
     with pytest.raises(ValueError):
         summarize([], 1.0)
+
+
+def test_cost_and_bandwidth_views():
+    from serving_metrics import bandwidth_fraction, cost_per_million_tokens, decode_step_bytes
+
+    from paiton.models.qwen3 import qwen3_config
+
+    # $2.50 an hour at 1000 tokens/s: 3.6M tokens an hour, so $0.694 per million.
+    assert cost_per_million_tokens(1000.0, 2.5) == pytest.approx(2.5 / 3.6)
+    config = qwen3_config("qwen3-8b")
+    weights_only = decode_step_bytes(config, batch=1, context_len=0)
+    # Qwen3-8B has 8.19e9 parameters; one step reads all but the embedding table (1 row of it).
+    assert weights_only == pytest.approx(2 * (8.19e9 - 151936 * 4096), rel=0.01)
+    with_cache = decode_step_bytes(config, batch=4, context_len=1000)
+    assert with_cache - decode_step_bytes(config, batch=4, context_len=0) == 4 * 36 * 2 * 8 * 128 * 1000 * 2
+    assert bandwidth_fraction(3e9, 1e-3, 3e12) == pytest.approx(1.0)
