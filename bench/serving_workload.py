@@ -71,12 +71,14 @@ def sharegpt_requests(path: str | Path, tokenize, num_prompts: int, seed: int = 
     raise ValueError(f"{path}: only {len(requests)} usable conversations, {num_prompts} asked for")
 
 
-def synthetic_requests(num_prompts: int, vocab_size: int, seed: int = 0,
-                       fixed_output_len: int | None = None) -> list[Request]:
+def synthetic_requests(num_prompts: int, vocab_size: int, seed: int = 0, fixed_output_len: int | None = None,
+                       max_prompt: int = MAX_PROMPT) -> list[Request]:
+    """`max_prompt` lowers the prompt limit (short smoke runs); the distribution is otherwise
+    the one documented above."""
     rng = random.Random(seed)
     requests = []
     for _ in range(num_prompts):
-        prompt_len = _clipped_lognormal(rng, SYNTHETIC_PROMPT_MEDIAN, SYNTHETIC_PROMPT_SIGMA, MIN_TOKENS, MAX_PROMPT)
+        prompt_len = _clipped_lognormal(rng, SYNTHETIC_PROMPT_MEDIAN, SYNTHETIC_PROMPT_SIGMA, MIN_TOKENS, max_prompt)
         if fixed_output_len is not None:
             output_len = fixed_output_len
         else:

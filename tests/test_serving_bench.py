@@ -96,3 +96,35 @@ def test_cost_and_bandwidth_views():
     with_cache = decode_step_bytes(config, batch=4, context_len=1000)
     assert with_cache - decode_step_bytes(config, batch=4, context_len=0) == 4 * 36 * 2 * 8 * 128 * 1000 * 2
     assert bandwidth_fraction(3e9, 1e-3, 3e12) == pytest.approx(1.0)
+
+
+def test_cpu_smoke_run(tmp_path):
+    """The benchmark end to end on the tiny preset: well-formed outputs, parity with eager."""
+    import serving
+
+    serving.main(["--model", "tiny", "--num-prompts", "3", "--batch-sizes", "1,2", "--configs", "eager,paiton",
+                  "--paiton-inner", "eager", "--device", "cpu", "--gpu-hourly-cost", "2.5", "--out", str(tmp_path),
+                  "--max-prompt-len", "12", "--output-len", "6"])
+    (result_path,) = tmp_path.glob("serving-tiny-CPU-*.json")
+    result = json.loads(result_path.read_text())
+    assert {(r["batch"], r["config"]) for r in result["rows"]} == {(b, c) for b in (1, 2) for c in ("eager", "paiton")}
+    for row in result["rows"]:
+        assert row["completed"] == 3 and row["sequences_equal_to_eager"] == 3, row
+        assert row["total_token_throughput"] > row["output_throughput"] > 0
+        assert row["median_ttft_ms"] > 0 and row["usd_per_million_output_tokens"] > 0
+    table = result_path.with_suffix(".md").read_text()
+    assert table.count("| paiton |") == 2 and result_path.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--model", "qwen3-1b"], "unknown preset"),
+    (["--model", "tiny", "--num-prompts", "2", "--batch-sizes", "4"], "batch sizes must be in 1..--num-prompts"),
+    (["--model", "tiny", "--dataset", "missing.json"], "--dataset needs --checkpoint"),
+    (["--model", "tiny", "--configs", "eager,vllm"], "unknown configuration"),
+])
+def test_bad_arguments_are_clear_errors(arguments, message, capsys):
+    import serving
+
+    with pytest.raises(SystemExit) as exit_info:
+        serving.main(arguments + ["--device", "cpu"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,0 +1,221 @@
+"""Serving benchmark in the style of vLLM's benchmark_serving.py (issue 5): for each batch size,
+eager, stock Inductor, the strongest stock Inductor setting and Paiton on the same model
+instance and the same requests, in one process; throughput and latency with vLLM's
+definitions, parity with eager, cost and memory-bandwidth views.
+
+    python bench/serving.py --model qwen3-8b --num-prompts 256 --batch-sizes 1,2,4,8,16,32,64,128
+    python bench/serving.py --model qwen3-8b --output-len 256            # fixed output length
+    python bench/serving.py --checkpoint DIR --dataset sharegpt.json       # real prompts
+    python bench/serving.py --model tiny --num-prompts 4 --batch-sizes 1,2 --configs eager,paiton \\
+        --paiton-inner eager --device cpu --max-prompt-len 12 --output-len 6   # CPU smoke run
+
+Scheduling: batch size B means at most B requests in flight (vLLM's --max-concurrency B with
+every request sent at once): the bundled decode loop takes the requests in order, B at a
+time, and a request starts when its batch starts. Each sequence keeps its own output length
+(greedy, stop tokens ignored, as vLLM's --ignore-eos); a batch runs until its longest
+sequence is done. Per batch size the configurations run in a rotated order (none always
+first). Before measuring, each configuration compiles every shape the run needs (its batch
+size, each prompt bucket): that time is reported as compile time and left out of the run.
+
+Parity: each configuration's tokens against eager's (the first position where a sequence
+differs, and how many sequences match all the way). Outputs: serving-<model>-<card>-<date>
+.json (every number and the environment), .md (the table, with Paiton's ratio to each
+baseline) and .png (total tokens/s and TPOT against batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+
+import torch
+from bench_common import write_results
+from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
+from serving_workload import sharegpt_requests, synthetic_requests
+
+CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton")
+
+
+def make_loop(model, config, max_batch, max_length, device, paiton_inner):
+    from paiton.models.decode_loop import DecodeLoop
+
+    gpu = device.startswith("cuda")
+    if config == "eager":
+        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="eager")
+    if config == "inductor":
+        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="inductor")
+    if config == "inductor-cdt":  # gpt-fast's setting: reduce-overhead + coordinate descent tuning
+        options = {"coordinate_descent_tuning": True, **({"triton.cudagraphs": True} if gpu else {})}
+        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="inductor", mode=None,
+                          options=options)
+    if config == "paiton":
+        options = {"paiton.inner_compiler": paiton_inner} if paiton_inner != "inductor" else None
+        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="paiton", options=options)
+    raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
+
+
+def run_requests(loop, requests, batch):
+    """(per-request timings, tokens, wall seconds): requests B at a time."""
+    timings, tokens, start = [], [], time.perf_counter()
+    for first in range(0, len(requests), batch):
+        chunk = requests[first:first + batch]
+        result = loop.generate([r.prompt for r in chunk], max(r.output_len for r in chunk))
+        for request, seq_tokens, times in zip(chunk, result.tokens, result.token_times):
+            tokens.append(seq_tokens[:request.output_len])
+            timings.append(RequestTiming(len(request.prompt), times[:request.output_len]))
+    return timings, tokens, time.perf_counter() - start
+
+
+def warm_up(loop, requests, batch):
+    """Compile every shape the measured run uses: this batch size with each prompt bucket."""
+    from paiton.models.decode_loop import prompt_bucket
+
+    start = time.perf_counter()
+    for bucket in sorted({prompt_bucket(len(r.prompt), loop.max_length) for r in requests}):
+        loop.generate([[1] * bucket] * batch, 2)
+    return time.perf_counter() - start
+
+
+def first_divergence(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def main(argv=None):
+    from paiton.models.decode_loop import prompt_bucket
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-8b", help=f"preset: {', '.join(QWEN3_PRESETS)}")
+    parser.add_argument("--checkpoint", help="a local Qwen3 directory instead of a preset")
+    parser.add_argument("--dataset", help="ShareGPT JSON (needs --checkpoint with a tokenizer); default: synthetic")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
+    parser.add_argument("--output-len", type=int, help="fixed output length (the second scenario)")
+    parser.add_argument("--max-prompt-len", type=int, default=1024, help="clip synthetic prompts (smoke runs)")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--gpu-hourly-cost", type=float, default=0.0, help="dollars an hour, for the cost view")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    configs = args.configs.split(",")
+    if unknown := set(configs) - set(CONFIGS):
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if max(batches) > args.num_prompts or min(batches) < 1:
+        parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
+    if not args.checkpoint and args.model not in QWEN3_PRESETS:
+        parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
+    if args.dataset and not args.checkpoint:
+        parser.error("--dataset needs --checkpoint (its tokenizer turns the conversations into tokens)")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    tokenizer = None
+    if args.checkpoint:
+        from paiton.models.checkpoint import load_qwen3_checkpoint
+
+        model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
+    else:
+        model = build_qwen3(args.model, device=args.device, dtype=dtype, seed=args.seed)
+    if args.dataset:
+        if tokenizer is None:
+            parser.error("the checkpoint has no tokenizer; --dataset needs one")
+        requests = sharegpt_requests(args.dataset, lambda text: tokenizer(text).input_ids, args.num_prompts,
+                                     args.seed, args.output_len)
+    else:
+        requests = synthetic_requests(args.num_prompts, model.config.vocab_size, args.seed, args.output_len,
+                                      args.max_prompt_len)
+    max_length = max(prompt_bucket(len(r.prompt), 1 << 30) for r in requests) + max(r.output_len for r in requests) + 1
+
+    copy_rate = None
+    if args.device.startswith("cuda"):
+        from fused_kernels import copy_bandwidth_gbs
+
+        copy_rate = copy_bandwidth_gbs() * 1e9
+    loops = {c: make_loop(model, c, max(batches), max_length, args.device, args.paiton_inner) for c in configs}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs) * len(batches))
+    rows = []
+    for index, batch in enumerate(batches):
+        order = configs[index % len(configs):] + configs[:index % len(configs)]
+        tokens_of = {}
+        for config in order:
+            compile_s = warm_up(loops[config], requests, batch)
+            timings, tokens, duration = run_requests(loops[config], requests, batch)
+            tokens_of[config] = tokens
+            metrics = summarize(timings, duration)
+            mean_context = sum(len(r.prompt) + r.output_len / 2 for r in requests) / len(requests)
+            row = dict(config=config, batch=batch, compile_s=compile_s, **metrics)
+            if args.gpu_hourly_cost:
+                row["usd_per_million_output_tokens"] = cost_per_million_tokens(metrics["output_throughput"], args.gpu_hourly_cost)
+                row["usd_per_million_total_tokens"] = cost_per_million_tokens(metrics["total_token_throughput"], args.gpu_hourly_cost)
+            if copy_rate:
+                step_bytes = decode_step_bytes(model.config, batch, int(mean_context), model.dtype.itemsize)
+                row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
+            rows.append(row)
+            print(f"batch {batch} {config}: {metrics['total_token_throughput']:.1f} tok/s, "
+                  f"TPOT {metrics['median_tpot_ms']:.2f} ms, compile {compile_s:.1f} s", flush=True)
+        if "eager" in tokens_of:
+            for row in rows[-len(order):]:
+                divergence = [first_divergence(a, b) for a, b in zip(tokens_of[row["config"]], tokens_of["eager"])]
+                row["sequences_equal_to_eager"] = sum(d is None for d in divergence)
+                row["first_divergence"] = divergence
+
+    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = dict(date=date, commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
+               model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts,
+               workload=f"sharegpt {args.dataset}" if args.dataset else "synthetic", output_len=args.output_len,
+               copy_rate_gbs=copy_rate / 1e9 if copy_rate else None)
+    table = markdown(env, rows, configs)
+    stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{date[:10]}",
+                         dict(env=env, rows=rows), table)
+    plot(rows, configs, env, stem + ".png")
+
+
+def markdown(env, rows, configs):
+    lines = [f"# Serving benchmark: {env['model']} on {env['card']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, {env['dtype']}, {env['num_prompts']} prompts, "
+             f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
+             "| batch | config | req/s | output tok/s | total tok/s | TTFT ms mean/median/p99 | TPOT ms mean/median/p99 | "
+             "ITL ms median | E2E ms median | compile s | = eager | Paiton total tok/s ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["batch"], r["config"]): r for r in rows}
+    for r in sorted(rows, key=lambda r: (r["batch"], configs.index(r["config"]))):
+        paiton = by_key.get((r["batch"], "paiton"))
+        ratio = f"{paiton['total_token_throughput'] / r['total_token_throughput']:.2f}x" if paiton and r["config"] != "paiton" else ""
+        equal = f"{r['sequences_equal_to_eager']}/{r['completed']}" if "sequences_equal_to_eager" in r else ""
+        lines.append(
+            f"| {r['batch']} | {r['config']} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
+            f"{r['total_token_throughput']:.1f} | {r['mean_ttft_ms']:.1f} / {r['median_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | "
+            f"{r['mean_tpot_ms']:.2f} / {r['median_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | {r['median_itl_ms']:.2f} | "
+            f"{r['median_e2el_ms']:.0f} | {r['compile_s']:.1f} | {equal} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, configs, env, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (throughput, tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for config in configs:
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["batch"])
+        batches = [r["batch"] for r in mine]
+        throughput.plot(batches, [r["total_token_throughput"] for r in mine], marker="o", label=config)
+        tpot.plot(batches, [r["median_tpot_ms"] for r in mine], marker="o", label=config)
+    for ax, label in ((throughput, "total tokens/s"), (tpot, "median TPOT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"{env['model']}, {env['card']}, {env['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
