@@ -1,5 +1,5 @@
 """What the benchmark scripts share: writing a result as JSON (every raw number) and a
-markdown table side by side, under one file stem."""
+markdown table side by side, under one file stem; comparing generated tokens with eager's."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ def write_results(out_dir: str, stem_name: str, result: dict, table: str) -> str
         f.write(table)
     print(table)
     return stem
+
+
+def first_divergence(tokens: list[int], reference: list[int]) -> int | None:
+    """The first position where `tokens` differs from `reference` (None: identical)."""
+    for i, (x, y) in enumerate(zip(tokens, reference)):
+        if x != y:
+            return i
+    return None if len(tokens) == len(reference) else min(len(tokens), len(reference))

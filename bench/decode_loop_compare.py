@@ -21,14 +21,7 @@ import statistics
 import time
 
 import torch
-from bench_common import write_results
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
+from bench_common import first_divergence, write_results
 
 
 def main(argv=None):

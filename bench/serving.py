@@ -31,7 +31,7 @@ import os
 import time
 
 import torch
-from bench_common import write_results
+from bench_common import first_divergence, write_results
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -76,10 +76,6 @@ def warm_up(loop, requests, batch):
     for bucket in sorted({prompt_bucket(len(r.prompt), loop.max_length) for r in requests}):
         loop.generate([[1] * bucket] * batch, 2)
     return time.perf_counter() - start
-
-
-def first_divergence(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def main(argv=None):

@@ -185,9 +185,10 @@ class KVCacheWritePass(PaitonPass):
         kwargs = dict(q=q, k=k, v=v, q_weight=weights[q_side], k_weight=weights[k_side], cos=cos, sin=sin,
                       eps=eps, k_cache=k_cache, v_cache=v_cache, slots=slots)
         op = torch.ops.paiton.qk_norm_rope_cache.default
-        # Inserted where the v write was: every input is defined by then (the manager restores
-        # a topological order for q's users).
-        with graph.inserting_before(v_write if _position(graph, v_write) > _position(graph, k_write) else k_write):
+        # Inserted at the k write. If v is defined later (the graph's order is free there), the
+        # manager's stable topological sort, run after every pass that rewrote, moves the op
+        # after it, and q's users after the op.
+        with graph.inserting_before(k_write):
             fused = graph.call_function(torch.ops.higher_order.auto_functionalized, (op,), kwargs)
             results = [graph.call_function(operator.getitem, (fused, i)) for i in range(3)]
         fake_kwargs = {name: val(a) if isinstance(a, torch.fx.Node) else a for name, a in kwargs.items()}
@@ -207,9 +208,3 @@ class KVCacheWritePass(PaitonPass):
             graph.erase_node(node)
         return True
 
-
-def _position(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
-    for index, n in enumerate(graph.nodes):
-        if n is node:
-            return index
-    raise ValueError(node)

@@ -28,6 +28,16 @@ def random(shape, dtype, generator):
     return torch.randn(shape, generator=generator).to(dtype=dtype, device=DEVICE)
 
 
+def assert_nan_keys_unread(q, k_cache, v_cache, positions, kv_mask, scale, n_splits):
+    """The caches hold NaN at every key the query must not read: the kernel's output is finite
+    (0 * NaN is NaN, so a masked but loaded key would show) and equals the reference's on the
+    caches with the NaNs zeroed."""
+    out = _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=n_splits)
+    assert torch.isfinite(out).all()
+    clean = [c.nan_to_num(0.0) for c in (k_cache, v_cache)]
+    torch.testing.assert_close(out, decode_attention_reference(q, *clean, positions, kv_mask, scale))
+
+
 @settings(max_examples=40)
 @given(
     batch=st.integers(1, 3),
@@ -130,10 +140,7 @@ def test_without_positions_unattended_keys_are_not_read(n_splits):
     unread = torch.stack([(span < 3) | (span >= 90), (span < 60) | (span >= 230)])  # [B, L]
     for cache in (k_cache, v_cache):
         cache.masked_fill_(unread[:, None, :, None], float("nan"))
-    out = _launch(q, k_cache, v_cache, None, kv_mask, 0.125, n_splits=n_splits)
-    assert torch.isfinite(out).all()
-    clean = [c.nan_to_num(0.0) for c in (k_cache, v_cache)]
-    torch.testing.assert_close(out, decode_attention_reference(q, *clean, None, kv_mask, 0.125))
+    assert_nan_keys_unread(q, k_cache, v_cache, None, kv_mask, 0.125, n_splits)
 
 
 def test_without_positions_a_row_with_no_valid_key_gets_zeros():
@@ -157,10 +164,7 @@ def test_reads_only_the_filled_part():
     for cache in (k_cache, v_cache):
         cache[0, :, 18:] = float("nan")
         cache[1, :, 131:] = float("nan")
-    out = _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=4)
-    assert torch.isfinite(out).all()
-    clean = [c.nan_to_num(0.0) for c in (k_cache, v_cache)]
-    torch.testing.assert_close(out, decode_attention_reference(q, *clean, positions, None, 0.125))
+    assert_nan_keys_unread(q, k_cache, v_cache, positions, None, 0.125, 4)
 
 
 def test_a_query_with_no_valid_key_gets_zeros():
