@@ -4,11 +4,13 @@ compile time per model and batch size, in one process, on the same prompts.
     python bench/decode_loop_compare.py --models qwen3-8b,qwen3-32b --batches 1,32     # on a GPU
     python bench/decode_loop_compare.py --models tiny --batches 1,2 --device cpu --inner eager   # smoke
 
-Per model (random weights, bf16 on GPU) and backend: one DecodeLoop (compiled backends use
-mode "reduce-overhead" on a GPU), then per batch size a first `generate` (compiles the
+Per model (random weights, bf16 on GPU) and configuration (bench_common.CONFIGS: eager,
+inductor, inductor-cdt, paiton, paiton-cdt; compiled ones use CUDA graphs on a GPU): one
+DecodeLoop, then per batch size a first `generate` (compiles the
 prefill and decode graphs: its wall time minus a measured run's is reported as compile
-time) and a measured `generate` of the same prompts. Backends run in the order given, each
-after torch._dynamo.reset(). Greedy; every compiled run's tokens are compared with eager's
+time) and a measured `generate` of the same prompts. Configurations run in the order given,
+each after torch._dynamo.reset(). The files are rewritten after every row, so a run cut
+short by a time limit keeps what it measured. Greedy; every compiled run's tokens are compared with eager's
 (first position where a sequence differs). Writes decode_loop-<card>-<date>.json and .md.
 """
 
@@ -21,17 +23,16 @@ import statistics
 import time
 
 import torch
-from bench_common import first_divergence, write_results
+from bench_common import CONFIGS, first_divergence, make_loop, write_results
 
 
 def main(argv=None):
-    from paiton.models.decode_loop import DecodeLoop
     from paiton.models.qwen3 import build_qwen3
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen3-8b")
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--backends", default="eager,inductor,paiton")
+    parser.add_argument("--configs", default="eager,inductor,paiton", help=f"from {', '.join(CONFIGS)}")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,6 +40,16 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    configs = args.configs.split(",")
+    if unknown := set(configs) - set(CONFIGS):
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    import transformers
+    import triton
+
+    env = dict(date=date, commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
+               triton=triton.__version__, transformers=transformers.__version__, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     rows = []
     for model_name in args.models.split(","):
@@ -46,11 +57,9 @@ def main(argv=None):
         generator = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, model.config.vocab_size, (max(batches), args.prompt_len), generator=generator).tolist()
         eager_tokens = {}
-        for backend in args.backends.split(","):
+        for backend in configs:
             torch._dynamo.reset()
-            options = {"paiton.inner_compiler": args.inner} if backend == "paiton" and args.inner != "inductor" else None
-            loop = DecodeLoop(model, max_batch_size=max(batches), max_length=args.prompt_len + args.new_tokens + 16,
-                              backend=backend, options=options)
+            loop = make_loop(model, backend, max(batches), args.prompt_len + args.new_tokens + 16, args.device, args.inner)
             for batch in batches:
                 requests = prompts[:batch]
                 start = time.perf_counter()
@@ -68,23 +77,25 @@ def main(argv=None):
                            sequences_equal_to_eager=sum(d is None for d in divergence), first_divergence=divergence)
                 rows.append(row)
                 print({k: v for k, v in row.items() if k != "first_divergence"}, flush=True)
+                write_table(args, env, dtype, rows)
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    env = dict(date=date, commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
-               prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=str(dtype))
+
+def write_table(args, env, dtype, rows):
+    card, date = env["card"], env["date"]
+    env = dict(env, dtype=str(dtype))
     lines = [f"# Bundled decode loop: eager vs stock Inductor vs Paiton ({card})", "",
-             f"{date}, commit {env['commit']}, torch {torch.__version__}, {dtype}, prompt {args.prompt_len}, "
+             f"{date}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {dtype}, prompt {args.prompt_len}, "
              f"{args.new_tokens} new tokens, greedy, random weights.", "",
-             "| model | backend | batch | TTFT ms | TPOT ms | output tok/s | compile s | sequences = eager |", "|---|---|---|---|---|---|---|---|"]
+             "| model | config | batch | TTFT ms | TPOT ms | output tok/s | compile s | sequences = eager |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['compile_s']:.1f} | {r['sequences_equal_to_eager']}/{r['batch']} |")
     table = "\n".join(lines) + "\n"
     write_results(args.out, f"decode_loop-{card.replace(' ', '_')}-{date[:10]}", dict(env=env, rows=rows), table)
+
 
 if __name__ == "__main__":
     main()

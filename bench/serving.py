@@ -31,30 +31,9 @@ import os
 import time
 
 import torch
-from bench_common import first_divergence, write_results
+from bench_common import CONFIGS, first_divergence, make_loop, write_results
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
-
-CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton")
-
-
-def make_loop(model, config, max_batch, max_length, device, paiton_inner):
-    from paiton.models.decode_loop import DecodeLoop
-
-    gpu = device.startswith("cuda")
-    if config == "eager":
-        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="eager")
-    if config == "inductor":
-        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="inductor")
-    if config == "inductor-cdt":  # gpt-fast's setting: reduce-overhead + coordinate descent tuning
-        options = {"coordinate_descent_tuning": True, **({"triton.cudagraphs": True} if gpu else {})}
-        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="inductor", mode=None,
-                          options=options)
-    if config == "paiton":
-        options = {"paiton.inner_compiler": paiton_inner} if paiton_inner != "inductor" else None
-        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="paiton", options=options)
-    raise ValueError(f"unknown configuration {config!r}; choose from {CONFIGS}")
-
 
 def run_requests(loop, requests, batch):
     """(per-request timings, tokens, wall seconds): requests B at a time."""
@@ -90,7 +69,7 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--output-len", type=int, help="fixed output length (the second scenario)")
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="clip synthetic prompts (smoke runs)")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default="eager,inductor,inductor-cdt,paiton", help=f"from {', '.join(CONFIGS)}")
     parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--gpu-hourly-cost", type=float, default=0.0, help="dollars an hour, for the cost view")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
