@@ -34,15 +34,16 @@ def make_loop(model, config: str, max_batch: int, max_length: int, device: str, 
     raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
 
 
-def write_results(out_dir: str, stem_name: str, result: dict, table: str) -> str:
-    """Write <out_dir>/<stem_name>.json and .md; print the table; return the path stem."""
+def write_results(out_dir: str, stem_name: str, result: dict, table: str, echo: bool = True) -> str:
+    """Write <out_dir>/<stem_name>.json and .md; print the table (`echo`); return the path stem."""
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, stem_name)
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(table)
-    print(table)
+    if echo:
+        print(table)
     return stem
 
 

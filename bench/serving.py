@@ -28,23 +28,30 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import time
 
 import torch
+from tqdm import tqdm
 from bench_common import CONFIGS, first_divergence, make_loop, write_results
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
+
 def run_requests(loop, requests, batch):
-    """(per-request timings, tokens, wall seconds): requests B at a time."""
-    timings, tokens, start = [], [], time.perf_counter()
+    """(per-request timings, tokens, wall seconds, first decode step's logits of the first
+    batch): requests B at a time."""
+    timings, tokens, first_step_logits, start = [], [], None, time.perf_counter()
     for first in range(0, len(requests), batch):
         chunk = requests[first:first + batch]
-        result = loop.generate([r.prompt for r in chunk], max(r.output_len for r in chunk))
+        # The logits cost a copy to the host; only the first batch's first decode step is kept.
+        result = loop.generate([r.prompt for r in chunk], max(r.output_len for r in chunk), keep_logits=2 if first == 0 else 0)
+        if first == 0 and len(result.logits) == 2:
+            first_step_logits = result.logits[1]
         for request, seq_tokens, times in zip(chunk, result.tokens, result.token_times):
             tokens.append(seq_tokens[:request.output_len])
             timings.append(RequestTiming(len(request.prompt), times[:request.output_len]))
-    return timings, tokens, time.perf_counter() - start
+    return timings, tokens, time.perf_counter() - start, first_step_logits
 
 
 def warm_up(loop, requests, batch):
@@ -65,7 +72,8 @@ def main(argv=None):
     parser.add_argument("--model", default="qwen3-8b", help=f"preset: {', '.join(QWEN3_PRESETS)}")
     parser.add_argument("--checkpoint", help="a local Qwen3 directory instead of a preset")
     parser.add_argument("--dataset", help="ShareGPT JSON (needs --checkpoint with a tokenizer); default: synthetic")
-    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, default=256, help="requests in the workload; each batch size runs all")
+    parser.add_argument("--rounds", type=int, help="instead: batch size B runs the first rounds x B requests (B at a time)")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--output-len", type=int, help="fixed output length (the second scenario)")
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="clip synthetic prompts (smoke runs)")
@@ -83,6 +91,8 @@ def main(argv=None):
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if max(batches) > args.num_prompts or min(batches) < 1:
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
+    if args.rounds is not None and not 1 <= args.rounds * max(batches) <= args.num_prompts:
+        parser.error(f"--rounds {args.rounds} x batch {max(batches)} needs 1..--num-prompts ({args.num_prompts}) requests")
     if not args.checkpoint and args.model not in QWEN3_PRESETS:
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if args.dataset and not args.checkpoint:
@@ -112,16 +122,22 @@ def main(argv=None):
         copy_rate = copy_bandwidth_gbs() * 1e9
     loops = {c: make_loop(model, c, max(batches), max_length, args.device, args.paiton_inner) for c in configs}
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs) * len(batches))
+    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
+    env = environment(args, card, dtype, copy_rate)
     rows = []
+    progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark", unit="run", file=sys.stderr)
     for index, batch in enumerate(batches):
         order = configs[index % len(configs):] + configs[:index % len(configs)]
-        tokens_of = {}
+        batch_requests = requests[:args.rounds * batch] if args.rounds else requests
+        tokens_of, logits_of = {}, {}
         for config in order:
-            compile_s = warm_up(loops[config], requests, batch)
-            timings, tokens, duration = run_requests(loops[config], requests, batch)
+            progress.set_postfix_str(f"batch {batch}, {config}: compiling / recording")
+            compile_s = warm_up(loops[config], batch_requests, batch)
+            progress.set_postfix_str(f"batch {batch}, {config}: {len(batch_requests)} requests")
+            timings, tokens, duration, logits_of[config] = run_requests(loops[config], batch_requests, batch)
             tokens_of[config] = tokens
             metrics = summarize(timings, duration)
-            mean_context = sum(len(r.prompt) + r.output_len / 2 for r in requests) / len(requests)
+            mean_context = sum(len(r.prompt) + r.output_len / 2 for r in batch_requests) / len(batch_requests)
             row = dict(config=config, batch=batch, compile_s=compile_s, **metrics)
             if args.gpu_hourly_cost:
                 row["usd_per_million_output_tokens"] = cost_per_million_tokens(metrics["output_throughput"], args.gpu_hourly_cost)
@@ -130,44 +146,71 @@ def main(argv=None):
                 step_bytes = decode_step_bytes(model.config, batch, int(mean_context), model.dtype.itemsize)
                 row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
             rows.append(row)
-            print(f"batch {batch} {config}: {metrics['total_token_throughput']:.1f} tok/s, "
-                  f"TPOT {metrics['median_tpot_ms']:.2f} ms, compile {compile_s:.1f} s", flush=True)
+            progress.update()
+            progress.write(f"batch {batch} {config}: {metrics['total_token_throughput']:.1f} tok/s, "
+                           f"TPOT {metrics['median_tpot_ms']:.2f} ms, compile {compile_s:.1f} s")
         if "eager" in tokens_of:
             for row in rows[-len(order):]:
                 divergence = [first_divergence(a, b) for a, b in zip(tokens_of[row["config"]], tokens_of["eager"])]
                 row["sequences_equal_to_eager"] = sum(d is None for d in divergence)
                 row["first_divergence"] = divergence
-
-    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    env = dict(date=date, commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
-               model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts,
-               workload=f"sharegpt {args.dataset}" if args.dataset else "synthetic", output_len=args.output_len,
-               copy_rate_gbs=copy_rate / 1e9 if copy_rate else None)
-    table = markdown(env, rows, configs)
-    stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{date[:10]}",
-                         dict(env=env, rows=rows), table)
+                mine, eager = logits_of[row["config"]], logits_of["eager"]
+                if mine is not None and eager is not None:
+                    row["first_decode_step_max_logit_diff"] = (mine - eager).abs().max().item()
+        # Rewritten after every batch size: a run cut short keeps what it measured.
+        stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
+                             dict(env=env, rows=rows), markdown(env, rows, configs), echo=False)
+    progress.close()
+    print(markdown(env, rows, configs))
     plot(rows, configs, env, stem + ".png")
+
+
+def environment(args, card, dtype, copy_rate):
+    import platform
+
+    import transformers
+    import triton
+
+    driver = None
+    if torch.cuda.is_available():
+        import subprocess
+
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        driver = subprocess.run(query, capture_output=True, text=True).stdout.strip() or None
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, driver=driver, torch=torch.__version__,
+                triton=triton.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts, rounds=args.rounds,
+                workload=f"sharegpt {args.dataset}" if args.dataset else "synthetic", output_len=args.output_len,
+                copy_rate_gbs=copy_rate / 1e9 if copy_rate else None)
 
 
 def markdown(env, rows, configs):
     lines = [f"# Serving benchmark: {env['model']} on {env['card']}", "",
-             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, {env['dtype']}, {env['num_prompts']} prompts, "
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
+             f"{requests_line(env)}, "
              f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
              "| batch | config | req/s | output tok/s | total tok/s | TTFT ms mean/median/p99 | TPOT ms mean/median/p99 | "
-             "ITL ms median | E2E ms median | compile s | = eager | Paiton total tok/s ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ITL ms median | E2E ms median | compile s | = eager | max logit diff, 1st decode step | Paiton total tok/s ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["batch"], r["config"]): r for r in rows}
     for r in sorted(rows, key=lambda r: (r["batch"], configs.index(r["config"]))):
         paiton = by_key.get((r["batch"], "paiton"))
         ratio = f"{paiton['total_token_throughput'] / r['total_token_throughput']:.2f}x" if paiton and r["config"] != "paiton" else ""
         equal = f"{r['sequences_equal_to_eager']}/{r['completed']}" if "sequences_equal_to_eager" in r else ""
+        logit_diff = f"{r['first_decode_step_max_logit_diff']:.3g}" if "first_decode_step_max_logit_diff" in r else ""
         lines.append(
             f"| {r['batch']} | {r['config']} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
             f"{r['total_token_throughput']:.1f} | {r['mean_ttft_ms']:.1f} / {r['median_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | "
             f"{r['mean_tpot_ms']:.2f} / {r['median_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | {r['median_itl_ms']:.2f} | "
-            f"{r['median_e2el_ms']:.0f} | {r['compile_s']:.1f} | {equal} | {ratio} |")
+            f"{r['median_e2el_ms']:.0f} | {r['compile_s']:.1f} | {equal} | {logit_diff} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def requests_line(env):
+    if env.get("rounds"):
+        return f"{env['rounds']} batches of B requests per batch size B (from a pool of {env['num_prompts']})"
+    return f"{env['num_prompts']} requests per batch size"
 
 
 def plot(rows, configs, env, path):

@@ -7,21 +7,29 @@
     result.tokens, result.ttft_s, result.tpot_s
 
 How it works, in the order a step runs:
-* **Static cache.** transformers' StaticCache, [batch, kv_heads, max_length, head_dim] per
-  layer, allocated before the first compiled call (a cache allocated inside a CUDA graph
-  would live in the graph's memory pool).
+* **Static cache.** One KV buffer per layer, [max_batch_size, kv_heads, max_length, head_dim],
+  allocated at the first `generate` (before any compiled call: a buffer allocated inside a
+  CUDA graph would live in the graph's memory pool). Each batch size gets a transformers
+  StaticCache whose layers are views of the first rows of those buffers, made once and reused,
+  so the compiled graphs see the same addresses on every call (no CUDA-graph re-recording)
+  and batch sizes share memory instead of each holding its own cache.
 * **Ragged prompts** are left-padded to a common length. Every sequence keeps its own
   positions (`position_ids` count only its real tokens), and the loop passes the attention
   mask itself, 4-D and boolean: key j is visible to a query at cache slot s of sequence b iff
   j <= s and slot j holds a real token of b (a padding query sees only itself). Padding never
-  reaches a real token's attention, so each row gives the tokens it would give alone. (Paiton's decode-attention kernel applies such a mask
-  as given.)
-* **Compiled once per shape.** One `torch.compile` of the model (backend "paiton" by default,
-  any backend, or "eager" for none) with static shapes: Dynamo compiles one decode graph per
-  batch size and one prefill graph per prompt-length bucket, then reuses them. On a GPU the
-  default mode is "reduce-overhead" (CUDA graphs). Prompt lengths are bucketed (powers of two
-  from 16) rather than dynamic: a static shape keeps CUDA graphs and Paiton's shape-specific
-  kernels, and bucketing bounds the number of prefill compiles by log2(max_length).
+  reaches a real token's attention, so each row gives the tokens it would give alone.
+  (Paiton's decode-attention kernel applies such a mask as given.) Prefill computes the
+  logits of the last position only (`logits_to_keep=1`): all of them would be
+  batch x prompt x vocab, tens of GB at batch 128.
+* **Compiled for few shapes.** One `torch.compile` of the model (backend "paiton" by default,
+  any backend, or "eager" for none). The loop marks the batch dimension dynamic for batches of
+  2 or more and the prompt length dynamic in prefill, so Dynamo compiles four graphs in all
+  (Dynamo specializes a size of 1: batch 1 gets its own graphs, as does a decode step's one
+  query): decode at batch 1, decode at any other batch size, and the same two for prefill.
+  Compiling is the expensive part (about a minute per graph for Qwen3-8B on an H100); a
+  graph per batch size and prompt length would be dozens. On a GPU the default mode is
+  "reduce-overhead": CUDA graphs are recorded per shape, which is cheap, and prompt lengths
+  are bucketed (powers of two from 16) to bound how many are recorded.
 * **Sampling** on the device: greedy (temperature 0), or temperature with top-k and top-p,
   from a seeded generator, so a seed reproduces a run.
 * **Stopping.** Each sequence stops at its own stop token or at max_new_tokens. A finished
@@ -61,6 +69,9 @@ class Generation:
     token_times: list[list[float]]  # seconds from the start of generate() to each token
     finish_reasons: list[str]  # "stop" or "length"
     prompt_lengths: list[int] = field(default_factory=list)
+    # With generate(keep_logits=n): for each of the first n steps (prefill first), the
+    # [batch, vocab] float32 logits its tokens were drawn from.
+    logits: list = field(default_factory=list)
 
     @property
     def ttft_s(self) -> list[float]:
@@ -115,6 +126,9 @@ class DecodeLoop:
         self.model = model
         self.device = next(model.parameters()).device
         self.max_batch_size, self.max_length, self.pad_token_id = max_batch_size, max_length, pad_token_id
+        self.compiled = backend != "eager"
+        self._kv_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._caches: dict = {}  # batch size -> StaticCache over the first rows of _kv_buffers
         if backend == "eager":
             self.forward = model
         else:
@@ -123,11 +137,45 @@ class DecodeLoop:
             kwargs = {"options": options} if options else {}
             self.forward = torch.compile(model, backend=backend, mode=mode, fullgraph=True, dynamic=False, **kwargs)
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_token_ids: Sequence[int] = (), on_token: Callable[[int, int, float], None] | None = None) -> Generation:
+    def _cache(self, batch: int):
+        """The StaticCache for `batch` sequences, emptied (its writes start at slot 0 again)."""
         from transformers import StaticCache
 
+        config = self.model.config
+        if not self._kv_buffers:
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            shape = (self.max_batch_size, config.num_key_value_heads, self.max_length, head_dim)
+            # Zeros, not empty: masked-out slots are still multiplied by a zero weight, and
+            # 0 * NaN from uninitialized memory would be NaN.
+            self._kv_buffers = [(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
+                                 torch.zeros(shape, dtype=self.model.dtype, device=self.device))
+                                for _ in range(config.num_hidden_layers)]
+        cache = self._caches.get(batch)
+        if cache is None:
+            cache = StaticCache(config=config, max_cache_len=self.max_length)
+            for layer, (keys, values) in zip(cache.layers, self._kv_buffers, strict=True):
+                # Let transformers set the layer up (its bookkeeping differs between versions),
+                # then point it at views of the shared buffers. The probe has no token, so the
+                # layer's own allocation is one layer's worth, freed at once.
+                probe = keys[:batch, :, :0]
+                layer.lazy_initialization(probe, probe)
+                layer.keys, layer.values = keys[:batch], values[:batch]
+                for tensor in (layer.keys, layer.values):
+                    torch._dynamo.mark_static_address(tensor)
+                    if batch > 1 and self.compiled:
+                        torch._dynamo.mark_dynamic(tensor, 0)
+            self._caches[batch] = cache
+        for layer in cache.layers:
+            if hasattr(layer, "cumulative_length"):  # transformers >= 5 writes at this counter
+                layer.cumulative_length.zero_()
+        return cache
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_token_ids: Sequence[int] = (), on_token: Callable[[int, int, float], None] | None = None,
+                 keep_logits: int = 0) -> Generation:
+        """`keep_logits`: also return the logits of the first `keep_logits` steps (prefill is the
+        first), float32 on the CPU, for parity checks."""
         start = time.perf_counter()
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
@@ -144,20 +192,20 @@ class DecodeLoop:
             raise ValueError(f"prompt ({max(lengths)} tokens, padded to {padded}) + {max_new_tokens} new tokens "
                              f"exceed max_length {self.max_length}")
 
-        device, config = self.device, self.model.config
+        device = self.device
         ids = torch.full((batch, padded), self.pad_token_id, dtype=torch.long)
         for b, prompt in enumerate(prompts):
             ids[b, padded - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         pads = torch.tensor([padded - n for n in lengths], device=device)
         # Slots holding a real token of each sequence: its prompt, then everything generated.
         real_slot = torch.arange(self.max_length, device=device)[None, :] >= pads[:, None]  # [B, L]
-        cache = StaticCache(config=config, max_cache_len=self.max_length)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        cache.early_initialization(batch, config.num_key_value_heads, head_dim, self.model.dtype, device)
+        cache = self._cache(batch)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stop = torch.tensor(list(stop_token_ids) or [-1], device=device)
+        all_slots = torch.arange(self.max_length, device=device)
+        kept_logits: list[torch.Tensor] = []
 
         def step(input_ids, slots):
             positions = (slots[None, :] - pads[:, None]).clamp_min(0)  # each sequence counts its own tokens
@@ -166,10 +214,22 @@ class DecodeLoop:
             # A padding query sees only its own slot: a row with no visible key would give NaN,
             # written into the cache at a slot that real queries then mask out but still
             # multiply (0 * NaN). Real queries see their own slot anyway.
-            visible = visible | (keys == slots[:, None])[None]
-            out = self.forward(input_ids=input_ids, attention_mask=visible[:, None], past_key_values=cache,
-                               cache_position=slots, position_ids=positions, use_cache=True)
-            return sample(out.logits[:, -1].float(), sampling, generator)
+            visible = (visible | (keys == slots[:, None])[None])[:, None]
+            if self.compiled:
+                # Shapes that vary between calls are dynamic (see the module's docstring); a
+                # size of 1 stays static.
+                if batch > 1:
+                    for tensor in (input_ids, visible, positions):
+                        torch._dynamo.mark_dynamic(tensor, 0)
+                if len(slots) > 1:
+                    for tensor, dim in ((input_ids, 1), (visible, 2), (positions, 1), (slots, 0)):
+                        torch._dynamo.mark_dynamic(tensor, dim)
+            out = self.forward(input_ids=input_ids, attention_mask=visible, past_key_values=cache,
+                               cache_position=slots, position_ids=positions, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            if len(kept_logits) < keep_logits:
+                kept_logits.append(logits.cpu())
+            return sample(logits, sampling, generator)
 
         tokens: list[list[int]] = [[] for _ in range(batch)]
         times: list[list[float]] = [[] for _ in range(batch)]
@@ -191,5 +251,6 @@ class DecodeLoop:
                     finished[b], reasons[b] = True, "stop"
             if all(finished) or i == max_new_tokens - 1:
                 break
-            next_token = step(next_token[:, None], torch.tensor([padded + i], device=device))
-        return Generation(tokens=tokens, token_times=times, finish_reasons=reasons, prompt_lengths=lengths)
+            next_token = step(next_token[:, None], all_slots[padded + i:padded + i + 1])
+        return Generation(tokens=tokens, token_times=times, finish_reasons=reasons, prompt_lengths=lengths,
+                          logits=kept_logits)

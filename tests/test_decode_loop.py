@@ -149,17 +149,20 @@ def test_generate_command(capsys, tmp_path):
     assert main(["generate", "--prompt-ids", "1,x"]) == 2
 
 
-def test_compiled_once_per_batch_size_and_prompt_bucket():
-    """New requests of a seen shape reuse the compiled graphs (the cache is new each call but
-    has the same shape); a new batch size adds its prefill and decode graphs, a longer prompt
-    bucket one prefill graph."""
+def test_four_graphs_for_every_batch_size_and_prompt_length():
+    """Batch sizes of 2 or more share one prefill and one decode graph (the batch is dynamic),
+    whatever the prompt length (dynamic in prefill); batch 1 adds its own two; and the answers
+    are those of the uncompiled model."""
     torch._dynamo.reset()
     model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=1)
     loop = DecodeLoop(model, max_batch_size=4, max_length=64, options=EAGER_INNER)
-    for prompts in ([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11]], [[12], [13]]):
-        loop.generate(prompts, 4)
+    reference = DecodeLoop(model, max_batch_size=4, max_length=64, backend="eager")
+    requests = ([[1, 2, 3], [4, 5]], [[6, 7], [8, 9, 10, 11], [12] * 20], [[13], [14], [15], list(range(1, 30))])
+    for prompts in requests:
+        assert loop.generate(prompts, 4).tokens == reference.generate(prompts, 4).tokens
     assert len(paiton.fusion_graphs(model)) == 2
-    loop.generate([[1, 2, 3]], 4)
+    for prompts in ([[1, 2, 3]], [list(range(1, 22))]):  # batch 1, prompt buckets 16 and 32
+        assert loop.generate(prompts, 4).tokens == reference.generate(prompts, 4).tokens
     assert len(paiton.fusion_graphs(model)) == 4
-    loop.generate([list(range(1, 22))], 4)  # 21 tokens: the 32 bucket
-    assert len(paiton.fusion_graphs(model)) == 5
+    counts = paiton.fusion_counts(model)
+    assert counts["decode_attention"] == 2 and counts["kv_cache_write"] == 4, counts  # 1 layer, 4 graphs

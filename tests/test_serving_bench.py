@@ -112,6 +112,7 @@ def test_cpu_smoke_run(tmp_path):
         assert row["completed"] == 3 and row["sequences_equal_to_eager"] == 3, row
         assert row["total_token_throughput"] > row["output_throughput"] > 0
         assert row["median_ttft_ms"] > 0 and row["usd_per_million_output_tokens"] > 0
+        assert row["first_decode_step_max_logit_diff"] < 1e-3, row  # fp32: Paiton's kernels vs eager's ops
     table = result_path.with_suffix(".md").read_text()
     assert table.count("| paiton |") == 2 and result_path.with_suffix(".png").stat().st_size > 0
 
@@ -120,6 +121,7 @@ def test_cpu_smoke_run(tmp_path):
     (["--model", "qwen3-1b"], "unknown preset"),
     (["--model", "tiny", "--num-prompts", "2", "--batch-sizes", "4"], "batch sizes must be in 1..--num-prompts"),
     (["--model", "tiny", "--dataset", "missing.json"], "--dataset needs --checkpoint"),
+    (["--model", "tiny", "--num-prompts", "4", "--batch-sizes", "1,4", "--rounds", "2"], "needs 1..--num-prompts"),
     (["--model", "tiny", "--configs", "eager,vllm"], "unknown configuration"),
 ])
 def test_bad_arguments_are_clear_errors(arguments, message, capsys):
