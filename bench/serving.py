@@ -55,11 +55,13 @@ def run_requests(loop, requests, batch):
 
 
 def warm_up(loop, requests, batch):
-    """Compile every shape the measured run uses: this batch size with each prompt bucket."""
+    """Compile (or record) every shape the measured run uses: this batch size with each chunk's
+    prompt bucket."""
     from paiton.models.decode_loop import prompt_bucket
 
     start = time.perf_counter()
-    for bucket in sorted({prompt_bucket(len(r.prompt), loop.max_length) for r in requests}):
+    chunks = [requests[first:first + batch] for first in range(0, len(requests), batch)]
+    for bucket in sorted({prompt_bucket(max(len(r.prompt) for r in chunk), loop.max_length) for chunk in chunks}):
         loop.generate([[1] * bucket] * batch, 2)
     return time.perf_counter() - start
 
