@@ -8,30 +8,50 @@ import json
 import os
 
 # eager; stock Inductor with mode "reduce-overhead" (on a GPU); the strongest stock setting we
-# know (gpt-fast's: reduce-overhead plus coordinate descent tuning); Paiton; and Paiton with the
-# same coordinate descent tuning of the kernels Inductor still generates around Paiton's.
+# know (gpt-fast's: reduce-overhead plus coordinate descent tuning, under which Inductor also
+# turns a one-row matmul into a tuned Triton reduction); Paiton; Paiton with that same setting
+# for what Inductor still generates around Paiton's kernels. A Paiton configuration may switch
+# passes off by name: "paiton-cdt-no-merged_projections-no-swiglu" (experiments on which
+# fusions pay at which batch size).
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt")
 
 
+def is_config(config: str) -> bool:
+    from paiton.passes.pass_manager import PASS_NAMES
+
+    base, *off = config.split("-no-")
+    return base in CONFIGS and (not off or base.startswith("paiton")) and set(off) <= set(PASS_NAMES)
+
+
+def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -> tuple[str, dict]:
+    """(backend, torch.compile keyword arguments) for a compiled one of CONFIGS; on a GPU every
+    one of them uses CUDA graphs."""
+    cudagraphs = {"triton.cudagraphs": True} if device.startswith("cuda") else {}
+    mode = {"mode": "reduce-overhead"} if device.startswith("cuda") else {}
+    if not is_config(config) or config == "eager":
+        raise ValueError(f"unknown compiled configuration {config!r}; choose from {', '.join(CONFIGS[1:])}")
+    config, *off = config.split("-no-")
+    passes_off = {f"paiton.{name}": False for name in off}
+    if config.startswith("paiton") and paiton_inner == "eager":
+        return "paiton", {"options": {"paiton.inner_compiler": "eager", **passes_off}}
+    if passes_off and config == "paiton":
+        return "paiton", {"options": {**passes_off, **cudagraphs}}
+    if config in ("inductor", "paiton"):
+        return config, mode
+    if config in ("inductor-cdt", "paiton-cdt"):
+        return config[:-4], {"options": {"coordinate_descent_tuning": True, **passes_off, **cudagraphs}}
+    raise AssertionError(config)
+
+
 def make_loop(model, config: str, max_batch: int, max_length: int, device: str, paiton_inner: str = "inductor"):
-    """A DecodeLoop for one of CONFIGS. On a GPU every compiled configuration uses CUDA graphs."""
+    """A DecodeLoop for one of CONFIGS."""
     from paiton.models.decode_loop import DecodeLoop
 
-    def loop(backend, **kwargs):
-        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend=backend, **kwargs)
-
-    cudagraphs = {"triton.cudagraphs": True} if device.startswith("cuda") else {}
-    if config in ("eager", "inductor"):
-        return loop(config)
-    if config == "inductor-cdt":
-        return loop("inductor", mode=None, options={"coordinate_descent_tuning": True, **cudagraphs})
-    if config in ("paiton", "paiton-cdt") and paiton_inner == "eager":
-        return loop("paiton", options={"paiton.inner_compiler": "eager"})
-    if config == "paiton":
-        return loop("paiton")
-    if config == "paiton-cdt":
-        return loop("paiton", mode=None, options={"coordinate_descent_tuning": True, **cudagraphs})
-    raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+    if config == "eager":
+        return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="eager")
+    backend, kwargs = compile_settings(config, device, paiton_inner)
+    return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend=backend,
+                      mode=kwargs.get("mode"), options=kwargs.get("options"))
 
 
 def write_results(out_dir: str, stem_name: str, result: dict, table: str, echo: bool = True) -> str:

@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, first_divergence, make_loop, write_results
+from bench_common import CONFIGS, first_divergence, is_config, make_loop, write_results
 
 
 def main(argv=None):
@@ -41,7 +41,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     configs = args.configs.split(",")
-    if unknown := set(configs) - set(CONFIGS):
+    if unknown := [c for c in configs if not is_config(c)]:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -25,12 +25,13 @@ import statistics
 import time
 
 import torch
-from bench_common import write_results
+from bench_common import CONFIGS, compile_settings, write_results
 
 
 @torch.no_grad()
-def decode_run(model, forward, prompt_ids, steps, follow=None):
-    """Prefill + `steps` decode steps; per-step seconds, the logits of each step, the TTFT."""
+def decode_run(model, forward, prompt_ids, steps, follow=None, prefill=None):
+    """Prefill (with `prefill`, default `forward`) + `steps` decode steps; per-step seconds, the
+    logits of each step, the TTFT."""
     from transformers import StaticCache
 
     batch, prompt = prompt_ids.shape
@@ -39,7 +40,7 @@ def decode_run(model, forward, prompt_ids, steps, follow=None):
     cache.early_initialization(batch, config.num_key_value_heads, config.head_dim, model.dtype, prompt_ids.device)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = forward(input_ids=prompt_ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
+    out = (prefill or forward)(input_ids=prompt_ids, past_key_values=cache, cache_position=torch.arange(prompt, device="cuda"), use_cache=True)
     logits = [out.logits[:, -1].float().clone()]
     torch.cuda.synchronize()
     ttft = time.perf_counter() - start
@@ -68,7 +69,9 @@ def main(argv=None):
     parser.add_argument("--model", default="qwen3-8b")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--configs", default="paiton,inductor,eager")
+    parser.add_argument("--configs", default="paiton,inductor,eager", help=f"from {', '.join(CONFIGS)}")
+    parser.add_argument("--eager-prefill", action="store_true",
+                        help="prefill uncompiled, as ../shared/baseline does (compiles the decode graph only)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -86,9 +89,10 @@ def main(argv=None):
         if name == "eager":
             forward, times, logits, ttft = model, *decode_run(model, model, prompt_ids, args.steps, follow=eager_logits)
         else:
-            backend = "paiton" if name == "paiton" else "inductor"
-            forward = torch.compile(model, backend=backend, mode="reduce-overhead", fullgraph=True)
-            times, logits, ttft = decode_run(model, forward, prompt_ids, args.steps, follow=eager_logits)
+            backend, settings = compile_settings(name, "cuda")
+            forward = torch.compile(model, backend=backend, fullgraph=True, **settings)
+            times, logits, ttft = decode_run(model, forward, prompt_ids, args.steps, follow=eager_logits,
+                                             prefill=model if args.eager_prefill else None)
         total = time.perf_counter() - compile_start
         # Fed eager's tokens, does each step pick eager's next token? (A second generation on its
         # own tokens would need a new cache, whose new address costs a CUDA graph re-record.)
@@ -103,7 +107,7 @@ def main(argv=None):
             allocated_over_weights_gib=(torch.cuda.memory_allocated() - weights) / gib,
             peak_over_weights_gib=(torch.cuda.max_memory_allocated() - weights) / gib,
         )
-        if name == "paiton":
+        if name.startswith("paiton"):
             row["fusions"] = paiton.fusion_counts(model)
             attention = model.model.layers[0].self_attn
             row["qkv_one_buffer"] = len({attention.q_proj.weight.untyped_storage().data_ptr(),
@@ -119,8 +123,9 @@ def main(argv=None):
                weights_gib=weights / gib, steps=args.steps)
     lines = [f"# {args.model}: memory and decode step, eager vs stock Inductor vs Paiton ({card})", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, transformers "
-             f"{env['transformers']}. bf16, random weights, batch 1, prompt 128, HF StaticCache, mode=reduce-overhead "
-             f"for both compilers. Weights: {weights / gib:.2f} GiB.", "",
+             f"{env['transformers']}. bf16, random weights, batch 1, prompt 128, HF StaticCache, CUDA graphs "
+             f"for every compiled configuration (-cdt: plus coordinate descent tuning), prefill "
+             f"{'eager' if args.eager_prefill else 'compiled'}. Weights: {weights / gib:.2f} GiB.", "",
              "| config | TPOT ms (median) | first run s (compile + 1 generation) | max abs logit diff vs eager | argmax = eager (steps) | allocated - weights GiB | peak - weights GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -129,6 +134,7 @@ def main(argv=None):
     table = "\n".join(lines) + "\n"
     write_results(args.out, f"qwen3_memory_and_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}",
                   dict(env=env, rows=rows), table)
+
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,7 @@ import time
 
 import torch
 from tqdm import tqdm
-from bench_common import CONFIGS, first_divergence, make_loop, write_results
+from bench_common import CONFIGS, first_divergence, is_config, make_loop, write_results
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -89,7 +89,7 @@ def main(argv=None):
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     configs = args.configs.split(",")
-    if unknown := set(configs) - set(CONFIGS):
+    if unknown := [c for c in configs if not is_config(c)]:
         parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     if max(batches) > args.num_prompts or min(batches) < 1:
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
