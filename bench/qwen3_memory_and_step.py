@@ -80,6 +80,11 @@ def main(argv=None):
     prompt_ids = torch.randint(0, model.config.vocab_size, (1, 128), device="cuda")
     gib = 2**30
     eager_times, eager_logits, _ = decode_run(model, model, prompt_ids, args.steps)  # also the tokens all follow
+    card = torch.cuda.get_device_properties(0).name
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
+               triton=triton.__version__, transformers=transformers.__version__, model=args.model,
+               weights_gib=weights / gib, steps=args.steps)
     rows = []
     for name in args.configs.split(","):
         torch._dynamo.reset()
@@ -115,17 +120,16 @@ def main(argv=None):
                                          attention.v_proj.weight.untyped_storage().data_ptr()}) == 1
         rows.append(row)
         print(row, flush=True)
+        write_table(args, env, rows)  # after every row: a run cut short keeps what it measured
 
-    card = torch.cuda.get_device_properties(0).name
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
-               triton=triton.__version__, transformers=transformers.__version__, model=args.model,
-               weights_gib=weights / gib, steps=args.steps)
+
+def write_table(args, env, rows):
+    card = env["card"]
     lines = [f"# {args.model}: memory and decode step, eager vs stock Inductor vs Paiton ({card})", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, transformers "
              f"{env['transformers']}. bf16, random weights, batch 1, prompt 128, HF StaticCache, CUDA graphs "
              f"for every compiled configuration (-cdt: plus coordinate descent tuning), prefill "
-             f"{'eager' if args.eager_prefill else 'compiled'}. Weights: {weights / gib:.2f} GiB.", "",
+             f"{'eager' if args.eager_prefill else 'compiled'}. Weights: {env['weights_gib']:.2f} GiB.", "",
              "| config | TPOT ms (median) | first run s (compile + 1 generation) | max abs logit diff vs eager | argmax = eager (steps) | allocated - weights GiB | peak - weights GiB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -133,7 +137,7 @@ def main(argv=None):
                      f"{r['argmax_equal_eager_steps']} | {r['allocated_over_weights_gib']:.2f} | {r['peak_over_weights_gib']:.2f} |")
     table = "\n".join(lines) + "\n"
     write_results(args.out, f"qwen3_memory_and_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}",
-                  dict(env=env, rows=rows), table)
+                  dict(env=env, rows=rows), table, echo=False)
 
 
 if __name__ == "__main__":
