@@ -217,3 +217,30 @@ def test_torch_logs_switches_the_paiton_logger_on():
     assert "paiton: compiled graph 0/0 with eager: merged_projections=0, fused_add_rms_norm=0, rms_norm=1," in result.stderr
     quiet = run_fresh()
     assert "rewrote" not in quiet.stderr
+
+
+@pytest.mark.parametrize("device, options, expected", [
+    ("cuda", None, True),  # Paiton's GPU default
+    ("cuda", {"coordinate_descent_tuning": False}, False),  # the user's choice wins
+    ("cpu", None, None),  # nothing to tune on CPU: Inductor's own default stays
+])
+def test_coordinate_descent_tuning_is_on_by_default_on_gpu(monkeypatch, device, options, expected):
+    """What reaches Inductor's compile_fx, for graph inputs on a GPU (fake tensors: no GPU
+    needed) and on the CPU."""
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._subclasses import FakeTensorMode
+
+    from paiton.backends.paiton_backend import paiton_backend
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", fake_compile_fx)
+    gm = torch.fx.symbolic_trace(lambda x: x * 2)
+    with FakeTensorMode():
+        example = torch.empty(4, device=device)
+    paiton_backend(gm, [example], options=options)
+    assert seen.get("coordinate_descent_tuning") == expected
