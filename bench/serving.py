@@ -162,9 +162,9 @@ def main(argv=None):
         # Rewritten after every batch size: a run cut short keeps what it measured.
         stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
                              dict(env=env, rows=rows), markdown(env, rows, configs), echo=False)
+        plot(rows, configs, env, stem + ".png")
     progress.close()
     print(markdown(env, rows, configs))
-    plot(rows, configs, env, stem + ".png")
 
 
 def environment(args, card, dtype, copy_rate):
