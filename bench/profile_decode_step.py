@@ -1,0 +1,194 @@
+"""Where a decode step's time goes (issue 7): per-kernel device time of one Qwen3 decode step,
+for stock Inductor and Paiton, at chosen batch sizes, in one process.
+
+    python bench/profile_decode_step.py --model qwen3-8b --batches 1,64 --configs inductor-cdt,paiton
+    python bench/profile_decode_step.py --model tiny --device cpu --batches 1 --configs paiton \\
+        --paiton-inner eager --steps 4                                    # smoke run (CPU ops)
+
+Per configuration (bench_common.CONFIGS) and batch size: the model compiled as the
+configuration says (CUDA graphs on a GPU), a prompt of --prompt-len random tokens prefilled
+uncompiled into a StaticCache, three warm-up decode steps, --steps timed steps (a sync around
+each, as ../shared/baseline times them; the median is the step time), then --profile-steps
+more under torch.profiler. CUPTI reports the kernels inside a CUDA graph one by one, so the
+profile shows the graph's own kernels. Per step: the time of each kernel name (summed over its
+launches) and of each category (cuBLAS matmuls, Paiton's kernels, Inductor's reductions and
+pointwise kernels, library attention, copies), and the gap: step time minus kernel time, which
+is launch latency between kernels and host work the step waits for. On CPU the "kernels" are
+the top-level ATen/Paiton ops, for a smoke run only.
+
+Writes profile_decode_step-<model>-<card>-<date>.json (every kernel) and .md (categories and
+the top kernels per configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import os
+import re
+import statistics
+import time
+
+import torch
+from bench_common import CONFIGS, compile_settings, is_config, write_results
+
+# Kernel name -> category, first match wins.
+CATEGORIES = (
+    ("paiton kernels", re.compile(r"^_(rms_norm|qk_norm_rope|silu_mul|decode_attention)|^paiton::")),
+    ("matmul (cuBLAS/CUTLASS)", re.compile(r"nvjet|gemm|cublas|splitKreduce|xmma|cutlass|aten::(mm|addmm|bmm|linear)", re.I)),
+    ("attention (library)", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("inductor reductions (GEMV, norms)", re.compile(r"^triton_(red|per)_")),
+    ("inductor pointwise", re.compile(r"^triton_poi_")),
+    ("copies and fills", re.compile(r"memcpy|memset|copy|fill|index_put|index_copy", re.I)),
+)
+
+
+OP_NAME = re.compile(r"^(aten|paiton)::")  # on CPU: an op not called by another op is a "kernel"
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+@torch.no_grad()
+def profile_config(model, config, batch, args):
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    device, cuda = args.device, args.device.startswith("cuda")
+    if config == "eager":
+        forward = model
+    else:
+        backend, settings = compile_settings(config, device, args.paiton_inner)
+        forward = torch.compile(model, backend=backend, fullgraph=True, **settings)
+    steps_total = 3 + args.steps + args.profile_steps
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + steps_total + 8)
+    cache.early_initialization(batch, model.config.num_key_value_heads, model.config.head_dim, model.dtype, device)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=generator).to(device)
+    out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(args.prompt_len, device=device),
+                use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    slots = torch.arange(args.prompt_len + steps_total, device=device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(i):
+        nonlocal token
+        position = slots[args.prompt_len + i:args.prompt_len + i + 1]
+        out = forward(input_ids=token, past_key_values=cache, cache_position=position,
+                      position_ids=position[None].expand(batch, 1), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+
+    compile_start = time.perf_counter()
+    for i in range(3):
+        step(i)
+        sync()
+    compile_s = time.perf_counter() - compile_start
+    times = []
+    for i in range(3, 3 + args.steps):
+        sync()
+        start = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - start)
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for i in range(3 + args.steps, steps_total):
+            step(i)
+        sync()
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])  # name -> [launches, microseconds]
+    for event in prof.events():
+        is_kernel = (event.device_type == torch.autograd.DeviceType.CUDA) if cuda else (
+            OP_NAME.match(event.name) and not (event.cpu_parent and OP_NAME.match(event.cpu_parent.name)))
+        if is_kernel:
+            per_kernel[event.name][0] += 1
+            per_kernel[event.name][1] += event.time_range.end - event.time_range.start
+    n = args.profile_steps
+    kernels = sorted(({"name": name, "launches_per_step": launches / n, "us_per_step": us / n, "category": category(name)}
+                      for name, (launches, us) in per_kernel.items()), key=lambda k: -k["us_per_step"])
+    categories = collections.defaultdict(float)
+    for kernel in kernels:
+        categories[kernel["category"]] += kernel["us_per_step"]
+    step_us = statistics.median(times) * 1e6
+    kernel_us = sum(k["us_per_step"] for k in kernels)
+    return dict(config=config, batch=batch, step_us=step_us, kernel_us=kernel_us, gap_us=step_us - kernel_us,
+                launches_per_step=sum(k["launches_per_step"] for k in kernels), compile_and_warmup_s=compile_s,
+                categories=dict(sorted(categories.items(), key=lambda c: -c[1])), kernels=kernels)
+
+
+def markdown(env, rows, top):
+    lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
+             f"prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, kernels averaged over "
+             f"{env['profile_steps']} profiled steps.", "",
+             "| config | batch | step us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
+             + " | other |", "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+    for r in rows:
+        cats = [f"{r['categories'].get(label, 0.0):.0f}" for label, _ in CATEGORIES] + [f"{r['categories'].get('other', 0.0):.0f}"]
+        lines.append(f"| {r['config']} | {r['batch']} | {r['step_us']:.0f} | {r['kernel_us']:.0f} | {r['gap_us']:.0f} | "
+                     f"{r['launches_per_step']:.0f} | " + " | ".join(cats) + " |")
+    for r in rows:
+        lines += ["", f"## {r['config']}, batch {r['batch']}: top {top} kernels", "",
+                  "| kernel | category | launches/step | us/step | share of kernel time |", "|---|---|---|---|---|"]
+        for k in r["kernels"][:top]:
+            lines.append(f"| `{k['name'][:90]}` | {k['category']} | {k['launches_per_step']:.0f} | {k['us_per_step']:.1f} | "
+                         f"{k['us_per_step'] / max(r['kernel_us'], 1e-9):.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    import transformers
+    import triton
+
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-8b", help=f"preset: {', '.join(QWEN3_PRESETS)}")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--configs", default="inductor-cdt,paiton", help=f"from {', '.join(CONFIGS)}")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    configs = args.configs.split(",")
+    if unknown := [c for c in configs if not is_config(c)]:
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    if args.model not in QWEN3_PRESETS:
+        parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
+    if min(args.steps, args.profile_steps) < 1:
+        parser.error("--steps and --profile-steps must be at least 1")
+    batches = [int(b) for b in args.batches.split(",")]
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = build_qwen3(args.model, device=args.device, dtype=dtype)
+    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
+               triton=triton.__version__, transformers=transformers.__version__, model=args.model, dtype=str(dtype),
+               prompt_len=args.prompt_len, steps=args.steps, profile_steps=args.profile_steps)
+    rows = []
+    for batch in batches:
+        for config in configs:
+            row = profile_config(model, config, batch, args)
+            rows.append(row)
+            print(f"{config} batch {batch}: step {row['step_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
+                  f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
+            # After every row: a run cut short keeps what it measured.
+            write_results(args.out, f"profile_decode_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}",
+                          dict(env=env, rows=rows), markdown(env, rows, args.top), echo=False)
+    print(markdown(env, rows, args.top))
+
+
+if __name__ == "__main__":
+    main()
