@@ -15,7 +15,8 @@ time, and a request starts when its batch starts. Each sequence keeps its own ou
 (greedy, stop tokens ignored, as vLLM's --ignore-eos); a batch runs until its longest
 sequence is done. Per batch size the configurations run in a rotated order (none always
 first). Before measuring, each configuration compiles every shape the run needs (its batch
-size, each prompt bucket): that time is reported as compile time and left out of the run.
+size, each prompt bucket) and records its CUDA graphs: that time is reported as compile time
+and left out of the run.
 
 Parity: each configuration's tokens against eager's (the first position where a sequence
 differs, and how many sequences match all the way). Outputs: serving-<model>-<card>-<date>
@@ -55,14 +56,17 @@ def run_requests(loop, requests, batch):
 
 
 def warm_up(loop, requests, batch):
-    """Compile (or record) every shape the measured run uses: this batch size with each chunk's
-    prompt bucket."""
+    """Compile, and record the CUDA graphs of, every shape the measured run uses: this batch
+    size with each chunk's prompt bucket. CUDA graph trees run a graph's first call at a shape
+    uncaptured (warm-up) and record it on the second, so every shape is called twice here:
+    two generations of three tokens (prefill, then two decode steps)."""
     from paiton.models.decode_loop import prompt_bucket
 
     start = time.perf_counter()
     chunks = [requests[first:first + batch] for first in range(0, len(requests), batch)]
     for bucket in sorted({prompt_bucket(max(len(r.prompt) for r in chunk), loop.max_length) for chunk in chunks}):
-        loop.generate([[1] * bucket] * batch, 2)
+        for _ in range(2):
+            loop.generate([[1] * bucket] * batch, 3)
     return time.perf_counter() - start
 
 
