@@ -18,6 +18,14 @@ first). Before measuring, each configuration compiles every shape the run needs 
 size, each prompt bucket) and records its CUDA graphs: that time is reported as compile time
 and left out of the run.
 
+Compile time: on an H100, each pair of Qwen3-8B graphs (prefill and decode; batch 1, then
+batch 2 and up) took 2.5-4 minutes to compile, so a run of four configurations spends about
+25 minutes compiling. Where one command
+may not run that long, `--save-compile-cache FILE` keeps the compiled artifacts (Inductor's
+and AOTAutograd's caches, as `torch.compiler.save_cache_artifacts`) and a later run's
+`--load-compile-cache FILE` starts from them: warm up in one command, measure in the next.
+The compile times reported are then those of a warm cache.
+
 Parity: each configuration's tokens against eager's (the first position where a sequence
 differs, and how many sequences match all the way). Outputs: serving-<model>-<card>-<date>
 .json (every number and the environment), .md (the table, with Paiton's ratio to each
@@ -88,6 +96,10 @@ def main(argv=None):
     parser.add_argument("--gpu-hourly-cost", type=float, default=0.0, help="dollars an hour, for the cost view")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-compile-cache", action="append", default=[], metavar="FILE",
+                        help="compile artifacts a run saved (repeatable): their graphs compile from cache")
+    parser.add_argument("--save-compile-cache", metavar="FILE",
+                        help="save this run's compile artifacts (Inductor and AOTAutograd caches) to FILE")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
 
@@ -103,6 +115,10 @@ def main(argv=None):
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if args.dataset and not args.checkpoint:
         parser.error("--dataset needs --checkpoint (its tokenizer turns the conversations into tokens)")
+    if missing := [path for path in args.load_compile_cache if not os.path.isfile(path)]:
+        parser.error(f"--load-compile-cache: no such file {', '.join(missing)}")
+    for path in args.load_compile_cache:
+        load_compile_cache(path)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     tokenizer = None
     if args.checkpoint:
@@ -130,7 +146,7 @@ def main(argv=None):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs) * len(batches))
     card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
     env = environment(args, card, dtype, copy_rate)
-    rows = []
+    rows, saved_artifacts = [], []
     progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark", unit="run", file=sys.stderr)
     for index, batch in enumerate(batches):
         order = configs[index % len(configs):] + configs[:index % len(configs)]
@@ -167,8 +183,33 @@ def main(argv=None):
         stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
                              dict(env=env, rows=rows), markdown(env, rows, configs), echo=False)
         plot(rows, configs, env, stem + ".png")
+        if args.save_compile_cache:
+            save_compile_cache(args.save_compile_cache, saved_artifacts)
     progress.close()
     print(markdown(env, rows, configs))
+
+
+def save_compile_cache(path, saved_artifacts):
+    """Write every artifact this run compiled so far. `save_cache_artifacts` returns only those
+    recorded since its last call, so the file holds the list of its results."""
+    import pickle
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is not None:
+        saved_artifacts.append(artifacts[0])
+        with open(path, "wb") as f:
+            pickle.dump(saved_artifacts, f)
+
+
+def load_compile_cache(path):
+    import pickle
+
+    with open(path, "rb") as f:
+        artifacts = pickle.load(f)
+    if not isinstance(artifacts, list) or not all(isinstance(a, bytes) for a in artifacts):
+        raise ValueError(f"{path}: not a file --save-compile-cache wrote")
+    for blob in artifacts:
+        torch.compiler.load_cache_artifacts(blob)
 
 
 def environment(args, card, dtype, copy_rate):
@@ -188,14 +229,17 @@ def environment(args, card, dtype, copy_rate):
                 triton=triton.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts, rounds=args.rounds,
                 workload=f"sharegpt {args.dataset}" if args.dataset else "synthetic", output_len=args.output_len,
-                copy_rate_gbs=copy_rate / 1e9 if copy_rate else None)
+                copy_rate_gbs=copy_rate / 1e9 if copy_rate else None,
+                compile_caches_loaded=list(args.load_compile_cache))
 
 
 def markdown(env, rows, configs):
     lines = [f"# Serving benchmark: {env['model']} on {env['card']}", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
              f"{requests_line(env)}, "
-             f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
+             + (f"compile times from a warm cache ({', '.join(map(os.path.basename, env['compile_caches_loaded']))}), "
+                if env.get("compile_caches_loaded") else "")
+             + f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
              "| batch | config | req/s | output tok/s | total tok/s | TTFT ms mean/median/p99 | TPOT ms mean/median/p99 | "
              "ITL ms median | E2E ms median | compile s | = eager | max logit diff, 1st decode step | Paiton total tok/s ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,6 +2,7 @@
 and vLLM's metric definitions checked on hand-made timings."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -130,3 +131,31 @@ def test_bad_arguments_are_clear_errors(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         serving.main(arguments + ["--device", "cpu"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compile_cache_carries_to_a_later_run(tmp_path):
+    """--save-compile-cache in one process, --load-compile-cache in a fresh one: the second
+    run's graphs come from Inductor's FX graph cache (counted), not a new compile."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
+    cache_file = tmp_path / "compiled.bin"
+    common = [sys.executable, str(bench), "--model", "tiny", "--num-prompts", "2", "--batch-sizes", "1,2",
+              "--configs", "inductor", "--device", "cpu", "--max-prompt-len", "12", "--output-len", "3"]
+    probe = ("import runpy, sys, atexit; from torch._dynamo.utils import counters; "
+             "atexit.register(lambda: print('HITS', counters['inductor']['fxgraph_cache_hit'], "
+             "'MISSES', counters['inductor']['fxgraph_cache_miss'])); "
+             "sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+    def run(extra, inductor_dir):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / inductor_dir)}  # separate on-disk caches
+        result = subprocess.run([sys.executable, "-c", probe] + common[1:] + ["--out", str(tmp_path / inductor_dir)] + extra,
+                                capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        hits, misses = result.stdout.split("HITS ")[1].split()[0::2]
+        return int(hits), int(misses)
+
+    assert run(["--save-compile-cache", str(cache_file)], "first") == (0, 4)  # 2 prefill + 2 decode graphs
+    assert cache_file.stat().st_size > 0
+    assert run(["--load-compile-cache", str(cache_file)], "second") == (4, 0)
