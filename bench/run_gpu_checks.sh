@@ -2,9 +2,12 @@
 # One GPU session's checks, in one command (device time is scarce): install the checkout, run
 # the `gpu` tests (and the kernel tests on CUDA tensors), then, each unless skipped and each
 # under its own time limit, the rest of the suite, the fused-kernel micro-benchmark, the
-# whole-model memory/step run, the kernels-per-layer count and the demo. Logs and results go to $OUT.
-#   SKIP_KERNEL_TESTS=1 SKIP_SUITE=1 SKIP_BENCH=1 SKIP_MEMORY=1 SKIP_LAYER_KERNELS=1 SKIP_LOOP=1 SKIP_GRAPHS=1 SKIP_DEMO=1
-#   LOOP_MODELS=qwen3-8b,qwen3-32b LOOP_BATCHES=1,32
+# whole-model memory/step run, the kernels-per-layer count, the per-kernel profile of a decode
+# step, the loop comparison and the demo. Logs and results go to $OUT.
+#   SKIP_KERNEL_TESTS=1 SKIP_SUITE=1 SKIP_BENCH=1 SKIP_MEMORY=1 SKIP_LAYER_KERNELS=1 SKIP_PROFILE=1 SKIP_LOOP=1
+#   SKIP_GRAPHS=1 SKIP_DEMO=1
+#   LOOP_MODELS=qwen3-8b,qwen3-32b LOOP_BATCHES=1,32 LOOP_CONFIGS=eager,inductor,paiton
+#   PROFILE_MODEL=qwen3-8b PROFILE_BATCHES=1,64 PROFILE_CONFIGS=inductor-cdt,paiton
 #   DEMO_MODEL=qwen3-8b MEMORY_MODEL=qwen3-8b BENCH_REPS=200 PAITON_COMMIT=<sha>
 set -uo pipefail
 OUT=${OUT:-/tmp/paiton-gpu}
@@ -24,8 +27,10 @@ timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -ra -s -p no:cacheprovider 
 [ -n "${SKIP_MEMORY:-}" ] || timeout "${MEMORY_TIMEOUT:-300}" python3 bench/qwen3_memory_and_step.py --model "${MEMORY_MODEL:-qwen3-8b}" \
   --configs "${MEMORY_CONFIGS:-paiton,inductor,eager}" --steps "${MEMORY_STEPS:-32}" --out "$OUT" 2>&1 | tail -12
 [ -n "${SKIP_LAYER_KERNELS:-}" ] || timeout "${LAYER_KERNELS_TIMEOUT:-120}" python3 bench/kernels_per_layer.py --out "$OUT" 2>&1 | tail -40
+[ -n "${SKIP_PROFILE:-}" ] || timeout "${PROFILE_TIMEOUT:-400}" python3 bench/profile_decode_step.py --model "${PROFILE_MODEL:-qwen3-8b}" \
+  --batches "${PROFILE_BATCHES:-1,64}" --configs "${PROFILE_CONFIGS:-inductor-cdt,paiton}" --out "$OUT" 2>&1 | grep -E "^[a-z].* batch [0-9]+:" 
 [ -n "${SKIP_LOOP:-}" ] || timeout "${LOOP_TIMEOUT:-500}" python3 bench/decode_loop_compare.py --models "${LOOP_MODELS:-qwen3-8b}" \
-  --batches "${LOOP_BATCHES:-1,32}" --out "$OUT" 2>&1 | tail -12
+  --batches "${LOOP_BATCHES:-1,32}" --configs "${LOOP_CONFIGS:-eager,inductor,paiton}" --out "$OUT" 2>&1 | tail -12
 if [ -z "${SKIP_GRAPHS:-}" ]; then  # the ATen graphs the passes see on this device, for writing patterns
   python3 bench/dump_graphs.py --out /tmp/graphs --dtype bfloat16 > /dev/null 2>&1 && tar czf "$OUT/graphs.tgz" -C /tmp graphs
 fi
