@@ -31,13 +31,13 @@ A query with no valid key gets zeros (eager SDPA would give NaN).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from paiton.backends.target import detect_target
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES
 from paiton.fusion.triton_utils import device_guard, is_interpreted
 
@@ -195,25 +195,28 @@ def _decode_attention_combine_kernel(
 
 
 # A KV tile of 64 positions: at head_dim 128 in bf16, 16 KB of K and 16 KB of V per step.
+# The NVIDIA tables' tile (backends/lowering.py); the CPU interpreter's too.
 DECODE_BLOCK_N = 64
 
 
-def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors: int) -> int:
+def decode_attention_block_sizes(group: int, q_len: int, head_dim: int) -> dict[str, int]:
+    """The query-row and head-dim blocks: all G x Sq rows that share a KV head in one block of
+    at least 16 rows (the smallest matrix-instruction tile), head_dim padded to a power of two."""
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+
+
+def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors: int, block_n: int = DECODE_BLOCK_N) -> int:
     """How many sequence splits: enough programs for two waves over the GPU, but no split
     shorter than one KV tile."""
     wanted = triton.cdiv(2 * multiprocessors, max(batch_kv_heads, 1))
-    return max(1, min(wanted, triton.cdiv(cache_len, DECODE_BLOCK_N)))
+    return max(1, min(wanted, triton.cdiv(cache_len, block_n)))
 
 
-@functools.cache
-def _multiprocessors_of(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _multiprocessors_of(device.index if device.index is not None else torch.cuda.current_device())
+def decode_attention_split_layout(cache_len: int, n_splits: int, block_n: int) -> tuple[int, int]:
+    """(split size, number of splits) for about `n_splits` splits that start at tile
+    boundaries, so that each split's loads stay tile-aligned."""
+    split_size = triton.cdiv(triton.cdiv(cache_len, n_splits), block_n) * block_n
+    return split_size, triton.cdiv(cache_len, split_size)
 
 
 def _check_inputs(q, k_cache, v_cache, positions, kv_mask) -> None:
@@ -266,7 +269,10 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
 
 
-def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None):
+def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None):
+    """`n_splits`: how many programs share one sequence's keys (default: two waves over the
+    chip). `config`: the launch's keyword arguments, the split kernel's and the combine
+    kernel's `combine_num_warps`; by default the lowering table's for the device."""
     _check_inputs(q, k_cache, v_cache, positions, kv_mask)
     out = _empty_output(q)
     batch, q_heads, q_len, head_dim = q.shape
@@ -278,14 +284,20 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None):
         positions = positions[None]
     pos_strides = (positions.stride(0) if positions.shape[0] > 1 else 0, positions.stride(1)) if positions is not None else (0, 0)
     mask_strides = _mask_strides(kv_mask) if kv_mask is not None else (0, 0, 0)
-    if n_splits is None:
-        n_splits = decode_attention_splits(batch * kv_heads, cache_len, _multiprocessors(q.device))
-    split_size = triton.cdiv(triton.cdiv(cache_len, n_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
-    n_splits = triton.cdiv(cache_len, split_size)
     group = q_heads // kv_heads
+    target = detect_target(q.device)
+    if config is None:
+        from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
+
+        config = launch_config("decode_attention", target, group=group, q_len=q_len, head_dim=head_dim)
+    config = dict(config)
+    combine_num_warps = config.pop("combine_num_warps")
+    block_n = config["BLOCK_N"]
+    if n_splits is None:
+        n_splits = decode_attention_splits(batch * kv_heads, cache_len, target.multiprocessors, block_n)
+    split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
     part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     with device_guard(q):
         _decode_attention_split_kernel[(batch * kv_heads, n_splits)](
             # An absent positions/mask tensor is never read (constexpr flags); q stands in for its pointer.
@@ -296,18 +308,17 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None):
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             *pos_strides, *mask_strides,
             split_size, n_splits,
-            GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), BLOCK_N=DECODE_BLOCK_N,
-            BLOCK_D=block_d, HAS_POSITIONS=positions is not None, HAS_MASK=kv_mask is not None,
+            GROUP=group, HAS_POSITIONS=positions is not None, HAS_MASK=kv_mask is not None,
             DOT_FP32=is_interpreted(_decode_attention_split_kernel),
             # fp32 models get fp32 products, as eager's SDPA computes them: Triton's default for
             # fp32 dots is TF32 on NVIDIA (seen on an H100: 2% relative error against eager).
             # Other dtypes keep the backend's default (AMD's gfx950 rejects an explicit "tf32").
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            num_warps=4,
+            **config,
         )
         _decode_attention_combine_kernel[(batch * q_heads * q_len,)](
             part_out, part_lse, out, q_heads, q_len, head_dim, n_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d, num_warps=4,
+            BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=combine_num_warps,
         )
     return out
 

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paiton.backends.target import detect_target
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from paiton.fusion.triton_utils import device_guard, is_interpreted
 
@@ -182,9 +183,15 @@ def _bsh_strides(t: torch.Tensor, seq_dim: int) -> tuple[int, int, int]:
     return t.stride(0), t.stride(seq_dim), t.stride(3 - seq_dim)
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None):
+def qk_norm_rope_block_sizes(n_q_heads: int, n_k_heads: int, head_dim: int) -> dict[str, int]:
+    """One program holds all heads of a token, as [heads, head_dim / 2] halves."""
+    return dict(BLOCK_HEADS=triton.next_power_of_2(max(n_q_heads, n_k_heads)), BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
+
+
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
     """q/k outputs as `_empty_outputs`; with cache = (v, k_cache, v_cache, slots), k and v are
-    written to their cache slots instead and only q_out is returned."""
+    written to their cache slots instead and only q_out is returned. `config`: the launch's
+    keyword arguments; by default the lowering table's for the device."""
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     q_out, k_out = _empty_outputs(q, k)
     if cache is not None:
@@ -203,6 +210,11 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None):
         k_target, v_source, v_target, slot_source = k_out, k, k_out, q
         k_target_strides = _bsh_strides(k_out, 2)
         v_strides = v_target_strides = (0, 0, 0)
+    if config is None:
+        from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
+
+        op = "qk_norm_rope_cache" if cache is not None else "qk_norm_rope"
+        config = launch_config(op, detect_target(q.device), n_q_heads=n_q_heads, n_k_heads=k.shape[2], head_dim=head_dim)
     grid = (batch * seq, 3 if cache is not None else 2)
     with device_guard(q):
         _qk_norm_rope_kernel[grid](
@@ -213,9 +225,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None):
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
             WRITE_CACHE=cache is not None,
-            BLOCK_HEADS=triton.next_power_of_2(max(n_q_heads, k.shape[2])),
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-            num_warps=4,
+            **config,
         )
     return q_out if cache is not None else (q_out, k_out)
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paiton.backends.target import detect_target
 from paiton.fusion.triton_utils import device_guard, fresh_contiguous, is_interpreted
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +153,8 @@ MIN_ELEMENTS_PER_PROGRAM = 4096
 
 
 def rms_norm_launch_config(n_rows: int, n_cols: int) -> dict[str, int]:
-    """Block shape and warps for a contiguous [n_rows, n_cols] input."""
+    """Block shape and warps for a contiguous [n_rows, n_cols] input (the lowering table adds
+    the chip's fixed options, backends/lowering.py)."""
     if n_cols <= MAX_SINGLE_PASS_COLS:
         block_cols, num_col_blocks = triton.next_power_of_2(n_cols), 1
     else:
@@ -165,8 +167,10 @@ def rms_norm_launch_config(n_rows: int, n_cols: int) -> dict[str, int]:
 
 
 def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, config: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`config`: the launch's keyword arguments; by default the lowering table's for x's device
+    (the sweep in bench/lowering_sweep.py passes others)."""
     _check_inputs(x, residual, weight)
     n_cols = x.shape[-1]
     x = x.contiguous()
@@ -179,7 +183,11 @@ def _launch(
     n_rows = x.numel() // n_cols if n_cols else 0
     if n_rows == 0:
         return out, summed
-    config = rms_norm_launch_config(n_rows, n_cols)
+    if config is None:
+        from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
+
+        op = "rms_norm" if residual is None else "fused_add_rms_norm"
+        config = launch_config(op, detect_target(x.device), n_rows=n_rows, n_cols=n_cols)
     grid = (triton.cdiv(n_rows, config["BLOCK_ROWS"]),)
     with device_guard(x):
         _rms_norm_kernel[grid](

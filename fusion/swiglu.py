@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from paiton.fusion.triton_utils import as_rows, device_guard, device_warp_size, fresh_contiguous, is_interpreted
+from paiton.backends.target import detect_target
+from paiton.fusion.triton_utils import as_rows, device_guard, fresh_contiguous, is_interpreted
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,7 @@ SILU_MUL_NUM_WARPS = 4
 
 
 def silu_mul_launch_config(warp_size: int) -> dict[str, int]:
+    """The block a chip with `warp_size`-wide warps gets (the lowering table's default)."""
     return dict(BLOCK=SILU_MUL_ELEMENTS_PER_THREAD * SILU_MUL_NUM_WARPS * warp_size, num_warps=SILU_MUL_NUM_WARPS)
 
 
@@ -61,14 +63,18 @@ def _check_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"paiton silu_mul: float32/float16/bfloat16 only, got {gate.dtype}")
 
 
-def _launch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _launch(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """`config`: the launch's keyword arguments; by default the lowering table's for the device."""
     _check_inputs(gate, up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
     gate_rows, up_rows = as_rows(gate), as_rows(up)
     n_rows, n_cols = gate_rows.shape
-    config = silu_mul_launch_config(device_warp_size(gate))
+    if config is None:
+        from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
+
+        config = launch_config("silu_mul", detect_target(gate.device))
     grid = (n_rows, triton.cdiv(n_cols, config["BLOCK"]))
     with device_guard(gate):
         _silu_mul_kernel[grid](gate_rows, up_rows, out, n_cols, gate_rows.stride(0), up_rows.stride(0), **config)

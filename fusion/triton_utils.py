@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
@@ -39,19 +38,6 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
         except RuntimeError:  # leading dims do not collapse to one stride
             pass
     return t.contiguous().view(rows, cols)
-
-
-@functools.cache
-def warp_size(device_index: int) -> int:
-    """Threads per warp (NVIDIA: 32) or wavefront (AMD CDNA: 64) of a GPU."""
-    return getattr(torch.cuda.get_device_properties(device_index), "warp_size", 32)
-
-
-def device_warp_size(tensor: torch.Tensor) -> int:
-    """The warp size a launch on `tensor`'s device gets; 32 for the CPU interpreter."""
-    if tensor.device.type != "cuda":
-        return 32
-    return warp_size(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
 
 
 def fresh_contiguous(t: torch.Tensor) -> torch.Tensor:

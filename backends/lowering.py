@@ -1,0 +1,197 @@
+"""Lowering tables: for each fused op and each chip, what runs and how its kernel is launched.
+
+For every op Paiton's passes put in a graph (`torch.ops.paiton.<op>`) and every chip with a
+preset (backends/target.py), the table names
+
+* the implementation: "triton" (Paiton's Triton kernel, fusion/), "vendor" (the vendor's
+  library through torch: cuBLAS, hipBLASLt, oneDNN), "reference" (the op's eager reference
+  code, on the CPU; under TRITON_INTERPRET=1 the Triton kernel in Triton's interpreter), or
+  "inductor": the op is not used, its pass leaves the subgraph to Inductor (and the fusion
+  report shows 0 for it);
+* the chip's launch parameters: num_warps, num_stages, block sizes fixed per chip, and on ROCm
+  waves_per_eu, matrix_instr_nonkdim and kpack where the kernel has matrix products.
+  `launch_config(op, target, **shape)` adds the block sizes the input's shape decides (the
+  helpers in fusion/); the launchers call it for the device their tensors are on.
+
+A chip without a table (a new arch) gets its vendor's safe defaults and one logged note, never
+an error. Every table's kernels are compiled ahead of time for sm_80, sm_90, gfx942 and gfx950
+in CI (tests/test_aot_compile.py: compiled, no spills, within the chip's shared memory, matrix
+instructions where there are products). The ROCm and sm_100 tables are chosen from those
+compiles, not from timings; bench/lowering_sweep.py times each table against alternatives on
+the GPU it runs on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from paiton.backends.target import Target
+from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
+from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
+from paiton.fusion.rms_norm import rms_norm_launch_config
+from paiton.fusion.swiglu import silu_mul_launch_config
+
+log = logging.getLogger(__name__)
+
+TRITON, VENDOR, REFERENCE, INDUCTOR = "triton", "vendor", "reference", "inductor"
+IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
+
+# The ops Paiton's passes create (each pass's `fused_op`).
+FUSED_OPS = (
+    "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
+)
+
+
+class LoweringKey(NamedTuple):
+    op: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class Lowering:
+    implementation: str
+    # The chip's launch parameters; `launch_config` adds the shape's block sizes.
+    params: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# NVIDIA: the configurations timed on the H100 against stock Inductor
+# (bench/results/fused_kernels-NVIDIA_H100_80GB_HBM3-2026-11-25.md). num_stages=3 is Triton's
+# CUDA default, the one those runs used.
+# ---------------------------------------------------------------------------------------------
+
+_NVIDIA = {
+    "rms_norm": Lowering(TRITON, dict(num_stages=3), "block rows and warps from the row width (rms_norm_launch_config): "
+                         "rows up to 16384 wide normalized from registers in one pass"),
+    "fused_add_rms_norm": Lowering(TRITON, dict(num_stages=3), "the rms_norm kernel, adding the residual on the way in"),
+    "silu_mul": Lowering(TRITON, silu_mul_launch_config(32), "8 elements a thread of 4 warps: one 16-byte load of gate and "
+                         "of up per thread in bf16"),
+    "qk_norm_rope": Lowering(TRITON, dict(num_warps=4), "one program per token for q and one for k, all heads in one "
+                             "[heads, head_dim / 2] block"),
+    "qk_norm_rope_cache": Lowering(TRITON, dict(num_warps=4), "the qk_norm_rope kernel, writing k and v into their cache slots"),
+    "decode_attention": Lowering(
+        TRITON, dict(BLOCK_N=DECODE_BLOCK_N, num_warps=4, num_stages=3, combine_num_warps=4),
+        "64-key tiles, 3 stages of K/V prefetch: 70 KB of shared memory in bf16, 140 KB in fp32 (A100: 163 KB)",
+    ),
+    "packed_linear": Lowering(VENDOR, {}, "cuBLAS: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
+}
+
+# ---------------------------------------------------------------------------------------------
+# AMD CDNA (wavefronts of 64): chosen from ahead-of-time compiles, not yet timed on an MI300X.
+# ---------------------------------------------------------------------------------------------
+
+# Decode attention, from compiles for gfx90a, gfx942 and gfx950 (Triton 3.9, bf16/fp16/fp32,
+# GQA 4 and 8, positions and/or mask): 64-key tiles spill scalar registers (up to 8 SGPRs on
+# gfx942, 44 on gfx950) and need 68 KB of LDS in fp32, over gfx942's 64 KB; 32-key tiles with
+# two stages compile without spills, within 35 KB (gfx942) / 67 KB (gfx950) of LDS.
+# waves_per_eu=0 (no hint): the compiler's own register budget gives 3-4 waves per SIMD in
+# bf16 and 2 in fp32 without spills; 2 would cap bf16 at 2 waves, 3 spills in fp32.
+# matrix_instr_nonkdim=16: the 16 x 16 MFMA tile fits the kernel's 16 query rows (a 32-wide
+# tile would be half empty).
+_AMD_DECODE_ATTENTION = dict(BLOCK_N=32, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16,
+                             combine_num_warps=4)
+_AMD_CDNA = {
+    "rms_norm": Lowering(TRITON, dict(num_stages=2), "the NVIDIA sizes (the widest rows: 16 wavefronts of 64 = 1024 lanes, "
+                         "the workgroup limit) and Triton's ROCm default of 2 stages"),
+    "fused_add_rms_norm": Lowering(TRITON, dict(num_stages=2), "the rms_norm kernel, adding the residual on the way in"),
+    "silu_mul": Lowering(TRITON, silu_mul_launch_config(64), "8 elements a lane of 4 wavefronts of 64: one dwordx4 load of "
+                         "gate and of up per lane in bf16"),
+    "qk_norm_rope": Lowering(TRITON, dict(num_warps=4), "the NVIDIA launch: 4 wavefronts of 64 lanes per token for q and for k"),
+    "qk_norm_rope_cache": Lowering(TRITON, dict(num_warps=4), "the qk_norm_rope kernel, writing k and v into their cache slots"),
+    "decode_attention": Lowering(
+        TRITON, {**_AMD_DECODE_ATTENTION, "kpack": 1},
+        "32-key tiles, 2 stages: no register spills, LDS within 64 KB in fp32, 3-4 waves per SIMD in bf16",
+    ),
+    "packed_linear": Lowering(VENDOR, {}, "hipBLASLt: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
+}
+_GFX950 = {
+    **_AMD_CDNA,
+    # Triton deprecates kpack on gfx950 and forces it to 1.
+    "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),
+}
+
+# CPU: each op's reference code, or under TRITON_INTERPRET=1 its Triton kernel launched with
+# the NVIDIA sizes (the CPU preset has 32-wide warps), as the CPU tests have always run them.
+_CPU = {op: Lowering(REFERENCE, dict(lowering.params), "the op's reference code (TRITON_INTERPRET=1: the Triton kernel)")
+        for op, lowering in _NVIDIA.items() if lowering.implementation == TRITON}
+_CPU["packed_linear"] = Lowering(VENDOR, {}, "torch's CPU GEMM over the packed weights")
+
+TABLES: dict[str, dict[str, Lowering]] = {
+    "sm_80": _NVIDIA,
+    "sm_90": _NVIDIA,
+    # Blackwell: the Hopper table, compiled and checked ahead of time, not timed.
+    "sm_100": _NVIDIA,
+    "gfx90a": _AMD_CDNA,
+    "gfx942": _AMD_CDNA,
+    "gfx950": _GFX950,
+    "cpu": _CPU,
+}
+LOWERINGS: dict[LoweringKey, Lowering] = {
+    LoweringKey(op, arch): table[op] for arch, table in TABLES.items() for op in FUSED_OPS
+}
+
+
+def _vendor_defaults(target: Target) -> dict[str, Lowering]:
+    """A chip without a table: its vendor's table, made safe for any chip of that vendor.
+
+    Decode attention takes 32-key tiles and 2 stages: 21 KB of shared memory in bf16, 43 KB in
+    fp32 (the known tables' 64-key, 3-stage tiles need 140 KB in fp32, more than the 99 KB of
+    sm_86/sm_89/sm_120 or the 64 KB of sm_75 and AMD's LDS), and no AMD matrix-instruction
+    options (an RDNA chip has no MFMA). The elementwise block follows the chip's warp size.
+    """
+    if target.vendor == "cpu":
+        return _CPU
+    base = _NVIDIA if target.vendor == "cuda" else _AMD_CDNA
+    why = "vendor default for a chip without a table"
+    return {
+        **base,
+        "silu_mul": Lowering(TRITON, silu_mul_launch_config(target.warp_size), why),
+        "decode_attention": Lowering(TRITON, dict(BLOCK_N=32, num_warps=4, num_stages=2, combine_num_warps=4), why),
+    }
+
+
+@functools.cache
+def lowering_table(target: Target) -> dict[str, Lowering]:
+    """op -> Lowering on `target`: its arch's table, or its vendor's safe defaults (noted once)."""
+    if all(LoweringKey(op, target.arch) in LOWERINGS for op in FUSED_OPS):
+        return {op: LOWERINGS[LoweringKey(op, target.arch)] for op in FUSED_OPS}
+    log.warning(
+        "paiton: no lowering table for %s (%s); using the safe %s defaults. Known: %s. Tune one with bench/lowering_sweep.py.",
+        target.arch, target.name or target.vendor, target.vendor, ", ".join(sorted(TABLES)),
+    )
+    return _vendor_defaults(target)
+
+
+def lowering_for(op: str, target: Target) -> Lowering:
+    if op not in FUSED_OPS:
+        raise ValueError(f"unknown Paiton op {op!r}; ops are {list(FUSED_OPS)}")
+    return lowering_table(target)[op]
+
+
+def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
+    """The keyword arguments a launch of `op`'s kernel on `target` gets (block sizes, num_warps,
+    num_stages, ROCm options; decode attention's also `combine_num_warps` for its second kernel):
+    the table's parameters, plus the block sizes the input's shape decides.
+
+    shape: rms_norm/fused_add_rms_norm: n_rows, n_cols; qk_norm_rope(_cache): n_q_heads,
+    n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
+    size per chip); packed_linear: none (no kernel of Paiton's: {}).
+    """
+    params = lowering_for(op, target).params
+    if op in ("rms_norm", "fused_add_rms_norm"):
+        return {**rms_norm_launch_config(shape["n_rows"], shape["n_cols"]), **params}
+    if op in ("qk_norm_rope", "qk_norm_rope_cache"):
+        return {**qk_norm_rope_block_sizes(shape["n_q_heads"], shape["n_k_heads"], shape["head_dim"]), **params}
+    if op == "decode_attention":
+        return {**decode_attention_block_sizes(shape["group"], shape["q_len"], shape["head_dim"]), **params}
+    return dict(params)
+
+
+def ops_left_to_inductor(target: Target) -> set[str]:
+    return {op for op, lowering in lowering_table(target).items() if lowering.implementation == INDUCTOR}
+
+
