@@ -23,6 +23,7 @@ class GraphFusions:
     compile_id: str  # Dynamo's "frame/attempt" id, as in TORCH_LOGS output
     inner_compiler: str
     counts: dict[str, int]  # pass name -> subgraphs rewritten
+    target: str = ""  # the arch whose lowering table the passes followed
     _tensors: dict[int, weakref.ref] = field(default_factory=dict, repr=False, compare=False)
 
     def add_tensors(self, tensors: Iterable) -> None:
@@ -42,9 +43,9 @@ _records: list[GraphFusions] = []
 
 
 def record_graph(
-    gm: torch.fx.GraphModule, example_inputs, compile_id: str, inner_compiler: str, counts: dict[str, int]
+    gm: torch.fx.GraphModule, example_inputs, compile_id: str, inner_compiler: str, counts: dict[str, int], target: str = ""
 ) -> GraphFusions:
-    record = GraphFusions(compile_id=compile_id, inner_compiler=inner_compiler, counts=dict(counts))
+    record = GraphFusions(compile_id=compile_id, inner_compiler=inner_compiler, counts=dict(counts), target=target)
     record.add_tensors(example_inputs)
     record.add_tensors(list(gm.parameters()) + list(gm.buffers()))  # when Dynamo keeps modules as attributes
     _records.append(record)

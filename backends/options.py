@@ -7,6 +7,10 @@
 * `paiton.*` keys, Paiton's own:
     - `paiton.inner_compiler`: `"inductor"` (default) compiles the rewritten graph with
       Inductor; `"eager"` runs the rewritten ATen graph as it is (debugging, fast CPU tests).
+    - `paiton.target`: the chip whose lowering table decides which fused ops the graph gets
+      (a preset name: "sm_90", "gfx942", ...; see backends/target.py), instead of the chip the
+      graph's inputs are on (default). The kernels launch with the table of the GPU they run
+      on; naming a chip of another vendor than that GPU is an error.
     - `paiton.<pass name>`: `False` switches that pass off (`paiton.rms_norm`,
       `paiton.fused_add_rms_norm`, ...; `PASS_NAMES` lists them).
 * any other key is an Inductor config option (as with `backend="inductor"`), e.g.
@@ -23,9 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from paiton.backends.target import TARGET_PRESETS, Target
+
 PAITON_PREFIX = "paiton."
 INNER_COMPILER_OPTION = PAITON_PREFIX + "inner_compiler"
 INNER_COMPILERS = ("inductor", "eager")
+TARGET_OPTION = PAITON_PREFIX + "target"
 
 
 class PaitonOptionError(ValueError):
@@ -35,6 +42,8 @@ class PaitonOptionError(ValueError):
 @dataclass(frozen=True)
 class PaitonOptions:
     inner_compiler: str = "inductor"
+    # The chip whose lowering table the passes follow; None: the chip of the graph's inputs.
+    target: Target | None = None
     # pass name -> enabled; every pass is listed.
     passes: dict[str, bool] = field(default_factory=dict)
     # Inductor config patches: the mode's options, then the user's Inductor options.
@@ -50,6 +59,7 @@ class PaitonOptions:
             raise PaitonOptionError(f"paiton backend: options must be a dict, got {type(options).__name__}")
 
         inner_compiler = "inductor"
+        target = None
         passes = {name: True for name in PASS_NAMES}
         inductor_options: dict[str, Any] = {}
         for key, value in options.items():
@@ -59,10 +69,12 @@ class PaitonOptions:
                 if value not in INNER_COMPILERS:
                     raise PaitonOptionError(f"{INNER_COMPILER_OPTION} must be one of {INNER_COMPILERS}, got {value!r}")
                 inner_compiler = value
+            elif key == TARGET_OPTION:
+                target = _target_option(value)
             elif key.startswith(PAITON_PREFIX):
                 name = key[len(PAITON_PREFIX) :]
                 if name not in passes:
-                    known = [INNER_COMPILER_OPTION] + [PAITON_PREFIX + n for n in PASS_NAMES]
+                    known = [INNER_COMPILER_OPTION, TARGET_OPTION] + [PAITON_PREFIX + n for n in PASS_NAMES]
                     raise PaitonOptionError(f"unknown Paiton option {key!r}; Paiton's options are {known}")
                 if not isinstance(value, bool):
                     raise PaitonOptionError(f"{key} switches a pass on or off: True or False, got {value!r}")
@@ -82,7 +94,18 @@ class PaitonOptions:
                 "Paiton runs its passes as Inductor's post_grad_custom_pre_pass; "
                 "add your own pass as post_grad_custom_post_pass instead"
             )
-        return cls(inner_compiler=inner_compiler, passes=passes, inductor_config=inductor_config)
+        return cls(inner_compiler=inner_compiler, target=target, passes=passes, inductor_config=inductor_config)
+
+
+def _target_option(value) -> Target:
+    if isinstance(value, Target):  # a chip without a preset, described in full
+        return value
+    if isinstance(value, str) and value in TARGET_PRESETS:
+        return TARGET_PRESETS[value]
+    raise PaitonOptionError(
+        f"{TARGET_OPTION} names a chip Paiton has a lowering table for: one of {sorted(TARGET_PRESETS)} "
+        f"(or a paiton.backends.target.Target); got {value!r}"
+    )
 
 
 def _mode_options(mode: str | None) -> dict[str, Any]:
@@ -111,7 +134,7 @@ def _validated_inductor_options(options: dict[str, Any]) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in current:
             raise PaitonOptionError(
-                f"unknown option {key!r}: not a Paiton option ({INNER_COMPILER_OPTION}, "
+                f"unknown option {key!r}: not a Paiton option ({INNER_COMPILER_OPTION}, {TARGET_OPTION}, "
                 f"{', '.join(PAITON_PREFIX + n for n in PASS_NAMES)}) nor an Inductor config option"
             )
         expected = config.get_type(name) if hasattr(config, "get_type") else type(current[name])

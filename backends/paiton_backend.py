@@ -18,6 +18,10 @@ decode: o_proj, down_proj, lm_head) becomes a tuned Triton reduction instead of 
 Measured on an H100, Qwen3-8B batch-1 decode step: 6.89 ms with it, 7.19 ms without, in the
 same run (bench/results/NOTES.md). `options={"coordinate_descent_tuning": False}` turns it off.
 
+Which fusions a graph gets is the lowering table's choice for the chip the graph's inputs are
+on (or the chip named by `paiton.target`): an op the table leaves to Inductor is not created
+(backends/lowering.py).
+
 Paiton fuses inference graphs. A graph that needs gradients (grad mode on and an input that
 requires grad) is compiled without Paiton's passes, with a warning.
 """
@@ -42,6 +46,7 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
     from paiton.passes.pass_manager import COUNTER_PREFIX, DYNAMO_GRAPH_PASSES, PaitonPassManager, counts_from_counters
 
     opts = PaitonOptions.from_backend_kwargs(mode, options)
+    target = _graph_target(opts.target, example_inputs)
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
     )
@@ -52,10 +57,10 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
             "torch.no_grad() or torch.inference_mode() to get the fusions."
         )
     enabled = {name: on and not needs_grad for name, on in opts.passes.items()}
-    manager = PaitonPassManager(enabled)
+    manager = PaitonPassManager(enabled, target)
 
     before = counters["inductor"].copy()
-    dynamo_graph_passes = [cls() for cls in DYNAMO_GRAPH_PASSES if enabled[cls.name]]
+    dynamo_graph_passes = [cls() for cls in DYNAMO_GRAPH_PASSES if manager.runs(cls.name)]
     for graph_pass in dynamo_graph_passes:
         counters["inductor"][COUNTER_PREFIX + graph_pass.name] += graph_pass(gm, example_inputs)
     if opts.inner_compiler == "eager":
@@ -75,16 +80,35 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     for graph_pass in dynamo_graph_passes:
         graph_pass.after_compile()
+    # Passes the table leaves to Inductor are reported, with 0; passes switched off are not.
     counts = counts_from_counters(counters["inductor"] - before, [name for name, on in enabled.items() if on])
 
-    record = record_graph(gm, example_inputs, _current_compile_id(), opts.inner_compiler, counts)
+    record = record_graph(gm, example_inputs, _current_compile_id(), opts.inner_compiler, counts, target.arch)
     log.info(
-        "paiton: compiled graph %s with %s: %s",
+        "paiton: compiled graph %s with %s: %s; target %s%s",
         record.compile_id,
         opts.inner_compiler,
         ", ".join(f"{name}={n}" for name, n in counts.items()) or "no passes",
+        target.arch,
+        f", left to Inductor: {', '.join(manager.left_to_inductor)}" if manager.left_to_inductor else "",
     )
     return attribute_runs(compiled, record, example_inputs)
+
+
+def _graph_target(named, example_inputs):
+    """The chip whose lowering table the passes follow: `paiton.target`, else the inputs' chip."""
+    from paiton.backends.options import TARGET_OPTION, PaitonOptionError
+    from paiton.backends.target import target_of_inputs
+
+    runs_on = target_of_inputs(example_inputs)
+    if named is None:
+        return runs_on
+    if runs_on.is_gpu and named.vendor != runs_on.vendor:
+        raise PaitonOptionError(
+            f"{TARGET_OPTION}={named.arch!r} is a {named.vendor} chip, but this graph's inputs are on a {runs_on.vendor} "
+            f"GPU ({runs_on.arch}, {runs_on.name}); name a {runs_on.vendor} target or leave {TARGET_OPTION} out"
+        )
+    return named
 
 
 def _compile_without_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any], manager):

@@ -235,6 +235,7 @@ def output_layout_matches(sdpa_out, ours) -> bool:
 
 class DecodeAttentionPass(PaitonPass):
     name = "decode_attention"
+    fused_op = "decode_attention"
     depends_on = ("paiton.fusion.decode_attention",)
 
     def apply(self, graph: torch.fx.Graph) -> int:

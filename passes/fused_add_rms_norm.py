@@ -43,6 +43,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 class FusedAddRMSNormPass(PatternFusionPass):
     name = "fused_add_rms_norm"
+    fused_op = "fused_add_rms_norm"
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.rms_norm", "paiton.passes.rms_norm")
 
     @classmethod

@@ -135,6 +135,7 @@ def _cache_write(node, value, slots=None):
 
 class KVCacheWritePass(PaitonPass):
     name = "kv_cache_write"
+    fused_op = "qk_norm_rope_cache"
     depends_on = ("paiton.fusion.qk_norm_rope", "paiton.passes.decode_attention")
 
     def apply(self, graph: torch.fx.Graph) -> int:

@@ -61,6 +61,7 @@ class MergedProjectionsPass:
     `name` is its option: `options={"paiton.merged_projections": False}` switches it off."""
 
     name = "merged_projections"
+    fused_op = "packed_linear"  # its lowering decides whether the pass runs (backends/lowering.py)
 
     def __init__(self) -> None:
         self._to_pack: list[list[torch.nn.Parameter]] = []

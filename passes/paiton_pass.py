@@ -37,6 +37,9 @@ class PaitonPass(CustomGraphPass, ABC):
     switches it off."""
 
     name: ClassVar[str]
+    # The torch.ops.paiton op the pass puts in the graph: where the target's lowering table
+    # leaves that op to Inductor, the pass manager does not run the pass (backends/lowering.py).
+    fused_op: ClassVar[str]
     # Modules besides the pass's own whose source decides what the pass does (the kernels'
     # op definitions, shared matcher helpers).
     depends_on: ClassVar[tuple[str, ...]] = ()

@@ -5,6 +5,10 @@ before plain RMSNorm), and cleanup runs last. The manager is handed to Inductor 
 `post_grad_custom_pre_pass` (the ATen graph after AOTAutograd, before Inductor's own post-grad
 rewrites) or run directly on the ATen graph by the backend's eager inner compiler.
 
+The target's lowering table (backends/lowering.py) can leave an op to Inductor on a chip: the
+pass that would create that op does not run there (`left_to_inductor`), and the fusion report
+shows 0 for it.
+
 Each run leaves the rewrite counts in `last_counts` and adds them to Inductor's counters
 (`counters["inductor"]["paiton.<pass>"]`). Inductor stores counter increments with a cached
 graph and replays them on a cache hit, so the counts are right whether or not the passes ran
@@ -20,6 +24,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
+from paiton.backends import lowering
+from paiton.backends.target import Target, detect_target
 from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.kv_cache_write import KVCacheWritePass
@@ -50,14 +56,23 @@ COUNTER_PREFIX = "paiton."
 
 
 class PaitonPassManager(CustomGraphPass):
-    def __init__(self, enabled: dict[str, bool] | None = None) -> None:
+    def __init__(self, enabled: dict[str, bool] | None = None, target: Target | None = None) -> None:
+        """`enabled`: pass name -> on/off (default on); `target`: the chip whose lowering table
+        decides which fused ops exist (default: the current device)."""
         enabled = enabled or {}
         unknown = set(enabled) - set(PASS_NAMES)
         if unknown:
             raise ValueError(f"unknown Paiton pass(es) {sorted(unknown)}; passes are {list(PASS_NAMES)}")
         self.enabled = {name: enabled.get(name, True) for name in PASS_NAMES}
-        self.passes: list[PaitonPass] = [cls() for cls in PASS_ORDER if self.enabled[cls.name]]
+        self.target = target if target is not None else detect_target()
+        ops_left = lowering.ops_left_to_inductor(self.target)
+        self.left_to_inductor = tuple(cls.name for cls in DYNAMO_GRAPH_PASSES + PASS_ORDER if cls.fused_op in ops_left)
+        self.passes: list[PaitonPass] = [cls() for cls in PASS_ORDER if self.runs(cls.name)]
         self.last_counts: dict[str, int] = {}
+
+    def runs(self, name: str) -> bool:
+        """The pass is switched on and the target's table uses the op it creates."""
+        return self.enabled[name] and name not in self.left_to_inductor
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         counts = {}
@@ -77,10 +92,10 @@ class PaitonPassManager(CustomGraphPass):
         log.debug("paiton passes: %s", counts)
 
     def uuid(self) -> str:
-        # The enabled set and each pass's own uuid (a hash of its source files) decide the
-        # rewritten graph; Inductor's FX graph cache keys on this.
+        # The passes that run (options and the target's table) and each one's own uuid (a hash
+        # of its source files) decide the rewritten graph; Inductor's FX graph cache keys on this.
         per_pass = ",".join(f"{p.name}={p.uuid()}" for p in self.passes)
-        return hash_source_files([__file__], extra=f"{self.enabled}|{per_pass}")
+        return hash_source_files([__file__], extra=f"{self.enabled}|{self.target.arch}|{self.left_to_inductor}|{per_pass}")
 
 
 def counts_from_counters(delta: dict[str, int], pass_names) -> dict[str, int]:

@@ -67,6 +67,7 @@ def rotary_inputs_fit(match: Match) -> bool:
 
 class QKNormRoPEPass(PatternFusionPass):
     name = "qk_norm_rope"
+    fused_op = "qk_norm_rope"
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.qk_norm_rope", "paiton.passes.rms_norm")
 
     @classmethod

@@ -82,6 +82,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 class RMSNormPass(PatternFusionPass):
     name = "rms_norm"
+    fused_op = "rms_norm"
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.rms_norm",)
 
     @classmethod

@@ -40,6 +40,7 @@ def fused_silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class SwiGLUPass(PatternFusionPass):
     name = "swiglu"
+    fused_op = "silu_mul"
     depends_on = PatternFusionPass.depends_on + ("paiton.fusion.swiglu", "paiton.passes.rms_norm")
 
     @classmethod
