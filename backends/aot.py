@@ -1,0 +1,212 @@
+"""Compile Paiton's Triton kernels ahead of time for a GPU target, without the GPU, and read
+what the compiled code uses: registers, spills, shared memory, loads, matrix instructions.
+
+Each `*_build` function describes one kernel launch as the launcher makes it: its signature,
+the launch configuration (`lowering.launch_config`'s keyword arguments, split here into the
+kernel's constexprs and Triton's compile options), and the specialization Triton's JIT applies
+at run time to aligned tensors (pointers and row widths divisible by 16), so that the code
+compiled is the code that runs. Needs a process without TRITON_INTERPRET (the interpreter
+replaces kernels by Python functions that `triton.compile` cannot take).
+
+Used by `python -m paiton.backends.lowering` and by tests/aot_compile_kernels.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import triton
+from triton.compiler import ASTSource
+
+from paiton.backends.target import Target
+from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
+from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
+from paiton.fusion.rms_norm import _rms_norm_kernel
+from paiton.fusion.swiglu import _silu_mul_kernel
+
+# Launch keywords that are Triton compile options rather than kernel arguments.
+TRITON_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "waves_per_eu", "matrix_instr_nonkdim", "kpack"})
+
+
+@dataclass
+class KernelBuild:
+    """One kernel as a launch specializes it."""
+
+    kernel: Any  # a triton.jit function
+    signature: dict[str, str]  # argument -> Triton type ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict[str, Any]
+    options: dict[str, Any]
+    aligned: list[str] = field(default_factory=list)  # arguments the JIT sees divisible by 16
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    @property
+    def uses_dot(self) -> bool:
+        """The kernel has matrix products, which should become the chip's matrix instructions."""
+        return "tl.dot(" in self.kernel.src
+
+    def compile(self, target: Target):
+        names = list(self.kernel.arg_names)
+        missing = set(names) ^ set(self.signature)
+        if missing:
+            raise ValueError(f"{self.name}: signature and kernel arguments differ in {sorted(missing)}")
+        signature = {n: self.signature[n] for n in names}
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in self.aligned}
+        source = ASTSource(fn=self.kernel, signature=signature, constexprs=self.constexprs, attrs=attrs)
+        return triton.compile(source, target=target.triton_target(), options=self.options)
+
+
+def _split(kernel, config: dict[str, Any], constexprs: dict[str, Any]) -> tuple[dict, dict]:
+    """(constexprs, compile options) of a launch with `config` plus the launcher's own constexprs."""
+    options = {k: v for k, v in config.items() if k in TRITON_OPTIONS}
+    kernel_args = {k: v for k, v in config.items() if k in kernel.arg_names}
+    unused = set(config) - set(options) - set(kernel_args)
+    if unused:
+        raise ValueError(f"{kernel.__name__}: launch keywords {sorted(unused)} are neither kernel arguments nor Triton options")
+    return {**kernel_args, **constexprs}, options
+
+
+def rms_norm_build(config: dict, dtype: str, has_residual: bool) -> KernelBuild:
+    pointer = f"*{dtype}"
+    signature = {
+        "x_ptr": pointer, "residual_ptr": pointer, "weight_ptr": pointer, "out_ptr": pointer, "sum_ptr": pointer,
+        "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
+        "HAS_RESIDUAL": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "NUM_COL_BLOCKS": "constexpr",
+    }
+    constexprs, options = _split(_rms_norm_kernel, config, {"HAS_RESIDUAL": has_residual})
+    aligned = ["x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "sum_ptr", "n_cols"]
+    return KernelBuild(_rms_norm_kernel, signature, constexprs, options, aligned)
+
+
+def silu_mul_build(config: dict, dtype: str) -> KernelBuild:
+    signature = {
+        "gate_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+        "n_cols": "i32", "gate_row_stride": "i32", "up_row_stride": "i32", "BLOCK": "constexpr",
+    }
+    constexprs, options = _split(_silu_mul_kernel, config, {})
+    aligned = [n for n, kind in signature.items() if kind != "constexpr"]
+    return KernelBuild(_silu_mul_kernel, signature, constexprs, options, aligned)
+
+
+def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBuild:
+    pointers = ["q_ptr", "k_ptr", "v_ptr", "q_w_ptr", "k_w_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr", "cos_ptr", "sin_ptr"]
+    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "cache_len"]
+    for tensor in ("q", "k", "v", "q_out", "k_out", "v_out"):
+        ints += [f"{tensor}_stride_b", f"{tensor}_stride_s", f"{tensor}_stride_h"]
+    ints += ["cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]
+    signature = {**{p: f"*{dtype}" for p in pointers}, "slot_ptr": "*i64", **{n: "i32" for n in ints}, "eps": "fp32",
+                 "WRITE_CACHE": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr"}
+    constexprs, options = _split(_qk_norm_rope_kernel, config, {"WRITE_CACHE": write_cache})
+    # As the JIT specializes Qwen3's aligned tensors (head_dim 128, strides multiples of 16).
+    aligned = [n for n, kind in signature.items()
+               if kind != "constexpr" and n not in ("eps", "seq_len", "n_q_heads", "n_k_heads", "cache_len", "slot_ptr")]
+    return KernelBuild(_qk_norm_rope_kernel, signature, constexprs, options, aligned)
+
+
+def decode_attention_split_build(config: dict, dtype: str, group: int, has_positions: bool, has_mask: bool) -> KernelBuild:
+    config = {k: v for k, v in config.items() if k != "combine_num_warps"}
+    pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
+                "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+    ints = ["n_kv_heads", "q_len", "head_dim", "cache_len", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b",
+            "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s",
+            "mask_stride_b", "mask_stride_s", "mask_stride_n", "split_size", "n_splits"]
+    launcher = {"GROUP": group, "HAS_POSITIONS": has_positions, "HAS_MASK": has_mask, "DOT_FP32": False,
+                "DOT_PRECISION": "ieee" if dtype == "fp32" else None}
+    if has_mask:  # a contiguous mask: the JIT specializes its unit key stride as a constant
+        launcher["mask_stride_n"] = 1
+    constexprs, options = _split(_decode_attention_split_kernel, config, launcher)
+    signature = {**pointers, **{n: "i32" for n in ints}, "scale": "fp32", **{n: "constexpr" for n in constexprs}}
+    aligned = [n for n in signature if n.endswith("_ptr") or n in (
+        "head_dim", "k_stride_b", "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n",
+        "q_stride_b", "q_stride_h", "q_stride_s", "split_size")]
+    return KernelBuild(_decode_attention_split_kernel, signature, constexprs, options, aligned)
+
+
+def decode_attention_combine_build(config: dict, dtype: str, n_splits: int) -> KernelBuild:
+    signature = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_q_heads": "i32",
+                 "q_len": "i32", "head_dim": "i32", "n_splits": "i32", "BLOCK_SPLITS": "constexpr", "BLOCK_D": "constexpr"}
+    constexprs = {"BLOCK_SPLITS": triton.next_power_of_2(n_splits), "BLOCK_D": config["BLOCK_D"]}
+    aligned = ["part_out_ptr", "part_lse_ptr", "out_ptr", "head_dim"]
+    return KernelBuild(_decode_attention_combine_kernel, signature, constexprs, {"num_warps": config["combine_num_warps"]},
+                       aligned)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the compiled code uses
+# ---------------------------------------------------------------------------------------------
+
+
+def resources(compiled, target: Target) -> dict[str, Any]:
+    """registers (NVIDIA: per thread; AMD: VGPRs per lane), spills (NVIDIA: bytes of local
+    memory per thread, which for Triton's code is spilled registers; AMD: VGPRs + SGPRs
+    spilled), shared_bytes (what a launch needs: Triton fails it on a chip with less), the
+    matrix instructions and global load widths, and vendor details."""
+    asm = compiled.asm
+    shared = compiled.metadata.shared
+    if target.vendor == "cuda":
+        code = asm["ptx"]
+        usage = _cubin_resource_usage(asm["cubin"]) if "cubin" in asm else {}
+        return {
+            "binary": "cubin" in asm,
+            "registers": usage.get("REG"),
+            "spills": usage.get("LOCAL"),
+            "shared_bytes": shared,
+            "matrix": sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", code))),
+            "loads": sorted(set(re.findall(r"ld\.global[.\w]*", code))),
+            "local_memory": ".local" in code,
+        }
+    code = asm["amdgcn"]
+
+    def number(key: str) -> int:
+        return int(re.search(rf"{key}:?\s+(\d+)", code).group(1))
+
+    vgpr_spills, sgpr_spills = number(r"\.vgpr_spill_count"), number(r"\.sgpr_spill_count")
+    return {
+        "binary": "hsaco" in asm,
+        "registers": number(r"\.vgpr_count"),
+        "spills": vgpr_spills + sgpr_spills,
+        "shared_bytes": shared,
+        "matrix": sorted(set(re.findall(r"\bv_mfma_\w+", code))),
+        "loads": sorted(set(re.findall(r"(?:global|buffer)_load_\w+", code))),
+        "sgprs": number(r"\.sgpr_count"),
+        "vgpr_spills": vgpr_spills,
+        "sgpr_spills": sgpr_spills,
+        "scratch_bytes": number("; ScratchSize"),
+        "waves_per_simd": number("; Occupancy"),
+    }
+
+
+def _cubin_resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, LOCAL, SHARED, STACK, ... of the cubin's kernel, from cuobjdump (shipped in Triton's
+    wheel); {} without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    line = next((line for line in out.splitlines() if "REG:" in line), "")
+    return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
+
+
+def _cuobjdump() -> str | None:
+    knobs = getattr(triton, "knobs", None)
+    try:
+        path = knobs.nvidia.cuobjdump.path if knobs is not None else None
+    except (AttributeError, RuntimeError):
+        path = None
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for candidate in (path, bundled, shutil.which("cuobjdump")):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
