@@ -19,6 +19,8 @@ in CI (tests/test_aot_compile.py: compiled, no spills, within the chip's shared 
 instructions where there are products). The ROCm and sm_100 tables are chosen from those
 compiles, not from timings; bench/lowering_sweep.py times each table against alternatives on
 the GPU it runs on.
+
+    python -m paiton.backends.lowering --target gfx942    # print a table, compiled ahead of time
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from paiton.backends.target import Target
+from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
@@ -195,3 +197,170 @@ def ops_left_to_inductor(target: Target) -> set[str]:
     return {op for op, lowering in lowering_table(target).items() if lowering.implementation == INDUCTOR}
 
 
+
+# ---------------------------------------------------------------------------------------------
+# python -m paiton.backends.lowering --target gfx942
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TableRow:
+    """One kernel launch of a fused op at a model's shapes, as the target's table configures it."""
+
+    op: str
+    implementation: str
+    kernel: str
+    shape: str
+    config: dict[str, Any]
+    build: Any = None  # an aot.KernelBuild for Paiton's Triton kernels, else None
+    compiled: dict[str, Any] | None = None  # aot.resources(...) once compiled
+    error: str = ""
+
+
+def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: int) -> list[TableRow]:
+    """The table's launches for one decode step of `model` (a Qwen3 preset) with `tokens`
+    sequences of one query each."""
+    from paiton.backends import aot
+    from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
+    from paiton.models.qwen3 import QWEN3_PRESETS
+
+    m = QWEN3_PRESETS[model]
+    group = m.num_attention_heads // m.num_key_value_heads
+    table = lowering_table(target)
+    compiles = {op: target.is_gpu and lowering.implementation == TRITON for op, lowering in table.items()}
+
+    def row(op, kernel, shape, config, build):
+        lowering = table[op]
+        if lowering.implementation == INDUCTOR:
+            return TableRow(op, INDUCTOR, "-", shape, {})
+        return TableRow(op, lowering.implementation, kernel, shape, config, build if compiles[op] else None)
+
+    rows = []
+    for op in ("rms_norm", "fused_add_rms_norm"):
+        config = launch_config(op, target, n_rows=tokens, n_cols=m.hidden_size)
+        rows.append(row(op, "_rms_norm_kernel", f"[{tokens}, {m.hidden_size}]", config,
+                        aot.rms_norm_build(config, dtype, op == "fused_add_rms_norm")))
+    config = launch_config("silu_mul", target)
+    rows.append(row("silu_mul", "_silu_mul_kernel", f"[{tokens}, {m.intermediate_size}]", config, aot.silu_mul_build(config, dtype)))
+    heads = f"[{tokens}, {m.num_attention_heads}+{m.num_key_value_heads} heads, {m.head_dim}]"
+    for op in ("qk_norm_rope", "qk_norm_rope_cache"):
+        config = launch_config(op, target, n_q_heads=m.num_attention_heads, n_k_heads=m.num_key_value_heads, head_dim=m.head_dim)
+        rows.append(row(op, "_qk_norm_rope_kernel", heads + (" + cache" if op.endswith("cache") else ""), config,
+                        aot.qk_norm_rope_build(config, dtype, op.endswith("cache"))))
+    config = launch_config("decode_attention", target, group=group, q_len=1, head_dim=m.head_dim)
+    n_splits = decode_attention_splits(tokens * m.num_key_value_heads, cache_len, target.multiprocessors, config["BLOCK_N"])
+    n_splits = decode_attention_split_layout(cache_len, n_splits, config["BLOCK_N"])[1]
+    shape = f"[{tokens}, {m.num_attention_heads} heads, GQA {group}], cache {cache_len}"
+    rows.append(row("decode_attention", "_decode_attention_split_kernel", shape + f", {n_splits} splits",
+                    {k: v for k, v in config.items() if k != "combine_num_warps"},
+                    aot.decode_attention_split_build(config, dtype, group, has_positions=True, has_mask=False)))
+    rows.append(row("decode_attention", "_decode_attention_combine_kernel", f"{n_splits} splits",
+                    dict(BLOCK_SPLITS=_next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=config["combine_num_warps"]),
+                    aot.decode_attention_combine_build(config, dtype, n_splits)))
+    qkv = m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
+    rows.append(row("packed_linear", "torch linear", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", {}, None))
+    return rows
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def compile_rows(rows: list[TableRow], target: Target) -> None:
+    from paiton.backends import aot
+
+    for r in rows:
+        if r.build is None:
+            continue
+        try:
+            r.compiled = aot.resources(r.build.compile(target), target)
+        except Exception as error:  # shown in the table; the command exits with 1
+            r.error = f"{type(error).__name__}: {error}".splitlines()[0][:120]
+
+
+def format_table(rows: list[TableRow], target: Target, header: str) -> str:
+    def registers(r):
+        if r.error:
+            return "compile failed"
+        if r.compiled is None:
+            return "-"
+        if target.vendor == "hip":
+            return f"{r.compiled['registers']} v, {r.compiled['sgprs']} s"
+        return str(r.compiled["registers"]) if r.compiled["registers"] is not None else "?"
+
+    def spills(r):
+        return "-" if r.compiled is None else str(r.compiled["spills"])
+
+    def shared(r):
+        return "-" if r.compiled is None else f"{r.compiled['shared_bytes'] / 1024:.1f} KB"
+
+    cells = [("op", "implementation", "kernel", "shape", "registers", "spills", "shared", "configuration")]
+    for r in rows:
+        config = " ".join(f"{k}={v}" for k, v in r.config.items()) or "-"
+        cells.append((r.op, r.implementation, r.kernel, r.shape, registers(r), spills(r), shared(r), config))
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = [header, ""]
+    for index, c in enumerate(cells):
+        lines.append("  ".join(value.ljust(width) for value, width in zip(c, widths)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    lines.append("")
+    table = lowering_table(target)
+    lines += [f"{op}: {table[op].why}" for op in FUSED_OPS if table[op].why]
+    lines += [f"compile error, {r.kernel}: {r.error}" for r in rows if r.error]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import subprocess
+    import sys
+
+    from paiton.models.qwen3 import QWEN3_PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m paiton.backends.lowering",
+        description="Print a chip's lowering table: for each fused op its implementation, each kernel's launch "
+        "configuration at a Qwen3 model's decode shapes, and (compiled ahead of time, no GPU needed) its registers, "
+        "spills and shared memory.",
+    )
+    parser.add_argument("--target", choices=sorted(TABLES), help="the chip (default: this machine's GPU, else cpu)")
+    parser.add_argument("--model", choices=sorted(p for p in QWEN3_PRESETS if p != "tiny"), default="qwen3-8b")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--tokens", type=int, default=1, help="sequences in the decode step, one token each (default 1)")
+    parser.add_argument("--cache-len", type=int, default=4096, help="KV cache length (default 4096)")
+    parser.add_argument("--no-compile", action="store_true", help="print the configurations only")
+    args = parser.parse_args(argv)
+
+    target = target_named(args.target) if args.target else detect_target()
+    compile_kernels = target.is_gpu and not args.no_compile
+    if compile_kernels and os.environ.get("TRITON_INTERPRET") == "1":
+        # Kernels imported under Triton's interpreter cannot be compiled: the same command, without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        command = [sys.executable, "-m", "paiton.backends.lowering", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(command, env=env).returncode
+
+    rows = table_rows(target, args.model, args.dtype, args.tokens, args.cache_len)
+    if compile_kernels:
+        compile_rows(rows, target)
+    import triton
+
+    if target.is_gpu:
+        memory = "LDS per workgroup" if target.vendor == "hip" else "shared memory per block"
+        chip = (f"{target.vendor}, warp {target.warp_size}, {target.multiprocessors} multiprocessors, "
+                f"{target.shared_memory_per_block // 1024} KB {memory}")
+    else:
+        chip = "each op's reference code; with TRITON_INTERPRET=1 its Triton kernel in the interpreter, launched as shown"
+    header = (
+        f"Paiton lowering for {target.arch} ({target.name or target.vendor}): {chip}\n"
+        f"{args.model} decode step, {args.dtype}, {args.tokens} sequence(s), KV cache {args.cache_len}; "
+        + (f"registers, spills, shared memory from an ahead-of-time compile (Triton {triton.__version__})"
+           if compile_kernels else "not compiled")
+    )
+    print(format_table(rows, target, header))
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
