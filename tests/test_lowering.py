@@ -360,3 +360,73 @@ def test_command_for_the_cpu_prints_without_compiling():
     assert rows[("rms_norm", "_rms_norm_kernel")][3] == "[1, 5120]"
     assert all(cells[4] == "-" for cells in rows.values())  # nothing compiled
 
+
+# ---------------------------------------------------------------------------------------------
+# bench/lowering_sweep.py (times on a GPU; its candidates and its run-time check run here)
+# ---------------------------------------------------------------------------------------------
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def test_sweep_without_a_gpu_fails_with_a_clear_message():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the sweep would run")
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "lowering_sweep.py"), "--tokens", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "needs a CUDA or ROCm GPU" in result.stderr and "python -m paiton.backends.lowering" in result.stderr
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "gfx942", "gfx950"])
+def test_sweep_candidates_start_with_the_table_and_launch_on_their_chip(monkeypatch, arch):
+    """Every candidate is a launch the chip's Triton backend accepts: kernel arguments and that
+    backend's options only (the package's kernel builds reject anything else)."""
+    from paiton.backends import aot
+
+    monkeypatch.syspath_prepend(BENCH)
+    import lowering_sweep
+
+    target = target_named(arch)
+    shapes = {"rms_norm": dict(n_rows=64, n_cols=20480), "fused_add_rms_norm": dict(n_rows=1, n_cols=4096), "silu_mul": {},
+              "qk_norm_rope": dict(n_q_heads=32, n_k_heads=8, head_dim=128),
+              "qk_norm_rope_cache": dict(n_q_heads=64, n_k_heads=8, head_dim=128),
+              "decode_attention": dict(group=4, q_len=1, head_dim=128)}
+    assert set(shapes) == set(lowering_sweep.OPS)
+    builds = {"rms_norm": lambda c: aot.rms_norm_build(c, "bf16", False),
+              "fused_add_rms_norm": lambda c: aot.rms_norm_build(c, "bf16", True),
+              "silu_mul": lambda c: aot.silu_mul_build(c, "bf16"),
+              "qk_norm_rope": lambda c: aot.qk_norm_rope_build(c, "bf16", False),
+              "qk_norm_rope_cache": lambda c: aot.qk_norm_rope_build(c, "bf16", True),
+              "decode_attention": lambda c: (aot.decode_attention_split_build(c, "bf16", 4, True, False),
+                                             aot.decode_attention_combine_build(c, "bf16", 8))}
+    for op, shape in shapes.items():
+        table = launch_config(op, target, **shape)
+        found = lowering_sweep.candidates(op, table, target)
+        assert found[0] == table and len(found) > 2, op
+        assert all(found.count(c) == 1 for c in found), op
+        for config in found:
+            builds[op](config)  # raises on a keyword that is neither a kernel argument nor an option
+            options = set(config) & ROCM_ONLY_OPTIONS
+            assert target.vendor == "hip" or not options, (op, config)
+            assert arch != "gfx950" or "kpack" not in config, (op, config)
+
+
+def test_sweep_records_the_configuration_the_launcher_picks(monkeypatch):
+    """The sweep's run-time check, on CPU tensors under Triton's interpreter: what the launch
+    asked the table for is the table's configuration for the device, and an alternative launch
+    gives the table's output."""
+    from paiton.fusion.rms_norm import _rms_norm_kernel
+    from paiton.fusion.triton_utils import is_interpreted
+
+    if not is_interpreted(_rms_norm_kernel):
+        pytest.skip("launches on CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.syspath_prepend(BENCH)
+    import lowering_sweep
+
+    for op in ("rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope_cache"):
+        call, shape, _ = lowering_sweep.make_case(op, "qwen3-8b", 2, torch.float32, "cpu")
+        table = launch_config(op, CPU, **shape)
+        assert lowering_sweep.picked_at_run_time(call) == [table], op
+        reference = call(table)
+        reference = tuple(t.clone() for t in reference) if isinstance(reference, tuple) else reference
+        assert lowering_sweep.outputs_match(call(lowering_sweep.candidates(op, table, CPU)[1]), reference), op
