@@ -13,7 +13,9 @@ Scheduling: batch size B means at most B requests in flight (vLLM's --max-concur
 every request sent at once): the bundled decode loop takes the requests in order, B at a
 time, and a request starts when its batch starts. Each sequence keeps its own output length
 (greedy, stop tokens ignored, as vLLM's --ignore-eos); a batch runs until its longest
-sequence is done. Per batch size the configurations run in a rotated order (none always
+sequence is done, its finished sequences leaving it as the loop allows (half the rows done:
+the live ones move to a smaller batch). Unlike vLLM, a new request does not take a finished
+one's place before its whole batch is done. Per batch size the configurations run in a rotated order (none always
 first). Before measuring, each configuration compiles every shape the run needs (its batch
 size, each prompt bucket) and records its CUDA graphs: that time is reported as compile time
 and left out of the run.
@@ -54,7 +56,7 @@ def run_requests(loop, requests, batch):
     for first in range(0, len(requests), batch):
         chunk = requests[first:first + batch]
         # The logits cost a copy to the host; only the first batch's first decode step is kept.
-        result = loop.generate([r.prompt for r in chunk], max(r.output_len for r in chunk), keep_logits=2 if first == 0 else 0)
+        result = loop.generate([r.prompt for r in chunk], [r.output_len for r in chunk], keep_logits=2 if first == 0 else 0)
         if first == 0 and len(result.logits) == 2:
             first_step_logits = result.logits[1]
         for request, seq_tokens, times in zip(chunk, result.tokens, result.token_times):
@@ -65,16 +67,20 @@ def run_requests(loop, requests, batch):
 
 def warm_up(loop, requests, batch):
     """Compile, and record the CUDA graphs of, every shape the measured run uses: this batch
-    size with each chunk's prompt bucket. CUDA graph trees run a graph's first call at a shape
-    uncaptured (warm-up) and record it on the second, so every shape is called twice here:
-    two generations of three tokens (prefill, then two decode steps)."""
+    size with each chunk's prompt bucket, and the smaller batches the loop moves to as
+    sequences finish (powers of two). CUDA graph trees run a graph's first call at a shape
+    uncaptured (warm-up) and record it on the second, so every shape is called at least three
+    times here: two generations whose sequences stop in stages, three steps at each batch size."""
     from paiton.models.decode_loop import prompt_bucket
 
     start = time.perf_counter()
     chunks = [requests[first:first + batch] for first in range(0, len(requests), batch)]
+    # Rows 0-1 last longest, then each next power of two of rows stops three steps earlier.
+    levels = max(1, (batch - 1).bit_length())
+    limits = [3 * (levels - (max(row, 1).bit_length() - 1)) for row in range(batch)]
     for bucket in sorted({prompt_bucket(max(len(r.prompt) for r in chunk), loop.max_length) for chunk in chunks}):
         for _ in range(2):
-            loop.generate([[1] * bucket] * batch, 3)
+            loop.generate([[1] * bucket] * batch, limits)
     return time.perf_counter() - start
 
 

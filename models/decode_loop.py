@@ -32,9 +32,12 @@ How it works, in the order a step runs:
   are bucketed (powers of two from 16) to bound how many are recorded.
 * **Sampling** on the device: greedy (temperature 0), or temperature with top-k and top-p,
   from a seeded generator, so a seed reproduces a run.
-* **Stopping.** Each sequence stops at its own stop token or at max_new_tokens. A finished
-  sequence keeps its row (a CUDA graph has a fixed batch) but its outputs are dropped; the
-  loop ends as soon as every sequence has finished.
+* **Stopping.** Each sequence stops at its own stop token or at its own max_new_tokens. Once
+  half the rows or more have finished, the live sequences move to a smaller batch (their
+  cache rows gathered into the first rows of the buffers), a power of two filled up with
+  finished rows, so finished sequences stop costing work without a new compile (the batch is
+  dynamic); only the CUDA graph of a new batch shape is recorded. The loop ends as soon as
+  every sequence has finished. (A batch of 2 keeps both rows to the end.)
 * **Streaming and timing.** `on_token(sequence, token, seconds)` is called for each new
   token, and every token's time since the start of `generate` is kept, from which TTFT,
   TPOT, ITL and end-to-end latency follow (`Generation` has them).
@@ -170,12 +173,25 @@ class DecodeLoop:
                 layer.cumulative_length.zero_()
         return cache
 
+    def _shrink(self, cache, kept_rows: list[int]):
+        """The cache of a batch of len(kept_rows) sequences holding what rows `kept_rows` of
+        `cache` hold (both are views of the same buffers; the rows are gathered first)."""
+        smaller = self._cache(len(kept_rows))
+        index = torch.tensor(kept_rows, device=self.device)
+        for old, new in zip(cache.layers, smaller.layers, strict=True):
+            for old_tensor, new_tensor in ((old.keys, new.keys), (old.values, new.values)):
+                new_tensor.copy_(old_tensor.index_select(0, index))
+            if hasattr(old, "cumulative_length"):
+                new.cumulative_length.copy_(old.cumulative_length)
+        return smaller
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_token_ids: Sequence[int] = (), on_token: Callable[[int, int, float], None] | None = None,
-                 keep_logits: int = 0) -> Generation:
-        """`keep_logits`: also return the logits of the first `keep_logits` steps (prefill is the
-        first), float32 on the CPU, for parity checks."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                 sampling: Sampling = Sampling(), stop_token_ids: Sequence[int] = (),
+                 on_token: Callable[[int, int, float], None] | None = None, keep_logits: int = 0) -> Generation:
+        """`max_new_tokens`: one limit for all, or one per prompt. `keep_logits`: also return the
+        logits of the first `keep_logits` steps (prefill is the first), float32 on the CPU, for
+        parity checks (rows in prompt order while no sequence has left the batch)."""
         start = time.perf_counter()
         batch = len(prompts)
         lengths = [len(p) for p in prompts]
@@ -183,8 +199,12 @@ class DecodeLoop:
             raise ValueError(f"batch of {batch} prompts; this loop takes 1 to {self.max_batch_size}")
         if min(lengths) == 0:
             raise ValueError("every prompt needs at least one token")
-        if max_new_tokens < 1:
+        limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != batch:
+            raise ValueError(f"{len(limits)} max_new_tokens for {batch} prompts")
+        if min(limits) < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        max_new_tokens = max(limits)
         # The bucket, shortened to what the cache leaves room for (a max_length that is not a
         # power of two must still take every request that fits it).
         padded = max(min(prompt_bucket(max(lengths), self.max_length), self.max_length - max_new_tokens), max(lengths))
@@ -235,22 +255,38 @@ class DecodeLoop:
         times: list[list[float]] = [[] for _ in range(batch)]
         reasons = ["length"] * batch
         finished = [False] * batch
+        sequence_of_row = list(range(batch))  # rows leave the batch as their sequences finish
         next_token = step(ids.to(device), torch.arange(padded, device=device))
         for i in range(max_new_tokens):
             is_stop = torch.isin(next_token, stop)
             values, stops = next_token.tolist(), is_stop.tolist()  # one sync per step
             now = time.perf_counter() - start
-            for b in range(batch):
+            for row, b in enumerate(sequence_of_row):
                 if finished[b]:
                     continue
-                tokens[b].append(values[b])
+                tokens[b].append(values[row])
                 times[b].append(now)
                 if on_token is not None:
-                    on_token(b, values[b], now)
-                if stops[b]:
+                    on_token(b, values[row], now)
+                if stops[row]:
                     finished[b], reasons[b] = True, "stop"
-            if all(finished) or i == max_new_tokens - 1:
+                elif len(tokens[b]) == limits[b]:
+                    finished[b] = True
+            if all(finished):
                 break
+            live_rows = [row for row, b in enumerate(sequence_of_row) if not finished[b]]
+            if 2 < batch and len(live_rows) <= batch // 2:
+                # Half the rows or more are done: carry on with the live ones only. The new
+                # batch is a power of two (finished rows fill it up), so a long run meets
+                # log2(max_batch_size) batch shapes, and never 1 (batch 1 has its own graphs,
+                # which a batch that started larger may never have compiled).
+                new_batch = max(2, 1 << (len(live_rows) - 1).bit_length())
+                kept = live_rows + [row for row in range(batch) if row not in live_rows][:new_batch - len(live_rows)]
+                cache = self._shrink(cache, kept)
+                keep = torch.tensor(kept, device=device)
+                pads, real_slot, next_token = pads[keep], real_slot[keep], next_token[keep]
+                sequence_of_row = [sequence_of_row[row] for row in kept]
+                batch = new_batch
             next_token = step(next_token[:, None], all_slots[padded + i:padded + i + 1])
         return Generation(tokens=tokens, token_times=times, finish_reasons=reasons, prompt_lengths=lengths,
                           logits=kept_logits)

@@ -126,6 +126,10 @@ def test_bad_requests_are_clear_errors(eager_loop):
         eager_loop.generate([[1] * 40], 30)
     with pytest.raises(ValueError, match="at least one token"):
         eager_loop.generate([[]], 4)
+    with pytest.raises(ValueError, match="2 max_new_tokens for 3 prompts"):
+        eager_loop.generate(PROMPTS, [4, 4])
+    with pytest.raises(ValueError, match="at least 1"):
+        eager_loop.generate(PROMPTS, [4, 0, 4])
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
 
@@ -166,3 +170,37 @@ def test_four_graphs_for_every_batch_size_and_prompt_length():
     assert len(paiton.fusion_graphs(model)) == 4
     counts = paiton.fusion_counts(model)
     assert counts["decode_attention"] == 2 and counts["kv_cache_write"] == 4, counts  # 1 layer, 4 graphs
+
+
+def test_finished_sequences_leave_the_batch(model, eager_loop):
+    """Per-sequence limits and a stop token: once half the rows are done the live sequences
+    move to a smaller batch (cache rows gathered), and every sequence still gives the tokens it
+    gives alone; compiled, the smaller batch reuses the dynamic-batch graphs."""
+    torch._dynamo.reset()
+    prompts = PROMPTS + [[31, 32, 33, 34, 35, 36, 37]]
+    limits = [2, 12, 3, 9]
+    alone = [eager_loop.generate([p], n).tokens[0] for p, n in zip(prompts, limits)]
+    shrinks = []
+    original = DecodeLoop._shrink
+
+    def counting_shrink(self, cache, kept_rows):
+        shrinks.append(list(kept_rows))
+        return original(self, cache, kept_rows)
+
+    compiled = DecodeLoop(model, max_batch_size=4, max_length=64, options=EAGER_INNER)
+    for loop in (eager_loop, compiled):
+        shrinks.clear()
+        try:
+            DecodeLoop._shrink = counting_shrink
+            result = loop.generate(prompts, limits)
+        finally:
+            DecodeLoop._shrink = original
+        assert result.tokens == alone and result.finish_reasons == ["length"] * 4
+        assert shrinks == [[1, 3]]  # after 3 tokens rows 0 and 2 are done: batch 4 -> 2
+    assert len(paiton.fusion_graphs(model)) == 2  # one prefill, one decode graph: the batch is dynamic
+
+    stop = alone[1][4]  # sequence 1 stops at its 5th token (or earlier, if the token repeats)
+    result = compiled.generate(prompts, limits, stop_token_ids=[stop])
+    for tokens, reason, free in zip(result.tokens, result.finish_reasons, alone):
+        end = free.index(stop) + 1 if stop in free else len(free)
+        assert tokens == free[:end] and reason == ("stop" if stop in free else "length")
