@@ -169,7 +169,7 @@ class DecodeLoop:
                         torch._dynamo.mark_dynamic(tensor, 0)
             self._caches[batch] = cache
         for layer in cache.layers:
-            if hasattr(layer, "cumulative_length"):  # transformers >= 5 writes at this counter
+            if hasattr(layer, "cumulative_length"):  # where transformers writes at this counter (5.2x)
                 layer.cumulative_length.zero_()
         return cache
 
