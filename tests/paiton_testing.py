@@ -107,3 +107,10 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True) -> d
         decode_attention=num_layers if static_cache and queries <= MAX_DECODE_QUERIES else 0,
         swiglu=num_layers,
     )
+
+
+def transformers_rms_norm(x, weight, eps=1e-6):
+    """RMSNorm as transformers' Qwen3RMSNorm writes it (the graph Paiton's passes match)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from paiton_testing import EAGER_INNER, fusions
+from paiton_testing import EAGER_INNER, fusions, transformers_rms_norm
 
 import paiton
 from paiton.backends.options import PaitonOptionError, PaitonOptions
@@ -25,15 +25,9 @@ class TinyNorm(torch.nn.Module):
         self.w1 = torch.nn.Parameter(torch.rand(dim) + 0.5)
         self.w2 = torch.nn.Parameter(torch.rand(dim) + 0.5)
 
-    @staticmethod
-    def norm(x, weight, eps=1e-6):
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
-
     def forward(self, x):
         residual = x + self.proj(x)
-        return self.norm(self.norm(residual, self.w1), self.w2), residual
+        return transformers_rms_norm(transformers_rms_norm(residual, self.w1), self.w2), residual
 
 
 # ---------------------------------------------------------------------------------------------

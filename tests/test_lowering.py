@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions
+from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions, transformers_rms_norm
 
 import paiton
 from paiton.backends import lowering
@@ -225,15 +225,9 @@ class NormsAndProjections(torch.nn.Module):
         self.w1 = torch.nn.Parameter(torch.rand(dim) + 0.5)
         self.w2 = torch.nn.Parameter(torch.rand(dim) + 0.5)
 
-    @staticmethod
-    def norm(x, weight, eps=1e-6):
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
-
     def forward(self, x):
         residual = x + self.q(x) * self.k(x)
-        return self.norm(self.norm(residual, self.w1), self.w2)
+        return transformers_rms_norm(transformers_rms_norm(residual, self.w1), self.w2)
 
 
 @pytest.fixture
