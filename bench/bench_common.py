@@ -23,6 +23,40 @@ def is_config(config: str) -> bool:
     return base in CONFIGS and (not off or base.startswith("paiton")) and set(off) <= set(PASS_NAMES)
 
 
+def parse_configs(parser, text: str) -> list[str]:
+    """The comma-separated configurations of a --configs argument; an unknown one is a usage
+    error naming the known ones."""
+    configs = text.split(",")
+    if unknown := [c for c in configs if not is_config(c)]:
+        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    return configs
+
+
+def run_environment(device: str) -> dict:
+    """What a result file records about the run: date, commit (PAITON_COMMIT), card, driver and
+    the versions of python, torch, triton and transformers."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+    import triton
+
+    card, driver = "CPU", None
+    if device.startswith("cuda"):
+        card = torch.cuda.get_device_properties(0).name
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        try:
+            driver = subprocess.run(query, capture_output=True, text=True).stdout.strip() or None
+        except FileNotFoundError:  # ROCm
+            driver = None
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, driver=driver,
+                python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+                transformers=transformers.__version__)
+
+
 def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -> tuple[str, dict]:
     """(backend, torch.compile keyword arguments) for a compiled one of CONFIGS; on a GPU every
     one of them uses CUDA graphs."""

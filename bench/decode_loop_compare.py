@@ -18,13 +18,12 @@ decode_loop-<card>-<date>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, first_divergence, is_config, make_loop, write_results
+from bench_common import CONFIGS, first_divergence, make_loop, parse_configs, run_environment, write_results
 
 
 def main(argv=None):
@@ -41,16 +40,8 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    configs = args.configs.split(",")
-    if unknown := [c for c in configs if not is_config(c)]:
-        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
-    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    import transformers
-    import triton
-
-    env = dict(date=date, commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
-               triton=triton.__version__, transformers=transformers.__version__, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+    configs = parse_configs(parser, args.configs)
+    env = dict(run_environment(args.device), prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     rows = []
     for model_name in args.models.split(","):

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import os
 import re
 import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, compile_settings, is_config, write_results
+from bench_common import CONFIGS, compile_settings, parse_configs, run_environment, write_results
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -145,9 +144,6 @@ def markdown(env, rows, top):
 
 
 def main(argv=None):
-    import transformers
-    import triton
-
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,9 +158,7 @@ def main(argv=None):
     parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    configs = args.configs.split(",")
-    if unknown := [c for c in configs if not is_config(c)]:
-        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    configs = parse_configs(parser, args.configs)
     if args.model not in QWEN3_PRESETS:
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if min(args.steps, args.profile_steps) < 1:
@@ -172,11 +166,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
-    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
-               triton=triton.__version__, transformers=transformers.__version__, model=args.model, dtype=str(dtype),
-               prompt_len=args.prompt_len, steps=args.steps, profile_steps=args.profile_steps)
+    env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len, steps=args.steps, profile_steps=args.profile_steps)
     rows = []
     for batch in batches:
         for config in configs:
@@ -185,7 +175,7 @@ def main(argv=None):
             print(f"{config} batch {batch}: step {row['step_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
                   f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
             # After every row: a run cut short keeps what it measured.
-            write_results(args.out, f"profile_decode_step-{args.model}-{card.replace(' ', '_')}-{env['date'][:10]}",
+            write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
                           dict(env=env, rows=rows), markdown(env, rows, args.top), echo=False)
     print(markdown(env, rows, args.top))
 

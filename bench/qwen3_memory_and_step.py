@@ -19,13 +19,12 @@ Writes qwen3_memory_and_step-<model>-<card>-<date>.json and .md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, compile_settings, write_results
+from bench_common import CONFIGS, compile_settings, run_environment, write_results
 
 
 @torch.no_grad()
@@ -59,9 +58,6 @@ def decode_run(model, forward, prompt_ids, steps, follow=None, prefill=None):
 
 
 def main(argv=None):
-    import transformers
-    import triton
-
     import paiton
     from paiton.models.qwen3 import build_qwen3
 
@@ -80,11 +76,7 @@ def main(argv=None):
     prompt_ids = torch.randint(0, model.config.vocab_size, (1, 128), device="cuda")
     gib = 2**30
     eager_times, eager_logits, _ = decode_run(model, model, prompt_ids, args.steps)  # also the tokens all follow
-    card = torch.cuda.get_device_properties(0).name
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, torch=torch.__version__,
-               triton=triton.__version__, transformers=transformers.__version__, model=args.model,
-               weights_gib=weights / gib, steps=args.steps)
+    env = dict(run_environment("cuda"), model=args.model, weights_gib=weights / gib, steps=args.steps)
     rows = []
     for name in args.configs.split(","):
         torch._dynamo.reset()

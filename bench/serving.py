@@ -37,14 +37,13 @@ baseline) and .png (total tokens/s and TPOT against batch size).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
 
 import torch
 from tqdm import tqdm
-from bench_common import CONFIGS, first_divergence, is_config, make_loop, write_results
+from bench_common import CONFIGS, first_divergence, make_loop, parse_configs, run_environment, write_results
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -110,9 +109,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    configs = args.configs.split(",")
-    if unknown := [c for c in configs if not is_config(c)]:
-        parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    configs = parse_configs(parser, args.configs)
     if max(batches) > args.num_prompts or min(batches) < 1:
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
     if args.rounds is not None and not 1 <= args.rounds * max(batches) <= args.num_prompts:
@@ -150,8 +147,8 @@ def main(argv=None):
         copy_rate = copy_bandwidth_gbs() * 1e9
     loops = {c: make_loop(model, c, max(batches), max_length, args.device, args.paiton_inner) for c in configs}
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs) * len(batches))
-    card = torch.cuda.get_device_properties(0).name if args.device.startswith("cuda") else "CPU"
-    env = environment(args, card, dtype, copy_rate)
+    env = environment(args, dtype, copy_rate)
+    card = env["card"]
     rows, saved_artifacts = [], []
     progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark", unit="run", file=sys.stderr)
     for index, batch in enumerate(batches):
@@ -218,21 +215,8 @@ def load_compile_cache(path):
         torch.compiler.load_cache_artifacts(blob)
 
 
-def environment(args, card, dtype, copy_rate):
-    import platform
-
-    import transformers
-    import triton
-
-    driver = None
-    if torch.cuda.is_available():
-        import subprocess
-
-        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        driver = subprocess.run(query, capture_output=True, text=True).stdout.strip() or None
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                commit=os.environ.get("PAITON_COMMIT", "unknown"), card=card, driver=driver, torch=torch.__version__,
-                triton=triton.__version__, transformers=transformers.__version__, python=platform.python_version(),
+def environment(args, dtype, copy_rate):
+    return dict(run_environment(args.device),
                 model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts, rounds=args.rounds,
                 workload=f"sharegpt {args.dataset}" if args.dataset else "synthetic", output_len=args.output_len,
                 copy_rate_gbs=copy_rate / 1e9 if copy_rate else None,
