@@ -113,9 +113,9 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator 
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token once the ones before it already reach top_p (the first always stays).
-        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= sampling.top_p
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= sampling.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -217,19 +217,19 @@ class DecodeLoop:
         for b, prompt in enumerate(prompts):
             ids[b, padded - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         pads = torch.tensor([padded - n for n in lengths], device=device)
+        all_slots = torch.arange(self.max_length, device=device)
+        keys = all_slots[None, :]
         # Slots holding a real token of each sequence: its prompt, then everything generated.
-        real_slot = torch.arange(self.max_length, device=device)[None, :] >= pads[:, None]  # [B, L]
+        real_slot = keys >= pads[:, None]  # [B, L]
         cache = self._cache(batch)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
         stop = torch.tensor(list(stop_token_ids) or [-1], device=device)
-        all_slots = torch.arange(self.max_length, device=device)
         kept_logits: list[torch.Tensor] = []
 
         def step(input_ids, slots):
             positions = (slots[None, :] - pads[:, None]).clamp_min(0)  # each sequence counts its own tokens
-            keys = torch.arange(self.max_length, device=device)[None, :]
             visible = (keys <= slots[:, None])[None] & real_slot[:, None, :]
             # A padding query sees only its own slot: a row with no visible key would give NaN,
             # written into the cache at a slot that real queries then mask out but still
