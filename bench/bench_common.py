@@ -57,6 +57,33 @@ def run_environment(device: str) -> dict:
                 transformers=transformers.__version__)
 
 
+def copy_rate_tbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
+    """The card's device-to-device copy rate in TB/s, bytes read plus bytes written (median of
+    a buffer copy far larger than L2, as ../shared/baseline measures it); None off the GPU.
+    The decode floor is the weights' bytes over this rate: one read of every weight."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    from triton.testing import do_bench
+
+    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    ms = do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
+    del source, target
+    return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters one decode step reads (a tied lm_head counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
 def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -> tuple[str, dict]:
     """(backend, torch.compile keyword arguments) for a compiled one of CONFIGS; on a GPU every
     one of them uses CUDA graphs."""

@@ -30,7 +30,7 @@ import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, compile_settings, parse_configs, run_environment, write_results
+from bench_common import CONFIGS, compile_settings, copy_rate_tbps, parse_configs, run_environment, weight_bytes, write_results
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -127,9 +127,13 @@ def markdown(env, rows, top):
     lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
              f"prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, kernels averaged over "
-             f"{env['profile_steps']} profiled steps.", "",
-             "| config | batch | step us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
-             + " | other |", "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+             f"{env['profile_steps']} profiled steps.", ""]
+    if env.get("floor_us"):
+        lines += [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate "
+                  f"{env['copy_TBps']:.2f} TB/s (read+write) = {env['floor_us']:.0f} us per step.", ""]
+    lines += [
+              "| config | batch | step us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
+              + " | other |", "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
     for r in rows:
         cats = [f"{r['categories'].get(label, 0.0):.0f}" for label, _ in CATEGORIES] + [f"{r['categories'].get('other', 0.0):.0f}"]
         lines.append(f"| {r['config']} | {r['batch']} | {r['step_us']:.0f} | {r['kernel_us']:.0f} | {r['gap_us']:.0f} | "
@@ -166,7 +170,11 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
-    env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len, steps=args.steps, profile_steps=args.profile_steps)
+    env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
+               steps=args.steps, profile_steps=args.profile_steps, weight_bytes=weight_bytes(model))
+    env["copy_TBps"] = copy_rate_tbps(args.device)
+    if env["copy_TBps"]:
+        env["floor_us"] = env["weight_bytes"] / (env["copy_TBps"] * 1e12) * 1e6
     rows = []
     for batch in batches:
         for config in configs:
