@@ -70,7 +70,6 @@ def copy_rate_tbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
     source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     ms = do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median")
-    del source, target
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
