@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import os
 import re
 import statistics
@@ -65,7 +66,7 @@ def profile_config(model, config, batch, args):
     else:
         backend, settings = compile_settings(config, device, args.paiton_inner)
         forward = torch.compile(model, backend=backend, fullgraph=True, **settings)
-    steps_total = 3 + args.steps + args.profile_steps
+    steps_total = 3 + 2 * args.steps + args.profile_steps
     cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + steps_total + 8)
     cache.early_initialization(batch, model.config.num_key_value_heads, model.config.head_dim, model.dtype, device)
     generator = torch.Generator().manual_seed(0)
@@ -98,11 +99,35 @@ def profile_config(model, config, batch, args):
         step(i)
         sync()
         times.append(time.perf_counter() - start)
+    # The same steps with no sync between them: the host enqueues step i+1 while the GPU runs
+    # step i, so host work hides behind device work. host_us is what one call costs the host
+    # (dynamo guards, CUDA graph tree bookkeeping, the replay's launch); pipelined_us is the
+    # device's step time with its in-graph bubbles. sync step - pipelined = host work that a
+    # loop which waits for each token cannot hide.
+    first = 3 + args.steps
+    host_times = []
+    sync()
+    start = time.perf_counter()
+    for i in range(first, first + args.steps):
+        call = time.perf_counter()
+        step(i)
+        host_times.append(time.perf_counter() - call)
+    sync()
+    pipelined_us = (time.perf_counter() - start) / args.steps * 1e6
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    if args.trace_dir:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        for i in range(3 + args.steps, steps_total):
+        for i in range(first + args.steps, steps_total):
             step(i)
         sync()
+    if args.trace_dir:  # a timeline to read in Perfetto / chrome://tracing
+        os.makedirs(args.trace_dir, exist_ok=True)
+        path = os.path.join(args.trace_dir, f"trace-{config}-batch{batch}.json")
+        prof.export_chrome_trace(path)
+        with open(path, "rb") as raw, gzip.open(path + ".gz", "wb") as packed:
+            packed.write(raw.read())
+        os.remove(path)
     per_kernel = collections.defaultdict(lambda: [0, 0.0])  # name -> [launches, microseconds]
     for event in prof.events():
         is_kernel = (event.device_type == torch.autograd.DeviceType.CUDA) if cuda else (
@@ -119,6 +144,7 @@ def profile_config(model, config, batch, args):
     step_us = statistics.median(times) * 1e6
     kernel_us = sum(k["us_per_step"] for k in kernels)
     return dict(config=config, batch=batch, step_us=step_us, kernel_us=kernel_us, gap_us=step_us - kernel_us,
+                pipelined_us=pipelined_us, host_us=statistics.median(host_times) * 1e6,
                 launches_per_step=sum(k["launches_per_step"] for k in kernels), compile_and_warmup_s=compile_s,
                 categories=dict(sorted(categories.items(), key=lambda c: -c[1])), kernels=kernels)
 
@@ -132,11 +158,12 @@ def markdown(env, rows, top):
         lines += [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate "
                   f"{env['copy_TBps']:.2f} TB/s (read+write) = {env['floor_us']:.0f} us per step.", ""]
     lines += [
-              "| config | batch | step us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
-              + " | other |", "|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+              "| config | batch | step us | pipelined us | host us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
+              + " | other |", "|---|---|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
     for r in rows:
         cats = [f"{r['categories'].get(label, 0.0):.0f}" for label, _ in CATEGORIES] + [f"{r['categories'].get('other', 0.0):.0f}"]
-        lines.append(f"| {r['config']} | {r['batch']} | {r['step_us']:.0f} | {r['kernel_us']:.0f} | {r['gap_us']:.0f} | "
+        lines.append(f"| {r['config']} | {r['batch']} | {r['step_us']:.0f} | {r.get('pipelined_us', 0):.0f} | "
+                     f"{r.get('host_us', 0):.0f} | {r['kernel_us']:.0f} | {r['gap_us']:.0f} | "
                      f"{r['launches_per_step']:.0f} | " + " | ".join(cats) + " |")
     for r in rows:
         lines += ["", f"## {r['config']}, batch {r['batch']}: top {top} kernels", "",
@@ -160,6 +187,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--trace-dir", help="also write each profiled run's CPU+GPU timeline here (.json.gz)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     configs = parse_configs(parser, args.configs)
@@ -180,7 +208,8 @@ def main(argv=None):
         for config in configs:
             row = profile_config(model, config, batch, args)
             rows.append(row)
-            print(f"{config} batch {batch}: step {row['step_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
+            print(f"{config} batch {batch}: step {row['step_us']:.0f} us, pipelined {row['pipelined_us']:.0f} us, "
+                  f"host {row['host_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
                   f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
             # After every row: a run cut short keeps what it measured.
             write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
