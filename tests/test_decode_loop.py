@@ -87,6 +87,24 @@ def test_streaming_and_timing(eager_loop):
     assert all(tpot > 0 for tpot in result.tpot_s) and all(len(itl) == 5 for itl in result.itl_s)
 
 
+def test_the_next_step_is_enqueued_before_a_token_is_read(model):
+    loop = DecodeLoop(model, max_batch_size=2, max_length=64, backend="eager")
+    calls = []
+    forward = loop.forward
+    loop.forward = lambda **kwargs: (calls.append(kwargs["input_ids"].shape), forward(**kwargs))[1]
+    steps_before_token = []
+    free = loop.generate([PROMPTS[0]], 5, on_token=lambda b, token, t: steps_before_token.append(len(calls))).tokens[0]
+    # Token i reaches the host after the step that makes token i+1 was enqueued (prefill +
+    # i + 1 calls); after the last token no step is needed, and none is wasted.
+    assert steps_before_token == [2, 3, 4, 5, 5] and len(calls) == 5
+    calls.clear()
+    stopped = loop.generate([PROMPTS[0]], 5, stop_token_ids=[free[1]])
+    # A stop token can't be foreseen: the step past it runs (prefill + one call per token), and
+    # its token is dropped.
+    assert stopped.tokens == [free[:free.index(free[1]) + 1]] and len(calls) == len(stopped.tokens[0]) + 1
+    assert loop.generate([PROMPTS[0]], 5, keep_logits=3).logits[2].shape == (1, model.config.vocab_size)
+
+
 def test_sampling_is_seeded_and_filters_work(eager_loop):
     hot = Sampling(temperature=1.5, seed=7)
     first, again = eager_loop.generate(PROMPTS, 8, hot).tokens, eager_loop.generate(PROMPTS, 8, hot).tokens
