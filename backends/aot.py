@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
+from paiton.fusion.gemv import _gemv_kernel
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.rms_norm import _rms_norm_kernel
 from paiton.fusion.swiglu import _silu_mul_kernel
@@ -111,6 +112,16 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
     return KernelBuild(_qk_norm_rope_kernel, signature, constexprs, options, aligned)
 
 
+def gemv_build(config: dict, dtype: str) -> KernelBuild:
+    """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K)."""
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "N": "i32", "K": "i32",
+                 "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_N": "constexpr",
+                 "EVEN_K": "constexpr"}
+    constexprs, options = _split(_gemv_kernel, config, {"EVEN_N": True, "EVEN_K": True})
+    aligned = ["x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"]
+    return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
+
+
 def decode_attention_split_build(config: dict, dtype: str, group: int, has_positions: bool, has_mask: bool) -> KernelBuild:
     config = {k: v for k, v in config.items() if k != "combine_num_warps"}
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
@@ -160,7 +171,7 @@ def resources(compiled, target: Target) -> dict[str, Any]:
             "spills": usage.get("LOCAL"),
             "shared_bytes": shared,
             "matrix": sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", code))),
-            "loads": sorted(set(re.findall(r"ld\.global[.\w]*", code))),
+            "loads": sorted(set(re.findall(r"ld\.global[.\w:]*", code))),  # with cache hints (::evict_first)
             "local_memory": ".local" in code,
         }
     code = asm["amdgcn"]

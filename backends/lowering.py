@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
+from paiton.fusion.gemv import GEMV_CANDIDATES
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.swiglu import silu_mul_launch_config
@@ -44,6 +45,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 # The ops Paiton's passes create (each pass's `fused_op`).
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
+    "one_row_linear",
 )
 
 
@@ -80,6 +82,11 @@ _NVIDIA = {
         "64-key tiles, 3 stages of K/V prefetch: 70 KB of shared memory in bf16, 140 KB in fp32 (A100: 163 KB)",
     ),
     "packed_linear": Lowering(VENDOR, {}, "cuBLAS: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
+    "one_row_linear": Lowering(
+        TRITON, dict(candidates=GEMV_CANDIDATES),
+        "linears of one input row (batch-1 decode; packed ones too): Paiton's GEMV, its launch timed per weight "
+        "shape against cuBLAS at first use, the faster kept (fusion/gemv.py)",
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +116,8 @@ _AMD_CDNA = {
         "32-key tiles, 2 stages: no register spills, LDS within 64 KB in fp32, 3-4 waves per SIMD in bf16",
     ),
     "packed_linear": Lowering(VENDOR, {}, "hipBLASLt: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
+    "one_row_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet: one-row linears stay Inductor's (packed ones "
+                               "hipBLASLt's)"),
 }
 _GFX950 = {
     **_AMD_CDNA,
@@ -181,7 +190,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
 
     shape: rms_norm/fused_add_rms_norm: n_rows, n_cols; qk_norm_rope(_cache): n_q_heads,
     n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
-    size per chip); packed_linear: none (no kernel of Paiton's: {}).
+    size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear: none (the
+    `candidates` timed per shape at first use).
     """
     params = lowering_for(op, target).params
     if op in ("rms_norm", "fused_add_rms_norm"):
@@ -259,6 +269,14 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
                     aot.decode_attention_combine_build(config, dtype, n_splits)))
     qkv = m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
     rows.append(row("packed_linear", "torch linear", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", {}, None))
+    # The GEMV's candidates, a row each (which one runs is timed per weight shape at first use).
+    candidates = launch_config("one_row_linear", target).get("candidates", ())
+    if tokens != 1 or not candidates:
+        note = "not used: more than one row" if tokens != 1 else "-"
+        rows.append(row("one_row_linear", "-", note, {}, None))
+    for config in candidates if tokens == 1 else ():
+        rows.append(row("one_row_linear", "_gemv_kernel", f"[1, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", config,
+                        aot.gemv_build(config, dtype)))
     return rows
 
 

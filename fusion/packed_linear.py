@@ -12,28 +12,34 @@ already recorded), so the traced graph cannot look past W_1's own rows. The op's
 implementation needs only shapes. Every weight is an argument, although only W_1's address
 is used: each call checks that they are still packed (a parameter replaced after compiling is
 an error, not a silently stale product), and CUDA graph trees see all of their addresses.
-The product itself is the same cuBLAS / hipBLASLt call `linear` makes.
+The product is the same cuBLAS / hipBLASLt call `linear` makes, except for an input of one
+row (a decode step at batch 1) on a chip whose lowering table has a one-row linear: there it is
+fusion/gemv.py's, Paiton's GEMV or the vendor's GEMM, whichever was timed faster for the shape.
+passes/one_row_linear.py also sends single one-row linears here, as `packed_linear(x, [W])`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from paiton.fusion.triton_utils import is_interpreted
+
 
 def packed_weight(weights: list[torch.Tensor]) -> torch.Tensor:
     """The [sum N_i, K] view of the buffer the weights are packed in; an error if they are not."""
     first = weights[0]
-    in_features, offset = first.shape[1], 0
+    in_features, start = first.shape[1], first.storage_offset()
+    offset = start
     storage = first.untyped_storage().data_ptr()
     for index, w in enumerate(weights):
         if w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset or not w.is_contiguous():
             raise RuntimeError(
                 f"paiton packed_linear: weight {index} {tuple(w.shape)} is not where the packed buffer has it "
-                f"(expected rows {offset // max(in_features, 1)}.. of the buffer that weight 0 starts). Were the "
+                f"(expected rows {(offset - start) // max(in_features, 1)}.. of the buffer that weight 0 starts). Were the "
                 "model's parameters replaced after compiling? Call torch._dynamo.reset() and compile again."
             )
         offset += w.numel()
-    return first.as_strided((offset // in_features, in_features), (in_features, 1), 0)
+    return first.as_strided(((offset - start) // in_features, in_features), (in_features, 1), start)
 
 
 def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
@@ -47,10 +53,31 @@ def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
                          f"{sorted({str(w.dtype) for w in weights})}")
 
 
+def _one_row_candidates(x: torch.Tensor) -> tuple | None:
+    """The GEMV launches to time for a one-row `x` on its chip, or None: not one row, or the
+    chip's table leaves one-row linears to the vendor/Inductor."""
+    if x.numel() != x.shape[-1]:
+        return None
+    from paiton.backends.lowering import INDUCTOR, lowering_for
+    from paiton.backends.target import detect_target
+
+    lowering = lowering_for("one_row_linear", detect_target(x.device))
+    return None if lowering.implementation == INDUCTOR else lowering.params.get("candidates", ())
+
+
 @torch.library.custom_op("paiton::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     _check_inputs(x, weights)
-    return torch.nn.functional.linear(x, packed_weight(weights))
+    weight = packed_weight(weights)
+    candidates = _one_row_candidates(x)
+    if candidates:
+        from paiton.fusion import gemv
+
+        if x.device.type != "cpu":
+            return gemv.one_row_linear(x, weight, candidates)
+        if is_interpreted(gemv._gemv_kernel):  # CPU tests: the kernel in Triton's interpreter
+            return gemv.launch_gemv(x, weight, candidates[0])
+    return torch.nn.functional.linear(x, weight)
 
 
 @packed_linear.register_fake

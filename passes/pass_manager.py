@@ -30,6 +30,7 @@ from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.kv_cache_write import KVCacheWritePass
 from paiton.passes.merged_projections import MergedProjectionsPass
+from paiton.passes.one_row_linear import OneRowLinearPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
 from paiton.passes.rms_norm import RMSNormPass
@@ -49,8 +50,9 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     SwiGLUPass,
 )
 # Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see
-# merged_projections.py for why that one cannot wait for the ATen graph).
-DYNAMO_GRAPH_PASSES = (MergedProjectionsPass,)
+# merged_projections.py for why they cannot wait for the ATen graph). The one-row pass takes
+# the linears the merge left.
+DYNAMO_GRAPH_PASSES = (MergedProjectionsPass, OneRowLinearPass)
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in DYNAMO_GRAPH_PASSES + PASS_ORDER)
 COUNTER_PREFIX = "paiton."
 

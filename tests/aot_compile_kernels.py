@@ -13,6 +13,7 @@ import sys
 from paiton.backends.aot import (
     decode_attention_combine_build,
     decode_attention_split_build,
+    gemv_build,
     qk_norm_rope_build,
     resources,
     rms_norm_build,
@@ -60,6 +61,10 @@ def builds(target):
             n_splits = decode_attention_split_layout(CACHE_LEN, wanted, config["BLOCK_N"])[1]
             yield (f"decode_attention_combine/{dtype}/group={group}/splits={n_splits}", "decode_attention",
                    decode_attention_combine_build(config, dtype, n_splits))
+        # Every candidate launch of the one-row linear (which runs is timed per shape on the GPU).
+        for config in launch_config("one_row_linear", target).get("candidates", ()):
+            name = "/".join(f"{k}={v}" for k, v in config.items())
+            yield f"gemv/{dtype}/{name}", "one_row_linear", gemv_build(config, dtype)
 
 
 def main():

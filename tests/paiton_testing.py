@@ -48,17 +48,17 @@ def capture_paiton_graphs():
     """Record the ops of the ATen graph before and after Paiton's passes, for every graph
     compiled inside the block (vLLM's TestBackend idea): yields a list of
     (ops_before, ops_after, reported_counts); a pass that is switched off reports 0."""
-    from paiton.passes.merged_projections import MergedProjectionsPass
-    from paiton.passes.pass_manager import PASS_NAMES, PaitonPassManager
+    from paiton.passes.pass_manager import DYNAMO_GRAPH_PASSES, PASS_NAMES, PaitonPassManager
 
     captured = []
-    # The merged-projections pass runs on Dynamo's graph just before the ATen passes of the
-    # same graph: its count joins that graph's record.
+    # The passes on Dynamo's graph run just before the ATen passes of the same graph: their
+    # counts join that graph's record.
     dynamo_counts = {}
-    original_call, original_dynamo_call = PaitonPassManager.__call__, MergedProjectionsPass.__call__
+    original_call = PaitonPassManager.__call__
+    original_dynamo_calls = {cls: cls.__call__ for cls in DYNAMO_GRAPH_PASSES}
 
     def recording_dynamo_call(self, gm, example_inputs):
-        dynamo_counts[self.name] = original_dynamo_call(self, gm, example_inputs)
+        dynamo_counts[self.name] = original_dynamo_calls[type(self)](self, gm, example_inputs)
         return dynamo_counts[self.name]
 
     def recording_call(self, graph):
@@ -68,11 +68,15 @@ def capture_paiton_graphs():
         dynamo_counts.clear()
         captured.append((before, op_census(graph), {name: counts.get(name, 0) for name in PASS_NAMES}))
 
-    PaitonPassManager.__call__, MergedProjectionsPass.__call__ = recording_call, recording_dynamo_call
+    PaitonPassManager.__call__ = recording_call
+    for cls in DYNAMO_GRAPH_PASSES:
+        cls.__call__ = recording_dynamo_call
     try:
         yield captured
     finally:
-        PaitonPassManager.__call__, MergedProjectionsPass.__call__ = original_call, original_dynamo_call
+        PaitonPassManager.__call__ = original_call
+        for cls, call in original_dynamo_calls.items():
+            cls.__call__ = call
 
 
 EAGER_INNER = {"paiton.inner_compiler": "eager"}
@@ -91,15 +95,21 @@ def fusions(**nonzero: int) -> dict[str, int]:
     return {name: nonzero.get(name, 0) for name in PASS_NAMES}
 
 
-def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True) -> dict[str, int]:
-    """What one compiled Qwen3 graph of `queries` tokens per sequence must fuse, per
+def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batch: int = 1,
+                  last_logits_only: bool = False) -> dict[str, int]:
+    """What one compiled Qwen3 graph of `batch` sequences of `queries` tokens must fuse, per
     test_qwen3_e2e.py's docstring: the decode-attention kernel takes attention over a static
     cache in graphs of up to MAX_DECODE_QUERIES tokens (decode steps, short prompts), and the
-    cache write joins the QK-norm + RoPE kernel whenever there is a static cache."""
+    cache write joins the QK-norm + RoPE kernel whenever there is a static cache. A graph of
+    one row (batch 1 decode) sends o_proj, down_proj and the lm_head through the one-row
+    linear; the lm_head alone when it reads the last position only (`last_logits_only`,
+    logits_to_keep=1) of one sequence."""
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
+    one_row = batch == 1 and queries == 1
     return fusions(
         merged_projections=2 * num_layers,  # q/k/v and gate/up
+        one_row_linear=(2 * num_layers if one_row else 0) + (1 if batch == 1 and (one_row or last_logits_only) else 0),
         fused_add_rms_norm=2 * num_layers,
         rms_norm=2 * num_layers + 1,
         qk_norm_rope=num_layers,

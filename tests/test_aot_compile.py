@@ -41,7 +41,8 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
     kernels_of = {"rms_norm": {"_rms_norm_kernel"}, "fused_add_rms_norm": {"_rms_norm_kernel"},
                   "silu_mul": {"_silu_mul_kernel"}, "qk_norm_rope": {"_qk_norm_rope_kernel"},
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
-                  "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"}}
+                  "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
+                  "one_row_linear": {"_gemv_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}
@@ -69,8 +70,9 @@ def test_shared_memory_fits_the_chip(compiled):
 def reads_scalars(name: str) -> bool:
     """Kernels that also read a few scalars besides their wide rows: attention (positions, mask
     bytes; the combine kernel's per-split log-sum-exp) and the QK-norm + RoPE kernel when it writes
-    the cache (each token's cache slot)."""
-    return name.startswith("decode_attention") or "cache=True" in name
+    the cache (each token's cache slot), and the GEMV, whose row x is read in the weight tile's
+    layout (narrower loads, from L2) beside the weight's 16-byte ones."""
+    return name.startswith(("decode_attention", "gemv/")) or "cache=True" in name
 
 
 def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):

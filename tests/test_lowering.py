@@ -23,8 +23,7 @@ from paiton.backends.aot import TRITON_OPTIONS
 from paiton.backends.lowering import FUSED_OPS, IMPLEMENTATIONS, INDUCTOR, TRITON, Lowering, LoweringKey, launch_config
 from paiton.backends.options import PaitonOptionError, PaitonOptions
 from paiton.backends.target import CPU, TARGET_PRESETS, Target, detect_target, target_named
-from paiton.passes.merged_projections import MergedProjectionsPass
-from paiton.passes.pass_manager import PASS_ORDER, PaitonPassManager
+from paiton.passes.pass_manager import DYNAMO_GRAPH_PASSES, PASS_ORDER, PaitonPassManager
 
 ROCM_ONLY_OPTIONS = {"waves_per_eu", "matrix_instr_nonkdim", "kpack"}
 
@@ -104,7 +103,7 @@ def test_every_table_lowers_every_op():
 
 
 def test_every_pass_creates_a_known_op():
-    fused_ops = [cls.fused_op for cls in (MergedProjectionsPass, *PASS_ORDER)]
+    fused_ops = [cls.fused_op for cls in (*DYNAMO_GRAPH_PASSES, *PASS_ORDER)]
     assert sorted(fused_ops) == sorted(FUSED_OPS)
 
 
@@ -151,7 +150,9 @@ def test_a_chip_without_a_table_gets_the_vendor_defaults_and_one_note(caplog, ta
     # 32-key tiles, 2 stages: fits 43 KB of shared memory in fp32; no MFMA options (RDNA has none).
     assert configs[0]["BLOCK_N"] == 32 and configs[0]["num_stages"] == 2
     assert not set(configs[0]) & ROCM_ONLY_OPTIONS
-    assert all(entry.implementation != INDUCTOR for entry in lowering.lowering_table(target).values())
+    # Only one-row linears stay Inductor's on AMD chips, as on the known ones (the GEMV is untimed there).
+    left = {op for op, entry in lowering.lowering_table(target).items() if entry.implementation == INDUCTOR}
+    assert left == ({"one_row_linear"} if target.vendor == "hip" else set())
 
 
 def test_unknown_op_is_an_error():

@@ -65,7 +65,8 @@ def test_static_cache_decode_matches_eager(dtype):
 
     graphs = paiton.fusion_graphs(compiled)
     assert len(graphs) == 2, [g.compile_id for g in graphs]  # prefill, decode: no recompiles per step
-    assert [g.counts for g in graphs] == [qwen3_fusions(num_layers, queries=9), qwen3_fusions(num_layers, queries=1)]
+    assert [g.counts for g in graphs] == [qwen3_fusions(num_layers, queries=9, batch=2),
+                                         qwen3_fusions(num_layers, queries=1, batch=2)]
     decode_step = graphs[1].counts
     assert decode_step["decode_attention"] == num_layers  # every layer's attention: the decode kernel
 
@@ -111,4 +112,4 @@ def test_transformers_generate_with_compile_config(left_padding):
     assert torch.equal(actual, expected)
     # The decode step. generate builds the boolean mask [B, 1, 1, L] outside the compiled forward
     # and passes it in; the decode kernel applies it as given (no proof of causality needed).
-    assert [g.counts for g in paiton.fusion_graphs(model)] == [qwen3_fusions(num_layers, queries=1)]
+    assert [g.counts for g in paiton.fusion_graphs(model)] == [qwen3_fusions(num_layers, queries=1, batch=len(input_ids))]

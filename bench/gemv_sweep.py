@@ -1,0 +1,81 @@
+"""The one-row linear (fusion/gemv.py) against the vendor's GEMM at Qwen3's decode shapes:
+every candidate launch of the lowering table and torch's linear, timed with L2 flushed (the
+weights come from memory, as in a decode step), each checked against a float32 product.
+
+    python bench/gemv_sweep.py --models qwen3-8b,qwen3-32b
+
+Prints, per weight: the vendor's time, the best candidate's, both as a share of the copy rate
+(weight bytes over bench_common.copy_rate_tbps), and what `choose` keeps. Writes
+gemv_sweep-<card>-<date>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from bench_common import copy_rate_tbps, run_environment, write_results
+
+
+def shapes(preset: str) -> dict[str, tuple[int, int]]:
+    from paiton.models.qwen3 import QWEN3_PRESETS
+
+    m = QWEN3_PRESETS[preset]
+    qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
+    return {"qkv": (qkv, m.hidden_size), "o": (m.hidden_size, m.num_attention_heads * m.head_dim),
+            "gate_up": (2 * m.intermediate_size, m.hidden_size), "down": (m.hidden_size, m.intermediate_size),
+            "lm_head": (m.vocab_size, m.hidden_size)}
+
+
+def main(argv=None):
+    from triton.testing import do_bench
+
+    from paiton.backends.lowering import launch_config
+    from paiton.backends.target import detect_target
+    from paiton.fusion import gemv
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="qwen3-8b,qwen3-32b")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    device = "cuda"
+    env = run_environment(device)
+    env["copy_TBps"] = copy = copy_rate_tbps(device)
+    candidates = launch_config("one_row_linear", detect_target(torch.device(device))).get("candidates", ())
+    rows = []
+    for preset in args.models.split(","):
+        for name, (n, k) in shapes(preset).items():
+            weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
+            x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+            reference = torch.nn.functional.linear(x.float(), weight.float())
+            floor_us = n * k * 2 / (copy * 1e12) * 1e6
+            row = dict(model=preset, weight=name, n=n, k=k, floor_us=floor_us, candidates=[])
+            row["vendor_us"] = do_bench(lambda: gemv.gemv_reference(x, weight), warmup=10, rep=50, return_mode="median") * 1e3
+            for config in candidates:
+                y = gemv.launch_gemv(x, weight, config)
+                error = ((y.float() - reference).norm() / reference.norm()).item()
+                us = do_bench(lambda config=config: gemv.launch_gemv(x, weight, config), warmup=10, rep=50, return_mode="median") * 1e3
+                row["candidates"].append(dict(config=config, us=us, relative_error=error))
+            best = min(row["candidates"], key=lambda c: c["us"])
+            row["best"] = best
+            row["chosen"] = gemv.choose(x, weight, candidates)
+            rows.append(row)
+            print(f"{preset} {name} [{n} x {k}]: vendor {row['vendor_us']:.1f} us ({floor_us / row['vendor_us']:.0%}), "
+                  f"best {best['us']:.1f} us ({floor_us / best['us']:.0%}) {best['config']}, err {best['relative_error']:.1e}, "
+                  f"chosen {row['chosen']}", flush=True)
+    lines = [f"# One-row linear vs the vendor's GEMM on {env['card']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, bf16, one row; "
+             f"medians of do_bench with L2 flushed; copy rate {copy:.2f} TB/s (read+write); % = floor / time.", "",
+             "| model | weight | N x K | floor us | vendor us | best GEMV us | best launch | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        chosen = r["chosen"] if r["chosen"] == gemv.VENDOR else "gemv"
+        lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['floor_us']:.1f} | {r['vendor_us']:.1f} "
+                     f"({r['floor_us'] / r['vendor_us']:.0%}) | {r['best']['us']:.1f} ({r['floor_us'] / r['best']['us']:.0%}) | "
+                     f"{r['best']['config']} | {chosen} |")
+    write_results(args.out, f"gemv_sweep-{env['card'].replace(' ', '_')}-{env['date'][:10]}", dict(env=env, rows=rows),
+                  "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""One-row linear, y = x @ W.T with x a single row: the matrix-vector product of a decode step
+at batch 1, as a Triton kernel that streams W once.
+
+Why: at one row every linear is a read of its weight and nothing else, so its time is the
+weight's bytes over memory bandwidth. The profile of a Qwen3-8B decode step on an H200
+(bench/results/profile_decode_step-qwen3-8b-NVIDIA_H200-2026-11-29*.md) has cuBLAS's one-row
+GEMM for the packed q/k/v weight at 74% of the copy rate and Inductor's decomposed reductions
+for o_proj and down_proj at 55-80%; together they are most of the step.
+
+The kernel: program i reads rows [i * BLOCK_N, (i + 1) * BLOCK_N) of W in [BLOCK_N, BLOCK_K]
+tiles along K (16-byte loads, read once: `evict_first` keeps them from pushing x and the
+activations out of L2), multiplies by x's matching piece and accumulates element by element
+in fp32; the tile is summed once, after the last K step. The output is rounded to x's dtype
+once, as torch's linear rounds its fp32 accumulation.
+
+Which launch (BLOCK_N, BLOCK_K, warps, stages), or the vendor's GEMM, is decided per weight
+shape, dtype and device the first time that shape runs, by timing each candidate of the
+lowering table's list against torch's linear (`choose`), L2 flushed between runs, outside
+CUDA graph capture; the choice is kept for the process (`choices()` lists them). So a shape
+where the vendor's GEMM is faster keeps it, on any GPU.
+
+Used by paiton::packed_linear (fusion/packed_linear.py) for inputs of one row; the pass
+passes/one_row_linear.py routes a decode step's other linears (o_proj, down_proj, lm_head)
+through that op.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from paiton.fusion.triton_utils import device_guard
+
+log = logging.getLogger(__name__)
+
+VENDOR = "vendor"  # the candidate that is torch's linear (cuBLAS / hipBLASLt)
+
+
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = start + cols[None, :]  # [1, BLOCK_K]: x is loaded in W's layout, no shuffle through shared memory
+        if EVEN_K:
+            x = tl.load(x_ptr + k)
+        else:
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_rows + k, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_rows + k, mask=(rows[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+    if EVEN_N:
+        tl.store(y_ptr + rows, y)
+    else:
+        tl.store(y_ptr + rows, y, mask=rows < N)
+
+
+def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, int]:
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+
+
+# The candidates a CUDA GPU times per shape (the lowering table's list). Each tile is 4 to 32
+# KB of weight; BLOCK_K of 512-2048 with 4-8 warps gives every thread 16-byte loads; BLOCK_N of
+# 4-16 gives Qwen3's narrowest weights (o_proj, 4096 rows at 8B) 256-1024 programs, two or more
+# per multiprocessor.
+GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
+    gemv_config(4, 1024, 4, 2),
+    gemv_config(8, 512, 4, 2),
+    gemv_config(8, 1024, 4, 2),
+    gemv_config(8, 1024, 8, 3),
+    gemv_config(16, 512, 4, 2),
+    gemv_config(16, 512, 8, 3),
+    gemv_config(16, 1024, 8, 2),
+    gemv_config(32, 256, 4, 2),
+)
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]:
+        raise ValueError(f"paiton gemv: one row x [..., K] and W [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.stride(1) != 1 or x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f"paiton gemv: W needs unit stride along K and x its dtype and device; got strides "
+                         f"{weight.stride()}, {x.dtype}/{weight.dtype}, {x.device}/{weight.device}")
+
+
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
+    """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says."""
+    _check_inputs(x, weight)
+    n, k = weight.shape
+    row = x.reshape(k)
+    if row.stride(0) != 1:
+        row = row.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return y
+    launch = dict(config)
+    block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
+    with device_guard(x):
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, **launch)
+    return y
+
+
+# (device, N, K, row stride of W, dtype) -> the chosen candidate: a config dict or VENDOR.
+_CHOICES: dict[tuple, dict[str, int] | str] = {}
+
+
+def choices() -> dict[tuple, dict[str, int] | str]:
+    """What `choose` picked so far, per (device, N, K, W's row stride, dtype)."""
+    return dict(_CHOICES)
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    from triton.testing import do_bench
+
+    # do_bench flushes L2 before every run: the weights come from memory, as in a decode step.
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
+           time_ms: Callable[[Callable[[], object]], float] | None = None) -> dict[str, int] | str:
+    """The fastest of `candidates` and torch's linear for this weight's shape, timed once per
+    (device, shape, stride, dtype). While a CUDA graph is being captured nothing can be timed:
+    the vendor's GEMM runs, and the choice is left for a later call."""
+    key = (str(x.device), weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    if not candidates:
+        return VENDOR
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return VENDOR
+    time_ms = time_ms or _time_ms
+    timings: list[tuple[float, dict[str, int] | str]] = [(time_ms(lambda: gemv_reference(x, weight)), VENDOR)]
+    for config in candidates:
+        try:
+            timings.append((time_ms(lambda config=config: launch_gemv(x, weight, config)), config))
+        except Exception as error:  # a config this chip cannot run (resources): not a candidate here
+            log.debug("paiton gemv: %s failed on %s: %s", config, x.device, error)
+    best_ms, choice = min(timings, key=lambda timing: timing[0])
+    log.info("paiton gemv: [%d x %d] %s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
+             x.dtype, x.device, choice, best_ms * 1e3, timings[0][0] * 1e3)
+    _CHOICES[key] = choice
+    return choice
+
+
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]]) -> torch.Tensor:
+    """x [..., K] with one row @ weight.T: Paiton's kernel or the vendor's GEMM, whichever
+    `choose` timed faster for this shape."""
+    _check_inputs(x, weight)
+    config = choose(x, weight, candidates)
+    if config == VENDOR:
+        return gemv_reference(x, weight)
+    return launch_gemv(x, weight, config)

@@ -1,0 +1,88 @@
+"""The one-row linear kernel (fusion/gemv.py) against float64 products, under Triton's
+interpreter on the CPU (on a GPU, the compiled kernel): random widths, including ones no block
+divides (the masked path), dtypes and launch configurations; and how `choose` picks a launch.
+
+Tolerance: fp32 accumulation in another order than the reference's, then one rounding to the
+output dtype: fp32 within 1e-5 relative to the output's norm, bf16/fp16 within one rounding of
+the output (2**-8 / 2**-11 relative) plus the accumulation's error.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from paiton.fusion import gemv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}
+# Small tiles keep the interpreter fast and make several K steps and row blocks at small widths.
+SMALL_CONFIGS = [gemv.gemv_config(4, 32, 4, 2), gemv.gemv_config(8, 64, 4, 2), gemv.gemv_config(16, 16, 2, 1)]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@given(n=st.integers(1, 70), k=st.integers(1, 200), leading=st.sampled_from([(), (1,), (1, 1)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), config=st.sampled_from(SMALL_CONFIGS),
+       seed=st.integers(0, 2**16))
+def test_gemv_matches_a_float64_product(n, k, leading, dtype, config, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*leading, k, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    y = gemv.launch_gemv(x, weight, config)
+    assert y.shape == (*leading, n) and y.dtype == dtype
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    assert not y.isnan().any()
+    assert relative_error(y, expected) <= TOLERANCE[dtype], (n, k, dtype, config)
+
+
+def test_gemv_reads_a_strided_weight_and_a_strided_row():
+    """A weight that is a block of rows of a wider buffer (a packed q/k/v weight's view) and a
+    row that is a slice with a stride."""
+    buffer = torch.randn(40, 96, device=DEVICE)
+    weight = buffer[8:30, :64]  # row stride 96
+    x = torch.randn(1, 128, device=DEVICE)[:, ::2]
+    y = gemv.launch_gemv(x, weight, SMALL_CONFIGS[1])
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_rejects_more_than_one_row_and_a_wrong_width():
+    weight = torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        gemv.launch_gemv(torch.randn(2, 16, device=DEVICE), weight, SMALL_CONFIGS[0])
+    with pytest.raises(ValueError, match="one row"):
+        gemv.launch_gemv(torch.randn(1, 15, device=DEVICE), weight, SMALL_CONFIGS[0])
+
+
+def test_choose_keeps_the_fastest_per_shape_and_times_each_shape_once(monkeypatch):
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+    x, weight = torch.randn(1, 16), torch.randn(8, 16)
+    calls = []
+
+    def fake_timer(speeds):
+        def time_ms(fn):
+            calls.append(fn)
+            return speeds[len(calls) - 1]
+        return time_ms
+
+    # The vendor is timed first, then each candidate in order.
+    assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([3.0, 2.0, 1.0, 4.0])) == SMALL_CONFIGS[1]
+    assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([9.0] * 4)) == SMALL_CONFIGS[1] and len(calls) == 4
+    other = torch.randn(24, 16)
+    calls.clear()
+    assert gemv.choose(x, other, SMALL_CONFIGS, fake_timer([1.0, 2.0, 3.0, 4.0])) == gemv.VENDOR
+    assert list(gemv.choices().values()) == [SMALL_CONFIGS[1], gemv.VENDOR]
+    # No candidates: the vendor's GEMM, nothing timed.
+    assert gemv.choose(x, torch.randn(4, 16), (), fake_timer([])) == gemv.VENDOR
+
+
+def test_one_row_linear_runs_the_chosen_launch(monkeypatch):
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+    x, weight = torch.randn(1, 1, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE)
+    launched = []
+    monkeypatch.setattr(gemv, "launch_gemv", lambda x, w, config: launched.append(config) or gemv.gemv_reference(x, w))
+    monkeypatch.setattr(gemv, "_time_ms", lambda fn: 1.0 if fn.__defaults__ else 2.0)  # candidates beat the vendor
+    y = gemv.one_row_linear(x, weight, SMALL_CONFIGS[:1])
+    assert launched[-1] == SMALL_CONFIGS[0] and y.shape == (1, 1, 24)
