@@ -261,16 +261,30 @@ class DecodeLoop:
         reasons = ["length"] * batch
         finished = [False] * batch
         sequence_of_row = list(range(batch))  # rows leave the batch as their sequences finish
+        def to_host(tokens):
+            """Queue the copy of the tokens and their stop flags to the host now, so that it
+            runs before whatever is launched next; call the result to wait for it."""
+            both = torch.stack([tokens, torch.isin(tokens, stop).to(tokens.dtype)])
+            if device.type != "cuda":
+                return both.tolist
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            return lambda: (copied.synchronize(), host.tolist())[1]
+
         pending = step(ids.to(device), torch.arange(padded, device=device))  # token 0, on the device
         for i in range(max_new_tokens):
             # Enqueue the step that makes token i+1 before waiting for token i: the host's
             # share of a step (guards, CUDA graph launch: about a millisecond for Qwen3-8B)
-            # then overlaps the device's work instead of adding to it. The price: a sequence
-            # that stops at token i has one extra step computed, whose token is dropped.
+            # then overlaps the device's work instead of adding to it. Token i's copy to the
+            # host is queued first: anything queued after the step would wait for it. The
+            # price: a sequence that stops at token i has one extra step computed, whose token
+            # is dropped.
+            fetch = to_host(pending)
             more = any(not finished[b] and len(tokens[b]) + 1 < limits[b] for b in sequence_of_row)
             upcoming = step(pending[:, None], all_slots[padded + i:padded + i + 1]) if more else None
-            is_stop = torch.isin(pending, stop)
-            values, stops = pending.tolist(), is_stop.tolist()  # waits for token i only
+            values, stops = fetch()  # waits for token i only
             now = time.perf_counter() - start
             for row, b in enumerate(sequence_of_row):
                 if finished[b]:
