@@ -127,6 +127,28 @@ def write_results(out_dir: str, stem_name: str, result: dict, table: str, echo: 
     return stem
 
 
+def grouped_bar_plot(path: str, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> None:
+    """A PNG of bars: one group per key of `groups`, one bar per series inside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = list(dict.fromkeys(name for values in groups.values() for name in values))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) * len(series) + 2), 4.5))
+    for index, name in enumerate(series):
+        xs = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [values.get(name, 0.0) for values in groups.values()], width, label=name)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8, rotation=30 if len(groups) > 6 else 0)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def first_divergence(tokens: list[int], reference: list[int]) -> int | None:
     """The first position where `tokens` differs from `reference` (None: identical)."""
     for i, (x, y) in enumerate(zip(tokens, reference)):

@@ -12,7 +12,7 @@ so this records the prefill) and a measured `generate` of the same prompts. Conf
 run in the order given, each after torch._dynamo.reset(). The files are rewritten after
 every row, so a run cut short by a time limit keeps what it measured. Greedy; every compiled
 run's tokens are compared with eager's (first position where a sequence differs). Writes
-decode_loop-<card>-<date>.json and .md.
+decode_loop-<card>-<date>.json, .md and .png (TPOT per configuration).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, first_divergence, make_loop, parse_configs, run_environment, write_results
+from bench_common import CONFIGS, first_divergence, grouped_bar_plot, make_loop, parse_configs, run_environment, write_results
 
 
 def main(argv=None):
@@ -89,7 +89,16 @@ def write_table(args, env, dtype, rows):
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['compile_s']:.1f} | {r['sequences_equal_to_eager']}/{r['batch']} |")
     table = "\n".join(lines) + "\n"
-    write_results(args.out, f"decode_loop-{card.replace(' ', '_')}-{date[:10]}", dict(env=env, rows=rows), table)
+    stem = write_results(args.out, f"decode_loop-{card.replace(' ', '_')}-{date[:10]}", dict(env=env, rows=rows), table)
+    plot(env, rows, stem + ".png")
+
+
+def plot(env, rows, path):
+    groups = {}
+    for r in rows:
+        groups.setdefault(f"{r['model']} batch {r['batch']}", {})[r["backend"]] = r["tpot_ms"]
+    grouped_bar_plot(path, f"Decode loop TPOT on {env['card']} ({env['date'][:10]}, {env['commit']}); lower is better",
+                     groups, "TPOT ms")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ weights come from memory, as in a decode step), each checked against a float32 p
 
 Prints, per weight: the vendor's time, the best candidate's, both as a share of the copy rate
 (weight bytes over bench_common.copy_rate_tbps), and what `choose` keeps. Writes
-gemv_sweep-<card>-<date>.json/.md.
+gemv_sweep-<card>-<date>.json/.md/.png.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import os
 
 import torch
-from bench_common import copy_rate_tbps, run_environment, write_results
+from bench_common import copy_rate_tbps, grouped_bar_plot, run_environment, write_results
 
 
 def shapes(preset: str) -> dict[str, tuple[int, int]]:
@@ -73,8 +73,16 @@ def main(argv=None):
         lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['floor_us']:.1f} | {r['vendor_us']:.1f} "
                      f"({r['floor_us'] / r['vendor_us']:.0%}) | {r['best']['us']:.1f} ({r['floor_us'] / r['best']['us']:.0%}) | "
                      f"{r['best']['config']} | {chosen} |")
-    write_results(args.out, f"gemv_sweep-{env['card'].replace(' ', '_')}-{env['date'][:10]}", dict(env=env, rows=rows),
-                  "\n".join(lines) + "\n")
+    stem = write_results(args.out, f"gemv_sweep-{env['card'].replace(' ', '_')}-{env['date'][:10]}", dict(env=env, rows=rows),
+                         "\n".join(lines) + "\n")
+    plot(env, rows, stem + ".png")
+
+
+def plot(env, rows, path):
+    groups = {f"{r['model'][6:]} {r['weight']}": {"vendor GEMM": 100 * r["floor_us"] / r["vendor_us"],
+                                                   "best Paiton GEMV": 100 * r["floor_us"] / r["best"]["us"]} for r in rows}
+    grouped_bar_plot(path, f"One-row linears on {env['card']}, bf16, L2 flushed ({env['date'][:10]}, {env['commit']})",
+                     groups, "% of the copy rate (higher is better)")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ pointwise kernels, library attention, copies), and the gap: step time minus kern
 is launch latency between kernels and host work the step waits for. On CPU the "kernels" are
 the top-level ATen/Paiton ops, for a smoke run only.
 
-Writes profile_decode_step-<model>-<card>-<date>.json (every kernel) and .md (categories and
-the top kernels per configuration).
+Writes profile_decode_step-<model>-<card>-<date>.json (every kernel), .md (categories and
+the top kernels per configuration) and .png (each step stacked: kernels by category, bubbles,
+host time; the floor).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench_common import CONFIGS, compile_settings, copy_rate_tbps, parse_config
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
+    ("paiton GEMV (one-row products)", re.compile(r"^_gemv_kernel")),
     ("paiton kernels", re.compile(r"^_(rms_norm|qk_norm_rope|silu_mul|decode_attention)|^paiton::")),
     ("matmul (cuBLAS/CUTLASS)", re.compile(r"nvjet|gemm|cublas|splitKreduce|xmma|cutlass|aten::(mm|addmm|bmm|linear)", re.I)),
     ("attention (library)", re.compile(r"flash|fmha|sdpa|attention", re.I)),
@@ -174,6 +176,39 @@ def markdown(env, rows, top):
     return "\n".join(lines) + "\n"
 
 
+def plot(env, rows, path):
+    """One stacked bar per (config, batch): kernel time by category, in-graph bubbles
+    (pipelined step - kernels) and host time the synced step waits for (synced - pipelined);
+    the floor as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _ in CATEGORIES] + ["other"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 5))
+    names = [f"{r['config'].replace('-no-', chr(10) + 'no ')}\nbatch {r['batch']}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for label in labels:
+        values = [r["categories"].get(label, 0.0) / 1e3 for r in rows]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for label, part in (("bubbles in the graph", lambda r: r.get("pipelined_us", r["kernel_us"]) - r["kernel_us"]),
+                        ("host (synced step only)", lambda r: r["step_us"] - r.get("pipelined_us", r["kernel_us"]))):
+        values = [max(part(r), 0.0) / 1e3 for r in rows]
+        ax.bar(names, values, bottom=bottom, label=label, hatch="//", alpha=0.5)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    if env.get("floor_us"):
+        ax.axhline(env["floor_us"] / 1e3, color="black", linestyle="--", label="floor (weights / copy rate)")
+    ax.set_ylabel("ms per decode step")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_title(f"{env['model']} decode step on {env['card']} ({env['date'][:10]}, {env['commit']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
@@ -212,8 +247,9 @@ def main(argv=None):
                   f"host {row['host_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
                   f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
             # After every row: a run cut short keeps what it measured.
-            write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
-                          dict(env=env, rows=rows), markdown(env, rows, args.top), echo=False)
+            stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
+                                 dict(env=env, rows=rows), markdown(env, rows, args.top), echo=False)
+            plot(env, rows, stem + ".png")
     print(markdown(env, rows, args.top))
 
 

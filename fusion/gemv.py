@@ -90,6 +90,11 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 )
 
 
+# Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
+# programs are what is fast there, whatever suits a GPU.
+INTERPRETER_CONFIG = gemv_config(64, 128, 4, 1)
+
+
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]:
         raise ValueError(f"paiton gemv: one row x [..., K] and W [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")

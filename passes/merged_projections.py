@@ -91,16 +91,21 @@ class MergedProjectionsPass:
             claimed.update(id(w) for w in weights)
             _rewrite(gm.graph, group, weights)
             rewritten += 1
-        if rewritten:
-            gm.graph.lint()
-            gm.recompile()
-        return rewritten
+        return finish_rewrite(gm, rewritten)
 
     def after_compile(self) -> None:
         """Pack the weights the rewritten graph expects packed."""
         for weights in self._to_pack:
             _pack(weights)
         self._to_pack.clear()
+
+
+def finish_rewrite(gm: torch.fx.GraphModule, rewritten: int) -> int:
+    """After a Dynamo-graph pass: check and regenerate the module's code if anything changed."""
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
 
 
 def _placeholders(graph: torch.fx.Graph) -> list[torch.fx.Node]:

@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from paiton.passes.merged_projections import _linear_weight, _placeholders, _set_example_values, _uses_autocast
+from paiton.passes.merged_projections import (
+    _linear_weight,
+    _placeholders,
+    _set_example_values,
+    _uses_autocast,
+    finish_rewrite,
+)
 
 
 class OneRowLinearPass:
@@ -49,13 +55,10 @@ class OneRowLinearPass:
             gm.graph.erase_node(node)
             _set_example_values([product])
             rewritten += 1
-        if rewritten:
-            gm.graph.lint()
-            gm.recompile()
-        return rewritten
+        return finish_rewrite(gm, rewritten)
 
     def after_compile(self) -> None:
-        pass
+        """Nothing to do: single weights need no packing."""
 
 
 def _is_one_row(x: torch.fx.Node, in_features: int) -> bool:
