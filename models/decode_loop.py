@@ -261,6 +261,7 @@ class DecodeLoop:
         reasons = ["length"] * batch
         finished = [False] * batch
         sequence_of_row = list(range(batch))  # rows leave the batch as their sequences finish
+
         def to_host(tokens):
             """Queue the copy of the tokens and their stop flags to the host now, so that it
             runs before whatever is launched next; call the result to wait for it."""
