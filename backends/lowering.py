@@ -270,11 +270,10 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     qkv = m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
     rows.append(row("packed_linear", "torch linear", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", {}, None))
     # The GEMV's candidates, a row each (which one runs is timed per weight shape at first use).
-    candidates = launch_config("one_row_linear", target).get("candidates", ())
-    if tokens != 1 or not candidates:
-        note = "not used: more than one row" if tokens != 1 else "-"
-        rows.append(row("one_row_linear", "-", note, {}, None))
-    for config in candidates if tokens == 1 else ():
+    candidates = launch_config("one_row_linear", target).get("candidates", ()) if tokens == 1 else ()
+    if not candidates:
+        rows.append(row("one_row_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
+    for config in candidates:
         rows.append(row("one_row_linear", "_gemv_kernel", f"[1, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", config,
                         aot.gemv_build(config, dtype)))
     return rows

@@ -37,6 +37,7 @@ import subprocess
 import sys
 
 import torch
+from bench_common import copy_rate_tbps
 
 SHAPES = {
     "qwen3-8b": dict(hidden=4096, intermediate=12288, q_heads=32, kv_heads=8, head_dim=128),
@@ -116,21 +117,6 @@ def graph_time_us(fn, calls_per_graph=50, reps=200):
     return statistics.median(times)
 
 
-def copy_bandwidth_gbs():
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * n * 10 / (start.elapsed_time(end) / 1e3) / 1e9
-
-
 def make_case(case, dtype):
     """(Paiton's call, the eager reference call, bytes a perfect kernel moves) for one case,
     on fresh random inputs of the case's shape."""
@@ -201,7 +187,7 @@ def run(reps=200, tokens_list=(1, 64), ops=None):
     # than Dynamo's default recompile limit.
     torch._dynamo.config.recompile_limit = 64
     dtype = torch.bfloat16
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth = copy_rate_tbps("cuda") * 1e3  # GB/s
     compiled = {}
     rows = []
     for case in cases(tokens_list):

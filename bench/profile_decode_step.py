@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import os
 import re
 import statistics
@@ -125,11 +124,7 @@ def profile_config(model, config, batch, args):
         sync()
     if args.trace_dir:  # a timeline to read in Perfetto / chrome://tracing
         os.makedirs(args.trace_dir, exist_ok=True)
-        path = os.path.join(args.trace_dir, f"trace-{config}-batch{batch}.json")
-        prof.export_chrome_trace(path)
-        with open(path, "rb") as raw, gzip.open(path + ".gz", "wb") as packed:
-            packed.write(raw.read())
-        os.remove(path)
+        prof.export_chrome_trace(os.path.join(args.trace_dir, f"trace-{config}-batch{batch}.json.gz"))  # gzipped by torch
     per_kernel = collections.defaultdict(lambda: [0, 0.0])  # name -> [launches, microseconds]
     for event in prof.events():
         is_kernel = (event.device_type == torch.autograd.DeviceType.CUDA) if cuda else (

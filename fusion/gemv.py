@@ -106,6 +106,11 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
     """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says."""
     _check_inputs(x, weight)
+    return _launch(x, weight, config)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
+    """launch_gemv without the input checks (its callers made them)."""
     n, k = weight.shape
     row = x.reshape(k)
     if row.stride(0) != 1:
@@ -172,4 +177,4 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[d
     config = choose(x, weight, candidates)
     if config == VENDOR:
         return gemv_reference(x, weight)
-    return launch_gemv(x, weight, config)
+    return _launch(x, weight, config)

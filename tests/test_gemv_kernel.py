@@ -82,7 +82,7 @@ def test_one_row_linear_runs_the_chosen_launch(monkeypatch):
     monkeypatch.setattr(gemv, "_CHOICES", {})
     x, weight = torch.randn(1, 1, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE)
     launched = []
-    monkeypatch.setattr(gemv, "launch_gemv", lambda x, w, config: launched.append(config) or gemv.gemv_reference(x, w))
+    monkeypatch.setattr(gemv, "_launch", lambda x, w, config: launched.append(config) or gemv.gemv_reference(x, w))
     monkeypatch.setattr(gemv, "_time_ms", lambda fn: 1.0 if fn.__defaults__ else 2.0)  # candidates beat the vendor
     y = gemv.one_row_linear(x, weight, SMALL_CONFIGS[:1])
     assert launched[-1] == SMALL_CONFIGS[0] and y.shape == (1, 1, 24)
