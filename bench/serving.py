@@ -43,7 +43,7 @@ import time
 
 import torch
 from tqdm import tqdm
-from bench_common import CONFIGS, first_divergence, make_loop, parse_configs, run_environment, write_results
+from bench_common import CONFIGS, copy_rate_tbps, first_divergence, make_loop, parse_configs, run_environment, write_results
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -140,11 +140,8 @@ def main(argv=None):
                                       args.max_prompt_len)
     max_length = max(prompt_bucket(len(r.prompt), 1 << 30) for r in requests) + max(r.output_len for r in requests) + 1
 
-    copy_rate = None
-    if args.device.startswith("cuda"):
-        from fused_kernels import copy_bandwidth_gbs
-
-        copy_rate = copy_bandwidth_gbs() * 1e9
+    copy_rate = copy_rate_tbps(args.device)  # None off the GPU
+    copy_rate = copy_rate * 1e12 if copy_rate else None
     loops = {c: make_loop(model, c, max(batches), max_length, args.device, args.paiton_inner) for c in configs}
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs) * len(batches))
     env = environment(args, dtype, copy_rate)
