@@ -49,19 +49,19 @@ from serving_workload import sharegpt_requests, synthetic_requests
 
 
 def run_requests(loop, requests, batch):
-    """(per-request timings, tokens, wall seconds, first decode step's logits of the first
-    batch): requests B at a time."""
-    timings, tokens, first_step_logits, start = [], [], None, time.perf_counter()
+    """(per-request timings, tokens, wall seconds, the first batch's logits of its prefill and
+    first decode step, or None): requests B at a time."""
+    timings, tokens, first_logits, start = [], [], None, time.perf_counter()
     for first in range(0, len(requests), batch):
         chunk = requests[first:first + batch]
-        # The logits cost a copy to the host; only the first batch's first decode step is kept.
+        # The logits cost a copy to the host; only the first batch's first two steps are kept.
         result = loop.generate([r.prompt for r in chunk], [r.output_len for r in chunk], keep_logits=2 if first == 0 else 0)
         if first == 0 and len(result.logits) == 2:
-            first_step_logits = result.logits[1]
+            first_logits = result.logits
         for request, seq_tokens, times in zip(chunk, result.tokens, result.token_times):
             tokens.append(seq_tokens[:request.output_len])
             timings.append(RequestTiming(len(request.prompt), times[:request.output_len]))
-    return timings, tokens, time.perf_counter() - start, first_step_logits
+    return timings, tokens, time.perf_counter() - start, first_logits
 
 
 def warm_up(loop, requests, batch):
@@ -178,7 +178,7 @@ def main(argv=None):
                 row["first_divergence"] = divergence
                 mine, eager = logits_of[row["config"]], logits_of["eager"]
                 if mine is not None and eager is not None:
-                    row["first_decode_step_max_logit_diff"] = (mine - eager).abs().max().item()
+                    row.update(logit_differences(mine, eager))
         # Rewritten after every batch size: a run cut short keeps what it measured.
         stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
                              dict(env=env, rows=rows), markdown(env, rows, configs), echo=False)
@@ -187,6 +187,17 @@ def main(argv=None):
             save_compile_cache(args.save_compile_cache, saved_artifacts)
     progress.close()
     print(markdown(env, rows, configs))
+
+
+def logit_differences(mine, eager):
+    """Largest |logit - eager's| of the prefill (the same prompts for both) and of the first
+    decode step over the rows whose first token matched eager's: where it did not (a near tie
+    drawn the other way), the step's input differs and its logits are not comparable."""
+    prefill = (mine[0] - eager[0]).abs().max().item()
+    same_first = mine[0].argmax(-1) == eager[0].argmax(-1)
+    step = (mine[1] - eager[1])[same_first].abs().max().item() if same_first.any() else None
+    return dict(prefill_max_logit_diff=prefill, first_decode_step_max_logit_diff=step,
+                first_token_equal_rows=int(same_first.sum()))
 
 
 def save_compile_cache(path, saved_artifacts):
@@ -228,14 +239,18 @@ def markdown(env, rows, configs):
                 if env.get("compile_caches_loaded") else "")
              + f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
              "| batch | config | req/s | output tok/s | total tok/s | TTFT ms mean/median/p99 | TPOT ms mean/median/p99 | "
-             "ITL ms median | E2E ms median | compile s | = eager | max logit diff, 1st decode step | Paiton total tok/s ratio |",
+             "ITL ms median | E2E ms median | compile s | = eager | max logit diff: prefill / 1st decode step (rows, same 1st token) | Paiton total tok/s ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r["batch"], r["config"]): r for r in rows}
     for r in sorted(rows, key=lambda r: (r["batch"], configs.index(r["config"]))):
         paiton = by_key.get((r["batch"], "paiton"))
         ratio = f"{paiton['total_token_throughput'] / r['total_token_throughput']:.2f}x" if paiton and r["config"] != "paiton" else ""
         equal = f"{r['sequences_equal_to_eager']}/{r['completed']}" if "sequences_equal_to_eager" in r else ""
-        logit_diff = f"{r['first_decode_step_max_logit_diff']:.3g}" if "first_decode_step_max_logit_diff" in r else ""
+        logit_diff = ""
+        if "prefill_max_logit_diff" in r:
+            step = r["first_decode_step_max_logit_diff"]
+            logit_diff = (f"{r['prefill_max_logit_diff']:.3g} / " + (f"{step:.3g}" if step is not None else "-")
+                          + f" ({r['first_token_equal_rows']})")
         lines.append(
             f"| {r['batch']} | {r['config']} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
             f"{r['total_token_throughput']:.1f} | {r['mean_ttft_ms']:.1f} / {r['median_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | "
