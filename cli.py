@@ -89,7 +89,8 @@ def demo(args: argparse.Namespace) -> int:
 
     layers = model.config.num_hidden_layers
     print(f"expected per graph: fused_add_rms_norm={2 * layers}, rms_norm={2 * layers + 1} (4 norms a layer + final), "
-          f"qk_norm_rope={layers}, swiglu={layers}, decode_attention={layers} (in graphs of up to 8 query tokens)")
+          f"qk_norm_rope={layers}, swiglu={layers}, decode_attention={layers} (in graphs of up to 8 query tokens), "
+          f"one_row_linear={2 * layers + 1} and silu_mul_linear={layers} (batch-1 decode)")
 
     runs = {"paiton": actual}
     if args.compare_inductor:

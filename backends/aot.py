@@ -112,13 +112,14 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
     return KernelBuild(_qk_norm_rope_kernel, signature, constexprs, options, aligned)
 
 
-def gemv_build(config: dict, dtype: str) -> KernelBuild:
-    """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K)."""
-    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "N": "i32", "K": "i32",
-                 "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_N": "constexpr",
-                 "EVEN_K": "constexpr"}
-    constexprs, options = _split(_gemv_kernel, config, {"EVEN_N": True, "EVEN_K": True})
-    aligned = ["x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"]
+def gemv_build(config: dict, dtype: str, gated: bool = False) -> KernelBuild:
+    """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K);
+    `gated`: SwiGLU applied to the input as it is loaded (silu_mul_linear)."""
+    signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "N": "i32",
+                 "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_N": "constexpr",
+                 "EVEN_K": "constexpr", "GATED": "constexpr"}
+    constexprs, options = _split(_gemv_kernel, config, {"EVEN_N": True, "EVEN_K": True, "GATED": gated})
+    aligned = ["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"]
     return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
 
 

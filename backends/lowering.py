@@ -45,7 +45,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 # The ops Paiton's passes create (each pass's `fused_op`).
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
-    "one_row_linear",
+    "one_row_linear", "silu_mul_linear",
 )
 
 
@@ -87,6 +87,11 @@ _NVIDIA = {
         "linears of one input row (batch-1 decode; packed ones too): Paiton's GEMV, its launch timed per weight "
         "shape against cuBLAS at first use, the faster kept (fusion/gemv.py)",
     ),
+    "silu_mul_linear": Lowering(
+        TRITON, dict(candidates=GEMV_CANDIDATES),
+        "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, its "
+        "launch timed per weight shape against silu_mul + cuBLAS at first use, the faster kept",
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +123,7 @@ _AMD_CDNA = {
     "packed_linear": Lowering(VENDOR, {}, "hipBLASLt: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
     "one_row_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet: one-row linears stay Inductor's (packed ones "
                                "hipBLASLt's)"),
+    "silu_mul_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: silu_mul, then the product"),
 }
 _GFX950 = {
     **_AMD_CDNA,
@@ -190,8 +196,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
 
     shape: rms_norm/fused_add_rms_norm: n_rows, n_cols; qk_norm_rope(_cache): n_q_heads,
     n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
-    size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear: none (the
-    `candidates` timed per shape at first use).
+    size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear and
+    silu_mul_linear: none (the `candidates` timed per shape at first use).
     """
     params = lowering_for(op, target).params
     if op in ("rms_norm", "fused_add_rms_norm"):
@@ -276,6 +282,13 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     for config in candidates:
         rows.append(row("one_row_linear", "_gemv_kernel", f"[1, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", config,
                         aot.gemv_build(config, dtype)))
+    gated = launch_config("silu_mul_linear", target).get("candidates", ()) if tokens == 1 else ()
+    if not gated:
+        rows.append(row("silu_mul_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
+    for config in gated:
+        rows.append(row("silu_mul_linear", "_gemv_kernel (gated)",
+                        f"silu([1, {m.intermediate_size}]) x [{m.hidden_size}, {m.intermediate_size}]", config,
+                        aot.gemv_build(config, dtype, gated=True)))
     return rows
 
 

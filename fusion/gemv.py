@@ -21,7 +21,10 @@ where the vendor's GEMM is faster keeps it, on any GPU.
 
 Used by paiton::packed_linear (fusion/packed_linear.py) for inputs of one row; the pass
 passes/one_row_linear.py routes a decode step's other linears (o_proj, down_proj, lm_head)
-through that op.
+through that op. Gated (`up` given): the input is silu(x) * up, computed tile by tile as the
+kernel loads it and rounded as paiton::silu_mul rounds it, for paiton::silu_mul_packed_linear
+(passes/silu_mul_linear.py: SwiGLU into down_proj at batch 1, one launch less per layer);
+its vendor candidate is silu_mul's kernel followed by torch's linear.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paiton.fusion.swiglu import silu_mul, silu_mul_reference, silu_times_up
 from paiton.fusion.triton_utils import device_guard
 
 log = logging.getLogger(__name__)
@@ -40,14 +44,18 @@ log = logging.getLogger(__name__)
 VENDOR = "vendor"  # the candidate that is torch's linear (cuBLAS / hipBLASLt)
 
 
-def gemv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, weight)
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T; with `up`, silu(x) * up @ weight.T."""
+    return torch.nn.functional.linear(x if up is None else silu_mul_reference(x, up), weight)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N)."""
+def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 GATED: tl.constexpr):
+    """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
+    silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
+    (SwiGLU feeding down_proj without a kernel and a round trip of its own)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -58,6 +66,11 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
             x = tl.load(x_ptr + k)
         else:
             x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        if GATED:  # silu(0) * 0 = 0 where masked
+            if EVEN_K:
+                x = silu_times_up(x, tl.load(up_ptr + k))
+            else:
+                x = silu_times_up(x, tl.load(up_ptr + k, mask=k < K, other=0.0))
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
@@ -95,26 +108,34 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 INTERPRETER_CONFIG = gemv_config(64, 128, 4, 1)
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None) -> None:
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]:
         raise ValueError(f"paiton gemv: one row x [..., K] and W [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
     if weight.stride(1) != 1 or x.dtype != weight.dtype or x.device != weight.device:
         raise ValueError(f"paiton gemv: W needs unit stride along K and x its dtype and device; got strides "
                          f"{weight.stride()}, {x.dtype}/{weight.dtype}, {x.device}/{weight.device}")
+    if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.device != x.device):
+        raise ValueError(f"paiton gemv: up must have x's shape, dtype and device; got {tuple(up.shape)} {up.dtype} "
+                         f"for x {tuple(x.shape)} {x.dtype}")
 
 
-def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
-    """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says."""
-    _check_inputs(x, weight)
-    return _launch(x, weight, config)
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says;
+    with `up`, (silu(x) * up) @ weight.T."""
+    _check_inputs(x, weight, up)
+    return _launch(x, weight, config, up)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
+def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
+    row = x.reshape(k)
+    return row if row.stride(0) == 1 else row.contiguous()
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None) -> torch.Tensor:
     """launch_gemv without the input checks (its callers made them)."""
     n, k = weight.shape
-    row = x.reshape(k)
-    if row.stride(0) != 1:
-        row = row.contiguous()
+    row = _unit_stride_row(x, k)
+    up_row = row if up is None else _unit_stride_row(up, k)  # not read unless GATED
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if n == 0:
         return y
@@ -122,18 +143,25 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> to
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
-            row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, **launch)
+            row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **launch)
     return y
 
 
-# (device, N, K, row stride of W, dtype) -> the chosen candidate: a config dict or VENDOR.
+# (device, N, K, row stride of W, dtype, gated) -> the chosen candidate: a config dict or VENDOR.
 _CHOICES: dict[tuple, dict[str, int] | str] = {}
 
 
 def choices() -> dict[tuple, dict[str, int] | str]:
-    """What `choose` picked so far, per (device, N, K, W's row stride, dtype)."""
+    """What `choose` picked so far, per (device, N, K, W's row stride, dtype, gated)."""
     return dict(_CHOICES)
+
+
+def _vendor(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    """What runs without Paiton's GEMV: torch's linear, after paiton.silu_mul's kernel when gated."""
+    if up is None:
+        return gemv_reference(x, weight)
+    return torch.nn.functional.linear(silu_mul(x, up), weight)
 
 
 def _time_ms(fn: Callable[[], object]) -> float:
@@ -144,11 +172,13 @@ def _time_ms(fn: Callable[[], object]) -> float:
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
-           time_ms: Callable[[Callable[[], object]], float] | None = None) -> dict[str, int] | str:
-    """The fastest of `candidates` and torch's linear for this weight's shape, timed once per
-    (device, shape, stride, dtype). While a CUDA graph is being captured nothing can be timed:
-    the vendor's GEMM runs, and the choice is left for a later call."""
-    key = (str(x.device), weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
+           time_ms: Callable[[Callable[[], object]], float] | None = None,
+           up: torch.Tensor | None = None) -> dict[str, int] | str:
+    """The fastest of `candidates` and torch's linear (after paiton.silu_mul with `up`) for this
+    weight's shape, timed once per (device, shape, stride, dtype, gated). While a CUDA graph is
+    being captured nothing can be timed: the vendor's GEMM runs, and the choice is left for a
+    later call."""
+    key = (str(x.device), weight.shape[0], weight.shape[1], weight.stride(0), x.dtype, up is not None)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -157,24 +187,25 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return VENDOR
     time_ms = time_ms or _time_ms
-    timings: list[tuple[float, dict[str, int] | str]] = [(time_ms(lambda: gemv_reference(x, weight)), VENDOR)]
+    timings: list[tuple[float, dict[str, int] | str]] = [(time_ms(lambda: _vendor(x, weight, up)), VENDOR)]
     for config in candidates:
         try:
-            timings.append((time_ms(lambda config=config: launch_gemv(x, weight, config)), config))
+            timings.append((time_ms(lambda config=config: launch_gemv(x, weight, config, up)), config))
         except Exception as error:  # a config this chip cannot run (resources): not a candidate here
             log.debug("paiton gemv: %s failed on %s: %s", config, x.device, error)
     best_ms, choice = min(timings, key=lambda timing: timing[0])
-    log.info("paiton gemv: [%d x %d] %s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
-             x.dtype, x.device, choice, best_ms * 1e3, timings[0][0] * 1e3)
+    log.info("paiton gemv: [%d x %d] %s%s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
+             x.dtype, " gated" if up is not None else "", x.device, choice, best_ms * 1e3, timings[0][0] * 1e3)
     _CHOICES[key] = choice
     return choice
 
 
-def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]]) -> torch.Tensor:
-    """x [..., K] with one row @ weight.T: Paiton's kernel or the vendor's GEMM, whichever
-    `choose` timed faster for this shape."""
-    _check_inputs(x, weight)
-    config = choose(x, weight, candidates)
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
+                   up: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] with one row @ weight.T (with `up`: silu(x) * up @ weight.T): Paiton's kernel
+    or the vendor's GEMM, whichever `choose` timed faster for this shape."""
+    _check_inputs(x, weight, up)
+    config = choose(x, weight, candidates, up=up)
     if config == VENDOR:
-        return gemv_reference(x, weight)
-    return _launch(x, weight, config)
+        return _vendor(x, weight, up)
+    return _launch(x, weight, config, up)

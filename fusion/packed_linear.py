@@ -16,12 +16,18 @@ The product is the same cuBLAS / hipBLASLt call `linear` makes, except for an in
 row (a decode step at batch 1) on a chip whose lowering table has a one-row linear: there it is
 fusion/gemv.py's, Paiton's GEMV or the vendor's GEMM, whichever was timed faster for the shape.
 passes/one_row_linear.py also sends single one-row linears here, as `packed_linear(x, [W])`.
+
+Op: paiton::silu_mul_packed_linear(gate, up, [W_1, ...]) -> packed_linear(silu_mul(gate, up),
+[W_1, ...]). For one row, on a chip whose table has a one-row linear, the GEMV applies SwiGLU
+while it loads its input: down_proj at batch 1 without the silu_mul kernel before it
+(passes/silu_mul_linear.py). Otherwise it is the two ops in turn.
 """
 
 from __future__ import annotations
 
 import torch
 
+from paiton.fusion.swiglu import silu_mul
 from paiton.fusion.triton_utils import is_interpreted
 
 
@@ -53,34 +59,60 @@ def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
                          f"{sorted({str(w.dtype) for w in weights})}")
 
 
-def _one_row_candidates(x: torch.Tensor) -> tuple | None:
+def _one_row_candidates(x: torch.Tensor, op: str) -> tuple | None:
     """The GEMV launches to time for a one-row `x` on its chip, or None: not one row, or the
-    chip's table leaves one-row linears to the vendor/Inductor."""
+    chip's table leaves `op` (one_row_linear, silu_mul_linear) to the vendor/Inductor."""
     if x.numel() != x.shape[-1]:
         return None
     from paiton.backends.lowering import INDUCTOR, lowering_for
     from paiton.backends.target import detect_target
 
-    lowering = lowering_for("one_row_linear", detect_target(x.device))
+    lowering = lowering_for(op, detect_target(x.device))
     return None if lowering.implementation == INDUCTOR else lowering.params.get("candidates", ())
+
+
+def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The product through fusion/gemv.py where x is one row and the chip's table has a one-row
+    linear (on CPU only under Triton's interpreter, for the tests); else None."""
+    candidates = _one_row_candidates(x, "one_row_linear" if up is None else "silu_mul_linear")
+    if not candidates:
+        return None
+    from paiton.fusion import gemv
+
+    if x.device.type != "cpu":
+        return gemv.one_row_linear(x, weight, candidates, up=up)
+    if is_interpreted(gemv._gemv_kernel):
+        return gemv.launch_gemv(x, weight, gemv.INTERPRETER_CONFIG, up=up)
+    return None
 
 
 @torch.library.custom_op("paiton::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     _check_inputs(x, weights)
     weight = packed_weight(weights)
-    candidates = _one_row_candidates(x)
-    if candidates:
-        from paiton.fusion import gemv
-
-        if x.device.type != "cpu":
-            return gemv.one_row_linear(x, weight, candidates)
-        if is_interpreted(gemv._gemv_kernel):  # CPU tests: the kernel in Triton's interpreter
-            return gemv.launch_gemv(x, weight, gemv.INTERPRETER_CONFIG)
-    return torch.nn.functional.linear(x, weight)
+    y = _one_row_gemv(x, weight)
+    return y if y is not None else torch.nn.functional.linear(x, weight)
 
 
 @packed_linear.register_fake
 def _packed_linear_fake(x, weights):
     _check_inputs(x, weights)
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+@torch.library.custom_op("paiton::silu_mul_packed_linear", mutates_args=())
+def silu_mul_packed_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """packed_linear(silu_mul(gate, up), weights), SwiGLU applied inside a one-row GEMV."""
+    _check_inputs(gate, weights)
+    weight = packed_weight(weights)
+    if gate.shape == up.shape and gate.dtype == up.dtype:  # else silu_mul below raises the error
+        y = _one_row_gemv(gate, weight, up)
+        if y is not None:
+            return y
+    return torch.nn.functional.linear(silu_mul(gate, up), weight)
+
+
+@silu_mul_packed_linear.register_fake
+def _silu_mul_packed_linear_fake(gate, up, weights):
+    _check_inputs(gate, weights)
+    return gate.new_empty((*gate.shape[:-1], sum(w.shape[0] for w in weights)))

@@ -28,16 +28,23 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_times_up(gate, up):
+    """silu(gate) * up rounded as eager rounds it (module docstring), in up's dtype. Shared
+    with the GEMV that applies SwiGLU while loading its input (fusion/gemv.py)."""
+    gate = gate.to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, BLOCK: tl.constexpr):
     """Program (row, column block): one BLOCK-wide piece of one row."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(gate_ptr + row * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + row * gate_row_stride + cols, mask=mask, other=0.0)
     up = tl.load(up_ptr + row * up_row_stride + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    out = silu.to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * n_cols + cols, silu_times_up(gate, up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # 8 elements a thread: one 16-byte load of gate and of up per thread for bf16/fp16 (checked

@@ -34,13 +34,15 @@ from paiton.passes.one_row_linear import OneRowLinearPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
 from paiton.passes.rms_norm import RMSNormPass
+from paiton.passes.silu_mul_linear import SiluMulLinearPass
 from paiton.passes.swiglu import SwiGLUPass
 
 log = logging.getLogger(__name__)
 
 # Every pass Paiton has, in the order they run.
 # QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
-# RoPE op and looks for the attention (fused or not) that reads the cache.
+# RoPE op and looks for the attention (fused or not) that reads the cache; SwiGLU into a
+# one-row product starts from the SwiGLU pass's output.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
     RMSNormPass,
@@ -48,6 +50,7 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     DecodeAttentionPass,
     KVCacheWritePass,
     SwiGLUPass,
+    SiluMulLinearPass,
 )
 # Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see
 # merged_projections.py for why they cannot wait for the ATen graph). The one-row pass takes

@@ -65,6 +65,10 @@ def builds(target):
         for config in launch_config("one_row_linear", target).get("candidates", ()):
             name = "/".join(f"{k}={v}" for k, v in config.items())
             yield f"gemv/{dtype}/{name}", "one_row_linear", gemv_build(config, dtype)
+        # The same launches with SwiGLU applied on the way in (down_proj at batch 1).
+        for config in launch_config("silu_mul_linear", target).get("candidates", ()):
+            name = "/".join(f"{k}={v}" for k, v in config.items())
+            yield f"gemv/{dtype}/gated/{name}", "silu_mul_linear", gemv_build(config, dtype, gated=True)
 
 
 def main():

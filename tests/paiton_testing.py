@@ -80,9 +80,17 @@ def capture_paiton_graphs():
 
 
 EAGER_INNER = {"paiton.inner_compiler": "eager"}
+
+
+def compile_and_capture(module, x, options=None, dynamic=False):
+    """(module compiled with backend="paiton" and the eager inner compiler, run on x;
+    capture_paiton_graphs' records). `options` add to or override EAGER_INNER."""
+    with torch.no_grad(), capture_paiton_graphs() as graphs:
+        actual = torch.compile(module, backend="paiton", options={**EAGER_INNER, **(options or {})}, dynamic=dynamic)(x)
+    return actual, graphs
 # For a pass's own tests that compare with eager bit for bit: merging projections, or a
 # one-row product through the GEMV, changes the products' rounding in front of the pass under test.
-UNMERGED = {**EAGER_INNER, "paiton.merged_projections": False, "paiton.one_row_linear": False}
+UNMERGED = {**EAGER_INNER, "paiton.merged_projections": False, "paiton.one_row_linear": False, "paiton.silu_mul_linear": False}
 
 
 def fusions(**nonzero: int) -> dict[str, int]:
@@ -102,8 +110,8 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
     cache in graphs of up to MAX_DECODE_QUERIES tokens (decode steps, short prompts), and the
     cache write joins the QK-norm + RoPE kernel whenever there is a static cache. A graph of
     one row (batch 1 decode) sends o_proj, down_proj and the lm_head through the one-row
-    linear; the lm_head alone when it reads the last position only (`last_logits_only`,
-    logits_to_keep=1) of one sequence."""
+    linear, and its SwiGLU into down_proj's GEMV; the lm_head alone when it reads the last
+    position only (`last_logits_only`, logits_to_keep=1) of one sequence."""
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
     one_row = batch == 1 and queries == 1
@@ -116,6 +124,7 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
         kv_cache_write=num_layers if static_cache else 0,
         decode_attention=num_layers if static_cache and queries <= MAX_DECODE_QUERIES else 0,
         swiglu=num_layers,
+        silu_mul_linear=num_layers if one_row else 0,  # SwiGLU into down_proj's GEMV
     )
 
 

@@ -1,6 +1,8 @@
 """The one-row linear kernel (fusion/gemv.py) against float64 products, under Triton's
 interpreter on the CPU (on a GPU, the compiled kernel): random widths, including ones no block
-divides (the masked path), dtypes and launch configurations; and how `choose` picks a launch.
+divides (the masked path), dtypes and launch configurations; its gated form (SwiGLU applied
+to the input as it loads) against paiton.silu_mul followed by the plain kernel, bit for bit;
+and how `choose` picks a launch.
 
 Tolerance: fp32 accumulation in another order than the reference's, then one rounding to the
 output dtype: fp32 within 1e-5 relative to the output's norm, bf16/fp16 within one rounding of
@@ -36,6 +38,35 @@ def test_gemv_matches_a_float64_product(n, k, leading, dtype, config, seed):
     expected = torch.nn.functional.linear(x.double(), weight.double())
     assert not y.isnan().any()
     assert relative_error(y, expected) <= TOLERANCE[dtype], (n, k, dtype, config)
+
+
+@given(n=st.integers(1, 40), k=st.integers(1, 150), leading=st.sampled_from([(), (1,), (1, 1)]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), config=st.sampled_from(SMALL_CONFIGS),
+       seed=st.integers(0, 2**16))
+def test_gated_gemv_is_silu_mul_then_the_gemv(n, k, leading, dtype, config, seed):
+    """The gated kernel rounds silu(gate) * up as paiton.silu_mul does (one shared helper) and
+    then accumulates in the plain kernel's order: the same bits as the two ops in turn; and
+    eager's SwiGLU followed by a float64 product within twice the plain tolerance (silu's exp
+    may round the activation one unit apart from torch's, then the output rounds)."""
+    from paiton.fusion.swiglu import silu_mul, silu_mul_reference
+
+    generator = torch.Generator().manual_seed(seed)
+    gate = (3 * torch.randn(*leading, k, generator=generator)).to(DEVICE, dtype)
+    up = torch.randn(*leading, k, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    y = gemv.launch_gemv(gate, weight, config, up=up)
+    assert y.shape == (*leading, n) and y.dtype == dtype
+    torch.testing.assert_close(y, gemv.launch_gemv(silu_mul(gate, up), weight, config), rtol=0, atol=0)
+    expected = torch.nn.functional.linear(silu_mul_reference(gate, up).double(), weight.double())
+    assert relative_error(y, expected) <= 2 * TOLERANCE[dtype], (n, k, dtype, config)
+
+
+def test_gated_gemv_rejects_an_up_of_another_shape_or_dtype():
+    gate, weight = torch.randn(1, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="up must have x's shape"):
+        gemv.launch_gemv(gate, weight, SMALL_CONFIGS[0], up=torch.randn(1, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="up must have x's shape"):
+        gemv.launch_gemv(gate, weight, SMALL_CONFIGS[0], up=torch.randn(1, 16, device=DEVICE, dtype=torch.float16))
 
 
 def test_gemv_reads_a_strided_weight_and_a_strided_row():
@@ -76,13 +107,17 @@ def test_choose_keeps_the_fastest_per_shape_and_times_each_shape_once(monkeypatc
     assert list(gemv.choices().values()) == [SMALL_CONFIGS[1], gemv.VENDOR]
     # No candidates: the vendor's GEMM, nothing timed.
     assert gemv.choose(x, torch.randn(4, 16), (), fake_timer([])) == gemv.VENDOR
+    # The gated form of a timed shape is another choice (its vendor path runs silu_mul first).
+    calls.clear()
+    assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([0.5, 2.0, 1.0, 4.0]), up=torch.randn(1, 16)) == gemv.VENDOR
+    assert len(calls) == 4 and gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([])) == SMALL_CONFIGS[1]
 
 
 def test_one_row_linear_runs_the_chosen_launch(monkeypatch):
     monkeypatch.setattr(gemv, "_CHOICES", {})
     x, weight = torch.randn(1, 1, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE)
     launched = []
-    monkeypatch.setattr(gemv, "_launch", lambda x, w, config: launched.append(config) or gemv.gemv_reference(x, w))
+    monkeypatch.setattr(gemv, "_launch", lambda x, w, config, up=None: launched.append(config) or gemv.gemv_reference(x, w))
     monkeypatch.setattr(gemv, "_time_ms", lambda fn: 1.0 if fn.__defaults__ else 2.0)  # candidates beat the vendor
     y = gemv.one_row_linear(x, weight, SMALL_CONFIGS[:1])
     assert launched[-1] == SMALL_CONFIGS[0] and y.shape == (1, 1, 24)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions
+from paiton_testing import EAGER_INNER, capture_paiton_graphs, compile_and_capture, fusions
 
 import paiton
 from paiton.fusion.packed_linear import packed_weight
@@ -46,12 +46,6 @@ def assert_packed(weights) -> None:
     assert base.nbytes() == offset * weights[0].element_size()
 
 
-def run(module, x, options=None):
-    with torch.no_grad(), capture_paiton_graphs() as graphs:
-        actual = torch.compile(module, backend="paiton", options={**EAGER_INNER, **(options or {})})(x)
-    return actual, graphs
-
-
 @settings(deadline=None, max_examples=12)
 @given(
     batch=st.integers(1, 3),
@@ -67,7 +61,7 @@ def test_shared_input_projections_are_merged(batch, seq, hidden, outs, dtype):
     before = [p.detach().clone() for p in module.parameters()]
     with torch.no_grad():
         expected = module(x)
-    actual, graphs = run(module, x)
+    actual, graphs = compile_and_capture(module, x)
     assert graphs[0][2] == fusions(merged_projections=1)
     assert graphs[0][1]["paiton.packed_linear.default"] == 1 and graphs[0][1]["aten.mm.default"] == 0
     for a, e in zip(actual, expected):
@@ -87,9 +81,9 @@ def test_packing_happens_once_and_a_second_graph_reuses_it():
     without moving them again (CUDA graphs of the first graph keep valid addresses)."""
     torch._dynamo.reset()
     module = SharedInput(32, [32, 16, 16], torch.float32)
-    run(module, torch.randn(1, 7, 32))
+    compile_and_capture(module, torch.randn(1, 7, 32))
     buffer = module.projections[0].weight.untyped_storage().data_ptr()
-    _, graphs = run(module, torch.randn(2, 1, 32))
+    _, graphs = compile_and_capture(module, torch.randn(2, 1, 32))
     assert graphs and graphs[-1][2] == fusions(merged_projections=1)
     assert module.projections[0].weight.untyped_storage().data_ptr() == buffer
 
@@ -135,7 +129,7 @@ def test_near_misses_are_left_alone(case):
     owned_before = storages(module)
     with torch.no_grad():
         expected = module(x)
-    actual, graphs = run(module, x)
+    actual, graphs = compile_and_capture(module, x)
     assert graphs[0][2] == fusions()
     assert storages(module) == owned_before
     for a, e in zip(actual, expected):
@@ -146,7 +140,7 @@ def test_switched_off():
     torch._dynamo.reset()
     module = SharedInput(16, [8, 8], torch.float32)
     owned_before = storages(module)
-    _, graphs = run(module, torch.randn(2, 16), options={"paiton.merged_projections": False})
+    _, graphs = compile_and_capture(module, torch.randn(2, 16), options={"paiton.merged_projections": False})
     assert graphs[0][2]["merged_projections"] == 0 and "merged_projections" in paiton.PASS_NAMES
     assert storages(module) == owned_before
 
@@ -207,14 +201,14 @@ def test_autocast_and_aliased_weights_are_left_alone():
     module, x = Autocast(16, [8, 8], torch.float32), torch.randn(2, 16)
     with torch.no_grad():
         expected = module(x)
-    actual, graphs = run(module, x)
+    actual, graphs = compile_and_capture(module, x)
     assert graphs[0][2]["merged_projections"] == 0
     assert [a.dtype for a in actual] == [e.dtype for e in expected] == [torch.bfloat16] * 2
 
     torch._dynamo.reset()
     module = SharedInput(16, [8, 8], torch.float32)
     alias = module.projections[1].weight.detach().view(-1)  # e.g. a flat view some other code keeps
-    _, graphs = run(module, x)
+    _, graphs = compile_and_capture(module, x)
     assert graphs[0][2]["merged_projections"] == 0
     assert alias.data_ptr() == module.projections[1].weight.data_ptr()
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions
+from paiton_testing import EAGER_INNER, capture_paiton_graphs, compile_and_capture, fusions
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2e-2)}
 
@@ -28,12 +28,6 @@ class TwoLinears(torch.nn.Module):
         return self.down(torch.relu(self.up(x))) + x
 
 
-def run(module, x, dynamic=False):
-    with torch.no_grad(), capture_paiton_graphs() as graphs:
-        actual = torch.compile(module, backend="paiton", options=EAGER_INNER, dynamic=dynamic)(x)
-    return actual, graphs
-
-
 @given(hidden=st.sampled_from([16, 40, 64]), inner=st.sampled_from([8, 24, 96]), leading=st.sampled_from([(1,), (1, 1), ()]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_one_row_linears_go_through_the_gemv(hidden, inner, leading, dtype):
@@ -42,7 +36,7 @@ def test_one_row_linears_go_through_the_gemv(hidden, inner, leading, dtype):
     x = torch.randn(*leading, hidden, dtype=dtype)
     with torch.no_grad():
         expected = module(x)
-    actual, graphs = run(module, x)
+    actual, graphs = compile_and_capture(module, x)
     assert graphs[0][2] == fusions(one_row_linear=2)
     assert graphs[0][1]["paiton.packed_linear.default"] == 2 and graphs[0][1]["aten.mm.default"] == 0
     torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
@@ -61,7 +55,7 @@ def test_near_misses_are_left_alone(case):
         torch._dynamo.mark_dynamic(x, 0)
     with torch.no_grad():
         expected = module(x)
-    actual, graphs = run(module, x)
+    actual, graphs = compile_and_capture(module, x)
     assert graphs[0][2] == fusions()
     assert graphs[0][1]["paiton.packed_linear.default"] == 0
     torch.testing.assert_close(actual, expected)

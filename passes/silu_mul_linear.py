@@ -1,0 +1,71 @@
+"""SwiGLU feeding a one-row product -> one `paiton.silu_mul_packed_linear` op.
+
+At batch 1 a decode step's MLP ends in (after the SwiGLU and one-row linear passes)::
+
+    act = paiton.silu_mul(gate, up)              # gate, up: halves of the gate/up product
+    out = paiton.packed_linear(act, [W_down])    # one row: Paiton's GEMV
+
+Fused::
+
+    out = paiton.silu_mul_packed_linear(gate, up, [W_down])
+
+The GEMV computes silu(gate) * up as it loads its input (fusion/gemv.py, GATED), rounded as
+silu_mul rounds it, so the step loses one kernel launch per layer and the write and re-read of
+the activation. Runs after SwiGLUPass on the ATen graph. Rewritten: a silu_mul whose only user
+is a packed_linear of one row (every leading dimension static and 1). Left alone: several
+rows or a dynamic row count (the GEMV is for one row; a GEMM gains nothing here), an
+activation with other users (it must exist anyway), a packed_linear fed by anything else. On
+chips whose lowering table leaves one-row linears to Inductor (AMD) the pass does not run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paiton.passes.paiton_pass import PaitonPass
+
+
+class SiluMulLinearPass(PaitonPass):
+    name = "silu_mul_linear"
+    fused_op = "silu_mul_linear"
+    depends_on = ("paiton.fusion.packed_linear",)
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        import paiton.fusion.packed_linear  # noqa: F401  (registers the ops)
+
+        silu_mul, packed_linear = torch.ops.paiton.silu_mul.default, torch.ops.paiton.packed_linear.default
+        rewritten = 0
+        for node in list(graph.nodes):
+            if node.target is not packed_linear:
+                continue
+            act, weights = _arguments(node, "x", "weights")
+            if not isinstance(act, torch.fx.Node) or act.target is not silu_mul or len(act.users) != 1:
+                continue
+            if not _is_one_row(act):
+                continue
+            with graph.inserting_before(node):
+                fused = graph.call_function(torch.ops.paiton.silu_mul_packed_linear.default,
+                                            (*_arguments(act, "gate", "up"), weights))
+            # The product's metadata (its value, source), less the inputs eager saw for packed_linear's
+            # schema: Inductor would lay this op's arguments out by those.
+            fused.meta.update({key: value for key, value in node.meta.items() if key != "eager_input_vals"})
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            graph.erase_node(act)
+            rewritten += 1
+        return rewritten
+
+
+def _arguments(node: torch.fx.Node, *names: str) -> tuple:
+    """The op's arguments by schema name, whether the graph passes them by position or by
+    keyword (the pattern matcher's replacements do the latter)."""
+    schema_names = [a.name for a in node.target._schema.arguments]
+    by_name = dict(zip(schema_names, node.args)) | dict(node.kwargs)
+    return tuple(by_name[name] for name in names)
+
+
+def _is_one_row(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dim() < 1:
+        return False
+    return all(isinstance(size, int) and size == 1 for size in value.shape[:-1])

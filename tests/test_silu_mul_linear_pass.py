@@ -1,0 +1,95 @@
+"""SwiGLU into a one-row product: paiton.silu_mul feeding paiton.packed_linear of one row
+becomes paiton.silu_mul_packed_linear, whose GEMV applies SwiGLU as it loads (fusion/gemv.py),
+through backend="paiton" (eager inner compiler) on Qwen3's MLP. Near misses are left alone:
+more rows, an activation with another user, no SwiGLU, the pass switched off.
+
+Tolerance: as the one-row linear pass's (the GEMV accumulates in another order than the CPU
+GEMM): fp32 within 1e-5, bf16 within one bf16 rounding of the output plus a floor near zero.
+The fused op's own numerics are checked bit for bit against silu_mul + GEMV in
+test_gemv_kernel.py.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from paiton_testing import compile_and_capture, fusions
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2e-2)}
+
+
+class MLP(torch.nn.Module):
+    """Qwen3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); `extra_use`: the activation is
+    also returned, so it must be materialized."""
+
+    def __init__(self, hidden, inner, dtype, activation="silu", extra_use=False):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.up_proj = torch.nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.down_proj = torch.nn.Linear(inner, hidden, bias=False, dtype=dtype)
+        self.act_fn = torch.nn.SiLU() if activation == "silu" else torch.nn.GELU()
+        self.extra_use = extra_use
+
+    def forward(self, x):
+        act = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        out = self.down_proj(act)
+        return (out, act) if self.extra_use else out
+
+
+@given(hidden=st.sampled_from([16, 40, 64]), inner=st.sampled_from([24, 48, 96]), leading=st.sampled_from([(1,), (1, 1), ()]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_swiglu_goes_into_the_down_projection(hidden, inner, leading, dtype):
+    torch._dynamo.reset()
+    module = MLP(hidden, inner, dtype)
+    x = torch.randn(*leading, hidden, dtype=dtype)
+    with torch.no_grad():
+        expected = module(x)
+    actual, graphs = compile_and_capture(module, x)
+    (before, census, counts), = graphs
+    assert counts == fusions(merged_projections=1, one_row_linear=1, swiglu=1, silu_mul_linear=1)
+    assert census["paiton.silu_mul_packed_linear.default"] == 1
+    assert census["paiton.silu_mul.default"] == 0 and census["paiton.packed_linear.default"] == 1  # gate/up only
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("case", ["two rows", "activation used twice", "gelu"])
+def test_near_misses_are_left_alone(case):
+    torch._dynamo.reset()
+    module = MLP(32, 48, torch.float32, activation="gelu" if case == "gelu" else "silu",
+                 extra_use=case == "activation used twice")
+    x = torch.randn(2 if case == "two rows" else 1, 32)
+    with torch.no_grad():
+        expected = module(x)
+    actual, graphs = compile_and_capture(module, x)
+    (before, census, counts), = graphs
+    assert counts["silu_mul_linear"] == 0 and census["paiton.silu_mul_packed_linear.default"] == 0
+    if case != "gelu":
+        assert counts["swiglu"] == 1 and census["paiton.silu_mul.default"] == 1
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_switched_off_by_its_option():
+    torch._dynamo.reset()
+    _, graphs = compile_and_capture(MLP(16, 32, torch.float32), torch.randn(1, 16), {"paiton.silu_mul_linear": False})
+    (before, census, counts), = graphs
+    assert counts == fusions(merged_projections=1, one_row_linear=1, swiglu=1)
+    assert census["paiton.silu_mul.default"] == 1 and census["paiton.silu_mul_packed_linear.default"] == 0
+
+
+def test_arguments_passed_by_keyword_are_read():
+    """Inductor's pattern matcher writes its replacements' arguments as keywords (the SwiGLU
+    pass's silu_mul reaches this pass that way when the inner compiler is Inductor)."""
+    import paiton.fusion.packed_linear  # noqa: F401
+    from paiton.passes.silu_mul_linear import SiluMulLinearPass
+
+    gate, up, weight = torch.randn(1, 24), torch.randn(1, 24), torch.randn(8, 24)
+    graph = torch.fx.Graph()
+    g, u, w = (graph.placeholder(name) for name in ("gate", "up", "weight"))
+    act = graph.call_function(torch.ops.paiton.silu_mul.default, kwargs=dict(gate=g, up=u))
+    act.meta["val"] = torch.empty(1, 24)
+    graph.output(graph.call_function(torch.ops.paiton.packed_linear.default, kwargs=dict(x=act, weights=[w])))
+    assert SiluMulLinearPass()(graph) == 1
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.paiton.silu_mul_packed_linear.default]
+    actual = torch.fx.GraphModule(torch.nn.Module(), graph)(gate, up, weight)
+    torch.testing.assert_close(actual, torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, weight))
