@@ -1,6 +1,8 @@
 """The one-row linear (fusion/gemv.py) against the vendor's GEMM at Qwen3's decode shapes:
 every candidate launch of the lowering table and torch's linear, timed with L2 flushed (the
-weights come from memory, as in a decode step), each checked against a float32 product.
+weights come from memory, as in a decode step), each checked against a float32 product. The
+row "down+silu" is down_proj with SwiGLU applied as the GEMV loads (silu_mul_linear) against
+paiton.silu_mul followed by the vendor's GEMM.
 
     python bench/gemv_sweep.py --models qwen3-8b,qwen3-32b
 
@@ -18,14 +20,15 @@ import torch
 from bench_common import copy_rate_tbps, grouped_bar_plot, run_environment, write_results
 
 
-def shapes(preset: str) -> dict[str, tuple[int, int]]:
+def shapes(preset: str) -> dict[str, tuple[int, int, bool]]:
+    """weight name -> (N, K, gated)."""
     from paiton.models.qwen3 import QWEN3_PRESETS
 
     m = QWEN3_PRESETS[preset]
     qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
-    return {"qkv": (qkv, m.hidden_size), "o": (m.hidden_size, m.num_attention_heads * m.head_dim),
-            "gate_up": (2 * m.intermediate_size, m.hidden_size), "down": (m.hidden_size, m.intermediate_size),
-            "lm_head": (m.vocab_size, m.hidden_size)}
+    return {"qkv": (qkv, m.hidden_size, False), "o": (m.hidden_size, m.num_attention_heads * m.head_dim, False),
+            "gate_up": (2 * m.intermediate_size, m.hidden_size, False), "down": (m.hidden_size, m.intermediate_size, False),
+            "down+silu": (m.hidden_size, m.intermediate_size, True), "lm_head": (m.vocab_size, m.hidden_size, False)}
 
 
 def main(argv=None):
@@ -42,24 +45,27 @@ def main(argv=None):
     device = "cuda"
     env = run_environment(device)
     env["copy_TBps"] = copy = copy_rate_tbps(device)
-    candidates = launch_config("one_row_linear", detect_target(torch.device(device))).get("candidates", ())
+    target = detect_target(torch.device(device))
     rows = []
     for preset in args.models.split(","):
-        for name, (n, k) in shapes(preset).items():
+        for name, (n, k, gated) in shapes(preset).items():
+            candidates = launch_config("silu_mul_linear" if gated else "one_row_linear", target).get("candidates", ())
             weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
             x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-            reference = torch.nn.functional.linear(x.float(), weight.float())
+            up = torch.randn(1, k, device=device, dtype=torch.bfloat16) if gated else None
+            reference = gemv.gemv_reference(x.float(), weight.float(), None if up is None else up.float())
             floor_us = n * k * 2 / (copy * 1e12) * 1e6
             row = dict(model=preset, weight=name, n=n, k=k, floor_us=floor_us, candidates=[])
-            row["vendor_us"] = do_bench(lambda: gemv.gemv_reference(x, weight), warmup=10, rep=50, return_mode="median") * 1e3
+            row["vendor_us"] = do_bench(lambda: gemv.vendor_linear(x, weight, up), warmup=10, rep=50, return_mode="median") * 1e3
             for config in candidates:
-                y = gemv.launch_gemv(x, weight, config)
+                y = gemv.launch_gemv(x, weight, config, up)
                 error = ((y.float() - reference).norm() / reference.norm()).item()
-                us = do_bench(lambda config=config: gemv.launch_gemv(x, weight, config), warmup=10, rep=50, return_mode="median") * 1e3
+                us = do_bench(lambda config=config: gemv.launch_gemv(x, weight, config, up), warmup=10, rep=50,
+                              return_mode="median") * 1e3
                 row["candidates"].append(dict(config=config, us=us, relative_error=error))
             best = min(row["candidates"], key=lambda c: c["us"])
             row["best"] = best
-            row["chosen"] = gemv.choose(x, weight, candidates)
+            row["chosen"] = gemv.choose(x, weight, candidates, up=up)
             rows.append(row)
             print(f"{preset} {name} [{n} x {k}]: vendor {row['vendor_us']:.1f} us ({floor_us / row['vendor_us']:.0%}), "
                   f"best {best['us']:.1f} us ({floor_us / best['us']:.0%}) {best['config']}, err {best['relative_error']:.1e}, "

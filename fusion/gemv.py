@@ -157,7 +157,7 @@ def choices() -> dict[tuple, dict[str, int] | str]:
     return dict(_CHOICES)
 
 
-def _vendor(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+def vendor_linear(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     """What runs without Paiton's GEMV: torch's linear, after paiton.silu_mul's kernel when gated."""
     if up is None:
         return gemv_reference(x, weight)
@@ -187,7 +187,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return VENDOR
     time_ms = time_ms or _time_ms
-    timings: list[tuple[float, dict[str, int] | str]] = [(time_ms(lambda: _vendor(x, weight, up)), VENDOR)]
+    timings: list[tuple[float, dict[str, int] | str]] = [(time_ms(lambda: vendor_linear(x, weight, up)), VENDOR)]
     for config in candidates:
         try:
             timings.append((time_ms(lambda config=config: launch_gemv(x, weight, config, up)), config))
@@ -207,5 +207,5 @@ def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[d
     _check_inputs(x, weight, up)
     config = choose(x, weight, candidates, up=up)
     if config == VENDOR:
-        return _vendor(x, weight, up)
+        return vendor_linear(x, weight, up)
     return _launch(x, weight, config, up)
