@@ -47,7 +47,9 @@ def test_gated_gemv_is_silu_mul_then_the_gemv(n, k, leading, dtype, config, seed
     """The gated kernel rounds silu(gate) * up as paiton.silu_mul does (one shared helper) and
     then accumulates in the plain kernel's order: the same bits as the two ops in turn; and
     eager's SwiGLU followed by a float64 product within twice the plain tolerance (silu's exp
-    may round the activation one unit apart from torch's, then the output rounds)."""
+    may round the activation one unit apart from torch's, then the output rounds). Not for
+    bf16 under the interpreter, whose fp32 -> bf16 casts round toward zero (ENV_NOTES): the
+    activation's two casts bias every element the same way, which a sum can magnify."""
     from paiton.fusion.swiglu import silu_mul, silu_mul_reference
 
     generator = torch.Generator().manual_seed(seed)
@@ -57,6 +59,8 @@ def test_gated_gemv_is_silu_mul_then_the_gemv(n, k, leading, dtype, config, seed
     y = gemv.launch_gemv(gate, weight, config, up=up)
     assert y.shape == (*leading, n) and y.dtype == dtype
     torch.testing.assert_close(y, gemv.launch_gemv(silu_mul(gate, up), weight, config), rtol=0, atol=0)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        return
     expected = torch.nn.functional.linear(silu_mul_reference(gate, up).double(), weight.double())
     assert relative_error(y, expected) <= 2 * TOLERANCE[dtype], (n, k, dtype, config)
 
