@@ -275,20 +275,17 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
                     aot.decode_attention_combine_build(config, dtype, n_splits)))
     qkv = m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
     rows.append(row("packed_linear", "torch linear", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", {}, None))
-    # The GEMV's candidates, a row each (which one runs is timed per weight shape at first use).
-    candidates = launch_config("one_row_linear", target).get("candidates", ()) if tokens == 1 else ()
-    if not candidates:
-        rows.append(row("one_row_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
-    for config in candidates:
-        rows.append(row("one_row_linear", "_gemv_kernel", f"[1, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", config,
-                        aot.gemv_build(config, dtype)))
-    gated = launch_config("silu_mul_linear", target).get("candidates", ()) if tokens == 1 else ()
-    if not gated:
-        rows.append(row("silu_mul_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
-    for config in gated:
-        rows.append(row("silu_mul_linear", "_gemv_kernel (gated)",
-                        f"silu([1, {m.intermediate_size}]) x [{m.hidden_size}, {m.intermediate_size}]", config,
-                        aot.gemv_build(config, dtype, gated=True)))
+    # The GEMV's candidates, a row each (which one runs is timed per weight shape at first use):
+    # plain for q/k/v, gated (SwiGLU as it loads) for down_proj.
+    gemv_ops = (("one_row_linear", "_gemv_kernel", f"[1, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", False),
+                ("silu_mul_linear", "_gemv_kernel (gated)",
+                 f"silu([1, {m.intermediate_size}]) x [{m.hidden_size}, {m.intermediate_size}]", True))
+    for op, kernel, shape, gated in gemv_ops:
+        candidates = launch_config(op, target).get("candidates", ()) if tokens == 1 else ()
+        if not candidates:
+            rows.append(row(op, "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
+        for config in candidates:
+            rows.append(row(op, kernel, shape, config, aot.gemv_build(config, dtype, gated)))
     return rows
 
 

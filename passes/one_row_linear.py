@@ -63,7 +63,11 @@ class OneRowLinearPass:
 
 def _is_one_row(x: torch.fx.Node, in_features: int) -> bool:
     value = x.meta.get("example_value")
+    return is_one_row(value) and value.shape[-1] == in_features
+
+
+def is_one_row(value) -> bool:
+    """A tensor (or fake tensor) of one row: every leading dimension static and 1."""
     if not isinstance(value, torch.Tensor) or value.dim() < 1:
         return False
-    leading = value.shape[:-1]
-    return all(isinstance(size, int) and size == 1 for size in leading) and value.shape[-1] == in_features
+    return all(isinstance(size, int) and size == 1 for size in value.shape[:-1])

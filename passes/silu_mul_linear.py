@@ -22,30 +22,32 @@ from __future__ import annotations
 
 import torch
 
+from paiton.passes.decode_attention import bound_args, is_call, val
+from paiton.passes.one_row_linear import is_one_row
 from paiton.passes.paiton_pass import PaitonPass
 
 
 class SiluMulLinearPass(PaitonPass):
     name = "silu_mul_linear"
     fused_op = "silu_mul_linear"
-    depends_on = ("paiton.fusion.packed_linear",)
+    depends_on = ("paiton.fusion.packed_linear", "paiton.passes.decode_attention", "paiton.passes.one_row_linear")
 
     def apply(self, graph: torch.fx.Graph) -> int:
         import paiton.fusion.packed_linear  # noqa: F401  (registers the ops)
 
-        silu_mul, packed_linear = torch.ops.paiton.silu_mul.default, torch.ops.paiton.packed_linear.default
         rewritten = 0
         for node in list(graph.nodes):
-            if node.target is not packed_linear:
+            if not is_call(node, torch.ops.paiton.packed_linear.default):
                 continue
-            act, weights = _arguments(node, "x", "weights")
-            if not isinstance(act, torch.fx.Node) or act.target is not silu_mul or len(act.users) != 1:
+            # By schema name: the pattern matcher's replacements pass arguments as keywords.
+            product = bound_args(node)
+            act = product["x"]
+            if not is_call(act, torch.ops.paiton.silu_mul.default) or len(act.users) != 1 or not is_one_row(val(act)):
                 continue
-            if not _is_one_row(act):
-                continue
+            swiglu = bound_args(act)
             with graph.inserting_before(node):
                 fused = graph.call_function(torch.ops.paiton.silu_mul_packed_linear.default,
-                                            (*_arguments(act, "gate", "up"), weights))
+                                            (swiglu["gate"], swiglu["up"], product["weights"]))
             # The product's metadata (its value, source), less the inputs eager saw for packed_linear's
             # schema: Inductor would lay this op's arguments out by those.
             fused.meta.update({key: value for key, value in node.meta.items() if key != "eager_input_vals"})
@@ -55,17 +57,3 @@ class SiluMulLinearPass(PaitonPass):
             rewritten += 1
         return rewritten
 
-
-def _arguments(node: torch.fx.Node, *names: str) -> tuple:
-    """The op's arguments by schema name, whether the graph passes them by position or by
-    keyword (the pattern matcher's replacements do the latter)."""
-    schema_names = [a.name for a in node.target._schema.arguments]
-    by_name = dict(zip(schema_names, node.args)) | dict(node.kwargs)
-    return tuple(by_name[name] for name in names)
-
-
-def _is_one_row(node: torch.fx.Node) -> bool:
-    value = node.meta.get("val")
-    if not isinstance(value, torch.Tensor) or value.dim() < 1:
-        return False
-    return all(isinstance(size, int) and size == 1 for size in value.shape[:-1])

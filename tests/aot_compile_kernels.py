@@ -62,13 +62,11 @@ def builds(target):
             yield (f"decode_attention_combine/{dtype}/group={group}/splits={n_splits}", "decode_attention",
                    decode_attention_combine_build(config, dtype, n_splits))
         # Every candidate launch of the one-row linear (which runs is timed per shape on the GPU).
-        for config in launch_config("one_row_linear", target).get("candidates", ()):
-            name = "/".join(f"{k}={v}" for k, v in config.items())
-            yield f"gemv/{dtype}/{name}", "one_row_linear", gemv_build(config, dtype)
-        # The same launches with SwiGLU applied on the way in (down_proj at batch 1).
-        for config in launch_config("silu_mul_linear", target).get("candidates", ()):
-            name = "/".join(f"{k}={v}" for k, v in config.items())
-            yield f"gemv/{dtype}/gated/{name}", "silu_mul_linear", gemv_build(config, dtype, gated=True)
+        # Plain, and with SwiGLU applied on the way in (down_proj at batch 1).
+        for op, variant, gated in (("one_row_linear", "", False), ("silu_mul_linear", "gated/", True)):
+            for config in launch_config(op, target).get("candidates", ()):
+                name = "/".join(f"{k}={v}" for k, v in config.items())
+                yield f"gemv/{dtype}/{variant}{name}", op, gemv_build(config, dtype, gated)
 
 
 def main():
