@@ -39,7 +39,8 @@ class PaitonPass(CustomGraphPass, ABC):
     name: ClassVar[str]
     # The torch.ops.paiton op the pass puts in the graph: where the target's lowering table
     # leaves that op to Inductor, the pass manager does not run the pass (backends/lowering.py).
-    fused_op: ClassVar[str]
+    # None: the pass makes no op of its own (it rewrites the inputs of ops other passes made).
+    fused_op: ClassVar[str | None]
     # Modules besides the pass's own whose source decides what the pass does (the kernels'
     # op definitions, shared matcher helpers).
     depends_on: ClassVar[tuple[str, ...]] = ()

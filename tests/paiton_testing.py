@@ -108,7 +108,8 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
     """What one compiled Qwen3 graph of `batch` sequences of `queries` tokens must fuse, per
     test_qwen3_e2e.py's docstring: the decode-attention kernel takes attention over a static
     cache in graphs of up to MAX_DECODE_QUERIES tokens (decode steps, short prompts), and the
-    cache write joins the QK-norm + RoPE kernel whenever there is a static cache. A graph of
+    cache write joins the QK-norm + RoPE kernel whenever there is a static cache (reading
+    the layer's StaticCache counter as its start slot; one foreach advances all counters). A graph of
     one row (batch 1 decode) sends o_proj, down_proj and the lm_head through the one-row
     linear, and its SwiGLU into down_proj's GEMV; the lm_head alone when it reads the last
     position only (`last_logits_only`, logits_to_keep=1) of one sequence."""
@@ -122,6 +123,8 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
         rms_norm=2 * num_layers + 1,
         qk_norm_rope=num_layers,
         kv_cache_write=num_layers if static_cache else 0,
+        # StaticCache's per-layer counters: each write reads its own, one foreach advances them
+        cache_counters=(num_layers + (num_layers if num_layers >= 2 else 0)) if static_cache else 0,
         decode_attention=num_layers if static_cache and queries <= MAX_DECODE_QUERIES else 0,
         swiglu=num_layers,
         silu_mul_linear=num_layers if one_row else 0,  # SwiGLU into down_proj's GEMV
@@ -133,3 +136,62 @@ def transformers_rms_norm(x, weight, eps=1e-6):
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def repeat_kv(x, group):
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
+
+
+class CachedAttention(torch.nn.Module):
+    """q/k norms, RoPE, a static-cache write, repeat_kv, a causal mask from the positions, SDPA:
+    the attention of a decode step over a static cache, with the cache written the ways loops
+    write it (`write`: transformers' `index_copy_`, a hand-written `cache[:, :, pos] = k`) or
+    in ways the KV-cache write pass must leave alone."""
+
+    def __init__(self, batch, q_heads, kv_heads, head_dim, cache_len, dtype, write="index_copy"):
+        super().__init__()
+        self.q_norm = torch.nn.Parameter(1 + 0.1 * torch.randn(head_dim).to(dtype))
+        self.k_norm = torch.nn.Parameter(1 + 0.1 * torch.randn(head_dim).to(dtype))
+        self.register_buffer("k_cache", torch.randn(batch, kv_heads, cache_len, head_dim).to(dtype))
+        self.register_buffer("v_cache", torch.randn(batch, kv_heads, cache_len, head_dim).to(dtype))
+        self.group, self.write = q_heads // kv_heads, write
+
+    def forward(self, q, k, v, cos, sin, positions):
+        from paiton.fusion.qk_norm_rope import rotate_half
+
+        q = transformers_rms_norm(q, self.q_norm).transpose(1, 2)
+        k = transformers_rms_norm(k, self.k_norm).transpose(1, 2)
+        v = v.transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        w = self.write
+        if w == "index_copy":
+            self.k_cache.index_copy_(2, positions, k)
+            self.v_cache.index_copy_(2, positions, v)
+        elif w == "index_put":
+            self.k_cache[:, :, positions] = k
+            self.v_cache[:, :, positions] = v
+        elif w == "v_elsewhere":  # v written at other slots than k: not one cache write
+            self.k_cache.index_copy_(2, positions, k)
+            self.v_cache.index_copy_(2, positions + 1, v)
+        elif w == "accumulate":
+            torch.ops.aten.index_put_(self.k_cache, [None, None, positions], k, True)
+            self.v_cache.index_copy_(2, positions, v)
+        elif w == "read_before_write":  # the old cache is read: writing it in place early is wrong
+            self.k_cache.index_copy_(2, positions, k + self.k_cache[:, :, :1])
+            self.v_cache.index_copy_(2, positions, v)
+        cache_len = self.k_cache.shape[2]
+        mask = torch.arange(cache_len, device=q.device)[None, None, None, :] <= positions[None, None, :, None]
+        keys, values = repeat_kv(self.k_cache, self.group), repeat_kv(self.v_cache, self.group)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def attention_inputs(batch, seq, q_heads, kv_heads, head_dim, start, dtype, seed=0):
+    """CachedAttention's arguments for `seq` tokens at positions start, start + 1, ..."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, q_heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, seq, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, seq, kv_heads, head_dim, generator=g).to(dtype)
+    angles = torch.randn(1, seq, head_dim, generator=g) * 3
+    return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), torch.arange(start, start + seq)

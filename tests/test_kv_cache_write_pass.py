@@ -11,14 +11,12 @@ the attention output).
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paiton_testing import EAGER_INNER, capture_paiton_graphs, fusions
+from paiton_testing import EAGER_INNER, CachedAttention, attention_inputs, capture_paiton_graphs, fusions
 
 from paiton.fusion import qk_norm_rope as qk_module
 from paiton.fusion import rms_norm as rms_norm_module
-from paiton.fusion.qk_norm_rope import rotate_half
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -27,65 +25,6 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 def reference_kernels(monkeypatch):
     for module in (qk_module, rms_norm_module):
         monkeypatch.setattr(module, "is_interpreted", lambda kernel: False)
-
-
-def rms_norm(x, weight, eps=1e-6):
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def repeat_kv(x, group):
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, group, n, d).reshape(b, h * group, n, d)
-
-
-class CachedAttention(torch.nn.Module):
-    """q/k norms, RoPE, a static-cache write, repeat_kv, a causal mask from the positions, SDPA."""
-
-    def __init__(self, batch, q_heads, kv_heads, head_dim, cache_len, dtype, write="index_copy"):
-        super().__init__()
-        self.q_norm = torch.nn.Parameter(1 + 0.1 * torch.randn(head_dim).to(dtype))
-        self.k_norm = torch.nn.Parameter(1 + 0.1 * torch.randn(head_dim).to(dtype))
-        self.register_buffer("k_cache", torch.randn(batch, kv_heads, cache_len, head_dim).to(dtype))
-        self.register_buffer("v_cache", torch.randn(batch, kv_heads, cache_len, head_dim).to(dtype))
-        self.group, self.write = q_heads // kv_heads, write
-
-    def forward(self, q, k, v, cos, sin, positions):
-        q = rms_norm(q, self.q_norm).transpose(1, 2)
-        k = rms_norm(k, self.k_norm).transpose(1, 2)
-        v = v.transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        w = self.write
-        if w == "index_copy":
-            self.k_cache.index_copy_(2, positions, k)
-            self.v_cache.index_copy_(2, positions, v)
-        elif w == "index_put":
-            self.k_cache[:, :, positions] = k
-            self.v_cache[:, :, positions] = v
-        elif w == "v_elsewhere":  # v written at other slots than k: not one cache write
-            self.k_cache.index_copy_(2, positions, k)
-            self.v_cache.index_copy_(2, positions + 1, v)
-        elif w == "accumulate":
-            torch.ops.aten.index_put_(self.k_cache, [None, None, positions], k, True)
-            self.v_cache.index_copy_(2, positions, v)
-        elif w == "read_before_write":  # the old cache is read: writing it in place early is wrong
-            self.k_cache.index_copy_(2, positions, k + self.k_cache[:, :, :1])
-            self.v_cache.index_copy_(2, positions, v)
-        cache_len = self.k_cache.shape[2]
-        mask = torch.arange(cache_len, device=q.device)[None, None, None, :] <= positions[None, None, :, None]
-        keys, values = repeat_kv(self.k_cache, self.group), repeat_kv(self.v_cache, self.group)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-
-
-def inputs(batch, seq, q_heads, kv_heads, head_dim, start, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, seq, q_heads, head_dim, generator=g).to(dtype)
-    k = torch.randn(batch, seq, kv_heads, head_dim, generator=g).to(dtype)
-    v = torch.randn(batch, seq, kv_heads, head_dim, generator=g).to(dtype)
-    angles = torch.randn(1, seq, head_dim, generator=g) * 3
-    return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), torch.arange(start, start + seq)
 
 
 def run_step(module, args, options=EAGER_INNER):
@@ -116,7 +55,7 @@ def test_cache_write_is_fused(batch, seq, kv_heads, group, head_dim, dtype, writ
     cache_len = seq + data.draw(st.integers(0, 20))
     start = data.draw(st.integers(0, cache_len - seq))
     module = CachedAttention(batch, kv_heads * group, kv_heads, head_dim, cache_len, dtype, write)
-    args = inputs(batch, seq, kv_heads * group, kv_heads, head_dim, start, dtype)
+    args = attention_inputs(batch, seq, kv_heads * group, kv_heads, head_dim, start, dtype)
     actual, expected, caches, expected_caches, graphs = run_step(module, args)
     decode = seq <= 8
     assert graphs[0][2] == fusions(rms_norm=2, qk_norm_rope=1, kv_cache_write=1, decode_attention=int(decode))
@@ -131,7 +70,7 @@ def test_cache_write_is_fused(batch, seq, kv_heads, group, head_dim, dtype, writ
 def test_other_writes_are_left_alone(write):
     torch._dynamo.reset()
     module = CachedAttention(1, 4, 2, 16, 10, torch.float32, write)
-    actual, expected, caches, expected_caches, graphs = run_step(module, inputs(1, 1, 4, 2, 16, 3, torch.float32))
+    actual, expected, caches, expected_caches, graphs = run_step(module, attention_inputs(1, 1, 4, 2, 16, 3, torch.float32))
     assert graphs[0][2]["kv_cache_write"] == 0 and graphs[0][2]["qk_norm_rope"] == 1
     torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
     for cache, expected_cache in zip(caches, expected_caches):
@@ -148,7 +87,7 @@ def test_through_inductor_the_cache_is_written_in_place():
     module = CachedAttention(2, 4, 2, 16, 12, torch.float32)
     # Compiled here, not taken from the FX graph cache: reinplacing must run to be checked.
     with torch._inductor.config.patch(fx_graph_cache=False):
-        actual, expected, caches, expected_caches, graphs = run_step(module, inputs(2, 1, 4, 2, 16, 5, torch.float32), options=None)
+        actual, expected, caches, expected_caches, graphs = run_step(module, attention_inputs(2, 1, 4, 2, 16, 5, torch.float32), options=None)
     assert graphs[0][2]["kv_cache_write"] == 1
     assert ReinplaceCounters.get_total_missed() == 0, dict(ReinplaceCounters._values)
     torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
@@ -159,6 +98,6 @@ def test_through_inductor_the_cache_is_written_in_place():
 def test_switched_off():
     torch._dynamo.reset()
     module = CachedAttention(1, 4, 2, 16, 10, torch.float32)
-    _, _, _, _, graphs = run_step(module, inputs(1, 1, 4, 2, 16, 3, torch.float32),
+    _, _, _, _, graphs = run_step(module, attention_inputs(1, 1, 4, 2, 16, 3, torch.float32),
                                   options={**EAGER_INNER, "paiton.kv_cache_write": False})
     assert graphs[0][2]["kv_cache_write"] == 0 and graphs[0][1]["aten.index_put.default"] == 2

@@ -103,7 +103,9 @@ def test_every_table_lowers_every_op():
 
 
 def test_every_pass_creates_a_known_op():
-    fused_ops = [cls.fused_op for cls in (*DYNAMO_GRAPH_PASSES, *PASS_ORDER)]
+    """Each op of the tables is made by one pass; a pass without an op (fused_op None) only
+    rewrites the inputs of others' ops."""
+    fused_ops = [cls.fused_op for cls in (*DYNAMO_GRAPH_PASSES, *PASS_ORDER) if cls.fused_op is not None]
     assert sorted(fused_ops) == sorted(FUSED_OPS)
 
 

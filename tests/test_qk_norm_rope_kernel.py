@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paiton.fusion import qk_norm_rope as qk_module
-from paiton.fusion.qk_norm_rope import qk_norm_rope_reference, rotate_half
+from paiton.fusion.qk_norm_rope import qk_norm_rope_reference, rotate_half, slot_indices
 from paiton.fusion.rms_norm import rms_norm_reference
 from paiton.fusion.triton_utils import is_interpreted
 
@@ -103,11 +103,14 @@ def test_opcheck(dtype):
     dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
     cache_len=st.integers(4, 40),
     slot_dtype=st.sampled_from([torch.int64, torch.int32]),
+    slot_form=st.sampled_from(["indices", "strided indices", "start"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtype, cache_len, slot_dtype, seed):
+def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtype, cache_len, slot_dtype, slot_form, seed):
     """qk_norm_rope_cache: q as qk_norm_rope gives it; k rotated and v copied into the caches
-    at `slots`, exactly where `index_copy_` puts them; every other cache slot untouched."""
+    at `slots`, exactly where `index_copy_` puts them; every other cache slot untouched. Slots
+    given per token (contiguous or a strided view) or as a 0-dim start (StaticCache's counter:
+    the tokens go to start, start + 1, ...)."""
     k_heads = max(1, q_heads // gqa)
     q, k, v = merged_qkv(batch, seq, q_heads, k_heads, head_dim, dtype, seed)
     v = v.transpose(1, 2)
@@ -115,7 +118,17 @@ def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtyp
     angles = random((1, seq, head_dim), torch.float32, seed + 4, scale=3.0)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     generator = torch.Generator().manual_seed(seed)
-    slots = torch.randperm(cache_len, generator=generator)[:seq].to(device=DEVICE, dtype=slot_dtype)
+    if slot_form == "start":
+        start = int(torch.randint(0, cache_len - seq + 1, (), generator=generator))
+        slots = torch.tensor(start, device=DEVICE, dtype=slot_dtype)
+        indices = torch.arange(start, start + seq, device=DEVICE)
+    else:
+        indices = torch.randperm(cache_len, generator=generator)[:seq].to(DEVICE)
+        if slot_form == "indices":
+            slots = indices.to(slot_dtype)
+        else:  # every other element of a buffer twice as long
+            slots = torch.stack([indices, torch.full_like(indices, -1)], dim=1).to(slot_dtype)[:, 0]
+    assert torch.equal(slot_indices(slots, seq).long(), indices)
     k_cache = random((batch, k_heads, cache_len, head_dim), dtype, seed + 5)
     v_cache = random((batch, k_heads, cache_len, head_dim), dtype, seed + 6)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
@@ -123,16 +136,16 @@ def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtyp
     q_out = torch.ops.paiton.qk_norm_rope_cache(q, k, v, q_weight, k_weight, cos, sin, 1e-6, k_cache, v_cache, slots)
 
     q_expected, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, 1e-6)
-    expected_k.index_copy_(2, slots.long(), k_rotated)
-    expected_v.index_copy_(2, slots.long(), v)
+    expected_k.index_copy_(2, indices, k_rotated)
+    expected_v.index_copy_(2, indices, v)
     cos1, sin1 = cos.unsqueeze(1), sin.unsqueeze(1)
     assert_rotary_close(q_out, q_expected, rms_norm_reference(q, q_weight, 1e-6).transpose(1, 2), cos1, sin1, dtype)
     written = torch.zeros(cache_len, dtype=torch.bool, device=DEVICE)
-    written[slots.long()] = True
+    written[indices] = True
     assert torch.equal(k_cache[:, :, ~written], expected_k[:, :, ~written])
     assert torch.equal(v_cache, expected_v)  # a copy: exact
     normed_k = rms_norm_reference(k, k_weight, 1e-6).transpose(1, 2)
-    assert_rotary_close(k_cache[:, :, slots.long()], k_rotated.contiguous(), normed_k, cos1, sin1, dtype)
+    assert_rotary_close(k_cache[:, :, indices], k_rotated.contiguous(), normed_k, cos1, sin1, dtype)
 
 
 def test_cache_write_bad_inputs_are_clear_errors():
@@ -141,6 +154,8 @@ def test_cache_write_bad_inputs_are_clear_errors():
     cache, slots = random((1, 2, 6, 8), torch.float32, 5), torch.tensor([0, 1], device=DEVICE)
     with pytest.raises(ValueError, match="slots must be int"):
         torch.ops.paiton.qk_norm_rope_cache(q, k, v, w, w, cs, cs, 1e-6, cache, cache.clone(), slots.float())
+    with pytest.raises(ValueError, match="slots must be int"):  # one slot per token, or one start
+        torch.ops.paiton.qk_norm_rope_cache(q, k, v, w, w, cs, cs, 1e-6, cache, cache.clone(), slots[:1])
     with pytest.raises(ValueError, match="k_cache must be"):
         torch.ops.paiton.qk_norm_rope_cache(q, k, v, w, w, cs, cs, 1e-6, cache[:, :1], cache.clone(), slots)
     with pytest.raises(ValueError, match="v must be"):
@@ -153,21 +168,23 @@ def test_cache_write_opcheck():
     v = qkv[..., 96:].view(2, 3, 2, 16).transpose(1, 2)
     w, cs = random((16,), torch.float32, 1), random((2, 3, 16), torch.float32, 2)
     caches = random((2, 2, 8, 16), torch.float32, 3), random((2, 2, 8, 16), torch.float32, 4)
-    torch.library.opcheck(torch.ops.paiton.qk_norm_rope_cache.default,
-                          (q, k, v, w, w, cs, cs, 1e-6, *caches, torch.tensor([5, 2, 7], device=DEVICE)))
+    for slots in (torch.tensor([5, 2, 7], device=DEVICE), torch.tensor(4, device=DEVICE)):
+        torch.library.opcheck(torch.ops.paiton.qk_norm_rope_cache.default, (q, k, v, w, w, cs, cs, 1e-6, *caches, slots))
 
 
-def test_cache_write_skips_slots_outside_the_cache():
+@pytest.mark.parametrize("slots, kept", [([2, 8, 5], [0, 2]), (6, [0, 1])], ids=["indices", "start"])
+def test_cache_write_skips_slots_outside_the_cache(slots, kept):
     """Eager's index_copy_ raises on such a slot; the kernel cannot raise, and must not write
     outside the cache: the other tokens are written, the cache around it is untouched."""
     q, k, v = merged_qkv(1, 3, 4, 2, 16, torch.float32, 0)
     w, cs = random((16,), torch.float32, 1), random((1, 3, 16), torch.float32, 2)
     k_cache, v_cache = random((1, 2, 8, 16), torch.float32, 3), random((1, 2, 8, 16), torch.float32, 4)
     before_k, before_v = k_cache.clone(), v_cache.clone()
-    slots = torch.tensor([2, 8, 5], device=DEVICE)
+    slots = torch.tensor(slots, device=DEVICE)
     torch.ops.paiton.qk_norm_rope_cache(q, k, v.transpose(1, 2), w, w, cs, cs, 1e-6, k_cache, v_cache, slots)
+    in_cache = [int(i) for i in slot_indices(slots, 3) if i < 8]
     written = torch.zeros(8, dtype=torch.bool)
-    written[[2, 5]] = True
+    written[in_cache] = True
     assert torch.equal(k_cache[:, :, ~written], before_k[:, :, ~written])
     assert torch.equal(v_cache[:, :, ~written], before_v[:, :, ~written])
-    assert torch.equal(v_cache[:, :, [2, 5]], v.transpose(1, 2)[:, :, [0, 2]])
+    assert torch.equal(v_cache[:, :, in_cache], v.transpose(1, 2)[:, :, kept])
