@@ -114,6 +114,27 @@ def make_loop(model, config: str, max_batch: int, max_length: int, device: str, 
                       mode=kwargs.get("mode"), options=kwargs.get("options"))
 
 
+def one_row_choices() -> list[dict]:
+    """Which kernel Paiton's `choose` picked per one-row product shape in this process (its GEMV
+    launch or the vendor's GEMM) and the times it saw: the choice is timed at first use, so a
+    result records what actually ran."""
+    from paiton.fusion import gemv
+
+    return gemv.chosen_launches()
+
+
+def one_row_choices_markdown(records: list[dict]) -> str:
+    """One line per shape, for a results table's notes ("" when nothing was chosen)."""
+    if not records:
+        return ""
+    lines = ["", "One-row products, as `choose` timed them at first use (best of its rounds):", ""]
+    for r in records:
+        choice = r["choice"] if isinstance(r["choice"], str) else "GEMV " + ", ".join(f"{k}={v}" for k, v in r["choice"].items())
+        times = f": {r['chosen_us']:.1f} us, vendor {r['vendor_us']:.1f} us" if "chosen_us" in r else ""
+        lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{' gated' if r['gated'] else ''}: {choice}{times}")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out_dir: str, stem_name: str, result: dict, table: str, echo: bool = True) -> str:
     """Write <out_dir>/<stem_name>.json and .md; print the table (`echo`); return the path stem."""
     os.makedirs(out_dir, exist_ok=True)

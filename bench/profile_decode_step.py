@@ -31,7 +31,8 @@ import statistics
 import time
 
 import torch
-from bench_common import CONFIGS, compile_settings, copy_rate_tbps, parse_configs, run_environment, weight_bytes, write_results
+from bench_common import (CONFIGS, compile_settings, copy_rate_tbps, one_row_choices, one_row_choices_markdown, parse_configs,
+                          run_environment, weight_bytes, write_results)
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -243,9 +244,10 @@ def main(argv=None):
                   f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
             # After every row: a run cut short keeps what it measured.
             stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
-                                 dict(env=env, rows=rows), markdown(env, rows, args.top), echo=False)
+                                 dict(env=env, rows=rows, one_row_choices=one_row_choices()),
+                                 markdown(env, rows, args.top) + one_row_choices_markdown(one_row_choices()), echo=False)
             plot(env, rows, stem + ".png")
-    print(markdown(env, rows, args.top))
+    print(markdown(env, rows, args.top) + one_row_choices_markdown(one_row_choices()))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ import time
 
 import torch
 from tqdm import tqdm
-from bench_common import CONFIGS, copy_rate_tbps, first_divergence, make_loop, parse_configs, run_environment, write_results
+from bench_common import (CONFIGS, copy_rate_tbps, first_divergence, make_loop, one_row_choices, one_row_choices_markdown,
+                          parse_configs, run_environment, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -181,12 +182,13 @@ def main(argv=None):
                     row.update(logit_differences(mine, eager))
         # Rewritten after every batch size: a run cut short keeps what it measured.
         stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
-                             dict(env=env, rows=rows), markdown(env, rows, configs), echo=False)
+                             dict(env=env, rows=rows, one_row_choices=one_row_choices()),
+                             markdown(env, rows, configs) + one_row_choices_markdown(one_row_choices()), echo=False)
         plot(rows, configs, env, stem + ".png")
         if args.save_compile_cache:
             save_compile_cache(args.save_compile_cache, saved_artifacts)
     progress.close()
-    print(markdown(env, rows, configs))
+    print(markdown(env, rows, configs) + one_row_choices_markdown(one_row_choices()))
 
 
 def logit_differences(mine, eager):

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
@@ -39,3 +41,21 @@ def test_decode_loop_compare_smoke(tmp_path):
     for row in rows:
         assert row["sequences_equal_to_eager"] == row["batch"], row  # fp32: the same greedy tokens
         assert row["tpot_ms"] > 0 and row["ttft_ms"] > 0
+
+
+def test_one_row_choices_are_listed_per_shape(monkeypatch):
+    """Result files name the kernel each one-row shape ran with (the choice is timed at first
+    use, so it can differ between runs) and the times it was chosen on."""
+    from bench_common import one_row_choices, one_row_choices_markdown
+
+    from paiton.fusion import gemv
+
+    config = gemv.gemv_config(16, 512, 8, 3)
+    monkeypatch.setattr(gemv, "_CHOICES", {("cuda:0", 4096, 12288, 12288, torch.bfloat16, True): config,
+                                           ("cuda:0", 151936, 4096, 4096, torch.bfloat16, False): gemv.VENDOR})
+    monkeypatch.setattr(gemv, "_TIMINGS", {("cuda:0", 4096, 12288, 12288, torch.bfloat16, True): dict(vendor_us=40.0, chosen_us=31.5)})
+    lines = one_row_choices_markdown(one_row_choices()).strip().splitlines()
+    assert lines[-2] == "- 4096 x 12288 bfloat16 gated: GEMV " + ", ".join(f"{k}={v}" for k, v in config.items()) + \
+        ": 31.5 us, vendor 40.0 us"
+    assert lines[-1] == "- 151936 x 4096 bfloat16: vendor"
+    assert one_row_choices_markdown([]) == ""
