@@ -103,12 +103,17 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
     for tensor in ("q", "k", "v", "q_out", "k_out", "v_out"):
         ints += [f"{tensor}_stride_b", f"{tensor}_stride_s", f"{tensor}_stride_h"]
     ints += ["cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]
+    launcher = {"WRITE_CACHE": write_cache}
+    if write_cache:  # StaticCache's start slot (stride 0, step 1): the JIT specializes the 1 as a constant.
+        launcher["slot_step"] = 1  # (A hand-written loop's slot tensor, stride 1, is another specialization.)
+    constexprs, options = _split(_qk_norm_rope_kernel, config, launcher)
     signature = {**{p: f"*{dtype}" for p in pointers}, "slot_ptr": "*i64", **{n: "i32" for n in ints}, "eps": "fp32",
-                 "WRITE_CACHE": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr"}
-    constexprs, options = _split(_qk_norm_rope_kernel, config, {"WRITE_CACHE": write_cache})
-    # As the JIT specializes Qwen3's aligned tensors (head_dim 128, strides multiples of 16).
+                 "WRITE_CACHE": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr",
+                 **{n: "constexpr" for n in constexprs}}
+    # As the JIT specializes Qwen3's aligned tensors (head_dim 128, strides multiples of 16), and
+    # the slot stride and step it sees as 0 (divisible by 16).
     aligned = [n for n, kind in signature.items()
-               if kind != "constexpr" and n not in ("eps", "seq_len", "n_q_heads", "n_k_heads", "cache_len", "slot_ptr", "slot_stride", "slot_step")]
+               if kind != "constexpr" and n not in ("eps", "seq_len", "n_q_heads", "n_k_heads", "cache_len", "slot_ptr")]
     return KernelBuild(_qk_norm_rope_kernel, signature, constexprs, options, aligned)
 
 

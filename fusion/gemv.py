@@ -224,7 +224,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
 def chosen_launches() -> list[dict]:
     """What `choose` picked so far and the times it saw, one record per shape (for result
     files: which kernel ran each one-row product)."""
-    return [dict(device=key[0], n=key[1], k=key[2], dtype=str(key[4]).removeprefix("torch."), gated=key[5],
+    return [dict(device=key[0], n=key[1], k=key[2], row_stride=key[3], dtype=str(key[4]).removeprefix("torch."), gated=key[5],
                  choice=choice, **_TIMINGS.get(key, {})) for key, choice in _CHOICES.items()]
 
 

@@ -292,7 +292,7 @@ def _qk_norm_rope_cache_cpu(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache,
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     _check_cache_inputs(k, v, k_cache, v_cache, slots)
     q_rotated, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
-    slots = slot_indices(slots, q.shape[1])
+    slots = slot_indices(slots, q.shape[1]).long()  # index_copy_ takes int64 indices only
     k_cache.index_copy_(2, slots, k_rotated)
     v_cache.index_copy_(2, slots, v)
     return _empty_outputs(q, k)[0].copy_(q_rotated)

@@ -23,7 +23,7 @@ index itself), and Inductor turns the foreach plus its copies back into one in-p
 
 Rewritten, with the count reporting each: (1) a cache write whose slots are `arange(S) + c`
 (iota from 0, step 1) with `c` a 0-dim int tensor; (2) counters that are 0-dim int graph inputs
-advanced in place by the same constant (`copy_(c, add(c, k))`, the add used only by the copy),
+advanced in place by the same int (`copy_(c, add(c, k))`, the add used only by the copy),
 when two or more of them are, placed after every other read of those counters. Left alone:
 slots from any other index tensor (a hand-written loop's positions), a counter advanced by a
 tensor or read after its advance, a lone counter (nothing to merge).
@@ -61,12 +61,15 @@ def _is_arange_from_zero(node) -> bool:
 
 
 def start_of_consecutive_slots(slots):
-    """The 0-dim counter `c` if `slots` is `arange(S) + c` (either order, alpha 1), else None."""
+    """The 0-dim counter `c` if `slots` is `arange(S) + c` (either order, alpha 1) with `c` on
+    the slots' device, else None. (A 0-dim CPU tensor adds to a GPU arange in eager, but the
+    kernel cannot read it.)"""
     if not is_call(slots, aten.add.Tensor) or len(slots.args) != 2 or slots.kwargs.get("alpha", 1) != 1:
         return None
     a, b = slots.args
     for arange, start in ((a, b), (b, a)):
-        if _is_arange_from_zero(arange) and _is_zero_dim_int(start):
+        if _is_arange_from_zero(arange) and _is_zero_dim_int(start) and val(slots) is not None \
+                and val(start).device == val(slots).device:
             return start
     return None
 

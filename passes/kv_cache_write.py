@@ -128,6 +128,8 @@ def _cache_write(node, value, slots=None):
         return None
     if index_val.dim() != 1 or index_val.dtype not in (torch.int32, torch.int64) or cache_val.dim() != 4:
         return None
+    if index_val.device != cache_val.device:  # eager indexes a GPU cache with CPU positions; the kernel cannot
+        return None
     if any(user is not node and not is_call(user, aten.copy_.default) for user in cache.users):
         return None
     return cache, index

@@ -192,6 +192,50 @@ def test_through_inductor_the_counters_advance_in_place(monkeypatch, dynamic):
                 and n.meta["val"].dim() == 0}
     inplace = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten._foreach_add_.Scalar]
     assert len(inplace) == 1 and set(inplace[0].args[0]) == counters
+    step = inplace[0].args[1]  # the token count: the graph's symbolic length, or the constant 1
+    assert isinstance(step, torch.fx.Node) and isinstance(step.meta["val"], torch.SymInt) if dynamic else step == 1
     assert not [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.copy_.default
                 and n.args[0] in counters]
     torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+def test_a_counter_on_another_device_stays_an_index_tensor():
+    """`arange(S, device=gpu) + cpu_counter` is valid eager (a 0-dim CPU tensor broadcasts), but
+    the cache-write kernel cannot read a CPU counter: such slots are left as they are."""
+    from paiton.passes.cache_counters import start_of_consecutive_slots
+
+    graph = torch.fx.Graph()
+    counter = graph.placeholder("counter")
+    arange = graph.call_function(torch.ops.prims.iota.default, (3,), dict(start=0, step=1, dtype=torch.int64,
+                                                                          device=torch.device("meta"), requires_grad=False))
+    slots = graph.call_function(torch.ops.aten.add.Tensor, (arange, counter))
+    arange.meta["val"], slots.meta["val"] = torch.arange(3, device="meta"), torch.arange(3, device="meta")
+    counter.meta["val"] = torch.tensor(4, device="meta")
+    assert start_of_consecutive_slots(slots) is counter
+    counter.meta["val"] = torch.tensor(4)  # on the CPU
+    assert start_of_consecutive_slots(slots) is None
+
+
+def test_a_counter_read_after_the_first_copy_back_keeps_its_own_advance():
+    """The merged advance goes before the first copy back into a counter; a counter that the
+    graph reads after that point (here: after the other counter's copy) would see its new value
+    too early, so only the others are merged (here: none, one counter is left)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from paiton.passes.cache_counters import CacheCountersPass
+
+    mode = FakeTensorMode()
+    graph = torch.fx.Graph()
+    counters = [graph.placeholder(f"counter{i}") for i in range(3)]
+    advanced = [graph.call_function(torch.ops.aten.add.Tensor, (c, 1)) for c in counters]
+    copies = [graph.call_function(torch.ops.aten.copy_.default, (counters[0], advanced[0]))]
+    late_read = graph.call_function(torch.ops.aten.mul.Tensor, (counters[1], 2))  # after counter0's copy back
+    copies += [graph.call_function(torch.ops.aten.copy_.default, (c, a)) for c, a in zip(counters[1:], advanced[1:])]
+    graph.output((late_read,))
+    with mode:
+        for node in counters + advanced + copies + [late_read]:
+            node.meta["val"] = torch.tensor(3)
+    assert CacheCountersPass()(graph) == 2  # counter0 and counter2 merged
+    foreach = [n for n in graph.nodes if n.target is torch.ops.aten._foreach_add.Scalar]
+    assert len(foreach) == 1 and foreach[0].args == ([counters[0], counters[2]], 1)
+    assert advanced[1] in graph.nodes and copies[1].args[1] is advanced[1]

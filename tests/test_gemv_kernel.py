@@ -126,6 +126,7 @@ def test_choose_keeps_each_candidates_best_round(monkeypatch):
     """A candidate slow in one round only (the clocks settling, another process's traffic) is
     judged by its best round; one that cannot launch here drops out, the others still compete."""
     monkeypatch.setattr(gemv, "_CHOICES", {})
+    monkeypatch.setattr(gemv, "_TIMINGS", {})
     x, weight = torch.randn(1, 16), torch.randn(8, 16)
     first_round = {"vendor": 2.0, 0: 5.0, 1: 3.0}
     later_rounds = {"vendor": 2.0, 0: 1.0, 1: 3.0}
@@ -144,6 +145,7 @@ def test_choose_keeps_each_candidates_best_round(monkeypatch):
 
 def test_one_row_linear_runs_the_chosen_launch(monkeypatch):
     monkeypatch.setattr(gemv, "_CHOICES", {})
+    monkeypatch.setattr(gemv, "_TIMINGS", {})
     x, weight = torch.randn(1, 1, 40, device=DEVICE), torch.randn(24, 40, device=DEVICE)
     launched = []
     monkeypatch.setattr(gemv, "_launch", lambda x, w, config, up=None: launched.append(config) or gemv.gemv_reference(x, w))

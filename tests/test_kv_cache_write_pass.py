@@ -101,3 +101,19 @@ def test_switched_off():
     _, _, _, _, graphs = run_step(module, attention_inputs(1, 1, 4, 2, 16, 3, torch.float32),
                                   options={**EAGER_INNER, "paiton.kv_cache_write": False})
     assert graphs[0][2]["kv_cache_write"] == 0 and graphs[0][1]["aten.index_put.default"] == 2
+
+
+def test_positions_on_another_device_than_the_cache_are_left_alone():
+    """`gpu_cache[:, :, cpu_positions] = k` is valid eager, but the kernel cannot read CPU
+    positions: that write is not fused (checked on the matcher, with the index's value on the
+    meta device)."""
+    from paiton.passes.kv_cache_write import _cache_write
+
+    graph = torch.fx.Graph()
+    cache, value, index = graph.placeholder("cache"), graph.placeholder("value"), graph.placeholder("index")
+    write = graph.call_function(torch.ops.aten.index_put.default, (cache, [None, None, index], value))
+    cache.meta["val"], value.meta["val"] = torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 1, 4)
+    index.meta["val"] = torch.zeros(1, dtype=torch.long)
+    assert _cache_write(write, value) == (cache, index)
+    index.meta["val"] = torch.zeros(1, dtype=torch.long, device="meta")
+    assert _cache_write(write, value) is None

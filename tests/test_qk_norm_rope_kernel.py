@@ -172,7 +172,8 @@ def test_cache_write_opcheck():
         torch.library.opcheck(torch.ops.paiton.qk_norm_rope_cache.default, (q, k, v, w, w, cs, cs, 1e-6, *caches, slots))
 
 
-@pytest.mark.parametrize("slots, kept", [([2, 8, 5], [0, 2]), (6, [0, 1])], ids=["indices", "start"])
+@pytest.mark.parametrize("slots, kept", [([2, 8, 5], [0, 2]), (6, [0, 1]), (-1, [1, 2])],
+                         ids=["indices", "start", "negative start"])
 def test_cache_write_skips_slots_outside_the_cache(slots, kept):
     """Eager's index_copy_ raises on such a slot; the kernel cannot raise, and must not write
     outside the cache: the other tokens are written, the cache around it is untouched."""
@@ -182,9 +183,24 @@ def test_cache_write_skips_slots_outside_the_cache(slots, kept):
     before_k, before_v = k_cache.clone(), v_cache.clone()
     slots = torch.tensor(slots, device=DEVICE)
     torch.ops.paiton.qk_norm_rope_cache(q, k, v.transpose(1, 2), w, w, cs, cs, 1e-6, k_cache, v_cache, slots)
-    in_cache = [int(i) for i in slot_indices(slots, 3) if i < 8]
+    in_cache = [int(i) for i in slot_indices(slots, 3) if 0 <= i < 8]
     written = torch.zeros(8, dtype=torch.bool)
     written[in_cache] = True
     assert torch.equal(k_cache[:, :, ~written], before_k[:, :, ~written])
     assert torch.equal(v_cache[:, :, ~written], before_v[:, :, ~written])
     assert torch.equal(v_cache[:, :, in_cache], v.transpose(1, 2)[:, :, kept])
+
+
+@pytest.mark.parametrize("slots", [torch.tensor(3, dtype=torch.int32), torch.tensor([5, 1], dtype=torch.int32)],
+                         ids=["int32 start", "int32 slots"])
+def test_cpu_reference_takes_int32_slots(monkeypatch, slots):
+    """The CPU path without the interpreter (eager's operations) writes where the kernel does,
+    for int32 slots too (index_copy_ itself takes int64 only)."""
+    monkeypatch.setattr(qk_module, "is_interpreted", lambda kernel: False)
+    q, k, v = merged_qkv(1, 2, 4, 2, 16, torch.float32, 0)
+    w, cs = random((16,), torch.float32, 1).cpu(), random((1, 2, 16), torch.float32, 2).cpu()
+    q, k, v = q.cpu(), k.cpu(), v.transpose(1, 2).cpu()
+    k_cache, v_cache = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16)
+    torch.ops.paiton.qk_norm_rope_cache(q, k, v, w, w, cs, cs, 1e-6, k_cache, v_cache, slots)
+    indices = slot_indices(slots, 2).long()
+    assert torch.equal(v_cache[:, :, indices], v) and v_cache.count_nonzero() == v.count_nonzero()
