@@ -20,13 +20,15 @@ step, 0.05 ms of kernels on an H200 (bench/results/NOTES.md). Rewritten::
 The slot index tensors disappear (the cache-write kernel reads the counter and adds the token's
 index itself), and Inductor turns the foreach plus its copies back into one in-place
 `_foreach_add_`, one kernel for every counter on a GPU (as it does for an optimizer's steps).
+Measured on an H200 (Qwen3-8B, batch 1): 378 -> 344 launches and -64 us per decode step.
 
 Rewritten, with the count reporting each: (1) a cache write whose slots are `arange(S) + c`
 (iota from 0, step 1) with `c` a 0-dim int tensor; (2) counters that are 0-dim int graph inputs
 advanced in place by the same int (`copy_(c, add(c, k))`, the add used only by the copy),
 when two or more of them are, placed after every other read of those counters. Left alone:
-slots from any other index tensor (a hand-written loop's positions), a counter advanced by a
-tensor or read after its advance, a lone counter (nothing to merge).
+slots from any other index tensor (a hand-written loop's positions), a counter on another device
+than its slots, a counter advanced by a tensor or read after its advance, a lone counter
+(nothing to merge).
 """
 
 from __future__ import annotations
