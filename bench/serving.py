@@ -24,7 +24,7 @@ Compile time: on an H100, each pair of Qwen3-8B graphs (prefill and decode; batc
 batch 2 and up) took 2.5-4 minutes to compile, so a run of four configurations spends about
 25 minutes compiling. Where one command
 may not run that long, `--save-compile-cache FILE` keeps the compiled artifacts (Inductor's
-and AOTAutograd's caches, as `torch.compiler.save_cache_artifacts`) and a later run's
+and AOTAutograd's caches, as `torch.compiler.save_cache_artifacts`, xz-compressed) and a later run's
 `--load-compile-cache FILE` starts from them: warm up in one command, measure in the next.
 The compile times reported are then those of a warm cache.
 
@@ -202,22 +202,33 @@ def logit_differences(mine, eager):
                 first_token_equal_rows=int(same_first.sum()))
 
 
+# The cache file is xz-compressed (Inductor's cubins and sources shrink several times): one for
+# Qwen3-8B's batch-1 graphs of three configurations was 41 MB raw, more than the device machine
+# hands back per file (16 MiB).
+XZ_MAGIC = b"\xfd7zXZ\x00"
+
+
 def save_compile_cache(path, saved_artifacts):
-    """Write every artifact this run compiled so far. `save_cache_artifacts` returns only those
-    recorded since its last call, so the file holds the list of its results."""
+    """Write every artifact this run compiled so far (xz-compressed). `save_cache_artifacts`
+    returns only those recorded since its last call, so the file holds the list of its results."""
+    import lzma
     import pickle
 
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is not None:
         saved_artifacts.append(artifacts[0])
-        with open(path, "wb") as f:
+        with lzma.open(path, "wb", preset=1) as f:
             pickle.dump(saved_artifacts, f)
 
 
 def load_compile_cache(path):
+    """Load a file save_compile_cache wrote (xz-compressed, or a plain pickle of earlier runs)."""
+    import lzma
     import pickle
 
     with open(path, "rb") as f:
+        compressed = f.read(len(XZ_MAGIC)) == XZ_MAGIC
+    with (lzma.open if compressed else open)(path, "rb") as f:
         artifacts = pickle.load(f)
     if not isinstance(artifacts, list) or not all(isinstance(a, bytes) for a in artifacts):
         raise ValueError(f"{path}: not a file --save-compile-cache wrote")

@@ -156,6 +156,8 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
     run's graphs come from Inductor's FX graph cache (counted), not a new compile."""
     import subprocess
 
+    import serving
+
     bench = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
     cache_file = tmp_path / "compiled.bin"
     common = [sys.executable, str(bench), "--model", "tiny", "--num-prompts", "2", "--batch-sizes", "1,2",
@@ -175,5 +177,5 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
         return int(hits), int(misses)
 
     assert run(["--save-compile-cache", str(cache_file)], "first") == (0, 4)  # 2 prefill + 2 decode graphs
-    assert cache_file.stat().st_size > 0
+    assert cache_file.read_bytes().startswith(serving.XZ_MAGIC)  # compressed, to fit what the device hands back
     assert run(["--load-compile-cache", str(cache_file)], "second") == (4, 0)
