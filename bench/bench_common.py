@@ -33,7 +33,8 @@ def parse_configs(parser, text: str) -> list[str]:
 
 
 def run_environment(device: str) -> dict:
-    """What a result file records about the run: date, commit (PAITON_COMMIT), card, driver and
+    """What a result file records about the run: date, commit (PAITON_COMMIT: the device machine's
+    copy of the checkout may carry a stale git history, so git is not asked), card, driver and
     the versions of python, torch, triton and transformers."""
     import datetime
     import platform

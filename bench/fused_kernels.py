@@ -28,16 +28,13 @@ Writes fused_kernels-<card>-<date>.json, .md and .png under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 
 import torch
-from bench_common import copy_rate_tbps
+from bench_common import copy_rate_tbps, run_environment
 
 SHAPES = {
     "qwen3-8b": dict(hidden=4096, intermediate=12288, q_heads=32, kv_heads=8, head_dim=128),
@@ -208,30 +205,6 @@ def run(reps=200, tokens_list=(1, 64), ops=None):
     return dict(copy_bandwidth_gbs=bandwidth, rows=rows)
 
 
-def environment():
-    import transformers
-    import triton
-
-    # The device machine gets a copy of the working tree without .git: the caller passes the commit.
-    commit = os.environ.get("PAITON_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except OSError:
-            pass
-    props = torch.cuda.get_device_properties(0)
-    return dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        commit=commit or "unknown",
-        card=props.name,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-    )
-
-
 def markdown(result):
     env = result["env"]
     lines = [
@@ -289,7 +262,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/fused_kernels.py needs a CUDA/ROCm GPU")
-    result = {"env": environment(), **run(reps=args.reps, ops=[op for op in args.ops.split(",") if op])}
+    result = {"env": run_environment("cuda"), **run(reps=args.reps, ops=[op for op in args.ops.split(",") if op])}
     os.makedirs(args.out, exist_ok=True)
     card = result["env"]["card"].replace(" ", "_")
     stem = os.path.join(args.out, f"fused_kernels-{card}-{result['env']['date'][:10]}")
