@@ -220,11 +220,12 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
         v = v if v.stride(-1) == 1 else v.contiguous()
         k_target, v_source, v_target, slot_source = k_cache, v, v_cache, slots
         k_target_strides, v_strides, v_target_strides = _bsh_strides(k_cache, 2), _bsh_strides(v, 2), _bsh_strides(v_cache, 2)
+        slot_strides = _slot_strides(slots)
     else:  # unused pointers and strides: WRITE_CACHE is off
         k_target, v_source, v_target, slot_source = k_out, k, k_out, q
-        slots = None
         k_target_strides = _bsh_strides(k_out, 2)
         v_strides = v_target_strides = (0, 0, 0)
+        slot_strides = (0, 0)
     if config is None:
         from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
 
@@ -235,7 +236,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
         _qk_norm_rope_kernel[grid](
             q, k, v_source, q_weight, k_weight, q_out, k_target, v_target, cos, sin, slot_source,
             seq, n_q_heads, k.shape[2], head_dim, k_target.shape[2] if cache is not None else seq,
-            *(_slot_strides(slots) if slots is not None else (0, 0)), float(eps),
+            *slot_strides, float(eps),
             *_bsh_strides(q, 1), *_bsh_strides(k, 1), *v_strides,
             *_bsh_strides(q_out, 2), *k_target_strides, *v_target_strides,
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),

@@ -51,14 +51,14 @@ def _is_zero_dim_int(node) -> bool:
 
 def _is_arange_from_zero(node) -> bool:
     """iota(n, start=0, step=1) (or arange(n)) of ints: 0, 1, ..., n - 1."""
+    if val(node) is None or val(node).dtype not in INT_DTYPES:
+        return False
     if is_call(node, prims.iota.default):
-        return node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1 and val(node) is not None \
-            and val(node).dtype in INT_DTYPES
+        return node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
     if is_call(node, aten.arange.default):
-        return val(node) is not None and val(node).dtype in INT_DTYPES
+        return True
     if is_call(node, aten.arange.start, aten.arange.start_step):
-        start, step = node.args[0], node.args[2] if len(node.args) > 2 else 1
-        return start == 0 and step == 1 and val(node) is not None and val(node).dtype in INT_DTYPES
+        return node.args[0] == 0 and (node.args[2] if len(node.args) > 2 else 1) == 1
     return False
 
 
