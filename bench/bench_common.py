@@ -115,17 +115,10 @@ def make_loop(model, config: str, max_batch: int, max_length: int, device: str, 
                       mode=kwargs.get("mode"), options=kwargs.get("options"))
 
 
-def one_row_choices() -> list[dict]:
-    """Which kernel Paiton's `choose` picked per one-row product shape in this process (its GEMV
-    launch or the vendor's GEMM) and the times it saw: the choice is timed at first use, so a
-    result records what actually ran."""
-    from paiton.fusion import gemv
-
-    return gemv.chosen_launches()
-
-
 def one_row_choices_markdown(records: list[dict]) -> str:
-    """One line per shape, for a results table's notes ("" when nothing was chosen)."""
+    """One line per shape of `paiton.fusion.gemv.chosen_launches()`: which kernel `choose` picked
+    for each one-row product (timed at first use, so a result records what actually ran), for a
+    results table's notes ("" when nothing was chosen)."""
     if not records:
         return ""
     lines = ["", "One-row products, as `choose` timed them at first use (best of its rounds):", ""]

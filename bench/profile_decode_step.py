@@ -31,8 +31,8 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, copy_rate_tbps, one_row_choices, one_row_choices_markdown, parse_configs,
-                          run_environment, weight_bytes, write_results)
+from bench_common import (CONFIGS, compile_settings, copy_rate_tbps, one_row_choices_markdown, parse_configs, run_environment,
+                          weight_bytes, write_results)
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -206,6 +206,7 @@ def plot(env, rows, path):
 
 
 def main(argv=None):
+    from paiton.fusion.gemv import chosen_launches
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,11 +244,12 @@ def main(argv=None):
                   f"host {row['host_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
                   f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
             # After every row: a run cut short keeps what it measured.
+            choices = chosen_launches()
+            table = markdown(env, rows, args.top) + one_row_choices_markdown(choices)
             stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
-                                 dict(env=env, rows=rows, one_row_choices=one_row_choices()),
-                                 markdown(env, rows, args.top) + one_row_choices_markdown(one_row_choices()), echo=False)
+                                 dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
             plot(env, rows, stem + ".png")
-    print(markdown(env, rows, args.top) + one_row_choices_markdown(one_row_choices()))
+    print(table)
 
 
 if __name__ == "__main__":

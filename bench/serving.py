@@ -43,8 +43,8 @@ import time
 
 import torch
 from tqdm import tqdm
-from bench_common import (CONFIGS, copy_rate_tbps, first_divergence, make_loop, one_row_choices, one_row_choices_markdown,
-                          parse_configs, run_environment, write_results)
+from bench_common import (CONFIGS, copy_rate_tbps, first_divergence, make_loop, one_row_choices_markdown, parse_configs,
+                          run_environment, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -85,6 +85,7 @@ def warm_up(loop, requests, batch):
 
 
 def main(argv=None):
+    from paiton.fusion.gemv import chosen_launches
     from paiton.models.decode_loop import prompt_bucket
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
@@ -181,14 +182,15 @@ def main(argv=None):
                 if mine is not None and eager is not None:
                     row.update(logit_differences(mine, eager))
         # Rewritten after every batch size: a run cut short keeps what it measured.
+        choices = chosen_launches()
+        table = markdown(env, rows, configs) + one_row_choices_markdown(choices)
         stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
-                             dict(env=env, rows=rows, one_row_choices=one_row_choices()),
-                             markdown(env, rows, configs) + one_row_choices_markdown(one_row_choices()), echo=False)
+                             dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
         plot(rows, configs, env, stem + ".png")
         if args.save_compile_cache:
             save_compile_cache(args.save_compile_cache, saved_artifacts)
     progress.close()
-    print(markdown(env, rows, configs) + one_row_choices_markdown(one_row_choices()))
+    print(table)
 
 
 def logit_differences(mine, eager):
