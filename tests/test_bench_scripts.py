@@ -59,3 +59,53 @@ def test_one_row_choices_are_listed_per_shape(monkeypatch):
         ": 31.5 us, vendor 40.0 us"
     assert lines[-1] == "- 151936 x 4096 bfloat16: vendor"
     assert one_row_choices_markdown([]) == ""
+
+
+def test_decode_loop_timeline_splits_idle_time_by_cause():
+    """profile_decode_loop's reading of a timeline (a hand-made one in kineto's format): token
+    periods between the host's waits, GPU busy time with overlaps once, and each idle gap
+    blamed on the host when the launch after it came late, on the device otherwise."""
+    import profile_decode_loop
+
+    def event(cat, name, ts, dur, tid=1, correlation=None):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid,
+                "args": {} if correlation is None else {"correlation": correlation}}
+
+    events = [
+        event("cuda_runtime", "cudaEventSynchronize", 0, 10),  # the prefill's token: the window starts at 10
+        event("cuda_runtime", "cudaEventSynchronize", 60, 50),
+        event("cuda_runtime", "cudaEventSynchronize", 150, 60),  # the window ends at 210: two tokens
+        event("cpu_op", "decode step", 0, 300),
+        event("cpu_op", "aten::argmax", 94, 10),
+        event("cuda_runtime", "cudaGraphLaunch", 5, 3, correlation=1),
+        event("kernel", "_gemv_kernel", 10, 40, tid=7, correlation=1),
+        event("kernel", "_rms_norm_kernel", 45, 45, tid=7, correlation=1),  # overlaps the first by 5 us
+        event("cuda_runtime", "cudaLaunchKernel", 95, 2, correlation=2),  # after the GPU went idle at 90
+        event("kernel", "argmax_kernel", 100, 5, tid=7, correlation=2),
+        event("cuda_runtime", "cudaGraphLaunch", 20, 3, correlation=3),  # queued long before
+        event("kernel", "_gemv_kernel", 115, 85, tid=7, correlation=3),
+        {"ph": "s", "cat": "ac2g", "name": "flow", "ts": 5, "id": 1},  # not a complete event: ignored
+    ]
+    result = profile_decode_loop.analyze_trace(events, gap_us=5.0)
+    assert result["tokens"] == 2 and result["period_us"] == 100 and result["median_period_us"] == 100
+    assert result["host_wait_us"] == 55
+    assert result["gpu_busy_us"] == (80 + 5 + 85) / 2 and result["gpu_idle_us"] == 15
+    assert result["idle_in_gaps_us"] == {"host late": 5.0, "device": 5.0}
+    assert result["gaps"] == [
+        {"cause": "host late", "launched_by": "aten::argmax", "next": "argmax_kernel", "count_per_token": 0.5, "us_per_token": 5.0},
+        {"cause": "device", "launched_by": "decode step", "next": "_gemv_kernel", "count_per_token": 0.5, "us_per_token": 5.0}]
+    assert result["eager_work"] == [{"name": "argmax_kernel", "launches_per_token": 0.5, "us_per_token": 2.5}]
+    assert result["categories"]["paiton GEMV (one-row products)"] == 125 / 2
+    assert profile_decode_loop.analyze_trace(events[:1]) == {"tokens": 0}
+
+
+def test_profile_decode_loop_smoke(tmp_path):
+    import profile_decode_loop
+
+    profile_decode_loop.main(["--model", "tiny", "--device", "cpu", "--configs", "paiton", "--paiton-inner", "eager",
+                              "--prompt-len", "8", "--new-tokens", "3", "--profile-tokens", "3", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_decode_loop-tiny-CPU-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["config"] == "paiton" and row["tpot_ms"] > 0 and row["profiled_tpot_ms"] > 0
+    assert row["tokens"] == 0  # no GPU: no waits for a token on the timeline
+    assert (tmp_path / row["trace"]).stat().st_size > 0

@@ -1,0 +1,241 @@
+"""Where the bundled decode loop's time per token goes (issue 7): the loop's token period
+split into the GPU's busy and idle time, the idle time into what the GPU waited for.
+
+    python bench/profile_decode_loop.py --model qwen3-8b --configs paiton,inductor-cdt --batch 1
+    python bench/profile_decode_loop.py --model tiny --device cpu --configs paiton --paiton-inner eager \\
+        --prompt-len 8 --new-tokens 4 --profile-tokens 4                  # smoke run (no GPU timeline)
+
+Why: profile_decode_step.py times the compiled forward alone, enqueued back to back; the
+serving benchmark's TPOT comes from the bundled loop (models/decode_loop.py), which adds the
+attention mask, sampling, the token's copy to the host and Python bookkeeping, and keeps only
+one step queued ahead. When the two disagree, this says where the difference is.
+
+Per configuration (bench_common.CONFIGS): a DecodeLoop as the serving benchmark makes one,
+warmed up (a generation compiles, a second records the CUDA graphs), a measured generation
+(TPOT), then --profile-tokens tokens under torch.profiler (CPU and CUDA), whose timeline is
+written as a Chrome trace (trace-<config>.json.gz, for Perfetto) and read back:
+* the loop's period per token (between consecutive waits for a token on the host) and how much
+  of it the host spent waiting for the device (cudaEventSynchronize): a loop whose host waits
+  most of each period is bound by the device, one that hardly waits by the host;
+* the GPU's busy time per token (kernels and copies, overlaps counted once), by category
+  (profile_decode_step's), with the kernels launched outside CUDA graphs (the loop's eager
+  work) listed on their own;
+* its idle time per token, gap by gap (gaps over --gap-us): "host late" when the launch of the
+  work after the gap ended after the work before it did (the GPU waited for the host), grouped
+  by the CPU op that launched it; "device" otherwise (the launch was queued in time).
+On a CPU there is no GPU timeline: the smoke run reports the token period only.
+
+Writes profile_decode_loop-<model>-<card>-<date>.json, .md and the traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import os
+import statistics
+
+import torch
+from bench_common import CONFIGS, copy_rate_tbps, make_loop, one_row_choices_markdown, parse_configs, run_environment, weight_bytes, write_results
+from profile_decode_step import category
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+HOST_OP_CATEGORIES = ("cpu_op", "user_annotation")
+TOKEN_WAIT = "cudaEventSynchronize"  # the loop's wait for a token (models/decode_loop.py, to_host)
+GRAPH_LAUNCH = "cudaGraphLaunch"
+
+
+def _union_us(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of (start, end) intervals clipped to [lo, hi]."""
+    total, reach = 0.0, lo
+    for start, end in sorted(intervals):
+        start, end = max(start, reach), min(end, hi)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
+
+
+def _innermost_op(host_ops: list[dict], tid, at: float) -> str | None:
+    """Name of the shortest host op on thread `tid` running at time `at`."""
+    around = [e for e in host_ops if e["tid"] == tid and e["ts"] <= at <= e["ts"] + e["dur"]]
+    return min(around, key=lambda e: e["dur"])["name"] if around else None
+
+
+def analyze_trace(events: list[dict], gap_us: float = 5.0) -> dict:
+    """The decode tokens of one profiled generation, from its Chrome trace events (kineto's
+    format: complete events "X" with ts/dur in microseconds; GPU work and the runtime call that
+    launched it share args["correlation"]). The window runs from the end of the first wait for
+    a token (the prefill's) to the end of the last: one period per decode token."""
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    waits = sorted((e for e in complete if e.get("cat") in LAUNCH_CATEGORIES and e["name"] == TOKEN_WAIT), key=lambda e: e["ts"])
+    if len(waits) < 2:
+        return dict(tokens=0)
+    ends = [w["ts"] + w["dur"] for w in waits]
+    lo, hi, tokens = ends[0], ends[-1], len(ends) - 1
+    periods = [b - a for a, b in zip(ends, ends[1:])]
+    launches = {e["args"]["correlation"]: e for e in complete
+                if e.get("cat") in LAUNCH_CATEGORIES and "correlation" in e.get("args", {})}
+    gpu = sorted((e for e in complete if e.get("cat") in GPU_CATEGORIES and lo <= e["ts"] < hi), key=lambda e: e["ts"])
+    host_ops = [e for e in complete if e.get("cat") in HOST_OP_CATEGORIES]
+
+    def launch_of(event):
+        return launches.get(event.get("args", {}).get("correlation"))
+
+    busy = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu], lo, hi)
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    eager = collections.defaultdict(lambda: [0, 0.0])  # work not launched by a CUDA graph replay
+    for e in gpu:
+        per_kernel[e["name"]][0] += 1
+        per_kernel[e["name"]][1] += e["dur"]
+        launch = launch_of(e)
+        if launch is None or launch["name"] != GRAPH_LAUNCH:
+            eager[e["name"]][0] += 1
+            eager[e["name"]][1] += e["dur"]
+    categories = collections.defaultdict(float)
+    for name, (_, us) in per_kernel.items():
+        categories[category(name)] += us / tokens
+    # Gaps: walk the GPU work in start order, tracking how far the busy time reaches.
+    gaps = collections.defaultdict(lambda: [0, 0.0])  # (cause, launching op, next work) -> [count, us]
+    reach = lo
+    for e in gpu:
+        gap = e["ts"] - reach
+        if gap > gap_us:
+            launch = launch_of(e)
+            if launch is None:
+                cause, op = "unknown launch", None
+            else:
+                cause = "host late" if launch["ts"] + launch["dur"] >= reach else "device"
+                op = _innermost_op(host_ops, launch["tid"], launch["ts"]) or launch["name"]
+            gaps[(cause, op, e["name"][:80])][0] += 1
+            gaps[(cause, op, e["name"][:80])][1] += gap
+        reach = max(reach, e["ts"] + e["dur"])
+    idle_by_cause = collections.defaultdict(float)
+    for (cause, _, _), (_, us) in gaps.items():
+        idle_by_cause[cause] += us / tokens
+    per_token = lambda table: sorted(({"name": name, "launches_per_token": n / tokens, "us_per_token": us / tokens}
+                                      for name, (n, us) in table.items()), key=lambda k: -k["us_per_token"])
+    return dict(
+        tokens=tokens, period_us=(hi - lo) / tokens, median_period_us=statistics.median(periods),
+        host_wait_us=sum(w["dur"] for w in waits[1:]) / tokens,
+        gpu_busy_us=busy / tokens, gpu_idle_us=(hi - lo - busy) / tokens,
+        idle_in_gaps_us=dict(idle_by_cause), gap_threshold_us=gap_us,
+        launches_per_token=len(gpu) / tokens, categories=dict(sorted(categories.items(), key=lambda c: -c[1])),
+        eager_work=per_token(eager), kernels=per_token(per_kernel),
+        gaps=sorted(({"cause": cause, "launched_by": op, "next": name, "count_per_token": n / tokens, "us_per_token": us / tokens}
+                     for (cause, op, name), (n, us) in gaps.items()), key=lambda g: -g["us_per_token"]),
+    )
+
+
+def read_trace(path: str) -> list[dict]:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+@torch.no_grad()
+def profile_config(model, config, prompts, args):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    cuda = args.device.startswith("cuda")
+    max_length = args.prompt_len + args.new_tokens + 16
+    loop = make_loop(model, config, len(prompts), max_length, args.device, args.paiton_inner)
+    loop.generate(prompts, args.new_tokens)  # compiles
+    loop.generate(prompts, args.new_tokens)  # CUDA graph trees record on a shape's second call
+    measured = loop.generate(prompts, args.new_tokens)
+    row = dict(config=config, batch=len(prompts), tpot_ms=1e3 * statistics.mean(measured.tpot_s),
+               ttft_ms=1e3 * statistics.mean(measured.ttft_s))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        profiled = loop.generate(prompts, args.profile_tokens)
+    row["profiled_tpot_ms"] = 1e3 * statistics.mean(profiled.tpot_s)
+    trace = os.path.join(args.out, f"trace-{args.model}-{config}-batch{len(prompts)}.json.gz")
+    prof.export_chrome_trace(trace)  # gzipped by torch (the name's .gz)
+    row["trace"] = os.path.basename(trace)
+    row.update(analyze_trace(read_trace(trace), args.gap_us))
+    return row
+
+
+def markdown(env, rows, top):
+    lines = [f"# The bundled decode loop's token period, busy and idle: {env['model']} on {env['card']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
+             f"prompt {env['prompt_len']}, {env['new_tokens']} new tokens (measured), {env['profile_tokens']} profiled; "
+             f"per decode token, from the profiled generation's timeline.", ""]
+    if env.get("floor_us"):
+        lines += [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate = {env['floor_us']:.0f} us.", ""]
+    lines += ["| config | batch | TPOT ms (measured / profiled) | period us (mean / median) | host waits us | GPU busy us | "
+              "GPU idle us | idle in gaps: host late / device us | launches | eager work us |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("tokens"):
+            lines.append(f"| {r['config']} | {r['batch']} | {r['tpot_ms']:.2f} / {r['profiled_tpot_ms']:.2f} | - | - | - | - | - | - | - |")
+            continue
+        gaps = r["idle_in_gaps_us"]
+        lines.append(f"| {r['config']} | {r['batch']} | {r['tpot_ms']:.2f} / {r['profiled_tpot_ms']:.2f} | "
+                     f"{r['period_us']:.0f} / {r['median_period_us']:.0f} | {r['host_wait_us']:.0f} | {r['gpu_busy_us']:.0f} | "
+                     f"{r['gpu_idle_us']:.0f} | {gaps.get('host late', 0):.0f} / {gaps.get('device', 0):.0f} | "
+                     f"{r['launches_per_token']:.0f} | {sum(k['us_per_token'] for k in r['eager_work']):.0f} |")
+    for r in rows:
+        if not r.get("tokens"):
+            continue
+        lines += ["", f"## {r['config']}, batch {r['batch']}", "", "GPU time per token by category: "
+                  + ", ".join(f"{name} {us:.0f} us" for name, us in r["categories"].items()) + ".", "",
+                  f"Idle gaps over {r['gap_threshold_us']:g} us, per token:", "",
+                  "| cause | launched by | work after the gap | gaps | us |", "|---|---|---|---|---|"]
+        for g in r["gaps"][:top]:
+            lines.append(f"| {g['cause']} | `{g['launched_by']}` | `{g['next']}` | {g['count_per_token']:.1f} | {g['us_per_token']:.1f} |")
+        lines += ["", "Work launched outside CUDA graphs, per token:", "", "| kernel or copy | launches | us |", "|---|---|---|"]
+        for k in r["eager_work"][:top]:
+            lines.append(f"| `{k['name'][:90]}` | {k['launches_per_token']:.1f} | {k['us_per_token']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from paiton.fusion.gemv import chosen_launches
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-8b", help=f"preset: {', '.join(QWEN3_PRESETS)}")
+    parser.add_argument("--configs", default="paiton,inductor-cdt", help=f"from {', '.join(CONFIGS)}")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=166, help="the serving benchmark's batch-1 prompt is 166 tokens")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--profile-tokens", type=int, default=16)
+    parser.add_argument("--gap-us", type=float, default=5.0, help="idle gaps shorter than this are not listed")
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    configs = parse_configs(parser, args.configs)
+    if args.model not in QWEN3_PRESETS:
+        parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
+    if args.profile_tokens < 3 or args.new_tokens < 2:
+        parser.error("--profile-tokens must be at least 3 and --new-tokens at least 2")
+    os.makedirs(args.out, exist_ok=True)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = build_qwen3(args.model, device=args.device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=generator).tolist()
+    env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
+               new_tokens=args.new_tokens, profile_tokens=args.profile_tokens, weight_bytes=weight_bytes(model))
+    if rate := copy_rate_tbps(args.device):
+        env.update(copy_TBps=rate, floor_us=env["weight_bytes"] / (rate * 1e12) * 1e6)
+    rows = []
+    for config in configs:
+        row = profile_config(model, config, prompts, args)
+        rows.append(row)
+        print(f"{config}: TPOT {row['tpot_ms']:.2f} ms; " + (
+            f"period {row['period_us']:.0f} us, host waits {row['host_wait_us']:.0f}, GPU busy {row['gpu_busy_us']:.0f}, "
+            f"idle {row['gpu_idle_us']:.0f} ({row['idle_in_gaps_us']})" if row.get("tokens") else "no GPU timeline"), flush=True)
+        choices = chosen_launches()
+        table = markdown(env, rows, args.top) + one_row_choices_markdown(choices)
+        write_results(args.out, f"profile_decode_loop-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
+                      dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
