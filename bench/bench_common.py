@@ -117,15 +117,17 @@ def make_loop(model, config: str, max_batch: int, max_length: int, device: str, 
 
 def one_row_choices_markdown(records: list[dict]) -> str:
     """One line per shape of `paiton.fusion.gemv.chosen_launches()`: which kernel `choose` picked
-    for each one-row product (timed at first use, so a result records what actually ran), for a
-    results table's notes ("" when nothing was chosen)."""
+    for each one-row product, from the card's measured table or timed at first use (so a
+    result records what actually ran), for a results table's notes ("" when nothing was chosen)."""
     if not records:
         return ""
-    lines = ["", "One-row products, as `choose` timed them at first use (best of its rounds):", ""]
+    lines = ["", "One-row products, as `choose` decided them (the card's table in backends/measured_gemv.py, "
+             "or timed at first use: best of its rounds):", ""]
     for r in records:
         choice = r["choice"] if isinstance(r["choice"], str) else "GEMV " + ", ".join(f"{k}={v}" for k, v in r["choice"].items())
-        times = f": {r['chosen_us']:.1f} us, vendor {r['vendor_us']:.1f} us" if "chosen_us" in r else ""
-        lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{' gated' if r['gated'] else ''}: {choice}{times}")
+        how = f": {r['chosen_us']:.1f} us, vendor {r['vendor_us']:.1f} us" if "chosen_us" in r else (
+            " (table)" if r.get("source") == "table" else "")
+        lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{' gated' if r['gated'] else ''}: {choice}{how}")
     return "\n".join(lines) + "\n"
 
 

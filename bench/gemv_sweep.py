@@ -6,8 +6,11 @@ paiton.silu_mul followed by the vendor's GEMM.
 
     python bench/gemv_sweep.py --models qwen3-8b,qwen3-32b
 
-Prints, per weight: the vendor's time, the best candidate's, both as a share of the copy rate
-(weight bytes over bench_common.copy_rate_tbps), and what `choose` keeps. Writes
+Every launch is timed in --rounds rounds, in turn, each keeping its best round (as
+gemv.choose does, with more rounds and in a process that does nothing else). Prints, per
+weight: the vendor's time, the best candidate's, both as a share of the copy rate (weight
+bytes over bench_common.copy_rate_tbps), the pick, and the card's entry in backends/
+measured_gemv.py if it has one. The .md ends with the picks in that table's format. Writes
 gemv_sweep-<card>-<date>.json/.md/.png.
 """
 
@@ -35,11 +38,13 @@ def main(argv=None):
     from triton.testing import do_bench
 
     from paiton.backends.lowering import launch_config
+    from paiton.backends.measured_gemv import measured_launch
     from paiton.backends.target import detect_target
     from paiton.fusion import gemv
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen3-8b,qwen3-32b")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; every launch once per round, in turn")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     device = "cuda"
@@ -55,30 +60,42 @@ def main(argv=None):
             up = torch.randn(1, k, device=device, dtype=torch.bfloat16) if gated else None
             reference = gemv.gemv_reference(x.float(), weight.float(), None if up is None else up.float())
             floor_us = n * k * 2 / (copy * 1e12) * 1e6
-            row = dict(model=preset, weight=name, n=n, k=k, floor_us=floor_us, candidates=[])
-            row["vendor_us"] = do_bench(lambda: gemv.vendor_linear(x, weight, up), warmup=10, rep=50, return_mode="median") * 1e3
-            for config in candidates:
-                y = gemv.launch_gemv(x, weight, config, up)
-                error = ((y.float() - reference).norm() / reference.norm()).item()
-                us = do_bench(lambda config=config: gemv.launch_gemv(x, weight, config, up), warmup=10, rep=50,
-                              return_mode="median") * 1e3
-                row["candidates"].append(dict(config=config, us=us, relative_error=error))
+            row = dict(model=preset, weight=name, n=n, k=k, gated=gated, floor_us=floor_us, candidates=[])
+            runs = [(gemv.VENDOR, lambda: gemv.vendor_linear(x, weight, up))]
+            runs += [(config, lambda config=config: gemv.launch_gemv(x, weight, config, up)) for config in candidates]
+            errors = [((run().float() - reference).norm() / reference.norm()).item() for _, run in runs]
+            best_us = [float("inf")] * len(runs)
+            for _ in range(args.rounds):  # in turn, as gemv.choose times them; each keeps its best round
+                for i, (_, run) in enumerate(runs):
+                    best_us[i] = min(best_us[i], do_bench(run, warmup=10, rep=50, return_mode="median") * 1e3)
+            row["vendor_us"] = best_us[0]
+            row["candidates"] = [dict(config=config, us=us, relative_error=error)
+                                 for (config, _), us, error in zip(runs[1:], best_us[1:], errors[1:])]
             best = min(row["candidates"], key=lambda c: c["us"])
             row["best"] = best
-            row["chosen"] = gemv.choose(x, weight, candidates, up=up)
+            row["pick"] = best["config"] if best["us"] < row["vendor_us"] else gemv.VENDOR
+            row["table"] = measured_launch(x.device, n, k, k, x.dtype, gated, candidates)
             rows.append(row)
             print(f"{preset} {name} [{n} x {k}]: vendor {row['vendor_us']:.1f} us ({floor_us / row['vendor_us']:.0%}), "
                   f"best {best['us']:.1f} us ({floor_us / best['us']:.0%}) {best['config']}, err {best['relative_error']:.1e}, "
-                  f"chosen {row['chosen']}", flush=True)
+                  f"pick {row['pick']}, in the table {row['table']}", flush=True)
     lines = [f"# One-row linear vs the vendor's GEMM on {env['card']}", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, bf16, one row; "
-             f"medians of do_bench with L2 flushed; copy rate {copy:.2f} TB/s (read+write); % = floor / time.", "",
-             "| model | weight | N x K | floor us | vendor us | best GEMV us | best launch | chosen |", "|---|---|---|---|---|---|---|---|"]
+             f"medians of do_bench with L2 flushed, each launch's best of {args.rounds} rounds taken in turn; copy rate "
+             f"{copy:.2f} TB/s (read+write); % = floor / time.", "",
+             "| model | weight | N x K | floor us | vendor us | best GEMV us | best launch | pick | in the table |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        chosen = r["chosen"] if r["chosen"] == gemv.VENDOR else "gemv"
+        pick, table = (c if c in (gemv.VENDOR, None) else "gemv" for c in (r["pick"], r["table"]))
         lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['floor_us']:.1f} | {r['vendor_us']:.1f} "
                      f"({r['floor_us'] / r['vendor_us']:.0%}) | {r['best']['us']:.1f} ({r['floor_us'] / r['best']['us']:.0%}) | "
-                     f"{r['best']['config']} | {chosen} |")
+                     f"{r['best']['config']} | {pick} | {table if r['table'] == r['pick'] else f'{table} (differs)'} |")
+    # The picks in backends/measured_gemv.py's format, to paste under the card's name.
+    lines += ["", f"Entries for backends/measured_gemv.py, MEASURED[{env['card']!r}]:", "", "```python"]
+    for r in rows:
+        pick = r["pick"] if r["pick"] == gemv.VENDOR else tuple(r["pick"][key] for key in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+        lines.append(f"    ({r['n']}, {r['k']}, \"bfloat16\", {r['gated']}): {pick!r},  # {r['model']} {r['weight']}")
+    lines.append("```")
     stem = write_results(args.out, f"gemv_sweep-{env['card'].replace(' ', '_')}-{env['date'][:10]}", dict(env=env, rows=rows),
                          "\n".join(lines) + "\n")
     plot(env, rows, stem + ".png")

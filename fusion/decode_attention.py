@@ -80,7 +80,7 @@ def _decode_attention_split_kernel(
     v_stride_b, v_stride_h, v_stride_n,
     pos_stride_b, pos_stride_s, mask_stride_b, mask_stride_s, mask_stride_n,
     split_size, n_splits,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (b * Hkv + kv head, split): the G query heads x Sq queries that share the KV
@@ -115,11 +115,20 @@ def _decode_attention_split_kernel(
         # the loop ran over every tile with masked-off K/V loads, 77-80 us with this pass, 57 us
         # for the same step bounded by positions.) Steps of 8 tiles: a scan of 1-tile steps
         # took 105 us. With positions the loop is bounded already; the scan made it slower.
+        # The scan reads one mask row per query (BLOCK_Q rows), not one per (query head,
+        # query) row as the loop below does: the G heads of a query share its row, and a scan
+        # over all BLOCK_M rows (G x Sq, at least 16) did 16 times the work at Sq = 1, on the
+        # step's critical path (H200, Qwen3-8B, batch 1, ~200 keys in a cache of 246: 6.3 us a
+        # layer in the bundled loop, 3.6 us bounded by positions; bench/results/NOTES.md).
+        queries = tl.arange(0, BLOCK_Q)
+        query_rows = mask_ptr + b * mask_stride_b + queries * mask_stride_s
         first = kv_end
         last = kv_start - 1
         for n0 in range(kv_start, kv_end, 8 * BLOCK_N):
             cols_n = n0 + tl.arange(0, 8 * BLOCK_N)
-            attended = tl.max(_valid_keys(cols_n, kv_end, positions, row_valid, mask_rows, mask_stride_n, HAS_MASK).to(tl.int32), axis=0) != 0
+            keep = tl.load(query_rows[:, None] + cols_n[None, :] * mask_stride_n,
+                           mask=(queries < q_len)[:, None] & (cols_n < kv_end)[None, :], other=0)
+            attended = tl.max(keep.to(tl.int32), axis=0) != 0
             first = tl.minimum(first, tl.min(tl.where(attended, cols_n, kv_end), axis=0))
             last = tl.maximum(last, tl.max(tl.where(attended, cols_n, -1), axis=0))
         kv_start = first
@@ -201,8 +210,10 @@ DECODE_BLOCK_N = 64
 
 def decode_attention_block_sizes(group: int, q_len: int, head_dim: int) -> dict[str, int]:
     """The query-row and head-dim blocks: all G x Sq rows that share a KV head in one block of
-    at least 16 rows (the smallest matrix-instruction tile), head_dim padded to a power of two."""
-    return dict(BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    at least 16 rows (the smallest matrix-instruction tile), head_dim padded to a power of two;
+    and the Sq queries' block (their mask rows, for the mask scan)."""
+    return dict(BLOCK_M=max(16, triton.next_power_of_2(group * q_len)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_Q=triton.next_power_of_2(q_len))
 
 
 def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors: int, block_n: int = DECODE_BLOCK_N) -> int:

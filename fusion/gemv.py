@@ -14,10 +14,11 @@ in fp32; the tile is summed once, after the last K step. The output is rounded t
 once, as torch's linear rounds its fp32 accumulation.
 
 Which launch (BLOCK_N, BLOCK_K, warps, stages), or the vendor's GEMM, is decided per weight
-shape, dtype and device the first time that shape runs, by timing each candidate of the
-lowering table's list against torch's linear (`choose`), L2 flushed between runs, outside
-CUDA graph capture; the choice is kept for the process (`choices()` lists them). So a shape
-where the vendor's GEMM is faster keeps it, on any GPU.
+shape, dtype and device the first time that shape runs (`choose`): the card's measured entry
+(backends/measured_gemv.py, from bench/gemv_sweep.py) where there is one, else by timing each
+candidate of the lowering table's list against torch's linear, L2 flushed between runs,
+outside CUDA graph capture; the choice is kept for the process (`choices()` lists them). So a
+shape where the vendor's GEMM is faster keeps it, on any GPU.
 
 Used by paiton::packed_linear (fusion/packed_linear.py) for inputs of one row; the pass
 passes/one_row_linear.py routes a decode step's other linears (o_proj, down_proj, lm_head)
@@ -185,15 +186,23 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
            time_ms: Callable[[Callable[[], object]], float] | None = None,
            up: torch.Tensor | None = None) -> dict[str, int] | str:
     """The fastest of `candidates` and torch's linear (after paiton.silu_mul with `up`) for this
-    weight's shape, timed once per (device, shape, stride, dtype, gated): TIMING_ROUNDS rounds
-    of every candidate in turn, each candidate's best round kept. While a CUDA graph is being
-    captured nothing can be timed: the vendor's GEMM runs, and the choice is left for a later call."""
+    weight's shape, decided once per (device, shape, stride, dtype, gated): the card's entry in
+    backends/measured_gemv.py where it has one, else timed: TIMING_ROUNDS rounds of every
+    candidate in turn, each candidate's best round kept. While a CUDA graph is being captured
+    nothing can be timed: the vendor's GEMM runs, and the choice is left for a later call."""
     key = (str(x.device), weight.shape[0], weight.shape[1], weight.stride(0), x.dtype, up is not None)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
     if not candidates:
         return VENDOR
+    from paiton.backends.measured_gemv import measured_launch  # (backends imports this module)
+
+    measured = measured_launch(x.device, *key[1:], candidates)
+    if measured is not None:
+        _CHOICES[key] = measured
+        _TIMINGS[key] = {"source": "table"}
+        return measured
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return VENDOR
     time_ms = time_ms or _time_ms
@@ -217,13 +226,14 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     log.info("paiton gemv: [%d x %d] %s%s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
              x.dtype, " gated" if up is not None else "", x.device, choice, best_ms[best] * 1e3, best_ms[0] * 1e3)
     _CHOICES[key] = choice
-    _TIMINGS[key] = {"vendor_us": best_ms[0] * 1e3, "chosen_us": best_ms[best] * 1e3}
+    _TIMINGS[key] = {"source": "timed", "vendor_us": best_ms[0] * 1e3, "chosen_us": best_ms[best] * 1e3}
     return choice
 
 
 def chosen_launches() -> list[dict]:
-    """What `choose` picked so far and the times it saw, one record per shape (for result
-    files: which kernel ran each one-row product)."""
+    """What `choose` picked so far, one record per shape (for result files: which kernel ran
+    each one-row product): its source ("table": backends/measured_gemv.py, or "timed") and,
+    timed, the best times it saw."""
     return [dict(device=key[0], n=key[1], k=key[2], row_stride=key[3], dtype=str(key[4]).removeprefix("torch."), gated=key[5],
                  choice=choice, **_TIMINGS.get(key, {})) for key, choice in _CHOICES.items()]
 

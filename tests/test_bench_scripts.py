@@ -44,8 +44,8 @@ def test_decode_loop_compare_smoke(tmp_path):
 
 
 def test_one_row_choices_are_listed_per_shape(monkeypatch):
-    """Result files name the kernel each one-row shape ran with (the choice is timed at first
-    use, so it can differ between runs) and the times it was chosen on."""
+    """Result files name the kernel each one-row shape ran with (a choice timed at first use can
+    differ between runs) and what it was chosen on: the times, or the card's table."""
     from bench_common import one_row_choices_markdown
 
     from paiton.fusion import gemv
@@ -53,11 +53,12 @@ def test_one_row_choices_are_listed_per_shape(monkeypatch):
     config = gemv.gemv_config(16, 512, 8, 3)
     monkeypatch.setattr(gemv, "_CHOICES", {("cuda:0", 4096, 12288, 12288, torch.bfloat16, True): config,
                                            ("cuda:0", 151936, 4096, 4096, torch.bfloat16, False): gemv.VENDOR})
-    monkeypatch.setattr(gemv, "_TIMINGS", {("cuda:0", 4096, 12288, 12288, torch.bfloat16, True): dict(vendor_us=40.0, chosen_us=31.5)})
+    monkeypatch.setattr(gemv, "_TIMINGS", {("cuda:0", 4096, 12288, 12288, torch.bfloat16, True): dict(source="timed", vendor_us=40.0, chosen_us=31.5),
+                                           ("cuda:0", 151936, 4096, 4096, torch.bfloat16, False): dict(source="table")})
     lines = one_row_choices_markdown(gemv.chosen_launches()).strip().splitlines()
     assert lines[-2] == "- 4096 x 12288 bfloat16 gated: GEMV " + ", ".join(f"{k}={v}" for k, v in config.items()) + \
         ": 31.5 us, vendor 40.0 us"
-    assert lines[-1] == "- 151936 x 4096 bfloat16: vendor"
+    assert lines[-1] == "- 151936 x 4096 bfloat16: vendor (table)"
     assert one_row_choices_markdown([]) == ""
 
 

@@ -143,6 +143,44 @@ def test_choose_keeps_each_candidates_best_round(monkeypatch):
     assert seen == ["vendor", 0, 1] * gemv.TIMING_ROUNDS  # in turn, the failed one not retried
 
 
+def test_a_cards_measured_launch_is_taken_without_timing(monkeypatch):
+    """backends/measured_gemv.py: a card's entry for a contiguous weight is the choice, as long
+    as it is still a candidate; anything else falls back to timing (None)."""
+    from paiton.backends import measured_gemv
+
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(measured_gemv, "MEASURED", {"Some GPU": {(8, 16, "bfloat16", False): (16, 512, 8, 3),
+                                                                 (8, 16, "bfloat16", True): gemv.VENDOR,
+                                                                 (24, 16, "bfloat16", False): (64, 64, 1, 1)}})
+    monkeypatch.delenv("PAITON_GEMV_TIMING", raising=False)
+    launch = measured_gemv.measured_launch
+    assert launch(cuda, 8, 16, 16, torch.bfloat16, False, gemv.GEMV_CANDIDATES) == gemv.gemv_config(16, 512, 8, 3)
+    assert launch(cuda, 8, 16, 16, torch.bfloat16, True, gemv.GEMV_CANDIDATES) == gemv.VENDOR
+    assert launch(cuda, 8, 16, 32, torch.bfloat16, False, gemv.GEMV_CANDIDATES) is None  # a strided weight
+    assert launch(cuda, 8, 16, 16, torch.float16, False, gemv.GEMV_CANDIDATES) is None  # another dtype
+    assert launch(cuda, 24, 16, 16, torch.bfloat16, False, gemv.GEMV_CANDIDATES) is None  # no longer a candidate
+    assert launch(torch.device("cpu"), 8, 16, 16, torch.bfloat16, False, gemv.GEMV_CANDIDATES) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Another GPU")
+    assert launch(cuda, 8, 16, 16, torch.bfloat16, False, gemv.GEMV_CANDIDATES) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setenv("PAITON_GEMV_TIMING", "1")
+    assert launch(cuda, 8, 16, 16, torch.bfloat16, False, gemv.GEMV_CANDIDATES) is None
+
+    # choose takes the table's answer and times nothing; the record says where it came from.
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+    monkeypatch.setattr(gemv, "_TIMINGS", {})
+    monkeypatch.setattr(measured_gemv, "measured_launch", lambda *args: SMALL_CONFIGS[2])
+
+    def no_timing(fn):
+        raise AssertionError("a shape in the table is not timed")
+
+    x, weight = torch.randn(1, 16), torch.randn(8, 16)
+    assert gemv.choose(x, weight, SMALL_CONFIGS, no_timing) == SMALL_CONFIGS[2]
+    (record,) = gemv.chosen_launches()
+    assert record["choice"] == SMALL_CONFIGS[2] and record["source"] == "table" and "chosen_us" not in record
+
+
 def test_one_row_linear_runs_the_chosen_launch(monkeypatch):
     monkeypatch.setattr(gemv, "_CHOICES", {})
     monkeypatch.setattr(gemv, "_TIMINGS", {})

@@ -1,0 +1,45 @@
+"""One-row products measured ahead of time, per GPU model: the launch `fusion.gemv.choose`
+takes for a weight shape without timing it in the running process.
+
+Why: `choose` times every candidate launch and the vendor's GEMM at a shape's first use, in the
+process that is compiling the model. On H200s those timings moved from run to run (bench/
+results/NOTES.md, 2026-11-29): Qwen3-8B's o_proj went to cuBLAS in two serving runs (every GEMV
+launch timed over cuBLAS's 18.1-18.5 us, where the GEMV sweep had 15.1 us and a later first use
+14.5 us), and the gated down_proj timed 31.8 us in one process and 48.4 us in the next. A decode
+step then ran different kernels in different processes on one card. bench/gemv_sweep.py times
+every candidate in a process that does nothing else, in interleaved rounds, and prints its
+picks in this table's format; with a card's entries here every process on that card runs the
+same launches. Shapes and cards not listed are timed at first use as before; the environment
+variable PAITON_GEMV_TIMING=1 times every shape (to check a table against a first use).
+
+MEASURED: card name (torch.cuda.get_device_name) -> (N, K, dtype, gated) -> a launch
+(BLOCK_N, BLOCK_K, num_warps, num_stages) or VENDOR. An entry holds for a weight of unit row
+layout (row stride K) only, and only while its launch is still one of the lowering table's
+candidates: a changed candidate list makes the shape timed again rather than run a launch
+nobody chose.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from paiton.fusion.gemv import VENDOR
+
+MEASURED: dict[str, dict[tuple[int, int, str, bool], tuple[int, int, int, int] | str]] = {}
+
+
+def measured_launch(device: torch.device, n: int, k: int, row_stride: int, dtype: torch.dtype, gated: bool,
+                    candidates) -> dict[str, int] | str | None:
+    """The table's launch (a candidate's config dict) or VENDOR for this one-row product on
+    `device`, or None: not a GPU, a card or shape the table lacks, a strided weight, an entry
+    that is no longer a candidate, or PAITON_GEMV_TIMING=1."""
+    if device.type != "cuda" or row_stride != k or os.environ.get("PAITON_GEMV_TIMING") == "1":
+        return None
+    entry = MEASURED.get(torch.cuda.get_device_name(device), {}).get((n, k, str(dtype).removeprefix("torch."), gated))
+    if entry is None or entry == VENDOR:
+        return entry
+    block_n, block_k, num_warps, num_stages = entry
+    config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return config if config in list(candidates) else None
