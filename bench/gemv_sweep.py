@@ -1,13 +1,16 @@
 """The one-row linear (fusion/gemv.py) against the vendor's GEMM at Qwen3's decode shapes:
-every candidate launch of the lowering table and torch's linear, timed with L2 flushed (the
-weights come from memory, as in a decode step), each checked against a float32 product. The
-row "down+silu" is down_proj with SwiGLU applied as the GEMV loads (silu_mul_linear) against
-paiton.silu_mul followed by the vendor's GEMM.
+every candidate launch of the lowering table and torch's linear, timed with the weights coming
+from memory, as in a decode step, each checked against a float32 product. The row "down+silu"
+is down_proj with SwiGLU applied as the GEMV loads (silu_mul_linear) against paiton.silu_mul
+followed by the vendor's GEMM.
 
     python bench/gemv_sweep.py --models qwen3-8b,qwen3-32b
 
-Every launch is timed in --rounds rounds, in turn, each keeping its best round (as
-gemv.choose does, with more rounds and in a process that does nothing else). Prints, per
+Every launch is timed as gemv.choose times it (gemv.time_candidates: launched back to back,
+behind a GPU spin that hides the host's launch time, over copies of the weight that span four
+times L2), in --rounds rounds, each keeping its best round (more rounds than choose, in a
+process that does nothing else); do_bench's time (L2 flushed by zeroing 256 MB before each
+run, how choose timed until 2026-11-29) is listed beside it. Prints, per
 weight: the vendor's time, the best candidate's, both as a share of the copy rate (weight
 bytes over bench_common.copy_rate_tbps), the pick, and the card's entry in backends/
 measured_gemv.py if it has one. The .md ends with the picks in that table's format. Writes
@@ -61,16 +64,18 @@ def main(argv=None):
             reference = gemv.gemv_reference(x.float(), weight.float(), None if up is None else up.float())
             floor_us = n * k * 2 / (copy * 1e12) * 1e6
             row = dict(model=preset, weight=name, n=n, k=k, gated=gated, floor_us=floor_us, candidates=[])
-            runs = [(gemv.VENDOR, lambda: gemv.vendor_linear(x, weight, up))]
-            runs += [(config, lambda config=config: gemv.launch_gemv(x, weight, config, up)) for config in candidates]
-            errors = [((run().float() - reference).norm() / reference.norm()).item() for _, run in runs]
-            best_us = [float("inf")] * len(runs)
-            for _ in range(args.rounds):  # in turn, as gemv.choose times them; each keeps its best round
-                for i, (_, run) in enumerate(runs):
-                    best_us[i] = min(best_us[i], do_bench(run, warmup=10, rep=50, return_mode="median") * 1e3)
-            row["vendor_us"] = best_us[0]
-            row["candidates"] = [dict(config=config, us=us, relative_error=error)
-                                 for (config, _), us, error in zip(runs[1:], best_us[1:], errors[1:])]
+            timed = dict((str(config), ms) for config, ms in gemv.time_candidates(x, weight, candidates, up, args.rounds))
+            row["vendor_us"] = timed[gemv.VENDOR] * 1e3
+            # What do_bench (a 256 MB zero_ before each run) says, for comparison: choose timed so until 2026-11-29.
+            row["do_bench_vendor_us"] = do_bench(lambda: gemv.vendor_linear(x, weight, up), warmup=10, rep=50,
+                                                 return_mode="median") * 1e3
+            for config in candidates:
+                y = gemv.launch_gemv(x, weight, config, up)
+                error = ((y.float() - reference).norm() / reference.norm()).item()
+                do_bench_us = do_bench(lambda config=config: gemv.launch_gemv(x, weight, config, up), warmup=10, rep=50,
+                                       return_mode="median") * 1e3
+                row["candidates"].append(dict(config=config, us=timed[str(config)] * 1e3, do_bench_us=do_bench_us,
+                                              relative_error=error))
             best = min(row["candidates"], key=lambda c: c["us"])
             row["best"] = best
             row["pick"] = best["config"] if best["us"] < row["vendor_us"] else gemv.VENDOR
@@ -81,14 +86,16 @@ def main(argv=None):
                   f"pick {row['pick']}, in the table {row['table']}", flush=True)
     lines = [f"# One-row linear vs the vendor's GEMM on {env['card']}", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, bf16, one row; "
-             f"medians of do_bench with L2 flushed, each launch's best of {args.rounds} rounds taken in turn; copy rate "
-             f"{copy:.2f} TB/s (read+write); % = floor / time.", "",
-             "| model | weight | N x K | floor us | vendor us | best GEMV us | best launch | pick | in the table |",
+             f"times as gemv.choose takes them (back to back, host launch time hidden, over copies of the weight spanning 4x L2), each launch's "
+             f"best of {args.rounds} rounds taken in turn; in brackets do_bench's (L2 flushed by a 256 MB zero_) for "
+             f"comparison; copy rate {copy:.2f} TB/s (read+write); % = floor / time.", "",
+             "| model | weight | N x K | floor us | vendor us [do_bench] | best GEMV us [do_bench] | best launch | pick | in the table |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pick, table = (c if c in (gemv.VENDOR, None) else "gemv" for c in (r["pick"], r["table"]))
         lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['floor_us']:.1f} | {r['vendor_us']:.1f} "
-                     f"({r['floor_us'] / r['vendor_us']:.0%}) | {r['best']['us']:.1f} ({r['floor_us'] / r['best']['us']:.0%}) | "
+                     f"({r['floor_us'] / r['vendor_us']:.0%}) [{r['do_bench_vendor_us']:.1f}] | {r['best']['us']:.1f} "
+                     f"({r['floor_us'] / r['best']['us']:.0%}) [{r['best']['do_bench_us']:.1f}] | "
                      f"{r['best']['config']} | {pick} | {table if r['table'] == r['pick'] else f'{table} (differs)'} |")
     # The picks in backends/measured_gemv.py's format, to paste under the card's name.
     lines += ["", f"Entries for backends/measured_gemv.py, MEASURED[{env['card']!r}]:", "", "```python"]

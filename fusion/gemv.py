@@ -16,8 +16,9 @@ once, as torch's linear rounds its fp32 accumulation.
 Which launch (BLOCK_N, BLOCK_K, warps, stages), or the vendor's GEMM, is decided per weight
 shape, dtype and device the first time that shape runs (`choose`): the card's measured entry
 (backends/measured_gemv.py, from bench/gemv_sweep.py) where there is one, else by timing each
-candidate of the lowering table's list against torch's linear, L2 flushed between runs,
-outside CUDA graph capture; the choice is kept for the process (`choices()` lists them). So a
+candidate of the lowering table's list against torch's linear (launched back to back over
+copies of the weight that do not fit L2 together, as a decode step reads it), outside CUDA
+graph capture; the choice is kept for the process (`choices()` lists them). So a
 shape where the vendor's GEMM is faster keeps it, on any GPU.
 
 Used by paiton::packed_linear (fusion/packed_linear.py) for inputs of one row; the pass
@@ -167,11 +168,51 @@ def vendor_linear(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     return torch.nn.functional.linear(silu_mul(x, up), weight)
 
 
-def _time_ms(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
+# Cycles of torch.cuda._sleep to queue before a timed run: raised whenever the host's launches
+# outlast the spin (the GPU would then wait on the host and the time would count launches).
+_SPIN_CYCLES = [2**20]
 
-    # do_bench flushes L2 before every run: the weights come from memory, as in a decode step.
-    return do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+def _time_ms(fn: Callable[[], object], replays: int = 5) -> float:
+    """Median GPU time of `fn()` in ms with no host launch time in it, as a decode step under CUDA
+    graphs has none: each timed call is enqueued behind a spin on the GPU (torch.cuda._sleep)
+    that outlasts the host's launches, so fn's kernels then run back to back. (Timed as launched,
+    a Triton launch from Python can take longer than a 15 us GEMV.) A sample whose launches
+    outlasted the spin is dropped and the spin doubled."""
+    import time
+
+    fn()  # warm: Triton's compile, cuBLAS's handle
+    times: list[float] = []
+    while len(times) < replays:
+        spun, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        spun.record()
+        torch.cuda._sleep(_SPIN_CYCLES[0])
+        launch = time.perf_counter()
+        start.record()
+        fn()
+        end.record()
+        launch_ms = (time.perf_counter() - launch) * 1e3
+        end.synchronize()
+        if spun.elapsed_time(start) <= launch_ms:
+            _SPIN_CYCLES[0] *= 2
+            continue
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """`weight` and enough copies of it that a product over each in turn reads every one from
+    memory: together they span four times the L2 cache, so by the time one is read again the
+    others have pushed it out. That is how a decode step reads a weight (the other layers'
+    weights come between), and it needs no cache flush between runs. Flushed, as do_bench does
+    it (zeroing 256 MB before each run), H200s timed Qwen3-8B's o_proj GEMV at 28-33 us in one
+    process and 14.5 us in another, against cuBLAS's 18.7, and a decode step with o_proj on
+    cuBLAS was 0.3 ms slower than with the GEMV (bench/results/NOTES.md, 2026-11-29)."""
+    if not weight.is_cuda:
+        return [weight]
+    l2_bytes = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 0) or 64 * 2**20
+    count = min(16, -(-4 * l2_bytes // max(weight.numel() * weight.element_size(), 1)))
+    return [weight] + [weight.clone() for _ in range(count - 1)]
 
 
 # Rounds of timing per shape, every candidate once per round, in turn: one candidate's median
@@ -205,29 +246,38 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         return measured
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return VENDOR
-    time_ms = time_ms or _time_ms
-    runs: list[tuple[dict[str, int] | str, Callable[[], object]]] = [(VENDOR, lambda: vendor_linear(x, weight, up))]
-    runs += [(config, lambda config=config: launch_gemv(x, weight, config, up)) for config in candidates]
+    timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, time_ms or _time_ms)
+    choice, best_ms = min(timed, key=lambda timing: timing[1])  # the vendor first: a tie keeps it
+    log.info("paiton gemv: [%d x %d] %s%s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
+             x.dtype, " gated" if up is not None else "", x.device, choice, best_ms * 1e3, timed[0][1] * 1e3)
+    _CHOICES[key] = choice
+    _TIMINGS[key] = {"source": "timed", "vendor_us": timed[0][1] * 1e3, "chosen_us": best_ms * 1e3}
+    return choice
+
+
+def time_candidates(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]], up: torch.Tensor | None,
+                    rounds: int, time_ms: Callable[[Callable[[], object]], float] = _time_ms) -> list[tuple[dict[str, int] | str, float]]:
+    """[(VENDOR, ms), (candidate, ms), ...]: each one's best time for one product over `rounds`
+    rounds, every one timed once per round, in turn; a candidate this chip cannot launch
+    (resources) is left out. Each timed run is one product over every copy of _cold_copies in
+    turn, so the weights come from memory as in a decode step."""
+    weights = _cold_copies(weight)
+    runs: list[tuple[dict[str, int] | str, Callable[[], object]]] = [(VENDOR, lambda: [vendor_linear(x, w, up) for w in weights])]
+    runs += [(config, lambda config=config: [launch_gemv(x, w, config, up) for w in weights]) for config in candidates]
     best_ms: list[float] = [float("inf")] * len(runs)
     failed: set[int] = set()
-    for _ in range(TIMING_ROUNDS):
+    for _ in range(rounds):
         for i, (config, run) in enumerate(runs):
             if i in failed:
                 continue
             try:
-                best_ms[i] = min(best_ms[i], time_ms(run))
+                best_ms[i] = min(best_ms[i], time_ms(run) / len(weights))
             except Exception as error:  # a config this chip cannot run (resources): not a candidate here
                 if config == VENDOR:
                     raise
                 log.debug("paiton gemv: %s failed on %s: %s", config, x.device, error)
                 failed.add(i)
-    best = min((i for i in range(len(runs)) if i not in failed), key=lambda i: best_ms[i])
-    choice = runs[best][0]
-    log.info("paiton gemv: [%d x %d] %s%s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
-             x.dtype, " gated" if up is not None else "", x.device, choice, best_ms[best] * 1e3, best_ms[0] * 1e3)
-    _CHOICES[key] = choice
-    _TIMINGS[key] = {"source": "timed", "vendor_us": best_ms[0] * 1e3, "chosen_us": best_ms[best] * 1e3}
-    return choice
+    return [(config, best_ms[i]) for i, (config, _) in enumerate(runs) if i not in failed]
 
 
 def chosen_launches() -> list[dict]:

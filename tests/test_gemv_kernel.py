@@ -190,3 +190,33 @@ def test_one_row_linear_runs_the_chosen_launch(monkeypatch):
     monkeypatch.setattr(gemv, "_time_ms", lambda fn: 1.0 if fn.__defaults__ else 2.0)  # candidates beat the vendor
     y = gemv.one_row_linear(x, weight, SMALL_CONFIGS[:1])
     assert launched[-1] == SMALL_CONFIGS[0] and y.shape == (1, 1, 24)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_choose_times_a_cold_weight_on_the_gpu_not_the_launches():
+    """The copies choose times over span four times L2 (or sixteen copies) and hold the weight;
+    the timer leaves the host's launch time out: 256 launches of a one-element add take the host
+    longer than the GPU."""
+    import time
+
+    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    copies = gemv._cold_copies(weight)
+    l2_bytes = torch.cuda.get_device_properties(weight.device).L2_cache_size
+    assert len(copies) == 16 or len(copies) * weight.nbytes >= 4 * l2_bytes
+    assert len({c.data_ptr() for c in copies}) == len(copies) and all(torch.equal(c, weight) for c in copies)
+
+    tiny = torch.zeros(1, device="cuda")
+
+    def launches():
+        for _ in range(256):
+            tiny.add_(1)
+
+    launches()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    launches()
+    torch.cuda.synchronize()
+    host_ms = (time.perf_counter() - start) * 1e3
+    gpu_ms = gemv._time_ms(launches)
+    assert 0 < gpu_ms < host_ms, (gpu_ms, host_ms)
