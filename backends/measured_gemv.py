@@ -2,15 +2,17 @@
 takes for a weight shape without timing it in the running process.
 
 Why: `choose` times every candidate launch and the vendor's GEMM at a shape's first use, in the
-process that is compiling the model. On H200s those timings moved from run to run (bench/
-results/NOTES.md, 2026-11-29): Qwen3-8B's o_proj went to cuBLAS in two serving runs (every GEMV
-launch timed over cuBLAS's 18.1-18.5 us, where the GEMV sweep had 15.1 us and a later first use
-14.5 us), and the gated down_proj timed 31.8 us in one process and 48.4 us in the next. A decode
-step then ran different kernels in different processes on one card. bench/gemv_sweep.py times
-every candidate in a process that does nothing else, in interleaved rounds, and prints its
-picks in this table's format; with a card's entries here every process on that card runs the
-same launches. Shapes and cards not listed are timed at first use as before; the environment
-variable PAITON_GEMV_TIMING=1 times every shape (to check a table against a first use).
+process that is compiling the model, and a few percent between candidates decide. On H200s the
+choices moved from run to run (bench/results/NOTES.md, 2026-11-29): Qwen3-8B's o_proj went to
+cuBLAS in three of the four processes that recorded it, and a decode step with it there was
+0.27 ms slower. The timing method was the cause there (do_bench's cache flush; fusion/gemv.py
+times differently since, and timed so, a first use and a separate sweep agreed on the GEMV for
+every shape), but a 15 us measurement taken while a process compiles stays exposed to noise.
+bench/gemv_sweep.py times every candidate as choose does, with more rounds, in a process that
+does nothing else, and prints its picks in this table's format; with a card's entries here,
+every process on that card runs the same launches. Shapes and cards not listed are timed at
+first use; the environment variable PAITON_GEMV_TIMING=1 times every shape (to check a table
+against a first use).
 
 MEASURED: card name (torch.cuda.get_device_name) -> (N, K, dtype, gated) -> a launch
 (BLOCK_N, BLOCK_K, num_warps, num_stages) or VENDOR. An entry holds for a weight of unit row
@@ -29,7 +31,7 @@ from paiton.fusion.gemv import VENDOR
 
 MEASURED: dict[str, dict[tuple[int, int, str, bool], tuple[int, int, int, int] | str]] = {
     # bench/results/gemv_sweep-NVIDIA_H200-2026-11-29-table.md (commit 27dfea2, torch 2.11, Triton
-    # 3.6): the GEMV beat cuBLAS at every shape, by 1-16%; the lm_heads by 5%.
+    # 3.6): the GEMV beat cuBLAS at every shape, by 1-19% (the lm_heads by 5-7%).
     "NVIDIA H200": {
         (6144, 4096, "bfloat16", False): (8, 512, 4, 2),  # qwen3-8b qkv
         (4096, 4096, "bfloat16", False): (16, 1024, 8, 2),  # qwen3-8b o

@@ -75,7 +75,9 @@ def copy_rate_tbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the parameters one decode step reads (a tied lm_head counted once)."""
+    """Bytes of every parameter (a tied lm_head counted once), as ../shared/baseline counts them
+    for the issue's floor. The embedding table is in it, though a decode step reads one row of
+    it: 1.24 GB of Qwen3-8B's 16.38 (untied)."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:

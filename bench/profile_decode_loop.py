@@ -116,8 +116,11 @@ def analyze_trace(events: list[dict], gap_us: float = 5.0) -> dict:
     idle_by_cause = collections.defaultdict(float)
     for (cause, _, _), (_, us) in gaps.items():
         idle_by_cause[cause] += us / tokens
-    per_token = lambda table: sorted(({"name": name, "launches_per_token": n / tokens, "us_per_token": us / tokens}
-                                      for name, (n, us) in table.items()), key=lambda k: -k["us_per_token"])
+
+    def per_token(table):
+        return sorted(({"name": name, "launches_per_token": n / tokens, "us_per_token": us / tokens}
+                       for name, (n, us) in table.items()), key=lambda k: -k["us_per_token"])
+
     return dict(
         tokens=tokens, period_us=(hi - lo) / tokens, median_period_us=statistics.median(periods),
         host_wait_us=sum(w["dur"] for w in waits[1:]) / tokens,

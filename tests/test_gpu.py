@@ -24,7 +24,8 @@ pytestmark = pytest.mark.gpu
         ("tiny", 2, torch.bfloat16, "reduce-overhead", 2),
         ("qwen3-0.6b", 4, torch.bfloat16, "default", 2),
         ("qwen3-8b", 2, torch.bfloat16, "reduce-overhead", 2),
-        # One sequence: every decode linear is a one-row product (Paiton's GEMV or cuBLAS, timed).
+        # One sequence: every decode linear is a one-row product (Paiton's GEMV or cuBLAS, as the
+        # card's measured table says or as timed at first use).
         ("tiny", 2, torch.float32, "default", 1),
         ("qwen3-8b", 2, torch.bfloat16, "reduce-overhead", 1),
     ],
