@@ -74,6 +74,19 @@ def copy_rate_tbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
+def versions_line(env: dict) -> str:
+    """"<date>, commit <commit>, torch <v>, triton <v>, <dtype>": how a results table begins."""
+    return f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}"
+
+
+def floor_lines(env: dict) -> list[str]:
+    """The decode floor's markdown line (weight bytes over the measured copy rate), or none off the GPU."""
+    if not env.get("floor_us"):
+        return []
+    return [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate {env['copy_TBps']:.2f} TB/s "
+            f"(read+write) = {env['floor_us']:.0f} us per step.", ""]
+
+
 def weight_bytes(model) -> int:
     """Bytes of every parameter (a tied lm_head counted once), as ../shared/baseline counts them
     for the issue's floor. The embedding table is in it, though a decode step reads one row of

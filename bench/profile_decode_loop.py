@@ -38,7 +38,8 @@ import os
 import statistics
 
 import torch
-from bench_common import CONFIGS, copy_rate_tbps, make_loop, one_row_choices_markdown, parse_configs, run_environment, weight_bytes, write_results
+from bench_common import (CONFIGS, copy_rate_tbps, floor_lines, make_loop, one_row_choices_markdown, parse_configs, run_environment,
+                          versions_line, weight_bytes, write_results)
 from profile_decode_step import category
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -164,11 +165,9 @@ def profile_config(model, config, prompts, args):
 
 def markdown(env, rows, top):
     lines = [f"# The bundled decode loop's token period, busy and idle: {env['model']} on {env['card']}", "",
-             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
-             f"prompt {env['prompt_len']}, {env['new_tokens']} new tokens (measured), {env['profile_tokens']} profiled; "
-             f"per decode token, from the profiled generation's timeline.", ""]
-    if env.get("floor_us"):
-        lines += [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate = {env['floor_us']:.0f} us.", ""]
+             f"{versions_line(env)}, prompt {env['prompt_len']}, {env['new_tokens']} new tokens (measured), "
+             f"{env['profile_tokens']} profiled; per decode token, from the profiled generation's timeline.", "",
+             *floor_lines(env)]
     lines += ["| config | batch | TPOT ms (measured / profiled) | period us (mean / median) | host waits us | GPU busy us | "
               "GPU idle us | idle in gaps: host late / device us | launches | eager work us |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -31,8 +31,8 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, copy_rate_tbps, one_row_choices_markdown, parse_configs, run_environment,
-                          weight_bytes, write_results)
+from bench_common import (CONFIGS, compile_settings, copy_rate_tbps, floor_lines, one_row_choices_markdown, parse_configs,
+                          run_environment, versions_line, weight_bytes, write_results)
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -149,12 +149,8 @@ def profile_config(model, config, batch, args):
 
 def markdown(env, rows, top):
     lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
-             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
-             f"prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, kernels averaged over "
-             f"{env['profile_steps']} profiled steps.", ""]
-    if env.get("floor_us"):
-        lines += [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate "
-                  f"{env['copy_TBps']:.2f} TB/s (read+write) = {env['floor_us']:.0f} us per step.", ""]
+             f"{versions_line(env)}, prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, "
+             f"kernels averaged over {env['profile_steps']} profiled steps.", "", *floor_lines(env)]
     lines += [
               "| config | batch | step us | pipelined us | host us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
               + " | other |", "|---|---|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
