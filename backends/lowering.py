@@ -84,13 +84,13 @@ _NVIDIA = {
     "packed_linear": Lowering(VENDOR, {}, "cuBLAS: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
     "one_row_linear": Lowering(
         TRITON, dict(candidates=GEMV_CANDIDATES),
-        "linears of one input row (batch-1 decode; packed ones too): Paiton's GEMV, its launch timed per weight "
-        "shape against cuBLAS at first use, the faster kept (fusion/gemv.py)",
+        "linears of one input row (batch-1 decode; packed ones too): Paiton's GEMV or cuBLAS per weight shape, as "
+        "the card's measured table says (backends/measured_gemv.py) or as timed at first use (fusion/gemv.py)",
     ),
     "silu_mul_linear": Lowering(
         TRITON, dict(candidates=GEMV_CANDIDATES),
-        "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, its "
-        "launch timed per weight shape against silu_mul + cuBLAS at first use, the faster kept",
+        "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, or "
+        "silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
     ),
 }
 
@@ -275,7 +275,7 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
                     aot.decode_attention_combine_build(config, dtype, n_splits)))
     qkv = m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
     rows.append(row("packed_linear", "torch linear", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", {}, None))
-    # The GEMV's candidates, a row each (which one runs is timed per weight shape at first use):
+    # The GEMV's candidates, a row each (which one runs: the card's measured table, or timed at first use):
     # plain for q/k/v, gated (SwiGLU as it loads) for down_proj.
     gemv_ops = (("one_row_linear", "_gemv_kernel", f"[1, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", False),
                 ("silu_mul_linear", "_gemv_kernel (gated)",
