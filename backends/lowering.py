@@ -197,7 +197,7 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     shape: rms_norm/fused_add_rms_norm: n_rows, n_cols; qk_norm_rope(_cache): n_q_heads,
     n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
     size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear and
-    silu_mul_linear: none (the `candidates` timed per shape at first use).
+    silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose).
     """
     params = lowering_for(op, target).params
     if op in ("rms_norm", "fused_add_rms_norm"):

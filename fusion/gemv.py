@@ -292,7 +292,8 @@ def chosen_launches() -> list[dict]:
 def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
                    up: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] with one row @ weight.T (with `up`: silu(x) * up @ weight.T): Paiton's kernel
-    or the vendor's GEMM, whichever `choose` timed faster for this shape."""
+    or the vendor's GEMM, whichever `choose` found faster for this shape (the card's measured
+    table, or a timing at first use)."""
     _check_inputs(x, weight, up)
     config = choose(x, weight, candidates, up=up)
     if config == VENDOR:

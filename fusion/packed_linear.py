@@ -14,7 +14,8 @@ is used: each call checks that they are still packed (a parameter replaced after
 an error, not a silently stale product), and CUDA graph trees see all of their addresses.
 The product is the same cuBLAS / hipBLASLt call `linear` makes, except for an input of one
 row (a decode step at batch 1) on a chip whose lowering table has a one-row linear: there it is
-fusion/gemv.py's, Paiton's GEMV or the vendor's GEMM, whichever was timed faster for the shape.
+fusion/gemv.py's, Paiton's GEMV or the vendor's GEMM, whichever is faster for the shape (the
+card's measured table in backends/measured_gemv.py, or a timing at first use).
 passes/one_row_linear.py also sends single one-row linears here, as `packed_linear(x, [W])`.
 
 Op: paiton::silu_mul_packed_linear(gate, up, [W_1, ...]) -> packed_linear(silu_mul(gate, up),

@@ -5,9 +5,9 @@ At batch 1 a decode step's linears multiply one row by a weight: a matrix-vector
 bound by reading the weight. The merged projections (q/k/v, gate/up) already go through
 paiton.packed_linear; this pass sends the others there too (o_proj, down_proj, and the lm_head
 on the last position), so the op's one-row path (fusion/gemv.py: Paiton's kernel or the
-vendor's GEMM, whichever is timed faster for the shape) applies to every weight of the step.
-Without it, Inductor turns a one-row `mm` into its own reduction kernel, which ran o_proj and
-down_proj at 55-80% of the copy rate on an H200 (bench/results/NOTES.md).
+vendor's GEMM, whichever is faster for the shape, measured or timed) applies to every weight of
+the step. Without it, Inductor turns a one-row `mm` into its own reduction kernel, which ran
+o_proj and down_proj at 55-80% of the copy rate on an H200 (bench/results/NOTES.md).
 
 Like merged_projections, it runs on Dynamo's graph (the one place where a weight is known to be
 a parameter) and after it. Rewritten: `linear(x, W)` without bias, W a 2-D `nn.Parameter`
