@@ -153,7 +153,7 @@ def main(argv=None):
     for index, batch in enumerate(batches):
         order = configs[index % len(configs):] + configs[:index % len(configs)]
         batch_requests = requests[:args.rounds * batch] if args.rounds else requests
-        tokens_of, logits_of = {}, {}
+        tokens_of, logits_of, batch_rows = {}, {}, []
         for config in order:
             progress.set_postfix_str(f"batch {batch}, {config}: compiling / recording")
             compile_s = warm_up(loops[config], batch_requests, batch)
@@ -170,27 +170,35 @@ def main(argv=None):
                 step_bytes = decode_step_bytes(model.config, batch, int(mean_context), model.dtype.itemsize)
                 row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
             rows.append(row)
+            batch_rows.append(row)
             progress.update()
             progress.write(f"batch {batch} {config}: {metrics['total_token_throughput']:.1f} tok/s, "
                            f"TPOT {metrics['median_tpot_ms']:.2f} ms, compile {compile_s:.1f} s")
-        if "eager" in tokens_of:
-            for row in rows[-len(order):]:
-                divergence = [first_divergence(a, b) for a, b in zip(tokens_of[row["config"]], tokens_of["eager"])]
-                row["sequences_equal_to_eager"] = sum(d is None for d in divergence)
-                row["first_divergence"] = divergence
-                mine, eager = logits_of[row["config"]], logits_of["eager"]
-                if mine is not None and eager is not None:
-                    row.update(logit_differences(mine, eager))
-        # Rewritten after every batch size: a run cut short keeps what it measured.
-        choices = chosen_launches()
-        table = markdown(env, rows, configs) + one_row_choices_markdown(choices)
-        stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
-                             dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
-        plot(rows, configs, env, stem + ".png")
+            if "eager" in tokens_of:
+                for done in batch_rows:
+                    done.update(parity_with_eager(tokens_of[done["config"]], tokens_of["eager"],
+                                                  logits_of[done["config"]], logits_of["eager"]))
+            # Rewritten after every configuration: a run cut short (one device command may run
+            # 10 minutes) keeps what it measured.
+            choices = chosen_launches()
+            table = markdown(env, rows, configs) + one_row_choices_markdown(choices)
+            stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
+                                 dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
+            plot(rows, configs, env, stem + ".png")
         if args.save_compile_cache:
             save_compile_cache(args.save_compile_cache, saved_artifacts)
     progress.close()
     print(table)
+
+
+def parity_with_eager(tokens, eager_tokens, logits, eager_logits):
+    """A configuration's outputs against eager's on the same requests: how many sequences equal
+    eager's all the way, where each first differs (None: nowhere), and the logit differences."""
+    divergence = [first_divergence(a, b) for a, b in zip(tokens, eager_tokens)]
+    parity = dict(sequences_equal_to_eager=sum(d is None for d in divergence), first_divergence=divergence)
+    if logits is not None and eager_logits is not None:
+        parity.update(logit_differences(logits, eager_logits))
+    return parity
 
 
 def logit_differences(mine, eager):

@@ -120,6 +120,32 @@ def test_cpu_smoke_run(tmp_path):
     assert table.count("| paiton |") == 2 and result_path.with_suffix(".png").stat().st_size > 0
 
 
+def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypatch):
+    """One device command may run 10 minutes: the results are rewritten after every
+    configuration, so a run stopped inside a batch size keeps that batch's finished rows (and
+    their parity with eager, where eager ran first)."""
+    import serving
+
+    real_run_requests, calls = serving.run_requests, []
+
+    def stop_at_the_second_configuration(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's kill looks like from inside, near enough
+        return real_run_requests(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "run_requests", stop_at_the_second_configuration)
+    with pytest.raises(KeyboardInterrupt):
+        serving.main(["--model", "tiny", "--num-prompts", "2", "--batch-sizes", "2", "--configs", "paiton,eager",
+                      "--paiton-inner", "eager", "--device", "cpu", "--out", str(tmp_path),
+                      "--max-prompt-len", "12", "--output-len", "3"])
+    (result_path,) = tmp_path.glob("serving-tiny-CPU-*.json")
+    rows = json.loads(result_path.read_text())["rows"]
+    assert [(r["batch"], r["config"]) for r in rows] == [(2, "paiton")]
+    assert "sequences_equal_to_eager" not in rows[0]  # eager never finished: no parity claimed
+    assert "| paiton |" in result_path.with_suffix(".md").read_text()
+
+
 def test_decode_step_logits_compare_only_rows_whose_first_token_matched():
     """A row whose prefill drew another first token feeds the decode step another input: its
     step logits differ by design and must not count as a kernel's error."""
