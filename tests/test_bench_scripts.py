@@ -110,3 +110,35 @@ def test_profile_decode_loop_smoke(tmp_path):
     assert row["config"] == "paiton" and row["tpot_ms"] > 0 and row["profiled_tpot_ms"] > 0
     assert row["tokens"] == 0  # no GPU: no waits for a token on the timeline
     assert (tmp_path / row["trace"]).stat().st_size > 0
+
+
+def test_detached_run_outlives_the_command_that_started_it(tmp_path):
+    """bench/detached.sh: `start` returns while the run goes on (a process session of its own),
+    each call copies what the run wrote so far to $OUT and says "running" or "done rc=N"."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "detached.sh"
+    env = {**os.environ, "DETACHED_ROOT": str(tmp_path / "runs")}
+
+    def call(*args, out):
+        env["OUT"] = str(tmp_path / out)
+        return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
+
+    # The run writes one result at once, then waits for a file the test creates: no race on timing.
+    gate = tmp_path / "gate"
+    command = (f'echo first > "$DETACHED_OUT/a.json"; echo progress; '
+               f'while [ ! -e {gate} ]; do sleep 0.1; done; echo second > "$DETACHED_OUT/b.json"; exit 3')
+    try:
+        started = call("start", "job", "1", command, out="out1")
+        assert started.returncode == 0 and started.stdout.strip().endswith("running"), started
+        assert (tmp_path / "out1" / "a.json").read_text() == "first\n"
+        assert "progress" in (tmp_path / "out1" / "job.log").read_text()
+        assert call("start", "job", "1", command, out="out1").returncode == 2  # once per name
+    finally:
+        gate.touch()  # a failed assertion must not leave the run waiting forever
+    finished = call("wait", "job", "30", out="out2")
+    assert finished.stdout.strip().endswith("done rc=3"), finished
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a.json", "b.json", "job.log"]
+    never = call("wait", "other", "1", out="out3")
+    assert never.returncode == 2 and "never started" in never.stderr
