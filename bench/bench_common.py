@@ -58,6 +58,56 @@ def run_environment(device: str) -> dict:
                 transformers=transformers.__version__)
 
 
+# Where a configuration's compile time goes, from torch._dynamo's own timers (seconds summed per
+# timed function; dynamo's total holds tracing and the backend, the backend holds AOTAutograd,
+# Paiton's passes, Inductor's code generation and the waits on kernel builds, or on a cache hit
+# the loading of the cached graph) and the compile caches' counters. What the warm-up spends outside dynamo is the
+# first runs: Triton's JIT of kernels called outside Inductor's code, autotuning done at a
+# kernel's first call (coordinate descent, Paiton's one-row choices), CUDA graph recording.
+COMPILE_TIMERS = {
+    "dynamo": "_compile.compile_inner",
+    "tracing": "bytecode_tracing",
+    "backend": "OutputGraph.call_user_compiler",
+    "inductor_codegen": "GraphLowering.compile_to_module",
+    "kernel_builds": "async_compile.wait",
+}
+COMPILE_CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
+                          ("inductor", "fxgraph_cache_bypass"), ("aot_autograd", "autograd_cache_hit"),
+                          ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"))
+
+
+def compile_clock() -> dict:
+    """A snapshot of the compile timers and cache counters above, for `compile_breakdown`."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    snapshot = {name: sum(compilation_time_metrics.get(timer, ())) for name, timer in COMPILE_TIMERS.items()}
+    snapshot.update({counter: counters[group][counter] for group, counter in COMPILE_CACHE_COUNTERS})
+    return snapshot
+
+
+def compile_breakdown(before: dict, after: dict, wall_s: float) -> dict:
+    """What happened between two `compile_clock` snapshots around a warm-up of `wall_s` seconds:
+    each timer's seconds and counter's count, and the seconds spent outside dynamo."""
+    spent = {name: after[name] - before[name] for name in after}
+    spent["outside_dynamo"] = wall_s - spent["dynamo"]
+    return spent
+
+
+def compile_breakdown_markdown(rows: list[dict]) -> str:
+    """One line per row whose warm-up compiled something (dynamo ran over a second), for a
+    results table's notes ("" when none did)."""
+    lines = [f"- batch {r['batch']}, {r['config']}: {r['compile_s']:.0f} s = dynamo {b['dynamo']:.0f} s (tracing "
+             f"{b['tracing']:.0f}, backend {b['backend']:.0f}; Inductor's code generation {b['inductor_codegen']:.0f}, "
+             f"waiting on kernel builds {b['kernel_builds']:.0f}) + first runs {b['outside_dynamo']:.0f} s; caches: FX graph "
+             f"{b['fxgraph_cache_hit']} hit / {b['fxgraph_cache_miss']} miss / {b['fxgraph_cache_bypass']} bypass, "
+             f"AOTAutograd {b['autograd_cache_hit']} / {b['autograd_cache_miss']} / {b['autograd_cache_bypass']}"
+             for r in rows if (b := r.get("compile_breakdown")) and b["dynamo"] > 1]
+    if not lines:
+        return ""
+    return "\n".join(["", "Compile time by phase (torch._dynamo's timers; the first runs are Triton's JIT, "
+                      "autotuning at first call and CUDA graph recording):", ""] + lines) + "\n"
+
+
 def copy_rate_tbps(device: str, nbytes: int = 2 * 2**30) -> float | None:
     """The card's device-to-device copy rate in TB/s, bytes read plus bytes written (median of
     a buffer copy far larger than L2, as ../shared/baseline measures it); None off the GPU.

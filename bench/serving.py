@@ -43,8 +43,9 @@ import time
 
 import torch
 from tqdm import tqdm
-from bench_common import (CONFIGS, copy_rate_tbps, first_divergence, make_loop, one_row_choices_markdown, parse_configs,
-                          run_environment, write_results)
+from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, copy_rate_tbps,
+                          first_divergence, make_loop, one_row_choices_markdown, parse_configs, run_environment,
+                          write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -156,13 +157,15 @@ def main(argv=None):
         tokens_of, logits_of, batch_rows = {}, {}, []
         for config in order:
             progress.set_postfix_str(f"batch {batch}, {config}: compiling / recording")
+            before = compile_clock()
             compile_s = warm_up(loops[config], batch_requests, batch)
+            compile_spent = compile_breakdown(before, compile_clock(), compile_s)
             progress.set_postfix_str(f"batch {batch}, {config}: {len(batch_requests)} requests")
             timings, tokens, duration, logits_of[config] = run_requests(loops[config], batch_requests, batch)
             tokens_of[config] = tokens
             metrics = summarize(timings, duration)
             mean_context = sum(len(r.prompt) + r.output_len / 2 for r in batch_requests) / len(batch_requests)
-            row = dict(config=config, batch=batch, compile_s=compile_s, **metrics)
+            row = dict(config=config, batch=batch, compile_s=compile_s, compile_breakdown=compile_spent, **metrics)
             if args.gpu_hourly_cost:
                 row["usd_per_million_output_tokens"] = cost_per_million_tokens(metrics["output_throughput"], args.gpu_hourly_cost)
                 row["usd_per_million_total_tokens"] = cost_per_million_tokens(metrics["total_token_throughput"], args.gpu_hourly_cost)
@@ -181,7 +184,7 @@ def main(argv=None):
             # Rewritten after every configuration: a run cut short (one device command may run
             # 10 minutes) keeps what it measured.
             choices = chosen_launches()
-            table = markdown(env, rows, configs) + one_row_choices_markdown(choices)
+            table = markdown(env, rows, configs) + one_row_choices_markdown(choices) + compile_breakdown_markdown(rows)
             stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
                                  dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
             plot(rows, configs, env, stem + ".png")

@@ -205,3 +205,15 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
     assert run(["--save-compile-cache", str(cache_file)], "first") == (0, 4)  # 2 prefill + 2 decode graphs
     assert cache_file.read_bytes().startswith(serving.XZ_MAGIC)  # compressed, to fit what the device hands back
     assert run(["--load-compile-cache", str(cache_file)], "second") == (4, 0)
+
+    # Each row's compile breakdown saw the same: batch 1 and batch 2+ compile a prefill and a
+    # decode graph each, missed in the first run, hit in the second; dynamo's time is part of
+    # the warm-up's and holds the backend's.
+    for inductor_dir, hit, miss in (("first", 0, 2), ("second", 2, 0)):
+        (result_path,) = (tmp_path / inductor_dir).glob("serving-tiny-CPU-*.json")
+        for row in json.loads(result_path.read_text())["rows"]:
+            spent = row["compile_breakdown"]
+            assert (spent["fxgraph_cache_hit"], spent["fxgraph_cache_miss"]) == (hit, miss), (inductor_dir, row)
+            assert 0 < spent["backend"] <= spent["dynamo"] <= row["compile_s"], spent
+            assert spent["outside_dynamo"] == pytest.approx(row["compile_s"] - spent["dynamo"])
+        assert "Compile time by phase" in result_path.with_suffix(".md").read_text()
