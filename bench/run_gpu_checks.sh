@@ -3,14 +3,15 @@
 # the `gpu` tests (and the kernel tests on CUDA tensors), then, each unless skipped and each
 # under its own time limit, the rest of the suite, the fused-kernel micro-benchmark, the
 # whole-model memory/step run, the kernels-per-layer count, the per-kernel profile of a decode
-# step, the GEMV sweep, the loop comparison, the serving benchmark and the demo. Logs and
-# results go to $OUT.
+# step, the GEMV sweep, the profile of the bundled loop's token period, the loop comparison,
+# the serving benchmark and the demo. Logs and results go to $OUT.
 #   SKIP_KERNEL_TESTS=1 SKIP_SUITE=1 SKIP_BENCH=1 SKIP_MEMORY=1 SKIP_LAYER_KERNELS=1 SKIP_PROFILE=1 SKIP_GEMV_SWEEP=1
-#   SKIP_LOOP=1 SKIP_SERVING=1 SKIP_GRAPHS=1 SKIP_DEMO=1
+#   SKIP_LOOP_PROFILE=1 SKIP_LOOP=1 SKIP_SERVING=1 SKIP_GRAPHS=1 SKIP_DEMO=1
 #   SERVING_ARGS="--model qwen3-8b --batch-sizes 1 ..." (default: Qwen3-8B at batch 1, eager vs stock
 #   Inductor + tuning vs Paiton, 64 tokens; each configuration's first graphs take 2-4 minutes to compile)
 #   LOOP_MODELS=qwen3-8b,qwen3-32b LOOP_BATCHES=1,32 LOOP_CONFIGS=eager,inductor,paiton
 #   PROFILE_MODEL=qwen3-8b PROFILE_BATCHES=1,64 PROFILE_CONFIGS=inductor-cdt,paiton
+#   LOOP_PROFILE_MODEL=qwen3-8b LOOP_PROFILE_CONFIGS=paiton
 #   DEMO_MODEL=qwen3-8b MEMORY_MODEL=qwen3-8b BENCH_REPS=200 PAITON_COMMIT=<sha>
 set -uo pipefail
 OUT=${OUT:-/tmp/paiton-gpu}
@@ -34,6 +35,8 @@ timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -ra -s -p no:cacheprovider 
   --batches "${PROFILE_BATCHES:-1,64}" --configs "${PROFILE_CONFIGS:-inductor-cdt,paiton}" --out "$OUT" 2>&1 | grep -E "^[a-z].* batch [0-9]+:" 
 [ -n "${SKIP_GEMV_SWEEP:-}" ] || timeout "${GEMV_SWEEP_TIMEOUT:-150}" python3 bench/gemv_sweep.py --models "${GEMV_SWEEP_MODELS:-qwen3-8b,qwen3-32b}" \
   --out "$OUT" 2>&1 | tail -14
+[ -n "${SKIP_LOOP_PROFILE:-}" ] || timeout "${LOOP_PROFILE_TIMEOUT:-400}" python3 bench/profile_decode_loop.py \
+  --model "${LOOP_PROFILE_MODEL:-qwen3-8b}" --configs "${LOOP_PROFILE_CONFIGS:-paiton}" --out "$OUT" 2>&1 | tail -12
 [ -n "${SKIP_LOOP:-}" ] || timeout "${LOOP_TIMEOUT:-500}" python3 bench/decode_loop_compare.py --models "${LOOP_MODELS:-qwen3-8b}" \
   --batches "${LOOP_BATCHES:-1,32}" --configs "${LOOP_CONFIGS:-eager,inductor,paiton}" --out "$OUT" 2>&1 | tail -12
 [ -n "${SKIP_SERVING:-}" ] || timeout "${SERVING_TIMEOUT:-560}" python3 bench/serving.py ${SERVING_ARGS:---model qwen3-8b \
