@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, copy_rate_tbps,
                           first_divergence, make_loop, one_row_choices_markdown, parse_configs, run_environment,
-                          write_results)
+                          versions_line, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -259,8 +259,7 @@ def environment(args, dtype, copy_rate):
 
 def markdown(env, rows, configs):
     lines = [f"# Serving benchmark: {env['model']} on {env['card']}", "",
-             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}, "
-             f"{requests_line(env)}, "
+             f"{versions_line(env)}, {requests_line(env)}, "
              + (f"compile times from a warm cache ({', '.join(map(os.path.basename, env['compile_caches_loaded']))}), "
                 if env.get("compile_caches_loaded") else "")
              + f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
