@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from paiton_testing import UNMERGED, capture_paiton_graphs, fusions
+from paiton_testing import UNMERGED, capture_paiton_graphs, fusions, transformers_rms_norm
 
 import paiton
 from paiton.fusion import qk_norm_rope as qk_module
@@ -21,12 +21,6 @@ FUSED_OP = "paiton.qk_norm_rope.default"
 def reference_kernels(monkeypatch):
     for module in (qk_module, rms_norm_module):
         monkeypatch.setattr(module, "is_interpreted", lambda kernel: False)
-
-
-def rms_norm(x, weight, eps):
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def rotate_pairs(x):  # interleaved RoPE (GPT-J style): rotates (x0, x1), (x2, x3), ...
@@ -48,8 +42,8 @@ class AttentionFront(torch.nn.Module):
         shape = (b, s, -1, self.head_dim)
         v = self.variant
         k_eps = self.eps * 10 if v == "different_eps" else self.eps
-        q = rms_norm(self.q_proj(x).view(shape), self.q_norm_weight, self.eps).transpose(1, 2)
-        k = rms_norm(self.k_proj(x).view(shape), self.k_norm_weight, k_eps).transpose(1, 2)
+        q = transformers_rms_norm(self.q_proj(x).view(shape), self.q_norm_weight, self.eps).transpose(1, 2)
+        k = transformers_rms_norm(self.k_proj(x).view(shape), self.k_norm_weight, k_eps).transpose(1, 2)
         value = self.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if v == "interleaved":
