@@ -1,7 +1,7 @@
 """Micro-benchmark: each of Paiton's fused kernels against what stock Inductor generates for the
 same subgraph (the eager reference, torch.compile'd), at Qwen3 shapes, on one GPU.
 
-    python bench/fused_kernels.py [--out bench/results] [--reps 200]
+    python bench/fused_kernels.py [--out bench/results] [--reps 200] [--tokens 1,64] [--ops rms_norm,...]
 
 Subgraphs (bf16, as transformers writes them):
   rms_norm            hidden norm: [tokens, hidden];  q/k norm: [tokens * heads, head_dim]
@@ -15,7 +15,8 @@ Subgraphs (bf16, as transformers writes them):
   decode_attention    one decode query per sequence over a StaticCache of 4096 positions with 1024
                       filled; Inductor's side is what transformers runs: repeat_kv, a causal mask
                       over the whole cache, SDPA. The floor counts the filled part of the cache.
-at tokens = 1 and 64 (decode batch 1 and 64), Qwen3-8B (hidden 4096, intermediate 12288, 32 q
+at tokens = 1 and 64 (decode batch 1 and 64; --tokens 1024 sizes the row-wise ops as a prefill of
+two 512-token prompts), Qwen3-8B (hidden 4096, intermediate 12288, 32 q
 heads, head_dim 128) and Qwen3-32B (hidden 5120, intermediate 25600, 64 q heads).
 
 Each kernel is timed as a decode step runs it under mode="reduce-overhead": N calls captured in
@@ -43,6 +44,10 @@ SHAPES = {
 EPS = 1e-6
 # Decode attention: a static cache of CACHE_LEN positions, FILLED of them written so far.
 CACHE_LEN, FILLED = 4096, 1024
+# The cases whose tokens are decode sequences, each with a cache of its own: above this many
+# tokens they stand for no step Qwen3 runs (a prefill writes many positions of few sequences)
+# and their caches would take tokens x 2 x 8 MiB.
+DECODE_ONLY_OPS, MAX_DECODE_TOKENS = ("qk_norm_rope_cache", "decode_attention"), 128
 
 
 def hf_sdpa_decode(q, k_cache, v_cache, positions, kv_mask, scale):
@@ -73,20 +78,26 @@ def separate_linears(x, *weights):
 def cases(tokens_list=(1, 64)):
     for model, s in SHAPES.items():
         for tokens in tokens_list:
-            yield dict(model=model, tokens=tokens, op="rms_norm", what="hidden", rows=tokens, cols=s["hidden"])
-            yield dict(model=model, tokens=tokens, op="rms_norm", what="q_norm", rows=tokens * s["q_heads"], cols=s["head_dim"])
-            yield dict(model=model, tokens=tokens, op="fused_add_rms_norm", what="hidden", rows=tokens, cols=s["hidden"])
-            yield dict(model=model, tokens=tokens, op="silu_mul", what="mlp", rows=tokens, cols=s["intermediate"])
-            yield dict(model=model, tokens=tokens, op="qk_norm_rope", what="q+k", rows=tokens * (s["q_heads"] + s["kv_heads"]),
-                       cols=s["head_dim"])
-            yield dict(model=model, tokens=tokens, op="qk_norm_rope_cache", what="q+k, k/v to cache",
-                       rows=tokens * (s["q_heads"] + s["kv_heads"]), cols=s["head_dim"])
-            qkv = (s["q_heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"])
-            yield dict(model=model, tokens=tokens, op="packed_linear", what="q/k/v", rows=tokens, cols=s["hidden"], outs=qkv)
-            yield dict(model=model, tokens=tokens, op="packed_linear", what="gate/up", rows=tokens, cols=s["hidden"],
-                       outs=(s["intermediate"], s["intermediate"]))
-            yield dict(model=model, tokens=tokens, op="decode_attention", what=f"cache {CACHE_LEN}, filled {FILLED}",
-                       rows=tokens * s["q_heads"], cols=s["head_dim"])
+            yield from (case for case in cases_of(model, s, tokens)
+                        if tokens <= MAX_DECODE_TOKENS or case["op"] not in DECODE_ONLY_OPS)
+
+
+def cases_of(model, s, tokens):
+    """Every case of one model's shapes at `tokens` rows (tokens x heads for the per-head ops)."""
+    yield dict(model=model, tokens=tokens, op="rms_norm", what="hidden", rows=tokens, cols=s["hidden"])
+    yield dict(model=model, tokens=tokens, op="rms_norm", what="q_norm", rows=tokens * s["q_heads"], cols=s["head_dim"])
+    yield dict(model=model, tokens=tokens, op="fused_add_rms_norm", what="hidden", rows=tokens, cols=s["hidden"])
+    yield dict(model=model, tokens=tokens, op="silu_mul", what="mlp", rows=tokens, cols=s["intermediate"])
+    yield dict(model=model, tokens=tokens, op="qk_norm_rope", what="q+k", rows=tokens * (s["q_heads"] + s["kv_heads"]),
+               cols=s["head_dim"])
+    yield dict(model=model, tokens=tokens, op="qk_norm_rope_cache", what="q+k, k/v to cache",
+               rows=tokens * (s["q_heads"] + s["kv_heads"]), cols=s["head_dim"])
+    qkv = (s["q_heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"])
+    yield dict(model=model, tokens=tokens, op="packed_linear", what="q/k/v", rows=tokens, cols=s["hidden"], outs=qkv)
+    yield dict(model=model, tokens=tokens, op="packed_linear", what="gate/up", rows=tokens, cols=s["hidden"],
+               outs=(s["intermediate"], s["intermediate"]))
+    yield dict(model=model, tokens=tokens, op="decode_attention", what=f"cache {CACHE_LEN}, filled {FILLED}",
+               rows=tokens * s["q_heads"], cols=s["head_dim"])
 
 
 def graph_time_us(fn, calls_per_graph=50, reps=200):
@@ -259,13 +270,17 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--ops", default="", help="comma-separated ops to run (default: all)")
+    parser.add_argument("--tokens", default="1,64", help="comma-separated row counts (decode batch, or prefill tokens)")
     args = parser.parse_args(argv)
+    tokens_list = tuple(int(t) for t in args.tokens.split(","))
     if not torch.cuda.is_available():
         sys.exit("bench/fused_kernels.py needs a CUDA/ROCm GPU")
-    result = {"env": run_environment("cuda"), **run(reps=args.reps, ops=[op for op in args.ops.split(",") if op])}
+    result = {"env": run_environment("cuda"), **run(reps=args.reps, tokens_list=tokens_list,
+                                                         ops=[op for op in args.ops.split(",") if op])}
     os.makedirs(args.out, exist_ok=True)
     card = result["env"]["card"].replace(" ", "_")
-    stem = os.path.join(args.out, f"fused_kernels-{card}-{result['env']['date'][:10]}")
+    tokens_tag = "" if tokens_list == (1, 64) else "-tokens" + "_".join(map(str, tokens_list))
+    stem = os.path.join(args.out, f"fused_kernels-{card}-{result['env']['date'][:10]}{tokens_tag}")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     table = markdown(result)
