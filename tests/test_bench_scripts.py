@@ -142,3 +142,16 @@ def test_detached_run_outlives_the_command_that_started_it(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["a.json", "b.json", "job.log"]
     never = call("wait", "other", "1", out="out3")
     assert never.returncode == 2 and "never started" in never.stderr
+
+
+def test_fused_kernels_cases_at_prefill_sizes_leave_out_the_decode_only_ops():
+    import fused_kernels
+
+    def ops_of(tokens):
+        return {(c["model"], c["op"], c["what"]) for c in fused_kernels.cases(tokens)}
+
+    decode, prefill = ops_of((64,)), ops_of((1024,))
+    assert {op for _, op, _ in decode} >= set(fused_kernels.DECODE_ONLY_OPS)
+    # At 1024 tokens (a prefill) the same cases but the decode-only ones, for both models.
+    assert prefill == {c for c in decode if c[1] not in fused_kernels.DECODE_ONLY_OPS}
+    assert all(c["rows"] % 1024 == 0 and c["tokens"] == 1024 for c in fused_kernels.cases((1024,)))
