@@ -126,8 +126,9 @@ def graph_time_us(fn, calls_per_graph=50, reps=200):
 
 
 def rotary_cos_sin(tokens, head_dim, dtype):
-    """cos and sin of random angles, [tokens, 1, head_dim]: unit-sized as RoPE's are. (randn
-    stand-ins up to ~4 in size made bf16 eager's cancellations miss the 2e-2 check at 1024 tokens.)"""
+    """cos and sin of random angles, [tokens, 1, head_dim]: at most 1 in size, as RoPE's are.
+    (randn stand-ins, up to ~4, made eager's bf16 rounding of q * cos and rotate(q) * sin large
+    enough to miss the 2e-2 check once in 4M elements at 1024 tokens.)"""
     angles = torch.randn(tokens, 1, head_dim, device="cuda") * 10
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
