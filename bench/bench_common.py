@@ -129,8 +129,17 @@ def versions_line(env: dict) -> str:
     return f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, {env['dtype']}"
 
 
+def floor_fields(model, device: str) -> dict:
+    """A results file's env entries for the decode floor: weight_bytes, and on a GPU the copy
+    rate measured now (copy_TBps) and weight bytes over it (floor_us), which `floor_lines` writes."""
+    fields = dict(weight_bytes=weight_bytes(model))
+    if rate := copy_rate_tbps(device):
+        fields.update(copy_TBps=rate, floor_us=fields["weight_bytes"] / (rate * 1e12) * 1e6)
+    return fields
+
+
 def floor_lines(env: dict) -> list[str]:
-    """The decode floor's markdown line (weight bytes over the measured copy rate), or none off the GPU."""
+    """The decode floor's markdown line (`floor_fields`), or none off the GPU."""
     if not env.get("floor_us"):
         return []
     return [f"Floor: {env['weight_bytes'] / 1e9:.2f} GB of weights over the measured copy rate {env['copy_TBps']:.2f} TB/s "

@@ -38,8 +38,8 @@ import os
 import statistics
 
 import torch
-from bench_common import (CONFIGS, copy_rate_tbps, floor_lines, make_loop, one_row_choices_markdown, parse_configs, run_environment,
-                          versions_line, weight_bytes, write_results)
+from bench_common import (CONFIGS, floor_fields, floor_lines, make_loop, one_row_choices_markdown, parse_configs, run_environment,
+                          versions_line, write_results)
 from profile_decode_step import category
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -222,9 +222,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=generator).tolist()
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
-               new_tokens=args.new_tokens, profile_tokens=args.profile_tokens, weight_bytes=weight_bytes(model))
-    if rate := copy_rate_tbps(args.device):
-        env.update(copy_TBps=rate, floor_us=env["weight_bytes"] / (rate * 1e12) * 1e6)
+               new_tokens=args.new_tokens, profile_tokens=args.profile_tokens, **floor_fields(model, args.device))
     rows = []
     for config in configs:
         row = profile_config(model, config, prompts, args)

@@ -31,8 +31,8 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, copy_rate_tbps, floor_lines, one_row_choices_markdown, parse_configs,
-                          run_environment, versions_line, weight_bytes, write_results)
+from bench_common import (CONFIGS, compile_settings, floor_fields, floor_lines, one_row_choices_markdown, parse_configs,
+                          run_environment, versions_line, write_results)
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -227,10 +227,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
-               steps=args.steps, profile_steps=args.profile_steps, weight_bytes=weight_bytes(model))
-    env["copy_TBps"] = copy_rate_tbps(args.device)
-    if env["copy_TBps"]:
-        env["floor_us"] = env["weight_bytes"] / (env["copy_TBps"] * 1e12) * 1e6
+               steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
     rows = []
     for batch in batches:
         for config in configs:
