@@ -266,18 +266,18 @@ def time_candidates(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[
     runs += [(config, lambda config=config: [launch_gemv(x, w, config, up) for w in weights]) for config in candidates]
     best_ms: list[float] = [float("inf")] * len(runs)
     failed: set[int] = set()
-    for _ in range(rounds):
-        for i, (config, run) in enumerate(runs):
-            if i in failed:
-                continue
-            try:
-                with device_guard(x):  # the timer's spin and events go to the current device
+    with device_guard(x):  # the timer's spin and events go to the current device: x's
+        for _ in range(rounds):
+            for i, (config, run) in enumerate(runs):
+                if i in failed:
+                    continue
+                try:
                     best_ms[i] = min(best_ms[i], time_ms(run) / len(weights))
-            except Exception as error:  # a config this chip cannot run (resources): not a candidate here
-                if config == VENDOR:
-                    raise
-                log.debug("paiton gemv: %s failed on %s: %s", config, x.device, error)
-                failed.add(i)
+                except Exception as error:  # a config this chip cannot run (resources): not a candidate here
+                    if config == VENDOR:
+                        raise
+                    log.debug("paiton gemv: %s failed on %s: %s", config, x.device, error)
+                    failed.add(i)
     return [(config, best_ms[i]) for i, (config, _) in enumerate(runs) if i not in failed]
 
 
