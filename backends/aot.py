@@ -99,7 +99,7 @@ def silu_mul_build(config: dict, dtype: str) -> KernelBuild:
 
 def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBuild:
     pointers = ["q_ptr", "k_ptr", "v_ptr", "q_w_ptr", "k_w_ptr", "q_out_ptr", "k_out_ptr", "v_out_ptr", "cos_ptr", "sin_ptr"]
-    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "cache_len", "slot_stride", "slot_step"]
+    ints = ["seq_len", "n_q_heads", "n_k_heads", "head_dim", "cache_len", "slot_stride_b", "slot_stride", "slot_step"]
     for tensor in ("q", "k", "v", "q_out", "k_out", "v_out"):
         ints += [f"{tensor}_stride_b", f"{tensor}_stride_s", f"{tensor}_stride_h"]
     ints += ["cos_stride_b", "cos_stride_s", "sin_stride_b", "sin_stride_s"]

@@ -103,7 +103,7 @@ def _copy_heads(
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, v_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr, v_out_ptr, cos_ptr, sin_ptr, slot_ptr,
-    seq_len, n_q_heads, n_k_heads, head_dim, cache_len, slot_stride, slot_step, eps,
+    seq_len, n_q_heads, n_k_heads, head_dim, cache_len, slot_stride_b, slot_stride, slot_step, eps,
     q_stride_b, q_stride_s, q_stride_h,
     k_stride_b, k_stride_s, k_stride_h,
     v_stride_b, v_stride_s, v_stride_h,
@@ -114,8 +114,9 @@ def _qk_norm_rope_kernel(
     WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
-    WRITE_CACHE, k goes to its cache slot (slot_ptr[s * slot_stride] + s * slot_step: a slot per
-    token, or one start slot for consecutive tokens) and which = 2 copies v to its slot.
+    WRITE_CACHE, k goes to its cache slot (slot_ptr[b * slot_stride_b + s * slot_stride] + s *
+    slot_step: a slot per token, shared by the batch or one per sequence, or one start slot for
+    consecutive tokens) and which = 2 copies v to its slot.
     A slot outside [0, cache_len) is not written (eager's index_copy_ raises there; a kernel
     cannot, and must not write outside the cache)."""
     token = tl.program_id(0)
@@ -123,7 +124,7 @@ def _qk_norm_rope_kernel(
     b = token // seq_len
     s = token % seq_len
     if WRITE_CACHE:
-        slot = tl.load(slot_ptr + s * slot_stride) + s * slot_step
+        slot = tl.load(slot_ptr + b.to(tl.int64) * slot_stride_b + s * slot_stride) + s * slot_step
     else:
         slot = s
     cos_row = cos_ptr + b.to(tl.int64) * cos_stride_b + s.to(tl.int64) * cos_stride_s
@@ -169,22 +170,43 @@ def _check_cache_inputs(k, v, k_cache, v_cache, slots) -> None:
                 or cache.dtype != k.dtype or cache.stride(-1) != 1:
             raise ValueError(f"paiton qk_norm_rope_cache: {name} must be [batch, kv_heads, cache_len, head_dim] in k's dtype "
                              f"with unit stride over head_dim; got {tuple(cache.shape)} {cache.dtype}")
-    if slots.dim() not in (0, 1) or (slots.dim() == 1 and slots.shape[0] != seq) or slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"paiton qk_norm_rope_cache: slots must be int [seq] (the cache index of each token) or a 0-dim "
-                         f"int (the first token's index, the others following it); got {tuple(slots.shape)} {slots.dtype}")
+    shape_ok = (slots.dim() == 0 or (slots.dim() == 1 and slots.shape[0] == seq)
+                or (slots.dim() == 2 and slots.shape[0] in (1, batch) and slots.shape[1] == seq))
+    if not shape_ok or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"paiton qk_norm_rope_cache: slots must be int [seq] (the cache index of each token), int "
+                         f"[batch, seq] (each sequence's own indices) or a 0-dim int (the first token's index, the others "
+                         f"following it); got {tuple(slots.shape)} {slots.dtype}")
     if slots.device != k.device:
         raise ValueError(f"paiton qk_norm_rope_cache: slots must be on k's device {k.device}, got {slots.device}")
 
 
 def slot_indices(slots: torch.Tensor, seq: int) -> torch.Tensor:
-    """The [seq] cache index of each token: `slots` itself, or for a 0-dim start slot the
-    consecutive indices from it (transformers' StaticCache writes at arange(seq) + counter)."""
+    """The cache index of each token: `slots` itself ([seq], or [batch, seq] per sequence), or
+    for a 0-dim start slot the consecutive indices from it (transformers' StaticCache writes at
+    arange(seq) + counter)."""
     return slots + torch.arange(seq, device=slots.device, dtype=slots.dtype) if slots.dim() == 0 else slots
 
 
-def _slot_strides(slots: torch.Tensor) -> tuple[int, int]:
-    """(slot_stride, slot_step) of the kernel: token s writes at slots[s * stride] + s * step."""
-    return (0, 1) if slots.dim() == 0 else (slots.stride(0), 0)
+def write_cache_slots(cache: torch.Tensor, slots: torch.Tensor, value: torch.Tensor) -> None:
+    """cache[b, :, slots[b, s]] = value[b, :, s] for slots [seq] (shared by the batch, as
+    `index_copy_` along dim 2) or [batch or 1, seq] (each sequence's own slots): the reference
+    of the kernel's cache write."""
+    slots = slot_indices(slots, value.shape[2]).long()  # indexing takes int64 indices only
+    if slots.dim() == 1:
+        cache.index_copy_(2, slots, value)
+        return
+    rows = torch.arange(value.shape[0], device=cache.device)[:, None]
+    cache[rows, :, slots.expand(value.shape[0], -1)] = value.transpose(1, 2)
+
+
+def _slot_strides(slots: torch.Tensor) -> tuple[int, int, int]:
+    """(slot_stride_b, slot_stride, slot_step) of the kernel: token s of sequence b writes at
+    slots[b * stride_b + s * stride] + s * step."""
+    if slots.dim() == 0:
+        return 0, 0, 1
+    if slots.dim() == 1:
+        return 0, slots.stride(0), 0
+    return (slots.stride(0) if slots.shape[0] > 1 else 0), slots.stride(1), 0
 
 
 def _empty_outputs(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +247,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
         k_target, v_source, v_target, slot_source = k_out, k, k_out, q
         k_target_strides = _bsh_strides(k_out, 2)
         v_strides = v_target_strides = (0, 0, 0)
-        slot_strides = (0, 0)
+        slot_strides = (0, 0, 0)
     if config is None:
         from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
 
@@ -281,8 +303,10 @@ def qk_norm_rope_cache(
 ) -> torch.Tensor:
     """qk_norm_rope, with the rotated k and v ([B, Hkv, S, D]) written into the KV cache at
     `slots` (as `k_cache.index_copy_(2, slots, k_rotated)`, the same for v) instead of
-    returned. `slots`: int [S], or a 0-dim int start (the tokens go to start, start + 1, ...:
-    a StaticCache's counter read in the kernel, no index tensor made). Returns the rotated q."""
+    returned. `slots`: int [S]; int [B, S], each sequence's own slots (a continuous batch,
+    whose rows hold sequences of different lengths: `k_cache[b, :, slots[b, s]] = k[b, :, s]`);
+    or a 0-dim int start (the tokens go to start, start + 1, ...: a StaticCache's counter read
+    in the kernel, no index tensor made). Returns the rotated q."""
     return _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=(v, k_cache, v_cache, slots))
 
 
@@ -293,9 +317,8 @@ def _qk_norm_rope_cache_cpu(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache,
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     _check_cache_inputs(k, v, k_cache, v_cache, slots)
     q_rotated, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, eps)
-    slots = slot_indices(slots, q.shape[1]).long()  # index_copy_ takes int64 indices only
-    k_cache.index_copy_(2, slots, k_rotated)
-    v_cache.index_copy_(2, slots, v)
+    write_cache_slots(k_cache, slots, k_rotated)
+    write_cache_slots(v_cache, slots, v)
     return _empty_outputs(q, k)[0].copy_(q_rotated)
 
 

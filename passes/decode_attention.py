@@ -116,11 +116,14 @@ def is_arange(node, length) -> bool:
     """arange(length) as it lowers: iota(length, start=0, step=1), maybe `+ 0`."""
     if is_call(node, aten.add.Tensor) and node.args[1] == 0:
         node = node.args[0]
+    def size(arg):  # a dynamic size is a node computing the SymInt
+        return val(arg) if isinstance(arg, torch.fx.Node) else arg
+
     if is_call(node, prims.iota.default):
-        return same(node.args[0], length) and node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
+        return same(size(node.args[0]), length) and node.kwargs.get("start", 0) == 0 and node.kwargs.get("step", 1) == 1
     if is_call(node, aten.arange.default, aten.arange.start):
         args = node.args if node.target is aten.arange.start else (0, node.args[0])
-        return args[0] == 0 and same(args[1], length)
+        return args[0] == 0 and same(size(args[1]), length)
     return False
 
 

@@ -34,7 +34,8 @@ import operator
 
 import torch
 
-from paiton.passes.decode_attention import SDPA_OPS, is_call, val
+from paiton.passes.decode_attention import SDPA_OPS, bound_args, is_arange, is_call, val
+from paiton.passes.matcher_utils import same_size as same
 from paiton.passes.paiton_pass import PaitonPass
 
 aten = torch.ops.aten
@@ -110,15 +111,72 @@ def _before_noop_views(node):
     return node
 
 
+def _is_seq_major(node) -> bool:
+    """`node` is x.transpose(1, 2) of a 4-D x: [B, H, S, D] -> [B, S, H, D] (a per-sequence
+    write's value, as advanced indexing over rows and slots lays it out)."""
+    if is_call(node, aten.permute.default):
+        return list(node.args[1]) == [0, 2, 1, 3]
+    if is_call(node, aten.transpose.int):
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2] and val(node) is not None and val(node).dim() == 4
+    if is_call(node, *VIEW_OPS):  # with one token (or one head) the transpose moves no element: a view
+        before, after = val(node.args[0]), val(node)
+        if before is None or after is None or before.dim() != 4 or after.dim() != 4:
+            return False
+        b, h, s, d = before.shape
+        return (same(h, 1) or same(s, 1)) and all(same(x, y) for x, y in zip(after.shape, (b, s, h, d)))
+    return False
+
+
+def _is_full_slice(node, length) -> bool:
+    """slice(x, 0, 0 or None, end >= length, 1): `x[:]`, which Dynamo may leave in the graph."""
+    if not is_call(node, aten.slice.Tensor):
+        return False
+    window = bound_args(node)
+    return window["dim"] == 0 and window["start"] in (None, 0) and window["step"] == 1 \
+        and (window["end"] in (None, 2**63 - 1) or same(window["end"], length))
+
+
+def _is_row_index(node, batch) -> bool:
+    """`node` is arange(batch)[:, None]: sequence b writes cache row b."""
+    if not is_call(node, aten.unsqueeze.default) or node.args[1] not in (1, -1):
+        return False
+    node = node.args[0]
+    while _is_full_slice(node, batch):
+        node = node.args[0]
+    return is_arange(node, batch)
+
+
+def _written_value(write):
+    """The [B, H, S, D] value an index_put cache write writes (the one before the per-sequence
+    form's transpose and the views that drop its leading ones)."""
+    value = write.args[2]
+    if write.args[1][0] is not None and _is_seq_major(_before_noop_views(value)):
+        return _before_noop_views(value).args[0]
+    return value
+
+
 def _cache_write(node, value, slots=None):
-    """(cache, slots) if `node` is index_put(cache, [None, None, slots], value) writing a
-    graph-input cache [B, H, L, D] that nothing else reads; else None."""
-    if not is_call(node, aten.index_put.default) or node.args[2] is not value:
+    """(cache, slots) if `node` writes `value` [B, Hkv, S, D] into a graph-input cache
+    [B, Hkv, L, D] that nothing else reads, in one of two forms; else None:
+      index_put(cache, [None, None, slots], value)                        slots [S]: shared
+      index_put(cache, [arange(B)[:, None], None, slots], value.transpose(1, 2))
+                                                   slots [B or 1, S]: each sequence's own
+    (the second is `cache[rows, :, positions] = k.transpose(1, 2)`, a continuous batch's write:
+    its rows hold sequences of different lengths)."""
+    if not is_call(node, aten.index_put.default):
         return None
     if (len(node.args) > 3 and node.args[3]) or node.kwargs.get("accumulate", False):
         return None
     cache, indices = node.args[0], node.args[1]
-    if not (isinstance(indices, (list, tuple)) and len(indices) == 3 and indices[0] is None and indices[1] is None):
+    if not (isinstance(indices, (list, tuple)) and len(indices) == 3 and indices[1] is None):
+        return None
+    per_sequence = indices[0] is not None
+    written = node.args[2]
+    if per_sequence:
+        written = _before_noop_views(written)  # value[0] when a row of one token is written
+        if not (_is_seq_major(written) and written.args[0] is value):
+            return None
+    elif written is not value:
         return None
     index = indices[2]
     if slots is not None and index is not slots:
@@ -126,13 +184,40 @@ def _cache_write(node, value, slots=None):
     cache_val, index_val, value_val = val(cache), val(index), val(value)
     if cache_val is None or index_val is None or value_val is None or cache.op != "placeholder":
         return None
-    if index_val.dim() != 1 or index_val.dtype not in (torch.int32, torch.int64) or cache_val.dim() != 4:
+    if index_val.dtype not in (torch.int32, torch.int64) or cache_val.dim() != 4:
+        return None
+    if per_sequence:
+        if not _is_row_index(indices[0], cache_val.shape[0]) or index_val.dim() != 2:
+            return None
+        if not (same(index_val.shape[0], cache_val.shape[0]) or same(index_val.shape[0], 1)) \
+                or not same(index_val.shape[1], value_val.shape[2]):
+            return None
+    elif index_val.dim() != 1:
         return None
     if index_val.device != cache_val.device:  # eager indexes a GPU cache with CPU positions; the kernel cannot
         return None
     if any(user is not node and not is_call(user, aten.copy_.default) for user in cache.users):
         return None
     return cache, index
+
+
+def _write_of(value):
+    """(the cache write of `value`, its only user, directly or through the per-sequence form's
+    transpose and views; the nodes between), or (None, [])."""
+    if len(value.users) != 1:
+        return None, []
+    user = next(iter(value.users))
+    between = []
+    if _is_seq_major(user):
+        between.append(user)
+        node = user
+        while len(node.users) == 1 and _is_noop_view(next(iter(node.users))):
+            node = next(iter(node.users))
+            between.append(node)
+        if len(node.users) != 1:
+            return None, []
+        user = next(iter(node.users))
+    return (user, between) if _cache_write(user, value) is not None else (None, [])
 
 
 class KVCacheWritePass(PaitonPass):
@@ -157,20 +242,21 @@ class KVCacheWritePass(PaitonPass):
         # The pattern is symmetric in q and k: whichever output is written to a cache is k.
         for k_side in (1, 0):
             k_value = _through_noop_views(outputs[k_side])
-            if len(k_value.users) == 1 and _cache_write(next(iter(k_value.users)), k_value) is not None:
+            k_write, k_between = _write_of(k_value)
+            if k_write is not None:
                 break
         else:
             return False
-        k_out, k_write = outputs[k_side], next(iter(k_value.users))
+        k_out = outputs[k_side]
         k_cache, slots = _cache_write(k_write, k_value)
         attention = _reading_attention(k_write)
         if attention is None:
             return False
         v_write = _source_write(attention.args[2])
-        if v_write is None or v_write is k_write:
+        if v_write is None or v_write is k_write or len(v_write.args[1]) != 3:
             return False
-        found = _cache_write(v_write, v_write.args[2], slots)
-        v = _before_noop_views(v_write.args[2])
+        found = _cache_write(v_write, _written_value(v_write), slots)
+        v = _before_noop_views(_written_value(v_write))
         if found is None:
             return False
         v_cache = found[0]
@@ -207,7 +293,14 @@ class KVCacheWritePass(PaitonPass):
         while node is not k_out:
             k_views.append(node)
             node = node.args[0]
-        for node in (k_write, v_write, *k_views, outputs[0], outputs[1], rope):
+        v_between, node = [], v_write.args[2]
+        while node is not _written_value(v_write):
+            v_between.append(node)
+            node = node.args[0]
+        for node in (k_write, v_write, *reversed(k_between), *k_views, outputs[0], outputs[1], rope):
             graph.erase_node(node)
+        for node in v_between:  # the transpose to the write's layout, if nothing else reads it
+            if not node.users:
+                graph.erase_node(node)
         return True
 

@@ -146,8 +146,9 @@ def repeat_kv(x, group):
 class CachedAttention(torch.nn.Module):
     """q/k norms, RoPE, a static-cache write, repeat_kv, a causal mask from the positions, SDPA:
     the attention of a decode step over a static cache, with the cache written the ways loops
-    write it (`write`: transformers' `index_copy_`, a hand-written `cache[:, :, pos] = k`) or
-    in ways the KV-cache write pass must leave alone."""
+    write it (`write`: transformers' `index_copy_`, a hand-written `cache[:, :, pos] = k`, the
+    engine's per-sequence `cache[rows, :, positions] = k.transpose(1, 2)` with positions
+    [B, S]) or in ways the KV-cache write pass must leave alone."""
 
     def __init__(self, batch, q_heads, kv_heads, head_dim, cache_len, dtype, write="index_copy"):
         super().__init__()
@@ -181,17 +182,32 @@ class CachedAttention(torch.nn.Module):
         elif w == "read_before_write":  # the old cache is read: writing it in place early is wrong
             self.k_cache.index_copy_(2, positions, k + self.k_cache[:, :, :1])
             self.v_cache.index_copy_(2, positions, v)
+        elif w in ("per_sequence", "other_rows"):  # positions [B, S]: each row its own slots (engine.SlotCache)
+            rows = torch.arange(self.k_cache.shape[0], device=q.device)[:, None]
+            if w == "other_rows":  # sequence b into row b + 1: not a write the kernel makes
+                rows = (rows + 1) % self.k_cache.shape[0]
+            self.k_cache[rows, :, positions] = k.transpose(1, 2)
+            self.v_cache[rows, :, positions] = v.transpose(1, 2)
         cache_len = self.k_cache.shape[2]
-        mask = torch.arange(cache_len, device=q.device)[None, None, None, :] <= positions[None, None, :, None]
+        if positions.dim() == 2:
+            mask = torch.arange(cache_len, device=q.device)[None, None, None, :] <= positions[:, None, :, None]
+        else:
+            mask = torch.arange(cache_len, device=q.device)[None, None, None, :] <= positions[None, None, :, None]
         keys, values = repeat_kv(self.k_cache, self.group), repeat_kv(self.v_cache, self.group)
         return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def attention_inputs(batch, seq, q_heads, kv_heads, head_dim, start, dtype, seed=0):
-    """CachedAttention's arguments for `seq` tokens at positions start, start + 1, ..."""
+    """CachedAttention's arguments for `seq` tokens at positions start, start + 1, ...
+    (`start` a list: one start per sequence, positions [B, S])."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, seq, q_heads, head_dim, generator=g).to(dtype)
     k = torch.randn(batch, seq, kv_heads, head_dim, generator=g).to(dtype)
     v = torch.randn(batch, seq, kv_heads, head_dim, generator=g).to(dtype)
-    angles = torch.randn(1, seq, head_dim, generator=g) * 3
-    return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), torch.arange(start, start + seq)
+    if isinstance(start, (list, tuple)):
+        angles = torch.randn(batch, seq, head_dim, generator=g) * 3
+        positions = torch.stack([torch.arange(s, s + seq) for s in start])
+    else:
+        angles = torch.randn(1, seq, head_dim, generator=g) * 3
+        positions = torch.arange(start, start + seq)
+    return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), positions

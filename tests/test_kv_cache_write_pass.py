@@ -66,11 +66,37 @@ def test_cache_write_is_fused(batch, seq, kv_heads, group, head_dim, dtype, writ
         torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("write", ["v_elsewhere", "accumulate", "read_before_write"])
+@settings(deadline=None, max_examples=8)
+@given(
+    batch=st.integers(1, 3),
+    seq=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 4]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    data=st.data(),
+)
+def test_per_sequence_write_is_fused(batch, seq, group, dtype, data):
+    """A continuous batch's write (engine.SlotCache): each row at its own positions [B, S],
+    `cache[arange(B)[:, None], :, positions] = k.transpose(1, 2)`; the cache-write kernel takes
+    the [B, S] slots, decode attention each row's own positions."""
+    torch._dynamo.reset()
+    cache_len = seq + data.draw(st.integers(0, 12))
+    starts = [data.draw(st.integers(0, cache_len - seq)) for _ in range(batch)]
+    module = CachedAttention(batch, 2 * group, 2, 16, cache_len, dtype, "per_sequence")
+    args = attention_inputs(batch, seq, 2 * group, 2, 16, starts, dtype)
+    actual, expected, caches, expected_caches, graphs = run_step(module, args)
+    assert graphs[0][2] == fusions(rms_norm=2, qk_norm_rope=1, kv_cache_write=1, decode_attention=1)
+    assert graphs[0][1]["aten.index_put.default"] == 0
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    for cache, expected_cache in zip(caches, expected_caches):
+        torch.testing.assert_close(cache, expected_cache, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("write", ["v_elsewhere", "accumulate", "read_before_write", "other_rows"])
 def test_other_writes_are_left_alone(write):
     torch._dynamo.reset()
-    module = CachedAttention(1, 4, 2, 16, 10, torch.float32, write)
-    actual, expected, caches, expected_caches, graphs = run_step(module, attention_inputs(1, 1, 4, 2, 16, 3, torch.float32))
+    batch, start = (2, [3, 5]) if write == "other_rows" else (1, 3)
+    module = CachedAttention(batch, 4, 2, 16, 10, torch.float32, write)
+    actual, expected, caches, expected_caches, graphs = run_step(module, attention_inputs(batch, 1, 4, 2, 16, start, torch.float32))
     assert graphs[0][2]["kv_cache_write"] == 0 and graphs[0][2]["qk_norm_rope"] == 1
     torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
     for cache, expected_cache in zip(caches, expected_caches):

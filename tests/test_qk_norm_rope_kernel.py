@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paiton.fusion import qk_norm_rope as qk_module
-from paiton.fusion.qk_norm_rope import qk_norm_rope_reference, rotate_half, slot_indices
+from paiton.fusion.qk_norm_rope import qk_norm_rope_reference, rotate_half, slot_indices, write_cache_slots
 from paiton.fusion.rms_norm import rms_norm_reference
 from paiton.fusion.triton_utils import is_interpreted
 
@@ -146,6 +146,49 @@ def test_cache_write_matches_index_copy(batch, seq, q_heads, gqa, head_dim, dtyp
     assert torch.equal(v_cache, expected_v)  # a copy: exact
     normed_k = rms_norm_reference(k, k_weight, 1e-6).transpose(1, 2)
     assert_rotary_close(k_cache[:, :, indices], k_rotated.contiguous(), normed_k, cos1, sin1, dtype)
+
+
+@settings(deadline=None, max_examples=8)
+@given(
+    batch=st.integers(1, 4),
+    seq=st.sampled_from([1, 2, 5]),
+    head_dim=st.sampled_from([8, 64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    cache_len=st.integers(5, 24),
+    shared_row=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_per_sequence_slots_write_each_row_at_its_own_slots(batch, seq, head_dim, dtype, cache_len, shared_row, seed):
+    """Slots [B, S] (a continuous batch: every row holds a sequence of its own length): token s
+    of sequence b goes to cache[b, :, slots[b, s]], as `cache[arange(B)[:, None], :, slots] =
+    k.transpose(1, 2)` writes it (write_cache_slots, the CPU reference); slots [1, S] are shared
+    by the rows. Only those slots change."""
+    q, k, v = merged_qkv(batch, seq, 4, 2, head_dim, dtype, seed)
+    v = v.transpose(1, 2)
+    q_weight, k_weight = random((head_dim,), dtype, seed + 2), random((head_dim,), dtype, seed + 3)
+    angles = random((batch, seq, head_dim), torch.float32, seed + 4, scale=3.0)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    rows = 1 if shared_row else batch
+    slots = torch.stack([torch.randperm(cache_len, generator=generator)[:seq] for _ in range(rows)]).to(DEVICE)
+    k_cache = random((batch, 2, cache_len, head_dim), dtype, seed + 5)
+    v_cache = random((batch, 2, cache_len, head_dim), dtype, seed + 6)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+
+    torch.ops.paiton.qk_norm_rope_cache(q, k, v, q_weight, k_weight, cos, sin, 1e-6, k_cache, v_cache, slots)
+
+    _, k_rotated = qk_norm_rope_reference(q, k, q_weight, k_weight, cos, sin, 1e-6)
+    write_cache_slots(expected_k, slots, k_rotated)
+    write_cache_slots(expected_v, slots, v)
+    assert torch.equal(v_cache, expected_v)  # a copy: exact, and nothing else written
+    written = torch.zeros(batch, cache_len, dtype=torch.bool, device=DEVICE)
+    written[torch.arange(batch, device=DEVICE)[:, None], slots.expand(batch, -1)] = True
+    for b in range(batch):
+        assert torch.equal(k_cache[b][:, ~written[b]], expected_k[b][:, ~written[b]])
+        index = slots[0 if shared_row else b]
+        normed = rms_norm_reference(k[b:b + 1], k_weight, 1e-6).transpose(1, 2)
+        assert_rotary_close(k_cache[b:b + 1, :, index], k_rotated[b:b + 1].contiguous(), normed,
+                            cos[b:b + 1].unsqueeze(1), sin[b:b + 1].unsqueeze(1), dtype)
 
 
 def test_cache_write_bad_inputs_are_clear_errors():

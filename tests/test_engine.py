@@ -1,0 +1,145 @@
+"""The continuous-batching engine (models/engine.py) on a tiny random Qwen3 (fp32, CPU): every
+request gives what it gives alone through the bundled loop, whatever else shares the batch;
+slots are reused; the compiled graphs stay three; stops, aborts, sampling and bad requests."""
+
+import threading
+
+import pytest
+import torch
+from paiton_testing import EAGER_INNER, fusions
+
+import paiton
+from paiton.models.decode_loop import DecodeLoop, Sampling
+from paiton.models.engine import Engine, EngineError, EngineRequest
+from paiton.models.qwen3 import build_qwen3
+
+# Different prompt and output lengths, more requests than slots.
+PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23], [1, 2], [7] * 20, [3, 4, 5, 6],
+           [40 + i for i in range(13)], [99], [8, 9, 10, 11, 12, 13, 14]]
+LIMITS = [12, 5, 9, 14, 3, 7, 10, 6, 11]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each request's greedy tokens alone through the bundled (static) loop, eager."""
+    loop = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager")
+    return [loop.generate([p], n).tokens[0] for p, n in zip(PROMPTS, LIMITS)]
+
+
+def test_eager_engine_gives_each_request_its_solo_tokens(model, alone):
+    engine = Engine(model, max_slots=4, max_length=64, backend="eager", max_prefill_tokens=32)
+    result = engine.generate(PROMPTS, LIMITS)
+    assert result.tokens == alone
+    assert result.finish_reasons == ["length"] * len(PROMPTS)
+    # 9 requests through 4 slots: several prefills, each packing what fits.
+    assert engine.steps["prefill"] >= 3 and engine.live_slots == 0
+    assert all(len(t) == len(tokens) for t, tokens in zip(result.token_times, result.tokens))
+
+
+def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
+    """Through backend="paiton": the same tokens; 16 requests of mixed lengths through 4 slots
+    compile three graphs (decode at batch 1, decode at other batches, prefill), and the decode
+    graphs write the cache and attend with Paiton's kernels (each row at its own position)."""
+    engine = Engine(model, max_slots=4, max_length=64, options=EAGER_INNER, max_prefill_tokens=32)
+    assert engine.generate(PROMPTS, LIMITS).tokens == alone
+    more = [[(7 * i + j) % 500 for j in range(1 + (5 * i) % 17)] for i in range(16)]
+    limits = [1 + (3 * i) % 9 for i in range(16)]
+    loop = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager")
+    assert engine.generate(more, limits).tokens == [loop.generate([p], n).tokens[0] for p, n in zip(more, limits)]
+    assert engine.compiled_graphs() == 3
+    counts = sorted((g.counts for g in paiton.fusion_graphs(model)), key=lambda c: (c["one_row_linear"], c["kv_cache_write"]))
+    layers = 2
+    common = dict(merged_projections=2 * layers, fused_add_rms_norm=2 * layers, rms_norm=2 * layers + 1,
+                  qk_norm_rope=layers, swiglu=layers)
+    assert counts == [
+        fusions(**common),  # prefill: attention over the new tokens (SDPA), its cache write left to Inductor
+        fusions(**common, kv_cache_write=layers, decode_attention=layers),  # decode, batch 2 and up
+        fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode at batch 1: the GEMVs too
+                one_row_linear=2 * layers + 1, silu_mul_linear=layers),
+    ]
+
+
+def test_stop_tokens_and_on_token_stops(model, alone):
+    engine = Engine(model, max_slots=2, max_length=64, backend="eager")
+    stop = alone[0][4]
+    result = engine.generate([PROMPTS[0], PROMPTS[1]], 12, stop_token_ids=[stop])
+    first_stop = alone[0].index(stop)
+    assert result.tokens[0] == alone[0][:first_stop + 1] and result.finish_reasons[0] == "stop"
+    # A callback that says stop (a stop string, for the server) ends the request there.
+    seen = []
+    request = EngineRequest(PROMPTS[3], 14, on_token=lambda token, t: (seen.append(token), len(seen) == 3)[1])
+    engine.submit(request)
+    engine.run_until_done()
+    assert request.tokens == alone[3][:3] and request.finish_reason == "stop"
+
+
+def test_abort_frees_the_slot_and_others_are_unaffected(model, alone):
+    """One slot, two requests: the first is aborted after two tokens; the second gets the slot
+    and its tokens are its solo ones."""
+    engine = Engine(model, max_slots=1, max_length=64, backend="eager")
+    finished = []
+    first = EngineRequest(PROMPTS[0], 12)
+    first.on_token = lambda token, t: engine.abort(first) if len(first.tokens) == 2 else None
+    first.on_finish = finished.append
+    second = EngineRequest(PROMPTS[2], LIMITS[2])
+    engine.submit(first)
+    engine.submit(second)
+    engine.run_until_done()
+    assert first.finish_reason == "abort" and finished == ["abort"] and first.tokens == alone[0][:len(first.tokens)]
+    assert len(first.tokens) <= 3
+    assert second.tokens == alone[2] and second.finish_reason == "length"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    """A request's own seed draws from its own generator: alone or beside greedy requests, the
+    same tokens."""
+    sampling = Sampling(temperature=0.9, top_k=50, top_p=0.9, seed=1234)
+    engine = Engine(model, max_slots=4, max_length=64, backend="eager")
+    solo = EngineRequest(PROMPTS[1], 10, sampling)
+    engine.submit(solo)
+    engine.run_until_done()
+    crowd = [EngineRequest(p, 10) for p in PROMPTS[:3]] + [EngineRequest(PROMPTS[1], 10, sampling)]
+    for request in crowd:
+        engine.submit(request)
+    engine.run_until_done()
+    assert crowd[-1].tokens == solo.tokens
+    other = EngineRequest(PROMPTS[1], 10, Sampling(temperature=0.9, top_k=50, top_p=0.9, seed=99))
+    engine.submit(other)
+    engine.run_until_done()
+    assert other.tokens != solo.tokens  # the seed matters (a 10-token draw agreeing by chance: negligible)
+
+
+def test_requests_from_many_threads(model, alone):
+    """The engine on its own thread, requests submitted from several threads at once."""
+    engine = Engine(model, max_slots=3, max_length=64, backend="eager")
+    engine.start()
+    try:
+        done = [threading.Event() for _ in PROMPTS]
+        requests = [EngineRequest(p, n, on_finish=lambda reason, e=e: e.set()) for p, n, e in zip(PROMPTS, LIMITS, done)]
+        threads = [threading.Thread(target=engine.submit, args=(r,)) for r in requests]
+        for thread in threads:
+            thread.start()
+        for event in done:
+            assert event.wait(60)
+    finally:
+        engine.stop()
+    assert [r.tokens for r in requests] == alone
+
+
+@pytest.mark.parametrize("prompt, max_tokens, message", [
+    ([], 4, "prompt is empty"),
+    ([1, 2], 0, "max_tokens must be at least 1"),
+    ([1] * 60, 8, "exceeds the context"),
+    ([1, 512], 4, r"token ids must be integers in \[0, 512\)"),
+    ([1, -1], 4, "token ids must be integers"),
+    ([1, 2.5], 4, "token ids must be integers"),
+])
+def test_bad_requests_are_clear_errors(model, prompt, max_tokens, message):
+    engine = Engine(model, max_slots=1, max_length=64, backend="eager")
+    with pytest.raises(EngineError, match=message):
+        engine.submit(EngineRequest(prompt, max_tokens))
