@@ -4,6 +4,7 @@
     paiton demo --model qwen3-0.6b --device cuda --mode reduce-overhead
     paiton generate --model tiny --prompt-ids 1,2,3 --prompt-ids 7,8 --max-new-tokens 16
     paiton generate --checkpoint /models/Qwen3-8B --prompt "Hello" --max-new-tokens 64 --temperature 0.7
+    paiton serve --model tiny --port 8000    # OpenAI-compatible server, continuous batching
 
 `demo` compiles a random-weight Qwen3 with `backend="paiton"`, runs a prefill and greedy
 decode steps through transformers' StaticCache beside eager, and prints which fusions fired
@@ -13,6 +14,7 @@ in each graph and how the compiled model's logits and tokens compare with eager'
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -191,6 +193,87 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile_options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs of --compile-option as torch.compile options (true/false, ints, floats, strings)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--compile-option takes KEY=VALUE, got {pair!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[key] = lowered == "true"
+        else:
+            try:
+                options[key] = int(value)
+            except ValueError:
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    options[key] = value
+    return options
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Build the model, its tokenizer and the continuous-batching engine; serve the OpenAI API."""
+    import torch
+
+    from paiton.models.checkpoint import CheckpointError, load_qwen3_checkpoint
+    from paiton.models.engine import Engine
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+    from paiton.models.server import run_server
+    from paiton.models.tokenizer import TokenizerInfo, stand_in_tokenizer
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _progress("no CUDA/ROCm device here; use --device cpu")
+        return 2
+    try:
+        options = _compile_options(args.compile_option)
+    except ValueError as error:
+        _progress(str(error))
+        return 2
+    if args.backend == "paiton" and args.inner != "inductor":
+        options["paiton.inner_compiler"] = args.inner
+    dtype = getattr(torch, DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
+    started = time.perf_counter()
+    tokenizer = None
+    if args.checkpoint:
+        _progress(f"loading {args.checkpoint} onto {device} as {dtype}")
+        try:
+            model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        except CheckpointError as error:
+            _progress(str(error))
+            return 2
+        name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+        info = TokenizerInfo(f"the checkpoint's ({type(tokenizer).__name__})", "checkpoint", len(tokenizer)) if tokenizer else None
+    else:
+        if args.model not in QWEN3_PRESETS:
+            _progress(f"unknown model {args.model!r}; presets: {', '.join(sorted(QWEN3_PRESETS))}")
+            return 2
+        _progress(f"building {args.model} with random weights on {device} as {dtype}")
+        model = build_qwen3(args.model, device=device, dtype=dtype, seed=args.seed)
+        name = args.served_model_name or args.model
+    if tokenizer is None:
+        if args.tokenizer:
+            os.environ["PAITON_TOKENIZER"] = args.tokenizer
+        _progress("loading the stand-in tokenizer (trained on ShareGPT V3 at first use, then cached)")
+        try:
+            tokenizer, info = stand_in_tokenizer(model.config.vocab_size)
+        except (RuntimeError, ValueError) as error:
+            _progress(str(error))
+            return 2
+    mode = "auto" if args.mode == "auto" else (None if args.mode == "default" else args.mode)
+    engine = Engine(model, max_slots=args.max_slots, max_length=args.max_model_len, backend=args.backend, mode=mode,
+                    options=options or None, max_prefill_tokens=args.max_prefill_tokens)
+    warmup = args.warmup if args.warmup is not None else device.startswith("cuda")
+    _progress(f"model ready in {time.perf_counter() - started:.1f} s: {name}, tokenizer: {info.name}; "
+              f"{args.max_slots} slots x {args.max_model_len} tokens, backend {args.backend}"
+              + (f" {options}" if options else "") + (", warming up (compiling) first" if warmup else
+                                                      "; the first requests compile"))
+    return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paiton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -231,7 +314,36 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-stream", dest="stream", action="store_false", help="print only the result, not each token")
     g.set_defaults(run=generate)
 
+    s = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching) over a preset or checkpoint")
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--model", default="tiny", help="preset with random weights (default: tiny)")
+    source.add_argument("--checkpoint", help="a local Hugging Face Qwen3 directory (safetensors; its tokenizer)")
+    s.add_argument("--served-model-name", help="the name clients ask for (default: the preset or directory name)")
+    s.add_argument("--tokenizer", help="a tokenizer.json for a preset (default: the ShareGPT-trained stand-in)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (the one taken is printed)")
+    s.add_argument("--max-slots", type=int, default=32, help="sequences decoded at once (the continuous batch)")
+    s.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens per sequence (the cache length)")
+    s.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens one prefill step packs")
+    s.add_argument("--backend", default="paiton", help="paiton (default), inductor, eager (no compile), any torch.compile backend")
+    s.add_argument("--inner", choices=["inductor", "eager"], default="inductor", help="paiton's inner compiler")
+    s.add_argument("--mode", default="auto", help="auto (reduce-overhead on GPU), default, reduce-overhead, ...")
+    s.add_argument("--compile-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch.compile option (repeatable), e.g. coordinate_descent_tuning=true")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--dtype", choices=sorted(DTYPES))
+    s.add_argument("--seed", type=int, default=0, help="the presets' random weights")
+    s.add_argument("--warmup", dest="warmup", action="store_true", default=None,
+                   help="compile and record CUDA graphs before serving (default on a GPU)")
+    s.add_argument("--no-warmup", dest="warmup", action="store_false")
+    s.set_defaults(run=serve)
+
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        for name in ("max_slots", "max_model_len", "max_prefill_tokens"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        return args.run(args)
     if args.command == "generate":
         if args.max_new_tokens < 1:
             parser.error("--max-new-tokens must be at least 1")

@@ -383,8 +383,11 @@ class Engine:
         ids += [0] * pad
         positions += range(pad)  # distinct slots of the scratch row
         rows += [scratch] * pad
-        # At least two logit rows (a size of 1 would be another graph): repeat the last one.
-        kept = power_of_two_at_least(len(last), 2)
+        # Logit rows in buckets of 2, 8, 32, 128, ... (a size of 1 would be another graph, and
+        # each bucket another CUDA graph per token bucket): the last row repeats.
+        kept = 2
+        while kept < len(last):
+            kept *= 4
         last += [last[-1]] * (kept - len(last))
 
         input_ids, positions_t, rows_t, last_t = (self._upload(v) for v in (ids, positions, rows, last))
@@ -509,6 +512,33 @@ class Engine:
             for table in (self._slot_request, self._lengths, self._scheduled, self._sampling_rows):
                 table[target], table[source] = table[source], table[target]
         # The step in flight still names the old rows for its tokens: _Pending keeps its own list.
+
+    def warm_up(self, prompt_lengths: Sequence[int] = (16,), batch_sizes: Sequence[int] | None = None,
+                timeout_s: float = 3600.0) -> float:
+        """Compile the engine's graphs and record the CUDA graphs of the shapes a run meets
+        first: a prefill of one prompt of each length, and decode at each batch size (default:
+        every power of two up to max_slots; each runs a few steps, and CUDA graph trees record a
+        shape at its second call). Runs on the engine thread if it is started (the CUDA graphs
+        belong to it), else here. Returns the seconds it took."""
+        start = time.perf_counter()
+        batch_sizes = batch_sizes or [1 << i for i in range(self.max_slots.bit_length()) if 1 << i <= self.max_slots]
+        rounds = []
+        for length in sorted(set(prompt_lengths)):
+            rounds.append([EngineRequest([1] * length, 3)])
+        for batch in sorted(set(batch_sizes)):
+            # A batch fills (one packed prefill), then runs 4 steps at that size.
+            rounds.append([EngineRequest([1] * 4, 5) for _ in range(batch)])
+        for requests in rounds:
+            done = threading.Semaphore(0)
+            for request in requests:
+                request.on_finish = lambda reason: done.release()
+                self.submit(request)
+            if self._thread is None:
+                self.run_until_done()
+            for _ in requests:
+                if not done.acquire(timeout=timeout_s):
+                    raise TimeoutError("the engine's warm-up did not finish")
+        return time.perf_counter() - start
 
     # -- introspection --------------------------------------------------------------------
     def compiled_graphs(self) -> int:
