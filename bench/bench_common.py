@@ -96,7 +96,7 @@ def compile_breakdown(before: dict, after: dict, wall_s: float) -> dict:
 def compile_breakdown_markdown(rows: list[dict]) -> str:
     """One line per row whose warm-up compiled something (dynamo ran over a second), for a
     results table's notes ("" when none did)."""
-    lines = [f"- batch {r['batch']}, {r['config']}: {r['compile_s']:.0f} s = dynamo {b['dynamo']:.0f} s (tracing "
+    lines = [f"- batch {r['batch']}, {r.get('label', r['config'])}: {r['compile_s']:.0f} s = dynamo {b['dynamo']:.0f} s (tracing "
              f"{b['tracing']:.0f}, backend {b['backend']:.0f}; Inductor's code generation {b['inductor_codegen']:.0f}, "
              f"waiting on kernel builds {b['kernel_builds']:.0f}) + first runs {b['outside_dynamo']:.0f} s; caches: FX graph "
              f"{b['fxgraph_cache_hit']} hit / {b['fxgraph_cache_miss']} miss / {b['fxgraph_cache_bypass']} bypass, "
@@ -187,6 +187,17 @@ def make_loop(model, config: str, max_batch: int, max_length: int, device: str, 
     backend, kwargs = compile_settings(config, device, paiton_inner)
     return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend=backend,
                       mode=kwargs.get("mode"), options=kwargs.get("options"))
+
+
+def make_engine(model, config: str, max_slots: int, max_length: int, device: str, paiton_inner: str = "inductor"):
+    """A continuous-batching Engine (models/engine.py) for one of CONFIGS, compiled as make_loop's loop is."""
+    from paiton.models.engine import Engine
+
+    if config == "eager":
+        return Engine(model, max_slots=max_slots, max_length=max_length, backend="eager")
+    backend, kwargs = compile_settings(config, device, paiton_inner)
+    return Engine(model, max_slots=max_slots, max_length=max_length, backend=backend, mode=kwargs.get("mode"),
+                  options=kwargs.get("options"))
 
 
 def one_row_choices_markdown(records: list[dict]) -> str:

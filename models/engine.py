@@ -85,6 +85,11 @@ class EngineRequest:
     stop_token_ids: frozenset[int] = frozenset()
     on_token: Callable[[int, float], bool | None] | None = None
     on_finish: Callable[[str], None] | None = None
+    # For parity checks: feed these tokens instead of the sampled ones (teacher forcing), and
+    # keep each step's logits (float32 [vocab], on the CPU at the end) in `logits`.
+    forced_tokens: Sequence[int] | None = None
+    keep_logits: bool = False
+    logits: list = field(default_factory=list)
     # Filled in by the engine:
     tokens: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
@@ -191,6 +196,11 @@ class Engine:
         else:
             if mode == "auto":
                 mode = "reduce-overhead" if self.device.type == "cuda" else None
+            if backend == "inductor" and options and mode is not None:
+                # torch.compile takes a mode or options for Inductor, not both: CUDA graphs as an option.
+                if mode != "reduce-overhead":
+                    raise ValueError(f"Inductor takes a mode or options, not both; got mode {mode!r} and {options}")
+                options, mode = {**options, "triton.cudagraphs": True}, None
             kwargs = {"options": options} if options else {}
             self._decode = torch.compile(decode, backend=backend, mode=mode, fullgraph=True, dynamic=False, **kwargs)
             prefill_mode = mode if prefill_cudagraphs else None
@@ -214,6 +224,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = {"decode": 0, "prefill": 0}
+        self._concurrency = max_slots
+
+    @property
+    def concurrency(self) -> int:
+        """How many of the slots new requests may take (a benchmark's maximum concurrency); max_slots by default."""
+        return self._concurrency
+
+    @concurrency.setter
+    def concurrency(self, value: int) -> None:
+        if not 1 <= value <= self.max_slots:
+            raise ValueError(f"concurrency must be in 1..{self.max_slots}, got {value}")
+        self._concurrency = value
 
     # -- requests, from any thread --------------------------------------------------------
     def check(self, request: EngineRequest) -> None:
@@ -295,7 +317,7 @@ class Engine:
         was nothing to do."""
         self._take_inbox()
         busy = False
-        if self._waiting and None in self._slot_request:
+        if self._waiting and self.live_slots < self._concurrency:
             busy |= self._prefill_waiting()
         self._compact()
         if any(r is not None and self._scheduled[s] < r.max_tokens for s, r in enumerate(self._slot_request)):
@@ -356,6 +378,7 @@ class Engine:
         one prefill step; their first tokens go to their rows of `_last_tokens`."""
         self._buffers()
         free = [slot for slot, r in enumerate(self._slot_request) if r is None]
+        free = free[:max(0, self._concurrency - (self.max_slots - len(free)))]
         chosen, total = [], 0
         while self._waiting and len(chosen) < len(free):
             n = len(self._waiting[0].prompt)
@@ -400,7 +423,7 @@ class Engine:
         cache.positions, cache.rows = positions_t, rows_t
         logits = self._prefill(input_ids, positions_t, rows_t, last_t, cache)[:len(chosen)]
         slots = free[:len(chosen)]
-        first = self._sample(logits, [self._sampling_rows[s] for s in slots], chosen)
+        first = self._sample(logits, [self._sampling_rows[s] for s in slots], chosen, [0] * len(chosen))
         self._last_tokens[self._upload(slots)] = first
         self._pending.append(_Pending(self._to_host(first), list(chosen)))
         self.steps["prefill"] += 1
@@ -410,11 +433,11 @@ class Engine:
         live = [s for s, r in enumerate(self._slot_request) if r is not None]
         batch = power_of_two_at_least(max(live) + 1)
         owners: list[EngineRequest | None] = [None] * batch
-        positions = [0] * batch
+        positions, steps = [0] * batch, [0] * batch
         for slot in live:
             request = self._slot_request[slot]
             if self._scheduled[slot] < request.max_tokens:
-                owners[slot], positions[slot] = request, self._lengths[slot]
+                owners[slot], positions[slot], steps[slot] = request, self._lengths[slot], self._scheduled[slot]
                 self._lengths[slot] += 1
                 self._scheduled[slot] += 1
         positions_t = self._upload(positions)[:, None]
@@ -425,14 +448,31 @@ class Engine:
         cache = self._decode_cache(batch)
         cache.positions = positions_t
         logits = self._decode(input_ids, positions_t, cache)
-        tokens = self._sample(logits, self._sampling_rows[:batch], owners)
+        tokens = self._sample(logits, self._sampling_rows[:batch], owners, steps)
         self._last_tokens[:batch] = tokens
         self._pending.append(_Pending(self._to_host(tokens), owners))
         self.steps["decode"] += 1
 
-    def _sample(self, logits, samplings: list[Sampling], owners: list[EngineRequest | None]) -> torch.Tensor:
+    def _sample(self, logits, samplings: list[Sampling], owners: list[EngineRequest | None],
+                steps: list[int] | None = None) -> torch.Tensor:
         """Each row's token by its own sampling settings: greedy rows by argmax, others by
-        `sample` (one call per distinct setting; a seeded request draws from its generator)."""
+        `sample` (one call per distinct setting; a seeded request draws from its generator).
+        `steps[row]`: which of its tokens the row's request draws now (for teacher forcing)."""
+        forced_rows, forced = [], []
+        for row, owner in enumerate(owners):
+            if owner is None:
+                continue
+            if owner.keep_logits:
+                owner.logits.append(logits[row].clone())
+            if owner.forced_tokens is not None and steps is not None and steps[row] < len(owner.forced_tokens):
+                forced_rows.append(row)
+                forced.append(owner.forced_tokens[steps[row]])
+        tokens = self._sample_free(logits, samplings, owners)
+        if forced_rows:
+            tokens[self._upload(forced_rows)] = self._upload(forced)
+        return tokens
+
+    def _sample_free(self, logits, samplings: list[Sampling], owners: list[EngineRequest | None]) -> torch.Tensor:
         tokens = logits.argmax(-1)
         groups: dict[tuple, list[int]] = {}
         for row, (sampling, owner) in enumerate(zip(samplings, owners)):
@@ -482,6 +522,8 @@ class Engine:
 
     def _finish(self, request: EngineRequest, reason: str) -> None:
         request.finish_reason = reason
+        if request.keep_logits:  # (one step ahead: a step past the end may have added one)
+            request.logits = [row.float().cpu() for row in request.logits[:len(request.tokens)]]
         self._generators.pop(request.id, None)
         for slot, owner in enumerate(self._slot_request):
             if owner is request:

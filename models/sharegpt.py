@@ -47,6 +47,10 @@ def load_conversations(path: str | Path | None = None) -> Conversations:
     decoder = json.JSONDecoder()
     index = _skip_space(text, 0)
     if index >= len(text) or text[index] != "[":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
         raise ValueError(f"{path}: a ShareGPT file is a JSON list of conversations")
     entries, index, truncated = [], _skip_space(text, index + 1), False
     while index < len(text) and text[index] != "]":

@@ -114,6 +114,25 @@ def test_seeded_sampling_does_not_depend_on_the_batch(model):
     assert other.tokens != solo.tokens  # the seed matters (a 10-token draw agreeing by chance: negligible)
 
 
+def test_teacher_forcing_and_kept_logits(model, alone):
+    """forced_tokens feed given tokens instead of the sampled ones (parity checks compare logits
+    step by step, as the GPU test does); keep_logits keeps each step's logits."""
+    engine = Engine(model, max_slots=3, max_length=64, backend="eager")
+    solo = EngineRequest(PROMPTS[0], 8, keep_logits=True)
+    engine.submit(solo)
+    engine.run_until_done()
+    forced = [(t + 1) % 512 for t in solo.tokens]
+    crowd = [EngineRequest(PROMPTS[0], 8, forced_tokens=forced, keep_logits=True), EngineRequest(PROMPTS[1], 5)]
+    for request in crowd:
+        engine.submit(request)
+    engine.run_until_done()
+    assert solo.tokens == alone[0][:8] and crowd[0].tokens == forced
+    assert len(solo.logits) == len(crowd[0].logits) == 8
+    assert [int(row.argmax()) for row in solo.logits] == solo.tokens
+    torch.testing.assert_close(crowd[0].logits[0], solo.logits[0])  # the same prompt: the same first logits
+    assert not torch.equal(crowd[0].logits[1], solo.logits[1])  # another token fed
+
+
 def test_requests_from_many_threads(model, alone):
     """The engine on its own thread, requests submitted from several threads at once."""
     engine = Engine(model, max_slots=3, max_length=64, backend="eager")

@@ -120,6 +120,48 @@ def test_cpu_smoke_run(tmp_path):
     assert table.count("| paiton |") == 2 and result_path.with_suffix(".png").stat().st_size > 0
 
 
+def test_continuous_and_static_schedulers_in_one_run(tmp_path):
+    """--schedulers static,continuous: the engine's continuous batch beside the bundled loop's
+    static batches on the same requests; both give eager's greedy tokens, and the table
+    compares their throughput per batch size."""
+    import serving
+
+    serving.main(["--model", "tiny", "--num-prompts", "8", "--rounds", "2", "--batch-sizes", "1,4", "--configs",
+                  "eager,paiton", "--schedulers", "static,continuous", "--paiton-inner", "eager", "--device", "cpu",
+                  "--out", str(tmp_path), "--max-prompt-len", "20", "--output-len", "7"])
+    (result_path,) = tmp_path.glob("serving-tiny-CPU-*.json")
+    rows = json.loads(result_path.read_text())["rows"]
+    assert {(r["batch"], r["label"]) for r in rows} == {(b, l) for b in (1, 4) for l in ("eager", "paiton", "paiton:continuous")}
+    for row in rows:
+        assert row["completed"] == 2 * row["batch"] and row["sequences_equal_to_eager"] == row["completed"], row
+        if row["scheduler"] == "continuous":
+            assert row["sequences_equal_to_static"] == row["completed"]
+            assert row["median_ttft_ms"] > 0 and row["total_token_throughput"] > 0
+    table = result_path.with_suffix(".md").read_text()
+    assert table.count("| paiton | continuous |") == 2 and "x |\n" in table
+
+
+def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
+    """--serve: the benchmark starts `paiton serve` and measures it as a client, on a workload
+    saved to a file (the form a machine without the dataset takes), Poisson arrivals."""
+    import serving
+
+    monkeypatch.setenv("PAITON_CACHE_DIR", str(tmp_path / "cache"))
+    workload = tmp_path / "workload.json"
+    serving.main(["--model", "tiny", "--num-prompts", "6", "--max-prompt-len", "20", "--output-len", "9",
+                  "--save-requests", str(workload)])
+    serving.main(["--model", "tiny", "--requests", str(workload), "--num-prompts", "6", "--batch-sizes", "1,3",
+                  "--configs", "paiton", "--serve", "--paiton-inner", "eager", "--device", "cpu", "--request-rate", "50",
+                  "--out", str(tmp_path)])
+    (result_path,) = tmp_path.glob("serving-tiny-CPU-*.json")
+    result = json.loads(result_path.read_text())
+    assert result["env"]["requests_file"] == "workload.json" and result["env"]["mean_prompt_len"] > 0
+    for row in result["rows"]:
+        assert row["scheduler"] == "http" and row["completed"] == 6 and row["failed"] == 0, row
+        assert row["total_output_tokens"] == sum(r["output_len"] for r in json.loads(workload.read_text())["requests"])
+        assert row["median_tpot_ms"] > 0 and row["request_rate"] == 50
+
+
 def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypatch):
     """One device command may run 10 minutes: the results are rewritten after every
     configuration, so a run stopped inside a batch size keeps that batch's finished rows (and
@@ -165,7 +207,8 @@ def test_decode_step_logits_compare_only_rows_whose_first_token_matched():
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "qwen3-1b"], "unknown preset"),
     (["--model", "tiny", "--num-prompts", "2", "--batch-sizes", "4"], "batch sizes must be in 1..--num-prompts"),
-    (["--model", "tiny", "--dataset", "missing.json"], "--dataset needs --checkpoint"),
+    (["--model", "tiny", "--schedulers", "static,batched"], "unknown scheduler"),
+    (["--model", "tiny", "--serve", "--schedulers", "continuous"], "leave --schedulers out"),
     (["--model", "tiny", "--num-prompts", "4", "--batch-sizes", "1,4", "--rounds", "2"], "needs 1..--num-prompts"),
     (["--model", "tiny", "--configs", "eager,vllm"], "unknown configuration"),
 ])

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device session's runs, in order, each under its own time limit, for bench/detached.sh to
+# carry across the device's 10-minute commands (the run outlives each command; compiles happen
+# once). Results and logs go to $DETACHED_OUT (or $OUT); each step prints one line when it ends.
+#
+#   bash bench/detached.sh start S 570 'PAITON_COMMIT=<sha> STEPS="continuous gpu_tests sharegpt_32b" bash bench/session.sh'
+#   bash bench/detached.sh wait S 570        # in each later command, until it says "done"
+#
+# Steps (STEPS, in the order given):
+#   continuous    Qwen3-8B, synthetic ShareGPT-like workload, batches 1, 8, 32, 128: the engine's
+#                 continuous batch against the bundled loop's static batches, Paiton both (issue 19)
+#   gpu_tests     pytest -m gpu
+#   sharegpt_32b  Qwen3-32B through `paiton serve` over HTTP on ShareGPT V3 prompts (a workload
+#                 file made on CPU: WORKLOAD), dataset output lengths, batches SHAREGPT_BATCHES
+#                 (issue 20), configurations SHAREGPT_CONFIGS
+# The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
+# machine has no dataset to train it on).
+set -uo pipefail
+out=${DETACHED_OUT:-${OUT:-/tmp/paiton-session}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; cat "$out/install.log"; exit 1; }
+if [ -n "${TOKENIZER_GZ:-}" ] && [ -f "$TOKENIZER_GZ" ]; then
+  gunzip -c "$TOKENIZER_GZ" > /tmp/stand-in-tokenizer.json && export PAITON_TOKENIZER=/tmp/stand-in-tokenizer.json
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers, aiohttp; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'aiohttp', aiohttp.__version__)"
+} > "$out/versions.log" 2>&1
+cat "$out/versions.log"
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local began=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "step $name: rc=$rc in $((SECONDS - began)) s"
+}
+
+for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
+  case $name in
+    continuous)
+      step continuous "${CONTINUOUS_TIMEOUT:-900}" python3 bench/serving.py --model qwen3-8b --configs paiton \
+        --schedulers static,continuous --batch-sizes 1,8,32,128 --num-prompts 256 --rounds 2 --min-prompts 16 \
+        --max-prompt-len 512 --tag continuous-vs-static --out "$out" ;;
+    gpu_tests)
+      step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu tests/ ;;
+    sharegpt_32b)
+      step sharegpt_32b "${SHAREGPT_TIMEOUT:-900}" python3 bench/serving.py --model qwen3-32b --serve \
+        --configs "${SHAREGPT_CONFIGS:-paiton}" --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
+        --rounds 2 --min-prompts 32 --batch-sizes "${SHAREGPT_BATCHES:-128,32,8,1}" --tag sharegpt-http --out "$out" ;;
+    *) echo "unknown step $name" ;;
+  esac
+done
+tail -3 "$out"/gpu_tests.log 2>/dev/null
+for f in "$out"/serving-*.md; do [ -f "$f" ] && { echo "== $f"; grep -E "^\| [0-9]+ \|" "$f"; }; done
