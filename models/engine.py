@@ -555,18 +555,23 @@ class Engine:
                 table[target], table[source] = table[source], table[target]
         # The step in flight still names the old rows for its tokens: _Pending keeps its own list.
 
-    def warm_up(self, prompt_lengths: Sequence[int] = (16,), batch_sizes: Sequence[int] | None = None,
+    def warm_up(self, prompt_lengths: Sequence[int] | None = None, batch_sizes: Sequence[int] | None = None,
                 timeout_s: float = 3600.0) -> float:
         """Compile the engine's graphs and record the CUDA graphs of the shapes a run meets
-        first: a prefill of one prompt of each length, and decode at each batch size (default:
-        every power of two up to max_slots; each runs a few steps, and CUDA graph trees record a
-        shape at its second call). Runs on the engine thread if it is started (the CUDA graphs
-        belong to it), else here. Returns the seconds it took."""
+        most: a prefill of one prompt of each length (default: each prefill bucket, 16 to
+        max_prefill_tokens, so a lone request's prefill never records during a run), and decode
+        at each batch size (default: every power of two up to max_slots; each runs a few steps,
+        and CUDA graph trees record a shape at its second call). Runs on the engine thread if it
+        is started (the CUDA graphs belong to it), else here. Returns the seconds it took."""
         start = time.perf_counter()
         batch_sizes = batch_sizes or [1 << i for i in range(self.max_slots.bit_length()) if 1 << i <= self.max_slots]
+        if prompt_lengths is None:
+            longest = min(self.max_prefill_tokens, self.max_length - 3)
+            prompt_lengths = [n for n in (MIN_PREFILL_TOKENS << i for i in range(16)) if n <= longest] or [1]
         rounds = []
         for length in sorted(set(prompt_lengths)):
-            rounds.append([EngineRequest([1] * length, 3)])
+            for _ in range(2):  # recorded at the second call
+                rounds.append([EngineRequest([1] * length, 3)])
         for batch in sorted(set(batch_sizes)):
             # A batch fills (one packed prefill), then runs 4 steps at that size.
             rounds.append([EngineRequest([1] * 4, 5) for _ in range(batch)])

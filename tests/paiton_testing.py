@@ -211,3 +211,17 @@ def attention_inputs(batch, seq, q_heads, kv_heads, head_dim, start, dtype, seed
         angles = torch.randn(1, seq, head_dim, generator=g) * 3
         positions = torch.arange(start, start + seq)
     return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), positions
+
+
+FUSION_MODULES = ("decode_attention", "packed_linear", "qk_norm_rope", "rms_norm", "swiglu")
+
+
+def use_reference_kernels(monkeypatch) -> None:
+    """Run Paiton's ops on their CPU references (eager's operations) instead of the Triton
+    kernels in the interpreter, for tests of what is around the ops (a loop, a server, a
+    benchmark) that would otherwise spend minutes interpreting kernels tested on their own."""
+    import importlib
+
+    for name in FUSION_MODULES:
+        monkeypatch.setattr(importlib.import_module(f"paiton.fusion.{name}"), "is_interpreted", lambda kernel: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # and in the processes the test starts

@@ -120,12 +120,15 @@ def test_cpu_smoke_run(tmp_path):
     assert table.count("| paiton |") == 2 and result_path.with_suffix(".png").stat().st_size > 0
 
 
-def test_continuous_and_static_schedulers_in_one_run(tmp_path):
+def test_continuous_and_static_schedulers_in_one_run(tmp_path, monkeypatch):
     """--schedulers static,continuous: the engine's continuous batch beside the bundled loop's
     static batches on the same requests; both give eager's greedy tokens, and the table
-    compares their throughput per batch size."""
+    compares their throughput per batch size. (Paiton's ops on their CPU references: the
+    kernels are tested on their own.)"""
     import serving
+    from paiton_testing import use_reference_kernels
 
+    use_reference_kernels(monkeypatch)
     serving.main(["--model", "tiny", "--num-prompts", "8", "--rounds", "2", "--batch-sizes", "1,4", "--configs",
                   "eager,paiton", "--schedulers", "static,continuous", "--paiton-inner", "eager", "--device", "cpu",
                   "--out", str(tmp_path), "--max-prompt-len", "20", "--output-len", "7"])
@@ -145,7 +148,9 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
     """--serve: the benchmark starts `paiton serve` and measures it as a client, on a workload
     saved to a file (the form a machine without the dataset takes), Poisson arrivals."""
     import serving
+    from paiton_testing import use_reference_kernels
 
+    use_reference_kernels(monkeypatch)  # in the server too
     monkeypatch.setenv("PAITON_CACHE_DIR", str(tmp_path / "cache"))
     workload = tmp_path / "workload.json"
     serving.main(["--model", "tiny", "--num-prompts", "6", "--max-prompt-len", "20", "--output-len", "9",
