@@ -265,3 +265,34 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
             assert 0 < spent["backend"] <= spent["dynamo"] <= row["compile_s"], spent
             assert spent["outside_dynamo"] == pytest.approx(row["compile_s"] - spent["dynamo"])
         assert "Compile time by phase" in result_path.with_suffix(".md").read_text()
+
+
+def test_reference_table_puts_our_rows_beside_the_reference(tmp_path):
+    """bench/reference_table.py: per batch size and scenario (the file's output length), the
+    newest file's row, the reference rows, and the ratios the issue's targets name."""
+    import reference_table
+
+    def result(path, date, output_len, rows):
+        env = dict(date=date, card="NVIDIA H200", torch="2.11", triton="3.6", commit="abc", model="qwen3-32b",
+                   output_len=output_len, tokenizer="stand-in", mean_prompt_len=200.0, mean_output_len=180.0,
+                   rounds=2, min_prompts=32, num_prompts=256)
+        rows = [dict(batch=b, config=c, label=c, scheduler="http", total_token_throughput=t, output_throughput=t / 2,
+                     mean_tpot_ms=20.0, mean_ttft_ms=50.0, completed=32) for b, c, t in rows]
+        path.write_text(json.dumps(dict(env=env, rows=rows)))
+        return str(path)
+
+    old = result(tmp_path / "old.json", "2026-12-01 10:00 UTC", None, [(8, "paiton", 100.0), (32, "paiton", 900.0)])
+    new = result(tmp_path / "new.json", "2026-12-02 10:00 UTC", None, [(8, "paiton", 432.26), (8, "inductor-cdt", 216.13)])
+    fixed = result(tmp_path / "fixed.json", "2026-12-02 11:00 UTC", 256, [(128, "paiton", 5286.78)])
+    reference_table.main([old, new, fixed, "--out", str(tmp_path)])
+    (table_path,) = tmp_path.glob("reference_table-qwen3-32b-NVIDIA_H200-*.json")
+    table = {e["batch"]: e for e in json.loads(table_path.read_text())["table"]}
+    assert table[8]["ours"]["paiton, dataset"]["total_tok_s"] == 432.26  # the newer file wins
+    assert table[8]["ratios"]["paiton / Paiton, MI300X, dataset"] == pytest.approx(2.0)
+    assert table[8]["ratios"]["paiton / inductor-cdt, dataset"] == pytest.approx(2.0)
+    assert table[32]["ours"]["paiton, dataset"]["total_tok_s"] == 900.0  # only the old file has it
+    assert table[128]["ratios"]["paiton / Paiton, MI300X, fixed 256"] == pytest.approx(1.2)
+    assert table[1]["ours"] == {} and table[1]["reference"]["vLLM, H200, dataset"] == 43.46
+    markdown = table_path.with_suffix(".md").read_text()
+    assert "| 8 | 432.3 (2.00x) |" in markdown and "216.1 / -" in markdown and "2.00x / -" in markdown
+    assert "Not like for like" in markdown and table_path.with_suffix(".png").stat().st_size > 0
