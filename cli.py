@@ -128,26 +128,13 @@ def generate(args: argparse.Namespace) -> int:
         return 2
     if device == "cpu" and args.backend == "paiton":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Paiton's kernels, interpreted (see `demo`)
-    from paiton.models.checkpoint import CheckpointError, load_qwen3_checkpoint
     from paiton.models.decode_loop import DecodeLoop, Sampling
-    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
-    dtype = getattr(torch, DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
-    tokenizer = None
     started = time.perf_counter()
-    if args.checkpoint:
-        _progress(f"loading {args.checkpoint} onto {device} as {dtype}")
-        try:
-            model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=device, dtype=dtype)
-        except CheckpointError as error:
-            _progress(str(error))
-            return 2
-    else:
-        if args.model not in QWEN3_PRESETS:
-            _progress(f"unknown model {args.model!r}; presets: {', '.join(sorted(QWEN3_PRESETS))}")
-            return 2
-        _progress(f"building {args.model} with random weights on {device} as {dtype}")
-        model = build_qwen3(args.model, device=device, dtype=dtype, seed=args.seed)
+    loaded = _load_model(args, device)
+    if loaded is None:
+        return 2
+    model, tokenizer = loaded
     if args.prompt is not None:
         if tokenizer is None:
             _progress("--prompt needs a checkpoint directory with a tokenizer; give --prompt-ids instead")
@@ -193,6 +180,29 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace, device: str):
+    """(model, its tokenizer or None) from --checkpoint or the --model preset, in --dtype (default
+    bf16 on a GPU, fp32 on CPU); None after saying what is wrong (a bad checkpoint, an unknown preset)."""
+    import torch
+
+    from paiton.models.checkpoint import CheckpointError, load_qwen3_checkpoint
+    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
+
+    dtype = getattr(torch, DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
+    if args.checkpoint:
+        _progress(f"loading {args.checkpoint} onto {device} as {dtype}")
+        try:
+            return load_qwen3_checkpoint(args.checkpoint, device=device, dtype=dtype)
+        except CheckpointError as error:
+            _progress(str(error))
+            return None
+    if args.model not in QWEN3_PRESETS:
+        _progress(f"unknown model {args.model!r}; presets: {', '.join(sorted(QWEN3_PRESETS))}")
+        return None
+    _progress(f"building {args.model} with random weights on {device} as {dtype}")
+    return build_qwen3(args.model, device=device, dtype=dtype, seed=args.seed), None
+
+
 def _compile_options(pairs: list[str]) -> dict:
     """KEY=VALUE pairs of --compile-option as torch.compile options (true/false, ints, floats, strings)."""
     options = {}
@@ -218,9 +228,7 @@ def serve(args: argparse.Namespace) -> int:
     """Build the model, its tokenizer and the continuous-batching engine; serve the OpenAI API."""
     import torch
 
-    from paiton.models.checkpoint import CheckpointError, load_qwen3_checkpoint
     from paiton.models.engine import Engine
-    from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
     from paiton.models.server import run_server
     from paiton.models.tokenizer import TokenizerInfo, stand_in_tokenizer
 
@@ -235,26 +243,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if args.backend == "paiton" and args.inner != "inductor":
         options["paiton.inner_compiler"] = args.inner
-    dtype = getattr(torch, DTYPES[args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")])
     started = time.perf_counter()
-    tokenizer = None
-    if args.checkpoint:
-        _progress(f"loading {args.checkpoint} onto {device} as {dtype}")
-        try:
-            model, tokenizer = load_qwen3_checkpoint(args.checkpoint, device=device, dtype=dtype)
-        except CheckpointError as error:
-            _progress(str(error))
-            return 2
-        name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
-        info = TokenizerInfo(f"the checkpoint's ({type(tokenizer).__name__})", "checkpoint", len(tokenizer)) if tokenizer else None
+    loaded = _load_model(args, device)
+    if loaded is None:
+        return 2
+    model, tokenizer = loaded
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else args.model)
+    if tokenizer is not None:
+        info = TokenizerInfo(f"the checkpoint's ({type(tokenizer).__name__})", "checkpoint", len(tokenizer))
     else:
-        if args.model not in QWEN3_PRESETS:
-            _progress(f"unknown model {args.model!r}; presets: {', '.join(sorted(QWEN3_PRESETS))}")
-            return 2
-        _progress(f"building {args.model} with random weights on {device} as {dtype}")
-        model = build_qwen3(args.model, device=device, dtype=dtype, seed=args.seed)
-        name = args.served_model_name or args.model
-    if tokenizer is None:
         if args.tokenizer:
             os.environ["PAITON_TOKENIZER"] = args.tokenizer
         _progress("loading the stand-in tokenizer (trained on ShareGPT V3 at first use, then cached)")

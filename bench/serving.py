@@ -386,20 +386,23 @@ def serve_arguments(args, config_name, max_slots, max_length) -> list[str]:
 def main_http(args, configs, batches, requests, env, config):
     """Each configuration's server (started here with --serve, or the one at --base-url) driven
     over HTTP at each batch size (max concurrency), as vLLM's benchmark client does."""
-    from serving_client import run_http, start_server, stop_server
+    from serving_client import run_http
+
+    from paiton.models.server import launch
 
     rows, table = [], ""
     os.makedirs(args.out, exist_ok=True)
     max_length = -(-max(len(r.prompt) + r.output_len for r in requests) // 64) * 64
     progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark (HTTP)", unit="run", file=sys.stderr)
     for config_name in configs:
-        process = None
+        server = None
         started = time.perf_counter()
         if args.serve:
             progress.set_postfix_str(f"{config_name}: starting paiton serve (compiling, warming up)")
-            process, url = start_server(serve_arguments(args, config_name, max(batches), max_length),
-                                        log_path=os.path.join(args.out, f"serve-{config_name}.log"))
-            model_name = "bench"
+            server = launch(serve_arguments(args, config_name, max(batches), max_length),
+                            log_path=os.path.join(args.out, f"serve-{config_name}.log"))
+            url, model_name = server.url, server.model_name
+            env.setdefault("server_tokenizer", server.tokenizer)
         else:
             url, model_name = args.base_url, args.served_model or args.model
         server_start_s = time.perf_counter() - started
@@ -430,8 +433,8 @@ def main_http(args, configs, batches, requests, env, config):
                 stem = write_results(args.out, result_stem(env, args), dict(env=env, rows=rows), table, echo=False)
                 plot(rows, configs, env, stem + ".png")
         finally:
-            if process is not None:
-                stop_server(process)
+            if server is not None:
+                server.stop()
     progress.close()
     print(table)
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -94,45 +92,3 @@ def run_http(base_url: str, model: str, requests, max_concurrency: int, request_
     return asyncio.run(_run(base_url, model, requests, max_concurrency, request_rate, seed))
 
 
-def start_server(arguments: list[str], timeout_s: float = 3600.0, log_path: str | None = None):
-    """Start `paiton serve ARGUMENTS --port 0` and wait until it prints its address (after its
-    warm-up). Returns (process, base URL); the server's output goes to `log_path`."""
-    import re
-    import threading
-
-    command = [sys.executable, "-m", "paiton", "serve", *arguments, "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    log = open(log_path, "a") if log_path else None
-    deadline, lines = time.time() + timeout_s, []
-    url = None
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if log:
-            log.write(line)
-            log.flush()
-        if match := re.search(r"serving \S+ on (http://[\d.]+:\d+)/v1", line):
-            url = match.group(1)
-            break
-    if url is None:
-        process.kill()
-        raise RuntimeError("paiton serve did not start:\n" + "".join(lines[-40:]))
-
-    def drain():
-        for line in process.stdout:
-            if log:
-                log.write(line)
-                log.flush()
-
-    threading.Thread(target=drain, daemon=True).start()
-    return process, url
-
-
-def stop_server(process) -> None:
-    process.terminate()
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        process.kill()

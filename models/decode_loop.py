@@ -108,6 +108,18 @@ def prompt_bucket(length: int, max_length: int) -> int:
     return min(bucket, max_length)
 
 
+def copy_to_host(tensor: torch.Tensor) -> Callable[[], list]:
+    """Queue the copy of `tensor` to pinned host memory now (it runs before whatever is launched
+    after it, and the host does not wait); call the result to wait for it and get its values."""
+    if tensor.device.type != "cuda":
+        return tensor.tolist
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: (copied.synchronize(), host.tolist())[1]
+
+
 def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row of `logits` [B, vocab] (float32), on the device."""
     if sampling.temperature == 0:
@@ -265,14 +277,7 @@ class DecodeLoop:
         def to_host(tokens):
             """Queue the copy of the tokens and their stop flags to the host now, so that it
             runs before whatever is launched next; call the result to wait for it."""
-            both = torch.stack([tokens, torch.isin(tokens, stop).to(tokens.dtype)])
-            if device.type != "cuda":
-                return both.tolist
-            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-            host.copy_(both, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-            return lambda: (copied.synchronize(), host.tolist())[1]
+            return copy_to_host(torch.stack([tokens, torch.isin(tokens, stop).to(tokens.dtype)]))
 
         pending = step(ids.to(device), torch.arange(padded, device=device))  # token 0, on the device
         for i in range(max_new_tokens):

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paiton.models.decode_loop import Generation, Sampling, sample
+from paiton.models.decode_loop import Generation, Sampling, copy_to_host, sample
 
 MIN_PREFILL_TOKENS = 16  # the smallest prefill bucket
 
@@ -425,7 +425,7 @@ class Engine:
         slots = free[:len(chosen)]
         first = self._sample(logits, [self._sampling_rows[s] for s in slots], chosen, [0] * len(chosen))
         self._last_tokens[self._upload(slots)] = first
-        self._pending.append(_Pending(self._to_host(first), list(chosen)))
+        self._pending.append(_Pending(copy_to_host(first), list(chosen)))
         self.steps["prefill"] += 1
         return True
 
@@ -450,7 +450,7 @@ class Engine:
         logits = self._decode(input_ids, positions_t, cache)
         tokens = self._sample(logits, self._sampling_rows[:batch], owners, steps)
         self._last_tokens[:batch] = tokens
-        self._pending.append(_Pending(self._to_host(tokens), owners))
+        self._pending.append(_Pending(copy_to_host(tokens), owners))
         self.steps["decode"] += 1
 
     def _sample(self, logits, samplings: list[Sampling], owners: list[EngineRequest | None],
@@ -495,16 +495,6 @@ class Engine:
         if self.device.type != "cuda":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
-
-    def _to_host(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
-        """Queue the copy of `tokens` to the host now; call the result to wait for it."""
-        if self.device.type != "cuda":
-            return tokens.tolist
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return lambda: (copied.synchronize(), host.tolist())[1]
 
     def _deliver(self, pending: _Pending) -> None:
         values = pending.fetch()

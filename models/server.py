@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -447,3 +448,63 @@ def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_n
 
     asyncio.run(main())
     return 0
+
+
+SERVING_LINE = re.compile(r"\[paiton\] serving (\S+) on (http://[\d.]+:\d+)/v1 \(tokenizer: (.*)\)")
+
+
+@dataclass
+class ServerProcess:
+    """A `paiton serve` started by `launch`: the process, its base URL, the model name it
+    serves, the tokenizer it says it uses, and every line it printed so far."""
+
+    process: object
+    url: str
+    model_name: str
+    tokenizer: str
+    lines: list[str]
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        import subprocess
+
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def launch(arguments: list[str], env: dict | None = None, timeout_s: float = 3600.0, log_path: str | None = None) -> ServerProcess:
+    """Start `python -m paiton serve ARGUMENTS --port 0` and wait until it prints its address
+    (after its warm-up, if any); its output goes on being read (into `lines`, and `log_path`).
+    Tests and the benchmark's HTTP mode start servers this way, on a free local port."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    command = [sys.executable, "-m", "paiton", "serve", *arguments, "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines, found = [], threading.Event()
+    match = []
+    log = open(log_path, "a") if log_path else None
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if log:
+                log.write(line)
+                log.flush()
+            if not found.is_set() and (hit := SERVING_LINE.search(line)):
+                match.append(hit)
+                found.set()
+        found.set()  # the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(timeout_s)
+    if not match:
+        process.kill()
+        raise RuntimeError("paiton serve did not start:\n" + "".join(lines[-40:]))
+    name, url, tokenizer = match[0].groups()
+    return ServerProcess(process, url, name, tokenizer, lines)

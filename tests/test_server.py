@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,6 +19,7 @@ aiohttp = pytest.importorskip("aiohttp")
 
 from paiton.models.decode_loop import DecodeLoop  # noqa: E402
 from paiton.models.qwen3 import build_qwen3  # noqa: E402
+from paiton.models.server import launch  # noqa: E402
 from paiton.models.tokenizer import stand_in_tokenizer  # noqa: E402
 
 SLOTS, MAX_LEN = 4, 96
@@ -37,35 +36,15 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(cache_dir):
-    """The server process (Paiton's passes on the tiny preset, the eager inner compiler) and its base URL."""
-    command = [sys.executable, "-m", "paiton", "serve", "--model", "tiny", "--port", "0", "--max-slots", str(SLOTS),
-               "--max-model-len", str(MAX_LEN), "--max-prefill-tokens", "64", "--inner", "eager", "--no-warmup"]
-    # Paiton's ops on their CPU references in the server (eager's operations; the kernels are
-    # tested on their own, and interpreting them would make this module minutes slower).
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0"})
-    lines = []
-    deadline = time.time() + 180
-    url = None
-    while time.time() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if match := re.search(r"serving tiny on (http://[\d.]+:\d+)/v1", line):
-            url = match.group(1)
-            break
-    if url is None:
-        process.kill()
-        pytest.fail("paiton serve did not start:\n" + "".join(lines))
-    drain = threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True)
-    drain.start()
-    yield url
-    process.terminate()
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    """The server process (Paiton's passes on the tiny preset, the eager inner compiler) and its base URL.
+    Paiton's ops run on their CPU references there (eager's operations; the kernels are tested
+    on their own, and interpreting them would make this module minutes slower)."""
+    process = launch(["--model", "tiny", "--max-slots", str(SLOTS), "--max-model-len", str(MAX_LEN),
+                      "--max-prefill-tokens", "64", "--inner", "eager", "--no-warmup"],
+                     env={"TRITON_INTERPRET": "0"}, timeout_s=180)
+    assert process.model_name == "tiny" and "stand-in" in process.tokenizer
+    yield process.url
+    process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +228,25 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, solo):
         time.sleep(0.1)
     else:
         pytest.fail("a slot stayed taken after every client finished or left")
+
+
+def test_serving_a_checkpoint_with_its_own_tokenizer(tmp_path, cache_dir, solo):
+    """`paiton serve --checkpoint DIR`: the directory's weights and tokenizer (here the tiny
+    preset and the stand-in, saved as a checkpoint would hold them); text in, the loop's tokens out."""
+    model = build_qwen3("tiny", dtype=torch.float32, seed=5)
+    model.save_pretrained(tmp_path)
+    generate, tokenizer = solo
+    tokenizer.save_pretrained(tmp_path)
+    server = launch(["--checkpoint", str(tmp_path), "--backend", "eager", "--max-slots", "2", "--max-model-len", "64",
+                     "--no-warmup"], timeout_s=120)
+    try:
+        name, url = server.model_name, server.url
+        assert name == tmp_path.name and "checkpoint" in server.tokenizer
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.completions.create(model=name, prompt="Hello there", max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+        loop = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager")
+        expected = loop.generate([tokenizer("Hello there", add_special_tokens=False).input_ids], 6).tokens[0]
+        assert reply.choices[0].token_ids == expected
+    finally:
+        server.stop()
