@@ -10,6 +10,11 @@ a functional `index_put` plus a copy back into the cache input at the end)::
     attention(q_rot, k_all, v_all, ...)                           # paiton.decode_attention or SDPA
     ... copy_(k_cache, k_all); copy_(v_cache, v_all)               # the mutation, at the end
 
+or, in a continuous batch (models/engine.SlotCache: every row holds a sequence of its own
+length, so each writes at its own positions [B, S])::
+
+    k_all = index_put(k_cache, [arange(B)[:, None], None, positions], k_rot.transpose(1, 2))
+
 Fused (auto_functionalized: the graph stays functional; Inductor's reinplacing turns it into
 the in-place kernel call and drops the copies back, as for any mutating custom op)::
 
@@ -20,7 +25,8 @@ so the rotated k is written once, straight into its cache slot, v is copied by t
 kernel, and no [B, Hkv, S, D] k is materialized.
 
 Matched only when: both writes are plain (`accumulate=False`) index_puts along the sequence
-dim with one index tensor `slots` [S]; the caches are graph inputs (a cache made inside the
+dim with one index tensor `slots`, [S] (shared), or [B, S] with sequence b written to row b
+(the row index is arange(B)); the caches are graph inputs (a cache made inside the
 graph would be cloned, not written in place) used by nothing but their write and the copy
 back; the v write is the one whose result the same attention node reads as its values (found
 by walking from attention's key and value arguments through views and repeat_kv). Anything
