@@ -17,6 +17,7 @@ _LAZY = {
     "fusion_graphs": "paiton.backends.fusion_report",
     "PaitonOptionError": "paiton.backends.options",
     "PASS_NAMES": "paiton.passes.pass_manager",
+    "quantize_fp8": "paiton.models.fp8",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -26,7 +26,7 @@ from triton.compiler import ASTSource
 
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
-from paiton.fusion.gemv import _gemv_kernel
+from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.rms_norm import _rms_norm_kernel
 from paiton.fusion.swiglu import _silu_mul_kernel
@@ -117,14 +117,24 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
     return KernelBuild(_qk_norm_rope_kernel, signature, constexprs, options, aligned)
 
 
-def gemv_build(config: dict, dtype: str, gated: bool = False) -> KernelBuild:
+def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str | None = None,
+               scales: int = NO_SCALES) -> KernelBuild:
     """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K);
-    `gated`: SwiGLU applied to the input as it is loaded (silu_mul_linear)."""
-    signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "N": "i32",
-                 "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_N": "constexpr",
-                 "EVEN_K": "constexpr", "GATED": "constexpr"}
-    constexprs, options = _split(_gemv_kernel, config, {"EVEN_N": True, "EVEN_K": True, "GATED": gated})
-    aligned = ["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"]
+    `gated`: SwiGLU applied to the input as it is loaded (silu_mul_linear); `weight_dtype` an FP8
+    type ("fp8e4nv": e4m3fn, NVIDIA; "fp8e4b8": e4m3fnuz, MI300X) with fp32 `scales` per row or
+    per 128 x 128 block (fp8_linear)."""
+    signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype or dtype}", "y_ptr": f"*{dtype}",
+                 "N": "i32", "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                 "EVEN_N": "constexpr", "EVEN_K": "constexpr", "GATED": "constexpr",
+                 "scale_ptr": "*fp32" if scales else "constexpr", "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr",
+                 "SCALES": "constexpr", "SCALE_BLOCK": "constexpr"}
+    launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK}
+    if not scales:
+        launcher["scale_ptr"] = None
+    if scales != BLOCK_SCALES:
+        launcher["stride_sn"] = 0
+    constexprs, options = _split(_gemv_kernel, config, launcher)
+    aligned = ["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
     return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
 
 

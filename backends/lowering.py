@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
-from paiton.fusion.gemv import GEMV_CANDIDATES
+from paiton.fusion.gemv import GEMV_CANDIDATES, gemv_config
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.swiglu import silu_mul_launch_config
@@ -45,8 +45,13 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 # The ops Paiton's passes create (each pass's `fused_op`).
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
-    "one_row_linear", "silu_mul_linear",
+    "one_row_linear", "silu_mul_linear", "fp8_linear",
 )
+
+# FP8 weights (fusion/fp8_linear.py): the format a chip computes in, and the one-row GEMV's
+# launch. Not timed on a GPU yet: 16 rows x 1024 bytes of FP8 per tile (the bf16 table's 16 x
+# 1024 tile in elements, half its bytes), 8 warps: 16-byte loads of W per thread.
+FP8_ONE_ROW = gemv_config(16, 1024, 8, 2)
 
 
 class LoweringKey(NamedTuple):
@@ -92,7 +97,14 @@ _NVIDIA = {
         "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, or "
         "silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
     ),
+    "fp8_linear": Lowering(
+        TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW),
+        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); more rows, the "
+        "weight dequantized to bf16, then cuBLAS (weight-only)",
+    ),
 }
+# Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.
+_SM80 = {**_NVIDIA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "sm_80 has no FP8: quantize_fp8 refuses the chip")}
 
 # ---------------------------------------------------------------------------------------------
 # AMD CDNA (wavefronts of 64): chosen from ahead-of-time compiles, not yet timed on an MI300X.
@@ -124,9 +136,19 @@ _AMD_CDNA = {
     "one_row_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet: one-row linears stay Inductor's (packed ones "
                                "hipBLASLt's)"),
     "silu_mul_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: silu_mul, then the product"),
+    "fp8_linear": Lowering(
+        TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW),
+        "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; more rows, "
+        "dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed",
+    ),
 }
+_GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx90a (MI250) has no FP8: quantize_fp8 "
+                                                                             "refuses the chip")}
 _GFX950 = {
     **_AMD_CDNA,
+    # CDNA4 computes in the OCP format (e4m3fn), as NVIDIA does.
+    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW),
+                           "e4m3fn (OCP FP8, CDNA4): as gfx942 otherwise. Compiled ahead of time, not timed"),
     # Triton deprecates kpack on gfx950 and forces it to 1.
     "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),
 }
@@ -136,13 +158,15 @@ _GFX950 = {
 _CPU = {op: Lowering(REFERENCE, dict(lowering.params), "the op's reference code (TRITON_INTERPRET=1: the Triton kernel)")
         for op, lowering in _NVIDIA.items() if lowering.implementation == TRITON}
 _CPU["packed_linear"] = Lowering(VENDOR, {}, "torch's CPU GEMM over the packed weights")
+_CPU["fp8_linear"] = Lowering(REFERENCE, dict(format="e4m3fn"), "the weight dequantized, then torch's CPU GEMM "
+                              "(TRITON_INTERPRET=1: one row through the GEMV kernel)")
 
 TABLES: dict[str, dict[str, Lowering]] = {
-    "sm_80": _NVIDIA,
+    "sm_80": _SM80,
     "sm_90": _NVIDIA,
     # Blackwell: the Hopper table, compiled and checked ahead of time, not timed.
     "sm_100": _NVIDIA,
-    "gfx90a": _AMD_CDNA,
+    "gfx90a": _GFX90A,
     "gfx942": _AMD_CDNA,
     "gfx950": _GFX950,
     "cpu": _CPU,
@@ -164,10 +188,13 @@ def _vendor_defaults(target: Target) -> dict[str, Lowering]:
         return _CPU
     base = _NVIDIA if target.vendor == "cuda" else _AMD_CDNA
     why = "vendor default for a chip without a table"
+    sm = int("".join(c for c in target.arch if c.isdigit()) or 0) if target.vendor == "cuda" else 0
+    fp8 = base["fp8_linear"] if sm >= 89 else Lowering(INDUCTOR, dict(format=None), f"{why}: no FP8 known for this chip")
     return {
         **base,
         "silu_mul": Lowering(TRITON, silu_mul_launch_config(target.warp_size), why),
         "decode_attention": Lowering(TRITON, dict(BLOCK_N=32, num_warps=4, num_stages=2, combine_num_warps=4), why),
+        "fp8_linear": fp8,
     }
 
 
@@ -197,7 +224,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     shape: rms_norm/fused_add_rms_norm: n_rows, n_cols; qk_norm_rope(_cache): n_q_heads,
     n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
     size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear and
-    silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose).
+    silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose);
+    fp8_linear: none (its format and the one-row GEMV's launch, `one_row`).
     """
     params = lowering_for(op, target).params
     if op in ("rms_norm", "fused_add_rms_norm"):
@@ -286,7 +314,19 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
             rows.append(row(op, "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
         for config in candidates:
             rows.append(row(op, kernel, shape, config, aot.gemv_build(config, dtype, gated)))
+    fp8 = table["fp8_linear"]
+    if fp8.implementation == TRITON and tokens == 1:  # the FP8 GEMV, per-row scales (quantize_fp8's)
+        from paiton.fusion.gemv import ROW_SCALES
+
+        weight_type = TRITON_FP8_TYPES[fp8.params["format"]]
+        rows.append(row("fp8_linear", f"_gemv_kernel ({fp8.params['format']})", f"[1, {m.hidden_size}] x FP8 [{qkv}, "
+                        f"{m.hidden_size}]", fp8.params["one_row"],
+                        aot.gemv_build(fp8.params["one_row"], dtype, False, weight_type, ROW_SCALES)))
     return rows
+
+
+# Triton's names of the FP8 formats (the pointer types of an FP8 weight).
+TRITON_FP8_TYPES = {"e4m3fn": "fp8e4nv", "e4m3fnuz": "fp8e4b8"}
 
 
 def _next_power_of_2(n: int) -> int:

@@ -51,13 +51,23 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | Non
     return torch.nn.functional.linear(x if up is None else silu_mul_reference(x, up), weight)
 
 
+# How an FP8 weight is scaled (SCALES): not at all (a bf16/fp16/fp32 weight), one fp32 scale per
+# output row, or one per [SCALE_BLOCK x SCALE_BLOCK] block of W (the 128 x 128 blocks of public
+# FP8 checkpoints' `weight_scale_inv`).
+NO_SCALES, ROW_SCALES, BLOCK_SCALES = 0, 1, 2
+SCALE_BLOCK = 128
+
+
 @triton.jit
 def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 GATED: tl.constexpr):
+                 GATED: tl.constexpr, scale_ptr=None, stride_sn=0, SCALES: tl.constexpr = 0,
+                 SCALE_BLOCK: tl.constexpr = 128):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
-    (SwiGLU feeding down_proj without a kernel and a round trip of its own)."""
+    (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
+    dequantized in registers (fp32 products and sums); its scales (SCALES) multiply the row sums
+    at the end (one per row), or each product as it is accumulated (one per block of W)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -77,8 +87,15 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
             w = tl.load(w_rows + k, mask=(rows[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * x.to(tl.float32)
-    y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+        product = w.to(tl.float32) * x.to(tl.float32)
+        if SCALES == 2:  # the scale of each element's block (a few bytes per tile, from cache)
+            scale_at = scale_ptr + (rows // SCALE_BLOCK)[:, None] * stride_sn + k // SCALE_BLOCK
+            product *= tl.load(scale_at, mask=(rows[:, None] < N) & (k < K), other=0.0)
+        acc += product
+    y = tl.sum(acc, axis=1)
+    if SCALES == 1:
+        y *= tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+    y = y.to(y_ptr.dtype.element_ty)
     if EVEN_N:
         tl.store(y_ptr + rows, y)
     else:
@@ -110,22 +127,49 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 INTERPRETER_CONFIG = gemv_config(64, 128, 4, 1)
 
 
-def _check_inputs(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None) -> None:
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+def scales_kind(weight: torch.Tensor, scales: torch.Tensor | None) -> int:
+    """SCALES for the kernel: NO_SCALES without scales, ROW_SCALES for [N] (or [N, 1]), BLOCK_SCALES
+    for [ceil(N / 128), ceil(K / 128)]; a ValueError for anything else."""
+    if scales is None:
+        return NO_SCALES
+    n, k = weight.shape
+    blocks = (-(-n // SCALE_BLOCK), -(-k // SCALE_BLOCK))
+    if scales.dtype != torch.float32 or scales.device != weight.device:
+        raise ValueError(f"paiton gemv: scales are float32 on W's device; got {scales.dtype} on {scales.device}")
+    if tuple(scales.shape) in ((n,), (n, 1)) and scales.stride(0) == 1:
+        return ROW_SCALES
+    if tuple(scales.shape) == blocks and scales.stride(1) == 1:
+        return BLOCK_SCALES
+    raise ValueError(f"paiton gemv: scales for W [{n}, {k}] are [{n}] (one per row) or {list(blocks)} (one per "
+                     f"{SCALE_BLOCK} x {SCALE_BLOCK} block, contiguous along K); got {tuple(scales.shape)}")
+
+
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None,
+                  scales: torch.Tensor | None = None) -> None:
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.numel() != weight.shape[1]:
         raise ValueError(f"paiton gemv: one row x [..., K] and W [N, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if weight.stride(1) != 1 or x.dtype != weight.dtype or x.device != weight.device:
-        raise ValueError(f"paiton gemv: W needs unit stride along K and x its dtype and device; got strides "
-                         f"{weight.stride()}, {x.dtype}/{weight.dtype}, {x.device}/{weight.device}")
+    fp8 = weight.dtype in FP8_DTYPES
+    if weight.stride(1) != 1 or (x.dtype != weight.dtype and not fp8) or x.device != weight.device:
+        raise ValueError(f"paiton gemv: W needs unit stride along K and x its dtype (or FP8 with scales) and device; "
+                         f"got strides {weight.stride()}, {x.dtype}/{weight.dtype}, {x.device}/{weight.device}")
+    if fp8 != (scales is not None):
+        raise ValueError("paiton gemv: an FP8 weight needs its scales, and only an FP8 weight takes them")
+    scales_kind(weight, scales)
     if up is not None and (up.shape != x.shape or up.dtype != x.dtype or up.device != x.device):
         raise ValueError(f"paiton gemv: up must have x's shape, dtype and device; got {tuple(up.shape)} {up.dtype} "
                          f"for x {tuple(x.shape)} {x.dtype}")
 
 
-def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None) -> torch.Tensor:
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
+                scales: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says;
-    with `up`, (silu(x) * up) @ weight.T."""
-    _check_inputs(x, weight, up)
-    return _launch(x, weight, config, up)
+    with `up`, (silu(x) * up) @ weight.T; an FP8 weight with its `scales` (see scales_kind):
+    x @ dequantized(weight).T, the scales applied to the fp32 sums."""
+    _check_inputs(x, weight, up, scales)
+    return _launch(x, weight, config, up, scales)
 
 
 def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,7 +177,8 @@ def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
     return row if row.stride(0) == 1 else row.contiguous()
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
+            scales: torch.Tensor | None = None) -> torch.Tensor:
     """launch_gemv without the input checks (its callers made them)."""
     n, k = weight.shape
     row = _unit_stride_row(x, k)
@@ -144,9 +189,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
     launch = dict(config)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     with device_guard(x):
+        kind = scales_kind(weight, scales)
+        scale_args = {} if kind == NO_SCALES else dict(scale_ptr=scales, stride_sn=scales.stride(0), SCALES=kind)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **launch)
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch)
     return y
 
 

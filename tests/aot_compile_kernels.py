@@ -19,7 +19,8 @@ from paiton.backends.aot import (
     rms_norm_build,
     silu_mul_build,
 )
-from paiton.backends.lowering import TRITON, launch_config, lowering_for
+from paiton.backends.lowering import TRITON, TRITON_FP8_TYPES, launch_config, lowering_for
+from paiton.fusion.gemv import BLOCK_SCALES, ROW_SCALES
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
 
@@ -67,6 +68,15 @@ def builds(target):
             for config in launch_config(op, target).get("candidates", ()):
                 name = "/".join(f"{k}={v}" for k, v in config.items())
                 yield f"gemv/{dtype}/{variant}{name}", op, gemv_build(config, dtype, gated)
+        # The one-row GEMV on FP8 weights in the chip's format (e4m3fn; e4m3fnuz on gfx942), scales
+        # per row (quantize_fp8's) or per 128 x 128 block (public FP8 checkpoints'), plain and gated.
+        if dtype != "fp32" and lowering_for("fp8_linear", target).implementation == TRITON:
+            params = launch_config("fp8_linear", target)
+            weight_type = TRITON_FP8_TYPES[params["format"]]
+            for scales, scale_name in ((ROW_SCALES, "rows"), (BLOCK_SCALES, "blocks")):
+                for gated in (False, True):
+                    yield (f"gemv/{dtype}/fp8={params['format']}/scales={scale_name}/gated={gated}", "fp8_linear",
+                           gemv_build(params["one_row"], dtype, gated, weight_type, scales))
 
 
 def main():

@@ -1,4 +1,5 @@
 """Paiton's kernels compile ahead of time for NVIDIA (sm_80, sm_90) and AMD (gfx942, gfx950)
+(the FP8 GEMV for the chips with FP8: e4m3fn on sm_90 and gfx950, e4m3fnuz on gfx942)
 without the hardware, each with the launch configuration its chip's lowering table picks, and
 the code is what the chip needs: no register spills, no more shared memory than the chip has,
 16-byte loads for the memory-bound kernels, and the chip's matrix instructions for products (mma
@@ -42,7 +43,7 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "silu_mul": {"_silu_mul_kernel"}, "qk_norm_rope": {"_qk_norm_rope_kernel"},
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
-                  "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"}}
+                  "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"}, "fp8_linear": {"_gemv_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}
@@ -103,3 +104,12 @@ def test_amd_code_uses_16_byte_loads(compiled):
                 assert all(load.endswith("dwordx4") for load in r["loads"]), (name, r["loads"])
             assert any(load.endswith("dwordx4") for load in r["loads"]), (name, r["loads"])
 
+
+
+def test_fp8_gemv_compiles_for_each_chips_format(compiled):
+    """The FP8 GEMV is built where the chip has FP8, in its format (the MI300X's e4m3fnuz,
+    OCP e4m3fn elsewhere), and not for sm_80, which has none."""
+    fp8 = {name for name in compiled if "/fp8=" in name}
+    assert {name.rsplit("@", 1)[1] for name in fp8} == {"sm_90", "gfx942", "gfx950"}
+    assert all(("fp8=e4m3fnuz" in name) == name.endswith("@gfx942") for name in fp8)
+    assert {name.split("/scales=")[1].split("/")[0] for name in fp8} == {"rows", "blocks"}

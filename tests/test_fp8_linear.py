@@ -1,0 +1,192 @@
+"""FP8 weights (fusion/fp8_linear.py, models/fp8.py): quantizing and its round trip, the one-row
+GEMV on FP8 weights under Triton's interpreter against a dequantize-then-matmul reference
+(hypothesis over shapes, odd widths, scale layouts and both e4m3 formats), the op over packed
+weights, `quantize_fp8` on a tiny Qwen3, and the chips without FP8 refused by name."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paiton_testing import MANTISSA_BITS
+
+import paiton
+from paiton.fusion import gemv
+from paiton.fusion.fp8_linear import FP8_LARGEST, dequantize, quantize_weight
+from paiton.models.fp8 import Fp8Linear, fp8_format, quantize_fp8
+from paiton.models.qwen3 import build_qwen3
+
+FORMATS = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
+
+
+def random_weight(n, k, seed, outliers=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if outliers:  # a few channels and elements far larger than the rest, as trained LLM weights have
+        w[torch.randint(0, n, (max(1, n // 16),), generator=g)] *= 20
+        w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),), generator=g)] *= 50
+    return w
+
+
+def block_scales(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(-(-n // 128), -(-k // 128), generator=g) * 0.01 + 1e-3).contiguous()
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+@pytest.mark.parametrize("outliers", [False, True])
+def test_quantize_round_trip_within_e4m3_rounding(dtype, outliers):
+    """Per channel, scale = absmax / largest: every element comes back within half a unit in
+    the last place of e4m3 (3 mantissa bits) at its magnitude, or the format's subnormal step."""
+    w = random_weight(96, 200, 0, outliers)
+    w[5] = 0  # an all-zero row: scale 1, zeros back
+    q, scales = quantize_weight(w, dtype)
+    assert q.dtype == dtype and scales.dtype == torch.float32 and scales.shape == (96,)
+    assert scales[5] == 1 and torch.equal(dequantize(q, scales, torch.float32)[5], torch.zeros(200))
+    assert torch.equal(scales[:5], w[:5].abs().amax(1) / FP8_LARGEST[dtype])
+    back = dequantize(q, scales, torch.float32)
+    subnormal = scales[:, None] * 2.0 ** (-9 if dtype == torch.float8_e4m3fn else -10)
+    assert ((back - w).abs() <= w.abs() * 2**-4 + subnormal).all()
+    assert (q.float().abs().amax(1)[w.abs().amax(1) > 0] == FP8_LARGEST[dtype]).all()  # the largest element maps to the top
+
+
+def gemv_reference(x, w8, scales):
+    """x @ dequantize(W8).T in float64: what the kernel's fp32 sums approximate."""
+    return (x.double() @ dequantize(w8, scales, torch.float64).T)
+
+
+@settings(deadline=None, max_examples=10)
+@given(
+    n=st.integers(1, 300),
+    k=st.integers(1, 600),
+    x_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    fp8=st.sampled_from(FORMATS),
+    per_block=st.booleans(),
+    gated=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fp8_gemv_matches_dequantize_then_matmul(n, k, x_dtype, fp8, per_block, gated, seed):
+    """The GEMV on an FP8 weight (interpreted on CPU): fp32 products and sums of the FP8 values,
+    the scales on the row sums (per channel) or on each product (per 128 x 128 block); against
+    the float64 product of x and the dequantized weight, within fp32 summation noise plus one
+    rounding to x's dtype."""
+    w8, row_scales = quantize_weight(random_weight(n, k, seed, outliers=seed % 2 == 1), fp8)
+    scales = block_scales(n, k, seed) if per_block else row_scales
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(1, k, generator=g).to(x_dtype)
+    up = torch.randn(1, k, generator=g).to(x_dtype) if gated else None
+    y = gemv.launch_gemv(x, w8, gemv.INTERPRETER_CONFIG, up=up, scales=scales)
+    from paiton.fusion.swiglu import silu_mul_reference
+
+    expected = gemv_reference(silu_mul_reference(x, up) if gated else x, w8, scales)
+    assert y.dtype == x_dtype and y.shape == (1, n)
+    magnitude = (x.double().abs() if not gated else silu_mul_reference(x, up).double().abs()) @ \
+        dequantize(w8, scales, torch.float64).abs().T
+    ulp = 2.0 ** -MANTISSA_BITS[x_dtype]
+    # fp32 sums, then one rounding to x's dtype (a whole ulp: Triton's interpreter rounds toward
+    # zero, ENV_NOTES); gated in bf16/fp16, the activation's own rounding may differ by an ulp
+    # from the reference's (the same interpreter rounding), in every product.
+    activation = ulp if gated and x_dtype != torch.float32 else 0.0
+    tolerance = magnitude * (2**-20 + activation) + expected.abs() * ulp + 1e-30
+    assert ((y.double() - expected).abs() <= tolerance).all(), (y - expected).abs().max()
+
+
+def test_gemv_scale_layouts_are_checked():
+    w8, scales = quantize_weight(random_weight(200, 300, 1))
+    x = torch.randn(1, 300)
+    with pytest.raises(ValueError, match="needs its scales"):
+        gemv.launch_gemv(x, w8, gemv.INTERPRETER_CONFIG)
+    with pytest.raises(ValueError, match=r"scales for W \[200, 300\] are \[200\]"):
+        gemv.launch_gemv(x, w8, gemv.INTERPRETER_CONFIG, scales=torch.ones(7))
+    with pytest.raises(ValueError, match="only an FP8 weight takes them"):
+        gemv.launch_gemv(x, w8.float(), gemv.INTERPRETER_CONFIG, scales=scales)
+    with pytest.raises(ValueError, match="float32"):
+        gemv.launch_gemv(x, w8, gemv.INTERPRETER_CONFIG, scales=scales.double())
+
+
+def packed(weights_and_scales):
+    """FP8 weights and their scales each packed as consecutive row blocks of one buffer (as
+    merged_projections packs them)."""
+    weights = torch.cat([w for w, _ in weights_and_scales])
+    scales = torch.cat([s.reshape(s.shape[0], -1) for _, s in weights_and_scales])
+    w_views, s_views, start, s_start = [], [], 0, 0
+    for w, s in weights_and_scales:
+        w_views.append(weights[start:start + w.shape[0]])
+        s_views.append(scales[s_start:s_start + s.shape[0]].reshape(s.shape))
+        start, s_start = start + w.shape[0], s_start + s.shape[0]
+    return w_views, s_views
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("per_block", [False, True])
+def test_fp8_linear_over_packed_weights(rows, per_block):
+    """paiton.fp8_linear(x, [W8_q, W8_k, W8_v], [s_q, s_k, s_v]) over packed weights: one product
+    against the packed matrix (one row: the GEMV; more: dequantized, then torch's linear)."""
+    parts = []
+    for i, n in enumerate((256, 128, 128)):
+        w8, s = quantize_weight(random_weight(n, 384, i))
+        parts.append((w8, block_scales(n, 384, i) if per_block else s))
+    weights, scales = packed(parts)
+    x = torch.randn(rows, 384).to(torch.bfloat16)
+    y = torch.ops.paiton.fp8_linear(x, weights, scales)
+    expected = torch.cat([torch.nn.functional.linear(x, dequantize(w, s, torch.bfloat16)) for w, s in parts], dim=-1)
+    assert y.shape == (rows, 512) and y.dtype == torch.bfloat16
+    if rows == 1:  # the kernel: fp32 sums of the FP8 values (no bf16 dequantized weight), rounded once to bf16
+        exact = torch.cat([gemv_reference(x, w, s) for w, s in parts], dim=-1)
+        magnitude = torch.cat([x.double().abs() @ dequantize(w, s, torch.float64).abs().T for w, s in parts], dim=-1)
+        assert ((y.double() - exact).abs() <= magnitude * 2**-20 + exact.abs() * 2**-7).all()
+    else:
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    loose = [w.clone() for w in weights]
+    with pytest.raises(RuntimeError, match="not where the packed buffer has it"):
+        torch.ops.paiton.fp8_linear(x, loose, scales)
+
+
+def test_fp8_linear_opcheck():
+    """torch.library's checks of the ops' registrations (fake kernels, autograd registration,
+    AOT dispatch with dynamic shapes), one row (the GEMV, interpreted) and several (the
+    reference). The schema check is left out: its dispatch mode compares the inputs before and
+    after with arithmetic torch has no CPU kernel for on FP8 tensors ("mul_cpu_reduced_float").
+    The ops mutate nothing (their schemas say so, and test_faketensor runs them on copies)."""
+    w8, s = quantize_weight(random_weight(64, 96, 0))
+    checks = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    for rows in (1, 3):
+        torch.library.opcheck(torch.ops.paiton.fp8_linear.default, (torch.randn(rows, 96), [w8], [s]), test_utils=checks)
+        torch.library.opcheck(torch.ops.paiton.silu_mul_fp8_linear.default,
+                              (torch.randn(rows, 96), torch.randn(rows, 96), [w8], [s]), test_utils=checks)
+
+
+def test_quantize_fp8_replaces_the_decoder_linears():
+    """Every decoder linear (7 a layer) becomes an Fp8Linear with per-channel scales; the
+    embeddings, norms and lm_head stay fp32; the logits stay near the original model's."""
+    model = build_qwen3("tiny", dtype=torch.float32, seed=1)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        paiton.quantize_fp8(model)
+        actual = model(ids).logits
+    fp8 = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == 7 * model.config.num_hidden_layers
+    assert all(m.weight.dtype == torch.float8_e4m3fn and m.weight_scale.shape == (m.out_features,) for m in fp8)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.model.embed_tokens.weight.dtype == torch.float32
+    difference = (actual - expected).abs().max().item()
+    assert 0 < difference < 0.1 * expected.abs().max().item(), difference
+    with_head = paiton.quantize_fp8(build_qwen3("tiny", dtype=torch.float32, seed=1), include_lm_head=True)
+    assert isinstance(with_head.lm_head, Fp8Linear)
+
+
+@pytest.mark.parametrize("arch, message", [("sm_80", r"A100 \(sm_80\) has none"), ("gfx90a", r"\(gfx90a\) has none")])
+def test_chips_without_fp8_are_refused_by_name(arch, message):
+    from paiton.backends.target import target_named
+
+    with pytest.raises(RuntimeError, match=message):
+        fp8_format(target=target_named(arch))
+    with pytest.raises(RuntimeError, match="has none"):
+        quantize_fp8(build_qwen3("tiny"), target=target_named(arch))
+
+
+@pytest.mark.parametrize("arch, dtype", [("sm_90", torch.float8_e4m3fn), ("sm_100", torch.float8_e4m3fn),
+                                         ("gfx942", torch.float8_e4m3fnuz), ("gfx950", torch.float8_e4m3fn)])
+def test_each_chip_quantizes_to_its_format(arch, dtype):
+    from paiton.backends.target import target_named
+
+    assert fp8_format(target=target_named(arch)) == dtype
