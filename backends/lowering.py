@@ -322,6 +322,8 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
         rows.append(row("fp8_linear", f"_gemv_kernel ({fp8.params['format']})", f"[1, {m.hidden_size}] x FP8 [{qkv}, "
                         f"{m.hidden_size}]", fp8.params["one_row"],
                         aot.gemv_build(fp8.params["one_row"], dtype, False, weight_type, ROW_SCALES)))
+    else:  # several rows: dequantized, then the vendor's GEMM (or no FP8 on this chip)
+        rows.append(row("fp8_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
     return rows
 
 

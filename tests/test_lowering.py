@@ -106,7 +106,9 @@ def test_every_pass_creates_a_known_op():
     """Each op of the tables is made by one pass; a pass without an op (fused_op None) only
     rewrites the inputs of others' ops."""
     fused_ops = [cls.fused_op for cls in (*DYNAMO_GRAPH_PASSES, *PASS_ORDER) if cls.fused_op is not None]
-    assert sorted(fused_ops) == sorted(FUSED_OPS)
+    # fp8_linear is put in by quantize_fp8 (models/fp8.py), a model transform: the passes only
+    # merge and feed it (merged_projections, silu_mul_linear).
+    assert sorted(fused_ops + ["fp8_linear"]) == sorted(FUSED_OPS)
 
 
 def test_launch_parameters_are_the_vendors_own():
@@ -152,9 +154,12 @@ def test_a_chip_without_a_table_gets_the_vendor_defaults_and_one_note(caplog, ta
     # 32-key tiles, 2 stages: fits 43 KB of shared memory in fp32; no MFMA options (RDNA has none).
     assert configs[0]["BLOCK_N"] == 32 and configs[0]["num_stages"] == 2
     assert not set(configs[0]) & ROCM_ONLY_OPTIONS
-    # Only the GEMV's ops stay Inductor's on AMD chips, as on the known ones (the GEMV is untimed there).
+    # Only the GEMV's ops stay Inductor's on AMD chips, as on the known ones (the GEMV is untimed
+    # there); FP8 is not assumed on a chip nobody has checked (an sm_89+ NVIDIA chip has it).
     left = {op for op, entry in lowering.lowering_table(target).items() if entry.implementation == INDUCTOR}
-    assert left == ({"one_row_linear", "silu_mul_linear"} if target.vendor == "hip" else set())
+    sm = int(target.arch[3:]) if target.vendor == "cuda" else 0
+    assert left == ({"one_row_linear", "silu_mul_linear"} if target.vendor == "hip" else set()) | (
+        set() if sm >= 89 else {"fp8_linear"})
 
 
 def test_unknown_op_is_an_error():
@@ -337,7 +342,7 @@ def test_command_prints_the_compiled_table_for_a_target():
     table = lowering.TABLES["gfx942"]
     for (op, kernel), (_, implementation, _, shape, registers, spills, shared, config) in rows.items():
         assert implementation == table[op].implementation, (op, implementation)
-        if implementation == TRITON:
+        if implementation == TRITON and kernel != "-":  # "-": no launch at this size (the FP8 GEMV at 64 rows)
             vgprs, sgprs = re.fullmatch(r"(\d+) v, (\d+) s", registers).groups()
             assert 0 < int(vgprs) <= 512 and spills == "0", (kernel, registers, spills)
             assert float(shared.removesuffix(" KB")) * 1024 <= TARGET_PRESETS["gfx942"].shared_memory_per_block
