@@ -34,6 +34,12 @@ the ATen graph: only here are the real parameters at hand, and only they can sho
 weights are (or can be made) adjacent blocks of one buffer (fake tensors do not keep storage
 identity).
 
+FP8 weights (models/fp8.py's Fp8Linear calls `paiton.fp8_linear(x, [W8], [s])` where a bf16
+model has `linear(x, W)`): the same, a group of those on one input becomes one
+`paiton.fp8_linear(x, [W8_1, ..., W8_n], [s_1, ..., s_n])`, and after compiling the FP8
+weights are packed into one buffer and their scales into another (per-channel scales [N_i]
+into [sum N_i]; per-block scales as rows, where the weights fill whole 128-row blocks).
+
 Merged: a group of at least two `linear(x, W, bias=None)` on the same input node `x` whose
 weights are distinct 2-D `nn.Parameter`s (graph inputs) of one dtype, device and in_features,
 each owning its whole storage and sharing it with no other tensor (tied or aliased weights
@@ -91,6 +97,22 @@ class MergedProjectionsPass:
             claimed.update(id(w) for w in weights)
             _rewrite(gm.graph, group, weights)
             rewritten += 1
+        for group in _shared_input_fp8_groups(gm.graph, inputs):
+            weights = [inputs[node.args[1][0]] for node in group]
+            scales = [inputs[node.args[2][0]] for node in group]
+            if any(id(t) in claimed for t in weights + scales):
+                continue
+            for tensors in (weights, scales):
+                if not _is_packed(tensors):
+                    if not _can_pack(tensors, storage_users):
+                        break
+            else:
+                for tensors in (weights, scales):
+                    if not _is_packed(tensors):
+                        self._to_pack.append(tensors)
+                claimed.update(id(t) for t in weights + scales)
+                _rewrite_fp8(gm.graph, group, weights)
+                rewritten += 1
         return finish_rewrite(gm, rewritten)
 
     def after_compile(self) -> None:
@@ -167,6 +189,52 @@ def _shared_input_groups(graph: torch.fx.Graph, inputs: dict) -> list[list[torch
     return result
 
 
+def _fp8_parts(node: torch.fx.Node, inputs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W8, scales) of `paiton.fp8_linear(x, [W8], [scales])` (one weight: an Fp8Linear's call)
+    when both are parameter inputs, else None."""
+    import paiton.fusion.fp8_linear  # noqa: F401  (registers torch.ops.paiton.fp8_linear)
+
+    if node.op != "call_function" or node.target not in (torch.ops.paiton.fp8_linear, torch.ops.paiton.fp8_linear.default):
+        return None
+    if len(node.args) != 3 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    weights, scales = node.args[1], node.args[2]
+    if not (isinstance(weights, (list, tuple)) and isinstance(scales, (list, tuple)) and len(weights) == len(scales) == 1):
+        return None
+    weight, scale = inputs.get(weights[0]), inputs.get(scales[0])
+    if not isinstance(weight, torch.nn.Parameter) or not isinstance(scale, torch.nn.Parameter) or weight.dim() != 2:
+        return None
+    return weight, scale
+
+
+def _shared_input_fp8_groups(graph: torch.fx.Graph, inputs: dict) -> list[list[torch.fx.Node]]:
+    """FP8 linears (in graph order) grouped by input, weight dtype, device, in_features and scale
+    layout; groups of 2+. Per-block scales merge only where every weight but the last fills
+    whole 128-row blocks (the scales' rows must line up with the weights')."""
+    from paiton.fusion.gemv import BLOCK_SCALES, SCALE_BLOCK, scales_kind
+
+    groups: dict[tuple, list[torch.fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        parts = _fp8_parts(node, inputs)
+        if parts is None:
+            continue
+        weight, scale = parts
+        try:
+            kind = scales_kind(weight, scale)
+        except ValueError:
+            continue
+        groups[(node.args[0], weight.dtype, weight.device, weight.shape[1], kind)].append(node)
+    result = []
+    for (_, _, _, _, kind), nodes in groups.items():
+        weights = [inputs[node.args[1][0]] for node in nodes]
+        if len(nodes) < 2 or len({id(w) for w in weights}) != len(nodes):
+            continue
+        if kind == BLOCK_SCALES and any(w.shape[0] % SCALE_BLOCK for w in weights[:-1]):
+            continue
+        result.append(nodes)
+    return result
+
+
 def _is_packed(weights: list[torch.Tensor]) -> bool:
     """The weights are consecutive row blocks, in this order, of one buffer they fill exactly."""
     first = weights[0]
@@ -192,14 +260,14 @@ def _pack(weights: list[torch.nn.Parameter]) -> None:
     with unset_fake_temporarily(), torch.no_grad():
         first = weights[0]
         rows = sum(w.shape[0] for w in weights)
-        buffer = torch.empty((rows, first.shape[1]), dtype=first.dtype, device=first.device)
+        buffer = torch.empty((rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
         start = 0
         for w in weights:
             block = buffer[start : start + w.shape[0]]
             block.copy_(w)
             w.data = block  # the parameter keeps its identity; its old storage is freed
             start += w.shape[0]
-    log.debug("paiton: packed %d weights into one [%d, %d] buffer", len(weights), rows, first.shape[1])
+    log.debug("paiton: packed %d tensors into one %s buffer", len(weights), list(buffer.shape))
 
 
 def _rewrite(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[torch.Tensor]) -> None:
@@ -208,6 +276,21 @@ def _rewrite(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[to
     x = group[0].args[0]
     with graph.inserting_before(group[0]):
         product = graph.call_function(torch.ops.paiton.packed_linear.default, (x, [node.args[1] for node in group]))
+        parts, start = [], 0
+        for node, w in zip(group, weights):
+            parts.append(graph.call_function(torch.narrow, (product, -1, start, w.shape[0])))
+            node.replace_all_uses_with(parts[-1])
+            start += w.shape[0]
+    for node in group:
+        graph.erase_node(node)
+    _set_example_values([product] + parts)
+
+
+def _rewrite_fp8(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[torch.Tensor]) -> None:
+    x = group[0].args[0]
+    with graph.inserting_before(group[0]):
+        product = graph.call_function(torch.ops.paiton.fp8_linear.default,
+                                      (x, [node.args[1][0] for node in group], [node.args[2][0] for node in group]))
         parts, start = [], 0
         for node, w in zip(group, weights):
             parts.append(graph.call_function(torch.narrow, (product, -1, start, w.shape[0])))
@@ -228,9 +311,12 @@ def _set_example_values(new_nodes) -> None:
 
     for node in new_nodes:
         args = [example(a) for a in node.args]
-        if any(a is None or (isinstance(a, list) and None in a) for a in args):
+        if any(a is None or (isinstance(a, list) and any(item is None for item in a)) for a in args):
             return
         mode = next((getattr(a, "fake_mode", None) for a in args if getattr(a, "fake_mode", None)), None)
+        if mode is None:  # the weights of a list argument
+            mode = next((getattr(t, "fake_mode", None) for a in args if isinstance(a, list) for t in a
+                         if getattr(t, "fake_mode", None)), None)
         if mode is None:
             return
         with mode:
