@@ -106,3 +106,73 @@ def test_a_local_tokenizer_is_loaded(tmp_path):
     _, tokenizer = load_qwen3_checkpoint(tmp_path)
     assert tokenizer("hello world").input_ids == [1, 2]
     assert load_qwen3_checkpoint(tmp_path, tokenizer=False)[1] is None
+
+
+def fp8_checkpoint(tmp_path, layout):
+    """A tiny Qwen3 saved as public FP8 checkpoints hold it: every decoder linear's weight in
+    float8_e4m3fn with `weight_scale` [N, 1] (per channel, compressed-tensors) or
+    `weight_scale_inv` [ceil(N / 128), ceil(K / 128)] (per block, Qwen's *-FP8 and DeepSeek's);
+    the rest in fp32. Returns (directory, the fp32 model whose weights are the dequantized ones)."""
+    from paiton.fusion.fp8_linear import dequantize, quantize_weight
+
+    model = build_qwen3("tiny", dtype=torch.float32, seed=4)
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name in [n for n in state if ".layers." in n and n.endswith("_proj.weight")]:
+        w8, scales = quantize_weight(state[name])
+        if layout == "block":
+            scales = torch.rand(-(-w8.shape[0] // 128), -(-w8.shape[1] // 128), generator=generator) * 1e-3 + 1e-4
+            state[name.removesuffix("weight") + "weight_scale_inv"] = scales
+        else:
+            state[name.removesuffix("weight") + "weight_scale"] = scales[:, None].contiguous()
+            state[name.removesuffix("weight") + "input_scale"] = torch.tensor(1.0)  # static activation scale: unused
+        state[name] = w8
+        model.get_parameter(name).data = dequantize(w8, scales, torch.float32)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]} if layout == "block" else
+                                     {"quant_method": "compressed-tensors", "format": "float-quantized"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path, model
+
+
+@pytest.mark.parametrize("layout", ["channel", "block"])
+def test_fp8_checkpoints_load_as_fp8_linears(tmp_path, layout):
+    from paiton.models.fp8 import Fp8Linear
+
+    directory, reference = fp8_checkpoint(tmp_path, layout)
+    loaded, _ = load_qwen3_checkpoint(directory)
+    fp8 = {name: m for name, m in loaded.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(fp8) == 7 * loaded.config.num_hidden_layers
+    q = fp8["model.layers.0.self_attn.q_proj"]
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.dim() == (2 if layout == "block" else 1)
+    ids = torch.randint(0, 512, (2, 7))
+    with torch.no_grad():  # several rows: the FP8 linear dequantizes as the reference's weights were made
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_checkpoint_errors_name_the_tensor(tmp_path):
+    directory, _ = fp8_checkpoint(tmp_path, "channel")
+    state = load_file(directory / "model.safetensors")
+    del state["model.layers.0.mlp.up_proj.weight_scale"]
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.0.mlp.up_proj.weight is FP8 but has no weight_scale"):
+        load_qwen3_checkpoint(directory)
+    state["model.layers.0.mlp.up_proj.weight_scale"] = torch.ones(7, 1)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"up_proj: paiton gemv: scales for W \[160, 96\]"):
+        load_qwen3_checkpoint(directory)
+
+
+def test_e4m3fn_to_e4m3fnuz_keeps_the_values():
+    """The MI300X's format: the same bits worth half, the scales doubled; negative zero to zero."""
+    from paiton.fusion.fp8_linear import dequantize, quantize_weight
+    from paiton.models.checkpoint import convert_fp8
+
+    w8, scales = quantize_weight(torch.randn(64, 96) * 0.1)
+    w8.view(torch.uint8)[0, 0] = 0x80  # e4m3fn's -0
+    fnuz, fnuz_scales = convert_fp8(w8, scales, torch.float8_e4m3fnuz)
+    assert fnuz.dtype == torch.float8_e4m3fnuz and not torch.isnan(fnuz.float()).any()
+    assert torch.equal(dequantize(fnuz, fnuz_scales, torch.float32), dequantize(w8, scales, torch.float32))
