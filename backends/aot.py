@@ -26,6 +26,7 @@ from triton.compiler import ASTSource
 
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
+from paiton.fusion.fp8_gemm import _fp8_gemm_kernel
 from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.rms_norm import _rms_norm_kernel
@@ -188,6 +189,8 @@ def resources(compiled, target: Target) -> dict[str, Any]:
             "shared_bytes": shared,
             "matrix": sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)\b", code))),
             "loads": sorted(set(re.findall(r"ld\.global[.\w:]*", code))),  # with cache hints (::evict_first)
+            # Global-to-shared copies of a pipelined matrix kernel, by size (0x10: 16 bytes).
+            "async_copies": sorted(set(re.findall(r"cp\.async\.cg\.shared\.global[.\w]* \[[^]]*\], \[[^]]*\], (0x\w+)", code))),
             "local_memory": ".local" in code,
         }
     code = asm["amdgcn"]
@@ -237,3 +240,20 @@ def _cuobjdump() -> str | None:
         if candidate and os.path.exists(candidate):
             return candidate
     return None
+
+
+def fp8_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int) -> KernelBuild:
+    """The FP8 GEMM for 2-64 rows (fusion/fp8_gemm.py): x in `dtype`, W in `weight_dtype`
+    ("fp8e4nv" or "fp8e4b8"), fp32 scales per row or per 128 x 128 block; products in x's dtype
+    on the chip's matrix instructions (DOT_FP32 is the interpreter's)."""
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype}", "scale_ptr": "*fp32", "y_ptr": f"*{dtype}",
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
+                 "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "BLOCK_M": "constexpr",
+                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr", "SCALE_BLOCK": "constexpr",
+                 "DOT_FP32": "constexpr"}
+    launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False}
+    if scales != BLOCK_SCALES:
+        launcher["stride_sn"] = 0
+    constexprs, options = _split(_fp8_gemm_kernel, config, launcher)
+    aligned = ["x_ptr", "w_ptr", "scale_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
+    return KernelBuild(_fp8_gemm_kernel, signature, constexprs, options, aligned)

@@ -99,8 +99,9 @@ _NVIDIA = {
     ),
     "fp8_linear": Lowering(
         TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW),
-        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); more rows, the "
-        "weight dequantized to bf16, then cuBLAS (weight-only)",
+        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); 2-64 rows, the FP8 "
+        "GEMM (fusion/fp8_gemm.py: W read once, converted in registers, mma/wgmma); more, the weight dequantized to "
+        "bf16, then cuBLAS (weight-only). Not timed on a GPU yet",
     ),
 }
 # Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.
@@ -138,8 +139,8 @@ _AMD_CDNA = {
     "silu_mul_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: silu_mul, then the product"),
     "fp8_linear": Lowering(
         TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW),
-        "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; more rows, "
-        "dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed",
+        "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; 2-64 rows, the "
+        "FP8 GEMM on MFMA; more, dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed",
     ),
 }
 _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx90a (MI250) has no FP8: quantize_fp8 "

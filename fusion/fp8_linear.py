@@ -16,10 +16,11 @@ in x's dtype. Like paiton::packed_linear, the weights are consecutive row blocks
 buffer (passes/merged_projections.py packs q/k/v and gate/up, and their scales, once) and the
 op checks that they are. One row (a decode step at batch 1): Paiton's GEMV dequantizes in
 registers, accumulates in fp32 and applies the scales to the sums (fusion/gemv.py, SCALES);
-more rows, or a chip without the GEMV: the weight dequantized to x's dtype, then torch's
-linear (weight-only FP8: correct everywhere; on a GPU it reads the FP8 weight and writes and
-reads a bf16 copy, so it is for prefill, not for a fast batched decode). On CPU both are the
-reference, except under Triton's interpreter (the tests), where one row runs the kernel.
+2 to 64 rows (decode at batch 2-64): Paiton's FP8 GEMM (fusion/fp8_gemm.py), which reads the
+FP8 weight once and multiplies it in registers with the chip's matrix instructions; more rows
+(prefill, compute-bound), or a chip without Paiton's kernels: the weight dequantized to x's
+dtype, then torch's linear (weight-only FP8, correct everywhere). On CPU that is the
+reference path, except under Triton's interpreter (the tests), where the kernels run.
 Op: paiton::silu_mul_fp8_linear(gate, up, weights, scales): fp8_linear(silu_mul(gate, up), ...),
 SwiGLU applied inside a one-row GEMV (passes/silu_mul_linear.py).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm
 from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.packed_linear import packed_weight
 from paiton.fusion.swiglu import silu_mul
@@ -93,30 +95,38 @@ def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor], scales: list[tor
         scales_kind(w, s)
 
 
-def _one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None):
-    """The product through Paiton's GEMV where x is one row and the chip's table has one (on CPU
-    only under Triton's interpreter); else None."""
-    if x.numel() != x.shape[-1]:
-        return None
+def _paiton_kernels(x: torch.Tensor) -> dict | None:
+    """The chip's fp8_linear parameters if Paiton's kernels run for it (on CPU only under Triton's
+    interpreter), else None."""
     from paiton.backends.lowering import INDUCTOR, lowering_for
     from paiton.backends.target import detect_target
     from paiton.fusion import gemv
 
     if x.device.type == "cpu":
-        config = gemv.INTERPRETER_CONFIG if is_interpreted(gemv._gemv_kernel) else None
-    else:
-        lowering = lowering_for("fp8_linear", detect_target(x.device))
-        config = None if lowering.implementation == INDUCTOR else lowering.params.get("one_row")
-    if config is None:
+        return {"one_row": gemv.INTERPRETER_CONFIG} if is_interpreted(gemv._gemv_kernel) else None
+    lowering = lowering_for("fp8_linear", detect_target(x.device))
+    return None if lowering.implementation == INDUCTOR else lowering.params
+
+
+def _kernel_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None):
+    """The product through Paiton's kernels: one row, the GEMV; 2 to MAX_ROWS rows, the FP8 GEMM
+    (SwiGLU applied first); None where neither runs (more rows, or no kernels on this chip)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    params = _paiton_kernels(x) if rows <= MAX_ROWS else None
+    if params is None:
         return None
-    return gemv.launch_gemv(x, weight, config, up=up, scales=scales)
+    if rows == 1:
+        from paiton.fusion import gemv
+
+        return gemv.launch_gemv(x, weight, params["one_row"], up=up, scales=scales)
+    return fp8_gemm(x if up is None else silu_mul(x, up), weight, scales)
 
 
 @torch.library.custom_op("paiton::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
     _check_inputs(x, weights, scales)
     weight, scale = packed_weight(weights), packed_scales(weights, scales)
-    y = _one_row(x, weight, scale)
+    y = _kernel_product(x, weight, scale)
     return y if y is not None else torch.nn.functional.linear(x, dequantize(weight, scale, x.dtype))
 
 
@@ -133,7 +143,7 @@ def silu_mul_fp8_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[torc
     _check_inputs(gate, weights, scales)
     weight, scale = packed_weight(weights), packed_scales(weights, scales)
     if gate.shape == up.shape and gate.dtype == up.dtype:  # else silu_mul below raises the error
-        y = _one_row(gate, weight, scale, up)
+        y = _kernel_product(gate, weight, scale, up)
         if y is not None:
             return y
     return torch.nn.functional.linear(silu_mul(gate, up), dequantize(weight, scale, gate.dtype))

@@ -13,6 +13,7 @@ import sys
 from paiton.backends.aot import (
     decode_attention_combine_build,
     decode_attention_split_build,
+    fp8_gemm_build,
     gemv_build,
     qk_norm_rope_build,
     resources,
@@ -20,6 +21,7 @@ from paiton.backends.aot import (
     silu_mul_build,
 )
 from paiton.backends.lowering import TRITON, TRITON_FP8_TYPES, launch_config, lowering_for
+from paiton.fusion.fp8_gemm import fp8_gemm_config
 from paiton.fusion.gemv import BLOCK_SCALES, ROW_SCALES
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
@@ -77,6 +79,10 @@ def builds(target):
                 for gated in (False, True):
                     yield (f"gemv/{dtype}/fp8={params['format']}/scales={scale_name}/gated={gated}", "fp8_linear",
                            gemv_build(params["one_row"], dtype, gated, weight_type, scales))
+                # The FP8 GEMM of a decode step at batch 2-64 (16 and 64 rows a program).
+                for rows in (16, 64):
+                    yield (f"fp8_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}", "fp8_linear",
+                           fp8_gemm_build(fp8_gemm_config(rows), dtype, weight_type, scales))
 
 
 def main():

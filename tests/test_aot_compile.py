@@ -43,7 +43,8 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "silu_mul": {"_silu_mul_kernel"}, "qk_norm_rope": {"_qk_norm_rope_kernel"},
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
-                  "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"}, "fp8_linear": {"_gemv_kernel"}}
+                  "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"},
+                  "fp8_linear": {"_gemv_kernel", "_fp8_gemm_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}
@@ -73,12 +74,15 @@ def reads_scalars(name: str) -> bool:
     bytes; the combine kernel's per-split log-sum-exp) and the QK-norm + RoPE kernel when it writes
     the cache (each token's cache slot), and the GEMV, whose row x is read in the weight tile's
     layout (narrower loads, from L2) beside the weight's 16-byte ones."""
-    return name.startswith(("decode_attention", "gemv/")) or "cache=True" in name
+    return name.startswith(("decode_attention", "gemv/", "fp8_gemm/")) or "cache=True" in name
 
 
 def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
     for name, r in compiled.items():
-        if "@sm_" in name:
+        if "@sm_" in name and name.startswith("fp8_gemm/"):
+            # A pipelined matrix kernel: W and x come by 16-byte asynchronous copies to shared memory.
+            assert r["async_copies"] == ["0x10"] and not r["local_memory"], (name, r["async_copies"])
+        elif "@sm_" in name:
             wide = [load for load in r["loads"] if ".v4" in load]
             assert wide and (reads_scalars(name) or r["loads"] == ["ld.global.v4.b32"]), (name, r["loads"])
             assert not r["local_memory"], name
@@ -86,7 +90,7 @@ def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
 
 def test_products_use_the_chips_matrix_instructions(compiled):
     dot_kernels = {name for name, r in compiled.items() if r["uses_dot"]}
-    assert dot_kernels and all(name.startswith("decode_attention/") for name in dot_kernels), dot_kernels
+    assert dot_kernels and all(name.startswith(("decode_attention/", "fp8_gemm/")) for name in dot_kernels), dot_kernels
     for name in dot_kernels:
         matrix = compiled[name]["matrix"]
         if name.startswith("decode_attention/fp32") and "@sm_" in name:
@@ -113,3 +117,4 @@ def test_fp8_gemv_compiles_for_each_chips_format(compiled):
     assert {name.rsplit("@", 1)[1] for name in fp8} == {"sm_90", "gfx942", "gfx950"}
     assert all(("fp8=e4m3fnuz" in name) == name.endswith("@gfx942") for name in fp8)
     assert {name.split("/scales=")[1].split("/")[0] for name in fp8} == {"rows", "blocks"}
+    assert {name.split("/", 1)[0] for name in fp8} == {"gemv", "fp8_gemm"}

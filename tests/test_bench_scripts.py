@@ -155,3 +155,25 @@ def test_fused_kernels_cases_at_prefill_sizes_leave_out_the_decode_only_ops():
     # At 1024 tokens (a prefill) the same cases but the decode-only ones, for both models.
     assert prefill == {c for c in decode if c[1] not in fused_kernels.DECODE_ONLY_OPS}
     assert all(c["rows"] % 1024 == 0 and c["tokens"] == 1024 for c in fused_kernels.cases((1024,)))
+
+
+def test_fp8_accuracy_on_the_tiny_model_within_the_stated_bounds(tmp_path):
+    """bench/fp8_accuracy.py on the tiny preset (bf16 reference, 160 teacher-forced tokens), random
+    and outlier weights. The bounds stated for per-channel FP8 (measured on CPU, 2026-12-02:
+    mean |dlogit| / std 0.027-0.037, max / std 0.19-0.32, greedy agreement 91-92%; bf16's own
+    distance from fp32 5-7x smaller): mean / std <= 0.06, max / std <= 0.6, agreement >= 85%,
+    and FP8 farther from the reference than bf16 is from fp32 (the comparison sees quantization)."""
+    import fp8_accuracy
+
+    fp8_accuracy.main(["--models", "tiny", "--tokens", "160", "--device", "cpu", "--baseline", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("fp8_accuracy-CPU-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    fp8 = [r for r in rows if r["fp8"].startswith("float8")]
+    baseline = {r["weights"]: r for r in rows if r["fp8"].startswith("none")}
+    assert {r["weights"] for r in fp8} == {"random", "outliers"} and len(baseline) == 2
+    for r in fp8:
+        assert r["tokens"] == 160 and r["fp8"] == "float8_e4m3fn"
+        assert r["mean_diff_over_std"] <= 0.06 and r["max_diff_over_std"] <= 0.6, r
+        assert r["greedy_agreement"] >= 0.85, r
+        assert r["mean_logit_diff"] > 2 * baseline[r["weights"]]["mean_logit_diff"], (r, baseline)
+    assert path.with_suffix(".md").read_text().count("| tiny |") == 4 and path.with_suffix(".png").stat().st_size > 0

@@ -90,6 +90,33 @@ def test_fp8_gemv_matches_dequantize_then_matmul(n, k, x_dtype, fp8, per_block, 
     assert ((y.double() - expected).abs() <= tolerance).all(), (y - expected).abs().max()
 
 
+@settings(deadline=None, max_examples=8)
+@given(
+    m=st.integers(2, 64),
+    n=st.integers(1, 200),
+    k=st.integers(1, 400),
+    x_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    fp8=st.sampled_from(FORMATS),
+    per_block=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fp8_gemm_matches_dequantize_then_matmul(m, n, k, x_dtype, fp8, per_block, seed):
+    """The FP8 GEMM for 2-64 rows (interpreted on CPU, its products in fp32 there): against the
+    float64 product of x and the dequantized weight, within fp32 summation noise plus one
+    rounding to x's dtype."""
+    from paiton.fusion.fp8_gemm import fp8_gemm
+
+    w8, row_scales = quantize_weight(random_weight(n, k, seed, outliers=seed % 2 == 1), fp8)
+    scales = block_scales(n, k, seed) if per_block else row_scales
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    y = fp8_gemm(x, w8, scales)
+    expected = gemv_reference(x, w8, scales)
+    magnitude = x.double().abs() @ dequantize(w8, scales, torch.float64).abs().T
+    tolerance = magnitude * 2**-20 + expected.abs() * 2.0 ** -MANTISSA_BITS[x_dtype] + 1e-30
+    assert y.dtype == x_dtype and y.shape == (m, n)
+    assert ((y.double() - expected).abs() <= tolerance).all(), (y.double() - expected).abs().max()
+
+
 def test_gemv_scale_layouts_are_checked():
     w8, scales = quantize_weight(random_weight(200, 300, 1))
     x = torch.randn(1, 300)
@@ -116,11 +143,12 @@ def packed(weights_and_scales):
     return w_views, s_views
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 80])
 @pytest.mark.parametrize("per_block", [False, True])
 def test_fp8_linear_over_packed_weights(rows, per_block):
     """paiton.fp8_linear(x, [W8_q, W8_k, W8_v], [s_q, s_k, s_v]) over packed weights: one product
-    against the packed matrix (one row: the GEMV; more: dequantized, then torch's linear)."""
+    against the packed matrix (one row: the GEMV; up to 64: the FP8 GEMM; more: dequantized,
+    then torch's linear)."""
     parts = []
     for i, n in enumerate((256, 128, 128)):
         w8, s = quantize_weight(random_weight(n, 384, i))
@@ -130,7 +158,7 @@ def test_fp8_linear_over_packed_weights(rows, per_block):
     y = torch.ops.paiton.fp8_linear(x, weights, scales)
     expected = torch.cat([torch.nn.functional.linear(x, dequantize(w, s, torch.bfloat16)) for w, s in parts], dim=-1)
     assert y.shape == (rows, 512) and y.dtype == torch.bfloat16
-    if rows == 1:  # the kernel: fp32 sums of the FP8 values (no bf16 dequantized weight), rounded once to bf16
+    if rows <= 64:  # the kernels: fp32 sums of the FP8 values (no bf16 dequantized weight), rounded once to bf16
         exact = torch.cat([gemv_reference(x, w, s) for w, s in parts], dim=-1)
         magnitude = torch.cat([x.double().abs() @ dequantize(w, s, torch.float64).abs().T for w, s in parts], dim=-1)
         assert ((y.double() - exact).abs() <= magnitude * 2**-20 + exact.abs() * 2**-7).all()
