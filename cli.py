@@ -248,6 +248,15 @@ def serve(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     model, tokenizer = loaded
+    if args.fp8:
+        from paiton.models.fp8 import is_fp8, quantize_fp8
+
+        if not is_fp8(model):  # an FP8 checkpoint is FP8 already
+            try:
+                quantize_fp8(model)
+            except RuntimeError as error:  # a chip without FP8
+                _progress(str(error))
+                return 2
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else args.model)
     if tokenizer is not None:
         info = TokenizerInfo(f"the checkpoint's ({type(tokenizer).__name__})", "checkpoint", len(tokenizer))
@@ -266,6 +275,7 @@ def serve(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else device.startswith("cuda")
     _progress(f"model ready in {time.perf_counter() - started:.1f} s: {name}, tokenizer: {info.name}; "
               f"{args.max_slots} slots x {args.max_model_len} tokens, backend {args.backend}"
+              + (", FP8 weights" if args.fp8 else "")
               + (f" {options}" if options else "") + (", warming up (compiling) first" if warmup else
                                                       "; the first requests compile"))
     return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup)
@@ -330,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", choices=sorted(DTYPES))
     s.add_argument("--seed", type=int, default=0, help="the presets' random weights")
+    s.add_argument("--fp8", action="store_true", help="FP8 weights: every decoder linear per channel (paiton.quantize_fp8)")
     s.add_argument("--warmup", dest="warmup", action="store_true", default=None,
                    help="compile and record CUDA graphs before serving (default on a GPU)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false")

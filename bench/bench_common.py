@@ -13,7 +13,8 @@ import os
 # for what Inductor still generates around Paiton's kernels. A Paiton configuration may switch
 # passes off by name: "paiton-cdt-no-merged_projections-no-swiglu" (experiments on which
 # fusions pay at which batch size).
-CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt")
+# "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel).
+CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8")
 
 
 def is_config(config: str) -> bool:
@@ -166,6 +167,7 @@ def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -
     if not is_config(config) or config == "eager":
         raise ValueError(f"unknown compiled configuration {config!r}; choose from {', '.join(CONFIGS[1:])}")
     config, *off = config.split("-no-")
+    config = config.removesuffix("-fp8")  # the weights differ, not the compile
     passes_off = {f"paiton.{name}": False for name in off}
     if config.startswith("paiton") and paiton_inner == "eager":
         return "paiton", {"options": {"paiton.inner_compiler": "eager", **passes_off}}
@@ -178,10 +180,25 @@ def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -
     raise AssertionError(config)
 
 
+_FP8_COPIES: dict[int, object] = {}
+
+
+def model_for(model, config: str):
+    """`model`, or for an FP8 configuration its FP8 copy (made once per model, sharing the rest)."""
+    if "-fp8" not in config:
+        return model
+    if id(model) not in _FP8_COPIES:
+        from paiton.models.fp8 import fp8_copy
+
+        _FP8_COPIES[id(model)] = fp8_copy(model)
+    return _FP8_COPIES[id(model)]
+
+
 def make_loop(model, config: str, max_batch: int, max_length: int, device: str, paiton_inner: str = "inductor"):
     """A DecodeLoop for one of CONFIGS."""
     from paiton.models.decode_loop import DecodeLoop
 
+    model = model_for(model, config)
     if config == "eager":
         return DecodeLoop(model, max_batch_size=max_batch, max_length=max_length, backend="eager")
     backend, kwargs = compile_settings(config, device, paiton_inner)
@@ -193,6 +210,7 @@ def make_engine(model, config: str, max_slots: int, max_length: int, device: str
     """A continuous-batching Engine (models/engine.py) for one of CONFIGS, compiled as make_loop's loop is."""
     from paiton.models.engine import Engine
 
+    model = model_for(model, config)
     if config == "eager":
         return Engine(model, max_slots=max_slots, max_length=max_length, backend="eager")
     backend, kwargs = compile_settings(config, device, paiton_inner)

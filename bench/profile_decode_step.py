@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, floor_fields, floor_lines, one_row_choices_markdown, parse_configs,
+from bench_common import (CONFIGS, compile_settings, floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
                           run_environment, versions_line, write_results)
 
 # Kernel name -> category, first match wins.
@@ -63,6 +63,7 @@ def profile_config(model, config, batch, args):
 
     torch._dynamo.reset()
     device, cuda = args.device, args.device.startswith("cuda")
+    model = model_for(model, config)  # an FP8 configuration's FP8 copy
     if config == "eager":
         forward = model
     else:

@@ -64,8 +64,8 @@ import time
 import torch
 from tqdm import tqdm
 from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, compile_settings,
-                          copy_rate_tbps, first_divergence, make_engine, make_loop, one_row_choices_markdown, parse_configs,
-                          run_environment, versions_line, write_results)
+                          copy_rate_tbps, first_divergence, make_engine, make_loop, model_for, one_row_choices_markdown,
+                          parse_configs, run_environment, versions_line, weight_bytes, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import sharegpt_requests, synthetic_requests
 
@@ -266,6 +266,10 @@ def main(argv=None):
                 runners[label] = ContinuousRunner(make_engine(model, config_name, max(batches), engine_length, args.device,
                                                               args.paiton_inner))
     labels = list(runners)
+    env.update(weight_bytes=weight_bytes(model), floor_us=weight_bytes(model) / copy_rate * 1e6 if copy_rate else None)
+    if any("-fp8" in config_name for config_name in configs):  # the FP8 copy's floor beside the model's
+        fp8_bytes = weight_bytes(model_for(model, "paiton-fp8"))
+        env.update(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_rate * 1e6 if copy_rate else None)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(labels) * len(batches))
     card = env["card"]
     rows, saved_artifacts = [], []
@@ -365,7 +369,8 @@ def add_views(row, args, config, batch, batch_requests, metrics, copy_rate, dtyp
         row["usd_per_million_total_tokens"] = cost_per_million_tokens(metrics["total_token_throughput"], args.gpu_hourly_cost)
     if copy_rate:
         mean_context = sum(len(r.prompt) + r.output_len / 2 for r in batch_requests) / len(batch_requests)
-        step_bytes = decode_step_bytes(config, batch, int(mean_context), torch.empty((), dtype=dtype).element_size())
+        step_bytes = decode_step_bytes(config, batch, int(mean_context), torch.empty((), dtype=dtype).element_size(),
+                                       linear_bytes=1 if "-fp8" in row["config"] else None)
         row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
 
 
@@ -377,6 +382,8 @@ def serve_arguments(args, config_name, max_slots, max_length) -> list[str]:
     inner = options.pop("paiton.inner_compiler", "inductor")
     flags = [*source, "--max-slots", str(max_slots), "--max-model-len", str(max_length), "--backend", backend,
              "--inner", inner, "--device", args.device, "--served-model-name", "bench"]
+    if "-fp8" in config_name:
+        flags.append("--fp8")
     flags += ["--mode", kwargs["mode"] if kwargs.get("mode") else ("default" if options else "auto")]
     for key, value in options.items():
         flags += ["--compile-option", f"{key}={value}"]
@@ -517,6 +524,8 @@ def markdown(env, rows, labels):
              + (f"compile times from a warm cache ({', '.join(map(os.path.basename, env['compile_caches_loaded']))}), "
                 if env.get("compile_caches_loaded") else "")
              + f"output length {env['output_len'] or 'from the workload'}. {workload_line(env)}."
+             + (f" Decode floor (weights / measured copy rate): {env['floor_us']:.0f} us" if env.get("floor_us") else "")
+             + (f", FP8 copy {env['fp8_floor_us']:.0f} us ({env['fp8_weight_bytes'] / 1e9:.2f} GB)." if env.get("fp8_floor_us") else "")
              + (" Measured over HTTP by the client (bench/serving_client.py) against `paiton serve` (continuous "
                 "batching); compile s: the server's start (compile and warm-up) in the first row, the warm-up pass after."
                 if http else ""), "",

@@ -250,3 +250,22 @@ def test_serving_a_checkpoint_with_its_own_tokenizer(tmp_path, cache_dir, solo):
         assert reply.choices[0].token_ids == expected
     finally:
         server.stop()
+
+
+def test_serving_fp8_weights(cache_dir):
+    """`paiton serve --fp8`: the preset quantized (every decoder linear per channel in e4m3); its
+    greedy tokens are the FP8 model's own through the bundled loop."""
+    from paiton.models.fp8 import quantize_fp8
+
+    server = launch(["--model", "tiny", "--fp8", "--backend", "eager", "--max-slots", "2", "--max-model-len", "64",
+                     "--no-warmup"], env={"TRITON_INTERPRET": "0"}, timeout_s=120)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.completions.create(model="tiny", prompt=[3, 1, 4, 1, 5], max_tokens=6, temperature=0,
+                                          extra_body={"ignore_eos": True, "return_token_ids": True})
+    finally:
+        server.stop()
+    model = quantize_fp8(build_qwen3("tiny", dtype=torch.float32))
+    expected = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager").generate([[3, 1, 4, 1, 5]], 6).tokens[0]
+    assert reply.choices[0].token_ids == expected
+    assert any("FP8 weights" in line for line in server.lines)

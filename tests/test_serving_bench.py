@@ -144,6 +144,25 @@ def test_continuous_and_static_schedulers_in_one_run(tmp_path, monkeypatch):
     assert table.count("| paiton | continuous |") == 2 and "x |\n" in table
 
 
+def test_fp8_configuration_beside_the_model(tmp_path, monkeypatch):
+    """paiton-fp8: Paiton on an FP8 copy of the model (its decoder linears in e4m3, the rest
+    shared), in the same run as the model itself; the result records both weights' bytes."""
+    import serving
+    from paiton_testing import use_reference_kernels
+
+    use_reference_kernels(monkeypatch)
+    serving.main(["--model", "tiny", "--num-prompts", "4", "--batch-sizes", "1,2", "--configs", "paiton,paiton-fp8",
+                  "--paiton-inner", "eager", "--device", "cpu", "--out", str(tmp_path), "--max-prompt-len", "12",
+                  "--output-len", "5", "--schedulers", "static,continuous"])
+    (result_path,) = tmp_path.glob("serving-tiny-CPU-*.json")
+    result = json.loads(result_path.read_text())
+    labels = {(r["batch"], r["label"]) for r in result["rows"]}
+    assert labels == {(b, l) for b in (1, 2) for l in ("paiton", "paiton:continuous", "paiton-fp8", "paiton-fp8:continuous")}
+    env = result["env"]
+    assert env["fp8_weight_bytes"] < env["weight_bytes"]  # the decoder linears at one byte instead of four
+    assert all(r["completed"] == 4 for r in result["rows"])
+
+
 def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
     """--serve: the benchmark starts `paiton serve` and measures it as a client, on a workload
     saved to a file (the form a machine without the dataset takes), Poisson arrivals."""
