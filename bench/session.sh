@@ -11,8 +11,10 @@
 #                 continuous batch against the bundled loop's static batches, Paiton both (issue 19)
 #   gpu_tests     pytest -m gpu
 #   sharegpt_32b  Qwen3-32B through `paiton serve` over HTTP on ShareGPT V3 prompts (a workload
-#                 file made on CPU: WORKLOAD), dataset output lengths, batches SHAREGPT_BATCHES
-#                 (issue 20), configurations SHAREGPT_CONFIGS
+#                 file made on CPU: WORKLOAD), dataset output lengths (SHAREGPT_OUTPUT_LEN=256: the
+#                 fixed scenario), batches SHAREGPT_BATCHES (issue 20), configurations SHAREGPT_CONFIGS
+#   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
+#                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
 # machine has no dataset to train it on).
 set -uo pipefail
@@ -48,7 +50,13 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
     sharegpt_32b)
       step sharegpt_32b "${SHAREGPT_TIMEOUT:-900}" python3 bench/serving.py --model qwen3-32b --serve \
         --configs "${SHAREGPT_CONFIGS:-paiton}" --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
-        --rounds 2 --min-prompts 32 --batch-sizes "${SHAREGPT_BATCHES:-128,32,8,1}" --tag sharegpt-http --out "$out" ;;
+        --rounds 2 --min-prompts 32 --batch-sizes "${SHAREGPT_BATCHES:-128,32,8,1}" \
+        ${SHAREGPT_OUTPUT_LEN:+--output-len $SHAREGPT_OUTPUT_LEN} --tag "sharegpt-http${SHAREGPT_OUTPUT_LEN:+-out$SHAREGPT_OUTPUT_LEN}" \
+        --out "$out" ;;
+    fp8)
+      step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \
+        --configs paiton,paiton-fp8,inductor-cdt --batch-sizes 1,8,32 --num-prompts 64 --rounds 1 --min-prompts 8 \
+        --output-len 128 --max-prompt-len 512 --tag fp8 --out "$out" ;;
     *) echo "unknown step $name" ;;
   esac
 done

@@ -218,3 +218,21 @@ def test_each_chip_quantizes_to_its_format(arch, dtype):
     from paiton.backends.target import target_named
 
     assert fp8_format(target=target_named(arch)) == dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8, 32])
+@pytest.mark.parametrize("per_block", [False, True])
+def test_fp8_kernels_on_gpu_at_qwen3_shapes(rows, per_block):
+    """On the GPU, in the chip's FP8 format: the one-row GEMV (rows 1) and the FP8 GEMM (8, 32)
+    at Qwen3-8B's q/k/v and down_proj shapes, against the float64 product of x and the
+    dequantized weight, within fp32 summation noise and one bf16 rounding."""
+    fp8 = fp8_format("cuda")
+    for n, k in ((6144, 4096), (4096, 12288)):
+        w8, row_scales = quantize_weight(random_weight(n, k, 0, outliers=True).cuda(), fp8)
+        scales = block_scales(n, k, 0).cuda() if per_block else row_scales
+        x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+        y = torch.ops.paiton.fp8_linear(x, [w8], [scales])
+        expected = gemv_reference(x, w8, scales)
+        magnitude = x.double().abs() @ dequantize(w8, scales, torch.float64).abs().T
+        assert ((y.double() - expected).abs() <= magnitude * 2**-19 + expected.abs() * 2**-7).all()
