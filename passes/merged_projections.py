@@ -273,24 +273,21 @@ def _pack(weights: list[torch.nn.Parameter]) -> None:
 def _rewrite(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[torch.Tensor]) -> None:
     import paiton.fusion.packed_linear  # noqa: F401  (registers torch.ops.paiton.packed_linear)
 
-    x = group[0].args[0]
-    with graph.inserting_before(group[0]):
-        product = graph.call_function(torch.ops.paiton.packed_linear.default, (x, [node.args[1] for node in group]))
-        parts, start = [], 0
-        for node, w in zip(group, weights):
-            parts.append(graph.call_function(torch.narrow, (product, -1, start, w.shape[0])))
-            node.replace_all_uses_with(parts[-1])
-            start += w.shape[0]
-    for node in group:
-        graph.erase_node(node)
-    _set_example_values([product] + parts)
+    _replace_by_one_product(graph, group, weights, torch.ops.paiton.packed_linear.default,
+                            ([node.args[1] for node in group],))
 
 
 def _rewrite_fp8(graph: torch.fx.Graph, group: list[torch.fx.Node], weights: list[torch.Tensor]) -> None:
+    _replace_by_one_product(graph, group, weights, torch.ops.paiton.fp8_linear.default,
+                            ([node.args[1][0] for node in group], [node.args[2][0] for node in group]))
+
+
+def _replace_by_one_product(graph, group, weights, op, operands) -> None:
+    """`op(x, *operands)` before the group's first linear, and each linear's uses moved to its
+    `narrow` of that product (the rows of its weight)."""
     x = group[0].args[0]
     with graph.inserting_before(group[0]):
-        product = graph.call_function(torch.ops.paiton.fp8_linear.default,
-                                      (x, [node.args[1][0] for node in group], [node.args[2][0] for node in group]))
+        product = graph.call_function(op, (x, *operands))
         parts, start = [], 0
         for node, w in zip(group, weights):
             parts.append(graph.call_function(torch.narrow, (product, -1, start, w.shape[0])))
