@@ -404,7 +404,9 @@ class Engine:
                 self._generators[request.id] = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
         pad = tokens - total
         ids += [0] * pad
-        positions += range(pad)  # distinct slots of the scratch row
+        # Slots of the scratch row (wrapping when the bucket is longer than the cache: a pad then
+        # shares a slot with another pad, harmlessly; each still sees itself, so no empty softmax).
+        positions += [i % self.max_length for i in range(pad)]
         rows += [scratch] * pad
         # Logit rows in buckets of 2, 8, 32, 128, ... (a size of 1 would be another graph, and
         # each bucket another CUDA graph per token bucket): the last row repeats.

@@ -64,6 +64,17 @@ def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
     ]
 
 
+def test_a_prefill_bucket_longer_than_the_cache(model):
+    """Two 35-token prompts packed into one 128-token bucket over a 48-slot cache: 58 padding
+    tokens, more than the scratch row's slots; they wrap around it, nothing is written out of
+    range, and each request gives its solo tokens."""
+    prompts = [[(3 * i + j) % 500 for i in range(35)] for j in (1, 2)]
+    loop = DecodeLoop(model, max_batch_size=1, max_length=48, backend="eager")
+    alone = [loop.generate([p], 8).tokens[0] for p in prompts]
+    engine = Engine(model, max_slots=2, max_length=48, backend="eager", max_prefill_tokens=128)
+    assert engine.generate(prompts, 8).tokens == alone and engine.steps["prefill"] == 1
+
+
 def test_stop_tokens_and_on_token_stops(model, alone):
     engine = Engine(model, max_slots=2, max_length=64, backend="eager")
     stop = alone[0][4]
