@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -57,6 +58,8 @@ from dataclasses import dataclass, field
 import torch
 
 from paiton.models.decode_loop import Generation, Sampling, copy_to_host, sample
+
+log = logging.getLogger(__name__)
 
 MIN_PREFILL_TOKENS = 16  # the smallest prefill bucket
 
@@ -77,7 +80,8 @@ class EngineRequest:
     """One generation. `on_token(token, seconds)` is called on the engine thread for each new
     token (seconds since the request was submitted) and may return True to finish the request
     there (a stop string, found by whoever detokenizes); `on_finish(reason)` once at the end:
-    "stop" (a stop token, or on_token's say), "length" (max_tokens) or "abort"."""
+    "stop" (a stop token, or on_token's say), "length" (max_tokens), "abort", or "error" (a step
+    failed; `error` says how)."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -94,6 +98,7 @@ class EngineRequest:
     tokens: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # with finish_reason "error": what failed
     submitted_at: float = 0.0  # perf_counter() at submit
     admitted_at: float | None = None  # when its prefill was queued (it got a slot)
     id: int = -1
@@ -280,9 +285,32 @@ class Engine:
 
     def _serve(self) -> None:
         while not self._stopping:
-            if not self.step():
+            try:
+                busy = self.step()
+            except Exception as error:  # noqa: BLE001  (a failed step must not stop the server)
+                self.fail_all(error)
+                continue
+            if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def fail_all(self, error: BaseException) -> None:
+        """After a step raised (out of memory, a compile error): every request in the engine
+        finishes with reason "error" (`EngineRequest.error` says why), the slots and steps in
+        flight are dropped, and the engine takes new requests again."""
+        log.exception("paiton engine: a step failed; %d requests end with an error", len(self._in_engine()))
+        for request in self._in_engine():
+            request.error = f"{type(error).__name__}: {error}"
+            self._finish(request, "error")
+        self._waiting.clear()
+        self._pending.clear()
+        self._generators.clear()
+
+    def _in_engine(self) -> list[EngineRequest]:
+        requests = [r for r in self._slot_request if r is not None] + list(self._waiting)
+        requests += [r for p in self._pending for r in p.requests if r is not None]
+        unique = {id(r): r for r in requests if not r.finished}
+        return list(unique.values())
 
     def run_until_done(self) -> None:
         """Step until every submitted request has finished (on the calling thread)."""

@@ -328,6 +328,8 @@ class CompletionServer:
             for choice in choices:
                 if not choice.request.finished:
                     self.engine.abort(choice.request)
+        if failed := [c for c in choices if c.finish_reason == "error"]:
+            raise ApiError(f"the engine failed while generating: {failed[0].request.error}", status=500, kind="server_error")
         return self._json(self._response(choices, params, ident, chat))
 
     async def _collect(self, choices, events):
@@ -402,6 +404,11 @@ class CompletionServer:
                 self.finished_requests += 1
                 if choice.finish_reason == "stop" and value == "abort":
                     continue  # already reported when the stop string was found
+                if value == "error":  # the stream has begun: an error event, as OpenAI's API sends one
+                    choice.finish(value)
+                    await send(ApiError(f"the engine failed while generating: {choice.request.error}", 500,
+                                        kind="server_error").body())
+                    continue
                 text = choice.finish(value)
                 await send(chunk(choice, text, choice.finish_reason))
         if params.include_usage:

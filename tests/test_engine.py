@@ -144,6 +144,35 @@ def test_teacher_forcing_and_kept_logits(model, alone):
     assert not torch.equal(crowd[0].logits[1], solo.logits[1])  # another token fed
 
 
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_serves_on(model, alone, monkeypatch):
+    """A step that raises (out of memory, say) ends the requests in the engine with "error" and
+    what failed; the engine thread stays up, and the next request is served."""
+    engine = Engine(model, max_slots=2, max_length=64, backend="eager")
+    real_decode, calls = engine._decode, []
+
+    def failing_once(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_decode(*args)
+
+    monkeypatch.setattr(engine, "_decode", failing_once)
+    engine.start()
+    try:
+        done = [threading.Event() for _ in range(3)]
+        first = [EngineRequest(p, 10, on_finish=lambda r, e=e: e.set()) for p, e in zip(PROMPTS[:2], done)]
+        for request in first:
+            engine.submit(request)
+        assert done[0].wait(60) and done[1].wait(60)
+        assert {r.finish_reason for r in first} == {"error"} and "out of memory (simulated)" in first[0].error
+        later = EngineRequest(PROMPTS[2], LIMITS[2], on_finish=lambda r: done[2].set())
+        engine.submit(later)
+        assert done[2].wait(60)
+    finally:
+        engine.stop()
+    assert later.tokens == alone[2] and later.finish_reason == "length" and engine.live_slots == 0
+
+
 def test_requests_from_many_threads(model, alone):
     """The engine on its own thread, requests submitted from several threads at once."""
     engine = Engine(model, max_slots=3, max_length=64, backend="eager")
