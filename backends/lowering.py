@@ -45,7 +45,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 # The ops Paiton's passes create (each pass's `fused_op`).
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
-    "one_row_linear", "silu_mul_linear", "fp8_linear",
+    "one_row_linear", "silu_mul_linear", "fp8_linear", "all_reduce_add_rms_norm",
 )
 
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, and the one-row GEMV's
@@ -77,6 +77,8 @@ _NVIDIA = {
     "rms_norm": Lowering(TRITON, dict(num_stages=3), "block rows and warps from the row width (rms_norm_launch_config): "
                          "rows up to 16384 wide normalized from registers in one pass"),
     "fused_add_rms_norm": Lowering(TRITON, dict(num_stages=3), "the rms_norm kernel, adding the residual on the way in"),
+    "all_reduce_add_rms_norm": Lowering(TRITON, dict(num_stages=3), "tensor parallel: NCCL's all-reduce (torch's functional "
+                                        "collective), then the fused add + RMSNorm kernel on the reduced buffer"),
     "silu_mul": Lowering(TRITON, silu_mul_launch_config(32), "8 elements a thread of 4 warps: one 16-byte load of gate and "
                          "of up per thread in bf16"),
     "qk_norm_rope": Lowering(TRITON, dict(num_warps=4), "one program per token for q and one for k, all heads in one "
@@ -125,6 +127,8 @@ _AMD_CDNA = {
     "rms_norm": Lowering(TRITON, dict(num_stages=2), "the NVIDIA sizes (the widest rows: 16 wavefronts of 64 = 1024 lanes, "
                          "the workgroup limit) and Triton's ROCm default of 2 stages"),
     "fused_add_rms_norm": Lowering(TRITON, dict(num_stages=2), "the rms_norm kernel, adding the residual on the way in"),
+    "all_reduce_add_rms_norm": Lowering(TRITON, dict(num_stages=2), "tensor parallel: RCCL's all-reduce, then the fused "
+                                        "add + RMSNorm kernel on the reduced buffer"),
     "silu_mul": Lowering(TRITON, silu_mul_launch_config(64), "8 elements a lane of 4 wavefronts of 64: one dwordx4 load of "
                          "gate and of up per lane in bf16"),
     "qk_norm_rope": Lowering(TRITON, dict(num_warps=4), "the NVIDIA launch: 4 wavefronts of 64 lanes per token for q and for k"),
@@ -229,7 +233,7 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     fp8_linear: none (its format and the one-row GEMV's launch, `one_row`).
     """
     params = lowering_for(op, target).params
-    if op in ("rms_norm", "fused_add_rms_norm"):
+    if op in ("rms_norm", "fused_add_rms_norm", "all_reduce_add_rms_norm"):
         return {**rms_norm_launch_config(shape["n_rows"], shape["n_cols"]), **params}
     if op in ("qk_norm_rope", "qk_norm_rope_cache"):
         return {**qk_norm_rope_block_sizes(shape["n_q_heads"], shape["n_k_heads"], shape["head_dim"]), **params}
@@ -281,10 +285,10 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
         return TableRow(op, lowering.implementation, kernel, shape, config, build if compiles[op] else None)
 
     rows = []
-    for op in ("rms_norm", "fused_add_rms_norm"):
+    for op in ("rms_norm", "fused_add_rms_norm", "all_reduce_add_rms_norm"):
         config = launch_config(op, target, n_rows=tokens, n_cols=m.hidden_size)
-        rows.append(row(op, "_rms_norm_kernel", f"[{tokens}, {m.hidden_size}]", config,
-                        aot.rms_norm_build(config, dtype, op == "fused_add_rms_norm")))
+        kernel = "_rms_norm_kernel" + (" (after the all-reduce)" if op == "all_reduce_add_rms_norm" else "")
+        rows.append(row(op, kernel, f"[{tokens}, {m.hidden_size}]", config, aot.rms_norm_build(config, dtype, op != "rms_norm")))
     config = launch_config("silu_mul", target)
     rows.append(row("silu_mul", "_silu_mul_kernel", f"[{tokens}, {m.intermediate_size}]", config, aot.silu_mul_build(config, dtype)))
     heads = f"[{tokens}, {m.num_attention_heads}+{m.num_key_value_heads} heads, {m.head_dim}]"

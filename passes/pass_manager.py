@@ -26,6 +26,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 
 from paiton.backends import lowering
 from paiton.backends.target import Target, detect_target
+from paiton.passes.all_reduce_add_rms_norm import AllReduceAddRMSNormPass
 from paiton.passes.cache_counters import CacheCountersPass
 from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
@@ -41,12 +42,14 @@ from paiton.passes.swiglu import SwiGLUPass
 log = logging.getLogger(__name__)
 
 # Every pass Paiton has, in the order they run.
+# The all-reduce joins the fused add + RMSNorm op (tensor parallel);
 # QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
 # RoPE op and looks for the attention (fused or not) that reads the cache; the cache counters'
 # slots are those of the KV-cache write's op; SwiGLU into a one-row product starts from the
 # SwiGLU pass's output.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
+    AllReduceAddRMSNormPass,
     RMSNormPass,
     QKNormRoPEPass,
     DecodeAttentionPass,

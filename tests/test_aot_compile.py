@@ -40,6 +40,7 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
     """Each target's table runs Paiton's Triton kernels for these ops; each op's kernels are among
     the compiled ones (decode attention has two: the split pass and the combine)."""
     kernels_of = {"rms_norm": {"_rms_norm_kernel"}, "fused_add_rms_norm": {"_rms_norm_kernel"},
+                  "all_reduce_add_rms_norm": {"_rms_norm_kernel"},
                   "silu_mul": {"_silu_mul_kernel"}, "qk_norm_rope": {"_qk_norm_rope_kernel"},
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},

@@ -1,0 +1,71 @@
+"""Tensor parallelism (models/tensor_parallel.py) on CPU: 2 and 4 gloo processes started with
+torchrun (tests/tp_worker.py), each building the same tiny Qwen3 and keeping its shard. The
+sharded model's logits equal the unsharded model's (eager and compiled with Paiton), the bundled
+loop gives the unsharded model's greedy tokens, Paiton's all-reduce + add + RMSNorm pass fires
+on every row-parallel product; a rank that dies, or hangs, makes the others fail with an error
+(a hang: after the process group's timeout) instead of waiting forever."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
+
+
+def torchrun(ranks: int, mode: str, out, timeout_s: float = 60.0, limit_s: float = 600.0):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", WORKER,
+               mode, str(out), str(timeout_s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}  # the ops' CPU references
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=limit_s)
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sharded_model_equals_the_unsharded_one(tmp_path, ranks):
+    out = tmp_path / "result.json"
+    result, _ = torchrun(ranks, "parity", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["tp"] == ranks and found["local_heads"] == 8 // ranks and found["local_kv_heads"] == 4 // ranks
+    assert found["eager_max_diff"] < 1e-5 and found["compiled_max_diff"] < 1e-5, found
+    assert found["tokens_equal"]
+    layers = 2
+    for graph in found["graphs"]:  # the bundled loop's prefill and decode graphs
+        # o_proj and down_proj's all-reduce joins the add + RMSNorm after it: 2 a layer.
+        assert graph["all_reduce_add_rms_norm"] == 2 * layers and graph["fused_add_rms_norm"] == 2 * layers, graph
+        assert graph["merged_projections"] == 2 * layers and graph["qk_norm_rope"] == layers
+
+
+def test_a_rank_that_dies_makes_the_others_fail(tmp_path):
+    out = tmp_path / "result.json"
+    result, seconds = torchrun(2, "dead_rank", out, timeout_s=60)
+    assert result.returncode != 0
+    found = json.loads(out.read_text())
+    assert found["error"] and "closed by peer" in found["error"] and found["seconds"] < 30, found
+
+
+def test_a_rank_that_hangs_times_the_others_out(tmp_path):
+    """The stated timeout (init_tensor_parallel's timeout_s, 5 s here): rank 0's collective
+    raises after it, and the run ends well before the hanging rank would have."""
+    out = tmp_path / "result.json"
+    result, seconds = torchrun(2, "stuck_rank", out, timeout_s=5)
+    assert result.returncode != 0
+    found = json.loads(out.read_text())
+    assert found["error"] and "Timed out" in found["error"], found
+    assert 4.5 <= found["seconds"] <= 20 and seconds < 55, (found, seconds)
+
+
+def test_degrees_that_do_not_divide_the_model_are_refused():
+    from paiton.models.qwen3 import qwen3_config
+    from paiton.models.tensor_parallel import check_divisible
+
+    check_divisible(qwen3_config("qwen3-32b"), 8)  # 64 heads, 8 KV heads, 25600, 151936: TP 8 fits
+    with pytest.raises(ValueError, match="num_key_value_heads=8"):
+        check_divisible(qwen3_config("qwen3-32b"), 16)
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        check_divisible(qwen3_config("tiny"), 4)

@@ -1,0 +1,94 @@
+"""One rank of the tensor-parallel tests (test_tensor_parallel.py starts them with torchrun, gloo on
+CPU). Every rank builds the same tiny Qwen3 and shards it; rank 0 writes what it found as JSON.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py parity OUT.json
+    ... tests/tp_worker.py dead_rank OUT.json          # rank 1 leaves; the others must fail, not hang
+    ... tests/tp_worker.py stuck_rank OUT.json 5       # rank 1 hangs; rank 0 fails after the 5 s timeout
+"""
+
+import json
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def model_and_ids():
+    from paiton.models.qwen3 import build_qwen3
+
+    # 8 query heads and 4 KV heads: TP 2 and 4 both split them (the tiny preset has 2 KV heads).
+    model = build_qwen3("tiny", dtype=torch.float32, seed=7, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=16, intermediate_size=256)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def parity(out_path):
+    import paiton
+    from paiton.models.decode_loop import DecodeLoop
+    from paiton.models.tensor_parallel import shard_qwen3
+
+    model, ids = model_and_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+        prompts = [ids[0].tolist(), ids[1, :5].tolist()]
+        expected_tokens = DecodeLoop(model, max_batch_size=2, max_length=32, backend="eager").generate(prompts, 6).tokens
+        shard_qwen3(model)
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="paiton", options={"paiton.inner_compiler": "eager"})
+        compiled_logits = compiled(ids).logits
+        torch._dynamo.reset()
+        loop = DecodeLoop(model, max_batch_size=2, max_length=32, options={"paiton.inner_compiler": "eager"})
+        tokens = loop.generate(prompts, 6).tokens
+    result = dict(tp=dist.get_world_size(), eager_max_diff=(eager - expected).abs().max().item(),
+                  compiled_max_diff=(compiled_logits - expected).abs().max().item(),
+                  tokens_equal=tokens == expected_tokens, counts=paiton.fusion_counts(model),
+                  graphs=[g.counts for g in paiton.fusion_graphs(model)],
+                  local_heads=model.config.num_attention_heads, local_kv_heads=model.config.num_key_value_heads)
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+def dead_rank(out_path):
+    """Rank 1 exits at once; rank 0's forward must end with an error, not hang."""
+    from paiton.models.tensor_parallel import shard_qwen3
+
+    model, ids = model_and_ids()
+    shard_qwen3(model)
+    if dist.get_rank() == 1:
+        sys.exit(3)
+    _forward_or_error(model, ids, out_path)
+
+
+def stuck_rank(out_path):
+    """Rank 1 stays alive but never joins the forward's collectives; rank 0's must time out."""
+    from paiton.models.tensor_parallel import shard_qwen3
+
+    model, ids = model_and_ids()
+    shard_qwen3(model)
+    if dist.get_rank() == 1:
+        time.sleep(60)
+        sys.exit(0)
+    _forward_or_error(model, ids, out_path)
+
+
+def _forward_or_error(model, ids, out_path):
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model(ids)
+        message = None
+    except Exception as error:  # noqa: BLE001  (the test reads what it was)
+        message = f"{type(error).__name__}: {error}"
+    with open(out_path, "w") as f:
+        json.dump(dict(error=message, seconds=time.perf_counter() - start), f)
+    sys.exit(4 if message else 0)
+
+
+if __name__ == "__main__":
+    from paiton.models.tensor_parallel import init_tensor_parallel
+
+    init_tensor_parallel("gloo", timeout_s=float(sys.argv[3]) if len(sys.argv) > 3 else 60.0)
+    {"parity": parity, "dead_rank": dead_rank, "stuck_rank": stuck_rank}[sys.argv[1]](sys.argv[2])
