@@ -100,12 +100,26 @@ class Generation:
         return [(t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else 0.0 for t in self.token_times]
 
 
+def power_of_two_at_least(n: int, floor: int = 1) -> int:
+    """The smallest power of two times `floor` (a power of two) that is >= n."""
+    bucket = floor
+    while bucket < n:
+        bucket *= 2
+    return bucket
+
+
 def prompt_bucket(length: int, max_length: int) -> int:
     """The padded prompt length: the next power of two from 16, capped at max_length."""
-    bucket = 16
-    while bucket < length:
-        bucket *= 2
-    return min(bucket, max_length)
+    return min(power_of_two_at_least(length, 16), max_length)
+
+
+def zeroed_kv_buffers(config, rows: int, max_length: int, dtype: torch.dtype, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(K, V) per layer, [rows, kv_heads, max_length, head_dim], zeroed: masked-out slots are
+    still multiplied by a zero weight, and 0 * NaN from uninitialized memory would be NaN."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape = (rows, config.num_key_value_heads, max_length, head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)]
 
 
 def copy_to_host(tensor: torch.Tensor) -> Callable[[], list]:
@@ -163,13 +177,7 @@ class DecodeLoop:
 
         config = self.model.config
         if not self._kv_buffers:
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            shape = (self.max_batch_size, config.num_key_value_heads, self.max_length, head_dim)
-            # Zeros, not empty: masked-out slots are still multiplied by a zero weight, and
-            # 0 * NaN from uninitialized memory would be NaN.
-            self._kv_buffers = [(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
-                                 torch.zeros(shape, dtype=self.model.dtype, device=self.device))
-                                for _ in range(config.num_hidden_layers)]
+            self._kv_buffers = zeroed_kv_buffers(config, self.max_batch_size, self.max_length, self.model.dtype, self.device)
         cache = self._caches.get(batch)
         if cache is None:
             cache = StaticCache(config=config, max_cache_len=self.max_length)

@@ -57,18 +57,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from paiton.models.decode_loop import Generation, Sampling, copy_to_host, sample
+from paiton.models.decode_loop import (Generation, Sampling, copy_to_host, power_of_two_at_least, sample,
+                                       zeroed_kv_buffers)
 
 log = logging.getLogger(__name__)
 
 MIN_PREFILL_TOKENS = 16  # the smallest prefill bucket
-
-
-def power_of_two_at_least(n: int, floor: int = 1) -> int:
-    bucket = floor
-    while bucket < n:
-        bucket *= 2
-    return bucket
 
 
 class EngineError(ValueError):
@@ -373,14 +367,9 @@ class Engine:
     def _buffers(self) -> None:
         if self._layers:
             return
-        config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (self.max_slots + 1, config.num_key_value_heads, self.max_length, head_dim)
-        # Zeros, not empty: rows that are not live are still read (times a zero weight), and
-        # 0 * NaN from uninitialized memory would be NaN.
-        self._layers = [(torch.zeros(shape, dtype=self.model.dtype, device=self.device),
-                         torch.zeros(shape, dtype=self.model.dtype, device=self.device))
-                        for _ in range(config.num_hidden_layers)]
+        # Rows that are not live are still read (times a zero weight): zeroed buffers.
+        self._layers = zeroed_kv_buffers(self.model.config, self.max_slots + 1, self.max_length, self.model.dtype,
+                                         self.device)
         for pair in self._layers:
             for tensor in pair:
                 torch._dynamo.mark_static_address(tensor)
