@@ -332,19 +332,35 @@ class CompletionServer:
             raise ApiError(f"the engine failed while generating: {failed[0].request.error}", status=500, kind="server_error")
         return self._json(self._response(choices, params, ident, chat))
 
-    async def _collect(self, choices, events):
+    async def _updates(self, choices, events):
+        """(choice, new text, finish reason or None) as the engine's events arrive, until every
+        choice has finished: text as each token completes it, a stop string's "stop" when it is
+        found (the request is then aborted in the engine, and its later "abort" not reported
+        again), the engine's own finish ("length", "stop", "error") with the text still held."""
         finished = 0
         while finished < len(choices):
             index, kind, value = await events.get()
             choice = choices[index]
-            if kind == "token" and choice.finish_reason is None:
-                choice.add(value)
-                if choice.finish_reason == "stop":
+            if kind == "token":
+                if choice.finish_reason is not None:
+                    continue
+                text = choice.add(value)
+                if choice.finish_reason == "stop":  # a stop string; the engine's finish comes later
                     self.engine.abort(choice.request)
-            elif kind == "finish":
-                finished += 1
-                self.finished_requests += 1
-                choice.finish(value)
+                    yield choice, text, "stop"
+                elif text:
+                    yield choice, text, None
+                continue
+            finished += 1
+            self.finished_requests += 1
+            if choice.finish_reason == "stop" and value == "abort":
+                continue  # reported when the stop string was found
+            text = choice.finish(value)
+            yield choice, text, choice.finish_reason
+
+    async def _collect(self, choices, events):
+        async for _ in self._updates(choices, events):
+            pass
 
     def _usage(self, choices) -> dict:
         prompt = sum(len(c.prompt) for c in choices)
@@ -386,31 +402,12 @@ class CompletionServer:
         if chat:
             for choice in choices:
                 await send(chunk(choice, "", None, first=True))
-        finished = 0
-        while finished < len(choices):
-            index, what, value = await events.get()
-            choice = choices[index]
-            if what == "token":
-                if choice.finish_reason is not None:
-                    continue
-                text = choice.add(value)
-                if choice.finish_reason == "stop":  # a stop string; the engine's finish comes later
-                    self.engine.abort(choice.request)
-                    await send(chunk(choice, text, "stop"))
-                elif text:
-                    await send(chunk(choice, text, None))
+        async for choice, text, finish_reason in self._updates(choices, events):
+            if finish_reason == "error":  # the stream has begun: an error event, as OpenAI's API sends one
+                await send(ApiError(f"the engine failed while generating: {choice.request.error}", 500,
+                                    kind="server_error").body())
             else:
-                finished += 1
-                self.finished_requests += 1
-                if choice.finish_reason == "stop" and value == "abort":
-                    continue  # already reported when the stop string was found
-                if value == "error":  # the stream has begun: an error event, as OpenAI's API sends one
-                    choice.finish(value)
-                    await send(ApiError(f"the engine failed while generating: {choice.request.error}", 500,
-                                        kind="server_error").body())
-                    continue
-                text = choice.finish(value)
-                await send(chunk(choice, text, choice.finish_reason))
+                await send(chunk(choice, text, finish_reason))
         if params.include_usage:
             await send({"id": ident, "object": kind, "created": created, "model": self.model_name, "choices": [],
                         "usage": self._usage(choices)})
