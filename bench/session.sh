@@ -11,8 +11,11 @@
 #                 continuous batch against the bundled loop's static batches, Paiton both (issue 19)
 #   gpu_tests     pytest -m gpu
 #   sharegpt_32b  Qwen3-32B through `paiton serve` over HTTP on ShareGPT V3 prompts (a workload
-#                 file made on CPU: WORKLOAD), dataset output lengths (SHAREGPT_OUTPUT_LEN=256: the
-#                 fixed scenario), batches SHAREGPT_BATCHES (issue 20), configurations SHAREGPT_CONFIGS
+#                 file made on CPU: WORKLOAD), both scenarios on each server start (dataset output
+#                 lengths and 256; SHAREGPT_OUTPUT_LEN), batches SHAREGPT_BATCHES in that order (issue
+#                 20), configurations SHAREGPT_CONFIGS ("paiton:700 inductor-cdt:900": each its own
+#                 step and time limit, a results file per configuration and scenario); each server
+#                 saves its compile cache under $out (compile-cache-32b-<config>.xz)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
@@ -47,12 +50,16 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         --max-prompt-len 512 --tag continuous-vs-static --out "$out" ;;
     gpu_tests)
       step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu tests/ ;;
-    sharegpt_32b)
-      step sharegpt_32b "${SHAREGPT_TIMEOUT:-900}" python3 bench/serving.py --model qwen3-32b --serve \
-        --configs "${SHAREGPT_CONFIGS:-paiton}" --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
-        --rounds 2 --min-prompts 32 --batch-sizes "${SHAREGPT_BATCHES:-128,32,8,1}" \
-        ${SHAREGPT_OUTPUT_LEN:+--output-len $SHAREGPT_OUTPUT_LEN} --tag "sharegpt-http${SHAREGPT_OUTPUT_LEN:+-out$SHAREGPT_OUTPUT_LEN}" \
-        --out "$out" ;;
+    sharegpt_32b)  # one server start per configuration, each under its own limit (CONFIG:SECONDS)
+      for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do
+        config=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=900
+        step "sharegpt_32b_$config" "$limit" python3 bench/serving.py --model qwen3-32b --serve --configs "$config" \
+          --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
+          --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}" \
+          --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
+          --save-compile-cache "$out/compile-cache-32b.xz" --out "$out"
+        pkill -f "paiton serve" && sleep 5 && pkill -9 -f "paiton serve"  # a server its limit cut off would hold the GPU
+      done ;;
     fp8)
       step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \
         --configs paiton,paiton-fp8,inductor-cdt --batch-sizes 1,8,32 --num-prompts 64 --rounds 1 --min-prompts 8 \

@@ -417,9 +417,10 @@ class CompletionServer:
 
 
 def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_name: str, host: str, port: int,
-               warmup: bool = False) -> int:
-    """Serve until interrupted. The engine starts first (and warms up, if asked), then the port
-    opens; the address taken is printed (port 0: any free one)."""
+               warmup: bool = False, after_warmup=None) -> int:
+    """Serve until interrupted. The engine starts first (and warms up, if asked, then calls
+    `after_warmup`, whose line it prints: `paiton serve` saves the compile cache there), then
+    the port opens; the address taken is printed (port 0: any free one)."""
     import signal
 
     from aiohttp import web
@@ -436,6 +437,8 @@ def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_n
         if warmup:
             seconds = await asyncio.get_running_loop().run_in_executor(None, engine.warm_up)
             print(f"[paiton] warmed up in {seconds:.1f} s", flush=True)
+            if after_warmup is not None:
+                print(f"[paiton] {await asyncio.get_running_loop().run_in_executor(None, after_warmup)}", flush=True)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()

@@ -176,14 +176,28 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
                   "--save-requests", str(workload)])
     serving.main(["--model", "tiny", "--requests", str(workload), "--num-prompts", "6", "--batch-sizes", "1,3",
                   "--configs", "paiton", "--serve", "--paiton-inner", "eager", "--device", "cpu", "--request-rate", "50",
-                  "--out", str(tmp_path)])
-    (result_path,) = tmp_path.glob("serving-tiny-CPU-*.json")
-    result = json.loads(result_path.read_text())
-    assert result["env"]["requests_file"] == "workload.json" and result["env"]["mean_prompt_len"] > 0
-    for row in result["rows"]:
-        assert row["scheduler"] == "http" and row["completed"] == 6 and row["failed"] == 0, row
-        assert row["total_output_tokens"] == sum(r["output_len"] for r in json.loads(workload.read_text())["requests"])
-        assert row["median_tpot_ms"] > 0 and row["request_rate"] == 50
+                  "--output-len", "dataset,4", "--save-compile-cache", str(tmp_path / "cache.xz"), "--out", str(tmp_path)])
+    # Both scenarios ran on the one server start, a results file each.
+    (dataset_path,) = [path for path in tmp_path.glob("serving-tiny-CPU-*.json") if "-out" not in path.name]
+    (fixed_path,) = tmp_path.glob("serving-tiny-CPU-*-out4.json")
+    for result_path, output_len in ((dataset_path, 9), (fixed_path, 4)):
+        result = json.loads(result_path.read_text())
+        assert result["env"]["requests_file"] == "workload.json" and result["env"]["mean_prompt_len"] > 0
+        assert result["env"]["output_len"] == (None if output_len == 9 else 4)
+        assert result["env"]["mean_output_len"] == output_len
+        assert [row["batch"] for row in result["rows"]] == [1, 3]
+        for row in result["rows"]:
+            assert row["scheduler"] == "http" and row["completed"] == 6 and row["failed"] == 0, row
+            assert row["total_output_tokens"] == 6 * output_len
+            assert row["median_tpot_ms"] > 0 and row["request_rate"] == 50
+    # The server saved its warm-up's compile cache (empty here: the eager inner compiler makes
+    # no Inductor artifacts), under the configuration's name, in a form the loader takes.
+    from paiton.backends.compile_cache import XZ_MAGIC, load_compile_cache
+
+    cache_file = tmp_path / "cache-paiton.xz"
+    assert cache_file.read_bytes().startswith(XZ_MAGIC)
+    load_compile_cache(str(cache_file))
+    assert "compile cache saved to" in (tmp_path / "serve-paiton.log").read_text()
 
 
 def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypatch):
@@ -235,6 +249,9 @@ def test_decode_step_logits_compare_only_rows_whose_first_token_matched():
     (["--model", "tiny", "--serve", "--schedulers", "continuous"], "leave --schedulers out"),
     (["--model", "tiny", "--num-prompts", "4", "--batch-sizes", "1,4", "--rounds", "2"], "needs 1..--num-prompts"),
     (["--model", "tiny", "--configs", "eager,vllm"], "unknown configuration"),
+    (["--model", "tiny", "--output-len", "dataset,256"], "several --output-len scenarios run over HTTP"),
+    (["--model", "tiny", "--serve", "--configs", "paiton", "--output-len", "256,long"], "neither a positive length"),
+    (["--model", "tiny", "--serve", "--configs", "paiton", "--output-len", "256,256"], "names a scenario twice"),
 ])
 def test_bad_arguments_are_clear_errors(arguments, message, capsys):
     import serving
@@ -249,7 +266,7 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
     run's graphs come from Inductor's FX graph cache (counted), not a new compile."""
     import subprocess
 
-    import serving
+    from paiton.backends.compile_cache import XZ_MAGIC
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
     cache_file = tmp_path / "compiled.bin"
@@ -270,7 +287,7 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
         return int(hits), int(misses)
 
     assert run(["--save-compile-cache", str(cache_file)], "first") == (0, 4)  # 2 prefill + 2 decode graphs
-    assert cache_file.read_bytes().startswith(serving.XZ_MAGIC)  # compressed, to fit what the device hands back
+    assert cache_file.read_bytes().startswith(XZ_MAGIC)  # compressed, to fit what the device hands back
     assert run(["--load-compile-cache", str(cache_file)], "second") == (4, 0)
 
     # Each row's compile breakdown saw the same: batch 1 and batch 2+ compile a prefill and a
