@@ -85,7 +85,27 @@ def build(rows: dict) -> list[dict]:
     return table
 
 
-def markdown(model: str, envs: list[dict], table: list[dict]) -> str:
+def targets_line(table: list[dict]) -> str:
+    """Where the issue's targets are missed, and which of the cells they need were not measured."""
+    below_reference, below_stock, unmeasured = [], [], []
+    for entry in table:
+        for scenario in SCENARIOS:
+            where = f"batch {entry['batch']} {scenario}"
+            versus_reference = entry["ratios"].get(f"paiton / Paiton, MI300X, {scenario}")
+            if versus_reference is not None and versus_reference < TARGET_VS_MI300X:
+                below_reference.append(f"{where} ({versus_reference:.2f}x)")
+            versus_stock = entry["ratios"].get(f"paiton / inductor-cdt, {scenario}")
+            if versus_stock is not None and versus_stock < 1:
+                below_stock.append(f"{where} ({versus_stock:.2f}x)")
+            for config in ("paiton", "inductor-cdt"):
+                if f"{config}, {scenario}" not in entry["ours"]:
+                    unmeasured.append(f"{config} {where}")
+    return ("Targets: below 1.2x the MI300X row: " + (", ".join(below_reference) or "none")
+            + "; below stock Inductor + tuning: " + (", ".join(below_stock) or "none")
+            + "; not measured: " + (", ".join(unmeasured) or "none") + ".")
+
+
+def markdown(model: str, envs: list[dict], table: list[dict], note: str = "") -> str:
     env = envs[0]
     sources = ", ".join(sorted({e["file"] for e in envs}))
 
@@ -130,7 +150,10 @@ def markdown(model: str, envs: list[dict], table: list[dict]) -> str:
               f"prompt {env.get('mean_prompt_len', 0):.0f} and output {env.get('mean_output_len', 0):.0f} tokens under it over "
               "the workload file), random weights (decode time depends only on shapes); the reference ran 32 prompts at "
               "every batch size, ours " + requests_line(env) + "; ours went through `paiton serve` (continuous batching) "
-              "over HTTP where the row's scheduler says http, else the bundled loop in process."]
+              "over HTTP where the row's scheduler says http, else the bundled loop in process.", "",
+              targets_line(table)]
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +197,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="serving results JSON files")
     parser.add_argument("--out", help="folder of the table (default: the first input's)")
+    parser.add_argument("--note", default="", help="a paragraph added to the markdown (what else is not like for like)")
     args = parser.parse_args(argv)
     rows, envs = collect(args.results)
     if not envs:
@@ -185,7 +209,7 @@ def main(argv=None):
     out = args.out or os.path.dirname(os.path.abspath(args.results[0]))
     stem = write_results(out, stem_name, dict(reference=REFERENCE, reference_tpot_batch1_ms=REFERENCE_TPOT_BATCH1_MS,
                                               sources=[e["file"] for e in envs], table=table),
-                         markdown(model, envs, table))
+                         markdown(model, envs, table, args.note))
     plot(table, stem + ".png", f"{model}, ShareGPT V3: ours (H200) against the reference")
 
 

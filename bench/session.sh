@@ -15,7 +15,8 @@
 #                 lengths and 256; SHAREGPT_OUTPUT_LEN), batches SHAREGPT_BATCHES in that order (issue
 #                 20), configurations SHAREGPT_CONFIGS ("paiton:700 inductor-cdt:900": each its own
 #                 step and time limit, a results file per configuration and scenario); each server
-#                 saves its compile cache under $out (compile-cache-32b-<config>.xz)
+#                 saves its compile cache under $out (compile-cache-32b-<config>.xz) and loads the
+#                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
@@ -51,14 +52,18 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
     gpu_tests)
       step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu tests/ ;;
     sharegpt_32b)  # one server start per configuration, each under its own limit (CONFIG:SECONDS)
+      caches=()
+      for f in ${SHAREGPT_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
       for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do
         config=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=900
         step "sharegpt_32b_$config" "$limit" python3 bench/serving.py --model qwen3-32b --serve --configs "$config" \
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
           --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
-          --save-compile-cache "$out/compile-cache-32b.xz" --out "$out"
-        pkill -f "paiton serve" && sleep 5 && pkill -9 -f "paiton serve"  # a server its limit cut off would hold the GPU
+          ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-32b.xz" --out "$out"
+        # A server its limit cut off would hold the GPU. The pattern starts at the command's
+        # beginning, so it cannot match a shell whose text merely mentions it.
+        pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve"
       done ;;
     fp8)
       step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \

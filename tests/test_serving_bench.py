@@ -320,7 +320,7 @@ def test_reference_table_puts_our_rows_beside_the_reference(tmp_path):
     old = result(tmp_path / "old.json", "2026-12-01 10:00 UTC", None, [(8, "paiton", 100.0), (32, "paiton", 900.0)])
     new = result(tmp_path / "new.json", "2026-12-02 10:00 UTC", None, [(8, "paiton", 432.26), (8, "inductor-cdt", 216.13)])
     fixed = result(tmp_path / "fixed.json", "2026-12-02 11:00 UTC", 256, [(128, "paiton", 5286.78)])
-    reference_table.main([old, new, fixed, "--out", str(tmp_path)])
+    reference_table.main([old, new, fixed, "--out", str(tmp_path), "--note", "Stock ran in our engine."])
     (table_path,) = tmp_path.glob("reference_table-qwen3-32b-NVIDIA_H200-*.json")
     table = {e["batch"]: e for e in json.loads(table_path.read_text())["table"]}
     assert table[8]["ours"]["paiton, dataset"]["total_tok_s"] == 432.26  # the newer file wins
@@ -332,3 +332,10 @@ def test_reference_table_puts_our_rows_beside_the_reference(tmp_path):
     markdown = table_path.with_suffix(".md").read_text()
     assert "| 8 | 432.3 (2.00x) |" in markdown and "216.1 / -" in markdown and "2.00x / -" in markdown
     assert "Not like for like" in markdown and table_path.with_suffix(".png").stat().st_size > 0
+    # The misses are named: 900 at batch 32 is 1.05x the MI300X's 860.65; 216.13 for stock at 8 is no miss.
+    targets = next(line for line in markdown.splitlines() if line.startswith("Targets:"))
+    assert "below 1.2x the MI300X row: batch 32 dataset (1.05x);" in targets
+    assert "below stock Inductor + tuning: none;" in targets
+    assert "inductor-cdt batch 32 dataset" in targets and "paiton batch 8 fixed 256" in targets
+    assert "inductor-cdt batch 8 dataset," not in targets
+    assert markdown.rstrip().endswith("Stock ran in our engine.")
