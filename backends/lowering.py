@@ -337,7 +337,22 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
         rows.append(row("fp8_linear", f"_gemv_kernel ({fp8.params['format']})", f"[1, {m.hidden_size}] x FP8 [{qkv}, "
                         f"{m.hidden_size}]", fp8.params["one_row"],
                         aot.gemv_build(fp8.params["one_row"], dtype, False, weight_type, ROW_SCALES)))
-    else:  # several rows: dequantized, then the vendor's GEMM (or no FP8 on this chip)
+    elif fp8.implementation == TRITON and dtype != "fp32":  # several rows: the FP8 GEMM (up to 64) and the
+        # per-token quantization before _scaled_mm; which of those (or the dequantized GEMM) runs is timed per shape
+        from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm_config
+        from paiton.fusion.gemv import ROW_SCALES
+        from paiton.fusion.quantize_rows import quantize_rows_launch_config
+
+        fp8_name, weight_type = fp8.params["format"], TRITON_FP8_TYPES[fp8.params["format"]]
+        if tokens <= MAX_ROWS and FP8_GEMM in fp8.params["several_rows"]:
+            config = fp8_gemm_config(tokens)
+            rows.append(row("fp8_linear", f"_fp8_gemm_kernel ({fp8_name})", f"[{tokens}, {m.hidden_size}] x FP8 [{qkv}, "
+                            f"{m.hidden_size}]", config, aot.fp8_gemm_build(config, dtype, weight_type, ROW_SCALES)))
+        if dtype == "bf16" and SCALED_MM in fp8.params["several_rows"]:
+            config = quantize_rows_launch_config(tokens, m.hidden_size)
+            rows.append(row("fp8_linear", f"_quantize_rows_kernel ({fp8_name}, then _scaled_mm)",
+                            f"[{tokens}, {m.hidden_size}]", config, aot.quantize_rows_build(config, dtype, weight_type)))
+    else:  # no FP8 on this chip (or fp32 activations): dequantized, then the vendor's GEMM
         rows.append(row("fp8_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
     return rows
 

@@ -27,16 +27,6 @@ from bench_common import copy_rate_tbps, run_environment, write_results
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def projections(preset: str) -> dict[str, tuple[int, int]]:
-    """weight name -> (N, K): Qwen3's decoder projections, q/k/v and gate/up merged as the passes merge them."""
-    from paiton.models.qwen3 import QWEN3_PRESETS
-
-    m = QWEN3_PRESETS[preset]
-    qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
-    return {"qkv": (qkv, m.hidden_size), "o": (m.hidden_size, m.num_attention_heads * m.head_dim),
-            "gate_up": (2 * m.intermediate_size, m.hidden_size), "down": (m.hidden_size, m.intermediate_size)}
-
-
 def time_us(fn) -> float:
     from triton.testing import do_bench
 
@@ -118,6 +108,7 @@ def main(argv=None):
     from paiton.backends.target import detect_target
     from paiton.fusion import fp8_paths
     from paiton.models.fp8 import fp8_format
+    from paiton.models.qwen3 import projection_shapes
 
     lowering = lowering_for("fp8_linear", detect_target(torch.device("cuda")))
     if lowering.implementation == INDUCTOR:
@@ -128,7 +119,7 @@ def main(argv=None):
     env.update(copy_TBps=copy_rate_tbps("cuda"), fp8=str(fp8).removeprefix("torch."), several_rows=list(lowering.params["several_rows"]))
     rows = []
     for preset in args.models.split(","):
-        for name, (n, k) in projections(preset).items():
+        for name, (n, k) in projection_shapes(preset).items():
             rows += sweep_shape(preset, name, n, k, [int(r) for r in args.rows.split(",")], lowering.params, fp8,
                                 env["copy_TBps"])
             torch.cuda.empty_cache()

@@ -17,6 +17,17 @@ ULPS = {torch.float32: 8, torch.float16: 3, torch.bfloat16: 3}
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
+
+def random_weight(n: int, k: int, seed: int, outliers: bool = False) -> torch.Tensor:
+    """A random [n, k] fp32 weight (std 0.05); with `outliers`, a few channels 20x and elements
+    50x larger than the rest, as trained LLM weights have (the FP8 tests' weights)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if outliers:
+        w[torch.randint(0, n, (max(1, n // 16),), generator=g)] *= 20
+        w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),), generator=g)] *= 50
+    return w
+
 def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int | None = None) -> None:
     """|actual - expected| <= ulps units in the last place of expected's dtype, elementwise
     (plus a floor at the dtype's smallest normal, for values near zero)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paiton_testing import MANTISSA_BITS
+from paiton_testing import MANTISSA_BITS, random_weight
 
 import paiton
 from paiton.fusion import gemv
@@ -16,15 +16,6 @@ from paiton.models.fp8 import Fp8Linear, fp8_format, quantize_fp8
 from paiton.models.qwen3 import build_qwen3
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
-
-
-def random_weight(n, k, seed, outliers=False):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    if outliers:  # a few channels and elements far larger than the rest, as trained LLM weights have
-        w[torch.randint(0, n, (max(1, n // 16),), generator=g)] *= 20
-        w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),), generator=g)] *= 50
-    return w
 
 
 def block_scales(n, k, seed):

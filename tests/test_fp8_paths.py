@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paiton_testing import MANTISSA_BITS
+from paiton_testing import MANTISSA_BITS, random_weight
 
 from paiton.fusion import fp8_paths
 from paiton.fusion.fp8_linear import dequantize, quantize_weight
@@ -111,13 +111,6 @@ def cpu_scaled_mm():
             yield "emulated"
 
 
-def random_weight(n, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    w[torch.randint(0, n, (max(1, n // 16),), generator=g)] *= 20  # outlier channels
-    return w
-
-
 @settings(deadline=None, max_examples=10)
 @given(
     m=st.integers(2, 40),
@@ -133,7 +126,7 @@ def test_scaled_mm_path_matches_its_float64_emulation(cpu_scaled_mm, m, n, k, fp
     one bf16 rounding. Against the unquantized product x @ dequantize(W8).T (what the FP8 GEMM
     and DEQUANTIZE compute): within the activations' own rounding to e4m3, |x| * 2**-4 + the
     subnormal step, per product."""
-    w8, scales = quantize_weight(random_weight(n, k, seed), fp8)
+    w8, scales = quantize_weight(random_weight(n, k, seed, outliers=True), fp8)
     x = activations(m, k, torch.bfloat16, seed + 1, zero_rows=[1])
     y = fp8_paths.scaled_mm_linear(x, w8, scales)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
@@ -170,7 +163,7 @@ def fresh_choices(monkeypatch):
 
 
 def row_weight(n=32, k=64):
-    return quantize_weight(random_weight(n, k, 1))
+    return quantize_weight(random_weight(n, k, 1, outliers=True))
 
 
 def test_eligible_paths_keep_the_chips_order(fresh_choices):
@@ -280,15 +273,6 @@ def test_fp8_linear_runs_the_chosen_path(fresh_choices, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def qwen3_projections(preset):
-    from paiton.models.qwen3 import QWEN3_PRESETS
-
-    m = QWEN3_PRESETS[preset]
-    qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
-    return {"qkv": (qkv, m.hidden_size), "o": (m.hidden_size, m.num_attention_heads * m.head_dim),
-            "gate_up": (2 * m.intermediate_size, m.hidden_size), "down": (m.hidden_size, m.intermediate_size)}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["qwen3-8b", "qwen3-32b"])
 def test_every_fp8_path_at_qwen3_shapes_on_gpu(preset, fresh_choices):
@@ -301,11 +285,12 @@ def test_every_fp8_path_at_qwen3_shapes_on_gpu(preset, fresh_choices):
     from paiton.backends.lowering import lowering_for
     from paiton.backends.target import detect_target
     from paiton.models.fp8 import fp8_format
+    from paiton.models.qwen3 import projection_shapes
 
     fp8 = fp8_format("cuda")
     paths = lowering_for("fp8_linear", detect_target(torch.device("cuda"))).params["several_rows"]
-    for name, (n, k) in qwen3_projections(preset).items():
-        w8, scales = quantize_weight(random_weight(n, k, 0).cuda(), fp8)
+    for name, (n, k) in projection_shapes(preset).items():
+        w8, scales = quantize_weight(random_weight(n, k, 0, outliers=True).cuda(), fp8)
         w = dequantize(w8, scales, torch.float64)
         for m in (2, 8, 32, 128):
             x = activations(m, k, torch.bfloat16, m).cuda()
