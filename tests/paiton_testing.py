@@ -236,3 +236,26 @@ def use_reference_kernels(monkeypatch) -> None:
     for name in FUSION_MODULES:
         monkeypatch.setattr(importlib.import_module(f"paiton.fusion.{name}"), "is_interpreted", lambda kernel: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # and in the processes the test starts
+
+
+def fp8_product_bound(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, path: str,
+                      sums: float = 2**-19) -> torch.Tensor:
+    """Elementwise bound on |y - x @ dequantize(W8, scales).T| (the float64 product) for an FP8
+    linear computed by `path` (fusion/fp8_paths.py's, or "gemv"): fp32 summation noise (`sums`
+    of the products' magnitudes) and one rounding of y to x's dtype; DEQUANTIZE's weight rounded
+    to x's dtype besides (half an ulp of each weight); SCALED_MM's activations rounded to e4m3
+    besides (half an e4m3 step, 2**-4 of each, or the subnormal step of its row's scale)."""
+    from paiton.fusion.fp8_linear import dequantize
+    from paiton.fusion.fp8_paths import DEQUANTIZE, SCALED_MM
+    from paiton.fusion.quantize_rows import quantize_rows_reference
+
+    w = dequantize(weight, scales, torch.float64).abs()
+    magnitude = x.double().abs() @ w.T
+    bound = magnitude * sums + (x.double() @ dequantize(weight, scales, torch.float64).T).abs() * 2.0 ** -MANTISSA_BITS[x.dtype]
+    if path == DEQUANTIZE:
+        bound += magnitude * 2.0 ** -(MANTISSA_BITS[x.dtype] + 1)
+    if path == SCALED_MM:
+        subnormal = 2.0**-9 if weight.dtype == torch.float8_e4m3fn else 2.0**-10
+        x_scales = quantize_rows_reference(x, weight.dtype)[1].double()[..., None]
+        bound += (x.double().abs() * 2**-4 + x_scales * subnormal) @ w.T
+    return bound
