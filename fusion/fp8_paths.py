@@ -139,9 +139,11 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, pat
     turn, at the bucket's row count, over cold copies of W (a tie keeps the earlier path); on a
     CPU the first. While a CUDA graph is captured: the first, not kept."""
     rows = x.numel() // max(x.shape[-1], 1)
+    if rows == 0:
+        return DEQUANTIZE
     eligible = eligible_paths(rows, x, weight, scales, paths)
-    if len(eligible) == 1 or rows == 0:
-        return eligible[0] if rows else DEQUANTIZE
+    if len(eligible) == 1:
+        return eligible[0]
     kind = "rows" if scales_kind(weight, scales) == ROW_SCALES else "blocks"
     key = (str(x.device), rows_bucket(rows), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, kind)
     choice = _CHOICES.get(key)
