@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import triton
 from triton.compiler import ASTSource
 
@@ -29,6 +30,7 @@ from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _de
 from paiton.fusion.fp8_gemm import _fp8_gemm_kernel
 from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
+from paiton.fusion.quantize_rows import FP8_LARGEST, FP8_MIN_EXPONENT, _quantize_rows_kernel
 from paiton.fusion.rms_norm import _rms_norm_kernel
 from paiton.fusion.swiglu import _silu_mul_kernel
 
@@ -257,3 +259,21 @@ def fp8_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int) -> 
     constexprs, options = _split(_fp8_gemm_kernel, config, launcher)
     aligned = ["x_ptr", "w_ptr", "scale_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
     return KernelBuild(_fp8_gemm_kernel, signature, constexprs, options, aligned)
+
+
+# Triton's names of the FP8 formats (the pointer types of FP8 tensors) and torch's dtypes.
+TRITON_FP8_DTYPES = {"fp8e4nv": torch.float8_e4m3fn, "fp8e4b8": torch.float8_e4m3fnuz}
+
+
+def quantize_rows_build(config: dict, dtype: str, fp8_type: str) -> KernelBuild:
+    """Row-wise activation quantization (fusion/quantize_rows.py) ahead of torch._scaled_mm: x in
+    `dtype` to `fp8_type` ("fp8e4nv": e4m3fn; "fp8e4b8": e4m3fnuz, the MI300X's), one fp32 scale
+    a row; the chip's own FP8 conversion (ROUND_IN_FP32 is the interpreter's)."""
+    fp8 = TRITON_FP8_DTYPES[fp8_type]
+    signature = {"x_ptr": f"*{dtype}", "q_ptr": f"*{fp8_type}", "scale_ptr": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                 "stride_xm": "i32", "LARGEST": "constexpr", "MIN_EXPONENT": "constexpr", "ROUND_IN_FP32": "constexpr",
+                 "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "NUM_COL_BLOCKS": "constexpr"}
+    launcher = {"LARGEST": FP8_LARGEST[fp8], "MIN_EXPONENT": FP8_MIN_EXPONENT[fp8], "ROUND_IN_FP32": False}
+    constexprs, options = _split(_quantize_rows_kernel, config, launcher)
+    aligned = ["x_ptr", "q_ptr", "scale_ptr", "n_cols", "stride_xm"]
+    return KernelBuild(_quantize_rows_kernel, signature, constexprs, options, aligned)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
+from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
 from paiton.fusion.gemv import GEMV_CANDIDATES, gemv_config
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
@@ -48,10 +49,15 @@ FUSED_OPS = (
     "one_row_linear", "silu_mul_linear", "fp8_linear", "all_reduce_add_rms_norm",
 )
 
-# FP8 weights (fusion/fp8_linear.py): the format a chip computes in, and the one-row GEMV's
-# launch. Not timed on a GPU yet: 16 rows x 1024 bytes of FP8 per tile (the bf16 table's 16 x
-# 1024 tile in elements, half its bytes), 8 warps: 16-byte loads of W per thread.
+# FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
+# launch, and the products of several rows it may choose from (fusion/fp8_paths.py), in their
+# untimed fallback order. The GEMV's launch is not timed on a GPU yet: 16 rows x 1024 bytes of
+# FP8 per tile (the bf16 table's 16 x 1024 tile in elements, half its bytes), 8 warps: 16-byte
+# loads of W per thread. Several rows: each shape is timed on the GPU at first use; untimed
+# (during a CUDA graph capture) up to 64 rows the FP8 GEMM reads W once (decode is memory-bound
+# there), above them _scaled_mm multiplies on FP8 tensor cores.
 FP8_ONE_ROW = gemv_config(16, 1024, 8, 2)
+FP8_SEVERAL_ROWS = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
 
 
 class LoweringKey(NamedTuple):
@@ -100,10 +106,11 @@ _NVIDIA = {
         "silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
     ),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW),
-        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); 2-64 rows, the FP8 "
-        "GEMM (fusion/fp8_gemm.py: W read once, converted in registers, mma/wgmma); more, the weight dequantized to "
-        "bf16, then cuBLAS (weight-only). Not timed on a GPU yet",
+        TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
+        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); several rows, the "
+        "fastest for the shape (timed at first use, fusion/fp8_paths.py) of the FP8 GEMM (2-64 rows: W read once, "
+        "converted in registers, mma/wgmma), torch._scaled_mm (activations quantized per token, cuBLASLt FP8) and "
+        "the weight dequantized to bf16, then cuBLAS (weight-only)",
     ),
 }
 # Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.
@@ -142,9 +149,10 @@ _AMD_CDNA = {
                                "hipBLASLt's)"),
     "silu_mul_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: silu_mul, then the product"),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW),
-        "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; 2-64 rows, the "
-        "FP8 GEMM on MFMA; more, dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed",
+        TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
+        "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; several rows, "
+        "timed per shape as on NVIDIA: the FP8 GEMM on MFMA (2-64 rows), torch._scaled_mm (hipBLASLt, e4m3fnuz "
+        "activations) or dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed on an MI300X yet",
     ),
 }
 _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx90a (MI250) has no FP8: quantize_fp8 "
@@ -152,7 +160,7 @@ _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx
 _GFX950 = {
     **_AMD_CDNA,
     # CDNA4 computes in the OCP format (e4m3fn), as NVIDIA does.
-    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW),
+    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
                            "e4m3fn (OCP FP8, CDNA4): as gfx942 otherwise. Compiled ahead of time, not timed"),
     # Triton deprecates kpack on gfx950 and forces it to 1.
     "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),
@@ -163,8 +171,9 @@ _GFX950 = {
 _CPU = {op: Lowering(REFERENCE, dict(lowering.params), "the op's reference code (TRITON_INTERPRET=1: the Triton kernel)")
         for op, lowering in _NVIDIA.items() if lowering.implementation == TRITON}
 _CPU["packed_linear"] = Lowering(VENDOR, {}, "torch's CPU GEMM over the packed weights")
-_CPU["fp8_linear"] = Lowering(REFERENCE, dict(format="e4m3fn"), "the weight dequantized, then torch's CPU GEMM "
-                              "(TRITON_INTERPRET=1: one row through the GEMV kernel)")
+_CPU["fp8_linear"] = Lowering(REFERENCE, dict(format="e4m3fn", several_rows=(DEQUANTIZE,)), "the weight dequantized, "
+                              "then torch's CPU GEMM (TRITON_INTERPRET=1: one row through the GEMV kernel, 2-64 rows "
+                              "through the FP8 GEMM)")
 
 TABLES: dict[str, dict[str, Lowering]] = {
     "sm_80": _SM80,
@@ -230,7 +239,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
     size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear and
     silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose);
-    fp8_linear: none (its format and the one-row GEMV's launch, `one_row`).
+    fp8_linear: none (its format, the one-row GEMV's launch `one_row`, and `several_rows`: the
+    products of several rows fusion/fp8_paths.choose_path picks from, in fallback order).
     """
     params = lowering_for(op, target).params
     if op in ("rms_norm", "fused_add_rms_norm", "all_reduce_add_rms_norm"):
@@ -327,7 +337,22 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
         rows.append(row("fp8_linear", f"_gemv_kernel ({fp8.params['format']})", f"[1, {m.hidden_size}] x FP8 [{qkv}, "
                         f"{m.hidden_size}]", fp8.params["one_row"],
                         aot.gemv_build(fp8.params["one_row"], dtype, False, weight_type, ROW_SCALES)))
-    else:  # several rows: dequantized, then the vendor's GEMM (or no FP8 on this chip)
+    elif fp8.implementation == TRITON and dtype != "fp32":  # several rows: the FP8 GEMM (up to 64) and the
+        # per-token quantization before _scaled_mm; which of those (or the dequantized GEMM) runs is timed per shape
+        from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm_config
+        from paiton.fusion.gemv import ROW_SCALES
+        from paiton.fusion.quantize_rows import quantize_rows_launch_config
+
+        fp8_name, weight_type = fp8.params["format"], TRITON_FP8_TYPES[fp8.params["format"]]
+        if tokens <= MAX_ROWS and FP8_GEMM in fp8.params["several_rows"]:
+            config = fp8_gemm_config(tokens)
+            rows.append(row("fp8_linear", f"_fp8_gemm_kernel ({fp8_name})", f"[{tokens}, {m.hidden_size}] x FP8 [{qkv}, "
+                            f"{m.hidden_size}]", config, aot.fp8_gemm_build(config, dtype, weight_type, ROW_SCALES)))
+        if dtype == "bf16" and SCALED_MM in fp8.params["several_rows"]:
+            config = quantize_rows_launch_config(tokens, m.hidden_size)
+            rows.append(row("fp8_linear", f"_quantize_rows_kernel ({fp8_name}, then _scaled_mm)",
+                            f"[{tokens}, {m.hidden_size}]", config, aot.quantize_rows_build(config, dtype, weight_type)))
+    else:  # no FP8 on this chip (or fp32 activations): dequantized, then the vendor's GEMM
         rows.append(row("fp8_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
     return rows
 

@@ -28,13 +28,11 @@ from bench_common import copy_rate_tbps, grouped_bar_plot, run_environment, writ
 
 def shapes(preset: str) -> dict[str, tuple[int, int, bool]]:
     """weight name -> (N, K, gated)."""
-    from paiton.models.qwen3 import QWEN3_PRESETS
+    from paiton.models.qwen3 import QWEN3_PRESETS, projection_shapes
 
     m = QWEN3_PRESETS[preset]
-    qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
-    return {"qkv": (qkv, m.hidden_size, False), "o": (m.hidden_size, m.num_attention_heads * m.head_dim, False),
-            "gate_up": (2 * m.intermediate_size, m.hidden_size, False), "down": (m.hidden_size, m.intermediate_size, False),
-            "down+silu": (m.hidden_size, m.intermediate_size, True), "lm_head": (m.vocab_size, m.hidden_size, False)}
+    shapes = {name: (n, k, False) for name, (n, k) in projection_shapes(preset).items()}
+    return {**shapes, "down+silu": (*shapes["down"][:2], True), "lm_head": (m.vocab_size, m.hidden_size, False)}
 
 
 def main(argv=None):

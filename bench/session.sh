@@ -19,6 +19,8 @@
 #                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
+#   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
+#                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
 # machine has no dataset to train it on).
 set -uo pipefail
@@ -69,6 +71,9 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \
         --configs paiton,paiton-fp8,inductor-cdt --batch-sizes 1,8,32 --num-prompts 64 --rounds 1 --min-prompts 8 \
         --output-len 128 --max-prompt-len 512 --tag fp8 --out "$out" ;;
+    fp8_sweep)
+      step fp8_sweep "${FP8_SWEEP_TIMEOUT:-600}" python3 bench/fp8_gemm_sweep.py --models "${FP8_SWEEP_MODELS:-qwen3-8b,qwen3-32b}" \
+        --out "$out" ;;
     *) echo "unknown step $name" ;;
   esac
 done

@@ -15,12 +15,14 @@ Op: paiton::fp8_linear(x, [W8_1, ..., W8_n], [s_1, ..., s_n]) -> x @ dequantize(
 in x's dtype. Like paiton::packed_linear, the weights are consecutive row blocks of one
 buffer (passes/merged_projections.py packs q/k/v and gate/up, and their scales, once) and the
 op checks that they are. One row (a decode step at batch 1): Paiton's GEMV dequantizes in
-registers, accumulates in fp32 and applies the scales to the sums (fusion/gemv.py, SCALES);
-2 to 64 rows (decode at batch 2-64): Paiton's FP8 GEMM (fusion/fp8_gemm.py), which reads the
-FP8 weight once and multiplies it in registers with the chip's matrix instructions; more rows
-(prefill, compute-bound), or a chip without Paiton's kernels: the weight dequantized to x's
-dtype, then torch's linear (weight-only FP8, correct everywhere). On CPU that is the
-reference path, except under Triton's interpreter (the tests), where the kernels run.
+registers, accumulates in fp32 and applies the scales to the sums (fusion/gemv.py, SCALES).
+Several rows (decode at batch 2 and more, prefill): one of three products, chosen per shape
+among the chip's (fusion/fp8_paths.py, timed on the GPU once per shape): Paiton's FP8 GEMM
+(2-64 rows: reads the FP8 weight once, multiplies in x's dtype on the matrix instructions),
+torch._scaled_mm (activations quantized per token, FP8 x FP8 on the tensor cores), or the
+weight dequantized to x's dtype and torch's linear (weight-only FP8, correct everywhere: the
+only path on a chip without Paiton's kernels). On CPU that last one is the path, except
+under Triton's interpreter (the tests), where the GEMV and the FP8 GEMM run.
 Op: paiton::silu_mul_fp8_linear(gate, up, weights, scales): fp8_linear(silu_mul(gate, up), ...),
 SwiGLU applied inside a one-row GEMV (passes/silu_mul_linear.py).
 """
@@ -29,40 +31,24 @@ from __future__ import annotations
 
 import torch
 
-from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm
+from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, several_rows_product
+from paiton.fusion.fp8_paths import dequantize  # noqa: F401  (the weights' inverse, beside quantize_weight)
 from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.packed_linear import packed_weight
+from paiton.fusion.quantize_rows import FP8_LARGEST, quantize_rows_reference  # noqa: F401  (FP8_LARGEST: exported)
 from paiton.fusion.swiglu import silu_mul
 from paiton.fusion.triton_utils import is_interpreted
 
-FP8_LARGEST = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
 FP8_FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
 
 
 def quantize_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """(W8 [N, K] in `dtype`, scales [N] fp32): per output channel, scale = absmax / largest
-    (1 for an all-zero row), W8 = W / scale rounded to nearest (torch's cast)."""
-    if dtype not in FP8_LARGEST:
-        raise ValueError(f"FP8 formats are {', '.join(map(str, FP8_LARGEST))}; got {dtype}")
+    (1 for an all-zero row), W8 = W / scale rounded to nearest (torch's cast): the row rule of
+    fusion/quantize_rows.py, which quantizes activations per token the same way."""
     if weight.dim() != 2:
         raise ValueError(f"quantize_weight takes a 2-D weight [N, K], got {tuple(weight.shape)}")
-    w = weight.float()
-    absmax = w.abs().amax(dim=1)
-    scales = torch.where(absmax > 0, absmax / FP8_LARGEST[dtype], torch.ones_like(absmax))
-    quantized = (w / scales[:, None]).clamp(-FP8_LARGEST[dtype], FP8_LARGEST[dtype]).to(dtype)
-    return quantized, scales.contiguous()
-
-
-def dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W8 * scales in fp32, rounded to `dtype` once: per row ([N] or [N, 1]) or per 128 x 128
-    block ([ceil(N / 128), ceil(K / 128)])."""
-    kind = scales_kind(weight, scales)
-    w = weight.float()
-    if kind == ROW_SCALES:
-        return (w * scales.reshape(-1, 1)).to(dtype)
-    n, k = weight.shape
-    full = scales.repeat_interleave(SCALE_BLOCK, 0)[:n].repeat_interleave(SCALE_BLOCK, 1)[:, :k]
-    return (w * full).to(dtype)
+    return quantize_rows_reference(weight, dtype)
 
 
 def packed_scales(weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
@@ -97,37 +83,36 @@ def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor], scales: list[tor
 
 def _paiton_kernels(x: torch.Tensor) -> dict | None:
     """The chip's fp8_linear parameters if Paiton's kernels run for it (on CPU only under Triton's
-    interpreter), else None."""
+    interpreter: the GEMV, the FP8 GEMM), else None."""
     from paiton.backends.lowering import INDUCTOR, lowering_for
     from paiton.backends.target import detect_target
     from paiton.fusion import gemv
 
     if x.device.type == "cpu":
-        return {"one_row": gemv.INTERPRETER_CONFIG} if is_interpreted(gemv._gemv_kernel) else None
+        interpreted = is_interpreted(gemv._gemv_kernel)
+        return {"one_row": gemv.INTERPRETER_CONFIG, "several_rows": (FP8_GEMM, DEQUANTIZE)} if interpreted else None
     lowering = lowering_for("fp8_linear", detect_target(x.device))
     return None if lowering.implementation == INDUCTOR else lowering.params
 
 
-def _kernel_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None):
-    """The product through Paiton's kernels: one row, the GEMV; 2 to MAX_ROWS rows, the FP8 GEMM
-    (SwiGLU applied first); None where neither runs (more rows, or no kernels on this chip)."""
+def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequantize(weight, scales).T (with `up`: silu_mul(x, up) first): one row on a chip
+    with Paiton's kernels, the GEMV (SwiGLU applied as it loads); otherwise the path
+    fusion/fp8_paths.choose_path takes among the chip's (DEQUANTIZE alone without kernels)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    params = _paiton_kernels(x) if rows <= MAX_ROWS else None
-    if params is None:
-        return None
-    if rows == 1:
+    params = _paiton_kernels(x)
+    if rows == 1 and params is not None:
         from paiton.fusion import gemv
 
         return gemv.launch_gemv(x, weight, params["one_row"], up=up, scales=scales)
-    return fp8_gemm(x if up is None else silu_mul(x, up), weight, scales)
+    paths = params["several_rows"] if params is not None else (DEQUANTIZE,)
+    return several_rows_product(x if up is None else silu_mul(x, up), weight, scales, paths)
 
 
 @torch.library.custom_op("paiton::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
     _check_inputs(x, weights, scales)
-    weight, scale = packed_weight(weights), packed_scales(weights, scales)
-    y = _kernel_product(x, weight, scale)
-    return y if y is not None else torch.nn.functional.linear(x, dequantize(weight, scale, x.dtype))
+    return _product(x, packed_weight(weights), packed_scales(weights, scales))
 
 
 @fp8_linear.register_fake
@@ -141,12 +126,9 @@ def silu_mul_fp8_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[torc
                         scales: list[torch.Tensor]) -> torch.Tensor:
     """fp8_linear(silu_mul(gate, up), weights, scales), SwiGLU applied inside a one-row GEMV."""
     _check_inputs(gate, weights, scales)
-    weight, scale = packed_weight(weights), packed_scales(weights, scales)
-    if gate.shape == up.shape and gate.dtype == up.dtype:  # else silu_mul below raises the error
-        y = _kernel_product(gate, weight, scale, up)
-        if y is not None:
-            return y
-    return torch.nn.functional.linear(silu_mul(gate, up), dequantize(weight, scale, gate.dtype))
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        silu_mul(gate, up)  # raises silu_mul's error for these inputs
+    return _product(gate, packed_weight(weights), packed_scales(weights, scales), up)
 
 
 @silu_mul_fp8_linear.register_fake

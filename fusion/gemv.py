@@ -39,6 +39,9 @@ import triton
 import triton.language as tl
 
 from paiton.fusion.swiglu import silu_mul, silu_mul_reference, silu_times_up
+from paiton.fusion.timing import TIMING_ROUNDS, best_times
+from paiton.fusion.timing import cold_copies as _cold_copies
+from paiton.fusion.timing import time_ms as _time_ms
 from paiton.fusion.triton_utils import device_guard
 
 log = logging.getLogger(__name__)
@@ -215,61 +218,6 @@ def vendor_linear(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     return torch.nn.functional.linear(silu_mul(x, up), weight)
 
 
-# Cycles of torch.cuda._sleep to queue before a timed run: raised whenever the host's launches
-# outlast the spin (the GPU would then wait on the host and the time would count launches).
-_SPIN_CYCLES = [2**20]
-
-
-def _time_ms(fn: Callable[[], object], replays: int = 5) -> float:
-    """Median GPU time of `fn()` in ms with no host launch time in it, as a decode step under CUDA
-    graphs has none: each timed call is enqueued behind a spin on the GPU (torch.cuda._sleep)
-    that outlasts the host's launches, so fn's kernels then run back to back. (Timed as launched,
-    a Triton launch from Python can take longer than a 15 us GEMV.) A sample whose launches
-    outlasted the spin is dropped and the spin doubled."""
-    import time
-
-    fn()  # warm: Triton's compile, cuBLAS's handle
-    times: list[float] = []
-    while len(times) < replays:
-        spun, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        spun.record()
-        torch.cuda._sleep(_SPIN_CYCLES[0])
-        launch = time.perf_counter()
-        start.record()
-        fn()
-        end.record()
-        launch_ms = (time.perf_counter() - launch) * 1e3
-        end.synchronize()
-        if spun.elapsed_time(start) <= launch_ms:
-            _SPIN_CYCLES[0] *= 2
-            continue
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def _cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
-    """`weight` and enough copies of it that a product over each in turn reads every one from
-    memory: together they span four times the L2 cache, so by the time one is read again the
-    others have pushed it out. That is how a decode step reads a weight (the other layers'
-    weights come between), and it needs no cache flush between runs. Flushed, as do_bench does
-    it (zeroing 256 MB before each run), H200s timed Qwen3-8B's o_proj GEMV at 28-33 us in one
-    process and 14.5 us in another, against cuBLAS's 18.7, and a decode step with o_proj on
-    cuBLAS was 0.3 ms slower than with the GEMV (bench/results/NOTES.md, 2026-11-29)."""
-    if not weight.is_cuda:
-        return [weight]
-    l2_bytes = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 0) or 64 * 2**20
-    count = min(16, -(-4 * l2_bytes // max(weight.numel() * weight.element_size(), 1)))
-    return [weight] + [weight.clone() for _ in range(count - 1)]
-
-
-# Rounds of timing per shape, every candidate once per round, in turn: one candidate's median
-# can be off by several percent (the GPU's clocks settling, another process's traffic), and the
-# candidates of a shape are often within 10% of each other. Timed once each, in order, the
-# choices for Qwen3-8B's down_proj and lm_head flipped between runs on H200s (bench/results/
-# NOTES.md, profile run 4); each candidate keeps its best round.
-TIMING_ROUNDS = 3
-
-
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
            time_ms: Callable[[Callable[[], object]], float] | None = None,
            up: torch.Tensor | None = None) -> dict[str, int] | str:
@@ -311,21 +259,9 @@ def time_candidates(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[
     weights = _cold_copies(weight)
     runs: list[tuple[dict[str, int] | str, Callable[[], object]]] = [(VENDOR, lambda: [vendor_linear(x, w, up) for w in weights])]
     runs += [(config, lambda config=config: [launch_gemv(x, w, config, up) for w in weights]) for config in candidates]
-    best_ms: list[float] = [float("inf")] * len(runs)
-    failed: set[int] = set()
     with device_guard(x):  # the timer's spin and events go to the current device: x's
-        for _ in range(rounds):
-            for i, (config, run) in enumerate(runs):
-                if i in failed:
-                    continue
-                try:
-                    best_ms[i] = min(best_ms[i], time_ms(run) / len(weights))
-                except Exception as error:  # a config this chip cannot run (resources): not a candidate here
-                    if config == VENDOR:
-                        raise
-                    log.debug("paiton gemv: %s failed on %s: %s", config, x.device, error)
-                    failed.add(i)
-    return [(config, best_ms[i]) for i, (config, _) in enumerate(runs) if i not in failed]
+        timed = best_times(runs, rounds, time_ms, required=VENDOR, what=f"paiton gemv on {x.device}")
+    return [(config, ms / len(weights)) for config, ms in timed]
 
 
 def chosen_launches() -> list[dict]:

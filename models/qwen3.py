@@ -41,6 +41,15 @@ QWEN3_PRESETS: dict[str, Qwen3Preset] = {
 }
 
 
+def projection_shapes(preset: str) -> dict[str, tuple[int, int]]:
+    """A decoder layer's linears as (N, K) = (out, in) features, q/k/v and gate/up merged as
+    Paiton's passes merge them: the weight shapes kernel benchmarks and GPU tests sweep."""
+    m = QWEN3_PRESETS[preset]
+    qkv = (m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim
+    return {"qkv": (qkv, m.hidden_size), "o": (m.hidden_size, m.num_attention_heads * m.head_dim),
+            "gate_up": (2 * m.intermediate_size, m.hidden_size), "down": (m.hidden_size, m.intermediate_size)}
+
+
 def qwen3_config(preset: str, **overrides):
     """A transformers `Qwen3Config` for a preset; keyword overrides replace its fields
     (e.g. `num_hidden_layers=2` for a short model with a real layer shape)."""

@@ -8,6 +8,7 @@ the cases: dtypes, Qwen3's shapes, and the kernels' variants.
 """
 
 import json
+import re
 import sys
 
 from paiton.backends.aot import (
@@ -16,6 +17,7 @@ from paiton.backends.aot import (
     fp8_gemm_build,
     gemv_build,
     qk_norm_rope_build,
+    quantize_rows_build,
     resources,
     rms_norm_build,
     silu_mul_build,
@@ -23,6 +25,7 @@ from paiton.backends.aot import (
 from paiton.backends.lowering import TRITON, TRITON_FP8_TYPES, launch_config, lowering_for
 from paiton.fusion.fp8_gemm import fp8_gemm_config
 from paiton.fusion.gemv import BLOCK_SCALES, ROW_SCALES
+from paiton.fusion.quantize_rows import quantize_rows_launch_config
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
 
@@ -83,6 +86,13 @@ def builds(target):
                 for rows in (16, 64):
                     yield (f"fp8_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}", "fp8_linear",
                            fp8_gemm_build(fp8_gemm_config(rows), dtype, weight_type, scales))
+            # The per-token quantization before torch._scaled_mm (bf16 activations only: the one dtype
+            # row-wise _scaled_mm returns), 128 tokens of Qwen3's linear inputs: hidden 4096 / 5120,
+            # intermediate 12288 (one pass) and 25600 (32B: wider than a register row, two passes).
+            if dtype == "bf16":
+                for width in (4096, 5120, 12288, 25600):
+                    yield (f"quantize_rows/{dtype}/fp8={params['format']}/cols={width}", "fp8_linear",
+                           quantize_rows_build(quantize_rows_launch_config(TOKENS * 2, width), dtype, weight_type))
 
 
 def main():
@@ -94,7 +104,12 @@ def main():
                 continue
             key = f"{name}@{target_name}"
             try:
-                summary = resources(build.compile(target), target)
+                compiled = build.compile(target)
+                summary = resources(compiled, target)
+                if name.startswith("quantize_rows/"):  # the chip's own conversion, IEEE divisions
+                    code = compiled.asm["ptx" if target.vendor == "cuda" else "amdgcn"]
+                    summary["conversions"] = sorted(set(re.findall(
+                        r"cvt\.rn\.satfinite\.e4m3x2\.f32|div\.rn\.f32|v_cvt(?:_scalef32)?_pk_fp8_f32|v_div_scale_f32", code)))
                 results[key] = {"ok": True, "kernel": build.name, "uses_dot": build.uses_dot,
                                 "config": {**build.constexprs, **build.options},
                                 "shared_limit": target.shared_memory_per_block, **summary}

@@ -17,6 +17,17 @@ ULPS = {torch.float32: 8, torch.float16: 3, torch.bfloat16: 3}
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
 
+
+def random_weight(n: int, k: int, seed: int, outliers: bool = False) -> torch.Tensor:
+    """A random [n, k] fp32 weight (std 0.05); with `outliers`, a few channels 20x and elements
+    50x larger than the rest, as trained LLM weights have (the FP8 tests' weights)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    if outliers:
+        w[torch.randint(0, n, (max(1, n // 16),), generator=g)] *= 20
+        w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),), generator=g)] *= 50
+    return w
+
 def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int | None = None) -> None:
     """|actual - expected| <= ulps units in the last place of expected's dtype, elementwise
     (plus a floor at the dtype's smallest normal, for values near zero)."""
@@ -225,3 +236,26 @@ def use_reference_kernels(monkeypatch) -> None:
     for name in FUSION_MODULES:
         monkeypatch.setattr(importlib.import_module(f"paiton.fusion.{name}"), "is_interpreted", lambda kernel: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # and in the processes the test starts
+
+
+def fp8_product_bound(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, path: str,
+                      sums: float = 2**-19) -> torch.Tensor:
+    """Elementwise bound on |y - x @ dequantize(W8, scales).T| (the float64 product) for an FP8
+    linear computed by `path` (fusion/fp8_paths.py's, or "gemv"): fp32 summation noise (`sums`
+    of the products' magnitudes) and one rounding of y to x's dtype; DEQUANTIZE's weight rounded
+    to x's dtype besides (half an ulp of each weight); SCALED_MM's activations rounded to e4m3
+    besides (half an e4m3 step, 2**-4 of each, or the subnormal step of its row's scale)."""
+    from paiton.fusion.fp8_linear import dequantize
+    from paiton.fusion.fp8_paths import DEQUANTIZE, SCALED_MM
+    from paiton.fusion.quantize_rows import quantize_rows_reference
+
+    w = dequantize(weight, scales, torch.float64).abs()
+    magnitude = x.double().abs() @ w.T
+    bound = magnitude * sums + (x.double() @ dequantize(weight, scales, torch.float64).T).abs() * 2.0 ** -MANTISSA_BITS[x.dtype]
+    if path == DEQUANTIZE:
+        bound += magnitude * 2.0 ** -(MANTISSA_BITS[x.dtype] + 1)
+    if path == SCALED_MM:
+        subnormal = 2.0**-9 if weight.dtype == torch.float8_e4m3fn else 2.0**-10
+        x_scales = quantize_rows_reference(x, weight.dtype)[1].double()[..., None]
+        bound += (x.double().abs() * 2**-4 + x_scales * subnormal) @ w.T
+    return bound

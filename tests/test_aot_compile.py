@@ -45,7 +45,7 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
                   "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"},
-                  "fp8_linear": {"_gemv_kernel", "_fp8_gemm_kernel"}}
+                  "fp8_linear": {"_gemv_kernel", "_fp8_gemm_kernel", "_quantize_rows_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}
@@ -117,5 +117,23 @@ def test_fp8_gemv_compiles_for_each_chips_format(compiled):
     fp8 = {name for name in compiled if "/fp8=" in name}
     assert {name.rsplit("@", 1)[1] for name in fp8} == {"sm_90", "gfx942", "gfx950"}
     assert all(("fp8=e4m3fnuz" in name) == name.endswith("@gfx942") for name in fp8)
-    assert {name.split("/scales=")[1].split("/")[0] for name in fp8} == {"rows", "blocks"}
-    assert {name.split("/", 1)[0] for name in fp8} == {"gemv", "fp8_gemm"}
+    assert {name.split("/scales=")[1].split("/")[0] for name in fp8 if "/scales=" in name} == {"rows", "blocks"}
+    assert {name.split("/", 1)[0] for name in fp8} == {"gemv", "fp8_gemm", "quantize_rows"}
+
+
+def test_activation_quantization_uses_the_chips_fp8_conversion(compiled):
+    """The per-token quantization before torch._scaled_mm converts with the chip's instruction
+    (cvt.rn.satfinite to e4m3 on NVIDIA; v_cvt_pk_fp8_f32 on gfx942, v_cvt_scalef32_pk_fp8_f32
+    on gfx950), not the interpreter's rounding in fp32, and divides with IEEE rounding (div.rn on
+    NVIDIA, v_div_scale's correctly rounded sequence on AMD: the scales equal torch's bit for
+    bit); for every Qwen3 width, the 32B's 25600-wide down_proj input in two passes."""
+    names = [name for name in compiled if name.startswith("quantize_rows/")]
+    assert {name.rsplit("@", 1)[1] for name in names} == {"sm_90", "gfx942", "gfx950"}
+    assert {name.split("/cols=")[1].split("@")[0] for name in names} == {"4096", "5120", "12288", "25600"}
+    for name in names:
+        conversions = compiled[name]["conversions"]
+        if "@sm_" in name:
+            assert {"cvt.rn.satfinite.e4m3x2.f32", "div.rn.f32"} <= set(conversions), (name, conversions)
+        else:
+            fp8_conversion = "v_cvt_pk_fp8_f32" if "@gfx942" in name else "v_cvt_scalef32_pk_fp8_f32"
+            assert {fp8_conversion, "v_div_scale_f32"} <= set(conversions), (name, conversions)

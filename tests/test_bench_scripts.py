@@ -177,3 +177,14 @@ def test_fp8_accuracy_on_the_tiny_model_within_the_stated_bounds(tmp_path):
         assert r["greedy_agreement"] >= 0.85, r
         assert r["mean_logit_diff"] > 2 * baseline[r["weights"]]["mean_logit_diff"], (r, baseline)
     assert path.with_suffix(".md").read_text().count("| tiny |") == 4 and path.with_suffix(".png").stat().st_size > 0
+
+
+def test_fp8_gemm_sweep_says_it_needs_a_gpu(capsys):
+    """bench/fp8_gemm_sweep.py times GPU kernels only: on a CPU it exits with 2 and says why."""
+    import fp8_gemm_sweep
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the sweep would run")
+    assert fp8_gemm_sweep.main(["--models", "qwen3-8b", "--rows", "1,2"]) == 2
+    assert "needs a CUDA or ROCm GPU" in capsys.readouterr().err
