@@ -64,7 +64,7 @@ def _start_tensor_parallel(args: argparse.Namespace, device: str):
         _progress(str(error))
         return None
     rank, _ = init_tensor_parallel("nccl" if device.startswith("cuda") else "gloo", timeout_s=args.tp_timeout)
-    return device, rank, StepChannel(device)
+    return device, rank, StepChannel(device, timeout_s=args.tp_timeout)
 
 
 def _shard(model, channel) -> None:

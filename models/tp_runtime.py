@@ -21,8 +21,9 @@ Engine or DecodeLoop (their shard of the model and of the KV cache) on the input
 A step goes out as two broadcasts from rank 0:
 * a header, a fixed-size int64 tensor: the step's kind, then per input either an int (its
   value) or a tensor (its rank and sizes). It goes over a gloo group on the CPU, so a follower
-  reads it without waiting on its GPU, and with a long timeout (IDLE_TIMEOUT_S): a follower
-  waits in it while the server is idle, which is not a failure;
+  reads it without waiting on its GPU. A follower waits for it as long as the server idles
+  (IDLE_TIMEOUT_S, the group's timeout: waiting is not a failure there), while rank 0 waits
+  for its delivery no longer than the collectives' timeout (`timeout_s`);
 * then the tensor inputs (token ids, positions, cache rows and slots: int64), flattened into
   one tensor and broadcast over the model's group on the device (NCCL on GPUs, gloo on CPU):
   one collective whatever the number of inputs, enqueued without a host sync on rank 0.
@@ -68,10 +69,13 @@ class TensorParallelError(RuntimeError):
 
 
 class StepChannel:
-    """Rank 0's steps to the other ranks of `group` (default: the world), with the tensors on `device`."""
+    """Rank 0's steps to the other ranks of `group` (default: the world), with the tensors on
+    `device`. `timeout_s`: how long rank 0 waits for a header to reach the others (a follower
+    that hangs between steps fails rank 0 after it); give init_tensor_parallel's timeout_s."""
 
-    def __init__(self, device, group=None, idle_timeout_s: float = IDLE_TIMEOUT_S):
+    def __init__(self, device, group=None, timeout_s: float = 300.0, idle_timeout_s: float = IDLE_TIMEOUT_S):
         self.device = torch.device(device)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
         self.group = group if group is not None else dist.group.WORLD
         self.rank, self.ranks = dist.get_rank(self.group), dist.get_world_size(self.group)
         members = dist.get_process_group_ranks(self.group)
@@ -96,7 +100,7 @@ class StepChannel:
         if len(header) > HEADER_SIZE:
             raise ValueError(f"a {kind} step's header needs {len(header)} int64s; HEADER_SIZE is {HEADER_SIZE}")
         try:
-            dist.broadcast(torch.tensor(header + [0] * (HEADER_SIZE - len(header))), self._root, group=self._headers)
+            self._send_header(header, self.timeout)
             if tensors:
                 payload = torch.cat([t.reshape(-1).to(self.device) for t in tensors])
                 dist.broadcast(payload, self._root, group=self.group)
@@ -111,13 +115,19 @@ class StepChannel:
         then exit with an error). Best effort: False (and a warning) when a follower could not be
         told, which means it is gone already (torchrun stops all ranks at once, for one)."""
         kind = "abort" if self.failure is not None else "stop"
-        try:
-            dist.broadcast(torch.tensor([STEP_KINDS.index(kind), 0] + [0] * (HEADER_SIZE - 2)), self._root,
-                           group=self._headers)
+        try:  # after a failure a follower may hang: wait a few seconds at most before giving up on it
+            self._send_header([STEP_KINDS.index(kind), 0],
+                              min(self.timeout, datetime.timedelta(seconds=5)) if self.failure else self.timeout)
         except Exception as error:  # noqa: BLE001
             log.warning("tensor parallel: could not tell the other ranks to %s (gone already?): %s", kind, error)
             return False
         return True
+
+    def _send_header(self, values: list[int], timeout: datetime.timedelta) -> None:
+        # Gloo's send completes once the receiver has taken it: a follower that hangs would hold
+        # rank 0 here for the header group's (idle) timeout, so rank 0 waits `timeout` instead.
+        header = torch.tensor(values + [0] * (HEADER_SIZE - len(values)))
+        dist.broadcast(header, self._root, group=self._headers, async_op=True).wait(timeout)
 
     def fail(self, error: BaseException) -> None:
         """Record that a step failed on this rank: later sends raise, and `stop` sends "abort"."""

@@ -105,3 +105,21 @@ def test_degrees_that_do_not_divide_the_model_are_refused():
         check_divisible(qwen3_config("qwen3-32b"), 16)
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         check_divisible(qwen3_config("tiny"), 4)
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_the_cli_refuses_a_degree_it_cannot_run(monkeypatch, capsys, command):
+    """Before joining any process group: a degree without as many processes names the torchrun
+    command, and one the model's heads do not divide names the head count."""
+    from paiton.cli import main
+
+    extra = ["--prompt-ids", "1,2"] if command == "generate" else []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([command, "--model", "tiny", "--tensor-parallel", "2", *extra]) == 2
+    assert "torchrun --nproc-per-node 2 -m paiton " + command in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc-per-node 4 sets it
+    monkeypatch.setenv("RANK", "3")
+    assert main([command, "--model", "tiny", *extra]) == 2
+    assert "[paiton rank 3] tensor parallel degree 4 must divide num_key_value_heads=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--model", "tiny", "--tensor-parallel", "0", *extra])

@@ -117,7 +117,7 @@ def engine(out_path):
         expected = Engine(model, backend="eager", **settings).generate(prompts, limits).tokens if rank == 0 else None
         shard_qwen3(model)
     tp_engine = Engine(model, options=EAGER_INNER, **settings)
-    channel = StepChannel(tp_engine.device)
+    channel = StepChannel(tp_engine.device, timeout_s=60)
     if rank == 0:
         with channel.leading(tp_engine):
             result = tp_engine.generate(prompts, limits)
@@ -149,7 +149,7 @@ def decode_loop(out_path):
             expected_second = unsharded.generate(prompts[:1], 5).tokens[0]
         shard_qwen3(model)
     loop = DecodeLoop(model, max_batch_size=4, max_length=40, options=EAGER_INNER)
-    channel = StepChannel(loop.device)
+    channel = StepChannel(loop.device, timeout_s=60)
     if rank == 0:
         with channel.leading(loop):
             first = loop.generate(prompts, limits)
