@@ -46,7 +46,7 @@ def _start_tensor_parallel(args: argparse.Namespace, device: str):
         _progress("--fp8 does not yet combine with --tensor-parallel")
         return None
     if device.startswith("cuda"):
-        if device not in ("cuda", f"cuda:{os.environ.get('LOCAL_RANK', '0')}"):
+        if device != "cuda":  # refused on every rank alike (a rank left alone would wait to join)
             _progress(f"under tensor parallelism each rank takes its own GPU (cuda:LOCAL_RANK); give --device cuda, not {device}")
             return None
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
