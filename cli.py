@@ -5,6 +5,7 @@
     paiton generate --model tiny --prompt-ids 1,2,3 --prompt-ids 7,8 --max-new-tokens 16
     paiton generate --checkpoint /models/Qwen3-8B --prompt "Hello" --max-new-tokens 64 --temperature 0.7
     paiton serve --model tiny --port 8000    # OpenAI-compatible server, continuous batching
+    torchrun --nproc-per-node 4 -m paiton serve --model qwen3-32b --tensor-parallel 4   # one process per GPU
 
 `demo` compiles a random-weight Qwen3 with `backend="paiton"`, runs a prefill and greedy
 decode steps through transformers' StaticCache beside eager, and prints which fusions fired
@@ -14,6 +15,7 @@ in each graph and how the compiled model's logits and tokens compare with eager'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -22,7 +24,69 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def _progress(message: str) -> None:
-    print(f"[paiton] {message}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+    print(f"[paiton{'' if rank == '0' else f' rank {rank}'}] {message}", file=sys.stderr, flush=True)
+
+
+def _start_tensor_parallel(args: argparse.Namespace, device: str):
+    """(device, rank, StepChannel or None) for a run of --tensor-parallel N processes under
+    torchrun (N: WORLD_SIZE when not given): the degree checked against the process count and
+    the model's head counts first, then the process group joined (NCCL on GPUs, gloo on CPU;
+    collectives fail after --tp-timeout seconds). (device, 0, None) in one process; None after
+    saying what is wrong."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = args.tensor_parallel or world
+    if tp != world:
+        _progress(f"--tensor-parallel {tp} runs one process per GPU: start it with "
+                  f"torchrun --nproc-per-node {tp} -m paiton {args.command} ... (this run has {world} process(es))")
+        return None
+    if tp == 1:
+        return device, 0, None
+    if getattr(args, "fp8", False):
+        _progress("--fp8 does not yet combine with --tensor-parallel")
+        return None
+    if device.startswith("cuda"):
+        if device != "cuda":  # refused on every rank alike (a rank left alone would wait to join)
+            _progress(f"under tensor parallelism each rank takes its own GPU (cuda:LOCAL_RANK); give --device cuda, not {device}")
+            return None
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    from paiton.models.checkpoint import CheckpointError, read_qwen3_config
+    from paiton.models.qwen3 import QWEN3_PRESETS, qwen3_config
+    from paiton.models.tensor_parallel import check_divisible, init_tensor_parallel
+    from paiton.models.tp_runtime import StepChannel
+
+    try:  # before joining: a degree the model cannot take is a usage error on every rank alike
+        if args.checkpoint:
+            check_divisible(read_qwen3_config(args.checkpoint), tp)
+        elif args.model in QWEN3_PRESETS:
+            check_divisible(qwen3_config(args.model), tp)
+    except (CheckpointError, ValueError) as error:
+        _progress(str(error))
+        return None
+    rank, _ = init_tensor_parallel("nccl" if device.startswith("cuda") else "gloo", timeout_s=args.tp_timeout)
+    return device, rank, StepChannel(device, timeout_s=args.tp_timeout)
+
+
+def _shard(model, channel) -> None:
+    if channel is not None:
+        from paiton.models.tensor_parallel import shard_qwen3
+
+        shard_qwen3(model)
+        _progress(f"sharded over {channel.ranks} ranks: {model.config.num_attention_heads} query and "
+                  f"{model.config.num_key_value_heads} KV heads here")
+
+
+def _follow(target, channel) -> int:
+    """A follower rank's whole run: rank 0's steps on `target` until it stops (0) or fails (1)."""
+    from paiton.models.tp_runtime import TensorParallelError
+
+    _progress("running rank 0's steps")
+    try:
+        channel.follow(target)
+    except TensorParallelError as error:
+        _progress(str(error))
+        return 1
+    return 0
 
 
 def _fused_ops_ran_as(device: str) -> str:
@@ -131,10 +195,15 @@ def generate(args: argparse.Namespace) -> int:
     from paiton.models.decode_loop import DecodeLoop, Sampling
 
     started = time.perf_counter()
+    parallel = _start_tensor_parallel(args, device)
+    if parallel is None:
+        return 2
+    device, rank, channel = parallel
     loaded = _load_model(args, device)
     if loaded is None:
         return 2
     model, tokenizer = loaded
+    _shard(model, channel)
     if args.prompt is not None:
         if tokenizer is None:
             _progress("--prompt needs a checkpoint directory with a tokenizer; give --prompt-ids instead")
@@ -157,8 +226,11 @@ def generate(args: argparse.Namespace) -> int:
     options = {"paiton.inner_compiler": args.inner} if args.backend == "paiton" and args.inner != "inductor" else None
     mode = "auto" if args.mode == "auto" else (None if args.mode == "default" else args.mode)
     max_length = args.max_length or max(64, 2 ** (max(len(p) for p in prompts) + args.max_new_tokens - 1).bit_length())
+    # Every rank parses the same arguments, so every rank builds the same loop.
     loop = DecodeLoop(model, max_batch_size=len(prompts), max_length=max_length, backend=args.backend, mode=mode,
                       options=options)
+    if rank != 0:
+        return _follow(loop, channel)
     _progress(f"model ready in {time.perf_counter() - started:.1f} s; the first prefill and decode step compile "
               f"({args.backend}), later ones replay")
     stop = [int(t) for t in args.stop_token_ids.split(",")] if args.stop_token_ids else []
@@ -170,8 +242,9 @@ def generate(args: argparse.Namespace) -> int:
         print(f"[{seconds * 1e3:9.1f} ms] seq {sequence}: {text}", file=sys.stderr, flush=True)
 
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    result = loop.generate(prompts, args.max_new_tokens, sampling, stop_token_ids=stop,
-                           on_token=show if args.stream else None)
+    with channel.leading(loop) if channel is not None else contextlib.nullcontext():  # TP: rank 0 broadcasts each step
+        result = loop.generate(prompts, args.max_new_tokens, sampling, stop_token_ids=stop,
+                               on_token=show if args.stream else None)
     for b, tokens in enumerate(result.tokens):
         text = tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))
         print(f"seq {b} ({result.finish_reasons[b]}, {len(tokens)} tokens): {text}")
@@ -257,10 +330,15 @@ def serve(args: argparse.Namespace) -> int:
         for path in args.load_compile_cache:
             load_compile_cache(path)
         _progress(f"compile cache loaded from {', '.join(args.load_compile_cache)} in {time.perf_counter() - started:.1f} s")
+    parallel = _start_tensor_parallel(args, device)
+    if parallel is None:
+        return 2
+    device, rank, channel = parallel
     loaded = _load_model(args, device)
     if loaded is None:
         return 2
     model, tokenizer = loaded
+    _shard(model, channel)
     if args.fp8:
         from paiton.models.fp8 import is_fp8, quantize_fp8
 
@@ -270,6 +348,11 @@ def serve(args: argparse.Namespace) -> int:
             except RuntimeError as error:  # a chip without FP8
                 _progress(str(error))
                 return 2
+    mode = "auto" if args.mode == "auto" else (None if args.mode == "default" else args.mode)
+    engine = Engine(model, max_slots=args.max_slots, max_length=args.max_model_len, backend=args.backend, mode=mode,
+                    options=options or None, max_prefill_tokens=args.max_prefill_tokens)
+    if rank != 0:  # rank 0 serves, schedules and warms up; this rank runs the same steps on its shard
+        return _follow(engine, channel)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else args.model)
     if tokenizer is not None:
         info = TokenizerInfo(f"the checkpoint's ({type(tokenizer).__name__})", "checkpoint", len(tokenizer))
@@ -282,12 +365,9 @@ def serve(args: argparse.Namespace) -> int:
         except (RuntimeError, ValueError) as error:
             _progress(str(error))
             return 2
-    mode = "auto" if args.mode == "auto" else (None if args.mode == "default" else args.mode)
-    engine = Engine(model, max_slots=args.max_slots, max_length=args.max_model_len, backend=args.backend, mode=mode,
-                    options=options or None, max_prefill_tokens=args.max_prefill_tokens)
     _progress(f"model ready in {time.perf_counter() - started:.1f} s: {name}, tokenizer: {info.name}; "
               f"{args.max_slots} slots x {args.max_model_len} tokens, backend {args.backend}"
-              + (", FP8 weights" if args.fp8 else "")
+              + (", FP8 weights" if args.fp8 else "") + (f", tensor parallel {channel.ranks}" if channel else "")
               + (f" {options}" if options else "") + (", warming up (compiling) first" if warmup else
                                                       "; the first requests compile"))
     after_warmup = None
@@ -298,7 +378,18 @@ def serve(args: argparse.Namespace) -> int:
             save_compile_cache(args.save_compile_cache, [])
             return (f"compile cache saved to {args.save_compile_cache} "
                     f"({os.path.getsize(args.save_compile_cache) / 2**20:.1f} MiB)")
-    return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup)
+    if channel is None:
+        return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup)
+    from paiton.models.tp_runtime import end_server_on_step_error
+
+    # A failed step (a rank died, or hangs past --tp-timeout) ends the server: the ranks may be out of step.
+    failure = end_server_on_step_error(engine, channel)
+    with channel.leading(engine):  # every step the engine runs is broadcast to the other ranks first
+        run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup)
+    if error := failure():
+        _progress(f"stopped: a tensor-parallel step failed ({type(error).__name__}: {error})")
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop-token-ids", help="comma-separated (default: the tokenizer's EOS, if any)")
     g.add_argument("--no-stream", dest="stream", action="store_false", help="print only the result, not each token")
+    g.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="shard the model over N processes, one per GPU, started by torchrun --nproc-per-node N "
+                        "(default: torchrun's WORLD_SIZE); rank 0 schedules")
+    g.add_argument("--tp-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under tensor parallelism: how long a collective waits for a rank before failing")
     g.set_defaults(run=generate)
 
     s = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching) over a preset or checkpoint")
@@ -368,9 +464,19 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--warmup", dest="warmup", action="store_true", default=None,
                    help="compile and record CUDA graphs before serving (default on a GPU)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false")
+    s.add_argument("--tensor-parallel", type=int, metavar="N",
+                   help="shard the model over N processes, one per GPU, started by torchrun --nproc-per-node N "
+                        "(default: torchrun's WORLD_SIZE); rank 0 schedules")
+    s.add_argument("--tp-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under tensor parallelism: how long a collective waits for a rank before failing")
     s.set_defaults(run=serve)
 
     args = parser.parse_args(argv)
+    if args.command in ("serve", "generate"):
+        if args.tensor_parallel is not None and args.tensor_parallel < 1:
+            parser.error("--tensor-parallel must be at least 1")
+        if args.tp_timeout <= 0:
+            parser.error("--tp-timeout must be positive")
     if args.command == "serve":
         for name in ("max_slots", "max_model_len", "max_prefill_tokens"):
             if getattr(args, name) < 1:

@@ -46,6 +46,11 @@ How it works, in the order a step runs:
 * **Streaming and timing.** `on_token(sequence, token, seconds)` is called for each new
   token, and every token's time since the start of `generate` (when it reached the host) is
   kept, from which TTFT, TPOT, ITL and end-to-end latency follow (`Generation` has them).
+* **Tensor parallel.** The device work is three methods: `_cache` (a batch's cache, emptied),
+  `_forward` (one prefill or decode forward) and `_shrink` (gathering the live rows). Under
+  tensor parallelism (models/tp_runtime.py) rank 0 runs `generate`, its `step_hook` sends
+  each of these calls' inputs to the other ranks, and they make the same calls on their own
+  loop (their shard of the model and cache); sampling is rank 0's. One process: no hook.
 """
 
 from __future__ import annotations
@@ -163,6 +168,11 @@ class DecodeLoop:
         self.compiled = backend != "eager"
         self._kv_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._caches: dict = {}  # batch size -> StaticCache over the first rows of _kv_buffers
+        self._all_slots: torch.Tensor | None = None  # 0..max_length-1 on the device
+        # Tensor parallelism (models/tp_runtime.py) sets this on rank 0: called as
+        # `step_hook(kind, *inputs)` before each device step ("cache", "forward", "shrink": the
+        # inputs of `_cache`, `_forward` and `_shrink` but the cache), which it broadcasts.
+        self.step_hook: Callable[..., None] | None = None
         if backend == "eager":
             self.forward = model
         else:
@@ -178,6 +188,7 @@ class DecodeLoop:
         config = self.model.config
         if not self._kv_buffers:
             self._kv_buffers = zeroed_kv_buffers(config, self.max_batch_size, self.max_length, self.model.dtype, self.device)
+            self._all_slots = torch.arange(self.max_length, device=self.device)
         cache = self._caches.get(batch)
         if cache is None:
             cache = StaticCache(config=config, max_cache_len=self.max_length)
@@ -198,17 +209,43 @@ class DecodeLoop:
                 layer.cumulative_length.zero_()
         return cache
 
-    def _shrink(self, cache, kept_rows: list[int]):
+    def _shrink(self, cache, kept_rows: Sequence[int] | torch.Tensor):
         """The cache of a batch of len(kept_rows) sequences holding what rows `kept_rows` of
         `cache` hold (both are views of the same buffers; the rows are gathered first)."""
         smaller = self._cache(len(kept_rows))
-        index = torch.tensor(kept_rows, device=self.device)
+        index = torch.as_tensor(kept_rows, device=self.device)
         for old, new in zip(cache.layers, smaller.layers, strict=True):
             for old_tensor, new_tensor in ((old.keys, new.keys), (old.values, new.values)):
                 new_tensor.copy_(old_tensor.index_select(0, index))
             if hasattr(old, "cumulative_length"):
                 new.cumulative_length.copy_(old.cumulative_length)
         return smaller
+
+    def _forward(self, cache, input_ids: torch.Tensor, slots: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
+        """One forward over `cache`: `input_ids` [B, S] written at cache slots `slots` [S], for
+        sequences left-padded by `pads` [B] tokens. Returns the last position's logits [B, vocab], float32."""
+        batch = input_ids.shape[0]
+        keys = self._all_slots[None, :]
+        # Slots holding a real token of each sequence: its prompt, then everything generated.
+        real_slot = keys >= pads[:, None]  # [B, L]
+        positions = (slots[None, :] - pads[:, None]).clamp_min(0)  # each sequence counts its own tokens
+        visible = (keys <= slots[:, None])[None] & real_slot[:, None, :]
+        # A padding query sees only its own slot: a row with no visible key would give NaN,
+        # written into the cache at a slot that real queries then mask out but still
+        # multiply (0 * NaN). Real queries see their own slot anyway.
+        visible = (visible | (keys == slots[:, None])[None])[:, None]
+        if self.compiled:
+            # Shapes that vary between calls are dynamic (see the module's docstring); a
+            # size of 1 stays static.
+            if batch > 1:
+                for tensor in (input_ids, visible, positions):
+                    torch._dynamo.mark_dynamic(tensor, 0)
+            if len(slots) > 1:
+                for tensor, dim in ((input_ids, 1), (visible, 2), (positions, 1), (slots, 0)):
+                    torch._dynamo.mark_dynamic(tensor, dim)
+        out = self.forward(input_ids=input_ids, attention_mask=visible, past_key_values=cache,
+                           cache_position=slots, position_ids=positions, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
@@ -242,11 +279,10 @@ class DecodeLoop:
         for b, prompt in enumerate(prompts):
             ids[b, padded - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
         pads = torch.tensor([padded - n for n in lengths], device=device)
-        all_slots = torch.arange(self.max_length, device=device)
-        keys = all_slots[None, :]
-        # Slots holding a real token of each sequence: its prompt, then everything generated.
-        real_slot = keys >= pads[:, None]  # [B, L]
+        if self.step_hook is not None:
+            self.step_hook("cache", batch)
         cache = self._cache(batch)
+        all_slots = self._all_slots
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -254,24 +290,9 @@ class DecodeLoop:
         kept_logits: list[torch.Tensor] = []
 
         def step(input_ids, slots):
-            positions = (slots[None, :] - pads[:, None]).clamp_min(0)  # each sequence counts its own tokens
-            visible = (keys <= slots[:, None])[None] & real_slot[:, None, :]
-            # A padding query sees only its own slot: a row with no visible key would give NaN,
-            # written into the cache at a slot that real queries then mask out but still
-            # multiply (0 * NaN). Real queries see their own slot anyway.
-            visible = (visible | (keys == slots[:, None])[None])[:, None]
-            if self.compiled:
-                # Shapes that vary between calls are dynamic (see the module's docstring); a
-                # size of 1 stays static.
-                if batch > 1:
-                    for tensor in (input_ids, visible, positions):
-                        torch._dynamo.mark_dynamic(tensor, 0)
-                if len(slots) > 1:
-                    for tensor, dim in ((input_ids, 1), (visible, 2), (positions, 1), (slots, 0)):
-                        torch._dynamo.mark_dynamic(tensor, dim)
-            out = self.forward(input_ids=input_ids, attention_mask=visible, past_key_values=cache,
-                               cache_position=slots, position_ids=positions, use_cache=True, logits_to_keep=1)
-            logits = out.logits[:, -1].float()
+            if self.step_hook is not None:
+                self.step_hook("forward", input_ids, slots, pads)
+            logits = self._forward(cache, input_ids, slots, pads)
             if len(kept_logits) < keep_logits:
                 kept_logits.append(logits.clone())  # to the CPU at the end: no sync per step
             return sample(logits, sampling, generator)
@@ -322,9 +343,11 @@ class DecodeLoop:
                 # enqueued ran at the old batch; its cache writes are in the rows gathered here.
                 new_batch = max(2, 1 << (len(live_rows) - 1).bit_length())
                 kept = live_rows + [row for row in range(batch) if row not in live_rows][:new_batch - len(live_rows)]
-                cache = self._shrink(cache, kept)
                 keep = torch.tensor(kept, device=device)
-                pads, real_slot, upcoming = pads[keep], real_slot[keep], upcoming[keep]
+                if self.step_hook is not None:
+                    self.step_hook("shrink", keep)
+                cache = self._shrink(cache, keep)
+                pads, upcoming = pads[keep], upcoming[keep]
                 sequence_of_row = [sequence_of_row[row] for row in kept]
                 batch = new_batch
             pending = upcoming

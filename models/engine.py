@@ -41,6 +41,12 @@ the others keep decoding. How a step runs:
 Requests come in from any thread (`submit`, `abort`); the engine thread (`start()`, or the
 caller of `generate`) does all the GPU work, CUDA graphs included (they belong to the thread
 that records them).
+
+The device work of a step is one of three methods taking only tensors and ints: `_run_prefill`,
+`_run_decode` and `_move_row` (compaction's copy of a cache row). Under tensor parallelism
+(models/tp_runtime.py) rank 0 schedules, its `step_hook` sends each of these calls' inputs to
+the other ranks, and they make the same call on their own engine (their shard of the model and
+of the cache), so the collectives inside the model line up. In one process there is no hook.
 """
 
 from __future__ import annotations
@@ -224,6 +230,12 @@ class Engine:
         self._stopping = False
         self.steps = {"decode": 0, "prefill": 0}
         self._concurrency = max_slots
+        # Tensor parallelism (models/tp_runtime.py) sets these on rank 0: `step_hook(kind, *inputs)`
+        # before each device step ("prefill", "decode", "move_row": the inputs of `_run_<kind>`
+        # / `_move_row`), which broadcasts it; `on_step_error(error)` after a failed step has
+        # ended its requests (the ranks may be out of step then: the server is ended there).
+        self.step_hook: Callable[..., None] | None = None
+        self.on_step_error: Callable[[BaseException], None] | None = None
 
     @property
     def concurrency(self) -> int:
@@ -283,6 +295,8 @@ class Engine:
                 busy = self.step()
             except Exception as error:  # noqa: BLE001  (a failed step must not stop the server)
                 self.fail_all(error)
+                if self.on_step_error is not None:
+                    self.on_step_error(error)
                 continue
             if not busy:
                 self._wake.wait(0.05)
@@ -434,19 +448,26 @@ class Engine:
 
         input_ids, positions_t, rows_t, last_t = (self._upload(v) for v in (ids, positions, rows, last))
         input_ids, positions_t, rows_t = input_ids[None], positions_t[None], rows_t[None]
-        if self.compiled:
-            for tensor in (input_ids, positions_t, rows_t):
-                torch._dynamo.mark_dynamic(tensor, 1)
-            torch._dynamo.mark_dynamic(last_t, 0)
-        cache = self._prefill_cache
-        cache.positions, cache.rows = positions_t, rows_t
-        logits = self._prefill(input_ids, positions_t, rows_t, last_t, cache)[:len(chosen)]
+        if self.step_hook is not None:
+            self.step_hook("prefill", input_ids, positions_t, rows_t, last_t)
+        logits = self._run_prefill(input_ids, positions_t, rows_t, last_t)[:len(chosen)]
         slots = free[:len(chosen)]
         first = self._sample(logits, [self._sampling_rows[s] for s in slots], chosen, [0] * len(chosen))
         self._last_tokens[self._upload(slots)] = first
         self._pending.append(_Pending(copy_to_host(first), list(chosen)))
         self.steps["prefill"] += 1
         return True
+
+    def _run_prefill(self, input_ids, positions, rows, last_index) -> torch.Tensor:
+        """The prefill forward over packed prompts ([1, T] each; `last_index` [n]): logits [n, vocab]."""
+        self._buffers()
+        if self.compiled:
+            for tensor in (input_ids, positions, rows):
+                torch._dynamo.mark_dynamic(tensor, 1)
+            torch._dynamo.mark_dynamic(last_index, 0)
+        cache = self._prefill_cache
+        cache.positions, cache.rows = positions, rows
+        return self._prefill(input_ids, positions, rows, last_index, cache)
 
     def _decode_step(self) -> None:
         live = [s for s, r in enumerate(self._slot_request) if r is not None]
@@ -461,16 +482,24 @@ class Engine:
                 self._scheduled[slot] += 1
         positions_t = self._upload(positions)[:, None]
         input_ids = self._last_tokens[:batch, None]
-        if self.compiled and batch > 1:
-            for tensor in (input_ids, positions_t):
-                torch._dynamo.mark_dynamic(tensor, 0)
-        cache = self._decode_cache(batch)
-        cache.positions = positions_t
-        logits = self._decode(input_ids, positions_t, cache)
+        if self.step_hook is not None:
+            self.step_hook("decode", input_ids, positions_t)
+        logits = self._run_decode(input_ids, positions_t)
         tokens = self._sample(logits, self._sampling_rows[:batch], owners, steps)
         self._last_tokens[:batch] = tokens
         self._pending.append(_Pending(copy_to_host(tokens), owners))
         self.steps["decode"] += 1
+
+    def _run_decode(self, input_ids, positions) -> torch.Tensor:
+        """The decode forward over rows 0..B-1 (`input_ids`, `positions` [B, 1]): logits [B, vocab]."""
+        self._buffers()
+        batch = input_ids.shape[0]
+        if self.compiled and batch > 1:
+            for tensor in (input_ids, positions):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        cache = self._decode_cache(batch)
+        cache.positions = positions
+        return self._decode(input_ids, positions, cache)
 
     def _sample(self, logits, samplings: list[Sampling], owners: list[EngineRequest | None],
                 steps: list[int] | None = None) -> torch.Tensor:
@@ -556,13 +585,19 @@ class Engine:
         for source in [s for s in live if s >= half]:
             target = free_low.pop(0)
             length = self._lengths[source]
-            for keys, values in self._layers:
-                keys[target, :, :length].copy_(keys[source, :, :length])
-                values[target, :, :length].copy_(values[source, :, :length])
+            if self.step_hook is not None:
+                self.step_hook("move_row", source, target, length)
+            self._move_row(source, target, length)
             self._last_tokens[target] = self._last_tokens[source]
             for table in (self._slot_request, self._lengths, self._scheduled, self._sampling_rows):
                 table[target], table[source] = table[source], table[target]
         # The step in flight still names the old rows for its tokens: _Pending keeps its own list.
+
+    def _move_row(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` cache slots of row `source` to row `target`, in every layer."""
+        for keys, values in self._layers:
+            keys[target, :, :length].copy_(keys[source, :, :length])
+            values[target, :, :length].copy_(values[source, :, :length])
 
     def warm_up(self, prompt_lengths: Sequence[int] | None = None, batch_sizes: Sequence[int] | None = None,
                 timeout_s: float = 3600.0) -> float:

@@ -481,16 +481,28 @@ class ServerProcess:
             self.process.kill()
 
 
-def launch(arguments: list[str], env: dict | None = None, timeout_s: float = 3600.0, log_path: str | None = None) -> ServerProcess:
-    """Start `python -m paiton serve ARGUMENTS --port 0` and wait until it prints its address
-    (after its warm-up, if any); its output goes on being read (into `lines`, and `log_path`).
-    Tests and the benchmark's HTTP mode start servers this way, on a free local port."""
+def serve_command(arguments: list[str], tensor_parallel: int = 1) -> list[str]:
+    """The command line of `paiton serve ARGUMENTS`; with `tensor_parallel` N > 1, under torchrun
+    with N local processes (a free rendezvous port: --standalone)."""
+    import sys
+
+    if tensor_parallel == 1:
+        return [sys.executable, "-m", "paiton", "serve", *arguments]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tensor_parallel}",
+            "-m", "paiton", "serve", *arguments, "--tensor-parallel", str(tensor_parallel)]
+
+
+def launch(arguments: list[str], env: dict | None = None, timeout_s: float = 3600.0, log_path: str | None = None,
+           tensor_parallel: int = 1) -> ServerProcess:
+    """Start `python -m paiton serve ARGUMENTS --port 0` (with `tensor_parallel` N > 1: under
+    torchrun, N ranks, rank 0 serving) and wait until it prints its address (after its warm-up,
+    if any); its output goes on being read (into `lines`, and `log_path`). Tests and the
+    benchmark's HTTP mode start servers this way, on a free local port."""
     import os
     import subprocess
-    import sys
     import threading
 
-    command = [sys.executable, "-m", "paiton", "serve", *arguments, "--port", "0"]
+    command = serve_command([*arguments, "--port", "0"], tensor_parallel)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines, found = [], threading.Event()

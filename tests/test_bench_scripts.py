@@ -188,3 +188,25 @@ def test_fp8_gemm_sweep_says_it_needs_a_gpu(capsys):
         pytest.skip("a GPU is here: the sweep would run")
     assert fp8_gemm_sweep.main(["--models", "qwen3-8b", "--rows", "1,2"]) == 2
     assert "needs a CUDA or ROCm GPU" in capsys.readouterr().err
+
+
+def test_tensor_parallel_smoke(tmp_path):
+    """bench/tensor_parallel.py at TP 1 (it writes the reference tokens), then under torchrun at
+    TP 2 on gloo (it reads them): fp32, so the TP 2 tokens equal TP 1's."""
+    import os
+    import subprocess
+
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "tensor_parallel.py")
+    arguments = ["--model", "tiny", "--device", "cpu", "--inner", "eager", "--batch-sizes", "2", "--prompt-len", "8",
+                 "--new-tokens", "4", "--out", str(tmp_path)]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}  # Paiton's ops on their CPU references
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]):
+        result = subprocess.run([*launcher, script, *arguments], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert os.environ.get("NCCL_NVLS_ENABLE") is None  # the script sets it for itself only
+    (tp2,) = tmp_path.glob("tensor_parallel-tiny-tp2-CPU-*.json")
+    found = json.loads(tp2.read_text())
+    assert found["env"]["tp"] == 2 and [r["batch"] for r in found["rows"]] == [2]
+    row = found["rows"][0]
+    assert row["sequences_equal_to_tp1"] == 2 and row["tpot_vs_tp1"] > 0 and row["total_tokens_per_s"] > 0, row
+    assert "| 2 | 2 |" in tp2.with_suffix(".md").read_text()

@@ -1,9 +1,11 @@
-"""Tensor parallelism (models/tensor_parallel.py) on CPU: 2 and 4 gloo processes started with
-torchrun (tests/tp_worker.py), each building the same tiny Qwen3 and keeping its shard. The
-sharded model's logits equal the unsharded model's (eager and compiled with Paiton), the bundled
-loop gives the unsharded model's greedy tokens, Paiton's all-reduce + add + RMSNorm pass fires
-on every row-parallel product; a rank that dies, or hangs, makes the others fail with an error
-(a hang: after the process group's timeout) instead of waiting forever."""
+"""Tensor parallelism (models/tensor_parallel.py, models/tp_runtime.py) on CPU: 2 and 4 gloo
+processes started with torchrun (tests/tp_worker.py), each building the same tiny Qwen3 and
+keeping its shard. The sharded model's logits equal the unsharded model's (eager and compiled
+with Paiton), the bundled loop gives the unsharded model's greedy tokens, Paiton's all-reduce +
+add + RMSNorm pass fires on every row-parallel product; with rank 0 scheduling and
+broadcasting each step, the Engine (continuous batching) and the DecodeLoop give the unsharded
+ones' tokens; a rank that dies, or hangs, makes the others fail with an error (a hang: after
+the process group's timeout) instead of waiting forever."""
 
 import json
 import os
@@ -41,6 +43,40 @@ def test_sharded_model_equals_the_unsharded_one(tmp_path, ranks):
         assert graph["merged_projections"] == 2 * layers and graph["qk_norm_rope"] == layers
 
 
+def _steps(out, ranks):
+    return [json.loads(out.with_name(f"{out.name}.rank{r}").read_text()) for r in range(ranks)]
+
+
+def test_engine_under_tp2_gives_the_unsharded_engines_tokens(tmp_path):
+    """Rank 0 schedules five requests of 1-17 tokens through two slots (so requests wait, are
+    prefilled while others decode, and a row is compacted as the batch drains) and broadcasts
+    each step; the follower runs every one of them, and the greedy tokens equal those of the
+    unsharded model's single-process Engine."""
+    out = tmp_path / "result.json"
+    result, _ = torchrun(2, "engine", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["tokens"] == found["expected"], found
+    assert [len(t) for t in found["tokens"]] == [9, 3, 6, 2, 7]
+    leader, follower = _steps(out, 2)
+    assert leader == follower, (leader, follower)  # the follower ran each step rank 0 sent
+    assert leader["prefill"] == found["engine_steps"]["prefill"] >= 3 and leader["decode"] == found["engine_steps"]["decode"]
+    assert leader.get("move_row", 0) >= 1, leader  # compaction's row copies are steps too
+    assert found["compiled_graphs"] == 3
+
+
+def test_decode_loop_under_tp2_gives_the_unsharded_loops_tokens(tmp_path):
+    """A ragged batch of four with per-row limits (the batch shrinks from 4 to 2 rows as rows
+    finish), then a second generate at batch 1: rank 0's tokens equal the unsharded loop's."""
+    out = tmp_path / "result.json"
+    result, _ = torchrun(2, "decode_loop", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["tokens"] == found["expected"] and found["second"] == found["expected_second"], found
+    leader, follower = _steps(out, 2)
+    assert leader == follower == {"cache": 2, "forward": leader["forward"], "shrink": 1}, (leader, follower)
+
+
 def test_a_rank_that_dies_makes_the_others_fail(tmp_path):
     out = tmp_path / "result.json"
     result, seconds = torchrun(2, "dead_rank", out, timeout_s=60)
@@ -69,3 +105,21 @@ def test_degrees_that_do_not_divide_the_model_are_refused():
         check_divisible(qwen3_config("qwen3-32b"), 16)
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         check_divisible(qwen3_config("tiny"), 4)
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_the_cli_refuses_a_degree_it_cannot_run(monkeypatch, capsys, command):
+    """Before joining any process group: a degree without as many processes names the torchrun
+    command, and one the model's heads do not divide names the head count."""
+    from paiton.cli import main
+
+    extra = ["--prompt-ids", "1,2"] if command == "generate" else []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([command, "--model", "tiny", "--tensor-parallel", "2", *extra]) == 2
+    assert "torchrun --nproc-per-node 2 -m paiton " + command in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc-per-node 4 sets it
+    monkeypatch.setenv("RANK", "3")
+    assert main([command, "--model", "tiny", *extra]) == 2
+    assert "[paiton rank 3] tensor parallel degree 4 must divide num_key_value_heads=2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--model", "tiny", "--tensor-parallel", "0", *extra])

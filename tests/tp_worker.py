@@ -4,6 +4,10 @@ CPU). Every rank builds the same tiny Qwen3 and shards it; rank 0 writes what it
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/tp_worker.py parity OUT.json
     ... tests/tp_worker.py dead_rank OUT.json          # rank 1 leaves; the others must fail, not hang
     ... tests/tp_worker.py stuck_rank OUT.json 5       # rank 1 hangs; rank 0 fails after the 5 s timeout
+    ... tests/tp_worker.py engine OUT.json             # the continuous-batching Engine, rank 0 scheduling
+    ... tests/tp_worker.py decode_loop OUT.json        # the bundled DecodeLoop, rank 0 scheduling
+
+In the last two, every rank also writes the steps it sent or ran to OUT.json.rank<r>.
 """
 
 import json
@@ -87,8 +91,81 @@ def _forward_or_error(model, ids, out_path):
     sys.exit(4 if message else 0)
 
 
+EAGER_INNER = {"paiton.inner_compiler": "eager"}  # Paiton's passes, no Inductor: seconds, not minutes, on CPU
+
+
+def ragged_requests(count, max_new):
+    """`count` prompts of different lengths (1 to 17 tokens) and per-prompt token limits."""
+    generator = torch.Generator().manual_seed(3)
+    lengths = [3, 11, 1, 17, 6, 9][:count]
+    prompts = [torch.randint(1, 512, (n,), generator=generator).tolist() for n in lengths]
+    return prompts, max_new[:count]
+
+
+def engine(out_path):
+    """Five requests through two slots (continuous batching: prefills while others decode, rows
+    compacted as the batch drains): the TP engine's greedy tokens against the unsharded one's."""
+    from paiton.models.engine import Engine
+    from paiton.models.tensor_parallel import shard_qwen3
+    from paiton.models.tp_runtime import StepChannel
+
+    model, _ = model_and_ids()
+    prompts, limits = ragged_requests(5, [9, 3, 6, 2, 7])
+    settings = dict(max_slots=2, max_length=48, max_prefill_tokens=16)
+    rank = dist.get_rank()
+    with torch.no_grad():
+        expected = Engine(model, backend="eager", **settings).generate(prompts, limits).tokens if rank == 0 else None
+        shard_qwen3(model)
+    tp_engine = Engine(model, options=EAGER_INNER, **settings)
+    channel = StepChannel(tp_engine.device, timeout_s=60)
+    if rank == 0:
+        with channel.leading(tp_engine):
+            result = tp_engine.generate(prompts, limits)
+        found = dict(tokens=result.tokens, expected=expected, engine_steps=tp_engine.steps,
+                     compiled_graphs=tp_engine.compiled_graphs())
+        with open(out_path, "w") as f:
+            json.dump(found, f)
+    else:
+        channel.follow(tp_engine)
+    with open(f"{out_path}.rank{rank}", "w") as f:
+        json.dump(dict(channel.sent), f)
+
+
+def decode_loop(out_path):
+    """A ragged static batch of four whose rows finish at different steps (the batch shrinks
+    from 4 to 2): the TP loop's greedy tokens against the unsharded loop's."""
+    from paiton.models.decode_loop import DecodeLoop
+    from paiton.models.tensor_parallel import shard_qwen3
+    from paiton.models.tp_runtime import StepChannel
+
+    model, _ = model_and_ids()
+    prompts, limits = ragged_requests(4, [2, 8, 3, 6])
+    rank = dist.get_rank()
+    with torch.no_grad():
+        expected = expected_second = None
+        if rank == 0:
+            unsharded = DecodeLoop(model, max_batch_size=4, max_length=40, backend="eager")
+            expected = unsharded.generate(prompts, limits).tokens
+            expected_second = unsharded.generate(prompts[:1], 5).tokens[0]
+        shard_qwen3(model)
+    loop = DecodeLoop(model, max_batch_size=4, max_length=40, options=EAGER_INNER)
+    channel = StepChannel(loop.device, timeout_s=60)
+    if rank == 0:
+        with channel.leading(loop):
+            first = loop.generate(prompts, limits)
+            second = loop.generate(prompts[:1], 5)  # a second call: a new cache at batch 1
+        with open(out_path, "w") as f:
+            json.dump(dict(tokens=first.tokens, expected=expected, second=second.tokens[0],
+                           expected_second=expected_second), f)
+    else:
+        channel.follow(loop)
+    with open(f"{out_path}.rank{rank}", "w") as f:
+        json.dump(dict(channel.sent), f)
+
+
 if __name__ == "__main__":
     from paiton.models.tensor_parallel import init_tensor_parallel
 
     init_tensor_parallel("gloo", timeout_s=float(sys.argv[3]) if len(sys.argv) > 3 else 60.0)
-    {"parity": parity, "dead_rank": dead_rank, "stuck_rank": stuck_rank}[sys.argv[1]](sys.argv[2])
+    modes = {"parity": parity, "dead_rank": dead_rank, "stuck_rank": stuck_rank, "engine": engine, "decode_loop": decode_loop}
+    modes[sys.argv[1]](sys.argv[2])
