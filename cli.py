@@ -67,13 +67,24 @@ def _start_tensor_parallel(args: argparse.Namespace, device: str):
     return device, rank, StepChannel(device, timeout_s=args.tp_timeout)
 
 
-def _shard(model, channel) -> None:
+def _model_on_this_rank(args: argparse.Namespace, device: str):
+    """Join the tensor-parallel group if there is one, then build or load the model and keep
+    this rank's shard: (device, rank, channel, model, tokenizer), or None after an error said why."""
+    parallel = _start_tensor_parallel(args, device)
+    if parallel is None:
+        return None
+    device, rank, channel = parallel
+    loaded = _load_model(args, device)
+    if loaded is None:
+        return None
+    model, tokenizer = loaded
     if channel is not None:
         from paiton.models.tensor_parallel import shard_qwen3
 
         shard_qwen3(model)
         _progress(f"sharded over {channel.ranks} ranks: {model.config.num_attention_heads} query and "
                   f"{model.config.num_key_value_heads} KV heads here")
+    return device, rank, channel, model, tokenizer
 
 
 def _follow(target, channel) -> int:
@@ -195,15 +206,10 @@ def generate(args: argparse.Namespace) -> int:
     from paiton.models.decode_loop import DecodeLoop, Sampling
 
     started = time.perf_counter()
-    parallel = _start_tensor_parallel(args, device)
-    if parallel is None:
+    ready = _model_on_this_rank(args, device)
+    if ready is None:
         return 2
-    device, rank, channel = parallel
-    loaded = _load_model(args, device)
-    if loaded is None:
-        return 2
-    model, tokenizer = loaded
-    _shard(model, channel)
+    device, rank, channel, model, tokenizer = ready
     if args.prompt is not None:
         if tokenizer is None:
             _progress("--prompt needs a checkpoint directory with a tokenizer; give --prompt-ids instead")
@@ -330,15 +336,10 @@ def serve(args: argparse.Namespace) -> int:
         for path in args.load_compile_cache:
             load_compile_cache(path)
         _progress(f"compile cache loaded from {', '.join(args.load_compile_cache)} in {time.perf_counter() - started:.1f} s")
-    parallel = _start_tensor_parallel(args, device)
-    if parallel is None:
+    ready = _model_on_this_rank(args, device)
+    if ready is None:
         return 2
-    device, rank, channel = parallel
-    loaded = _load_model(args, device)
-    if loaded is None:
-        return 2
-    model, tokenizer = loaded
-    _shard(model, channel)
+    device, rank, channel, model, tokenizer = ready
     if args.fp8:
         from paiton.models.fp8 import is_fp8, quantize_fp8
 
@@ -392,6 +393,14 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tensor_parallel_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--tensor-parallel", type=int, metavar="N",
+                         help="shard the model over N processes, one per GPU, started by torchrun --nproc-per-node N "
+                              "(default: torchrun's WORLD_SIZE); rank 0 schedules")
+    command.add_argument("--tp-timeout", type=float, default=300.0, metavar="SECONDS",
+                         help="under tensor parallelism: how long a collective waits for a rank before failing")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="paiton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -430,11 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop-token-ids", help="comma-separated (default: the tokenizer's EOS, if any)")
     g.add_argument("--no-stream", dest="stream", action="store_false", help="print only the result, not each token")
-    g.add_argument("--tensor-parallel", type=int, metavar="N",
-                   help="shard the model over N processes, one per GPU, started by torchrun --nproc-per-node N "
-                        "(default: torchrun's WORLD_SIZE); rank 0 schedules")
-    g.add_argument("--tp-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="under tensor parallelism: how long a collective waits for a rank before failing")
+    _add_tensor_parallel_arguments(g)
     g.set_defaults(run=generate)
 
     s = commands.add_parser("serve", help="an OpenAI-compatible server (continuous batching) over a preset or checkpoint")
@@ -464,11 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--warmup", dest="warmup", action="store_true", default=None,
                    help="compile and record CUDA graphs before serving (default on a GPU)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false")
-    s.add_argument("--tensor-parallel", type=int, metavar="N",
-                   help="shard the model over N processes, one per GPU, started by torchrun --nproc-per-node N "
-                        "(default: torchrun's WORLD_SIZE); rank 0 schedules")
-    s.add_argument("--tp-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="under tensor parallelism: how long a collective waits for a rank before failing")
+    _add_tensor_parallel_arguments(s)
     s.set_defaults(run=serve)
 
     args = parser.parse_args(argv)

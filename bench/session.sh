@@ -17,6 +17,7 @@
 #                 step and time limit, a results file per configuration and scenario); each server
 #                 saves its compile cache under $out (compile-cache-32b-<config>.xz) and loads the
 #                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz)
+#   profile_32b   bench/profile_decode_step.py, Qwen3-32B, Paiton, batches PROFILE_BATCHES (1,2,32)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
@@ -74,6 +75,9 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
     fp8_sweep)
       step fp8_sweep "${FP8_SWEEP_TIMEOUT:-600}" python3 bench/fp8_gemm_sweep.py --models "${FP8_SWEEP_MODELS:-qwen3-8b,qwen3-32b}" \
         --out "$out" ;;
+    profile_32b)  # issue 20's miss at batch 32: where batch 2-32's decode step spends the 2-3 ms over batch 1's
+      step profile_32b "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py --model qwen3-32b \
+        --batches "${PROFILE_BATCHES:-1,2,32}" --configs paiton --out "$out" ;;
     *) echo "unknown step $name" ;;
   esac
 done
