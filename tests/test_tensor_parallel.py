@@ -18,9 +18,12 @@ import pytest
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 
 
-def torchrun(ranks: int, mode: str, out, timeout_s: float = 60.0, limit_s: float = 600.0):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", WORKER,
-               mode, str(out), str(timeout_s)]
+def torchrun(ranks: int, mode: str, out, timeout_s: float = 60.0, limit_s: float = 600.0, monitor_s: float | None = None):
+    """`monitor_s`: how often torchrun's agent looks at its workers (it ends the others once one
+    has failed, which can beat a survivor to writing what it saw)."""
+    monitor = [f"--monitor-interval={monitor_s}"] if monitor_s is not None else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *monitor,
+               WORKER, mode, str(out), str(timeout_s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}  # the ops' CPU references
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=limit_s)
@@ -78,8 +81,11 @@ def test_decode_loop_under_tp2_gives_the_unsharded_loops_tokens(tmp_path):
 
 
 def test_a_rank_that_dies_makes_the_others_fail(tmp_path):
+    """Rank 1 exits after both have built the model; rank 0's next collective raises at once
+    (its peer's socket closed), long before the 60 s timeout. torchrun's agent looks every 5 s
+    here, so it does not end rank 0 before rank 0 has written the error (under load, once, it did)."""
     out = tmp_path / "result.json"
-    result, seconds = torchrun(2, "dead_rank", out, timeout_s=60)
+    result, seconds = torchrun(2, "dead_rank", out, timeout_s=60, monitor_s=5)
     assert result.returncode != 0
     found = json.loads(out.read_text())
     assert found["error"] and "closed by peer" in found["error"] and found["seconds"] < 30, found

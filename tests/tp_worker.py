@@ -61,6 +61,7 @@ def dead_rank(out_path):
 
     model, ids = model_and_ids()
     shard_qwen3(model)
+    dist.barrier()  # rank 0 is ready to run its forward when rank 1 leaves (not still building)
     if dist.get_rank() == 1:
         sys.exit(3)
     _forward_or_error(model, ids, out_path)
