@@ -10,12 +10,14 @@
 #   continuous    Qwen3-8B, synthetic ShareGPT-like workload, batches 1, 8, 32, 128: the engine's
 #                 continuous batch against the bundled loop's static batches, Paiton both (issue 19)
 #   gpu_tests     pytest -m gpu
-#   sharegpt_32b  Qwen3-32B through `paiton serve` over HTTP on ShareGPT V3 prompts (a workload
-#                 file made on CPU: WORKLOAD), both scenarios on each server start (dataset output
+#   sharegpt      (or sharegpt_32b) SHAREGPT_MODEL (default qwen3-32b; any Qwen3 preset takes
+#                 the same token ids) through `paiton serve` over HTTP on ShareGPT V3 prompts (a
+#                 workload file made on CPU: WORKLOAD), both scenarios on each server start (dataset output
 #                 lengths and 256; SHAREGPT_OUTPUT_LEN), batches SHAREGPT_BATCHES in that order (issue
 #                 20), configurations SHAREGPT_CONFIGS ("paiton:700 inductor-cdt:900": each its own
-#                 step and time limit, a results file per configuration and scenario); each server
-#                 saves its compile cache under $out (compile-cache-32b-<config>.xz) and loads the
+#                 step and time limit, a results file per configuration and scenario; paiton-fp8:
+#                 issue 21's FP8 weights over the same workload); each server
+#                 saves its compile cache under $out (compile-cache-<size>-<config>.xz) and loads the
 #                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz)
 #   profile_32b   bench/profile_decode_step.py, Qwen3-32B, Paiton, batches PROFILE_BATCHES (1,2,32)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
@@ -54,16 +56,17 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         --max-prompt-len 512 --tag continuous-vs-static --out "$out" ;;
     gpu_tests)
       step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu tests/ ;;
-    sharegpt_32b)  # one server start per configuration, each under its own limit (CONFIG:SECONDS)
+    sharegpt|sharegpt_32b)  # one server start per configuration, each under its own limit (CONFIG:SECONDS)
+      model=${SHAREGPT_MODEL:-qwen3-32b}; short=${model#qwen3-}
       caches=()
       for f in ${SHAREGPT_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
       for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do
         config=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=900
-        step "sharegpt_32b_$config" "$limit" python3 bench/serving.py --model qwen3-32b --serve --configs "$config" \
+        step "sharegpt_${short}_$config" "$limit" python3 bench/serving.py --model "$model" --serve --configs "$config" \
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
           --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
-          ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-32b.xz" --out "$out"
+          ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
         # A server its limit cut off would hold the GPU. The pattern starts at the command's
         # beginning, so it cannot match a shell whose text merely mentions it.
         pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve"
