@@ -12,7 +12,11 @@ quantization ("scaled_mm"; and the _scaled_mm call alone on quantized activation
 Each path's relative error against the float32 product of x and the dequantized weight; the
 path `choose_path` takes (timed as the op times it: back to back, host launches hidden, the
 weight from memory), with its own times. The FP8 floor: the FP8 weight's bytes over the
-measured copy rate. Writes fp8_gemm_sweep-<card>-<date>.json/.md.
+measured copy rate. Also, for the bf16 model itself at 2-64 rows: the FP8 GEMM's kernel on the
+bf16 weight (no scales: W read once, a weight-read-once product of a few rows) beside cuBLAS,
+and cuBLAS against the bf16 floor (issue 20: a Qwen3-32B decode step is about 2 ms slower at 2
+rows than at 1, where the timed GEMV runs; this says how much of that is cuBLAS at few rows).
+Writes fp8_gemm_sweep-<card>-<date>.json/.md.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def time_us(fn) -> float:
 def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps):
     """One weight at every row count: a row of results each."""
     from paiton.fusion import fp8_paths, gemv
+    from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm
     from paiton.fusion.fp8_linear import dequantize, quantize_weight
     from paiton.fusion.quantize_rows import quantize_rows
 
@@ -48,6 +53,12 @@ def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps):
         reference = x.float() @ reference_weight.T
         row = dict(model=preset, weight=name, n=n, k=k, rows=m, floor_us=n * k / (copy_tbps * 1e12) * 1e6,
                    bf16_us=time_us(lambda: torch.nn.functional.linear(x, weight)), paths={})
+        row["bf16_floor_us"] = 2 * row["floor_us"]
+        if 1 < m <= MAX_ROWS:  # the bf16 weight through the same kernel, without scales
+            few_rows = fp8_gemm(x, weight, None)
+            bf16_reference = x.float() @ weight.float().T
+            row["bf16_few_rows_us"] = time_us(lambda: fp8_gemm(x, weight, None))
+            row["bf16_few_rows_error"] = ((few_rows.float() - bf16_reference).norm() / bf16_reference.norm()).item()
         runs = {}
         if m == 1:
             runs["gemv"] = lambda: gemv.launch_gemv(x, w8, params["one_row"], scales=scales)
@@ -64,7 +75,8 @@ def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps):
             row["choice"] = fp8_paths.choose_path(x, w8, scales, params["several_rows"])
         fastest = min((p for p in row["paths"] if p != "scaled_mm_only"), key=lambda p: row["paths"][p]["us"])
         row["fastest"] = fastest
-        print(f"{preset} {name} [{n} x {k}] {m} rows: bf16 {row['bf16_us']:.1f} us; "
+        print(f"{preset} {name} [{n} x {k}] {m} rows: bf16 {row['bf16_us']:.1f} us (floor {row['bf16_floor_us']:.1f}"
+              + (f", few-rows kernel {row['bf16_few_rows_us']:.1f}" if "bf16_few_rows_us" in row else "") + "); "
               + ", ".join(f"{p} {r['us']:.1f} us (err {r['relative_error']:.1e})" for p, r in row["paths"].items())
               + f"; fastest {fastest}" + (f", chosen {row['choice']}" if m > 1 else ""), flush=True)
         results.append(row)
@@ -78,13 +90,17 @@ def markdown(env, rows, choices) -> str:
              f"FP8 weights ({env['fp8']}) with per-channel scales; times: do_bench median (L2 flushed), us; copy rate "
              f"{env['copy_TBps']:.2f} TB/s; floor = FP8 weight bytes / copy rate. scaled_mm includes the per-token "
              "quantization, scaled_mm_only is the _scaled_mm call alone. x = speedup of the fastest FP8 path over bf16.", "",
-             "| model | weight | N x K | rows | floor | bf16 | " + " | ".join(columns) + " | fastest | chosen (timed) |",
-             "|---|---|---|---|---|---|" + "---|" * len(columns) + "---|---|"]
+             "bf16 few rows: the FP8 GEMM's kernel on the bf16 weight (2-64 rows); bf16 / floor: cuBLAS against the bf16 "
+             "weight's bytes over the copy rate.", "",
+             "| model | weight | N x K | rows | floor | bf16 | bf16 / floor | bf16 few rows | " + " | ".join(columns)
+             + " | fastest | chosen (timed) |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|---|"]
     for r in rows:
         cells = [f"{r['paths'][c]['us']:.1f}" if c in r["paths"] else "-" for c in columns]
         fastest_us = r["paths"][r["fastest"]]["us"]
+        few_rows = f"{r['bf16_few_rows_us']:.1f}" if "bf16_few_rows_us" in r else "-"
         lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['rows']} | {r['floor_us']:.1f} | "
-                     f"{r['bf16_us']:.1f} | " + " | ".join(cells) + f" | {r['fastest']} ({r['bf16_us'] / fastest_us:.2f}x) | "
+                     f"{r['bf16_us']:.1f} | {r['bf16_us'] / r['bf16_floor_us']:.2f}x | {few_rows} | " + " | ".join(cells) + f" | {r['fastest']} ({r['bf16_us'] / fastest_us:.2f}x) | "
                      f"{r.get('choice', '-')} |")
     lines += ["", "The choices as `fusion.fp8_paths.chosen_paths()` lists them (its own timer: back to back, host "
               "launches hidden, over cold copies of the weight):", ""]
