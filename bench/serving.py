@@ -460,14 +460,15 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
                 scenario_env.setdefault("server_tokenizer", server.tokenizer)
         else:
             url, model_name = args.base_url, args.served_model or args.model
-        compile_s = time.perf_counter() - started  # the first row's: the server's start
+        server_start_s = time.perf_counter() - started
         try:
             for batch in batches:
                 # The packed prefills this batch size meets, 2 tokens each (the scenarios share prompts).
                 warm = time.perf_counter()
                 run_http(url, model_name, [Request(r.prompt, min(2, r.output_len))
                                            for r in workload_for(workloads[0][0], batch, args)], batch)
-                compile_s = compile_s if compile_s is not None else time.perf_counter() - warm
+                # The first batch size's rows report the server's start; later ones their warm-up pass.
+                compile_s = server_start_s if batch == batches[0] else time.perf_counter() - warm
                 for index, (requests, _) in enumerate(workloads):
                     batch_requests = workload_for(requests, batch, args)
                     scenario = f", output {scenarios[index] or 'dataset'}" if several else ""
@@ -490,7 +491,6 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
                     stem = write_results(args.out, result_stem(envs[index], args, several),
                                          dict(env=envs[index], rows=rows[index]), tables[index], echo=False)
                     plot(rows[index], configs, envs[index], stem + ".png")
-                compile_s = None  # later rows: the batch size's warm-up pass
         finally:
             if server is not None:
                 server.stop()
