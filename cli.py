@@ -168,7 +168,8 @@ def demo(args: argparse.Namespace) -> int:
     print(f"expected per graph: fused_add_rms_norm={2 * layers}, rms_norm={2 * layers + 1} (4 norms a layer + final), "
           f"qk_norm_rope={layers}, swiglu={layers}, decode_attention={layers} (in graphs of up to 8 query tokens), "
           f"kv_cache_write={layers} and cache_counters={2 * layers} (StaticCache), "
-          f"one_row_linear={2 * layers + 1} and silu_mul_linear={layers} (batch-1 decode)")
+          f"one_row_linear={2 * layers + 1} and silu_mul_linear={layers} (batch-1 decode), "
+          f"few_rows_linear={2 * layers + 1} (decode at batch 2-64)")
 
     runs = {"paiton": actual}
     if args.compare_inductor:

@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
-from paiton.fusion.fp8_gemm import _fp8_gemm_kernel
+from paiton.fusion.few_rows_gemm import _few_rows_gemm_kernel
 from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.quantize_rows import FP8_LARGEST, FP8_MIN_EXPONENT, _quantize_rows_kernel
@@ -244,11 +244,13 @@ def _cuobjdump() -> str | None:
     return None
 
 
-def fp8_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int) -> KernelBuild:
-    """The FP8 GEMM for 2-64 rows (fusion/fp8_gemm.py): x in `dtype`, W in `weight_dtype`
-    ("fp8e4nv" or "fp8e4b8"), fp32 scales per row or per 128 x 128 block; products in x's dtype
-    on the chip's matrix instructions (DOT_FP32 is the interpreter's)."""
-    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype}", "scale_ptr": "*fp32", "y_ptr": f"*{dtype}",
+def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int) -> KernelBuild:
+    """The GEMM of 2-64 rows (fusion/few_rows_gemm.py): x in `dtype`, W in `weight_dtype` (x's
+    dtype, or "fp8e4nv"/"fp8e4b8" with fp32 scales per row or per 128 x 128 block; NO_SCALES:
+    no scale pointer, as the bf16 product launches it); products in x's dtype on the chip's
+    matrix instructions (DOT_FP32 is the interpreter's)."""
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype}",
+                 "scale_ptr": "constexpr" if scales == NO_SCALES else "*fp32", "y_ptr": f"*{dtype}",
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
                  "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "BLOCK_M": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr", "SCALE_BLOCK": "constexpr",
@@ -256,9 +258,13 @@ def fp8_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int) -> 
     launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False}
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
-    constexprs, options = _split(_fp8_gemm_kernel, config, launcher)
-    aligned = ["x_ptr", "w_ptr", "scale_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
-    return KernelBuild(_fp8_gemm_kernel, signature, constexprs, options, aligned)
+    if scales == NO_SCALES:
+        launcher["scale_ptr"] = None
+    constexprs, options = _split(_few_rows_gemm_kernel, config, launcher)
+    aligned = ["x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
+    if scales != NO_SCALES:
+        aligned.append("scale_ptr")
+    return KernelBuild(_few_rows_gemm_kernel, signature, constexprs, options, aligned)
 
 
 # Triton's names of the FP8 formats (the pointer types of FP8 tensors) and torch's dtypes.

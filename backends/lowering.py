@@ -32,8 +32,11 @@ from typing import Any, NamedTuple
 
 from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
+from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES
+from paiton.fusion.few_rows_gemm import MAX_ROWS as FEW_ROWS_MAX
+from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
-from paiton.fusion.gemv import GEMV_CANDIDATES, gemv_config
+from paiton.fusion.gemv import GEMV_CANDIDATES, NO_SCALES, gemv_config
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.swiglu import silu_mul_launch_config
@@ -46,7 +49,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 # The ops Paiton's passes create (each pass's `fused_op`).
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
-    "one_row_linear", "silu_mul_linear", "fp8_linear", "all_reduce_add_rms_norm",
+    "one_row_linear", "silu_mul_linear", "few_rows_linear", "fp8_linear", "all_reduce_add_rms_norm",
 )
 
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
@@ -105,6 +108,11 @@ _NVIDIA = {
         "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, or "
         "silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
     ),
+    "few_rows_linear": Lowering(
+        TRITON, dict(candidates=FEW_ROWS_CANDIDATES),
+        "linears of 2-64 input rows (decode at batch 2-64; packed ones too): Paiton's few-rows GEMM (W read once) or "
+        "cuBLAS per weight shape and row count, as timed at first use (fusion/few_rows_gemm.py)",
+    ),
     "fp8_linear": Lowering(
         TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
         "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); several rows, the "
@@ -148,6 +156,8 @@ _AMD_CDNA = {
     "one_row_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet: one-row linears stay Inductor's (packed ones "
                                "hipBLASLt's)"),
     "silu_mul_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: silu_mul, then the product"),
+    "few_rows_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: linears of a few rows stay "
+                                "Inductor's (packed ones hipBLASLt's)"),
     "fp8_linear": Lowering(
         TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
         "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; several rows, "
@@ -239,6 +249,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
     size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear and
     silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose);
+    few_rows_linear: none (the `candidates`, one picked per shape and row count by
+    fusion/few_rows_gemm.choose);
     fp8_linear: none (its format, the one-row GEMV's launch `one_row`, and `several_rows`: the
     products of several rows fusion/fp8_paths.choose_path picks from, in fallback order).
     """
@@ -329,6 +341,14 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
             rows.append(row(op, "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
         for config in candidates:
             rows.append(row(op, kernel, shape, config, aot.gemv_build(config, dtype, gated)))
+    # The few-rows GEMM's candidates for q/k/v at 2-64 rows (which one runs, if any: timed per shape and rows).
+    few_rows = launch_config("few_rows_linear", target).get("candidates", ()) if 1 < tokens <= FEW_ROWS_MAX else ()
+    if not few_rows:
+        rows.append(row("few_rows_linear", "-", f"not used: {tokens} row(s)", {}, None))
+    for config in few_rows:
+        config = {"BLOCK_M": few_rows_block_m(tokens), **config}
+        rows.append(row("few_rows_linear", "_few_rows_gemm_kernel", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]",
+                        config, aot.few_rows_gemm_build(config, dtype, dtype, NO_SCALES)))
     fp8 = table["fp8_linear"]
     if fp8.implementation == TRITON and tokens == 1:  # the FP8 GEMV, per-row scales (quantize_fp8's)
         from paiton.fusion.gemv import ROW_SCALES
@@ -339,15 +359,15 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
                         aot.gemv_build(fp8.params["one_row"], dtype, False, weight_type, ROW_SCALES)))
     elif fp8.implementation == TRITON and dtype != "fp32":  # several rows: the FP8 GEMM (up to 64) and the
         # per-token quantization before _scaled_mm; which of those (or the dequantized GEMM) runs is timed per shape
-        from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm_config
+        from paiton.fusion.few_rows_gemm import MAX_ROWS, few_rows_config
         from paiton.fusion.gemv import ROW_SCALES
         from paiton.fusion.quantize_rows import quantize_rows_launch_config
 
         fp8_name, weight_type = fp8.params["format"], TRITON_FP8_TYPES[fp8.params["format"]]
         if tokens <= MAX_ROWS and FP8_GEMM in fp8.params["several_rows"]:
-            config = fp8_gemm_config(tokens)
-            rows.append(row("fp8_linear", f"_fp8_gemm_kernel ({fp8_name})", f"[{tokens}, {m.hidden_size}] x FP8 [{qkv}, "
-                            f"{m.hidden_size}]", config, aot.fp8_gemm_build(config, dtype, weight_type, ROW_SCALES)))
+            config = few_rows_config(tokens)
+            rows.append(row("fp8_linear", f"_few_rows_gemm_kernel ({fp8_name})", f"[{tokens}, {m.hidden_size}] x FP8 [{qkv}, "
+                            f"{m.hidden_size}]", config, aot.few_rows_gemm_build(config, dtype, weight_type, ROW_SCALES)))
         if dtype == "bf16" and SCALED_MM in fp8.params["several_rows"]:
             config = quantize_rows_launch_config(tokens, m.hidden_size)
             rows.append(row("fp8_linear", f"_quantize_rows_kernel ({fp8_name}, then _scaled_mm)",

@@ -12,10 +12,11 @@ quantization ("scaled_mm"; and the _scaled_mm call alone on quantized activation
 Each path's relative error against the float32 product of x and the dequantized weight; the
 path `choose_path` takes (timed as the op times it: back to back, host launches hidden, the
 weight from memory), with its own times. The FP8 floor: the FP8 weight's bytes over the
-measured copy rate. Also, for the bf16 model itself at 2-64 rows: the FP8 GEMM's kernel on the
-bf16 weight (no scales: W read once, a weight-read-once product of a few rows) beside cuBLAS,
-and cuBLAS against the bf16 floor (issue 20: a Qwen3-32B decode step is about 2 ms slower at 2
-rows than at 1, where the timed GEMV runs; this says how much of that is cuBLAS at few rows).
+measured copy rate. Also, for the bf16 model itself at 2-64 rows: cuBLAS against the bf16 floor,
+and the few-rows GEMM on the bf16 weight (fusion/few_rows_gemm.py: W read once) with the launch
+`few_rows_gemm.choose` picks among the lowering table's candidates, timed by choose's own timer
+(vendor and choice) and by do_bench (issue 20: a Qwen3-32B decode step is about 2 ms slower at 2
+rows than at 1, where the timed GEMV runs; this says how much of that cuBLAS costs at few rows).
 Writes fp8_gemm_sweep-<card>-<date>.json/.md.
 """
 
@@ -37,10 +38,11 @@ def time_us(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
 
 
-def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps):
+def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps, few_rows_params=()):
     """One weight at every row count: a row of results each."""
     from paiton.fusion import fp8_paths, gemv
-    from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm
+    from paiton.fusion import few_rows_gemm
+    from paiton.fusion.few_rows_gemm import MAX_ROWS
     from paiton.fusion.fp8_linear import dequantize, quantize_weight
     from paiton.fusion.quantize_rows import quantize_rows
 
@@ -54,11 +56,17 @@ def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps):
         row = dict(model=preset, weight=name, n=n, k=k, rows=m, floor_us=n * k / (copy_tbps * 1e12) * 1e6,
                    bf16_us=time_us(lambda: torch.nn.functional.linear(x, weight)), paths={})
         row["bf16_floor_us"] = 2 * row["floor_us"]
-        if 1 < m <= MAX_ROWS:  # the bf16 weight through the same kernel, without scales
-            few_rows = fp8_gemm(x, weight, None)
-            bf16_reference = x.float() @ weight.float().T
-            row["bf16_few_rows_us"] = time_us(lambda: fp8_gemm(x, weight, None))
-            row["bf16_few_rows_error"] = ((few_rows.float() - bf16_reference).norm() / bf16_reference.norm()).item()
+        if 1 < m <= MAX_ROWS:  # the bf16 weight through the few-rows GEMM, its launch as the op chooses it
+            choice = few_rows_gemm.choose(x, weight, few_rows_params)
+            record = next(c for c in few_rows_gemm.chosen_launches() if (c["rows"], c["n"], c["k"]) == (
+                few_rows_gemm.rows_bucket(m), n, k) and c["dtype"] == "bfloat16")
+            row["bf16_few_rows_choice"] = choice
+            row["bf16_few_rows_timed_us"] = dict(vendor=record.get("vendor_us"), chosen=record.get("chosen_us"))
+            if choice != gemv.VENDOR:
+                few_rows = few_rows_gemm.launch_candidate(x, weight, choice)
+                bf16_reference = x.float() @ weight.float().T
+                row["bf16_few_rows_us"] = time_us(lambda: few_rows_gemm.launch_candidate(x, weight, choice))
+                row["bf16_few_rows_error"] = ((few_rows.float() - bf16_reference).norm() / bf16_reference.norm()).item()
         runs = {}
         if m == 1:
             runs["gemv"] = lambda: gemv.launch_gemv(x, w8, params["one_row"], scales=scales)
@@ -90,8 +98,8 @@ def markdown(env, rows, choices) -> str:
              f"FP8 weights ({env['fp8']}) with per-channel scales; times: do_bench median (L2 flushed), us; copy rate "
              f"{env['copy_TBps']:.2f} TB/s; floor = FP8 weight bytes / copy rate. scaled_mm includes the per-token "
              "quantization, scaled_mm_only is the _scaled_mm call alone. x = speedup of the fastest FP8 path over bf16.", "",
-             "bf16 few rows: the FP8 GEMM's kernel on the bf16 weight (2-64 rows); bf16 / floor: cuBLAS against the bf16 "
-             "weight's bytes over the copy rate.", "",
+             "bf16 few rows: the few-rows GEMM on the bf16 weight (2-64 rows), with the launch `few_rows_gemm.choose` "
+             "picked (- where it kept cuBLAS); bf16 / floor: cuBLAS against the bf16 weight's bytes over the copy rate.", "",
              "| model | weight | N x K | rows | floor | bf16 | bf16 / floor | bf16 few rows | " + " | ".join(columns)
              + " | fastest | chosen (timed) |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(columns) + "---|---|"]
@@ -126,7 +134,9 @@ def main(argv=None):
     from paiton.models.fp8 import fp8_format
     from paiton.models.qwen3 import projection_shapes
 
-    lowering = lowering_for("fp8_linear", detect_target(torch.device("cuda")))
+    target = detect_target(torch.device("cuda"))
+    lowering = lowering_for("fp8_linear", target)
+    few_rows_params = lowering_for("few_rows_linear", target).params.get("candidates", ())
     if lowering.implementation == INDUCTOR:
         print(f"fp8_gemm_sweep: {lowering.why}", file=sys.stderr)
         return 2
@@ -137,11 +147,14 @@ def main(argv=None):
     for preset in args.models.split(","):
         for name, (n, k) in projection_shapes(preset).items():
             rows += sweep_shape(preset, name, n, k, [int(r) for r in args.rows.split(",")], lowering.params, fp8,
-                                env["copy_TBps"])
+                                env["copy_TBps"], few_rows_params)
             torch.cuda.empty_cache()
+    from paiton.fusion import few_rows_gemm
+
     choices = fp8_paths.chosen_paths()
     write_results(args.out, f"fp8_gemm_sweep-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
-                  dict(env=env, rows=rows, choices=choices), markdown(env, rows, choices))
+                  dict(env=env, rows=rows, choices=choices, bf16_few_rows_choices=few_rows_gemm.chosen_launches()),
+                  markdown(env, rows, choices))
     return 0
 
 

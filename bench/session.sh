@@ -9,13 +9,14 @@
 # Steps (STEPS, in the order given):
 #   continuous    Qwen3-8B, synthetic ShareGPT-like workload, batches 1, 8, 32, 128: the engine's
 #                 continuous batch against the bundled loop's static batches, Paiton both (issue 19)
-#   gpu_tests     pytest -m gpu
+#   gpu_tests     pytest -m gpu over GPU_TESTS (default tests/; e.g. one file as a quick check)
 #   sharegpt      (or sharegpt_32b) SHAREGPT_MODEL (default qwen3-32b; any Qwen3 preset takes
 #                 the same token ids) through `paiton serve` over HTTP on ShareGPT V3 prompts (a
 #                 workload file made on CPU: WORKLOAD), both scenarios on each server start (dataset output
 #                 lengths and 256; SHAREGPT_OUTPUT_LEN), batches SHAREGPT_BATCHES in that order (issue
 #                 20), configurations SHAREGPT_CONFIGS ("paiton:700 inductor-cdt:900": each its own
-#                 step and time limit, a results file per configuration and scenario; paiton-fp8:
+#                 step and time limit, a results file per configuration and scenario; a third field
+#                 orders that configuration's batches: "inductor-cdt:900:2,4,128"; paiton-fp8:
 #                 issue 21's FP8 weights over the same workload); each server
 #                 saves its compile cache under $out (compile-cache-<size>-<config>.xz) and loads the
 #                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz)
@@ -55,16 +56,17 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         --schedulers static,continuous --batch-sizes 1,8,32,128 --num-prompts 256 --rounds 2 --min-prompts 16 \
         --max-prompt-len 512 --tag continuous-vs-static --out "$out" ;;
     gpu_tests)
-      step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu tests/ ;;
+      step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/} ;;
     sharegpt|sharegpt_32b)  # one server start per configuration, each under its own limit (CONFIG:SECONDS)
       model=${SHAREGPT_MODEL:-qwen3-32b}; short=${model#qwen3-}
       caches=()
       for f in ${SHAREGPT_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
-      for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do
-        config=${entry%%:*}; limit=${entry#*:}; [ "$limit" = "$entry" ] && limit=900
+      for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do  # CONFIG[:SECONDS[:BATCHES]]
+        IFS=: read -r config limit batches <<< "$entry"
+        limit=${limit:-900}; batches=${batches:-${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}}
         step "sharegpt_${short}_$config" "$limit" python3 bench/serving.py --model "$model" --serve --configs "$config" \
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
-          --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}" \
+          --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "$batches" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
           ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
         # A server its limit cut off would hold the GPU. The pattern starts at the command's

@@ -1,7 +1,7 @@
 """An FP8 linear of several rows (a decode step at batch 2 and more, a prefill): which of three
 products computes y = x @ dequantize(W8, scales).T, chosen per shape.
 
-    FP8_GEMM    Paiton's FP8 GEMM (fusion/fp8_gemm.py): W read once, converted to x's dtype in
+    FP8_GEMM    Paiton's few-rows GEMM on the FP8 weight (fusion/few_rows_gemm.py): W read once, converted to x's dtype in
                 registers, products on the matrix instructions in x's dtype (W8A16). 2-64 rows.
     SCALED_MM   x quantized per token by fusion/quantize_rows.py (one fp32 scale a row), then
                 torch._scaled_mm(x8, W8.T, scale_a [M, 1], scale_b [1, N], out_dtype=bf16):
@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 
-from paiton.fusion.fp8_gemm import MAX_ROWS, fp8_gemm
+from paiton.fusion.few_rows_gemm import MAX_ROWS, few_rows_gemm
 from paiton.fusion.gemv import ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.quantize_rows import quantize_rows, quantize_rows_reference
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
@@ -101,7 +101,7 @@ def dequantize_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
 
 
 RUNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    FP8_GEMM: fp8_gemm, SCALED_MM: scaled_mm_linear, DEQUANTIZE: dequantize_linear,
+    FP8_GEMM: few_rows_gemm, SCALED_MM: scaled_mm_linear, DEQUANTIZE: dequantize_linear,
 }
 
 

@@ -15,8 +15,10 @@ an error, not a silently stale product), and CUDA graph trees see all of their a
 The product is the same cuBLAS / hipBLASLt call `linear` makes, except for an input of one
 row (a decode step at batch 1) on a chip whose lowering table has a one-row linear: there it is
 fusion/gemv.py's, Paiton's GEMV or the vendor's GEMM, whichever is faster for the shape (the
-card's measured table in backends/measured_gemv.py, or a timing at first use).
-passes/one_row_linear.py also sends single one-row linears here, as `packed_linear(x, [W])`.
+card's measured table in backends/measured_gemv.py, or a timing at first use); and for 2 to 64
+rows (decode at batch 2-64) on a chip whose table has a few-rows linear: fusion/few_rows_gemm.py's
+kernel or the vendor's GEMM, whichever was faster for the shape and row count, timed at first use.
+passes/one_row_linear.py also sends single linears of a decode step here, as `packed_linear(x, [W])`.
 
 Op: paiton::silu_mul_packed_linear(gate, up, [W_1, ...]) -> packed_linear(silu_mul(gate, up),
 [W_1, ...]). For one row, on a chip whose table has a one-row linear, the GEMV applies SwiGLU
@@ -87,12 +89,30 @@ def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     return None
 
 
+def _several_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for x of any number of rows but one: for 2 to 64 rows on a chip whose table
+    has a few-rows linear, fusion/few_rows_gemm.py's choice (on CPU only under Triton's
+    interpreter, for the tests); otherwise torch's linear."""
+    from paiton.fusion import few_rows_gemm
+
+    rows = x.numel() // max(x.shape[-1], 1)
+    if 1 < rows <= few_rows_gemm.MAX_ROWS:
+        from paiton.backends.lowering import INDUCTOR, lowering_for
+        from paiton.backends.target import detect_target
+
+        lowering = lowering_for("few_rows_linear", detect_target(x.device))
+        interpreted = is_interpreted(few_rows_gemm._few_rows_gemm_kernel)
+        if lowering.implementation != INDUCTOR and (x.device.type != "cpu" or interpreted):
+            return few_rows_gemm.few_rows_linear(x, weight, lowering.params.get("candidates", ()))
+    return torch.nn.functional.linear(x, weight)
+
+
 @torch.library.custom_op("paiton::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     _check_inputs(x, weights)
     weight = packed_weight(weights)
     y = _one_row_gemv(x, weight)
-    return y if y is not None else torch.nn.functional.linear(x, weight)
+    return y if y is not None else _several_rows(x, weight)
 
 
 @packed_linear.register_fake
@@ -110,7 +130,7 @@ def silu_mul_packed_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[t
         y = _one_row_gemv(gate, weight, up)
         if y is not None:
             return y
-    return torch.nn.functional.linear(silu_mul(gate, up), weight)
+    return _several_rows(silu_mul(gate, up), weight)
 
 
 @silu_mul_packed_linear.register_fake

@@ -437,6 +437,10 @@ def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_n
         if warmup:
             seconds = await asyncio.get_running_loop().run_in_executor(None, engine.warm_up)
             print(f"[paiton] warmed up in {seconds:.1f} s", flush=True)
+            from paiton.fusion import few_rows_gemm
+
+            for line in few_rows_gemm.describe_choices():  # what the warm-up timed for decode at batch 2-64
+                print(f"[paiton] few-rows product: {line}", flush=True)
             if after_warmup is not None:
                 print(f"[paiton] {await asyncio.get_running_loop().run_in_executor(None, after_warmup)}", flush=True)
         await runner.setup()

@@ -31,12 +31,15 @@ from paiton.passes.merged_projections import (
 )
 
 
-class OneRowLinearPass:
-    """Runs on Dynamo's graph with the example inputs. `options={"paiton.one_row_linear": False}`
-    switches it off."""
+class LinearToPackedLinearPass:
+    """Runs on Dynamo's graph with the example inputs: linears whose input `takes` -> packed_linear
+    (x, [W]). Subclasses say which inputs (`takes`) and name the pass."""
 
-    name = "one_row_linear"
-    fused_op = "one_row_linear"
+    name = ""
+    fused_op = ""
+
+    def takes(self, x) -> bool:
+        raise NotImplementedError
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> int:
         import paiton.fusion.packed_linear  # noqa: F401  (registers torch.ops.paiton.packed_linear)
@@ -47,7 +50,10 @@ class OneRowLinearPass:
         rewritten = 0
         for node in list(gm.graph.nodes):
             weight = _linear_weight(node, inputs)
-            if weight is None or weight.stride(1) != 1 or not _is_one_row(node.args[0], weight.shape[1]):
+            if weight is None or weight.stride(1) != 1:
+                continue
+            x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
+            if not isinstance(x, torch.Tensor) or x.shape[-1] != weight.shape[1] or not self.takes(x):
                 continue
             with gm.graph.inserting_before(node):
                 product = gm.graph.call_function(torch.ops.paiton.packed_linear.default, (node.args[0], [node.args[1]]))
@@ -61,9 +67,14 @@ class OneRowLinearPass:
         """Nothing to do: single weights need no packing."""
 
 
-def _is_one_row(x: torch.fx.Node, in_features: int) -> bool:
-    value = x.meta.get("example_value")
-    return is_one_row(value) and value.shape[-1] == in_features
+class OneRowLinearPass(LinearToPackedLinearPass):
+    """`options={"paiton.one_row_linear": False}` switches it off."""
+
+    name = "one_row_linear"
+    fused_op = "one_row_linear"
+
+    def takes(self, x) -> bool:
+        return is_one_row(x)
 
 
 def is_one_row(value) -> bool:

@@ -29,6 +29,7 @@ from paiton.backends.target import Target, detect_target
 from paiton.passes.all_reduce_add_rms_norm import AllReduceAddRMSNormPass
 from paiton.passes.cache_counters import CacheCountersPass
 from paiton.passes.decode_attention import DecodeAttentionPass
+from paiton.passes.few_rows_linear import FewRowsLinearPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.kv_cache_write import KVCacheWritePass
 from paiton.passes.merged_projections import MergedProjectionsPass
@@ -59,9 +60,9 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     SiluMulLinearPass,
 )
 # Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see
-# merged_projections.py for why they cannot wait for the ATen graph). The one-row pass takes
-# the linears the merge left.
-DYNAMO_GRAPH_PASSES = (MergedProjectionsPass, OneRowLinearPass)
+# merged_projections.py for why they cannot wait for the ATen graph). The one-row and few-rows
+# passes take the linears the merge left (a decode step's at batch 1, and at batch 2-64).
+DYNAMO_GRAPH_PASSES = (MergedProjectionsPass, OneRowLinearPass, FewRowsLinearPass)
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in DYNAMO_GRAPH_PASSES + PASS_ORDER)
 COUNTER_PREFIX = "paiton."
 

@@ -14,7 +14,7 @@ import sys
 from paiton.backends.aot import (
     decode_attention_combine_build,
     decode_attention_split_build,
-    fp8_gemm_build,
+    few_rows_gemm_build,
     gemv_build,
     qk_norm_rope_build,
     quantize_rows_build,
@@ -23,8 +23,8 @@ from paiton.backends.aot import (
     silu_mul_build,
 )
 from paiton.backends.lowering import TRITON, TRITON_FP8_TYPES, launch_config, lowering_for
-from paiton.fusion.fp8_gemm import fp8_gemm_config
-from paiton.fusion.gemv import BLOCK_SCALES, ROW_SCALES
+from paiton.fusion.few_rows_gemm import block_m, few_rows_config, fitting
+from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, ROW_SCALES
 from paiton.fusion.quantize_rows import quantize_rows_launch_config
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
@@ -73,6 +73,16 @@ def builds(target):
             for config in launch_config(op, target).get("candidates", ()):
                 name = "/".join(f"{k}={v}" for k, v in config.items())
                 yield f"gemv/{dtype}/{variant}{name}", op, gemv_build(config, dtype, gated)
+        # Every candidate launch of the few-rows GEMM on a weight in x's dtype (decode at batch 2-64;
+        # timed per shape and row count on the GPU), at 16 and 64 rows a program (x's widest tiles).
+        # Those that fit the chip's shared memory at that many rows: the others are not tried there.
+        element_size = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+        for rows in (16, 64):
+            for config in fitting(launch_config("few_rows_linear", target).get("candidates", ()), rows, element_size,
+                                  target.shared_memory_per_block):
+                name = "/".join(f"{k}={v}" for k, v in config.items())
+                yield (f"few_rows_gemm/{dtype}/rows={rows}/{name}", "few_rows_linear",
+                       few_rows_gemm_build({"BLOCK_M": block_m(rows), **config}, dtype, dtype, NO_SCALES))
         # The one-row GEMV on FP8 weights in the chip's format (e4m3fn; e4m3fnuz on gfx942), scales
         # per row (quantize_fp8's) or per 128 x 128 block (public FP8 checkpoints'), plain and gated.
         if dtype != "fp32" and lowering_for("fp8_linear", target).implementation == TRITON:
@@ -82,10 +92,10 @@ def builds(target):
                 for gated in (False, True):
                     yield (f"gemv/{dtype}/fp8={params['format']}/scales={scale_name}/gated={gated}", "fp8_linear",
                            gemv_build(params["one_row"], dtype, gated, weight_type, scales))
-                # The FP8 GEMM of a decode step at batch 2-64 (16 and 64 rows a program).
+                # The few-rows GEMM on the FP8 weight, a decode step at batch 2-64 (16 and 64 rows a program).
                 for rows in (16, 64):
-                    yield (f"fp8_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}", "fp8_linear",
-                           fp8_gemm_build(fp8_gemm_config(rows), dtype, weight_type, scales))
+                    yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}", "fp8_linear",
+                           few_rows_gemm_build(few_rows_config(rows), dtype, weight_type, scales))
             # The per-token quantization before torch._scaled_mm (bf16 activations only: the one dtype
             # row-wise _scaled_mm returns), 128 tokens of Qwen3's linear inputs: hidden 4096 / 5120,
             # intermediate 12288 (one pass) and 25600 (32B: wider than a register row, two passes).

@@ -123,13 +123,20 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
     the layer's StaticCache counter as its start slot; one foreach advances all counters). A graph of
     one row (batch 1 decode) sends o_proj, down_proj and the lm_head through the one-row
     linear, and its SwiGLU into down_proj's GEMV; the lm_head alone when it reads the last
-    position only (`last_logits_only`, logits_to_keep=1) of one sequence."""
+    position only (`last_logits_only`, logits_to_keep=1) of one sequence. A decode graph of 2-64
+    sequences (`batch`; None: a dynamic batch) sends the same three linears through the
+    few-rows linear (no SwiGLU fusion there), and the lm_head alone when it reads the last
+    position of each sequence."""
+    from paiton.fusion.few_rows_gemm import MAX_ROWS
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
     one_row = batch == 1 and queries == 1
+    few_rows = batch is None or 1 < batch <= MAX_ROWS
     return fusions(
         merged_projections=2 * num_layers,  # q/k/v and gate/up
         one_row_linear=(2 * num_layers if one_row else 0) + (1 if batch == 1 and (one_row or last_logits_only) else 0),
+        few_rows_linear=(2 * num_layers + 1 if few_rows and queries == 1 else 0)
+        + (1 if few_rows and queries > 1 and last_logits_only else 0),
         fused_add_rms_norm=2 * num_layers,
         rms_norm=2 * num_layers + 1,
         qk_norm_rope=num_layers,

@@ -45,7 +45,8 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
                   "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"},
-                  "fp8_linear": {"_gemv_kernel", "_fp8_gemm_kernel", "_quantize_rows_kernel"}}
+                  "few_rows_linear": {"_few_rows_gemm_kernel"},
+                  "fp8_linear": {"_gemv_kernel", "_few_rows_gemm_kernel", "_quantize_rows_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}
@@ -75,12 +76,12 @@ def reads_scalars(name: str) -> bool:
     bytes; the combine kernel's per-split log-sum-exp) and the QK-norm + RoPE kernel when it writes
     the cache (each token's cache slot), and the GEMV, whose row x is read in the weight tile's
     layout (narrower loads, from L2) beside the weight's 16-byte ones."""
-    return name.startswith(("decode_attention", "gemv/", "fp8_gemm/")) or "cache=True" in name
+    return name.startswith(("decode_attention", "gemv/", "few_rows_gemm/")) or "cache=True" in name
 
 
 def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
     for name, r in compiled.items():
-        if "@sm_" in name and name.startswith("fp8_gemm/"):
+        if "@sm_" in name and name.startswith("few_rows_gemm/"):
             # A pipelined matrix kernel: W and x come by 16-byte asynchronous copies to shared memory.
             assert r["async_copies"] == ["0x10"] and not r["local_memory"], (name, r["async_copies"])
         elif "@sm_" in name:
@@ -91,7 +92,7 @@ def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
 
 def test_products_use_the_chips_matrix_instructions(compiled):
     dot_kernels = {name for name, r in compiled.items() if r["uses_dot"]}
-    assert dot_kernels and all(name.startswith(("decode_attention/", "fp8_gemm/")) for name in dot_kernels), dot_kernels
+    assert dot_kernels and all(name.startswith(("decode_attention/", "few_rows_gemm/")) for name in dot_kernels), dot_kernels
     for name in dot_kernels:
         matrix = compiled[name]["matrix"]
         if name.startswith("decode_attention/fp32") and "@sm_" in name:
@@ -118,7 +119,7 @@ def test_fp8_gemv_compiles_for_each_chips_format(compiled):
     assert {name.rsplit("@", 1)[1] for name in fp8} == {"sm_90", "gfx942", "gfx950"}
     assert all(("fp8=e4m3fnuz" in name) == name.endswith("@gfx942") for name in fp8)
     assert {name.split("/scales=")[1].split("/")[0] for name in fp8 if "/scales=" in name} == {"rows", "blocks"}
-    assert {name.split("/", 1)[0] for name in fp8} == {"gemv", "fp8_gemm", "quantize_rows"}
+    assert {name.split("/", 1)[0] for name in fp8} == {"gemv", "few_rows_gemm", "quantize_rows"}
 
 
 def test_activation_quantization_uses_the_chips_fp8_conversion(compiled):
@@ -137,3 +138,18 @@ def test_activation_quantization_uses_the_chips_fp8_conversion(compiled):
         else:
             fp8_conversion = "v_cvt_pk_fp8_f32" if "@gfx942" in name else "v_cvt_scalef32_pk_fp8_f32"
             assert {fp8_conversion, "v_div_scale_f32"} <= set(conversions), (name, conversions)
+
+
+def test_few_rows_candidates_are_built_where_they_fit(compiled):
+    """The few-rows GEMM's candidates are compiled for each NVIDIA chip at 16 and 64 rows a program
+    where their estimated shared memory fits (fusion/few_rows_gemm.fitting; what did compile is
+    checked against the chip by test_shared_memory_fits_the_chip): every one at 16 rows in bf16
+    on sm_90, most at 64; none for the AMD tables, which leave these products to Inductor."""
+    from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES
+
+    def built(dtype, rows, target):
+        return [n for n in compiled if n.startswith(f"few_rows_gemm/{dtype}/rows={rows}/") and n.endswith("@" + target)]
+
+    assert len(built("bf16", 16, "sm_90")) == len(FEW_ROWS_CANDIDATES)
+    assert len(built("bf16", 64, "sm_90")) >= len(FEW_ROWS_CANDIDATES) - 1
+    assert built("fp32", 16, "sm_80") and not built("bf16", 16, "gfx942")

@@ -201,14 +201,14 @@ def test_backend_by_name_in_a_fresh_process():
     never imports paiton before compiling."""
     result = run_fresh()
     assert result.returncode == 0, result.stderr
-    assert "COUNTS {'merged_projections': 0, 'one_row_linear': 0, 'fused_add_rms_norm': 0, 'all_reduce_add_rms_norm': 0, 'rms_norm': 1, " in result.stdout
+    assert "COUNTS {'merged_projections': 0, 'one_row_linear': 0, 'few_rows_linear': 0, 'fused_add_rms_norm': 0, 'all_reduce_add_rms_norm': 0, 'rms_norm': 1, " in result.stdout
 
 
 def test_torch_logs_switches_the_paiton_logger_on():
     result = run_fresh({"TORCH_LOGS": "+paiton"})
     assert result.returncode == 0, result.stderr
     assert "pass rms_norm rewrote 1 subgraph(s)" in result.stderr
-    assert "paiton: compiled graph 0/0 with eager: merged_projections=0, one_row_linear=0, fused_add_rms_norm=0, all_reduce_add_rms_norm=0, rms_norm=1," in result.stderr
+    assert "paiton: compiled graph 0/0 with eager: merged_projections=0, one_row_linear=0, few_rows_linear=0, fused_add_rms_norm=0, all_reduce_add_rms_norm=0, rms_norm=1," in result.stderr
     quiet = run_fresh()
     assert "rewrote" not in quiet.stderr
 

@@ -95,12 +95,12 @@ def test_fp8_gemm_matches_dequantize_then_matmul(m, n, k, x_dtype, fp8, per_bloc
     """The FP8 GEMM for 2-64 rows (interpreted on CPU, its products in fp32 there): against the
     float64 product of x and the dequantized weight, within fp32 summation noise plus one
     rounding to x's dtype."""
-    from paiton.fusion.fp8_gemm import fp8_gemm
+    from paiton.fusion.few_rows_gemm import few_rows_gemm
 
     w8, row_scales = quantize_weight(random_weight(n, k, seed, outliers=seed % 2 == 1), fp8)
     scales = block_scales(n, k, seed) if per_block else row_scales
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
-    y = fp8_gemm(x, w8, scales)
+    y = few_rows_gemm(x, w8, scales)
     expected = gemv_reference(x, w8, scales)
     magnitude = x.double().abs() @ dequantize(w8, scales, torch.float64).abs().T
     tolerance = magnitude * 2**-20 + expected.abs() * 2.0 ** -MANTISSA_BITS[x_dtype] + 1e-30

@@ -1,0 +1,264 @@
+"""A few rows times a weight: y = x @ W.T for 2 to 64 rows (a decode step at batch 2-64), as one
+Triton kernel that reads W once; W in x's dtype, or FP8 with its scales (dequantized in registers).
+
+Why: at a handful of rows a product is still a read of its weight, so its time is W's bytes over
+the memory's bandwidth, as at one row (fusion/gemv.py). At batch 2-32, Qwen3-32B's decode step
+on an H200 ran about 2-3 ms over its 15.4 ms weight floor with cuBLAS doing these products,
+where batch 1's GEMV step is 0.5 ms over (bench/results/NOTES.md, 2026-12-03). For FP8 weights
+the alternative is worse still: dequantizing W to bf16 first (a full write and re-read) and the
+vendor's GEMM read three times the FP8 weight's bytes.
+
+The kernel: program (n, m) takes BLOCK_N rows of W in [BLOCK_N, BLOCK_K] tiles along K
+(`evict_first`: streamed once), converts them to x's dtype in registers (exact for FP8: every
+e4m3 value is a bf16/fp16 value) and multiplies them with BLOCK_M rows of x (BLOCK_M >= the
+rows, so the grid spans N only and W is read once) on the chip's matrix instructions,
+accumulating in fp32. Scales of an FP8 W: per output row they multiply the fp32 sums at the
+end; per 128 x 128 block, each 128-wide K tile's partial product as it is added (BLOCK_K =
+128: one scale block per tile). The output is rounded to x's dtype once.
+
+Which launch runs a bf16/fp16 product (BLOCK_N, BLOCK_K, warps, stages), or the vendor's GEMM,
+is decided per (weight shape, rows rounded up to a power of two, dtype, device) the first time
+it runs (`choose`): every candidate of the lowering table's list (`few_rows_linear`) and torch's
+linear timed as a decode step runs them (fusion/timing.py: back to back, weights from memory),
+the fastest kept; a candidate whose product differs from torch's by more than bf16 rounding is
+dropped, so a kernel that is wrong on some chip is never chosen. FP8 weights go through
+fusion/fp8_paths.py's choice of products, this kernel being one (FP8_GEMM).
+
+Under Triton's interpreter (CPU tests) a bf16 `tl.dot` is wrong (ENV_NOTES: bf16 held as
+uint16): DOT_FP32 makes the products in fp32 there, as decode attention's kernel does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+import logging
+from collections.abc import Callable, Sequence
+
+from paiton.fusion.gemv import BLOCK_SCALES, SCALE_BLOCK, VENDOR, scales_kind
+from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
+from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound: prefill)
+
+
+@triton.jit
+def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
+                          SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Program (n, m): y[m rows, n rows of W] over all of K; see the module docstring."""
+    rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = start + cols[None, :]
+        x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
+        w = tl.load(w_rows + k, mask=(rows_n[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
+        w = w.to(x.dtype)  # exact: e4m3 values are bf16 and fp16 values
+        if DOT_FP32:
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w))
+        if SCALES == 2:  # this K tile lies in one scale block (BLOCK_K divides SCALE_BLOCK)
+            block = tl.load(scale_ptr + (rows_n // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK, mask=rows_n < N, other=0.0)
+            part *= block[None, :]
+        acc += part
+    if SCALES == 1:
+        acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
+    y = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
+
+def block_m(rows: int) -> int:
+    """BLOCK_M for `rows` rows of x: the next power of two from 16 (tl.dot's smallest) up to 64."""
+    return min(max(16, triton.next_power_of_2(rows)), MAX_ROWS)
+
+
+def few_rows_config(rows: int) -> dict[str, int]:
+    """The untimed launch for `rows` rows (FP8 weights; block scales need BLOCK_K = 128): 64-row
+    W tiles 128 wide (one scale block), 4 warps, 3 stages."""
+    return dict(BLOCK_M=block_m(rows), BLOCK_N=64, BLOCK_K=SCALE_BLOCK, num_warps=4, num_stages=3)
+
+
+def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, int]:
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+
+
+# The launches a CUDA GPU times per shape and row count (the lowering table's `few_rows_linear`
+# list; BLOCK_M follows the rows). Each W tile is 4-32 KB, every thread loading 16 bytes at a
+# time; BLOCK_N of 16-32 gives the narrowest weights (o_proj and down_proj, N = 5120 at 32B) 160
+# to 320 programs, more than the H200's 132 multiprocessors, where 64-row tiles give them 80;
+# 3-5 stages keep 32-96 KB of W in flight per program. The widest x tiles (64 rows x 512) need
+# more shared memory than a Hopper has at 4 stages: such a launch fails and is left out.
+FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
+    candidate(16, 256, 4, 4),
+    candidate(16, 512, 4, 3),
+    candidate(32, 256, 4, 4),
+    candidate(32, 128, 4, 5),
+    candidate(64, 128, 4, 4),
+    candidate(64, 256, 8, 3),
+)
+
+# Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
+# programs are what is fast there.
+INTERPRETER_CANDIDATE = candidate(64, 128, 4, 1)
+
+
+def shared_bytes(config: dict[str, int], rows: int, element_size: int) -> int:
+    """At most the shared memory a launch of `config` for `rows` rows takes: Triton's pipeline
+    keeps up to num_stages buffers of the x and W tiles (compiled by Triton 3.9 at 64 rows: on
+    sm_90, 3 stages of 64 + 16 rows x 512 bf16 took 3 x 80 KB; on sm_80, 4 stages of 64 + 16 x 256
+    fp32 took 3 x 80 KB), plus the fp32 result's layout conversion."""
+    bm = block_m(rows)
+    tiles = (bm + config["BLOCK_N"]) * config["BLOCK_K"] * element_size
+    return tiles * config["num_stages"] + bm * config["BLOCK_N"] * 4
+
+
+def fitting(candidates: Sequence[dict[str, int]], rows: int, element_size: int, limit: int) -> list[dict[str, int]]:
+    """The candidates whose launch for `rows` rows fits `limit` bytes of shared memory (the x
+    tiles grow with the rows: the widest need more than a chip has at 64 rows in fp32)."""
+    return [config for config in candidates if shared_bytes(config, rows, element_size) <= limit]
+
+
+def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x [..., K] (any number of rows; BLOCK_M rows per program) @ dequantize(weight, scales).T
+    in x's dtype. `config`: launch keywords (default few_rows_config)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"paiton few_rows_gemm: x [..., K] and W [N, K] with unit stride along K; got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)} strides {weight.stride()}")
+    kind = scales_kind(weight, scales)
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        launch = dict(config or few_rows_config(m))
+        block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
+        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        with device_guard(x):
+            _few_rows_gemm_kernel[grid](rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
+                                        scales.stride(0) if kind == BLOCK_SCALES else 0, SCALES=kind,
+                                        SCALE_BLOCK=SCALE_BLOCK,
+                                        DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
+                                        **launch)
+    return y.reshape(*x.shape[:-1], n)
+
+
+
+def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
+    """x @ weight.T (W in x's dtype) with `config`'s launch (a candidate: BLOCK_M from x's rows)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return few_rows_gemm(x, weight, None, {"BLOCK_M": block_m(rows), **config})
+
+
+# Bound on |product - torch's product| / max |torch's product| for a candidate to be kept: both
+# accumulate in fp32 and round once to bf16 (2**-8 relative), in different orders.
+AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+# (device, rows bucket, N, K, W's row stride, dtype) -> the chosen launch (a candidate's dict)
+# or VENDOR, and how it was chosen (the times seen, candidates dropped for disagreeing).
+_CHOICES: dict[tuple, dict[str, int] | str] = {}
+_TIMINGS: dict[tuple, dict] = {}
+
+
+def rows_bucket(rows: int) -> int:
+    """The row count a choice is made for: `rows` rounded up to a power of two (decode batches
+    come in every size; the choice for 8 rows holds for 5 to 8)."""
+    return triton.next_power_of_2(max(rows, 1))
+
+
+def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
+           time_ms_fn: Callable[[Callable[[], object]], float] | None = None) -> dict[str, int] | str:
+    """The fastest of `candidates` and torch's linear (VENDOR) for x's rows (rounded up to a
+    power of two) times this weight, decided once per (device, rows bucket, shape, stride, dtype)
+    and kept: TIMING_ROUNDS rounds of each in turn over cold copies of W, the vendor first (a tie
+    keeps it). A candidate whose product disagrees with torch's (AGREEMENT) is not timed. Not
+    timed: more than MAX_ROWS rows, no candidates, a CPU without `time_ms_fn` (VENDOR, kept), or
+    a CUDA graph being captured (VENDOR, not kept: a later call decides)."""
+    rows = as_rows(x)
+    bucket = rows_bucket(rows.shape[0])
+    if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
+        return VENDOR
+    key = (str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    if time_ms_fn is None and not x.is_cuda:
+        _CHOICES[key], _TIMINGS[key] = VENDOR, {"source": "fallback"}
+        return VENDOR
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return VENDOR
+    if x.is_cuda:  # the launches this chip's shared memory takes at this many rows
+        from paiton.backends.target import detect_target
+
+        candidates = fitting(candidates, bucket, x.element_size(), detect_target(x.device).shared_memory_per_block)
+    probe = rows.repeat(-(-bucket // rows.shape[0]), 1)[:bucket]  # x's rows repeated: no random numbers drawn
+    expected = torch.nn.functional.linear(probe, weight).float()
+    bound = AGREEMENT.get(x.dtype, 2e-2) * max(expected.abs().max().item(), 1e-30)
+    agreeing, dropped = [], []
+    for config in candidates:
+        try:
+            error = (launch_candidate(probe, weight, config).float() - expected).abs().max().item()
+        except Exception as failure:  # a launch this chip cannot make (shared memory): not a candidate
+            log.debug("paiton few_rows_gemm: %s failed: %s", config, failure)
+            continue
+        (agreeing if error <= bound else dropped).append(config)
+    if dropped:
+        log.warning("paiton few_rows_gemm: %d rows x [%d x %d] %s on %s: launches %s disagree with torch's product; "
+                    "left out", bucket, *key[2:4], x.dtype, x.device, dropped)
+    weights = cold_copies(weight)
+    runs = [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
+    runs += [(config, lambda config=config: [launch_candidate(probe, w, config) for w in weights]) for config in agreeing]
+    with device_guard(x):
+        timed = best_times(runs, TIMING_ROUNDS, time_ms_fn or time_ms, required=VENDOR, what=f"paiton few_rows_gemm on {x.device}")
+    choice, best_ms = min(timed, key=lambda timing: timing[1])  # the vendor first: a tie keeps it
+    log.info("paiton few_rows_gemm: %d rows x [%d x %d] %s on %s: %s (%.1f us; vendor %.1f us)", bucket, *key[2:4],
+             x.dtype, x.device, choice, best_ms / len(weights) * 1e3, timed[0][1] / len(weights) * 1e3)
+    _CHOICES[key] = choice
+    _TIMINGS[key] = {"source": "timed", "vendor_us": timed[0][1] / len(weights) * 1e3,
+                     "chosen_us": best_ms / len(weights) * 1e3, "disagreeing": dropped}
+    return choice
+
+
+def chosen_launches() -> list[dict]:
+    """What `choose` picked so far, one record per key (for result files: which kernel ran each
+    product of a few rows), with its source and, timed, the vendor's and the choice's times."""
+    return [dict(device=key[0], rows=key[1], n=key[2], k=key[3], row_stride=key[4],
+                 dtype=str(key[5]).removeprefix("torch."), choice=choice, **_TIMINGS.get(key, {}))
+            for key, choice in _CHOICES.items()]
+
+
+def describe_choices() -> list[str]:
+    """A line per choice `choose` made (for logs: which product ran each shape and row count)."""
+    lines = []
+    for r in chosen_launches():
+        choice = r["choice"] if isinstance(r["choice"], str) else "kernel " + ", ".join(f"{k}={v}" for k, v in r["choice"].items())
+        times = f": {r['chosen_us']:.1f} us, vendor {r['vendor_us']:.1f} us" if "chosen_us" in r else f" ({r['source']})"
+        lines.append(f"{r['rows']} rows x [{r['n']} x {r['k']}] {r['dtype']}: {choice}{times}")
+    return lines
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]]) -> torch.Tensor:
+    """x [..., K] @ weight.T: Paiton's kernel or torch's linear, whichever `choose` found faster
+    for this shape and row count. Under the interpreter (CPU tests) the kernel's interpreter
+    launch runs, for 2 to MAX_ROWS rows."""
+    if x.device.type == "cpu" and is_interpreted(_few_rows_gemm_kernel):
+        rows = x.numel() // max(x.shape[-1], 1)
+        if 1 < rows <= MAX_ROWS:
+            return launch_candidate(x, weight, INTERPRETER_CANDIDATE)
+        return torch.nn.functional.linear(x, weight)
+    config = choose(x, weight, candidates)
+    if config == VENDOR:
+        return torch.nn.functional.linear(x, weight)
+    return launch_candidate(x, weight, config)

@@ -1,0 +1,196 @@
+"""The few-rows GEMM (fusion/few_rows_gemm.py) on weights in x's dtype, under Triton's
+interpreter on the CPU (on a GPU, the compiled kernel): 2-64 rows, random widths including ones
+no block divides (the masked path), dtypes and launches; how `choose` picks a launch per shape
+and row count (a fake timer), drops a launch that computes something else, and leaves capture,
+CPU and too many rows to the vendor; and paiton::packed_linear taking it for 2-64 rows.
+
+Tolerance: fp32 accumulation (the interpreter's products in fp32) in another order than the
+float64 reference, then one rounding to the output dtype: fp32 within 1e-5 relative to the
+output's norm, bf16/fp16 within one rounding (2**-8 / 2**-11 relative) plus the sums' error.
+The FP8 weights' form of the same kernel is tested in test_fp8_linear.py.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from paiton.fusion import few_rows_gemm
+from paiton.fusion.gemv import VENDOR
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}
+# Small tiles keep the interpreter fast and make several K steps and row blocks at small widths.
+SMALL_LAUNCHES = [few_rows_gemm.candidate(16, 32, 4, 1), few_rows_gemm.candidate(32, 16, 4, 2),
+                  few_rows_gemm.candidate(16, 64, 2, 1)]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    monkeypatch.setattr(few_rows_gemm, "_CHOICES", {})
+    monkeypatch.setattr(few_rows_gemm, "_TIMINGS", {})
+
+
+@given(rows=st.integers(2, 64), n=st.integers(1, 90), k=st.integers(1, 150), three_d=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), launch=st.sampled_from(SMALL_LAUNCHES),
+       seed=st.integers(0, 2**16))
+def test_few_rows_gemm_matches_a_float64_product(rows, n, k, three_d, dtype, launch, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=generator).to(DEVICE, dtype)
+    if three_d:  # a decode step's [batch, 1, K]
+        x = x.unsqueeze(1)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    y = few_rows_gemm.launch_candidate(x, weight, launch)
+    assert y.shape == (*x.shape[:-1], n) and y.dtype == dtype
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    assert not y.isnan().any()
+    assert relative_error(y, expected) <= TOLERANCE[dtype], (rows, n, k, dtype, launch)
+
+
+def test_a_strided_input_and_a_weight_view_are_read_where_they_lie():
+    """x as a column slice of a wider matrix (the gate half of a gate/up product) and W as a row
+    block of a packed buffer (a merged projection's slice)."""
+    generator = torch.Generator().manual_seed(3)
+    wide = torch.randn(5, 96, generator=generator)
+    x = wide[:, :48]
+    packed = torch.randn(70, 48, generator=generator)
+    weight = packed[20:60]
+    y = few_rows_gemm.launch_candidate(x, weight, SMALL_LAUNCHES[0])
+    assert relative_error(y, x.double() @ weight.double().T) <= 1e-5
+
+
+def fake_timer(times_by_block_n):
+    """A timer for `choose` (the tests cannot time a CPU): each run's time from the launch it
+    makes, read off the BLOCK_N it passes to the kernel; the vendor's (torch's linear) when it
+    launches none."""
+    calls = []
+
+    def time_ms(fn):
+        launched = []
+        original = few_rows_gemm.launch_candidate
+
+        def spy(x, weight, config):
+            launched.append(config["BLOCK_N"])
+            return original(x, weight, config)
+
+        few_rows_gemm.launch_candidate = spy
+        try:
+            fn()
+        finally:
+            few_rows_gemm.launch_candidate = original
+        key = launched[0] if launched else VENDOR
+        calls.append(key)
+        return times_by_block_n[key]
+
+    return time_ms, calls
+
+
+def test_choose_keeps_the_fastest_launch_per_shape_and_row_bucket(fresh_choices):
+    weight = torch.randn(40, 64)
+    x = torch.randn(5, 64)
+    timer, calls = fake_timer({VENDOR: 1.0, 16: 0.9, 32: 0.5})
+    launches = SMALL_LAUNCHES[:2]  # BLOCK_N 16 and 32
+    assert few_rows_gemm.choose(x, weight, launches, time_ms_fn=timer) == launches[1]
+    assert set(calls) == {VENDOR, 16, 32} and len(calls) == 3 * 3  # TIMING_ROUNDS rounds of each
+    calls.clear()
+    # 7 rows share 5's bucket (8): kept, not timed again; 9 rows are another bucket (16).
+    assert few_rows_gemm.choose(torch.randn(7, 64), weight, launches, time_ms_fn=timer) == launches[1]
+    assert calls == []
+    few_rows_gemm.choose(torch.randn(9, 64), weight, launches, time_ms_fn=timer)
+    assert calls
+    records = {(r["rows"], r["n"], r["k"]): r for r in few_rows_gemm.chosen_launches()}
+    assert set(records) == {(8, 40, 64), (16, 40, 64)}
+    assert records[(8, 40, 64)]["source"] == "timed" and records[(8, 40, 64)]["disagreeing"] == []
+
+
+def test_choose_keeps_the_vendor_where_it_is_as_fast(fresh_choices):
+    timer, _ = fake_timer({VENDOR: 0.5, 16: 0.5, 32: 0.6})
+    assert few_rows_gemm.choose(torch.randn(3, 32), torch.randn(24, 32), SMALL_LAUNCHES[:2], time_ms_fn=timer) == VENDOR
+
+
+def test_choose_drops_a_launch_that_computes_something_else(fresh_choices, monkeypatch, caplog):
+    """A kernel that is wrong on some chip is never chosen, however fast it times."""
+    original = few_rows_gemm.launch_candidate
+
+    def wrong_for_wide_tiles(x, weight, config):
+        y = original(x, weight, config)
+        return y + 1.0 if config["BLOCK_N"] == 32 else y
+
+    monkeypatch.setattr(few_rows_gemm, "launch_candidate", wrong_for_wide_tiles)
+    timer, calls = fake_timer({VENDOR: 1.0, 16: 0.9, 32: 0.1})
+    with caplog.at_level("WARNING"):
+        choice = few_rows_gemm.choose(torch.randn(4, 64), torch.randn(40, 64), SMALL_LAUNCHES[:2], time_ms_fn=timer)
+    assert choice == SMALL_LAUNCHES[0]
+    assert 32 not in calls and "disagree" in caplog.text
+    assert few_rows_gemm.chosen_launches()[0]["disagreeing"] == [SMALL_LAUNCHES[1]]
+
+
+def test_choose_leaves_what_it_cannot_time_to_the_vendor(fresh_choices, monkeypatch):
+    weight = torch.randn(24, 32)
+    # Too many rows: the vendor, untimed, not even recorded.
+    assert few_rows_gemm.choose(torch.randn(65, 32), weight, SMALL_LAUNCHES) == VENDOR
+    assert few_rows_gemm.chosen_launches() == []
+    # No candidates (a chip whose table has none).
+    assert few_rows_gemm.choose(torch.randn(4, 32), weight, ()) == VENDOR
+    # A CPU without a timer: the vendor, kept as a fallback.
+    assert few_rows_gemm.choose(torch.randn(4, 32), weight, SMALL_LAUNCHES) == VENDOR
+    assert few_rows_gemm.chosen_launches()[0]["source"] == "fallback"
+
+
+def test_packed_linear_takes_the_kernel_for_two_to_64_rows(monkeypatch):
+    """paiton::packed_linear: 2-64 rows through the few-rows kernel (the interpreter's launch on
+    CPU), 1 row through the GEMV, more than 64 through torch's linear; same products."""
+    import paiton.fusion.packed_linear  # noqa: F401  (registers the op)
+
+    launched = []
+    original = few_rows_gemm.launch_candidate
+
+    def spy(x, weight, config):
+        launched.append(x.shape)
+        return original(x, weight, config)
+
+    monkeypatch.setattr(few_rows_gemm, "launch_candidate", spy)
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(50, 40, generator=generator)
+    for rows, through_kernel in ((1, False), (2, True), (17, True), (64, True), (65, False)):
+        launched.clear()
+        x = torch.randn(rows, 1, 40, generator=generator)
+        y = torch.ops.paiton.packed_linear(x, [weights[:30], weights[30:]])
+        assert bool(launched) == through_kernel, rows
+        assert relative_error(y, x.double() @ weights.double().T) <= 1e-5
+        gate, up = torch.randn(2, rows, 40, generator=generator)
+        y = torch.ops.paiton.silu_mul_packed_linear(gate, up, [weights])
+        expected = torch.nn.functional.silu(gate.double()) * up.double() @ weights.double().T
+        assert relative_error(y, expected) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [2, 8, 32, 64])
+def test_few_rows_gemm_at_qwen3_32b_shapes_on_gpu(rows, fresh_choices):
+    """Every candidate of the H200's table at Qwen3-32B's narrowest and widest weights, bf16,
+    against a float64 product; then `choose` times them against cuBLAS and picks one whose
+    product agrees."""
+    from paiton.backends.lowering import lowering_for
+    from paiton.backends.target import detect_target
+
+    candidates = lowering_for("few_rows_linear", detect_target(torch.device("cuda"))).params["candidates"]
+    for n, k in ((5120, 8192), (10240, 5120)):
+        weight = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+        x = torch.randn(rows, 1, k, device="cuda").bfloat16()
+        expected = x.double() @ weight.double().T
+        ran = 0
+        for config in candidates:
+            try:
+                y = few_rows_gemm.launch_candidate(x, weight, config)
+            except Exception as error:  # a launch the chip cannot make (shared memory) is no candidate there
+                assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
+                continue
+            ran += 1
+            assert relative_error(y, expected) <= 2**-7, (n, k, rows, config)
+        assert ran >= len(candidates) // 2
+        choice = few_rows_gemm.choose(x, weight, candidates)
+        assert choice == VENDOR or choice in candidates
