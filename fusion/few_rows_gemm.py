@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound: prefill)
 
 
-@triton.jit
+# M is not specialized on (Triton would compile apart for 1, and for multiples of 16): a decode
+# step's 2, 4, 8 and 16 rows share one compiled kernel per BLOCK_M, so the first use's timing
+# compiles each candidate once per BLOCK_M rather than per row count.
+@triton.jit(do_not_specialize=["M"])
 def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
                           SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr):
