@@ -100,8 +100,10 @@ def compile_and_capture(module, x, options=None, dynamic=False):
         actual = torch.compile(module, backend="paiton", options={**EAGER_INNER, **(options or {})}, dynamic=dynamic)(x)
     return actual, graphs
 # For a pass's own tests that compare with eager bit for bit: merging projections, or a
-# one-row product through the GEMV, changes the products' rounding in front of the pass under test.
-UNMERGED = {**EAGER_INNER, "paiton.merged_projections": False, "paiton.one_row_linear": False, "paiton.silu_mul_linear": False}
+# one-row (or few-rows) product through Paiton's kernel, changes the products' rounding in front of the pass
+# under test.
+UNMERGED = {**EAGER_INNER, "paiton.merged_projections": False, "paiton.one_row_linear": False,
+            "paiton.few_rows_linear": False, "paiton.silu_mul_linear": False}
 
 
 def fusions(**nonzero: int) -> dict[str, int]:

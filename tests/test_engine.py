@@ -44,7 +44,8 @@ def test_eager_engine_gives_each_request_its_solo_tokens(model, alone):
 def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
     """Through backend="paiton": the same tokens; 16 requests of mixed lengths through 4 slots
     compile three graphs (decode at batch 1, decode at other batches, prefill), and the decode
-    graphs write the cache and attend with Paiton's kernels (each row at its own position)."""
+    graphs write the cache and attend with Paiton's kernels (each row at its own position), their
+    other linears through the one-row GEMV (batch 1) or the few-rows GEMM (batch 2 and up)."""
     engine = Engine(model, max_slots=4, max_length=64, options=EAGER_INNER, max_prefill_tokens=32)
     assert engine.generate(PROMPTS, LIMITS).tokens == alone
     more = [[(7 * i + j) % 500 for j in range(1 + (5 * i) % 17)] for i in range(16)]
@@ -58,7 +59,8 @@ def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
                   qk_norm_rope=layers, swiglu=layers)
     assert counts == [
         fusions(**common),  # prefill: attention over the new tokens (SDPA), its cache write left to Inductor
-        fusions(**common, kv_cache_write=layers, decode_attention=layers),  # decode, batch 2 and up
+        fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode, batch 2 and up
+                few_rows_linear=2 * layers + 1),
         fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode at batch 1: the GEMVs too
                 one_row_linear=2 * layers + 1, silu_mul_linear=layers),
     ]
