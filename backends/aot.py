@@ -248,22 +248,28 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
     """The GEMM of 2-64 rows (fusion/few_rows_gemm.py): x in `dtype`, W in `weight_dtype` (x's
     dtype, or "fp8e4nv"/"fp8e4b8" with fp32 scales per row or per 128 x 128 block; NO_SCALES:
     no scale pointer, as the bf16 product launches it); products in x's dtype on the chip's
-    matrix instructions (DOT_FP32 is the interpreter's)."""
+    matrix instructions (DOT_FP32 is the interpreter's). config["SPLITS"] > 1: split along K,
+    with its fp32 partial sums and per-tile counters (atomics)."""
+    config = dict(config)
+    splits = config.pop("SPLITS", 1)
     signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype}",
                  "scale_ptr": "constexpr" if scales == NO_SCALES else "*fp32", "y_ptr": f"*{dtype}",
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
-                 "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "BLOCK_M": "constexpr",
-                 "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr", "SCALE_BLOCK": "constexpr",
-                 "DOT_FP32": "constexpr"}
-    launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False}
+                 "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "K_SLICE": "i32",
+                 "partial_ptr": "*fp32" if splits > 1 else "constexpr", "count_ptr": "*i32" if splits > 1 else "constexpr",
+                 "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr",
+                 "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr"}
+    launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits}
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
     if scales == NO_SCALES:
         launcher["scale_ptr"] = None
+    if splits == 1:
+        launcher.update(partial_ptr=None, count_ptr=None)
     constexprs, options = _split(_few_rows_gemm_kernel, config, launcher)
-    aligned = ["x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym"]
-    if scales != NO_SCALES:
-        aligned.append("scale_ptr")
+    aligned = ["x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym", "K_SLICE"]
+    aligned += [] if scales == NO_SCALES else ["scale_ptr"]
+    aligned += ["partial_ptr", "count_ptr"] if splits > 1 else []
     return KernelBuild(_few_rows_gemm_kernel, signature, constexprs, options, aligned)
 
 

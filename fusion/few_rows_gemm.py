@@ -51,16 +51,22 @@ MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound:
 # compiles each candidate once per BLOCK_M rather than per row count.
 @triton.jit(do_not_specialize=["M"])
 def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
+                          K_SLICE, partial_ptr, count_ptr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
-                          SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Program (n, m): y[m rows, n rows of W] over all of K; see the module docstring."""
+                          SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr):
+    """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
+    the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
+    [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
+    adds the slices in slice order, so the result does not depend on which program is last."""
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k_begin = tl.program_id(2) * K_SLICE
+    k_end = tl.minimum(k_begin + K_SLICE, K)
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    for start in range(k_begin, k_end, BLOCK_K):  # slices are whole BLOCK_K tiles: only K's end is ragged
         k = start + cols[None, :]
         x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
         w = tl.load(w_rows + k, mask=(rows_n[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
@@ -75,8 +81,22 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
         acc += part
     if SCALES == 1:
         acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
+    inside = (rows_m[:, None] < M) & (rows_n[None, :] < N)
     y = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+    if SPLITS == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=inside)
+    else:
+        at = rows_m.to(tl.int64)[:, None] * N + rows_n[None, :]
+        tl.store(partial_ptr + tl.program_id(2).to(tl.int64) * M * N + at, acc, mask=inside)
+        tl.debug_barrier()  # every thread's partial sums are written before the counter says so
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:  # the tile's last slice: add all slices (L2, not a stale L1 line)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                total += tl.load(partial_ptr + (s * M).to(tl.int64) * N + at, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=inside)
+            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next product
 
 
 def block_m(rows: int) -> int:
@@ -90,8 +110,10 @@ def few_rows_config(rows: int) -> dict[str, int]:
     return dict(BLOCK_M=block_m(rows), BLOCK_N=64, BLOCK_K=SCALE_BLOCK, num_warps=4, num_stages=3)
 
 
-def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, int]:
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, splits: int = 1) -> dict[str, int]:
+    """A launch; `splits` > 1 cuts K into that many slices of whole BLOCK_K tiles, a program each."""
+    config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return {**config, "SPLITS": splits} if splits > 1 else config
 
 
 # The launches a CUDA GPU times per shape and row count (the lowering table's `few_rows_linear`
@@ -99,7 +121,11 @@ def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int) -> di
 # time; BLOCK_N of 16-32 gives the narrowest weights (o_proj and down_proj, N = 5120 at 32B) 160
 # to 320 programs, more than the H200's 132 multiprocessors, where 64-row tiles give them 80;
 # 3-5 stages keep 32-96 KB of W in flight per program. The widest x tiles (64 rows x 512) need
-# more shared memory than a Hopper has at 4 stages: such a launch fails and is left out.
+# more shared memory than a Hopper has at 4 stages: such a launch is not tried (`fitting`).
+# Split along K (2-8 slices): the narrow weights' tiles stream K serially over too few programs
+# (Qwen3-32B's o_proj and q/k/v ran at 66-80% of the H200's bandwidth with 160-320 programs,
+# through this kernel and cuBLAS alike: bench/results/NOTES.md, 2026-12-03, tenth session);
+# 4 slices give o_proj 640 programs of 2048-wide K.
 FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(16, 256, 4, 4),
     candidate(16, 512, 4, 3),
@@ -107,6 +133,10 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(32, 128, 4, 5),
     candidate(64, 128, 4, 4),
     candidate(64, 256, 8, 3),
+    candidate(32, 128, 4, 4, splits=2),
+    candidate(32, 128, 4, 4, splits=4),
+    candidate(32, 128, 4, 4, splits=8),
+    candidate(64, 128, 4, 4, splits=4),
 )
 
 # Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
@@ -147,16 +177,43 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         launch = dict(config or few_rows_config(m))
-        block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
-        grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+        block_m, block_n, block_k = launch["BLOCK_M"], launch["BLOCK_N"], launch["BLOCK_K"]
+        grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+        k_slice, splits = _k_slices(k, block_k, launch.pop("SPLITS", 1))
+        counters = _tile_counters(x.device, grid_n * grid_m) if splits > 1 else None
+        if counters is None:  # no counters to be had (first use inside a CUDA graph capture): unsplit
+            k_slice, splits = k, 1
+        partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else None
         with device_guard(x):
-            _few_rows_gemm_kernel[grid](rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
-                                        scales.stride(0) if kind == BLOCK_SCALES else 0, SCALES=kind,
-                                        SCALE_BLOCK=SCALE_BLOCK,
-                                        DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
-                                        **launch)
+            _few_rows_gemm_kernel[(grid_n, grid_m, splits)](
+                rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
+                scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
+                SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
+                SPLITS=splits, **launch)
     return y.reshape(*x.shape[:-1], n)
 
+
+
+def _k_slices(k: int, block_k: int, splits: int) -> tuple[int, int]:
+    """(slice width, slices) for K cut into at most `splits` slices of whole BLOCK_K tiles."""
+    tiles = triton.cdiv(k, block_k)
+    width = triton.cdiv(tiles, max(splits, 1)) * block_k
+    return width, triton.cdiv(k, width) if k else 1
+
+
+# One int32 counter per output tile, per device, for split launches: made outside any CUDA graph
+# capture (a product's first use is timed there first), left at zero by each split launch.
+MAX_TILES = 1 << 16
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    counters = _COUNTERS.get(str(device))
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[str(device)] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return counters if tiles <= MAX_TILES else None
 
 
 def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:

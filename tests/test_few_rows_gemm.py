@@ -51,6 +51,33 @@ def test_few_rows_gemm_matches_a_float64_product(rows, n, k, three_d, dtype, lau
     assert relative_error(y, expected) <= TOLERANCE[dtype], (rows, n, k, dtype, launch)
 
 
+@given(rows=st.integers(2, 40), n=st.integers(1, 70), k=st.integers(1, 300), splits=st.sampled_from([2, 3, 4, 8]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_split_k_launches_match_and_leave_their_counters_at_zero(rows, n, k, splits, dtype, seed):
+    """K cut into slices (more slices than K has tiles included: fewer run), the slices' fp32
+    sums added by each tile's last program: the same product within the tolerance, the same bits
+    when run again (the sum's order does not depend on which program is last), and every tile
+    counter back at zero for the next product."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, k, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    launch = few_rows_gemm.candidate(16, 32, 4, 1, splits=splits)
+    y = few_rows_gemm.launch_candidate(x, weight, launch)
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    assert y.shape == (rows, 1, n) and relative_error(y, expected) <= TOLERANCE[dtype], (rows, n, k, splits)
+    assert torch.equal(few_rows_gemm.launch_candidate(x, weight, launch), y)
+    counters = few_rows_gemm._COUNTERS.get(str(x.device))  # none made while every K fit one tile
+    assert counters is not None or k <= 32
+    assert counters is None or not counters.any()
+
+
+def test_k_slices_are_whole_tiles():
+    assert few_rows_gemm._k_slices(8192, 128, 4) == (2048, 4)
+    assert few_rows_gemm._k_slices(300, 32, 4) == (96, 4)  # 10 tiles: 3, 3, 3, 1
+    assert few_rows_gemm._k_slices(64, 32, 8) == (32, 2)  # 2 tiles: 2 slices, not 8
+    assert few_rows_gemm._k_slices(100, 128, 4) == (128, 1)
+
+
 def test_a_strided_input_and_a_weight_view_are_read_where_they_lie():
     """x as a column slice of a wider matrix (the gate half of a gate/up product) and W as a row
     block of a packed buffer (a merged projection's slice)."""
@@ -59,8 +86,9 @@ def test_a_strided_input_and_a_weight_view_are_read_where_they_lie():
     x = wide[:, :48]
     packed = torch.randn(70, 48, generator=generator)
     weight = packed[20:60]
-    y = few_rows_gemm.launch_candidate(x, weight, SMALL_LAUNCHES[0])
-    assert relative_error(y, x.double() @ weight.double().T) <= 1e-5
+    for launch in (SMALL_LAUNCHES[0], few_rows_gemm.candidate(16, 16, 4, 1, splits=3)):
+        y = few_rows_gemm.launch_candidate(x, weight, launch)
+        assert relative_error(y, x.double() @ weight.double().T) <= 1e-5
 
 
 def fake_timer(times_by_block_n):
