@@ -268,3 +268,21 @@ def fp8_product_bound(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
         x_scales = quantize_rows_reference(x, weight.dtype)[1].double()[..., None]
         bound += (x.double().abs() * 2**-4 + x_scales * subnormal) @ w.T
     return bound
+
+
+class TwoLinears(torch.nn.Module):
+    """Qwen3's o_proj then down_proj shape: two linears in a row, a residual between (the
+    one-row and few-rows linear passes' test module)."""
+
+    def __init__(self, hidden, inner, dtype, bias=False):
+        super().__init__()
+        self.up = torch.nn.Linear(hidden, inner, bias=bias, dtype=dtype)
+        self.down = torch.nn.Linear(inner, hidden, bias=bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) + x
+
+
+# Paiton's GEMV or few-rows GEMM against the CPU GEMM: fp32 sums in another order, then one
+# rounding to the output's dtype (bf16: plus a floor near zero).
+LINEAR_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2e-2)}

@@ -13,21 +13,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from paiton_testing import EAGER_INNER, capture_paiton_graphs, compile_and_capture, fusions
-
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2e-2)}
-
-
-class TwoLinears(torch.nn.Module):
-    """Qwen3's o_proj then down_proj shape: two linears in a row, a residual between."""
-
-    def __init__(self, hidden, inner, dtype, bias=False):
-        super().__init__()
-        self.up = torch.nn.Linear(hidden, inner, bias=bias, dtype=dtype)
-        self.down = torch.nn.Linear(inner, hidden, bias=bias, dtype=dtype)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x))) + x
+from paiton_testing import LINEAR_TOLERANCE as TOLERANCE
+from paiton_testing import EAGER_INNER, TwoLinears, capture_paiton_graphs, compile_and_capture, fusions
 
 
 @given(hidden=st.sampled_from([16, 40, 64]), inner=st.sampled_from([8, 24, 96]),
