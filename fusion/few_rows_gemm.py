@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from paiton.fusion.gemv import BLOCK_SCALES, SCALE_BLOCK, VENDOR, scales_kind
-from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
+from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms
 from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,6 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     return y.reshape(*x.shape[:-1], n)
 
 
-
 def _k_slices(k: int, block_k: int, splits: int) -> tuple[int, int]:
     """(slice width, slices) for K cut into at most `splits` slices of whole BLOCK_K tiles."""
     tiles = triton.cdiv(k, block_k)
@@ -232,12 +231,6 @@ _CHOICES: dict[tuple, dict[str, int] | str] = {}
 _TIMINGS: dict[tuple, dict] = {}
 
 
-def rows_bucket(rows: int) -> int:
-    """The row count a choice is made for: `rows` rounded up to a power of two (decode batches
-    come in every size; the choice for 8 rows holds for 5 to 8)."""
-    return triton.next_power_of_2(max(rows, 1))
-
-
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
            time_ms_fn: Callable[[Callable[[], object]], float] | None = None) -> dict[str, int] | str:
     """The fastest of `candidates` and torch's linear (VENDOR) for x's rows (rounded up to a
@@ -263,7 +256,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         from paiton.backends.target import detect_target
 
         candidates = fitting(candidates, bucket, x.element_size(), detect_target(x.device).shared_memory_per_block)
-    probe = rows.repeat(-(-bucket // rows.shape[0]), 1)[:bucket]  # x's rows repeated: no random numbers drawn
+    probe = bucket_probe(rows)
     expected = torch.nn.functional.linear(probe, weight).float()
     bound = AGREEMENT.get(x.dtype, 2e-2) * max(expected.abs().max().item(), 1e-30)
     agreeing, dropped = [], []
@@ -283,11 +276,11 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     with device_guard(x):
         timed = best_times(runs, TIMING_ROUNDS, time_ms_fn or time_ms, required=VENDOR, what=f"paiton few_rows_gemm on {x.device}")
     choice, best_ms = min(timed, key=lambda timing: timing[1])  # the vendor first: a tie keeps it
+    chosen_us, vendor_us = (ms / len(weights) * 1e3 for ms in (best_ms, timed[0][1]))
     log.info("paiton few_rows_gemm: %d rows x [%d x %d] %s on %s: %s (%.1f us; vendor %.1f us)", bucket, *key[2:4],
-             x.dtype, x.device, choice, best_ms / len(weights) * 1e3, timed[0][1] / len(weights) * 1e3)
+             x.dtype, x.device, choice, chosen_us, vendor_us)
     _CHOICES[key] = choice
-    _TIMINGS[key] = {"source": "timed", "vendor_us": timed[0][1] / len(weights) * 1e3,
-                     "chosen_us": best_ms / len(weights) * 1e3, "disagreeing": dropped}
+    _TIMINGS[key] = {"source": "timed", "vendor_us": vendor_us, "chosen_us": chosen_us, "disagreeing": dropped}
     return choice
 
 

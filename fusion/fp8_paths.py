@@ -31,12 +31,11 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-import triton
 
 from paiton.fusion.few_rows_gemm import MAX_ROWS, few_rows_gemm
 from paiton.fusion.gemv import ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.quantize_rows import quantize_rows, quantize_rows_reference
-from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
+from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms
 from paiton.fusion.triton_utils import as_rows, device_guard
 
 log = logging.getLogger(__name__)
@@ -105,12 +104,6 @@ RUNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 }
 
 
-def rows_bucket(rows: int) -> int:
-    """The row count a choice is made for: `rows` rounded up to a power of two (decode batches
-    come in every size; the choice for 8 rows holds for 5 to 8)."""
-    return triton.next_power_of_2(max(rows, 1))
-
-
 def eligible_paths(rows: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                    paths: Sequence[str]) -> list[str]:
     """The paths of `paths` (in order) that take this product, DEQUANTIZE last if it is not
@@ -169,9 +162,7 @@ def time_paths(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, path
     rows repeated: no random numbers drawn) over `rounds` rounds, in turn, W from memory (a
     product over each of timing.cold_copies(W) per run). A path that fails here is left out;
     DEQUANTIZE's failure is raised."""
-    rows = as_rows(x)
-    bucket = rows_bucket(rows.shape[0])
-    probe = rows.repeat(-(-bucket // rows.shape[0]), 1)[:bucket]
+    probe = bucket_probe(as_rows(x))
     weights = cold_copies(weight)
     runs = [(path, lambda run=RUNS[path]: [run(probe, w, scales) for w in weights]) for path in paths]
     with device_guard(x):

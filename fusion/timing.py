@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import triton
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,19 @@ def cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:
     l2_bytes = getattr(torch.cuda.get_device_properties(weight.device), "L2_cache_size", 0) or 64 * 2**20
     count = min(16, -(-4 * l2_bytes // max(weight.numel() * weight.element_size(), 1)))
     return [weight] + [weight.clone() for _ in range(count - 1)]
+
+
+def rows_bucket(rows: int) -> int:
+    """The row count a choice of several rows is made for: `rows` rounded up to a power of two
+    (decode batches come in every size; the choice for 8 rows holds for 5 to 8)."""
+    return triton.next_power_of_2(max(rows, 1))
+
+
+def bucket_probe(rows: torch.Tensor) -> torch.Tensor:
+    """`rows` [M, K] repeated to rows_bucket(M) rows: the input a choice for that bucket is timed
+    on (x's own rows: no random numbers drawn)."""
+    bucket = rows_bucket(rows.shape[0])
+    return rows.repeat(-(-bucket // rows.shape[0]), 1)[:bucket]
 
 
 # Rounds of timing per shape, every candidate once per round, in turn: one candidate's median
