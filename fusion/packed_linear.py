@@ -62,11 +62,10 @@ def _check_inputs(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
                          f"{sorted({str(w.dtype) for w in weights})}")
 
 
-def _one_row_candidates(x: torch.Tensor, op: str) -> tuple | None:
-    """The GEMV launches to time for a one-row `x` on its chip, or None: not one row, or the
-    chip's table leaves `op` (one_row_linear, silu_mul_linear) to the vendor/Inductor."""
-    if x.numel() != x.shape[-1]:
-        return None
+def _table_candidates(x: torch.Tensor, op: str) -> tuple | None:
+    """The launches of Paiton's kernel to time for `op` (one_row_linear, silu_mul_linear,
+    few_rows_linear) on x's chip, or None where the chip's table leaves `op` to the
+    vendor/Inductor."""
     from paiton.backends.lowering import INDUCTOR, lowering_for
     from paiton.backends.target import detect_target
 
@@ -77,7 +76,9 @@ def _one_row_candidates(x: torch.Tensor, op: str) -> tuple | None:
 def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | None:
     """The product through fusion/gemv.py where x is one row and the chip's table has a one-row
     linear (on CPU only under Triton's interpreter, for the tests); else None."""
-    candidates = _one_row_candidates(x, "one_row_linear" if up is None else "silu_mul_linear")
+    if x.numel() != x.shape[-1]:
+        return None
+    candidates = _table_candidates(x, "one_row_linear" if up is None else "silu_mul_linear")
     if not candidates:
         return None
     from paiton.fusion import gemv
@@ -96,14 +97,11 @@ def _several_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from paiton.fusion import few_rows_gemm
 
     rows = x.numel() // max(x.shape[-1], 1)
-    if 1 < rows <= few_rows_gemm.MAX_ROWS:
-        from paiton.backends.lowering import INDUCTOR, lowering_for
-        from paiton.backends.target import detect_target
-
-        lowering = lowering_for("few_rows_linear", detect_target(x.device))
-        interpreted = is_interpreted(few_rows_gemm._few_rows_gemm_kernel)
-        if lowering.implementation != INDUCTOR and (x.device.type != "cpu" or interpreted):
-            return few_rows_gemm.few_rows_linear(x, weight, lowering.params.get("candidates", ()))
+    runs_here = x.device.type != "cpu" or is_interpreted(few_rows_gemm._few_rows_gemm_kernel)
+    if 1 < rows <= few_rows_gemm.MAX_ROWS and runs_here:
+        candidates = _table_candidates(x, "few_rows_linear")
+        if candidates is not None:
+            return few_rows_gemm.few_rows_linear(x, weight, candidates)
     return torch.nn.functional.linear(x, weight)
 
 
