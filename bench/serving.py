@@ -445,6 +445,14 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
     max_length = -(-max(len(r.prompt) + r.output_len for requests, _ in workloads for r in requests) // 64) * 64
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     copy_rate = env.get("copy_rate_gbs") and env["copy_rate_gbs"] * 1e9
+    if copy_rate:  # the servers' models are not in this process: the batch-1 floors from the config's shapes
+        dtype_bytes = torch.empty((), dtype=dtype).element_size()
+        floors = dict(floor_us=decode_step_bytes(config, 1, 0, dtype_bytes) / copy_rate * 1e6)
+        if any("-fp8" in config_name for config_name in configs):
+            fp8_bytes = decode_step_bytes(config, 1, 0, dtype_bytes, linear_bytes=1)
+            floors.update(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_rate * 1e6)
+        for scenario_env in envs:
+            scenario_env.update(floors)
     tables = [""] * len(workloads)
     progress = tqdm(total=len(batches) * len(configs) * len(workloads), desc="serving benchmark (HTTP)", unit="run",
                     file=sys.stderr)

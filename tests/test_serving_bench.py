@@ -169,8 +169,11 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
     import serving
     from paiton_testing import use_reference_kernels
 
+    from paiton.models.qwen3 import qwen3_config
+
     use_reference_kernels(monkeypatch)  # in the server too
     monkeypatch.setenv("PAITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(serving, "copy_rate_tbps", lambda device: 2.0)  # as if measured: the floor's line
     workload = tmp_path / "workload.json"
     serving.main(["--model", "tiny", "--num-prompts", "6", "--max-prompt-len", "20", "--output-len", "9",
                   "--save-requests", str(workload)])
@@ -185,6 +188,9 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
         assert result["env"]["requests_file"] == "workload.json" and result["env"]["mean_prompt_len"] > 0
         assert result["env"]["output_len"] == (None if output_len == 9 else 4)
         assert result["env"]["mean_output_len"] == output_len
+        # The server's model is not in the client: the floor comes from the preset's shapes.
+        assert result["env"]["floor_us"] == pytest.approx(
+            serving.decode_step_bytes(qwen3_config("tiny"), 1, 0, 4) / 2e12 * 1e6)
         assert [row["batch"] for row in result["rows"]] == [1, 3]
         for row in result["rows"]:
             assert row["scheduler"] == "http" and row["completed"] == 6 and row["failed"] == 0, row
