@@ -30,12 +30,13 @@ uint16): DOT_FP32 makes the products in fp32 there, as decode attention's kernel
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
 import torch
 import triton
 import triton.language as tl
-
-import logging
-from collections.abc import Callable, Sequence
 
 from paiton.fusion.gemv import BLOCK_SCALES, SCALE_BLOCK, VENDOR, scales_kind
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms
@@ -211,8 +212,36 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        counters = _COUNTERS[str(device)] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+        counters = _COUNTERS[str(device)] = _zeros_outside_graph_pools(MAX_TILES, device)
     return counters if tiles <= MAX_TILES else None
+
+
+def _zeros_outside_graph_pools(count: int, device: torch.device) -> torch.Tensor:
+    """int32 zeros that outlive every CUDA graph. A split launch's first use is often inside a
+    CUDA-graph tree's warm-up run (torch.compile's reduce-overhead mode), which sends every
+    allocation of the current thread to the tree's private pool; a tensor kept from there is one
+    the tree does not track, and its next recording fails ("tensor(s) in the cudagraph pool not
+    tracked as outputs", seen on the H200 at 18612d0). Made on a thread of its own, the counters
+    come from the ordinary allocator; that thread waits for its zeros before handing them over."""
+    if device.type != "cuda":
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    made: list = []
+
+    def make() -> None:
+        try:
+            with torch.cuda.device(device):
+                zeros = torch.zeros(count, dtype=torch.int32, device=device)
+                torch.cuda.current_stream(device).synchronize()
+            made.append(zeros)
+        except BaseException as error:  # raised again on the caller's thread
+            made.append(error)
+
+    thread = threading.Thread(target=make, name="paiton-split-k-counters")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:

@@ -224,3 +224,28 @@ def test_few_rows_gemm_at_qwen3_32b_shapes_on_gpu(rows, fresh_choices):
         assert ran >= len(candidates) // 2
         choice = few_rows_gemm.choose(x, weight, candidates)
         assert choice == VENDOR or choice in candidates
+
+
+@pytest.mark.gpu
+def test_split_launch_first_used_in_a_cuda_graph_trees_warm_up(monkeypatch, fresh_choices):
+    """A split launch first used inside torch.compile's reduce-overhead warm-up (CUDA-graph trees
+    send that run's allocations to their private pool): its tile counters must come from outside
+    the pool, or the next recording fails with "tensor(s) in the cudagraph pool not tracked as
+    outputs" (a request of the H200's server failed so at 18612d0). Runs the compiled module
+    until its graph is recorded and replayed, and checks the product each time."""
+    monkeypatch.setattr(few_rows_gemm, "_COUNTERS", {})
+    split = few_rows_gemm.candidate(32, 128, 4, 4, splits=4)
+    monkeypatch.setattr(few_rows_gemm, "choose", lambda x, weight, candidates: split)
+    weight = (torch.randn(512, 4096, device="cuda") / 64).bfloat16()
+
+    def product(x):
+        return torch.ops.paiton.packed_linear(x * 2, [weight]) + 1
+
+    compiled = torch.compile(product, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up (the counters are made here), recording, replays
+        x = torch.randn(4, 1, 4096, device="cuda").bfloat16()
+        y = compiled(x).clone()
+        expected = (x * 2).double() @ weight.double().T + 1
+        assert relative_error(y, expected) <= 2**-7
+    counters = few_rows_gemm._COUNTERS["cuda:0"]
+    assert not counters.any()  # every split launch left its tiles' counters at zero
