@@ -36,7 +36,7 @@ from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES
 from paiton.fusion.few_rows_gemm import MAX_ROWS as FEW_ROWS_MAX
 from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
-from paiton.fusion.gemv import GEMV_CANDIDATES, NO_SCALES, gemv_config
+from paiton.fusion.gemv import FP8_GEMV_CANDIDATES, GEMV_CANDIDATES, NO_SCALES, gemv_config
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.swiglu import silu_mul_launch_config
@@ -53,13 +53,13 @@ FUSED_OPS = (
 )
 
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
-# launch, and the products of several rows it may choose from (fusion/fp8_paths.py), in their
-# untimed fallback order. The GEMV's launch is not timed on a GPU yet: 16 rows x 1024 bytes of
-# FP8 per tile (the bf16 table's 16 x 1024 tile in elements, half its bytes), 8 warps: 16-byte
-# loads of W per thread. Several rows: each shape is timed on the GPU at first use; untimed
-# (during a CUDA graph capture) up to 64 rows the FP8 GEMM reads W once (decode is memory-bound
-# there), above them _scaled_mm multiplies on FP8 tensor cores.
-FP8_ONE_ROW = gemv_config(16, 1024, 8, 2)
+# launches (`one_row`: the untimed one, 16 rows x 1024 bytes of FP8 per tile, 8 warps: 16-byte
+# loads of W per thread; `one_row_candidates`: those timed per weight shape at first use, as
+# bf16's are), and the products of several rows it may choose from (fusion/fp8_paths.py), in
+# their untimed fallback order. Several rows: each shape is timed on the GPU at first use;
+# untimed (during a CUDA graph capture) up to 64 rows the FP8 GEMM reads W once (decode is
+# memory-bound there), above them _scaled_mm multiplies on FP8 tensor cores.
+FP8_ONE_ROW = FP8_GEMV_CANDIDATES[0]
 FP8_SEVERAL_ROWS = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
 
 
@@ -114,8 +114,9 @@ _NVIDIA = {
         "cuBLAS per weight shape and row count, as timed at first use (fusion/few_rows_gemm.py)",
     ),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
-        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums); several rows, the "
+        TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS),
+        "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums; its launch timed per "
+        "shape at first use); several rows, the "
         "fastest for the shape (timed at first use, fusion/fp8_paths.py) of the FP8 GEMM (2-64 rows: W read once, "
         "converted in registers, mma/wgmma), torch._scaled_mm (activations quantized per token, cuBLASLt FP8) and "
         "the weight dequantized to bf16, then cuBLAS (weight-only)",
@@ -159,7 +160,7 @@ _AMD_CDNA = {
     "few_rows_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: linears of a few rows stay "
                                 "Inductor's (packed ones hipBLASLt's)"),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
+        TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS),
         "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; several rows, "
         "timed per shape as on NVIDIA: the FP8 GEMM on MFMA (2-64 rows), torch._scaled_mm (hipBLASLt, e4m3fnuz "
         "activations) or dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed on an MI300X yet",
@@ -170,7 +171,7 @@ _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx
 _GFX950 = {
     **_AMD_CDNA,
     # CDNA4 computes in the OCP format (e4m3fn), as NVIDIA does.
-    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, several_rows=FP8_SEVERAL_ROWS),
+    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS),
                            "e4m3fn (OCP FP8, CDNA4): as gfx942 otherwise. Compiled ahead of time, not timed"),
     # Triton deprecates kpack on gfx950 and forces it to 1.
     "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),
@@ -251,7 +252,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose);
     few_rows_linear: none (the `candidates`, one picked per shape and row count by
     fusion/few_rows_gemm.choose);
-    fp8_linear: none (its format, the one-row GEMV's launch `one_row`, and `several_rows`: the
+    fp8_linear: none (its format, the one-row GEMV's untimed launch `one_row` and the
+    `one_row_candidates` fusion/gemv.choose picks from per shape, and `several_rows`: the
     products of several rows fusion/fp8_paths.choose_path picks from, in fallback order).
     """
     params = lowering_for(op, target).params

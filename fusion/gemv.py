@@ -125,6 +125,24 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 )
 
 
+# FP8 weights (one byte an element), one row: the same tiles in bytes (4-16 KB), so twice the
+# elements along K. The first is the lowering table's untimed launch; the rest give the narrow
+# weights (N = 4096-5120: o_proj and down_proj) 640-2560 programs and registers for several
+# programs per multiprocessor. At 18612d0 the untimed launch alone (16 rows x 1024, 8 warps:
+# 320 programs of 64 accumulators a thread for N = 5120) ran Qwen3-32B's o_proj at a quarter
+# of the copy rate and its q/k/v and gate/up at about three quarters (H200, fp8_gemm_sweep).
+FP8_GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
+    gemv_config(16, 1024, 8, 2),
+    gemv_config(2, 4096, 4, 2),
+    gemv_config(4, 2048, 4, 2),
+    gemv_config(4, 4096, 8, 2),
+    gemv_config(8, 1024, 4, 2),
+    gemv_config(8, 2048, 4, 3),
+    gemv_config(8, 2048, 8, 2),
+    gemv_config(16, 512, 4, 2),
+)
+
+
 # Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
 # programs are what is fast there, whatever suits a GPU.
 INTERPRETER_CONFIG = gemv_config(64, 128, 4, 1)
@@ -200,8 +218,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
     return y
 
 
-# (device, N, K, row stride of W, dtype, gated) -> the chosen candidate: a config dict or VENDOR,
-# and the best times `choose` saw for the vendor and for the choice.
+# (device, N, K, row stride of W, dtype, gated[, FP8 weight's dtype, its SCALES]) -> the chosen
+# candidate: a config dict or VENDOR, and the best times `choose` saw for the baseline (the
+# vendor; for FP8 the first candidate) and for the choice.
 _CHOICES: dict[tuple, dict[str, int] | str] = {}
 _TIMINGS: dict[tuple, dict[str, float]] = {}
 
@@ -220,55 +239,72 @@ def vendor_linear(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
 
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
            time_ms: Callable[[Callable[[], object]], float] | None = None,
-           up: torch.Tensor | None = None) -> dict[str, int] | str:
+           up: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> dict[str, int] | str:
     """The fastest of `candidates` and torch's linear (after paiton.silu_mul with `up`) for this
     weight's shape, decided once per (device, shape, stride, dtype, gated): the card's entry in
     backends/measured_gemv.py where it has one, else timed: TIMING_ROUNDS rounds of every
     candidate in turn, each candidate's best round kept. While a CUDA graph is being captured
-    nothing can be timed: the vendor's GEMM runs, and the choice is left for a later call."""
+    nothing can be timed: the vendor's GEMM runs, and the choice is left for a later call.
+
+    An FP8 weight (with its `scales`) has no vendor GEMM of one row: the fastest of `candidates`
+    alone, timed with the scales (the first candidate, the table's untimed launch, runs during a
+    capture and whenever none other is faster)."""
+    fp8 = scales is not None
     key = (str(x.device), weight.shape[0], weight.shape[1], weight.stride(0), x.dtype, up is not None)
+    if fp8:
+        key += (weight.dtype, scales_kind(weight, scales))
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
     if not candidates:
         return VENDOR
-    from paiton.backends.measured_gemv import measured_launch  # (backends imports this module)
+    if not fp8:
+        from paiton.backends.measured_gemv import measured_launch  # (backends imports this module)
 
-    measured = measured_launch(x.device, *key[1:], candidates)
-    if measured is not None:
-        _CHOICES[key] = measured
-        _TIMINGS[key] = {"source": "table"}
-        return measured
+        measured = measured_launch(x.device, *key[1:], candidates)
+        if measured is not None:
+            _CHOICES[key] = measured
+            _TIMINGS[key] = {"source": "table"}
+            return measured
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return VENDOR
-    timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, time_ms or _time_ms)
-    choice, best_ms = min(timed, key=lambda timing: timing[1])  # the vendor first: a tie keeps it
-    log.info("paiton gemv: [%d x %d] %s%s on %s: %s (%.1f us; vendor %.1f us)", weight.shape[0], weight.shape[1],
-             x.dtype, " gated" if up is not None else "", x.device, choice, best_ms * 1e3, timed[0][1] * 1e3)
+        return candidates[0] if fp8 else VENDOR
+    timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, time_ms or _time_ms, scales)
+    choice, best_ms = min(timed, key=lambda timing: timing[1])  # the baseline first: a tie keeps it
+    baseline = "first candidate" if fp8 else "vendor"
+    log.info("paiton gemv: [%d x %d] %s%s%s on %s: %s (%.1f us; %s %.1f us)", weight.shape[0], weight.shape[1],
+             str(weight.dtype).removeprefix("torch.") + " weight, " if fp8 else "", x.dtype,
+             " gated" if up is not None else "", x.device, choice, best_ms * 1e3, baseline, timed[0][1] * 1e3)
     _CHOICES[key] = choice
-    _TIMINGS[key] = {"source": "timed", "vendor_us": timed[0][1] * 1e3, "chosen_us": best_ms * 1e3}
+    _TIMINGS[key] = {"source": "timed", ("first_candidate_us" if fp8 else "vendor_us"): timed[0][1] * 1e3,
+                     "chosen_us": best_ms * 1e3}
     return choice
 
 
 def time_candidates(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]], up: torch.Tensor | None,
-                    rounds: int, time_ms: Callable[[Callable[[], object]], float] = _time_ms) -> list[tuple[dict[str, int] | str, float]]:
+                    rounds: int, time_ms: Callable[[Callable[[], object]], float] = _time_ms,
+                    scales: torch.Tensor | None = None) -> list[tuple[dict[str, int] | str, float]]:
     """[(VENDOR, ms), (candidate, ms), ...]: each one's best time for one product over `rounds`
     rounds, every one timed once per round, in turn; a candidate this chip cannot launch
     (resources) is left out. Each timed run is one product over every copy of _cold_copies in
-    turn, so the weights come from memory as in a decode step."""
+    turn, so the weights come from memory as in a decode step. With an FP8 weight's `scales`:
+    the candidates alone, the first one required (it is the untimed launch)."""
     weights = _cold_copies(weight)
-    runs: list[tuple[dict[str, int] | str, Callable[[], object]]] = [(VENDOR, lambda: [vendor_linear(x, w, up) for w in weights])]
-    runs += [(config, lambda config=config: [launch_gemv(x, w, config, up) for w in weights]) for config in candidates]
+    runs: list[tuple[dict[str, int] | str, Callable[[], object]]] = []
+    if scales is None:
+        runs.append((VENDOR, lambda: [vendor_linear(x, w, up) for w in weights]))
+    runs += [(config, lambda config=config: [launch_gemv(x, w, config, up, scales) for w in weights])
+             for config in candidates]
     with device_guard(x):  # the timer's spin and events go to the current device: x's
-        timed = best_times(runs, rounds, time_ms, required=VENDOR, what=f"paiton gemv on {x.device}")
+        timed = best_times(runs, rounds, time_ms, required=runs[0][0], what=f"paiton gemv on {x.device}")
     return [(config, ms / len(weights)) for config, ms in timed]
 
 
 def chosen_launches() -> list[dict]:
     """What `choose` picked so far, one record per shape (for result files: which kernel ran
     each one-row product): its source ("table": backends/measured_gemv.py, or "timed") and,
-    timed, the best times it saw."""
+    timed, the best times it saw; FP8 weights' records name the weight's dtype."""
     return [dict(device=key[0], n=key[1], k=key[2], row_stride=key[3], dtype=str(key[4]).removeprefix("torch."), gated=key[5],
+                 **({"weight_dtype": str(key[6]).removeprefix("torch.")} if len(key) > 6 else {}),
                  choice=choice, **_TIMINGS.get(key, {})) for key, choice in _CHOICES.items()]
 
 

@@ -122,6 +122,40 @@ def test_choose_keeps_the_fastest_per_shape_and_times_each_shape_once(monkeypatc
     assert len(calls) == 4 * rounds and gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([])) == SMALL_CONFIGS[1]
 
 
+def test_choose_for_an_fp8_weight_times_its_launches_alone(monkeypatch):
+    """An FP8 weight has no vendor GEMM of one row: its candidates alone are timed (the first, the
+    untimed launch, as the baseline), with the scales, and the choice is its own, not that of a
+    bf16 weight of the same shape."""
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+    monkeypatch.setattr(gemv, "_TIMINGS", {})
+    x, weight = torch.randn(1, 16), torch.randn(8, 16)
+    w8, scales = weight.to(torch.float8_e4m3fn), torch.rand(8) + 0.5
+    calls = []
+
+    def fake_timer(speeds):
+        def time_ms(fn):
+            calls.append(fn)
+            return speeds[(len(calls) - 1) % len(speeds)]
+        return time_ms
+
+    assert gemv.choose(x, w8, SMALL_CONFIGS, fake_timer([3.0, 1.0, 2.0]), scales=scales) == SMALL_CONFIGS[1]
+    assert len(calls) == len(SMALL_CONFIGS) * gemv.TIMING_ROUNDS  # no vendor among them
+    calls.clear()
+    assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([0.5, 2.0, 1.0, 4.0])) == gemv.VENDOR
+    assert len(calls) == (len(SMALL_CONFIGS) + 1) * gemv.TIMING_ROUNDS
+    (record,) = [r for r in gemv.chosen_launches() if "weight_dtype" in r]
+    assert record["weight_dtype"] == "float8_e4m3fn" and record["choice"] == SMALL_CONFIGS[1]
+    assert (record["first_candidate_us"], record["chosen_us"]) == (3000.0, 1000.0)
+    # A first candidate that cannot launch here is an error, not a silent fallback.
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+
+    def broken(fn):
+        raise RuntimeError("out of resources")
+
+    with pytest.raises(RuntimeError, match="resources"):
+        gemv.choose(x, w8, SMALL_CONFIGS, broken, scales=scales)
+
+
 def test_choose_keeps_each_candidates_best_round(monkeypatch):
     """A candidate slow in one round only (the clocks settling, another process's traffic) is
     judged by its best round; one that cannot launch here drops out, the others still compete."""
