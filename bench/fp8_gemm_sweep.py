@@ -38,6 +38,10 @@ def time_us(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
 
 
+def launch_name(config: dict) -> str:
+    return f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+
+
 def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps, few_rows_params=()):
     """One weight at every row count: a row of results each."""
     from paiton.fusion import fp8_paths, gemv
@@ -68,8 +72,18 @@ def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps, few_rows_param
                 row["bf16_few_rows_us"] = time_us(lambda: few_rows_gemm.launch_candidate(x, weight, choice))
                 row["bf16_few_rows_error"] = ((few_rows.float() - bf16_reference).norm() / bf16_reference.norm()).item()
         runs = {}
-        if m == 1:
-            runs["gemv"] = lambda: gemv.launch_gemv(x, w8, params["one_row"], scales=scales)
+        if m == 1:  # the GEMV as the op runs it (the launch gemv.choose timed fastest), and every launch it had
+            candidates = params.get("one_row_candidates") or (params["one_row"],)
+            choice = gemv.choose(x, w8, candidates, scales=scales)
+            launch = params["one_row"] if choice == gemv.VENDOR else choice
+            runs["gemv"] = lambda: gemv.launch_gemv(x, w8, launch, scales=scales)
+            row["gemv_launch"] = launch
+            row["gemv_launches_us"] = {}
+            for config in candidates:
+                try:
+                    row["gemv_launches_us"][launch_name(config)] = time_us(lambda c=config: gemv.launch_gemv(x, w8, c, scales=scales))
+                except Exception as error:  # a launch this chip cannot make
+                    row["gemv_launches_us"][launch_name(config)] = f"failed: {type(error).__name__}"
         for path in fp8_paths.eligible_paths(m, x, w8, scales, params["several_rows"]) if m > 1 else ():
             runs[path] = lambda run=fp8_paths.RUNS[path]: run(x, w8, scales)
             if path == fp8_paths.SCALED_MM:
@@ -110,6 +124,14 @@ def markdown(env, rows, choices) -> str:
         lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['rows']} | {r['floor_us']:.1f} | "
                      f"{r['bf16_us']:.1f} | {r['bf16_us'] / r['bf16_floor_us']:.2f}x | {few_rows} | " + " | ".join(cells) + f" | {r['fastest']} ({r['bf16_us'] / fastest_us:.2f}x) | "
                      f"{r.get('choice', '-')} |")
+    lines += ["", "One row: each GEMV launch (BLOCK_N x BLOCK_K, warps, stages), do_bench us; * the one `gemv.choose` "
+              "took (its own timer, as below):", ""]
+    for r in rows:
+        if r.get("gemv_launches_us"):
+            chosen = launch_name(r["gemv_launch"])
+            lines.append(f"- {r['model']} {r['weight']} [{r['n']} x {r['k']}]: " + ", ".join(
+                f"{name}{'*' if name == chosen else ''} {us:.1f}" if isinstance(us, float) else f"{name} {us}"
+                for name, us in r["gemv_launches_us"].items()))
     lines += ["", "The choices as `fusion.fp8_paths.chosen_paths()` lists them (its own timer: back to back, host "
               "launches hidden, over cold copies of the weight):", ""]
     for c in choices:
