@@ -7,7 +7,9 @@ products computes y = x @ dequantize(W8, scales).T, chosen per shape.
                 torch._scaled_mm(x8, W8.T, scale_a [M, 1], scale_b [1, N], out_dtype=bf16):
                 cuBLASLt (or CUTLASS) on NVIDIA, hipBLASLt on ROCm, FP8 x FP8 on the tensor
                 cores at twice bf16's rate (W8A8: each activation is also rounded to e4m3,
-                about 2**-4 of itself). bf16 x, scales per output channel, K and N multiples of
+                about 2**-4 of itself; and Hopper's FP8 matrix units add in about 13 mantissa
+                bits, promoted to fp32 every 128 products: measured up to 2**-7.5 of
+                sum |x||w| on an H200, where the FP8 GEMM's fp32 sums are off by 2**-17). bf16 x, scales per output channel, K and N multiples of
                 16: what _scaled_mm's row-wise scaling takes on every chip and torch from 2.5
                 to 2.13 (out_dtype bf16 is the one output every row-wise kernel has: CUTLASS's
                 and hipBLASLt's take no other). W8 [N, K] row-major is W8.T column-major, the

@@ -26,6 +26,14 @@ from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
 from paiton.fusion.quantize_rows import FP8_LARGEST, quantize_rows, quantize_rows_reference
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
+# FP8 matrix units do not add in fp32: Hopper's accumulate in about 13 mantissa bits (the "fp22"
+# of torch's _scaled_mm discussions), promoted to fp32 every 128 products where fast
+# accumulation is off, as paiton's call leaves it. Each promotion block's sum is then off by at
+# most its 128 additions' truncation, 128 * 2**-13 of the block's sum of |products|: 2**-6 of
+# sum |x||w| over all blocks. Measured on the H200 at 18612d0 (torch 2.11): 973 on a sum |x||w|
+# of about 1.7e5 for Qwen3-8B's q/k/v at 2 rows, 2**-7.5, where fp32 accumulation (the bound
+# this test had, 2**-17) would allow 1.3.
+MMA_ACCUMULATION = 2.0**-6
 SUBNORMAL_STEP = {torch.float8_e4m3fn: 2.0**-9, torch.float8_e4m3fnuz: 2.0**-10}
 
 
@@ -302,10 +310,14 @@ def test_every_fp8_path_at_qwen3_shapes_on_gpu(preset, fresh_choices):
                 assert y.dtype == torch.bfloat16 and y.shape == (m, n), (name, m, path)
                 error = (y.double() - exact).abs()
                 assert (error <= fp8_product_bound(x, w8, scales, path, sums=2**-17)).all(), (name, m, path, error.max())
-                if path == SCALED_MM:  # and against what it computes exactly: quantized x times W8
+                if path == SCALED_MM:  # and against what it computes: quantized x times W8, on FP8 matrix units
                     emulated = fp8_paths.scaled_mm_reference(x, w8, scales)
                     error = (y.double() - emulated).abs()
-                    assert (error <= magnitude * 2**-17 + emulated.abs() * 2**-7).all(), (name, m, path, error.max())
+                    worst = (error / magnitude.clamp_min(1e-30)).max().item()
+                    print(f"{preset} {name} {m} rows: scaled_mm against its emulation: max error {worst:.2e} of "
+                          f"sum |x||w| (2**{torch.tensor(worst).clamp_min(1e-30).log2().item():.1f})")
+                    bound = magnitude * MMA_ACCUMULATION + emulated.abs() * 2**-7
+                    assert (error <= bound).all(), (name, m, path, error.max())
             fp8_paths.choose_path(x, w8, scales, paths)
         del w8, w
     for record in fp8_paths.chosen_paths():
