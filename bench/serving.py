@@ -551,7 +551,8 @@ def markdown(env, rows, labels):
                 if env.get("compile_caches_loaded") else "")
              + f"output length {env['output_len'] or 'from the workload'}. {workload_line(env)}."
              + (f" Decode floor (weights / measured copy rate): {env['floor_us']:.0f} us" if env.get("floor_us") else "")
-             + (f", FP8 copy {env['fp8_floor_us']:.0f} us ({env['fp8_weight_bytes'] / 1e9:.2f} GB)." if env.get("fp8_floor_us") else "")
+             + (f", FP8 copy {env['fp8_floor_us']:.0f} us ({env['fp8_weight_bytes'] / 1e9:.2f} GB)" if env.get("fp8_floor_us") else "")
+             + ("." if env.get("floor_us") else "")
              + (" Measured over HTTP by the client (bench/serving_client.py) against `paiton serve` (continuous "
                 "batching); compile s: the server's start (compile and warm-up) in the first row, the warm-up pass after."
                 if http else ""), "",

@@ -600,26 +600,28 @@ class Engine:
             values[target, :, :length].copy_(values[source, :, :length])
 
     def warm_up(self, prompt_lengths: Sequence[int] | None = None, batch_sizes: Sequence[int] | None = None,
-                timeout_s: float = 3600.0) -> float:
+                timeout_s: float = 3600.0, progress: Callable[[str, float], None] | None = None) -> float:
         """Compile the engine's graphs and record the CUDA graphs of the shapes a run meets
         most: a prefill of one prompt of each length (default: each prefill bucket, 16 to
         max_prefill_tokens, so a lone request's prefill never records during a run), and decode
         at each batch size (default: every power of two up to max_slots; each runs a few steps,
         and CUDA graph trees record a shape at its second call). Runs on the engine thread if it
-        is started (the CUDA graphs belong to it), else here. Returns the seconds it took."""
+        is started (the CUDA graphs belong to it), else here. `progress(what, seconds)` hears of
+        each shape as it is ready, with the seconds since the start (a 32B warm-up takes
+        minutes: where they go). Returns the seconds it took."""
         start = time.perf_counter()
         batch_sizes = batch_sizes or [1 << i for i in range(self.max_slots.bit_length()) if 1 << i <= self.max_slots]
         if prompt_lengths is None:
             longest = min(self.max_prefill_tokens, self.max_length - 3)
             prompt_lengths = [n for n in (MIN_PREFILL_TOKENS << i for i in range(16)) if n <= longest] or [1]
-        rounds = []
+        rounds = []  # (what it readies, requests)
         for length in sorted(set(prompt_lengths)):
-            for _ in range(2):  # recorded at the second call
-                rounds.append([EngineRequest([1] * length, 3)])
+            for call in range(2):  # recorded at the second call
+                rounds.append((f"prefill of {length} tokens" if call else None, [EngineRequest([1] * length, 3)]))
         for batch in sorted(set(batch_sizes)):
             # A batch fills (one packed prefill), then runs 4 steps at that size.
-            rounds.append([EngineRequest([1] * 4, 5) for _ in range(batch)])
-        for requests in rounds:
+            rounds.append((f"decode at batch {batch}", [EngineRequest([1] * 4, 5) for _ in range(batch)]))
+        for what, requests in rounds:
             done = threading.Semaphore(0)
             for request in requests:
                 request.on_finish = lambda reason: done.release()
@@ -628,7 +630,9 @@ class Engine:
                 self.run_until_done()
             for _ in requests:
                 if not done.acquire(timeout=timeout_s):
-                    raise TimeoutError("the engine's warm-up did not finish")
+                    raise TimeoutError(f"the engine's warm-up did not finish ({what or 'a prefill'})")
+            if progress is not None and what is not None:
+                progress(what, time.perf_counter() - start)
         return time.perf_counter() - start
 
     # -- introspection --------------------------------------------------------------------

@@ -27,6 +27,7 @@ stop strings are found there, and the request is then aborted in the engine (rep
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -416,6 +417,26 @@ class CompletionServer:
         return response
 
 
+def _timed_choices() -> list[str]:
+    """What the warm-up timed, one line a product: the launches of the one-row GEMVs (bf16 ones
+    from the card's table or timed; FP8 ones timed), of the few-rows products at batch 2-64, and
+    the FP8 paths of several rows."""
+    from paiton.fusion import few_rows_gemm, fp8_paths, gemv
+
+    lines = []
+    for record in gemv.chosen_launches():
+        weight = record.get("weight_dtype", record["dtype"])
+        times = ", ".join(f"{key.removesuffix('_us')} {value:.1f} us" for key, value in record.items() if key.endswith("_us"))
+        lines.append(f"one-row product: [{record['n']} x {record['k']}] {weight}{' gated' if record['gated'] else ''}: "
+                     f"{record['choice']} ({record['source']}{'; ' + times if times else ''})")
+    lines += [f"few-rows product: {line}" for line in few_rows_gemm.describe_choices()]
+    for record in fp8_paths.chosen_paths():
+        times = ", ".join(f"{path} {us:.1f}" for path, us in record.get("times_us", {}).items())
+        lines.append(f"FP8 product: {record['rows']} rows x [{record['n']} x {record['k']}]: {record['choice']} "
+                     f"({record['source']}{'; us: ' + times if times else ''})")
+    return lines
+
+
 def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_name: str, host: str, port: int,
                warmup: bool = False, after_warmup=None) -> int:
     """Serve until interrupted. The engine starts first (and warms up, if asked, then calls
@@ -435,12 +456,14 @@ def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_n
             runner = web.AppRunner(app)
         engine.start()
         if warmup:
-            seconds = await asyncio.get_running_loop().run_in_executor(None, engine.warm_up)
-            print(f"[paiton] warmed up in {seconds:.1f} s", flush=True)
-            from paiton.fusion import few_rows_gemm
+            def progress(what: str, seconds: float) -> None:
+                print(f"[paiton] warm-up: {what} ready at {seconds:.1f} s", flush=True)
 
-            for line in few_rows_gemm.describe_choices():  # what the warm-up timed for decode at batch 2-64
-                print(f"[paiton] few-rows product: {line}", flush=True)
+            seconds = await asyncio.get_running_loop().run_in_executor(None, functools.partial(engine.warm_up,
+                                                                                               progress=progress))
+            print(f"[paiton] warmed up in {seconds:.1f} s", flush=True)
+            for line in _timed_choices():
+                print(f"[paiton] {line}", flush=True)
             if after_warmup is not None:
                 print(f"[paiton] {await asyncio.get_running_loop().run_in_executor(None, after_warmup)}", flush=True)
         await runner.setup()

@@ -77,6 +77,19 @@ def test_a_prefill_bucket_longer_than_the_cache(model):
     assert engine.generate(prompts, 8).tokens == alone and engine.steps["prefill"] == 1
 
 
+def test_warm_up_reports_each_shape_as_it_is_ready(model, alone):
+    """warm_up's progress hears of each prefill bucket and decode batch size once, in order, with
+    the seconds since its start; the engine serves as before after it."""
+    engine = Engine(model, max_slots=2, max_length=48, backend="eager", max_prefill_tokens=32)
+    heard = []
+    seconds = engine.warm_up(progress=lambda what, at: heard.append((what, at)))
+    assert [what for what, _ in heard] == ["prefill of 16 tokens", "prefill of 32 tokens", "decode at batch 1",
+                                           "decode at batch 2"]
+    times = [at for _, at in heard]
+    assert times == sorted(times) and 0 < times[-1] <= seconds
+    assert engine.generate(PROMPTS[:2], LIMITS[0]).tokens[0] == alone[0]
+
+
 def test_stop_tokens_and_on_token_stops(model, alone):
     engine = Engine(model, max_slots=2, max_length=64, backend="eager")
     stop = alone[0][4]
