@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
-from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES
+from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES, FP8_FEW_ROWS_CANDIDATES
 from paiton.fusion.few_rows_gemm import MAX_ROWS as FEW_ROWS_MAX
 from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
@@ -61,6 +61,10 @@ FUSED_OPS = (
 # memory-bound there), above them _scaled_mm multiplies on FP8 tensor cores.
 FP8_ONE_ROW = FP8_GEMV_CANDIDATES[0]
 FP8_SEVERAL_ROWS = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
+# Every FP8 chip's kernels' parameters, beside its format (the FP8 GEMM's launches of several
+# rows: `several_rows_candidates`, timed per shape and row count as the one-row ones are).
+FP8_KERNELS = dict(one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS,
+                   several_rows_candidates=FP8_FEW_ROWS_CANDIDATES)
 
 
 class LoweringKey(NamedTuple):
@@ -114,7 +118,7 @@ _NVIDIA = {
         "cuBLAS per weight shape and row count, as timed at first use (fusion/few_rows_gemm.py)",
     ),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS),
+        TRITON, dict(format="e4m3fn", **FP8_KERNELS),
         "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums; its launch timed per "
         "shape at first use); several rows, the "
         "fastest for the shape (timed at first use, fusion/fp8_paths.py) of the FP8 GEMM (2-64 rows: W read once, "
@@ -160,7 +164,7 @@ _AMD_CDNA = {
     "few_rows_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: linears of a few rows stay "
                                 "Inductor's (packed ones hipBLASLt's)"),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fnuz", one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS),
+        TRITON, dict(format="e4m3fnuz", **FP8_KERNELS),
         "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; several rows, "
         "timed per shape as on NVIDIA: the FP8 GEMM on MFMA (2-64 rows), torch._scaled_mm (hipBLASLt, e4m3fnuz "
         "activations) or dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed on an MI300X yet",
@@ -171,7 +175,7 @@ _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx
 _GFX950 = {
     **_AMD_CDNA,
     # CDNA4 computes in the OCP format (e4m3fn), as NVIDIA does.
-    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS),
+    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", **FP8_KERNELS),
                            "e4m3fn (OCP FP8, CDNA4): as gfx942 otherwise. Compiled ahead of time, not timed"),
     # Triton deprecates kpack on gfx950 and forces it to 1.
     "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),

@@ -140,6 +140,24 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, 128, 4, 4, splits=4),
 )
 
+# FP8 weights (fusion/fp8_paths.py's FP8_GEMM, one byte an element): the untimed launch first
+# (few_rows_config's tile, the baseline: FP8 weights have no vendor GEMM of their own), then W
+# tiles of 8-16 KB, as the bf16 list's in bytes. At 18612d0 the untimed launch alone gave
+# Qwen3-32B's o_proj (N = 5120) 80 programs and ran it at a quarter of the FP8 copy rate, its
+# q/k/v at a third (H200, fp8_gemm_sweep). Block scales take the launches whose BLOCK_K divides
+# their 128-wide blocks.
+FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
+    candidate(64, SCALE_BLOCK, 4, 3),
+    candidate(16, 512, 4, 4),
+    candidate(32, 256, 4, 4),
+    candidate(32, 512, 4, 3),
+    candidate(64, 256, 4, 3),
+    candidate(32, 128, 4, 5),
+    candidate(16, 128, 4, 6),
+    candidate(32, 256, 4, 4, splits=4),
+    candidate(32, 128, 4, 5, splits=4),
+)
+
 # Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
 # programs are what is fast there.
 INTERPRETER_CANDIDATE = candidate(64, 128, 4, 1)
@@ -244,72 +262,99 @@ def _zeros_outside_graph_pools(count: int, device: torch.device) -> torch.Tensor
     return made[0]
 
 
-def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]) -> torch.Tensor:
-    """x @ weight.T (W in x's dtype) with `config`'s launch (a candidate: BLOCK_M from x's rows)."""
+def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int],
+                     scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (W in x's dtype, or FP8 with its `scales`) with `config`'s launch (a
+    candidate: BLOCK_M from x's rows)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return few_rows_gemm(x, weight, None, {"BLOCK_M": block_m(rows), **config})
+    return few_rows_gemm(x, weight, scales, {"BLOCK_M": block_m(rows), **config})
 
 
 # Bound on |product - torch's product| / max |torch's product| for a candidate to be kept: both
 # accumulate in fp32 and round once to bf16 (2**-8 relative), in different orders.
 AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
-# (device, rows bucket, N, K, W's row stride, dtype) -> the chosen launch (a candidate's dict)
-# or VENDOR, and how it was chosen (the times seen, candidates dropped for disagreeing).
+# (device, rows bucket, N, K, W's row stride, dtype[, FP8 weight's dtype, its SCALES]) -> the
+# chosen launch (a candidate's dict) or VENDOR, and how it was chosen (the times seen,
+# candidates dropped for disagreeing).
 _CHOICES: dict[tuple, dict[str, int] | str] = {}
 _TIMINGS: dict[tuple, dict] = {}
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
-           time_ms_fn: Callable[[Callable[[], object]], float] | None = None) -> dict[str, int] | str:
+           time_ms_fn: Callable[[Callable[[], object]], float] | None = None,
+           scales: torch.Tensor | None = None) -> dict[str, int] | str:
     """The fastest of `candidates` and torch's linear (VENDOR) for x's rows (rounded up to a
     power of two) times this weight, decided once per (device, rows bucket, shape, stride, dtype)
     and kept: TIMING_ROUNDS rounds of each in turn over cold copies of W, the vendor first (a tie
     keeps it). A candidate whose product disagrees with torch's (AGREEMENT) is not timed. Not
     timed: more than MAX_ROWS rows, no candidates, a CPU without `time_ms_fn` (VENDOR, kept), or
-    a CUDA graph being captured (VENDOR, not kept: a later call decides)."""
+    a CUDA graph being captured (VENDOR, not kept: a later call decides).
+
+    An FP8 weight (with its `scales`) has no vendor GEMM: the candidates alone (the first, the
+    untimed launch, is the baseline that captures, CPUs and ties get), checked against torch's
+    product of the dequantized weight; block scales keep the launches whose BLOCK_K divides
+    their blocks."""
+    fp8 = scales is not None
     rows = as_rows(x)
     bucket = rows_bucket(rows.shape[0])
+    if fp8 and scales_kind(weight, scales) == BLOCK_SCALES:
+        candidates = [config for config in candidates if SCALE_BLOCK % config["BLOCK_K"] == 0]
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
+    baseline = candidates[0] if fp8 else VENDOR
     key = (str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
+    if fp8:
+        key += (weight.dtype, scales_kind(weight, scales))
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
     if time_ms_fn is None and not x.is_cuda:
-        _CHOICES[key], _TIMINGS[key] = VENDOR, {"source": "fallback"}
-        return VENDOR
+        _CHOICES[key], _TIMINGS[key] = baseline, {"source": "fallback"}
+        return baseline
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return VENDOR
+        return baseline
     if x.is_cuda:  # the launches this chip's shared memory takes at this many rows
         from paiton.backends.target import detect_target
 
         candidates = fitting(candidates, bucket, x.element_size(), detect_target(x.device).shared_memory_per_block)
     probe = bucket_probe(rows)
-    expected = torch.nn.functional.linear(probe, weight).float()
+    if fp8:
+        from paiton.fusion.fp8_paths import dequantize  # (fp8_paths imports this module)
+
+        expected = torch.nn.functional.linear(probe, dequantize(weight, scales, x.dtype)).float()
+    else:
+        expected = torch.nn.functional.linear(probe, weight).float()
     bound = AGREEMENT.get(x.dtype, 2e-2) * max(expected.abs().max().item(), 1e-30)
     agreeing, dropped = [], []
     for config in candidates:
         try:
-            error = (launch_candidate(probe, weight, config).float() - expected).abs().max().item()
+            error = (launch_candidate(probe, weight, config, scales).float() - expected).abs().max().item()
         except Exception as failure:  # a launch this chip cannot make (shared memory): not a candidate
             log.debug("paiton few_rows_gemm: %s failed: %s", config, failure)
             continue
         (agreeing if error <= bound else dropped).append(config)
+    what = f"{bucket} rows x [{key[2]} x {key[3]}] {x.dtype}" + (f", {weight.dtype} weight" if fp8 else "")
     if dropped:
-        log.warning("paiton few_rows_gemm: %d rows x [%d x %d] %s on %s: launches %s disagree with torch's product; "
-                    "left out", bucket, *key[2:4], x.dtype, x.device, dropped)
+        log.warning("paiton few_rows_gemm: %s on %s: launches %s disagree with torch's product; left out", what,
+                    x.device, dropped)
+    if fp8 and not agreeing:  # nothing to time: the untimed launch, as under a capture
+        _CHOICES[key], _TIMINGS[key] = baseline, {"source": "fallback", "disagreeing": dropped}
+        return baseline
     weights = cold_copies(weight)
-    runs = [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
-    runs += [(config, lambda config=config: [launch_candidate(probe, w, config) for w in weights]) for config in agreeing]
+    runs = [] if fp8 else [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
+    runs += [(config, lambda config=config: [launch_candidate(probe, w, config, scales) for w in weights])
+             for config in agreeing]
     with device_guard(x):
-        timed = best_times(runs, TIMING_ROUNDS, time_ms_fn or time_ms, required=VENDOR, what=f"paiton few_rows_gemm on {x.device}")
-    choice, best_ms = min(timed, key=lambda timing: timing[1])  # the vendor first: a tie keeps it
-    chosen_us, vendor_us = (ms / len(weights) * 1e3 for ms in (best_ms, timed[0][1]))
-    log.info("paiton few_rows_gemm: %d rows x [%d x %d] %s on %s: %s (%.1f us; vendor %.1f us)", bucket, *key[2:4],
-             x.dtype, x.device, choice, chosen_us, vendor_us)
+        timed = best_times(runs, TIMING_ROUNDS, time_ms_fn or time_ms, required=runs[0][0],
+                           what=f"paiton few_rows_gemm on {x.device}")
+    choice, best_ms = min(timed, key=lambda timing: timing[1])  # the baseline first: a tie keeps it
+    chosen_us, baseline_us = (ms / len(weights) * 1e3 for ms in (best_ms, timed[0][1]))
+    log.info("paiton few_rows_gemm: %s on %s: %s (%.1f us; %s %.1f us)", what, x.device, choice, chosen_us,
+             "first launch" if fp8 else "vendor", baseline_us)
     _CHOICES[key] = choice
-    _TIMINGS[key] = {"source": "timed", "vendor_us": vendor_us, "chosen_us": chosen_us, "disagreeing": dropped}
+    _TIMINGS[key] = {"source": "timed", ("first_launch_us" if fp8 else "vendor_us"): baseline_us, "chosen_us": chosen_us,
+                     "disagreeing": dropped}
     return choice
 
 
@@ -317,7 +362,9 @@ def chosen_launches() -> list[dict]:
     """What `choose` picked so far, one record per key (for result files: which kernel ran each
     product of a few rows), with its source and, timed, the vendor's and the choice's times."""
     return [dict(device=key[0], rows=key[1], n=key[2], k=key[3], row_stride=key[4],
-                 dtype=str(key[5]).removeprefix("torch."), choice=choice, **_TIMINGS.get(key, {}))
+                 dtype=str(key[5]).removeprefix("torch."),
+                 **({"weight_dtype": str(key[6]).removeprefix("torch.")} if len(key) > 6 else {}),
+                 choice=choice, **_TIMINGS.get(key, {}))
             for key, choice in _CHOICES.items()]
 
 
@@ -326,8 +373,10 @@ def describe_choices() -> list[str]:
     lines = []
     for r in chosen_launches():
         choice = r["choice"] if isinstance(r["choice"], str) else "kernel " + ", ".join(f"{k}={v}" for k, v in r["choice"].items())
-        times = f": {r['chosen_us']:.1f} us, vendor {r['vendor_us']:.1f} us" if "chosen_us" in r else f" ({r['source']})"
-        lines.append(f"{r['rows']} rows x [{r['n']} x {r['k']}] {r['dtype']}: {choice}{times}")
+        baseline = f"vendor {r['vendor_us']:.1f} us" if "vendor_us" in r else f"first launch {r.get('first_launch_us', 0):.1f} us"
+        times = f": {r['chosen_us']:.1f} us, {baseline}" if "chosen_us" in r else f" ({r['source']})"
+        weight = f", {r['weight_dtype']} weight" if "weight_dtype" in r else ""
+        lines.append(f"{r['rows']} rows x [{r['n']} x {r['k']}] {r['dtype']}{weight}: {choice}{times}")
     return lines
 
 

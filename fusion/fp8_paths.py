@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from paiton.fusion import few_rows_gemm as _few_rows
 from paiton.fusion.few_rows_gemm import MAX_ROWS, few_rows_gemm
 from paiton.fusion.gemv import ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.quantize_rows import quantize_rows, quantize_rows_reference
@@ -96,13 +97,30 @@ def scaled_mm_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return activations @ (weight.double() * scales.double().reshape(-1, 1)).T
 
 
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """FP8_GEMM: the few-rows GEMM on the FP8 weight. On a GPU its launch is the one
+    few_rows_gemm.choose timed fastest for the shape and row count among the chip's
+    `several_rows_candidates` (the lowering table's fp8_linear; the first is the untimed
+    launch); elsewhere, and for a table without them, the untimed launch."""
+    if x.is_cuda:
+        from paiton.backends.lowering import lowering_for
+        from paiton.backends.target import detect_target
+
+        candidates = lowering_for("fp8_linear", detect_target(x.device)).params.get("several_rows_candidates")
+        if candidates:
+            config = _few_rows.choose(x, weight, candidates, scales=scales)
+            if config != _few_rows.VENDOR:
+                return _few_rows.launch_candidate(x, weight, config, scales)
+    return few_rows_gemm(x, weight, scales)
+
+
 def dequantize_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """DEQUANTIZE: torch's linear over W dequantized to x's dtype."""
     return torch.nn.functional.linear(x, dequantize(weight, scales, x.dtype))
 
 
 RUNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    FP8_GEMM: few_rows_gemm, SCALED_MM: scaled_mm_linear, DEQUANTIZE: dequantize_linear,
+    FP8_GEMM: fp8_gemm, SCALED_MM: scaled_mm_linear, DEQUANTIZE: dequantize_linear,
 }
 
 

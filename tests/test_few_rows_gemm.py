@@ -101,9 +101,9 @@ def fake_timer(times_by_block_n):
         launched = []
         original = few_rows_gemm.launch_candidate
 
-        def spy(x, weight, config):
+        def spy(x, weight, config, scales=None):
             launched.append(config["BLOCK_N"])
-            return original(x, weight, config)
+            return original(x, weight, config, scales)
 
         few_rows_gemm.launch_candidate = spy
         try:
@@ -140,12 +140,38 @@ def test_choose_keeps_the_vendor_where_it_is_as_fast(fresh_choices):
     assert few_rows_gemm.choose(torch.randn(3, 32), torch.randn(24, 32), SMALL_LAUNCHES[:2], time_ms_fn=timer) == VENDOR
 
 
+def test_choose_for_an_fp8_weight_times_its_launches_alone(fresh_choices):
+    """An FP8 weight (fusion/fp8_paths.py's FP8_GEMM) has no vendor GEMM: its launches alone are
+    timed, with its scales, against torch's product of the dequantized weight; the choice is its
+    own, apart from a bf16 weight's of the same shape; block scales keep the launches whose
+    BLOCK_K divides their 128-wide blocks."""
+    from paiton.fusion.fp8_linear import quantize_weight
+
+    weight = torch.randn(40, 64)
+    w8, scales = quantize_weight(weight, torch.float8_e4m3fn)
+    x = torch.randn(5, 64)
+    timer, calls = fake_timer({16: 0.9, 32: 0.5})
+    assert few_rows_gemm.choose(x, w8, SMALL_LAUNCHES[:2], time_ms_fn=timer, scales=scales) == SMALL_LAUNCHES[1]
+    assert VENDOR not in calls and len(calls) == 2 * 3
+    (record,) = few_rows_gemm.chosen_launches()
+    assert record["weight_dtype"] == "float8_e4m3fn" and record["disagreeing"] == []
+    assert (record["first_launch_us"], record["chosen_us"]) == (900.0, 500.0)
+    calls.clear()
+    timer, calls = fake_timer({VENDOR: 0.1, 16: 0.9, 32: 0.5})
+    assert few_rows_gemm.choose(x, weight, SMALL_LAUNCHES[:2], time_ms_fn=timer) == VENDOR and VENDOR in calls
+    wide = few_rows_gemm.candidate(32, 256, 4, 1)  # 256 does not divide a 128-wide scale block
+    timer, calls = fake_timer({16: 0.9, 32: 0.1})
+    block_scales = torch.rand(1, 1) + 0.5
+    assert few_rows_gemm.choose(x, w8, [SMALL_LAUNCHES[0], wide], time_ms_fn=timer, scales=block_scales) == SMALL_LAUNCHES[0]
+    assert 32 not in calls
+
+
 def test_choose_drops_a_launch_that_computes_something_else(fresh_choices, monkeypatch, caplog):
     """A kernel that is wrong on some chip is never chosen, however fast it times."""
     original = few_rows_gemm.launch_candidate
 
-    def wrong_for_wide_tiles(x, weight, config):
-        y = original(x, weight, config)
+    def wrong_for_wide_tiles(x, weight, config, scales=None):
+        y = original(x, weight, config, scales)
         return y + 1.0 if config["BLOCK_N"] == 32 else y
 
     monkeypatch.setattr(few_rows_gemm, "launch_candidate", wrong_for_wide_tiles)

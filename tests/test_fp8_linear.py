@@ -234,11 +234,19 @@ def test_fp8_kernels_on_gpu_at_qwen3_shapes(rows, per_block):
                                             if (r["rows"], r["n"], r["k"], r["scales"]) == (rows, n, k, "blocks" if per_block else "rows"))
         expected = gemv_reference(x, w8, scales)
         assert ((y.double() - expected).abs() <= fp8_product_bound(x, w8, scales, path)).all(), path
-        if rows == 1:  # every launch the one-row choice may take, not only the one it took
-            from paiton.backends.lowering import lowering_for
-            from paiton.backends.target import detect_target
-            from paiton.fusion import gemv
+        # Every launch the op's choices may take, not only the ones they took.
+        from paiton.backends.lowering import lowering_for
+        from paiton.backends.target import detect_target
+        from paiton.fusion import few_rows_gemm, gemv
 
-            for config in lowering_for("fp8_linear", detect_target(x.device)).params["one_row_candidates"]:
+        params = lowering_for("fp8_linear", detect_target(x.device)).params
+        if rows == 1:
+            for config in params["one_row_candidates"]:
                 y = gemv.launch_gemv(x, w8, config, scales=scales)
                 assert ((y.double() - expected).abs() <= fp8_product_bound(x, w8, scales, "gemv")).all(), config
+        else:
+            for config in params["several_rows_candidates"]:
+                if per_block and few_rows_gemm.SCALE_BLOCK % config["BLOCK_K"]:
+                    continue  # not a launch block scales take
+                y = few_rows_gemm.launch_candidate(x, w8, config, scales)
+                assert ((y.double() - expected).abs() <= fp8_product_bound(x, w8, scales, "fp8_gemm")).all(), config
