@@ -196,6 +196,9 @@ def main(argv=None):
                         help="static (the bundled loop's batches), continuous (the engine), or both: static,continuous")
     parser.add_argument("--serve", action="store_true",
                         help="over HTTP: start `paiton serve` for each configuration and drive it as a client")
+    parser.add_argument("--server-slots", type=int, metavar="N",
+                        help="with --serve: each server's slots (default: the largest batch size). A compile cache "
+                             "holds the graphs of the slot count it was made with: keep it to reuse one")
     parser.add_argument("--base-url", help="over HTTP: drive a server that is already running (one configuration)")
     parser.add_argument("--served-model", help="with --base-url: the model name it serves (default: --model)")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
@@ -226,6 +229,9 @@ def main(argv=None):
         parser.error("--serve/--base-url measure the server (continuous batching): leave --schedulers out")
     if args.serve and "eager" in configs:
         parser.error("--serve compiles each configuration in its server; eager is an in-process configuration")
+    if args.server_slots is not None and (not args.serve or args.server_slots < max(batches)):
+        parser.error(f"--server-slots is for --serve, at least the largest batch size ({max(batches)}); "
+                     f"got {args.server_slots}")
     if not args.save_requests and (min(batches) < 1 or (not args.rounds and max(batches) > args.num_prompts)):
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
     if args.rounds is not None and not 1 <= max(args.rounds * max(batches), args.min_prompts) <= args.num_prompts:
@@ -461,7 +467,7 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
         started = time.perf_counter()
         if args.serve:
             progress.set_postfix_str(f"{config_name}: starting paiton serve (compiling, warming up)")
-            server = launch(serve_arguments(args, config_name, max(batches), max_length),
+            server = launch(serve_arguments(args, config_name, args.server_slots or max(batches), max_length),
                             log_path=os.path.join(args.out, f"serve-{config_name}.log"))
             url, model_name = server.url, server.model_name
             for scenario_env in envs:

@@ -19,7 +19,9 @@
 #                 orders that configuration's batches: "inductor-cdt:900:2,4,128"; paiton-fp8:
 #                 issue 21's FP8 weights over the same workload); each server
 #                 saves its compile cache under $out (compile-cache-<size>-<config>.xz) and loads the
-#                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz)
+#                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz);
+#                 SHAREGPT_SLOTS: every server's slots (default its largest batch size; a cache
+#                 holds the graphs of the slot count it was made with: compile-cache/'s, 128)
 #   profile_32b   bench/profile_decode_step.py, Qwen3-32B, Paiton, batches PROFILE_BATCHES (1,2,32)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
@@ -68,6 +70,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
           --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "$batches" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
+          ${SHAREGPT_SLOTS:+--server-slots "$SHAREGPT_SLOTS"} \
           ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
         # A server its limit cut off would hold the GPU. The pattern starts at the command's
         # beginning, so it cannot match a shell whose text merely mentions it.

@@ -179,7 +179,8 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
                   "--save-requests", str(workload)])
     serving.main(["--model", "tiny", "--requests", str(workload), "--num-prompts", "6", "--batch-sizes", "1,3",
                   "--configs", "paiton", "--serve", "--paiton-inner", "eager", "--device", "cpu", "--request-rate", "50",
-                  "--output-len", "dataset,4", "--save-compile-cache", str(tmp_path / "cache.xz"), "--out", str(tmp_path)])
+                  "--output-len", "dataset,4", "--save-compile-cache", str(tmp_path / "cache.xz"), "--server-slots", "5",
+                  "--out", str(tmp_path)])
     # Both scenarios ran on the one server start, a results file each.
     (dataset_path,) = [path for path in tmp_path.glob("serving-tiny-CPU-*.json") if "-out" not in path.name]
     (fixed_path,) = tmp_path.glob("serving-tiny-CPU-*-out4.json")
@@ -203,7 +204,10 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
     cache_file = tmp_path / "cache-paiton.xz"
     assert cache_file.read_bytes().startswith(XZ_MAGIC)
     load_compile_cache(str(cache_file))
-    assert "compile cache saved to" in (tmp_path / "serve-paiton.log").read_text()
+    server_log = (tmp_path / "serve-paiton.log").read_text()
+    assert "compile cache saved to" in server_log
+    assert "5 slots x" in server_log  # --server-slots, not the largest batch size (3)
+    assert "warm-up: decode at batch 4 ready at" in server_log
 
 
 def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypatch):
@@ -258,6 +262,9 @@ def test_decode_step_logits_compare_only_rows_whose_first_token_matched():
     (["--model", "tiny", "--output-len", "dataset,256"], "several --output-len scenarios run over HTTP"),
     (["--model", "tiny", "--serve", "--configs", "paiton", "--output-len", "256,long"], "neither a positive length"),
     (["--model", "tiny", "--serve", "--configs", "paiton", "--output-len", "256,256"], "names a scenario twice"),
+    (["--model", "tiny", "--serve", "--configs", "paiton", "--batch-sizes", "1,4", "--server-slots", "2"],
+     "--server-slots is for --serve, at least the largest batch size"),
+    (["--model", "tiny", "--server-slots", "8"], "--server-slots is for --serve"),
 ])
 def test_bad_arguments_are_clear_errors(arguments, message, capsys):
     import serving
