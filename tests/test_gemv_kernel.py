@@ -9,6 +9,8 @@ output dtype: fp32 within 1e-5 relative to the output's norm, bf16/fp16 within o
 the output (2**-8 / 2**-11 relative) plus the accumulation's error.
 """
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given
@@ -91,19 +93,21 @@ def test_gemv_rejects_more_than_one_row_and_a_wrong_width():
         gemv.launch_gemv(torch.randn(1, 15, device=DEVICE), weight, SMALL_CONFIGS[0])
 
 
+def sequence_timer(speeds, calls):
+    """A time_ms for `choose` that says speeds[i] for the i-th run of each round (the baseline,
+    then each candidate in order), counting the runs in `calls`."""
+    def time_ms(fn):
+        calls.append(fn)
+        return speeds[(len(calls) - 1) % len(speeds)]
+    return time_ms
+
+
 def test_choose_keeps_the_fastest_per_shape_and_times_each_shape_once(monkeypatch):
     monkeypatch.setattr(gemv, "_CHOICES", {})
     monkeypatch.setattr(gemv, "_TIMINGS", {})
     x, weight = torch.randn(1, 16), torch.randn(8, 16)
     calls = []
-
-    def fake_timer(speeds):
-        """Each round times the vendor, then each candidate in order: speeds[i] for the i-th."""
-        def time_ms(fn):
-            calls.append(fn)
-            return speeds[(len(calls) - 1) % len(speeds)]
-        return time_ms
-
+    fake_timer = functools.partial(sequence_timer, calls=calls)
     rounds = gemv.TIMING_ROUNDS
     assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([3.0, 2.0, 1.0, 4.0])) == SMALL_CONFIGS[1]
     assert len(calls) == 4 * rounds
@@ -131,12 +135,7 @@ def test_choose_for_an_fp8_weight_times_its_launches_alone(monkeypatch):
     x, weight = torch.randn(1, 16), torch.randn(8, 16)
     w8, scales = weight.to(torch.float8_e4m3fn), torch.rand(8) + 0.5
     calls = []
-
-    def fake_timer(speeds):
-        def time_ms(fn):
-            calls.append(fn)
-            return speeds[(len(calls) - 1) % len(speeds)]
-        return time_ms
+    fake_timer = functools.partial(sequence_timer, calls=calls)
 
     assert gemv.choose(x, w8, SMALL_CONFIGS, fake_timer([3.0, 1.0, 2.0]), scales=scales) == SMALL_CONFIGS[1]
     assert len(calls) == len(SMALL_CONFIGS) * gemv.TIMING_ROUNDS  # no vendor among them
