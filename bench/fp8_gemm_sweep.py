@@ -74,8 +74,7 @@ def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps, few_rows_param
         runs = {}
         if m == 1:  # the GEMV as the op runs it (the launch gemv.choose timed fastest), and every launch it had
             candidates = params.get("one_row_candidates") or (params["one_row"],)
-            choice = gemv.choose(x, w8, candidates, scales=scales)
-            launch = params["one_row"] if choice == gemv.VENDOR else choice
+            launch = gemv.choose(x, w8, candidates, scales=scales)  # (an FP8 weight's choice is a launch)
             runs["gemv"] = lambda: gemv.launch_gemv(x, w8, launch, scales=scales)
             row["gemv_launch"] = launch
             row["gemv_launches_us"] = {}
@@ -106,6 +105,8 @@ def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps, few_rows_param
 
 
 def markdown(env, rows, choices) -> str:
+    from paiton.fusion import fp8_paths
+
     columns = ("gemv", "fp8_gemm", "scaled_mm", "scaled_mm_only", "dequantize")
     lines = [f"# FP8 linears against the bf16 GEMM on {env['card']}", "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}; bf16 activations, "
@@ -134,9 +135,7 @@ def markdown(env, rows, choices) -> str:
                 for name, us in r["gemv_launches_us"].items()))
     lines += ["", "The choices as `fusion.fp8_paths.chosen_paths()` lists them (its own timer: back to back, host "
               "launches hidden, over cold copies of the weight):", ""]
-    for c in choices:
-        times = ", ".join(f"{path} {us:.1f}" for path, us in c.get("times_us", {}).items())
-        lines.append(f"- {c['rows']} rows x [{c['n']} x {c['k']}]: {c['choice']} ({c['source']}; us: {times})")
+    lines += [f"- {fp8_paths.describe_choice(c)}" for c in choices]
     return "\n".join(lines) + "\n"
 
 

@@ -296,16 +296,17 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     product of the dequantized weight; block scales keep the launches whose BLOCK_K divides
     their blocks."""
     fp8 = scales is not None
+    kind = scales_kind(weight, scales)
     rows = as_rows(x)
     bucket = rows_bucket(rows.shape[0])
-    if fp8 and scales_kind(weight, scales) == BLOCK_SCALES:
+    if kind == BLOCK_SCALES:
         candidates = [config for config in candidates if SCALE_BLOCK % config["BLOCK_K"] == 0]
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
     baseline = candidates[0] if fp8 else VENDOR
     key = (str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
     if fp8:
-        key += (weight.dtype, scales_kind(weight, scales))
+        key += (weight.dtype, kind)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice

@@ -106,8 +106,7 @@ def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: to
 
         launch = params["one_row"]
         if x.device.type != "cpu" and params.get("one_row_candidates"):  # timed per shape at first use
-            choice = gemv.choose(x, weight, params["one_row_candidates"], up=up, scales=scales)
-            launch = launch if choice == gemv.VENDOR else choice
+            launch = gemv.choose(x, weight, params["one_row_candidates"], up=up, scales=scales)  # a launch, never VENDOR
         return gemv.launch_gemv(x, weight, launch, up=up, scales=scales)
     paths = params["several_rows"] if params is not None else (DEQUANTIZE,)
     return several_rows_product(x if up is None else silu_mul(x, up), weight, scales, paths)

@@ -199,6 +199,19 @@ def chosen_paths() -> list[dict]:
             for key, choice in _CHOICES.items()]
 
 
+def describe_choice(record: dict) -> str:
+    """One of chosen_paths' records as a line (for logs and result files): which product ran
+    the shape and row count, and every path's time where it was timed."""
+    times = ", ".join(f"{path} {us:.1f}" for path, us in record.get("times_us", {}).items())
+    return (f"{record['rows']} rows x [{record['n']} x {record['k']}]: {record['choice']} "
+            f"({record['source']}{'; us: ' + times if times else ''})")
+
+
+def describe_choices() -> list[str]:
+    """A line per choice `choose_path` made so far (describe_choice)."""
+    return [describe_choice(record) for record in chosen_paths()]
+
+
 def several_rows_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
     """x [..., K] @ dequantize(weight, scales).T in x's dtype by the path choose_path takes."""
     return RUNS[choose_path(x, weight, scales, paths)](x, weight, scales)

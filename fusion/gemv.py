@@ -308,6 +308,18 @@ def chosen_launches() -> list[dict]:
                  choice=choice, **_TIMINGS.get(key, {})) for key, choice in _CHOICES.items()]
 
 
+def describe_choices() -> list[str]:
+    """A line per choice `choose` made (for logs: which launch ran each one-row product, from the
+    card's table or timed, with the times it saw)."""
+    lines = []
+    for record in chosen_launches():
+        weight = record.get("weight_dtype", record["dtype"])
+        times = ", ".join(f"{key.removesuffix('_us')} {value:.1f} us" for key, value in record.items() if key.endswith("_us"))
+        lines.append(f"[{record['n']} x {record['k']}] {weight}{' gated' if record['gated'] else ''}: {record['choice']} "
+                     f"({record['source']}{'; ' + times if times else ''})")
+    return lines
+
+
 def one_row_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
                    up: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] with one row @ weight.T (with `up`: silu(x) * up @ weight.T): Paiton's kernel

@@ -423,18 +423,9 @@ def _timed_choices() -> list[str]:
     the FP8 paths of several rows."""
     from paiton.fusion import few_rows_gemm, fp8_paths, gemv
 
-    lines = []
-    for record in gemv.chosen_launches():
-        weight = record.get("weight_dtype", record["dtype"])
-        times = ", ".join(f"{key.removesuffix('_us')} {value:.1f} us" for key, value in record.items() if key.endswith("_us"))
-        lines.append(f"one-row product: [{record['n']} x {record['k']}] {weight}{' gated' if record['gated'] else ''}: "
-                     f"{record['choice']} ({record['source']}{'; ' + times if times else ''})")
-    lines += [f"few-rows product: {line}" for line in few_rows_gemm.describe_choices()]
-    for record in fp8_paths.chosen_paths():
-        times = ", ".join(f"{path} {us:.1f}" for path, us in record.get("times_us", {}).items())
-        lines.append(f"FP8 product: {record['rows']} rows x [{record['n']} x {record['k']}]: {record['choice']} "
-                     f"({record['source']}{'; us: ' + times if times else ''})")
-    return lines
+    return ([f"one-row product: {line}" for line in gemv.describe_choices()]
+            + [f"few-rows product: {line}" for line in few_rows_gemm.describe_choices()]
+            + [f"FP8 product: {line}" for line in fp8_paths.describe_choices()])
 
 
 def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_name: str, host: str, port: int,

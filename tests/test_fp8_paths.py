@@ -235,6 +235,8 @@ def test_timed_choice_takes_the_fastest_once_per_rows_bucket(fresh_choices, monk
     assert timed == []  # 7 rows: bucket 8, decided
     (record,) = [r for r in fp8_paths.chosen_paths() if r["rows"] == 8]
     assert record["source"] == "timed" and record["times_us"] == {FP8_GEMM: 1500.0, SCALED_MM: 1000.0, DEQUANTIZE: 4000.0}
+    assert fp8_paths.describe_choice(record) == (
+        "8 rows x [32 x 64]: scaled_mm (timed; us: fp8_gemm 1500.0, scaled_mm 1000.0, dequantize 4000.0)")
 
     # Equal times: the chip's order decides. A failing path drops out; a failing DEQUANTIZE raises.
     def flat(run):
@@ -320,8 +322,6 @@ def test_every_fp8_path_at_qwen3_shapes_on_gpu(preset, fresh_choices):
                     assert (error <= bound).all(), (name, m, path, error.max())
             fp8_paths.choose_path(x, w8, scales, paths)
         del w8, w
-    for record in fp8_paths.chosen_paths():
-        times = ", ".join(f"{path} {us:.1f} us" for path, us in record.get("times_us", {}).items())
-        print(f"{preset} {record['rows']:>3} rows x [{record['n']} x {record['k']}]: {record['choice']} "
-              f"({record['source']}: {times})")
+    for line in fp8_paths.describe_choices():
+        print(f"{preset} {line}")
     assert {r["source"] for r in fp8_paths.chosen_paths()} == {"timed"}

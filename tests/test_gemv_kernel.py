@@ -145,6 +145,8 @@ def test_choose_for_an_fp8_weight_times_its_launches_alone(monkeypatch):
     (record,) = [r for r in gemv.chosen_launches() if "weight_dtype" in r]
     assert record["weight_dtype"] == "float8_e4m3fn" and record["choice"] == SMALL_CONFIGS[1]
     assert (record["first_candidate_us"], record["chosen_us"]) == (3000.0, 1000.0)
+    assert gemv.describe_choices()[0] == (f"[8 x 16] float8_e4m3fn: {SMALL_CONFIGS[1]} (timed; first_candidate 3000.0 us, "
+                                          "chosen 1000.0 us)")
     # A first candidate that cannot launch here is an error, not a silent fallback.
     monkeypatch.setattr(gemv, "_CHOICES", {})
 
