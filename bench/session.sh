@@ -16,7 +16,8 @@
 #                 lengths and 256; SHAREGPT_OUTPUT_LEN), batches SHAREGPT_BATCHES in that order (issue
 #                 20), configurations SHAREGPT_CONFIGS ("paiton:700 inductor-cdt:900": each its own
 #                 step and time limit, a results file per configuration and scenario; a third field
-#                 orders that configuration's batches: "inductor-cdt:900:2,4,128"; paiton-fp8:
+#                 orders that configuration's batches: "inductor-cdt:900:2,4,128", a fourth its
+#                 server's slots, over SHAREGPT_SLOTS: "paiton-fp8:600:1,8,32:32"; paiton-fp8:
 #                 issue 21's FP8 weights over the same workload); each server
 #                 saves its compile cache under $out (compile-cache-<size>-<config>.xz) and loads the
 #                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz);
@@ -63,14 +64,17 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       model=${SHAREGPT_MODEL:-qwen3-32b}; short=${model#qwen3-}
       caches=()
       for f in ${SHAREGPT_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
-      for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do  # CONFIG[:SECONDS[:BATCHES]]
-        IFS=: read -r config limit batches <<< "$entry"
+      for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do  # CONFIG[:SECONDS[:BATCHES[:SLOTS]]]
+        IFS=: read -r config limit batches slots <<< "$entry"
+        # A configuration without a compile cache warms up faster with fewer slots (fewer decode
+        # sizes to record); one whose cache was made at SHAREGPT_SLOTS keeps those.
+        slots=${slots:-${SHAREGPT_SLOTS:-}}
         limit=${limit:-900}; batches=${batches:-${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}}
         step "sharegpt_${short}_$config" "$limit" python3 bench/serving.py --model "$model" --serve --configs "$config" \
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
           --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "$batches" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
-          ${SHAREGPT_SLOTS:+--server-slots "$SHAREGPT_SLOTS"} \
+          ${slots:+--server-slots "$slots"} \
           ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
         # A server its limit cut off would hold the GPU. The pattern starts at the command's
         # beginning, so it cannot match a shell whose text merely mentions it.
