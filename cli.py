@@ -304,6 +304,19 @@ def _compile_options(pairs: list[str]) -> dict:
     return options
 
 
+def _compile_cache_key(args: argparse.Namespace, device: str, options: dict) -> dict:
+    """What a server's compile cache is made for (backends/compile_cache.py's `made_for`): the
+    model and configuration its graphs come from and the static shapes in them."""
+    import torch
+
+    return dict(model=os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else args.model,
+                dtype=args.dtype, device=device, backend=args.backend, mode=args.mode, options=dict(options),
+                fp8=bool(args.fp8), max_slots=args.max_slots, max_model_len=args.max_model_len,
+                max_prefill_tokens=args.max_prefill_tokens,
+                tensor_parallel=args.tensor_parallel or int(os.environ.get("WORLD_SIZE", "1")),
+                torch=torch.__version__)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Build the model, its tokenizer and the continuous-batching engine; serve the OpenAI API."""
     import torch
@@ -331,12 +344,20 @@ def serve(args: argparse.Namespace) -> int:
         _progress(f"--load-compile-cache: no such file {', '.join(missing)}")
         return 2
     started = time.perf_counter()
+    made_for = _compile_cache_key(args, device, options)
     if args.load_compile_cache:
-        from paiton.backends.compile_cache import load_compile_cache
+        from paiton.backends.compile_cache import cache_mismatches, load_compile_cache
 
+        notes = []
         for path in args.load_compile_cache:
-            load_compile_cache(path)
-        _progress(f"compile cache loaded from {', '.join(args.load_compile_cache)} in {time.perf_counter() - started:.1f} s")
+            configuration, shapes = cache_mismatches(load_compile_cache(path), made_for)
+            if configuration:
+                notes.append(f"{path} is another configuration's ({', '.join(configuration)})")
+            elif shapes:
+                notes.append(f"{path} was made with other shapes, {', '.join(shapes)}: its graphs will not be "
+                             "these (expect a cold compile; start with its shapes to use it)")
+        _progress(f"compile cache loaded from {', '.join(args.load_compile_cache)} in {time.perf_counter() - started:.1f} s"
+                  + "".join(f"; {note}" for note in notes))
     ready = _model_on_this_rank(args, device)
     if ready is None:
         return 2
@@ -377,7 +398,7 @@ def serve(args: argparse.Namespace) -> int:
         def after_warmup():
             from paiton.backends.compile_cache import save_compile_cache
 
-            save_compile_cache(args.save_compile_cache, [])
+            save_compile_cache(args.save_compile_cache, [], made_for)
             return (f"compile cache saved to {args.save_compile_cache} "
                     f"({os.path.getsize(args.save_compile_cache) / 2**20:.1f} MiB)")
     if channel is None:
@@ -402,7 +423,8 @@ def _add_tensor_parallel_arguments(command: argparse.ArgumentParser) -> None:
                          help="under tensor parallelism: how long a collective waits for a rank before failing")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `paiton` command line: demo, generate, serve."""
     parser = argparse.ArgumentParser(prog="paiton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -472,7 +494,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--no-warmup", dest="warmup", action="store_false")
     _add_tensor_parallel_arguments(s)
     s.set_defaults(run=serve)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("serve", "generate"):
         if args.tensor_parallel is not None and args.tensor_parallel < 1:

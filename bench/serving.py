@@ -199,6 +199,10 @@ def main(argv=None):
     parser.add_argument("--server-slots", type=int, metavar="N",
                         help="with --serve: each server's slots (default: the largest batch size). A compile cache "
                              "holds the graphs of the slot count it was made with: keep it to reuse one")
+    parser.add_argument("--server-max-model-len", type=int, metavar="TOKENS",
+                        help="with --serve: each server's --max-model-len (default: the longest request of the "
+                             "scenarios run, rounded up to 64). A compile cache holds that length's graphs too: "
+                             "a run of one scenario keeps the length of the cache's run of both with this")
     parser.add_argument("--base-url", help="over HTTP: drive a server that is already running (one configuration)")
     parser.add_argument("--served-model", help="with --base-url: the model name it serves (default: --model)")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
@@ -232,6 +236,8 @@ def main(argv=None):
     if args.server_slots is not None and (not args.serve or args.server_slots < max(batches)):
         parser.error(f"--server-slots is for --serve, at least the largest batch size ({max(batches)}); "
                      f"got {args.server_slots}")
+    if args.server_max_model_len is not None and (not args.serve or args.server_max_model_len < 2):
+        parser.error(f"--server-max-model-len is for --serve, at least 2; got {args.server_max_model_len}")
     if not args.save_requests and (min(batches) < 1 or (not args.rounds and max(batches) > args.num_prompts)):
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
     if args.rounds is not None and not 1 <= max(args.rounds * max(batches), args.min_prompts) <= args.num_prompts:
@@ -448,7 +454,10 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
     envs = [dict(env, **about) for _, about in workloads]
     rows = [[] for _ in workloads]
     os.makedirs(args.out, exist_ok=True)
-    max_length = -(-max(len(r.prompt) + r.output_len for requests, _ in workloads for r in requests) // 64) * 64
+    longest = max(len(r.prompt) + r.output_len for requests, _ in workloads for r in requests)
+    max_length = args.server_max_model_len or -(-longest // 64) * 64
+    if longest > max_length:
+        raise SystemExit(f"--server-max-model-len {max_length}: the workload's longest request is {longest} tokens")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     copy_rate = env.get("copy_rate_gbs") and env["copy_rate_gbs"] * 1e9
     if copy_rate:  # the servers' models are not in this process: the batch-1 floors from the config's shapes

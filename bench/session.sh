@@ -22,7 +22,9 @@
 #                 saves its compile cache under $out (compile-cache-<size>-<config>.xz) and loads the
 #                 files SHAREGPT_COMPILE_CACHES names (e.g. bench/results/compile-cache/*.xz);
 #                 SHAREGPT_SLOTS: every server's slots (default its largest batch size; a cache
-#                 holds the graphs of the slot count it was made with: compile-cache/'s, 128)
+#                 holds the graphs of the slot count it was made with: compile-cache/'s, 128);
+#                 SHAREGPT_MODEL_LEN: every server's --max-model-len (default: the longest request
+#                 of the scenarios run; compile-cache/'s were made at 1472, both scenarios)
 #   profile_32b   bench/profile_decode_step.py, Qwen3-32B, Paiton, batches PROFILE_BATCHES (1,2,32)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
@@ -74,7 +76,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
           --rounds 2 --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "$batches" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
-          ${slots:+--server-slots "$slots"} \
+          ${slots:+--server-slots "$slots"} ${SHAREGPT_MODEL_LEN:+--server-max-model-len "$SHAREGPT_MODEL_LEN"} \
           ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
         # A server its limit cut off would hold the GPU. The pattern starts at the command's
         # beginning, so it cannot match a shell whose text merely mentions it.

@@ -180,6 +180,7 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
     serving.main(["--model", "tiny", "--requests", str(workload), "--num-prompts", "6", "--batch-sizes", "1,3",
                   "--configs", "paiton", "--serve", "--paiton-inner", "eager", "--device", "cpu", "--request-rate", "50",
                   "--output-len", "dataset,4", "--save-compile-cache", str(tmp_path / "cache.xz"), "--server-slots", "5",
+                  "--server-max-model-len", "96",
                   "--out", str(tmp_path)])
     # Both scenarios ran on the one server start, a results file each.
     (dataset_path,) = [path for path in tmp_path.glob("serving-tiny-CPU-*.json") if "-out" not in path.name]
@@ -203,10 +204,11 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
 
     cache_file = tmp_path / "cache-paiton.xz"
     assert cache_file.read_bytes().startswith(XZ_MAGIC)
-    load_compile_cache(str(cache_file))
+    made_for = load_compile_cache(str(cache_file))
+    assert (made_for["model"], made_for["backend"], made_for["max_slots"], made_for["max_model_len"]) == ("tiny", "paiton", 5, 96)
     server_log = (tmp_path / "serve-paiton.log").read_text()
     assert "compile cache saved to" in server_log
-    assert "5 slots x" in server_log  # --server-slots, not the largest batch size (3)
+    assert "5 slots x 96 tokens" in server_log  # --server-slots, not the largest batch size (3); the length asked for
     assert "warm-up: decode at batch 4 ready at" in server_log
 
 
@@ -265,6 +267,7 @@ def test_decode_step_logits_compare_only_rows_whose_first_token_matched():
     (["--model", "tiny", "--serve", "--configs", "paiton", "--batch-sizes", "1,4", "--server-slots", "2"],
      "--server-slots is for --serve, at least the largest batch size"),
     (["--model", "tiny", "--server-slots", "8"], "--server-slots is for --serve"),
+    (["--model", "tiny", "--server-max-model-len", "512"], "--server-max-model-len is for --serve"),
 ])
 def test_bad_arguments_are_clear_errors(arguments, message, capsys):
     import serving
