@@ -402,13 +402,15 @@ def serve(args: argparse.Namespace) -> int:
             return (f"compile cache saved to {args.save_compile_cache} "
                     f"({os.path.getsize(args.save_compile_cache) / 2**20:.1f} MiB)")
     if channel is None:
-        return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup)
+        return run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup,
+                          stack_dump_s=args.warmup_stack_dumps)
     from paiton.models.tp_runtime import end_server_on_step_error
 
     # A failed step (a rank died, or hangs past --tp-timeout) ends the server: the ranks may be out of step.
     failure = end_server_on_step_error(engine, channel)
     with channel.leading(engine):  # every step the engine runs is broadcast to the other ranks first
-        run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup)
+        run_server(engine, tokenizer, info, name, args.host, args.port, warmup=warmup, after_warmup=after_warmup,
+                   stack_dump_s=args.warmup_stack_dumps)
     if error := failure():
         _progress(f"stopped: a tensor-parallel step failed ({type(error).__name__}: {error})")
         return 1
@@ -492,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", dest="warmup", action="store_true", default=None,
                    help="compile and record CUDA graphs before serving (default on a GPU)")
     s.add_argument("--no-warmup", dest="warmup", action="store_false")
+    s.add_argument("--warmup-stack-dumps", type=float, metavar="SECONDS",
+                   default=float(os.environ.get("PAITON_WARMUP_STACK_DUMPS", "0")),
+                   help="while warming up, print every thread's stack each SECONDS (where a long warm-up "
+                        "spends its time; default: $PAITON_WARMUP_STACK_DUMPS, else off)")
     _add_tensor_parallel_arguments(s)
     s.set_defaults(run=serve)
     return parser

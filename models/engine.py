@@ -617,7 +617,10 @@ class Engine:
         rounds = []  # (what it readies, requests)
         for length in sorted(set(prompt_lengths)):
             for call in range(2):  # recorded at the second call
-                rounds.append((f"prefill of {length} tokens" if call else None, [EngineRequest([1] * length, 3)]))
+                what = f"prefill of {length} tokens" if call else None
+                if not rounds:  # the very first request compiles both forwards: most of a warm-up's time
+                    what = f"first prefill ({length} tokens) and decode steps (the compiles)"
+                rounds.append((what, [EngineRequest([1] * length, 3)]))
         for batch in sorted(set(batch_sizes)):
             # A batch fills (one packed prefill), then runs 4 steps at that size.
             rounds.append((f"decode at batch {batch}", [EngineRequest([1] * 4, 5) for _ in range(batch)]))

@@ -27,9 +27,11 @@ stop strings are found there, and the request is then aborted in the engine (rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -428,11 +430,40 @@ def _timed_choices() -> list[str]:
             + [f"FP8 product: {line}" for line in fp8_paths.describe_choices()])
 
 
+@contextlib.contextmanager
+def warm_up_reporting(stack_dump_s: float = 0.0):
+    """While a warm-up runs: each timed choice printed as it is made (the kernels' loggers at
+    INFO: a 32B warm-up takes minutes, and a stall shows as the last choice before it), and, with
+    `stack_dump_s`, every thread's Python stack printed each `stack_dump_s` seconds
+    (faulthandler: it works while the engine thread is stuck in a kernel launch or a compile)."""
+    import faulthandler
+    import logging
+
+    loggers = [logging.getLogger(f"paiton.fusion.{name}") for name in ("gemv", "few_rows_gemm", "fp8_paths")]
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[paiton] choice: %(message)s"))
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    if stack_dump_s > 0:
+        faulthandler.dump_traceback_later(stack_dump_s, repeat=True, file=sys.stderr)
+    try:
+        yield
+    finally:
+        if stack_dump_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
 def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_name: str, host: str, port: int,
-               warmup: bool = False, after_warmup=None) -> int:
+               warmup: bool = False, after_warmup=None, stack_dump_s: float = 0.0) -> int:
     """Serve until interrupted. The engine starts first (and warms up, if asked, then calls
     `after_warmup`, whose line it prints: `paiton serve` saves the compile cache there), then
-    the port opens; the address taken is printed (port 0: any free one)."""
+    the port opens; the address taken is printed (port 0: any free one). `stack_dump_s`: see
+    warm_up_reporting."""
     import signal
 
     from aiohttp import web
@@ -450,8 +481,9 @@ def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_n
             def progress(what: str, seconds: float) -> None:
                 print(f"[paiton] warm-up: {what} ready at {seconds:.1f} s", flush=True)
 
-            seconds = await asyncio.get_running_loop().run_in_executor(None, functools.partial(engine.warm_up,
-                                                                                               progress=progress))
+            with warm_up_reporting(stack_dump_s):
+                seconds = await asyncio.get_running_loop().run_in_executor(None, functools.partial(engine.warm_up,
+                                                                                                   progress=progress))
             print(f"[paiton] warmed up in {seconds:.1f} s", flush=True)
             for line in _timed_choices():
                 print(f"[paiton] {line}", flush=True)

@@ -78,12 +78,14 @@ def test_a_prefill_bucket_longer_than_the_cache(model):
 
 
 def test_warm_up_reports_each_shape_as_it_is_ready(model, alone):
-    """warm_up's progress hears of each prefill bucket and decode batch size once, in order, with
-    the seconds since its start; the engine serves as before after it."""
+    """warm_up's progress hears of the first request (the compiles), then each prefill bucket and
+    decode batch size once, in order, with the seconds since its start; the engine serves as
+    before after it."""
     engine = Engine(model, max_slots=2, max_length=48, backend="eager", max_prefill_tokens=32)
     heard = []
     seconds = engine.warm_up(progress=lambda what, at: heard.append((what, at)))
-    assert [what for what, _ in heard] == ["prefill of 16 tokens", "prefill of 32 tokens", "decode at batch 1",
+    assert [what for what, _ in heard] == ["first prefill (16 tokens) and decode steps (the compiles)",
+                                           "prefill of 16 tokens", "prefill of 32 tokens", "decode at batch 1",
                                            "decode at batch 2"]
     times = [at for _, at in heard]
     assert times == sorted(times) and 0 < times[-1] <= seconds

@@ -269,3 +269,26 @@ def test_serving_fp8_weights(cache_dir):
     expected = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager").generate([[3, 1, 4, 1, 5]], 6).tokens[0]
     assert reply.choices[0].token_ids == expected
     assert any("FP8 weights" in line for line in server.lines)
+
+
+def test_warm_up_reporting_prints_choices_as_made_and_stacks_of_a_long_warm_up(capfd):
+    """A 32B warm-up takes minutes and one on the H200 never ended, silently: while a warm-up
+    runs, each timed kernel choice is printed as it is made and, asked for, every thread's stack
+    at an interval; afterwards neither."""
+    import logging
+    import time
+
+    from paiton.models.server import warm_up_reporting
+
+    choices = logging.getLogger("paiton.fusion.fp8_paths")
+    with warm_up_reporting(stack_dump_s=0.2):
+        choices.info("paiton fp8: %d rows x [%d x %d]: %s", 16, 10240, 5120, "fp8_gemm")
+        time.sleep(0.7)
+    during_out, during_err = capfd.readouterr()
+    choices.info("after the warm-up")
+    time.sleep(0.5)
+    after_out, after_err = capfd.readouterr()
+    assert "[paiton] choice: paiton fp8: 16 rows x [10240 x 5120]: fp8_gemm" in during_out
+    assert "test_warm_up_reporting_prints_choices_as_made" in during_err  # this thread's stack, by faulthandler
+    assert during_err.count("Timeout (0:00:00.200000)!") >= 2  # at 0.2, 0.4, 0.6 s: repeated
+    assert "after the warm-up" not in after_out and "Timeout (" not in after_err  # both ended with it
