@@ -21,8 +21,24 @@ import triton
 log = logging.getLogger(__name__)
 
 # Cycles of torch.cuda._sleep to queue before a timed run: raised whenever the host's launches
-# outlast the spin (the GPU would then wait on the host and the time would count launches).
+# outlast the spin (the GPU would then wait on the host and the time would count launches), up
+# to MAX_SPIN_CYCLES (about 70 ms on a 1.98 GHz H200).
 SPIN_CYCLES = [2**20]
+MAX_SPIN_CYCLES = 2**27
+
+
+def spin_verdict(spin_ms: float, launch_ms: float, cycles: int) -> tuple[bool, int]:
+    """(keep the sample, the spin's cycles from now on) after a timed run whose spin lasted
+    `spin_ms` on the GPU and whose launches took `launch_ms` on the host: kept if the spin
+    outlasted the launches (fn's kernels ran back to back); else dropped and the spin doubled,
+    unless it is at MAX_SPIN_CYCLES already: then kept as it is (launch time in it). Without that
+    bound a run that waits for the GPU itself (a synchronizing call: its launches always outlast
+    any spin) doubles the spin forever, each sample twice as long as the last."""
+    if spin_ms > launch_ms:
+        return True, cycles
+    if cycles >= MAX_SPIN_CYCLES:
+        return True, cycles
+    return False, min(cycles * 2, MAX_SPIN_CYCLES)
 
 
 def time_ms(fn: Callable[[], object], replays: int = 5) -> float:
@@ -30,7 +46,7 @@ def time_ms(fn: Callable[[], object], replays: int = 5) -> float:
     graphs has none: each timed call is enqueued behind a spin on the GPU (torch.cuda._sleep)
     that outlasts the host's launches, so fn's kernels then run back to back. (Timed as launched,
     a Triton launch from Python can take longer than a 15 us GEMV.) A sample whose launches
-    outlasted the spin is dropped and the spin doubled."""
+    outlasted the spin is dropped and the spin doubled, as spin_verdict says."""
     fn()  # warm: Triton's compile, cuBLAS's handle
     times: list[float] = []
     while len(times) < replays:
@@ -43,10 +59,9 @@ def time_ms(fn: Callable[[], object], replays: int = 5) -> float:
         end.record()
         launch_ms = (time.perf_counter() - launch) * 1e3
         end.synchronize()
-        if spun.elapsed_time(start) <= launch_ms:
-            SPIN_CYCLES[0] *= 2
-            continue
-        times.append(start.elapsed_time(end))
+        keep, SPIN_CYCLES[0] = spin_verdict(spun.elapsed_time(start), launch_ms, SPIN_CYCLES[0])
+        if keep:
+            times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
