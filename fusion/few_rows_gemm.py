@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from paiton.fusion.gemv import BLOCK_SCALES, SCALE_BLOCK, VENDOR, scales_kind
-from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms
+from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
 from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
 
 log = logging.getLogger(__name__)
@@ -314,6 +314,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         _CHOICES[key], _TIMINGS[key] = baseline, {"source": "fallback"}
         return baseline
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return baseline
+    if time_ms_fn is None and not timed_choices():  # untimed, kept: PAITON_TIMED_CHOICES=0
+        _CHOICES[key], _TIMINGS[key] = baseline, {"source": "untimed"}
         return baseline
     if x.is_cuda:  # the launches this chip's shared memory takes at this many rows
         from paiton.backends.target import detect_target

@@ -38,7 +38,7 @@ from paiton.fusion import few_rows_gemm as _few_rows
 from paiton.fusion.few_rows_gemm import MAX_ROWS, few_rows_gemm
 from paiton.fusion.gemv import ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.quantize_rows import quantize_rows, quantize_rows_reference
-from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms
+from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
 from paiton.fusion.triton_utils import as_rows, device_guard
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,9 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, pat
         _CHOICES[key], _TIMINGS[key] = eligible[0], {"source": "fallback"}
         return eligible[0]
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return eligible[0]
+    if time_ms_fn is None and not timed_choices():  # untimed, kept: PAITON_TIMED_CHOICES=0
+        _CHOICES[key], _TIMINGS[key] = eligible[0], {"source": "untimed"}
         return eligible[0]
     timed = time_paths(x, weight, scales, eligible, TIMING_ROUNDS, time_ms_fn or time_ms)
     choice, best_ms = min(timed, key=lambda timing: timing[1])  # min keeps the first of equal times

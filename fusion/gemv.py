@@ -42,6 +42,7 @@ from paiton.fusion.swiglu import silu_mul, silu_mul_reference, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times
 from paiton.fusion.timing import cold_copies as _cold_copies
 from paiton.fusion.timing import time_ms as _time_ms
+from paiton.fusion.timing import timed_choices
 from paiton.fusion.triton_utils import device_guard
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
             return measured
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return candidates[0] if fp8 else VENDOR
+    if time_ms is None and not timed_choices():  # untimed, kept: PAITON_TIMED_CHOICES=0
+        _CHOICES[key], _TIMINGS[key] = (candidates[0] if fp8 else VENDOR), {"source": "untimed"}
+        return _CHOICES[key]
     timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, time_ms or _time_ms, scales)
     choice, best_ms = min(timed, key=lambda timing: timing[1])  # the baseline first: a tie keeps it
     baseline = "first candidate" if fp8 else "vendor"

@@ -12,6 +12,7 @@ candidate is timed once per round, in turn, for TIMING_ROUNDS rounds, and keeps 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,14 @@ import torch
 import triton
 
 log = logging.getLogger(__name__)
+
+def timed_choices() -> bool:
+    """Whether the per-shape choices (gemv.choose, few_rows_gemm.choose, fp8_paths.choose_path)
+    time their candidates on a GPU: yes unless PAITON_TIMED_CHOICES=0, under which each takes its
+    untimed default, as during a CUDA graph capture, and keeps it (to tell a warm-up's timing
+    from the rest of it, or to start without it)."""
+    return os.environ.get("PAITON_TIMED_CHOICES", "1") != "0"
+
 
 # Cycles of torch.cuda._sleep to queue before a timed run: raised whenever the host's launches
 # outlast the spin (the GPU would then wait on the host and the time would count launches), up

@@ -286,7 +286,7 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
 
     bench = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
     cache_file = tmp_path / "compiled.bin"
-    common = [sys.executable, str(bench), "--model", "tiny", "--num-prompts", "2", "--batch-sizes", "1,2",
+    common = [sys.executable, str(bench), "--model", "tiny", "--num-prompts", "2", "--batch-sizes", "2",
               "--configs", "inductor", "--device", "cpu", "--max-prompt-len", "12", "--output-len", "3"]
     probe = ("import runpy, sys, atexit; from torch._dynamo.utils import counters; "
              "atexit.register(lambda: print('HITS', counters['inductor']['fxgraph_cache_hit'], "
@@ -302,13 +302,13 @@ def test_compile_cache_carries_to_a_later_run(tmp_path):
         hits, misses = result.stdout.split("HITS ")[1].split()[0::2]
         return int(hits), int(misses)
 
-    assert run(["--save-compile-cache", str(cache_file)], "first") == (0, 4)  # 2 prefill + 2 decode graphs
+    assert run(["--save-compile-cache", str(cache_file)], "first") == (0, 2)  # a prefill and a decode graph
     assert cache_file.read_bytes().startswith(XZ_MAGIC)  # compressed, to fit what the device hands back
-    assert run(["--load-compile-cache", str(cache_file)], "second") == (4, 0)
+    assert run(["--load-compile-cache", str(cache_file)], "second") == (2, 0)
 
-    # Each row's compile breakdown saw the same: batch 1 and batch 2+ compile a prefill and a
-    # decode graph each, missed in the first run, hit in the second; dynamo's time is part of
-    # the warm-up's and holds the backend's.
+    # The row's compile breakdown saw the same: batch 2 compiles a prefill and a decode graph
+    # (one batch size: each Inductor compile costs 10-40 s on CPU), missed in the first run,
+    # hit in the second; dynamo's time is part of the warm-up's and holds the backend's.
     for inductor_dir, hit, miss in (("first", 0, 2), ("second", 2, 0)):
         (result_path,) = (tmp_path / inductor_dir).glob("serving-tiny-CPU-*.json")
         for row in json.loads(result_path.read_text())["rows"]:

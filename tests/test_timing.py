@@ -47,3 +47,42 @@ def test_timing_a_run_that_synchronizes_ends():
         assert timing.SPIN_CYCLES[0] == MAX_SPIN_CYCLES
     finally:
         timing.SPIN_CYCLES[0] = saved
+
+
+def test_timed_choices_are_on_unless_the_environment_says_0(monkeypatch):
+    monkeypatch.delenv("PAITON_TIMED_CHOICES", raising=False)
+    assert timing.timed_choices()
+    monkeypatch.setenv("PAITON_TIMED_CHOICES", "0")
+    assert not timing.timed_choices()
+    monkeypatch.setenv("PAITON_TIMED_CHOICES", "1")
+    assert timing.timed_choices()
+
+
+@pytest.mark.gpu
+def test_untimed_choices_take_their_defaults_on_a_gpu(monkeypatch):
+    """PAITON_TIMED_CHOICES=0: the three per-shape choices keep their untimed defaults (the FP8
+    GEMV's first launch, the FP8 GEMM's first launch, the first FP8 path in the chip's order),
+    recorded as "untimed", and time nothing (a timer that would fail is never called)."""
+    from paiton.backends.lowering import lowering_for
+    from paiton.backends.target import detect_target
+    from paiton.fusion import few_rows_gemm, fp8_paths, gemv
+    from paiton.fusion.fp8_linear import quantize_weight
+
+    monkeypatch.setenv("PAITON_TIMED_CHOICES", "0")
+    for module in (gemv, few_rows_gemm, fp8_paths):
+        monkeypatch.setattr(module, "_CHOICES", {})
+        monkeypatch.setattr(module, "_TIMINGS", {})
+    def no_timing(fn, replays=5):
+        pytest.fail("timed with PAITON_TIMED_CHOICES=0")
+
+    for module, name in ((gemv, "_time_ms"), (few_rows_gemm, "time_ms"), (fp8_paths, "time_ms")):
+        monkeypatch.setattr(module, name, no_timing)
+    params = lowering_for("fp8_linear", detect_target(torch.device("cuda"))).params
+    w8, scales = quantize_weight(torch.randn(384, 256, device="cuda"))
+    x1, x8 = (torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16) for rows in (1, 8))
+    assert gemv.choose(x1, w8, params["one_row_candidates"], scales=scales) == params["one_row_candidates"][0]
+    assert few_rows_gemm.choose(x8, w8, params["several_rows_candidates"], scales=scales) == \
+        params["several_rows_candidates"][0]
+    assert fp8_paths.choose_path(x8, w8, scales, params["several_rows"]) == params["several_rows"][0]
+    sources = [r["source"] for r in gemv.chosen_launches() + few_rows_gemm.chosen_launches() + fp8_paths.chosen_paths()]
+    assert sources == ["untimed"] * 3
