@@ -21,6 +21,7 @@ import triton
 
 log = logging.getLogger(__name__)
 
+
 def timed_choices() -> bool:
     """Whether the per-shape choices (gemv.choose, few_rows_gemm.choose, fp8_paths.choose_path)
     time their candidates on a GPU: yes unless PAITON_TIMED_CHOICES=0, under which each takes its
@@ -43,9 +44,7 @@ def spin_verdict(spin_ms: float, launch_ms: float, cycles: int) -> tuple[bool, i
     unless it is at MAX_SPIN_CYCLES already: then kept as it is (launch time in it). Without that
     bound a run that waits for the GPU itself (a synchronizing call: its launches always outlast
     any spin) doubles the spin forever, each sample twice as long as the last."""
-    if spin_ms > launch_ms:
-        return True, cycles
-    if cycles >= MAX_SPIN_CYCLES:
+    if spin_ms > launch_ms or cycles >= MAX_SPIN_CYCLES:
         return True, cycles
     return False, min(cycles * 2, MAX_SPIN_CYCLES)
 

@@ -439,7 +439,9 @@ def warm_up_reporting(stack_dump_s: float = 0.0):
     import faulthandler
     import logging
 
-    loggers = [logging.getLogger(f"paiton.fusion.{name}") for name in ("gemv", "few_rows_gemm", "fp8_paths")]
+    from paiton.fusion import few_rows_gemm, fp8_paths, gemv
+
+    loggers = [module.log for module in (gemv, few_rows_gemm, fp8_paths)]  # the loggers whose INFO lines are the choices
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[paiton] choice: %(message)s"))
     levels = [logger.level for logger in loggers]
