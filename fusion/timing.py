@@ -11,6 +11,7 @@ candidate is timed once per round, in turn, for TIMING_ROUNDS rounds, and keeps 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -30,47 +31,101 @@ def timed_choices() -> bool:
     return os.environ.get("PAITON_TIMED_CHOICES", "1") != "0"
 
 
-# Cycles of torch.cuda._sleep to queue before a timed run: raised whenever the host's launches
-# outlast the spin (the GPU would then wait on the host and the time would count launches), up
-# to MAX_SPIN_CYCLES (about 70 ms on a 1.98 GHz H200).
-SPIN_CYCLES = [2**20]
-MAX_SPIN_CYCLES = 2**27
+# The spin queued before each timed run, in torch.cuda._sleep's cycles (about 1.98 per ns on an
+# H200): each time_ms call starts from twice the host time of one warmed call of fn, at least
+# BASE_SPIN_CYCLES, at most MAX_SPIN_CYCLES (about 17 ms: a timed run's launches take under 2 ms).
+# A sample whose launches outlasted its spin (the GPU then waited on the host, and the time would
+# count launches) is dropped and the spin raised for that call only, at most MAX_DROPS times; then
+# samples are kept as they come. Nothing carries to the next call: a spin that only ever grew
+# (as here until 2026-12-04) was raised for good by any one slow sample (a garbage collection, a
+# compile worker taking the CPU), so every later sample of a warm-up paid the longest spin yet.
+BASE_SPIN_CYCLES = 2**20
+MAX_SPIN_CYCLES = 2**25
+MAX_DROPS = 3
+# Spin cycles per ms of GPU time, learned from every sample (the card's clock; first guess: 2 GHz).
+CYCLES_PER_MS = [2.0e6]
+
+# What the timings cost so far in this process (spent()): a warm-up that times many shapes
+# prints it, so a long one says how much of it was timing.
+_SPENT = {"calls": 0, "samples": 0, "dropped": 0, "seconds": 0.0}
 
 
-def spin_verdict(spin_ms: float, launch_ms: float, cycles: int) -> tuple[bool, int]:
-    """(keep the sample, the spin's cycles from now on) after a timed run whose spin lasted
-    `spin_ms` on the GPU and whose launches took `launch_ms` on the host: kept if the spin
-    outlasted the launches (fn's kernels ran back to back); else dropped and the spin doubled,
-    unless it is at MAX_SPIN_CYCLES already: then kept as it is (launch time in it). Without that
-    bound a run that waits for the GPU itself (a synchronizing call: its launches always outlast
-    any spin) doubles the spin forever, each sample twice as long as the last."""
-    if spin_ms > launch_ms or cycles >= MAX_SPIN_CYCLES:
+def spin_cycles(launch_ms: float, at_least: int = BASE_SPIN_CYCLES) -> int:
+    """Cycles for a spin of twice `launch_ms` (at CYCLES_PER_MS), at least `at_least` and
+    BASE_SPIN_CYCLES, at most MAX_SPIN_CYCLES."""
+    wanted = int(2 * max(launch_ms, 0.0) * CYCLES_PER_MS[0])
+    return min(MAX_SPIN_CYCLES, max(BASE_SPIN_CYCLES, at_least, wanted))
+
+
+def spin_verdict(spin_ms: float, launch_ms: float, cycles: int, drops: int) -> tuple[bool, int]:
+    """(keep the sample, the spin's cycles for the next sample of this call) after a timed run
+    whose spin lasted `spin_ms` on the GPU and whose launches took `launch_ms` on the host,
+    `drops` samples of this call dropped before it: kept if the spin outlasted the launches
+    (fn's kernels ran back to back), or if MAX_DROPS were dropped already or the spin is at
+    MAX_SPIN_CYCLES (a run that waits for the GPU itself, a synchronizing call, outlasts every
+    spin: kept with its launch time in it rather than retried without end); else dropped, and the
+    next spin at least twice as long and twice these launches."""
+    if spin_ms > launch_ms or drops >= MAX_DROPS or cycles >= MAX_SPIN_CYCLES:
         return True, cycles
-    return False, min(cycles * 2, MAX_SPIN_CYCLES)
+    return False, spin_cycles(launch_ms, at_least=2 * cycles)
 
 
 def time_ms(fn: Callable[[], object], replays: int = 5) -> float:
     """Median GPU time of `fn()` in ms with no host launch time in it, as a decode step under CUDA
     graphs has none: each timed call is enqueued behind a spin on the GPU (torch.cuda._sleep)
     that outlasts the host's launches, so fn's kernels then run back to back. (Timed as launched,
-    a Triton launch from Python can take longer than a 15 us GEMV.) A sample whose launches
-    outlasted the spin is dropped and the spin doubled, as spin_verdict says."""
+    a Triton launch from Python can take longer than a 15 us GEMV.) The spin is sized from a
+    warmed call's launches and raised for a sample they outlasted, as spin_verdict says; the
+    garbage collector waits while samples are taken (a collection in the middle of fn's launches
+    would drop the sample)."""
+    began = time.perf_counter()
     fn()  # warm: Triton's compile, cuBLAS's handle
+    launch = time.perf_counter()
+    fn()
+    cycles, drops = spin_cycles((time.perf_counter() - launch) * 1e3), 0
     times: list[float] = []
-    while len(times) < replays:
-        spun, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        spun.record()
-        torch.cuda._sleep(SPIN_CYCLES[0])
-        launch = time.perf_counter()
-        start.record()
-        fn()
-        end.record()
-        launch_ms = (time.perf_counter() - launch) * 1e3
-        end.synchronize()
-        keep, SPIN_CYCLES[0] = spin_verdict(spun.elapsed_time(start), launch_ms, SPIN_CYCLES[0])
-        if keep:
-            times.append(start.elapsed_time(end))
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        while len(times) < replays:
+            spun, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            spun.record()
+            torch.cuda._sleep(cycles)
+            launch = time.perf_counter()
+            start.record()
+            fn()
+            end.record()
+            launch_ms = (time.perf_counter() - launch) * 1e3
+            end.synchronize()
+            spin_ms = spun.elapsed_time(start)
+            if spin_ms > 0:
+                CYCLES_PER_MS[0] = cycles / spin_ms
+            keep, next_cycles = spin_verdict(spin_ms, launch_ms, cycles, drops)
+            if keep:
+                times.append(start.elapsed_time(end))
+            else:
+                drops += 1
+            cycles = next_cycles
+    finally:
+        if collecting:
+            gc.enable()
+    _SPENT["calls"] += 1
+    _SPENT["samples"] += replays + drops
+    _SPENT["dropped"] += drops
+    _SPENT["seconds"] += time.perf_counter() - began
     return sorted(times)[len(times) // 2]
+
+
+def spent() -> dict:
+    """What time_ms cost this process so far: calls, samples taken, samples dropped (launches
+    that outlasted their spin), seconds (warm calls included)."""
+    return dict(_SPENT)
+
+
+def describe_spent() -> str:
+    """spent() as a phrase for a log line."""
+    s = spent()
+    return f"{s['calls']} timings, {s['seconds']:.1f} s ({s['samples']} samples, {s['dropped']} dropped)"
 
 
 def cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:

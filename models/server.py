@@ -480,8 +480,10 @@ def run_server(engine: Engine, tokenizer, tokenizer_info: TokenizerInfo, model_n
             runner = web.AppRunner(app)
         engine.start()
         if warmup:
-            def progress(what: str, seconds: float) -> None:
-                print(f"[paiton] warm-up: {what} ready at {seconds:.1f} s", flush=True)
+            from paiton.fusion.timing import describe_spent
+
+            def progress(what: str, seconds: float) -> None:  # with what the kernel choices' timings took so far
+                print(f"[paiton] warm-up: {what} ready at {seconds:.1f} s (choices: {describe_spent()})", flush=True)
 
             with warm_up_reporting(stack_dump_s):
                 seconds = await asyncio.get_running_loop().run_in_executor(None, functools.partial(engine.warm_up,

@@ -1,5 +1,6 @@
-"""fusion/timing.py: the per-shape choices' timer. Its spin grows while the host's launches
-outlast it, and must stop growing: a timed run that synchronizes outlasts every spin."""
+"""fusion/timing.py: the per-shape choices' timer. Its spin is sized from each call's own
+launches, grows while they outlast it, and must stop growing: a timed run that synchronizes
+outlasts every spin, and one slow sample must not lengthen every later call's."""
 
 from __future__ import annotations
 
@@ -9,44 +10,59 @@ import pytest
 import torch
 
 from paiton.fusion import timing
-from paiton.fusion.timing import MAX_SPIN_CYCLES, spin_verdict
+from paiton.fusion.timing import BASE_SPIN_CYCLES, MAX_DROPS, MAX_SPIN_CYCLES, spin_cycles, spin_verdict
 
 
 def test_a_spin_that_outlasts_the_launches_keeps_the_sample():
-    assert spin_verdict(0.6, 0.2, 2**20) == (True, 2**20)
+    assert spin_verdict(0.6, 0.2, 2**20, drops=0) == (True, 2**20)
 
 
-def test_launches_that_outlast_the_spin_double_it_up_to_the_bound_then_count():
-    assert spin_verdict(0.5, 0.7, 2**20) == (False, 2**21)
-    assert spin_verdict(30.0, 40.0, MAX_SPIN_CYCLES // 2) == (False, MAX_SPIN_CYCLES)
-    # At the bound a run that always outlasts the spin (one that waits for the GPU) is kept as
-    # it is instead of doubling the spin without end.
-    assert spin_verdict(70.0, 80.0, MAX_SPIN_CYCLES) == (True, MAX_SPIN_CYCLES)
+def test_launches_that_outlast_the_spin_raise_it_for_twice_them(monkeypatch):
+    monkeypatch.setattr(timing, "CYCLES_PER_MS", [2.0e6])
+    assert spin_verdict(0.5, 0.5, 2**20, drops=0) == (False, 2**21)  # doubled: more than twice 0.5 ms
+    assert spin_verdict(0.5, 3.0, 2**20, drops=0) == (False, 12_000_000)  # twice 3 ms at 2e6 a ms
+    assert spin_verdict(10.0, 40.0, 2**24, drops=1) == (False, MAX_SPIN_CYCLES)  # bounded
 
 
-def test_a_spin_doubled_from_its_start_reaches_the_bound_in_few_samples():
-    cycles, dropped = 2**20, 0
+def test_a_call_drops_at_most_max_drops_samples_and_keeps_at_the_bound():
+    # A run that always outlasts its spin (one that waits for the GPU) is kept as it is after
+    # MAX_DROPS drops instead of doubling the spin without end.
+    cycles, drops = BASE_SPIN_CYCLES, 0
     while True:
-        keep, cycles = spin_verdict(0.0, 1.0, cycles)  # every run outlasts its spin
+        keep, cycles = spin_verdict(0.0, 1.0, cycles, drops)
         if keep:
             break
-        dropped += 1
-    assert cycles == MAX_SPIN_CYCLES and dropped == 7
+        drops += 1
+    assert drops == MAX_DROPS and cycles <= MAX_SPIN_CYCLES
+    assert spin_verdict(1.0, 90.0, MAX_SPIN_CYCLES, drops=0) == (True, MAX_SPIN_CYCLES)
+
+
+def test_a_calls_first_spin_is_twice_its_launches_within_the_bounds(monkeypatch):
+    monkeypatch.setattr(timing, "CYCLES_PER_MS", [2.0e6])
+    assert spin_cycles(0.01) == BASE_SPIN_CYCLES
+    assert spin_cycles(1.0) == 4_000_000
+    assert spin_cycles(1e4) == MAX_SPIN_CYCLES
 
 
 @pytest.mark.gpu
 def test_timing_a_run_that_synchronizes_ends():
     """A timed run with a synchronize in it (the host waits for the spin): time_ms returns in
-    bounded time, and the spin ends at the bound, not past it."""
+    bounded time, having dropped at most MAX_DROPS samples; and the next call of a run that
+    launches quickly spins from its own launches again, not from the synchronizing run's spin."""
     x = torch.randn(1024, 1024, device="cuda")
-    saved = timing.SPIN_CYCLES[0]
+    before = timing.spent()
+    began = time.perf_counter()
+    ms = timing.time_ms(lambda: (x @ x, torch.cuda.synchronize()))
+    assert time.perf_counter() - began < 5 and ms > 0
+    assert timing.spent()["dropped"] - before["dropped"] <= MAX_DROPS
+    spins = []
+    sleep = torch.cuda._sleep
     try:
-        began = time.perf_counter()
-        ms = timing.time_ms(lambda: (x @ x, torch.cuda.synchronize()))
-        assert time.perf_counter() - began < 30 and ms > 0
-        assert timing.SPIN_CYCLES[0] == MAX_SPIN_CYCLES
+        torch.cuda._sleep = lambda cycles: (spins.append(cycles), sleep(cycles))
+        timing.time_ms(lambda: x @ x)
     finally:
-        timing.SPIN_CYCLES[0] = saved
+        torch.cuda._sleep = sleep
+    assert spins and spins[0] == BASE_SPIN_CYCLES, spins
 
 
 def test_timed_choices_are_on_unless_the_environment_says_0(monkeypatch):
