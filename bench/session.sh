@@ -37,7 +37,9 @@ out=${DETACHED_OUT:-${OUT:-/tmp/paiton-session}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # A server's warm-up prints every thread's stack this often (cli.py --warmup-stack-dumps): the
-# FP8 32B server's warm-up ran past its step twice (18612d0, a593e91) with no line saying where.
+# FP8 32B server's warm-up ran past its step four times (18612d0, a593e91, a8e08e6 twice). (At
+# a8e08e6 the dumps were faulthandler's, and they killed both Paiton servers mid-dump; they
+# are read under the GIL since.)
 export PAITON_WARMUP_STACK_DUMPS=${PAITON_WARMUP_STACK_DUMPS:-240}
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { echo "install failed"; cat "$out/install.log"; exit 1; }
 if [ -n "${TOKENIZER_GZ:-}" ] && [ -f "$TOKENIZER_GZ" ]; then

@@ -430,31 +430,79 @@ def _timed_choices() -> list[str]:
             + [f"FP8 product: {line}" for line in fp8_paths.describe_choices()])
 
 
+class StackDumps:
+    """Every thread's Python stack printed to `file` each `interval_s` seconds, by a daemon
+    thread of its own, until `stop()`. It reads the stacks through sys._current_frames while
+    holding the GIL, so each stack is whole; faulthandler's dump_traceback_later (used here
+    before) reads them from its watchdog without the GIL, and on the H200 at a8e08e6 that killed
+    both Paiton servers in the middle of a dump ("File ???", then the process gone). A thread
+    stuck in C code that holds the GIL delays the next dump until it lets go."""
+
+    def __init__(self, interval_s: float, file=None):
+        import threading
+
+        self.interval_s, self.file = interval_s, file
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paiton-stack-dumps", daemon=True)
+        self._began = time.perf_counter()
+
+    def start(self) -> "StackDumps":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.dump()
+
+    def dump(self) -> None:
+        import threading
+        import traceback
+
+        names = {thread.ident: thread.name for thread in threading.enumerate()}
+        lines = [f"[paiton] stacks at {time.perf_counter() - self._began:.1f} s of the warm-up:\n"]
+        for ident, frame in sys._current_frames().items():
+            if ident == threading.get_ident():
+                continue  # this one's: always here
+            lines.append(f"Thread {names.get(ident, ident)} (most recent call last):\n")
+            lines += traceback.format_stack(frame)
+        file = self.file or sys.stderr
+        file.write("".join(lines))
+        file.flush()
+
+
 @contextlib.contextmanager
 def warm_up_reporting(stack_dump_s: float = 0.0):
     """While a warm-up runs: each timed choice printed as it is made (the kernels' loggers at
     INFO: a 32B warm-up takes minutes, and a stall shows as the last choice before it), and, with
-    `stack_dump_s`, every thread's Python stack printed each `stack_dump_s` seconds
-    (faulthandler: it works while the engine thread is stuck in a kernel launch or a compile)."""
-    import faulthandler
+    `stack_dump_s`, every thread's Python stack printed each `stack_dump_s` seconds (StackDumps:
+    where a compile or a kernel choice spends them)."""
     import logging
 
     from paiton.fusion import few_rows_gemm, fp8_paths, gemv
 
     loggers = [module.log for module in (gemv, few_rows_gemm, fp8_paths)]  # the loggers whose INFO lines are the choices
+    began = time.perf_counter()
+
+    class SinceWarmUp(logging.Formatter):  # each choice with its time into the warm-up: where the minutes go
+        def format(self, record):
+            return f"[paiton] choice at {time.perf_counter() - began:.1f} s: {record.getMessage()}"
+
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[paiton] choice: %(message)s"))
+    handler.setFormatter(SinceWarmUp())
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    if stack_dump_s > 0:
-        faulthandler.dump_traceback_later(stack_dump_s, repeat=True, file=sys.stderr)
+    dumps = StackDumps(stack_dump_s).start() if stack_dump_s > 0 else None
     try:
         yield
     finally:
-        if stack_dump_s > 0:
-            faulthandler.cancel_dump_traceback_later()
+        if dumps is not None:
+            dumps.stop()
         for logger, level in zip(loggers, levels):
             logger.removeHandler(handler)
             logger.setLevel(level)
