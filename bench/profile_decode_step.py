@@ -152,6 +152,9 @@ def markdown(env, rows, top):
     lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
              f"{versions_line(env)}, prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, "
              f"kernels averaged over {env['profile_steps']} profiled steps.", "", *floor_lines(env)]
+    if env.get("fp8_weight_bytes"):
+        floor = f" = {env['fp8_floor_us']:.0f} us per step" if env.get("fp8_floor_us") else ""
+        lines += [f"FP8 weights (the -fp8 configurations): {env['fp8_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
     lines += [
               "| config | batch | step us | pipelined us | host us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
               + " | other |", "|---|---|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
@@ -229,6 +232,12 @@ def main(argv=None):
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
                steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
+    fp8_configs = [config for config in configs if "-fp8" in config]
+    if fp8_configs:  # the FP8 copy's floor beside bf16's (its decoder linears at one byte a weight)
+        fp8 = floor_fields(model_for(model, fp8_configs[0]), args.device)
+        env["fp8_weight_bytes"] = fp8["weight_bytes"]
+        if "floor_us" in fp8:
+            env["fp8_floor_us"] = fp8["floor_us"]
     rows = []
     for batch in batches:
         for config in configs:

@@ -25,7 +25,8 @@
 #                 holds the graphs of the slot count it was made with: compile-cache/'s, 128);
 #                 SHAREGPT_MODEL_LEN: every server's --max-model-len (default: the longest request
 #                 of the scenarios run; compile-cache/'s were made at 1472, both scenarios)
-#   profile_32b   bench/profile_decode_step.py, Qwen3-32B, Paiton, batches PROFILE_BATCHES (1,2,32)
+#   profile       (or profile_32b) bench/profile_decode_step.py, PROFILE_MODEL (qwen3-32b), configurations
+#                 PROFILE_CONFIGS (paiton; "paiton-fp8,paiton": FP8 against bf16), batches PROFILE_BATCHES (1,2,32)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
@@ -94,9 +95,12 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
     fp8_sweep)
       step fp8_sweep "${FP8_SWEEP_TIMEOUT:-600}" python3 bench/fp8_gemm_sweep.py --models "${FP8_SWEEP_MODELS:-qwen3-8b,qwen3-32b}" \
         --out "$out" ;;
-    profile_32b)  # issue 20's miss at batch 32: where batch 2-32's decode step spends the 2-3 ms over batch 1's
-      step profile_32b "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py --model qwen3-32b \
-        --batches "${PROFILE_BATCHES:-1,2,32}" --configs paiton --out "$out" ;;
+    profile_32b|profile)  # issue 20's miss at batch 32: where batch 2-32's decode step spends the 2-3 ms over
+      # batch 1's; with PROFILE_CONFIGS="paiton-fp8,paiton" issue 21's FP8 decode step beside bf16's (only
+      # the decode graph compiles: no prefill buckets, no server warm-up)
+      step "profile_${PROFILE_MODEL:-qwen3-32b}" "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py \
+        --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
+        --out "$out" ;;
     *) echo "unknown step $name" ;;
   esac
 done

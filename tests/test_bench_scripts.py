@@ -30,6 +30,23 @@ def test_profile_decode_step_smoke(tmp_path):
     assert "| paiton | 2 |" in path.with_suffix(".md").read_text()
 
 
+def test_profile_decode_step_fp8_beside_bf16(tmp_path):
+    """Issue 21's decode step without a server: the FP8 copy's step beside bf16's, FP8's products
+    in its profile, and its weight bytes (fewer: the decoder linears at one byte) in the file."""
+    import profile_decode_step
+
+    profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--batches", "1", "--configs", "paiton-fp8,paiton",
+                              "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
+                              "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
+    result = json.loads(path.read_text())
+    assert [r["config"] for r in result["rows"]] == ["paiton-fp8", "paiton"]
+    fp8_names = {k["name"] for k in result["rows"][0]["kernels"]}
+    assert "paiton::silu_mul_fp8_linear" in fp8_names and "paiton::fp8_linear" in fp8_names, fp8_names
+    assert 0 < result["env"]["fp8_weight_bytes"] < result["env"]["weight_bytes"]
+    assert "FP8 weights (the -fp8 configurations)" in path.with_suffix(".md").read_text()
+
+
 def test_decode_loop_compare_smoke(tmp_path):
     import decode_loop_compare
 
