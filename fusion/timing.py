@@ -125,7 +125,7 @@ def spent() -> dict:
 def describe_spent() -> str:
     """spent() as a phrase for a log line."""
     s = spent()
-    return f"{s['calls']} timings, {s['seconds']:.1f} s ({s['samples']} samples, {s['dropped']} dropped)"
+    return f"{s['calls']} timings in {s['seconds']:.1f} s, {s['samples']} samples, {s['dropped']} dropped"
 
 
 def cold_copies(weight: torch.Tensor) -> list[torch.Tensor]:

@@ -210,7 +210,7 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
     assert "compile cache saved to" in server_log
     assert "5 slots x 96 tokens" in server_log  # --server-slots, not the largest batch size (3); the length asked for
     assert "warm-up: decode at batch 4 ready at" in server_log
-    assert "(choices: 0 timings, 0.0 s" in server_log  # what the kernel choices' timings took: none on a CPU
+    assert "(choices: 0 timings in 0.0 s, 0 samples, 0 dropped)" in server_log  # what the kernel choices' timings took: none on a CPU
 
 
 def test_a_run_cut_short_keeps_the_configurations_it_measured(tmp_path, monkeypatch):
