@@ -31,6 +31,8 @@
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
 #                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
+#   lowering_sweep, decode_loop_compare   bench/lowering_sweep.py and bench/decode_loop_compare.py
+#                 with their defaults (issue 20 asks for both in spare device time)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
 # machine has no dataset to train it on).
 set -uo pipefail
@@ -101,6 +103,10 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step "profile_${PROFILE_MODEL:-qwen3-32b}" "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py \
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
         --out "$out" ;;
+    lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...
+      step lowering_sweep "${LOWERING_SWEEP_TIMEOUT:-300}" python3 bench/lowering_sweep.py --out "$out" ;;
+    decode_loop_compare)  # ... and the bundled decode loop under eager, stock Inductor and Paiton, Qwen3-8B
+      step decode_loop_compare "${DECODE_LOOP_TIMEOUT:-600}" python3 bench/decode_loop_compare.py --out "$out" ;;
     *) echo "unknown step $name" ;;
   esac
 done
