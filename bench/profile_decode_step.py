@@ -32,7 +32,7 @@ import time
 
 import torch
 from bench_common import (CONFIGS, compile_settings, floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
-                          run_environment, versions_line, write_results)
+                          run_environment, versions_line, weight_bytes, write_results)
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -233,11 +233,10 @@ def main(argv=None):
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
                steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
     fp8_configs = [config for config in configs if "-fp8" in config]
-    if fp8_configs:  # the FP8 copy's floor beside bf16's (its decoder linears at one byte a weight)
-        fp8 = floor_fields(model_for(model, fp8_configs[0]), args.device)
-        env["fp8_weight_bytes"] = fp8["weight_bytes"]
-        if "floor_us" in fp8:
-            env["fp8_floor_us"] = fp8["floor_us"]
+    if fp8_configs:  # the FP8 copy's floor beside bf16's, at the copy rate measured above (as serving.py does)
+        env["fp8_weight_bytes"] = weight_bytes(model_for(model, fp8_configs[0]))
+        if env.get("copy_TBps"):
+            env["fp8_floor_us"] = env["fp8_weight_bytes"] / (env["copy_TBps"] * 1e12) * 1e6
     rows = []
     for batch in batches:
         for config in configs:
