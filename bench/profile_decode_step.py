@@ -4,6 +4,12 @@ for stock Inductor and Paiton, at chosen batch sizes, in one process.
     python bench/profile_decode_step.py --model qwen3-8b --batches 1,64 --configs inductor-cdt,paiton
     python bench/profile_decode_step.py --model tiny --device cpu --batches 1 --configs paiton \\
         --paiton-inner eager --steps 4                                    # smoke run (CPU ops)
+    python bench/profile_decode_step.py --model qwen3-32b \\
+        --runs paiton-fp8@1,paiton@1,inductor-cdt@1,paiton-fp8@8,paiton@8,inductor-cdt@8
+
+--runs lists (configuration, batch) pairs in the order they run, in place of every batch of
+--batches for every configuration of --configs: on a device whose time is short, each compile
+costs minutes, and a run cut off keeps the rows that came first.
 
 Per configuration (bench_common.CONFIGS) and batch size: the model compiled as the
 configuration says (CUDA graphs on a GPU), a prompt of --prompt-len random tokens prefilled
@@ -16,7 +22,7 @@ pointwise kernels, library attention, copies), and the gap: step time minus kern
 is launch latency between kernels and host work the step waits for. On CPU the "kernels" are
 the top-level ATen/Paiton ops, for a smoke run only.
 
-Writes profile_decode_step-<model>-<card>-<date>.json (every kernel), .md (categories and
+Writes profile_decode_step-<model>-<card>-<date>[-<tag>].json (every kernel), .md (categories and
 the top kernels per configuration) and .png (each step stacked: kernels by category, bubbles,
 host time; the floor).
 """
@@ -155,7 +161,15 @@ def markdown(env, rows, top):
     if env.get("fp8_weight_bytes"):
         floor = f" = {env['fp8_floor_us']:.0f} us per step" if env.get("fp8_floor_us") else ""
         lines += [f"FP8 weights (the -fp8 configurations): {env['fp8_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
-    lines += [
+    lines += ["The decode step as a loop that runs a step ahead sees it (pipelined: its TPOT), against the",
+              "floor of the weights it reads (FP8's for an -fp8 configuration); decode tok/s = batch / step.", "",
+              "| config | batch | pipelined step ms | x its floor | decode tok/s | compile + 3 steps s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        floor_us = env.get("fp8_floor_us" if "-fp8" in r["config"] else "floor_us")
+        ratio = f"{r['pipelined_us'] / floor_us:.2f}x" if floor_us else "-"
+        lines.append(f"| {r['config']} | {r['batch']} | {r['pipelined_us'] / 1e3:.2f} | {ratio} | "
+                     f"{r['batch'] / (r['pipelined_us'] / 1e6):.0f} | {r['compile_and_warmup_s']:.0f} |")
+    lines += ["",
               "| config | batch | step us | pipelined us | host us | kernel us | gap us | launches | " + " | ".join(label for label, _ in CATEGORIES)
               + " | other |", "|---|---|---|---|---|---|---|---|" + "---|" * (len(CATEGORIES) + 1)]
     for r in rows:
@@ -205,6 +219,19 @@ def plot(env, rows, path):
     plt.close(fig)
 
 
+def parse_runs(parser, text: str) -> list[tuple[str, int]]:
+    """--runs' CONFIG@BATCH pairs, in order; a malformed pair or an unknown configuration is a
+    usage error."""
+    runs = []
+    for item in text.split(","):
+        config, at, batch = item.partition("@")
+        if not at or not batch.isdigit() or int(batch) < 1:
+            parser.error(f"--runs wants CONFIG@BATCH pairs (e.g. paiton@8), got {item!r}")
+        parse_configs(parser, config)
+        runs.append((config, int(batch)))
+    return runs
+
+
 def main(argv=None):
     from paiton.fusion.gemv import chosen_launches
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
@@ -213,21 +240,26 @@ def main(argv=None):
     parser.add_argument("--model", default="qwen3-8b", help=f"preset: {', '.join(QWEN3_PRESETS)}")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--configs", default="inductor-cdt,paiton", help=f"from {', '.join(CONFIGS)}")
+    parser.add_argument("--runs", help="CONFIG@BATCH,... in the order to run (overrides --configs and --batches)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--tag", help="appended to the results files' names (two runs of one model on one day)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
     parser.add_argument("--trace-dir", help="also write each profiled run's CPU+GPU timeline here (.json.gz)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
-    configs = parse_configs(parser, args.configs)
+    if args.runs:
+        runs = parse_runs(parser, args.runs)
+    else:
+        runs = [(config, int(batch)) for batch in args.batches.split(",") for config in parse_configs(parser, args.configs)]
+    configs = list(dict.fromkeys(config for config, _ in runs))
     if args.model not in QWEN3_PRESETS:
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if min(args.steps, args.profile_steps) < 1:
         parser.error("--steps and --profile-steps must be at least 1")
-    batches = [int(b) for b in args.batches.split(",")]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
@@ -238,19 +270,20 @@ def main(argv=None):
         if env.get("copy_TBps"):
             env["fp8_floor_us"] = env["fp8_weight_bytes"] / (env["copy_TBps"] * 1e12) * 1e6
     rows = []
-    for batch in batches:
-        for config in configs:
-            row = profile_config(model, config, batch, args)
-            rows.append(row)
-            print(f"{config} batch {batch}: step {row['step_us']:.0f} us, pipelined {row['pipelined_us']:.0f} us, "
-                  f"host {row['host_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
-                  f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches", flush=True)
-            # After every row: a run cut short keeps what it measured.
-            choices = chosen_launches()
-            table = markdown(env, rows, args.top) + one_row_choices_markdown(choices)
-            stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
-                                 dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
-            plot(env, rows, stem + ".png")
+    for config, batch in runs:
+        row = profile_config(model, config, batch, args)
+        rows.append(row)
+        print(f"{config} batch {batch}: step {row['step_us']:.0f} us, pipelined {row['pipelined_us']:.0f} us, "
+              f"host {row['host_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
+              f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches, "
+              f"compile and warm-up {row['compile_and_warmup_s']:.0f} s", flush=True)
+        # After every row: a run cut short keeps what it measured.
+        choices = chosen_launches()
+        table = markdown(env, rows, args.top) + one_row_choices_markdown(choices)
+        stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}"
+                             + (f"-{args.tag}" if args.tag else ""),
+                             dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
+        plot(env, rows, stem + ".png")
     print(table)
 
 

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -35,16 +36,27 @@ def test_profile_decode_step_fp8_beside_bf16(tmp_path):
     in its profile, and its weight bytes (fewer: the decoder linears at one byte) in the file."""
     import profile_decode_step
 
-    profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--batches", "1", "--configs", "paiton-fp8,paiton",
+    # --runs: the pairs in the order given (not batch by batch), each once
+    profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", "paiton-fp8@1,paiton@1,paiton-fp8@2",
                               "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
                               "--out", str(tmp_path)])
     (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
     result = json.loads(path.read_text())
-    assert [r["config"] for r in result["rows"]] == ["paiton-fp8", "paiton"]
+    assert [(r["config"], r["batch"]) for r in result["rows"]] == [("paiton-fp8", 1), ("paiton", 1), ("paiton-fp8", 2)]
     fp8_names = {k["name"] for k in result["rows"][0]["kernels"]}
     assert "paiton::silu_mul_fp8_linear" in fp8_names and "paiton::fp8_linear" in fp8_names, fp8_names
     assert 0 < result["env"]["fp8_weight_bytes"] < result["env"]["weight_bytes"]
     assert "FP8 weights (the -fp8 configurations)" in path.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("runs", ["paiton", "paiton@", "paiton@0", "paiton@x", "nonesuch@1"])
+def test_profile_decode_step_runs_usage_errors(runs, capsys):
+    import profile_decode_step
+
+    with pytest.raises(SystemExit):
+        profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", runs])
+    expected = "unknown configuration" if runs.startswith("nonesuch") else "--runs wants CONFIG@BATCH"
+    assert expected in capsys.readouterr().err
 
 
 def test_decode_loop_compare_smoke(tmp_path):
