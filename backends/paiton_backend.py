@@ -16,7 +16,8 @@ On a GPU, Paiton turns on Inductor's `coordinate_descent_tuning` unless the opti
 the kernels Inductor still generates around Paiton's get tuned, and a one-row matmul (batch-1
 decode: o_proj, down_proj, lm_head) becomes a tuned Triton reduction instead of a cuBLAS call.
 Measured on an H100, Qwen3-8B batch-1 decode step: 6.89 ms with it, 7.19 ms without, in the
-same run (bench/results/NOTES.md). `options={"coordinate_descent_tuning": False}` turns it off.
+same run (bench/results/NOTES.md). `options={"coordinate_descent_tuning": False}` turns it off, as does Inductor's own
+TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0 (a set variable is left to Inductor).
 
 Which fusions a graph gets is the lowering table's choice for the chip the graph's inputs are
 on (or the chip named by `paiton.target`): an op the table leaves to Inductor is not created
@@ -29,11 +30,24 @@ requires grad) is compiled without Paiton's passes, with a warning.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+
+def coordinate_descent_default(patches: dict, on_gpu: bool) -> dict:
+    """Inductor's coordinate_descent_tuning for this graph where neither the options (`patches`)
+    nor Inductor's own environment variable (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING, which
+    torch reads into its config) says: on a GPU, on. Its cost is paid at a graph's first run,
+    one config compiled at a time on the main thread, so TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=0
+    is how a run short of time switches it off for every graph at once."""
+    if not on_gpu or "coordinate_descent_tuning" in patches or "TORCHINDUCTOR_COORDINATE_DESCENT_TUNING" in os.environ:
+        return {}
+    return {"coordinate_descent_tuning": True}
 
 
 def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None, options: dict | None = None):
@@ -75,8 +89,7 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
             )
         patches = {**opts.inductor_config, "post_grad_custom_pre_pass": manager if manager.passes else None}
         on_gpu = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
-        if on_gpu:
-            patches.setdefault("coordinate_descent_tuning", True)
+        patches.update(coordinate_descent_default(patches, on_gpu))
         compiled = compile_fx(gm, example_inputs, config_patches=patches)
     for graph_pass in dynamo_graph_passes:
         graph_pass.after_compile()

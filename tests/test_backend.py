@@ -213,14 +213,20 @@ def test_torch_logs_switches_the_paiton_logger_on():
     assert "rewrote" not in quiet.stderr
 
 
-@pytest.mark.parametrize("device, options, expected", [
-    ("cuda", None, True),  # Paiton's GPU default
-    ("cuda", {"coordinate_descent_tuning": False}, False),  # the user's choice wins
-    ("cpu", None, None),  # nothing to tune on CPU: Inductor's own default stays
+@pytest.mark.parametrize("device, options, env, expected", [
+    ("cuda", None, None, True),  # Paiton's GPU default
+    ("cuda", {"coordinate_descent_tuning": False}, None, False),  # the user's choice wins
+    ("cuda", None, "0", None),  # Inductor's variable, set: left to Inductor's config, which reads it
+    ("cuda", None, "1", None),
+    ("cpu", None, None, None),  # nothing to tune on CPU: Inductor's own default stays
 ])
-def test_coordinate_descent_tuning_is_on_by_default_on_gpu(monkeypatch, device, options, expected):
+def test_coordinate_descent_tuning_is_on_by_default_on_gpu(monkeypatch, device, options, env, expected):
     """What reaches Inductor's compile_fx, for graph inputs on a GPU (fake tensors: no GPU
     needed) and on the CPU."""
+    if env is None:
+        monkeypatch.delenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", env)
     import torch._inductor.compile_fx as compile_fx_module
     from torch._subclasses import FakeTensorMode
 
