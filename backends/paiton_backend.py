@@ -87,6 +87,9 @@ def paiton_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode:
                 "paiton: torch._inductor.config.post_grad_custom_pre_pass is already set; Paiton runs its "
                 "passes there. Move the other pass to post_grad_custom_post_pass."
             )
+        from paiton.fusion.ops import register_inductor_fallbacks
+
+        register_inductor_fallbacks()  # before Inductor meets them (its own first lowering of an op can take minutes)
         patches = {**opts.inductor_config, "post_grad_custom_pre_pass": manager if manager.passes else None}
         on_gpu = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
         patches.update(coordinate_descent_default(patches, on_gpu))

@@ -244,3 +244,57 @@ def test_coordinate_descent_tuning_is_on_by_default_on_gpu(monkeypatch, device, 
         example = torch.empty(4, device=device)
     paiton_backend(gm, [example], options=options)
     assert seen.get("coordinate_descent_tuning") == expected
+
+
+def test_paiton_ops_are_inductor_fallbacks_before_inductor_meets_them():
+    """Every paiton:: op is registered with Inductor as a fallback, with the layout constraint
+    Inductor's own first lowering would give it, so that lowering (which in torch 2.11 formats
+    the op's arguments' whole IR for a log line, minutes on a Qwen3-32B graph) never runs."""
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    from paiton.fusion.ops import paiton_op_overloads, register_inductor_fallbacks
+
+    register_inductor_fallbacks()
+    ops = paiton_op_overloads()
+    assert {str(op) for op in ops} >= {"paiton.fp8_linear.default", "paiton.silu_mul_fp8_linear.default",
+                                       "paiton.rms_norm.default", "paiton.decode_attention.default"}
+    for op in ops:
+        assert op in lowering.lowerings, op
+        implicit = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+        assert lowering._maybe_layout_constraints.get(op) is implicit, op
+    assert register_inductor_fallbacks() == 0  # once
+
+
+IMPLICIT_FALLBACK_SCRIPT = r"""
+import logging, torch
+import torch._inductor.exc as exc
+formatted = []
+original = exc.OperatorIssue.operator_str
+def recording(target, args, kwargs):
+    formatted.append(str(target))
+    return original(target, args, kwargs)
+exc.OperatorIssue.operator_str = staticmethod(recording)
+logging.getLogger("torch._inductor.graph").setLevel(logging.INFO)  # torch 2.13 formats lazily: make it format
+class Norm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(64))
+    def forward(self, x):
+        v = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(v + 1e-6)).to(x.dtype)
+with torch.no_grad():
+    out = torch.compile(Norm(), backend="paiton")(torch.randn(4, 64))
+print("FORMATTED", [t for t in formatted if t.startswith("paiton")])
+"""
+
+
+def test_an_inductor_compile_never_formats_a_paiton_op_for_an_implicit_fallback():
+    """Through Inductor (CPU), a graph with a Paiton op: Inductor never takes its implicit
+    fallback path for it (the path that formats the op's arguments)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
+    env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # a cached graph would skip the lowering
+    result = subprocess.run([sys.executable, "-c", IMPLICIT_FALLBACK_SCRIPT], capture_output=True, text=True,
+                            env=env, timeout=300, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert "FORMATTED []" in result.stdout, result.stdout
