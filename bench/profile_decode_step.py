@@ -244,6 +244,9 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--stack-dumps", type=float, default=0.0, metavar="SECONDS",
+                        help="write every thread's Python stack this often to stacks-profile_decode_step-<model>[-<tag>].log "
+                             "in --out (where a cold compile spends its minutes)")
     parser.add_argument("--tag", help="appended to the results files' names (two runs of one model on one day)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,6 +263,12 @@ def main(argv=None):
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if min(args.steps, args.profile_steps) < 1:
         parser.error("--steps and --profile-steps must be at least 1")
+    if args.stack_dumps > 0:
+        from paiton.models.server import StackDumps
+
+        os.makedirs(args.out, exist_ok=True)
+        name = f"stacks-profile_decode_step-{args.model}" + (f"-{args.tag}" if args.tag else "") + ".log"
+        StackDumps(args.stack_dumps, open(os.path.join(args.out, name), "w"), "the run").start()  # a daemon thread: ends with the run
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,

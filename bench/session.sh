@@ -28,7 +28,8 @@
 #   profile       (or profile_32b) bench/profile_decode_step.py, PROFILE_MODEL (qwen3-32b), configurations
 #                 PROFILE_CONFIGS (paiton; "paiton-fp8,paiton": FP8 against bf16), batches PROFILE_BATCHES (1,2,32),
 #                 or PROFILE_RUNS ("paiton-fp8@1,paiton@1,inductor-cdt@1,..."): the pairs in that order;
-#                 PROFILE_TAG names a second run of one model (its files and log)
+#                 PROFILE_TAG names a second run of one model (its files and log); every
+#                 PROFILE_STACK_DUMPS seconds (60) each thread's stack goes to stacks-profile_decode_step-*.log
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
@@ -104,7 +105,8 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       # the decode graph compiles: no prefill buckets, no server warm-up)
       step "profile_${PROFILE_MODEL:-qwen3-32b}${PROFILE_TAG:+_$PROFILE_TAG}" "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py \
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
-        ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} --out "$out" ;;
+        ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} \
+        --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...
       step lowering_sweep "${LOWERING_SWEEP_TIMEOUT:-300}" python3 bench/lowering_sweep.py --out "$out" ;;
     decode_loop_compare)  # ... and the bundled decode loop under eager, stock Inductor and Paiton, Qwen3-8B

@@ -438,10 +438,10 @@ class StackDumps:
     both Paiton servers in the middle of a dump ("File ???", then the process gone). A thread
     stuck in C code that holds the GIL delays the next dump until it lets go."""
 
-    def __init__(self, interval_s: float, file=None):
+    def __init__(self, interval_s: float, file=None, what: str = "the warm-up"):
         import threading
 
-        self.interval_s, self.file = interval_s, file
+        self.interval_s, self.file, self.what = interval_s, file, what
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="paiton-stack-dumps", daemon=True)
         self._began = time.perf_counter()
@@ -463,7 +463,7 @@ class StackDumps:
         import traceback
 
         names = {thread.ident: thread.name for thread in threading.enumerate()}
-        lines = [f"[paiton] stacks at {time.perf_counter() - self._began:.1f} s of the warm-up:\n"]
+        lines = [f"[paiton] stacks at {time.perf_counter() - self._began:.1f} s of {self.what}:\n"]
         for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
                 continue  # this one's: always here

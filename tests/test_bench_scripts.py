@@ -37,10 +37,13 @@ def test_profile_decode_step_fp8_beside_bf16(tmp_path):
     import profile_decode_step
 
     # --runs: the pairs in the order given (not batch by batch), each once
+    # --stack-dumps: the run's stacks (where a cold compile spends its time) in a file of their own
     profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", "paiton-fp8@1,paiton@1,paiton-fp8@2",
                               "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
-                              "--out", str(tmp_path)])
-    (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
+                              "--stack-dumps", "0.2", "--tag", "dumps", "--out", str(tmp_path)])
+    stacks = (tmp_path / "stacks-profile_decode_step-tiny-dumps.log").read_text()
+    assert "stacks at" in stacks and "profile_decode_step.py" in stacks
+    (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*-dumps.json")
     result = json.loads(path.read_text())
     assert [(r["config"], r["batch"]) for r in result["rows"]] == [("paiton-fp8", 1), ("paiton", 1), ("paiton-fp8", 2)]
     fp8_names = {k["name"] for k in result["rows"][0]["kernels"]}
