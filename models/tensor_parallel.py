@@ -74,16 +74,20 @@ class RowParallelLinear(torch.nn.Module):
 class VocabParallelHead(torch.nn.Module):
     """logits = all_gather(x @ W_vocab_slice.T) along the vocabulary: the rank's rows of the lm_head."""
 
-    def __init__(self, weight: torch.Tensor, group):
+    def __init__(self, weight: torch.Tensor, group, parts: int):
         super().__init__()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.group = group
+        self.group, self.parts = group, parts
 
     def forward(self, x):
         import torch.distributed._functional_collectives as funcol
 
         local = torch.nn.functional.linear(x, self.weight)
-        return funcol.all_gather_tensor(local.contiguous(), gather_dim=local.dim() - 1, group=self.group)
+        # Gathered along dim 0, then the ranks' blocks side by side: torch 2.11's all_gather_tensor
+        # does that rearranging itself for another gather_dim, in a helper Dynamo refuses to trace
+        # (`_maybe_view_chunk_cat`, "marked as skipped"), so a compiled TP model failed there.
+        gathered = funcol.all_gather_tensor(local.contiguous(), gather_dim=0, group=self.group)
+        return torch.cat(torch.chunk(gathered, self.parts, dim=0), dim=-1)
 
 
 def _rows(weight: torch.Tensor, rank: int, parts: int) -> torch.Tensor:
@@ -132,7 +136,7 @@ def shard_qwen3(model: torch.nn.Module, group=None) -> torch.nn.Module:
     head = model.lm_head.weight
     if head is model.model.embed_tokens.weight:  # tied: the embedding keeps the whole table
         head = head.detach()
-    model.lm_head = VocabParallelHead(_rows(head, rank, tp), group)
+    model.lm_head = VocabParallelHead(_rows(head, rank, tp), group, tp)
     sharded = copy.copy(config)  # the per-rank sizes (caches are sized from them)
     sharded.num_attention_heads = config.num_attention_heads // tp
     sharded.num_key_value_heads = config.num_key_value_heads // tp

@@ -129,3 +129,28 @@ def test_the_cli_refuses_a_degree_it_cannot_run(monkeypatch, capsys, command):
     assert "[paiton rank 3] tensor parallel degree 4 must divide num_key_value_heads=2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([command, "--model", "tiny", "--tensor-parallel", "0", *extra])
+
+
+def test_the_vocab_parallel_head_gathers_along_dim_0_and_places_the_ranks_side_by_side(monkeypatch):
+    """The lm_head's all-gather asks the collective for dim 0 only (torch 2.11's all_gather_tensor
+    rearranges another gather_dim in a helper Dynamo will not trace: a compiled TP model failed
+    there), and puts the ranks' vocabulary blocks side by side itself. Two ranks, simulated: the
+    gather stacks rank 0's logits over rank 1's (its own weights' logits plus 100)."""
+    import torch
+    import torch.distributed._functional_collectives as funcol
+
+    from paiton.models.tensor_parallel import VocabParallelHead
+
+    asked = []
+
+    def two_ranks_gather(tensor, gather_dim, group):
+        asked.append(gather_dim)
+        return torch.cat([tensor, tensor + 100], dim=gather_dim)
+
+    monkeypatch.setattr(funcol, "all_gather_tensor", two_ranks_gather)
+    weight = torch.randn(6, 4)
+    head = VocabParallelHead(weight, group=None, parts=2)
+    x = torch.randn(2, 3, 4)
+    local = torch.nn.functional.linear(x, weight)
+    assert torch.equal(head(x), torch.cat([local, local + 100], dim=-1))
+    assert asked == [0]
