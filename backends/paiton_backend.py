@@ -38,7 +38,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-
 def coordinate_descent_default(patches: dict, on_gpu: bool) -> dict:
     """Inductor's coordinate_descent_tuning for this graph where neither the options (`patches`)
     nor Inductor's own environment variable (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING, which

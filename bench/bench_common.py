@@ -139,6 +139,14 @@ def floor_fields(model, device: str) -> dict:
     return fields
 
 
+def fp8_floor_fields(model, copy_bytes_per_s: float | None) -> dict:
+    """A results file's env entries for the FP8 copy's floor beside the model's (an -fp8
+    configuration's weights): its weight bytes, and those over the measured copy rate (None off
+    the GPU)."""
+    fp8_bytes = weight_bytes(model_for(model, "paiton-fp8"))
+    return dict(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_bytes_per_s * 1e6 if copy_bytes_per_s else None)
+
+
 def floor_lines(env: dict) -> list[str]:
     """The decode floor's markdown line (`floor_fields`), or none off the GPU."""
     if not env.get("floor_us"):

@@ -37,8 +37,8 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
-                          run_environment, versions_line, weight_bytes, write_results)
+from bench_common import (CONFIGS, compile_settings, floor_fields, fp8_floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
+                          run_environment, versions_line, write_results)
 
 # Kernel name -> category, first match wins.
 CATEGORIES = (
@@ -257,27 +257,25 @@ def main(argv=None):
     if args.runs:
         runs = parse_runs(parser, args.runs)
     else:
-        runs = [(config, int(batch)) for batch in args.batches.split(",") for config in parse_configs(parser, args.configs)]
-    configs = list(dict.fromkeys(config for config, _ in runs))
+        configs = parse_configs(parser, args.configs)
+        runs = [(config, int(batch)) for batch in args.batches.split(",") for config in configs]
     if args.model not in QWEN3_PRESETS:
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if min(args.steps, args.profile_steps) < 1:
         parser.error("--steps and --profile-steps must be at least 1")
+    suffix = f"-{args.tag}" if args.tag else ""  # of every file this run writes
     if args.stack_dumps > 0:
         from paiton.models.server import StackDumps
 
         os.makedirs(args.out, exist_ok=True)
-        name = f"stacks-profile_decode_step-{args.model}" + (f"-{args.tag}" if args.tag else "") + ".log"
+        name = f"stacks-profile_decode_step-{args.model}{suffix}.log"
         StackDumps(args.stack_dumps, open(os.path.join(args.out, name), "w"), "the run").start()  # a daemon thread: ends with the run
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
                steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
-    fp8_configs = [config for config in configs if "-fp8" in config]
-    if fp8_configs:  # the FP8 copy's floor beside bf16's, at the copy rate measured above (as serving.py does)
-        env["fp8_weight_bytes"] = weight_bytes(model_for(model, fp8_configs[0]))
-        if env.get("copy_TBps"):
-            env["fp8_floor_us"] = env["fp8_weight_bytes"] / (env["copy_TBps"] * 1e12) * 1e6
+    if any("-fp8" in config for config, _ in runs):  # the FP8 copy's floor beside bf16's, at the copy rate measured above
+        env.update(fp8_floor_fields(model, env.get("copy_TBps") and env["copy_TBps"] * 1e12))
     rows = []
     for config, batch in runs:
         row = profile_config(model, config, batch, args)
@@ -289,8 +287,7 @@ def main(argv=None):
         # After every row: a run cut short keeps what it measured.
         choices = chosen_launches()
         table = markdown(env, rows, args.top) + one_row_choices_markdown(choices)
-        stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}"
-                             + (f"-{args.tag}" if args.tag else ""),
+        stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}{suffix}",
                              dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
         plot(env, rows, stem + ".png")
     print(table)

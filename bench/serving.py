@@ -68,7 +68,7 @@ import time
 import torch
 from tqdm import tqdm
 from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, compile_settings,
-                          copy_rate_tbps, first_divergence, make_engine, make_loop, model_for, one_row_choices_markdown,
+                          copy_rate_tbps, first_divergence, fp8_floor_fields, make_engine, make_loop, one_row_choices_markdown,
                           parse_configs, run_environment, versions_line, weight_bytes, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import Request, sharegpt_requests, synthetic_requests
@@ -290,8 +290,7 @@ def main(argv=None):
     labels = list(runners)
     env.update(weight_bytes=weight_bytes(model), floor_us=weight_bytes(model) / copy_rate * 1e6 if copy_rate else None)
     if any("-fp8" in config_name for config_name in configs):  # the FP8 copy's floor beside the model's
-        fp8_bytes = weight_bytes(model_for(model, "paiton-fp8"))
-        env.update(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_rate * 1e6 if copy_rate else None)
+        env.update(fp8_floor_fields(model, copy_rate))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(labels) * len(batches))
     rows, saved_artifacts = [], []
     progress = tqdm(total=len(batches) * len(labels), desc="serving benchmark", unit="run", file=sys.stderr)

@@ -188,11 +188,11 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
-def run_fresh(env_extra=None):
+def run_fresh(env_extra=None, script=FRESH_PROCESS_SCRIPT):
     env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT], capture_output=True, text=True, env=env, timeout=300, cwd="/"
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd="/"
     )
 
 
@@ -292,9 +292,7 @@ print("FORMATTED", [t for t in formatted if t.startswith("paiton")])
 def test_an_inductor_compile_never_formats_a_paiton_op_for_an_implicit_fallback():
     """Through Inductor (CPU), a graph with a Paiton op: Inductor never takes its implicit
     fallback path for it (the path that formats the op's arguments)."""
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
-    env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"  # a cached graph would skip the lowering
-    result = subprocess.run([sys.executable, "-c", IMPLICIT_FALLBACK_SCRIPT], capture_output=True, text=True,
-                            env=env, timeout=300, cwd="/")
+    # caches off: a cached graph would skip the lowering
+    result = run_fresh({"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}, IMPLICIT_FALLBACK_SCRIPT)
     assert result.returncode == 0, result.stderr
     assert "FORMATTED []" in result.stdout, result.stdout
