@@ -226,6 +226,15 @@ def make_engine(model, config: str, max_slots: int, max_length: int, device: str
                   options=kwargs.get("options"))
 
 
+# What a timed choice was measured against: bf16's vendor GEMM, or for FP8 weights (no vendor
+# one-row FP8 product) the first candidate launch.
+BASELINE_KEYS = (("vendor_us", "vendor"), ("first_candidate_us", "first candidate"), ("first_launch_us", "first launch"))
+
+
+def baseline_text(record: dict) -> str:
+    return next((f"{label} {record[key]:.1f} us" for key, label in BASELINE_KEYS if key in record), "no baseline")
+
+
 def one_row_choices_markdown(records: list[dict]) -> str:
     """One line per shape of `paiton.fusion.gemv.chosen_launches()`: which kernel `choose` picked
     for each one-row product, from the card's measured table or timed at first use (so a
@@ -236,7 +245,7 @@ def one_row_choices_markdown(records: list[dict]) -> str:
              "or timed at first use: best of its rounds):", ""]
     for r in records:
         choice = r["choice"] if isinstance(r["choice"], str) else "GEMV " + ", ".join(f"{k}={v}" for k, v in r["choice"].items())
-        how = f": {r['chosen_us']:.1f} us, vendor {r['vendor_us']:.1f} us" if "chosen_us" in r else (
+        how = f": {r['chosen_us']:.1f} us, {baseline_text(r)}" if "chosen_us" in r else (
             " (table)" if r.get("source") == "table" else "")
         lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{' gated' if r['gated'] else ''}: {choice}{how}")
     return "\n".join(lines) + "\n"
