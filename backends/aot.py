@@ -130,8 +130,9 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
                  "N": "i32", "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                  "EVEN_N": "constexpr", "EVEN_K": "constexpr", "GATED": "constexpr",
                  "scale_ptr": "*fp32" if scales else "constexpr", "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr",
-                 "SCALES": "constexpr", "SCALE_BLOCK": "constexpr"}
-    launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK}
+                 "SCALES": "constexpr", "SCALE_BLOCK": "constexpr", "X_PER_ROW": "constexpr", "CHUNK": "constexpr"}
+    launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK,
+                "X_PER_ROW": config.get("X_PER_ROW", False), "CHUNK": config.get("CHUNK", 0)}
     if not scales:
         launcher["scale_ptr"] = None
     if scales != BLOCK_SCALES:

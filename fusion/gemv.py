@@ -66,27 +66,45 @@ SCALE_BLOCK = 128
 def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, scale_ptr=None, stride_sn=0, SCALES: tl.constexpr = 0,
-                 SCALE_BLOCK: tl.constexpr = 128):
+                 SCALE_BLOCK: tl.constexpr = 128, X_PER_ROW: tl.constexpr = False, CHUNK: tl.constexpr = 0):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
     (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
     dequantized in registers (fp32 products and sums); its scales (SCALES) multiply the row sums
-    at the end (one per row), or each product as it is accumulated (one per block of W)."""
+    at the end (one per row), or each product as it is accumulated (one per block of W).
+
+    X_PER_ROW: x (and up) are loaded through a [BLOCK_N, BLOCK_K] tile of pointers whose rows
+    all point at x, so x arrives in W's layout (repeated reads of the same lines hit L1): loaded
+    as [1, BLOCK_K], x takes its own layout and is moved into W's through shared memory, with
+    8 barriers an iteration at 16 x 1024 FP8 tiles (the sm_90 SASS). CHUNK > 0: the products of
+    CHUNK neighbours along K (one thread's 16-byte load of FP8) are summed as they are made, so
+    the accumulator holds BLOCK_K / CHUNK sums a row instead of BLOCK_K: 48 registers a thread
+    instead of 115 at 16 x 1024 FP8 on 8 warps, so more programs, and more loads, per
+    multiprocessor."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if X_PER_ROW:
+        x_rows = x_ptr + (rows * 0)[:, None]
+        up_rows = up_ptr + (rows * 0)[:, None]
+    else:
+        x_rows = x_ptr
+        up_rows = up_ptr
+    if CHUNK > 0:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
-        k = start + cols[None, :]  # [1, BLOCK_K]: x is loaded in W's layout, no shuffle through shared memory
+        k = start + cols[None, :]  # [1, BLOCK_K]
         if EVEN_K:
-            x = tl.load(x_ptr + k)
+            x = tl.load(x_rows + k)
         else:
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            x = tl.load(x_rows + k, mask=k < K, other=0.0)
         if GATED:  # silu(0) * 0 = 0 where masked
             if EVEN_K:
-                x = silu_times_up(x, tl.load(up_ptr + k))
+                x = silu_times_up(x, tl.load(up_rows + k))
             else:
-                x = silu_times_up(x, tl.load(up_ptr + k, mask=k < K, other=0.0))
+                x = silu_times_up(x, tl.load(up_rows + k, mask=k < K, other=0.0))
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
@@ -95,7 +113,10 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
         if SCALES == 2:  # the scale of each element's block (a few bytes per tile, from cache)
             scale_at = scale_ptr + (rows // SCALE_BLOCK)[:, None] * stride_sn + k // SCALE_BLOCK
             product *= tl.load(scale_at, mask=(rows[:, None] < N) & (k < K), other=0.0)
-        acc += product
+        if CHUNK > 0:
+            acc += tl.sum(tl.reshape(product, (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
+        else:
+            acc += product
     y = tl.sum(acc, axis=1)
     if SCALES == 1:
         y *= tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
@@ -106,8 +127,16 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
         tl.store(y_ptr + rows, y, mask=rows < N)
 
 
-def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict[str, int]:
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_per_row: bool = False,
+                chunk: int = 0) -> dict[str, int]:
+    """A launch of _gemv_kernel; `x_per_row` and `chunk` are its X_PER_ROW and CHUNK (named in the
+    dict only when set, so the measured table's launches keep their keys)."""
+    config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    if x_per_row:
+        config["X_PER_ROW"] = True
+    if chunk:
+        config["CHUNK"] = chunk
+    return config
 
 
 # The candidates a CUDA GPU times per shape (the lowering table's list). Each tile is 4 to 32
@@ -126,21 +155,28 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 )
 
 
-# FP8 weights (one byte an element), one row: the same tiles in bytes (4-16 KB), so twice the
-# elements along K. The first is the lowering table's untimed launch; the rest give the narrow
-# weights (N = 4096-5120: o_proj and down_proj) 640-2560 programs and registers for several
-# programs per multiprocessor. At 18612d0 the untimed launch alone (16 rows x 1024, 8 warps:
-# 320 programs of 64 accumulators a thread for N = 5120) ran Qwen3-32B's o_proj at a quarter
-# of the copy rate and its q/k/v and gate/up at about three quarters (H200, fp8_gemm_sweep).
+# FP8 weights (one byte an element), one row: the same tiles in bytes (4-32 KB), so twice the
+# elements along K. The first is the lowering table's untimed launch (and the baseline the
+# timing reports); at 18612d0 it alone (16 rows x 1024, 8 warps: 320 programs of 64
+# accumulators a thread for N = 5120) ran Qwen3-32B's o_proj at a quarter of the copy rate and
+# its q/k/v and gate/up at about three quarters (H200, fp8_gemm_sweep). Its sm_90 code (Triton
+# 3.9's SASS, bench/gemv_sass.py): 126 registers a thread (two 256-thread programs per
+# multiprocessor, 32 KB of loads in flight at most, where the H200's bandwidth wants about that
+# much in flight all the time), and x moved into W's layout through shared memory behind 8
+# barriers an iteration. The X_PER_ROW + CHUNK launches load x in W's layout and keep 16 sums
+# a row a thread: 48-68 registers and no barrier in the loop, so 3-5 programs a multiprocessor;
+# their tiles of 8-32 KB give the narrow weights (N = 4096-5120) 160-1280 programs.
 FP8_GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     gemv_config(16, 1024, 8, 2),
-    gemv_config(2, 4096, 4, 2),
     gemv_config(4, 2048, 4, 2),
-    gemv_config(4, 4096, 8, 2),
     gemv_config(8, 1024, 4, 2),
-    gemv_config(8, 2048, 4, 3),
-    gemv_config(8, 2048, 8, 2),
-    gemv_config(16, 512, 4, 2),
+    gemv_config(16, 1024, 8, 2, x_per_row=True, chunk=16),
+    gemv_config(8, 1024, 4, 2, x_per_row=True, chunk=16),
+    gemv_config(8, 2048, 4, 2, x_per_row=True, chunk=16),
+    gemv_config(4, 2048, 4, 2, x_per_row=True, chunk=16),
+    gemv_config(16, 2048, 8, 2, x_per_row=True, chunk=16),
+    gemv_config(16, 512, 4, 2, x_per_row=True, chunk=16),
+    gemv_config(32, 1024, 8, 2, x_per_row=True, chunk=16),
 )
 
 
@@ -280,7 +316,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
              " gated" if up is not None else "", x.device, choice, best_ms * 1e3, baseline, timed[0][1] * 1e3)
     _CHOICES[key] = choice
     _TIMINGS[key] = {"source": "timed", ("first_candidate_us" if fp8 else "vendor_us"): timed[0][1] * 1e3,
-                     "chosen_us": best_ms * 1e3}
+                     "chosen_us": best_ms * 1e3,
+                     # every launch's best time, for results files (which launches to keep timing)
+                     "candidate_times": [[candidate, round(ms * 1e3, 2)] for candidate, ms in timed]}
     return choice
 
 

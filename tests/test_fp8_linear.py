@@ -53,9 +53,10 @@ def gemv_reference(x, w8, scales):
     fp8=st.sampled_from(FORMATS),
     per_block=st.booleans(),
     gated=st.booleans(),
+    config=st.sampled_from([gemv.INTERPRETER_CONFIG, gemv.gemv_config(8, 64, 4, 1, x_per_row=True, chunk=16)]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_fp8_gemv_matches_dequantize_then_matmul(n, k, x_dtype, fp8, per_block, gated, seed):
+def test_fp8_gemv_matches_dequantize_then_matmul(n, k, x_dtype, fp8, per_block, gated, config, seed):
     """The GEMV on an FP8 weight (interpreted on CPU): fp32 products and sums of the FP8 values,
     the scales on the row sums (per channel) or on each product (per 128 x 128 block); against
     the float64 product of x and the dequantized weight, within fp32 summation noise plus one
@@ -65,7 +66,7 @@ def test_fp8_gemv_matches_dequantize_then_matmul(n, k, x_dtype, fp8, per_block, 
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(1, k, generator=g).to(x_dtype)
     up = torch.randn(1, k, generator=g).to(x_dtype) if gated else None
-    y = gemv.launch_gemv(x, w8, gemv.INTERPRETER_CONFIG, up=up, scales=scales)
+    y = gemv.launch_gemv(x, w8, config, up=up, scales=scales)
     from paiton.fusion.swiglu import silu_mul_reference
 
     expected = gemv_reference(silu_mul_reference(x, up) if gated else x, w8, scales)

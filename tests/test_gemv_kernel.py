@@ -22,6 +22,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}
 # Small tiles keep the interpreter fast and make several K steps and row blocks at small widths.
 SMALL_CONFIGS = [gemv.gemv_config(4, 32, 4, 2), gemv.gemv_config(8, 64, 4, 2), gemv.gemv_config(16, 16, 2, 1)]
+# The kernel's other forms too: x loaded in W's layout (x_per_row), CHUNK neighbours' products
+# summed as they are made.
+KERNEL_CONFIGS = SMALL_CONFIGS + [gemv.gemv_config(8, 64, 4, 1, x_per_row=True, chunk=16),
+                                  gemv.gemv_config(4, 32, 2, 1, x_per_row=True, chunk=8), gemv.gemv_config(16, 32, 4, 1, chunk=16)]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -29,7 +33,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @given(n=st.integers(1, 70), k=st.integers(1, 200), leading=st.sampled_from([(), (1,), (1, 1)]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), config=st.sampled_from(SMALL_CONFIGS),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), config=st.sampled_from(KERNEL_CONFIGS),
        seed=st.integers(0, 2**16))
 def test_gemv_matches_a_float64_product(n, k, leading, dtype, config, seed):
     generator = torch.Generator().manual_seed(seed)
@@ -43,7 +47,7 @@ def test_gemv_matches_a_float64_product(n, k, leading, dtype, config, seed):
 
 
 @given(n=st.integers(1, 40), k=st.integers(1, 150), leading=st.sampled_from([(), (1,), (1, 1)]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), config=st.sampled_from(SMALL_CONFIGS),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), config=st.sampled_from(KERNEL_CONFIGS),
        seed=st.integers(0, 2**16))
 def test_gated_gemv_is_silu_mul_then_the_gemv(n, k, leading, dtype, config, seed):
     """The gated kernel rounds silu(gate) * up as paiton.silu_mul does (one shared helper) and
