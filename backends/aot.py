@@ -253,14 +253,16 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
     with its fp32 partial sums and per-tile counters (atomics)."""
     config = dict(config)
     splits = config.pop("SPLITS", 1)
+    via_fp16 = config.pop("W_VIA_FP16", False) and weight_dtype.startswith("fp8")
     signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype}",
                  "scale_ptr": "constexpr" if scales == NO_SCALES else "*fp32", "y_ptr": f"*{dtype}",
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
                  "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "K_SLICE": "i32",
                  "partial_ptr": "*fp32" if splits > 1 else "constexpr", "count_ptr": "*i32" if splits > 1 else "constexpr",
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr",
-                 "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr"}
-    launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits}
+                 "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr", "W_VIA_FP16": "constexpr"}
+    launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits,
+                "W_VIA_FP16": via_fp16}
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
     if scales == NO_SCALES:

@@ -38,13 +38,21 @@ import torch
 import triton
 import triton.language as tl
 
-from paiton.fusion.gemv import BLOCK_SCALES, SCALE_BLOCK, VENDOR, scales_kind
+from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
 from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound: prefill)
+
+# W_VIA_FP16 (a launch key, for FP8 weights): W converted to x's dtype through fp16 and fp32,
+# e4m3 -> fp16 two elements an instruction (F2FP), fp16 -> fp32 on the FMA pipe (HADD2), fp32
+# -> bf16 two elements an instruction (F2FP), all exact. Triton's own e4m3 -> bf16 takes an F2F
+# per element (sm_90 SASS: 64 F2F per 64 elements of a 64 x 128 tile), an instruction of the
+# conversion pipe, 16 a clock per multiprocessor on Hopper: about the rate at which an H200
+# streams FP8 bytes into a multiprocessor, so the product could go no faster (at 18612d0-a593e91
+# it ran at 1.6-2.2x the FP8 floor on the H200).
 
 
 # M is not specialized on (Triton would compile apart for 1, and for multiples of 16): a decode
@@ -54,7 +62,8 @@ MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound:
 def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                           K_SLICE, partial_ptr, count_ptr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
-                          SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr):
+                          SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr,
+                          W_VIA_FP16: tl.constexpr = False):
     """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
@@ -71,7 +80,10 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
         k = start + cols[None, :]
         x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
         w = tl.load(w_rows + k, mask=(rows_n[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
-        w = w.to(x.dtype)  # exact: e4m3 values are bf16 and fp16 values
+        if W_VIA_FP16:  # FP8 W: see W_VIA_FP16 above
+            w = w.to(tl.float16).to(tl.float32).to(x.dtype)  # exact, as below
+        else:
+            w = w.to(x.dtype)  # exact: e4m3 values are bf16 and fp16 values
         if DOT_FP32:
             part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
@@ -111,10 +123,16 @@ def few_rows_config(rows: int) -> dict[str, int]:
     return dict(BLOCK_M=block_m(rows), BLOCK_N=64, BLOCK_K=SCALE_BLOCK, num_warps=4, num_stages=3)
 
 
-def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, splits: int = 1) -> dict[str, int]:
-    """A launch; `splits` > 1 cuts K into that many slices of whole BLOCK_K tiles, a program each."""
+def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, splits: int = 1,
+              via_fp16: bool = False) -> dict[str, int]:
+    """A launch; `splits` > 1 cuts K into that many slices of whole BLOCK_K tiles, a program each;
+    `via_fp16`: an FP8 weight converted through fp16 (W_VIA_FP16; a weight in x's dtype ignores it)."""
     config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
-    return {**config, "SPLITS": splits} if splits > 1 else config
+    if splits > 1:
+        config["SPLITS"] = splits
+    if via_fp16:
+        config["W_VIA_FP16"] = True
+    return config
 
 
 # The launches a CUDA GPU times per shape and row count (the lowering table's `few_rows_linear`
@@ -145,7 +163,8 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
 # tiles of 8-16 KB, as the bf16 list's in bytes. At 18612d0 the untimed launch alone gave
 # Qwen3-32B's o_proj (N = 5120) 80 programs and ran it at a quarter of the FP8 copy rate, its
 # q/k/v at a third (H200, fp8_gemm_sweep). Block scales take the launches whose BLOCK_K divides
-# their 128-wide blocks.
+# their 128-wide blocks. The last five convert W through fp16 (W_VIA_FP16), timed beside the
+# same tiles without it.
 FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, SCALE_BLOCK, 4, 3),
     candidate(16, 512, 4, 4),
@@ -156,6 +175,11 @@ FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(16, 128, 4, 6),
     candidate(32, 256, 4, 4, splits=4),
     candidate(32, 128, 4, 5, splits=4),
+    candidate(64, SCALE_BLOCK, 4, 3, via_fp16=True),
+    candidate(32, 256, 4, 4, via_fp16=True),
+    candidate(64, 256, 4, 3, via_fp16=True),
+    candidate(32, 128, 4, 5, via_fp16=True),
+    candidate(32, 256, 4, 4, splits=4, via_fp16=True),
 )
 
 # Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
@@ -199,6 +223,7 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         block_m, block_n, block_k = launch["BLOCK_M"], launch["BLOCK_N"], launch["BLOCK_K"]
         grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
         k_slice, splits = _k_slices(k, block_k, launch.pop("SPLITS", 1))
+        via_fp16 = launch.pop("W_VIA_FP16", False) and weight.dtype in FP8_DTYPES
         counters = _tile_counters(x.device, grid_n * grid_m) if splits > 1 else None
         if counters is None:  # no counters to be had (first use inside a CUDA graph capture): unsplit
             k_slice, splits = k, 1
@@ -208,7 +233,7 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
                 rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
                 scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
                 SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
-                SPLITS=splits, **launch)
+                SPLITS=splits, W_VIA_FP16=via_fp16, **launch)
     return y.reshape(*x.shape[:-1], n)
 
 
