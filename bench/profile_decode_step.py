@@ -154,6 +154,15 @@ def profile_config(model, config, batch, args):
                 categories=dict(sorted(categories.items(), key=lambda c: -c[1])), kernels=kernels)
 
 
+def several_rows_choices_markdown() -> str:
+    """Which product ran each linear of several rows (batch 2-64): the FP8 paths fusion/fp8_paths.py
+    chose, and the few-rows GEMM's launches (bf16 against cuBLAS; FP8 among its own launches)."""
+    from paiton.fusion import few_rows_gemm, fp8_paths
+
+    lines = [f"- FP8 {line}" for line in fp8_paths.describe_choices()] + [f"- GEMM {line}" for line in few_rows_gemm.describe_choices()]
+    return "\n".join(["", "Products of several rows, as chosen at first use:", "", *lines, ""]) if lines else ""
+
+
 def markdown(env, rows, top):
     lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
              f"{versions_line(env)}, prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, "
@@ -233,6 +242,7 @@ def parse_runs(parser, text: str) -> list[tuple[str, int]]:
 
 
 def main(argv=None):
+    from paiton.fusion import few_rows_gemm, fp8_paths
     from paiton.fusion.gemv import chosen_launches
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
@@ -286,9 +296,10 @@ def main(argv=None):
               f"compile and warm-up {row['compile_and_warmup_s']:.0f} s", flush=True)
         # After every row: a run cut short keeps what it measured.
         choices = chosen_launches()
-        table = markdown(env, rows, args.top) + one_row_choices_markdown(choices)
+        table = markdown(env, rows, args.top) + one_row_choices_markdown(choices) + several_rows_choices_markdown()
         stem = write_results(args.out, f"profile_decode_step-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}{suffix}",
-                             dict(env=env, rows=rows, one_row_choices=choices), table, echo=False)
+                             dict(env=env, rows=rows, one_row_choices=choices, few_rows_choices=few_rows_gemm.chosen_launches(),
+                                  fp8_paths=fp8_paths.chosen_paths()), table, echo=False)
         plot(env, rows, stem + ".png")
     print(table)
 

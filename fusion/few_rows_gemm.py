@@ -383,7 +383,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
              "first launch" if fp8 else "vendor", baseline_us)
     _CHOICES[key] = choice
     _TIMINGS[key] = {"source": "timed", ("first_launch_us" if fp8 else "vendor_us"): baseline_us, "chosen_us": chosen_us,
-                     "disagreeing": dropped}
+                     "disagreeing": dropped,
+                     # every launch's best time, for results files (which launches to keep timing)
+                     "candidate_times": [[config, round(ms / len(weights) * 1e3, 2)] for config, ms in timed]}
     return choice
 
 
