@@ -143,8 +143,28 @@ def fp8_floor_fields(model, copy_bytes_per_s: float | None) -> dict:
     """A results file's env entries for the FP8 copy's floor beside the model's (an -fp8
     configuration's weights): its weight bytes, and those over the measured copy rate (None off
     the GPU)."""
-    fp8_bytes = weight_bytes(model_for(model, "paiton-fp8"))
+    fp8_bytes = fp8_weight_bytes(model)
     return dict(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_bytes_per_s * 1e6 if copy_bytes_per_s else None)
+
+
+def fp8_weight_bytes(model) -> int:
+    """weight_bytes of `model` quantized as quantize_fp8 does it (every bias-free linear of the
+    decoder layers: one byte an element and an fp32 scale per output row), counted without
+    making the FP8 copy (a Qwen3-32B on an 80 GB card cannot hold both); the model's own count
+    if it is FP8 already."""
+    import torch
+
+    from paiton.models.fp8 import is_fp8
+
+    total = weight_bytes(model)
+    if is_fp8(model):
+        return total
+    for layer in getattr(getattr(model, "model", model), "layers", ()):
+        for linear in layer.modules():
+            if isinstance(linear, torch.nn.Linear) and linear.bias is None:
+                w = linear.weight
+                total += w.numel() + w.shape[0] * 4 - w.numel() * w.element_size()
+    return total
 
 
 def floor_lines(env: dict) -> list[str]:
@@ -194,6 +214,10 @@ _FP8_COPIES: dict[int, object] = {}
 def model_for(model, config: str):
     """`model`, or for an FP8 configuration its FP8 copy (made once per model, sharing the rest)."""
     if "-fp8" not in config:
+        return model
+    from paiton.models.fp8 import is_fp8
+
+    if is_fp8(model):  # quantized in place already (profile_decode_step --fp8-in-place)
         return model
     if id(model) not in _FP8_COPIES:
         from paiton.models.fp8 import fp8_copy

@@ -244,6 +244,7 @@ def parse_runs(parser, text: str) -> list[tuple[str, int]]:
 def main(argv=None):
     from paiton.fusion import few_rows_gemm, fp8_paths
     from paiton.fusion.gemv import chosen_launches
+    from paiton.models.fp8 import is_fp8, quantize_fp8
     from paiton.models.qwen3 import QWEN3_PRESETS, build_qwen3
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,6 +259,10 @@ def main(argv=None):
                         help="write every thread's Python stack this often to stacks-profile_decode_step-<model>[-<tag>].log "
                              "in --out (where a cold compile spends its minutes)")
     parser.add_argument("--tag", help="appended to the results files' names (two runs of one model on one day)")
+    parser.add_argument("--fp8-in-place", action="store_true",
+                        help="quantize the model itself for the -fp8 configurations, after every other one has run "
+                             "(the bf16 weights are freed): a card that cannot hold a bf16 model and its FP8 copy "
+                             "(Qwen3-32B on an 80 GB H100) measures both in one run")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
@@ -286,8 +291,12 @@ def main(argv=None):
                steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
     if any("-fp8" in config for config, _ in runs):  # the FP8 copy's floor beside bf16's, at the copy rate measured above
         env.update(fp8_floor_fields(model, env.get("copy_TBps") and env["copy_TBps"] * 1e12))
+    if args.fp8_in_place:  # every bf16 row before the weights go (a stable sort: each group keeps its order)
+        runs.sort(key=lambda run: "-fp8" in run[0])
     rows = []
     for config, batch in runs:
+        if args.fp8_in_place and "-fp8" in config and not is_fp8(model):
+            quantize_fp8(model)  # layer by layer, the bf16 weight freed as its FP8 copy is made
         row = profile_config(model, config, batch, args)
         rows.append(row)
         print(f"{config} batch {batch}: step {row['step_us']:.0f} us, pipelined {row['pipelined_us']:.0f} us, "

@@ -28,6 +28,8 @@
 #   profile       (or profile_32b) bench/profile_decode_step.py, PROFILE_MODEL (qwen3-32b), configurations
 #                 PROFILE_CONFIGS (paiton; "paiton-fp8,paiton": FP8 against bf16), batches PROFILE_BATCHES (1,2,32),
 #                 or PROFILE_RUNS ("paiton-fp8@1,paiton@1,inductor-cdt@1,..."): the pairs in that order;
+#                 PROFILE_FP8_IN_PLACE=1: bf16 rows first, then the model quantized in place for the -fp8 ones
+#                 (Qwen3-32B and its FP8 copy do not fit an 80 GB H100 together);
 #                 PROFILE_TAG names a second run of one model (its files and log); every
 #                 PROFILE_STACK_DUMPS seconds (60) each thread's stack goes to stacks-profile_decode_step-*.log
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
@@ -105,7 +107,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       # the decode graph compiles: no prefill buckets, no server warm-up)
       step "profile_${PROFILE_MODEL:-qwen3-32b}${PROFILE_TAG:+_$PROFILE_TAG}" "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py \
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
-        ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} \
+        ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} ${PROFILE_FP8_IN_PLACE:+--fp8-in-place} \
         --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...
       step lowering_sweep "${LOWERING_SWEEP_TIMEOUT:-300}" python3 bench/lowering_sweep.py --out "$out" ;;
