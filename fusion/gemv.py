@@ -155,31 +155,25 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 )
 
 
-# FP8 weights (one byte an element), one row: the same tiles in bytes (4-32 KB), so twice the
-# elements along K. The first is the lowering table's untimed launch (and the baseline the
-# timing reports); at 18612d0 it alone (16 rows x 1024, 8 warps: 320 programs of 64
-# accumulators a thread for N = 5120) ran Qwen3-32B's o_proj at a quarter of the copy rate and
-# its q/k/v and gate/up at about three quarters (H200, fp8_gemm_sweep). Its sm_90 code (Triton
-# 3.9's SASS, bench/gemv_sass.py): 126 registers a thread (two 256-thread programs per
-# multiprocessor, 32 KB of loads in flight at most, where the H200's bandwidth wants about that
-# much in flight all the time), and x moved into W's layout through shared memory behind 8
-# barriers an iteration. The X_PER_ROW + CHUNK launches load x in W's layout and keep 16 sums
-# a row a thread: 48-68 registers and no barrier in the loop, so 3-5 programs a multiprocessor;
-# their tiles of 8-32 KB give the narrow weights (N = 4096-5120) 160-1280 programs. Gated
-# (down_proj), X_PER_ROW makes every warp compute silu for its own copy of x (5.6-7.3
-# instructions an element against 4.2): the last launch keeps x's own layout and the 16 sums
-# (64 registers, 4.7 instructions an element gated).
+# FP8 weights (one byte an element), one row: tiles of 8-32 KB of FP8. The first is the lowering
+# table's untimed launch (and the baseline the timing reports). Until 21723a0 that was 16 rows x
+# 1024, 8 warps, in W's elements, whose sm_90 code (Triton 3.9's SASS, bench/gemv_sass.py) has
+# 126 registers a thread (two 256-thread programs a multiprocessor, too few loads in flight for
+# an H100/H200) and moves x into W's layout through shared memory behind 8 barriers an
+# iteration; it ran Qwen3-32B's o_proj at a quarter of the H200's copy rate (18612d0). CHUNK
+# keeps 16 sums a row a thread instead of one per element (48-68 registers); X_PER_ROW loads x
+# in W's layout (no barrier in the loop). Timed at a88eea9 on an H100 (bench/results/NOTES.md,
+# 2026-12-05) against the five old launches: the CHUNK launch without X_PER_ROW was within 5%
+# of the best on every Qwen3-8B/32B weight and the fastest for 32B's gated down_proj (48.7 us
+# against 65.0 for the old untimed launch: silu is computed once a column there, where
+# X_PER_ROW repeats it in every warp), and the X_PER_ROW launches won the rest (32B: q/k/v at
+# 85% of the copy rate, gate/up 98%); the old launches won none and are gone.
 FP8_GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
-    gemv_config(16, 1024, 8, 2),
-    gemv_config(4, 2048, 4, 2),
-    gemv_config(8, 1024, 4, 2),
+    gemv_config(16, 1024, 8, 2, chunk=16),
     gemv_config(16, 1024, 8, 2, x_per_row=True, chunk=16),
     gemv_config(8, 1024, 4, 2, x_per_row=True, chunk=16),
     gemv_config(8, 2048, 4, 2, x_per_row=True, chunk=16),
     gemv_config(4, 2048, 4, 2, x_per_row=True, chunk=16),
-    gemv_config(16, 2048, 8, 2, x_per_row=True, chunk=16),
-    gemv_config(16, 512, 4, 2, x_per_row=True, chunk=16),
-    gemv_config(16, 1024, 8, 2, chunk=16),
 )
 
 
