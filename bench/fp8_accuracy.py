@@ -44,18 +44,19 @@ WEIGHT_KINDS = ("random", "outliers")
 def add_outliers(model: torch.nn.Module, seed: int) -> None:
     """The `outliers` weights of the module docstring, for every decoder linear, in place."""
     generator = torch.Generator().manual_seed(seed)
-    student = torch.distributions.StudentT(4.0)
     for layer in model.model.layers:
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight.data
                 n, k = w.shape
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
-                tails = student.sample((n, k))
+                # sampled where the weight lives (an 8B model's on its GPU: minutes less than on the CPU)
+                tails = torch.distributions.StudentT(torch.tensor(4.0, device=w.device)).sample((n, k))
                 tails = tails / tails.std() * w.float().std()
-                columns = torch.randperm(k, generator=generator)[:max(1, k // 100)]
+                columns = torch.randperm(k, generator=generator)[:max(1, k // 100)].to(w.device)
                 tails[:, columns] *= 8
-                elements = torch.randperm(n * k, generator=generator)[:max(1, n * k // 10000)]
+                # (drawn with replacement: a permutation of an 8B model's n * k takes seconds per weight)
+                elements = torch.randint(0, n * k, (max(1, n * k // 10000),), generator=generator).to(w.device)
                 tails.view(-1)[elements] *= 30
                 w.copy_(tails.to(w.dtype))
 
