@@ -21,9 +21,12 @@ its elements scaled 30x. Per-channel scales are one per output row, so an outlie
 every row's absmax and coarsens the rest of the row: the hard case for this quantization.
 
 The FP8 model is `quantize_fp8(copy)`: every decoder linear per channel, lm_head and embeddings
-kept. Its several-row products dequantize the weight and multiply in the model's dtype (the
-path a prefill or a teacher-forced forward takes everywhere); a GPU's one-row GEMV sums the same
-FP8 values in fp32, so a decode step differs from it only by rounding order.
+kept. Its several-row products (a prefill, or this teacher-forced forward) take the path
+fusion/fp8_paths.py chooses: on a CPU the weight dequantized and multiplied in the model's dtype
+(weight-only); on a GPU, timed per shape, at these row counts torch._scaled_mm, which quantizes
+the activations to FP8 per token as well (W8A8: about 2^-4 of each activation besides), so a
+GPU's numbers include that rounding and a CPU's do not. A decode step's one-row GEMV is
+weight-only everywhere (the same FP8 values summed in fp32).
 """
 
 from __future__ import annotations

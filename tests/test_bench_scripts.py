@@ -52,6 +52,30 @@ def test_profile_decode_step_fp8_beside_bf16(tmp_path):
     assert "FP8 weights (the -fp8 configurations)" in path.with_suffix(".md").read_text()
 
 
+def test_profile_decode_step_fp8_in_place(tmp_path):
+    """--fp8-in-place (a card that cannot hold a bf16 model and its FP8 copy): the bf16 rows run
+    first whatever the order asked, then the model itself is quantized for the FP8 ones, and the
+    FP8 floor is the bytes the quantized model holds, counted before it was made."""
+    import profile_decode_step
+    from bench_common import fp8_weight_bytes, weight_bytes
+
+    from paiton.models.fp8 import fp8_copy
+    from paiton.models.qwen3 import build_qwen3
+
+    model = build_qwen3("tiny", device="cpu", dtype=torch.float32)
+    assert fp8_weight_bytes(model) == weight_bytes(fp8_copy(model)) < weight_bytes(model)
+    profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", "paiton-fp8@1,paiton@1,paiton@2",
+                              "--fp8-in-place", "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2",
+                              "--profile-steps", "1", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
+    result = json.loads(path.read_text())
+    assert [(r["config"], r["batch"]) for r in result["rows"]] == [("paiton", 1), ("paiton", 2), ("paiton-fp8", 1)]
+    bf16_names = {k["name"] for k in result["rows"][0]["kernels"]}
+    fp8_names = {k["name"] for k in result["rows"][2]["kernels"]}
+    assert "paiton::fp8_linear" in fp8_names and not any("fp8" in name for name in bf16_names), (bf16_names, fp8_names)
+    assert result["env"]["fp8_weight_bytes"] == fp8_weight_bytes(model)
+
+
 @pytest.mark.parametrize("runs", ["paiton", "paiton@", "paiton@0", "paiton@x", "nonesuch@1"])
 def test_profile_decode_step_runs_usage_errors(runs, capsys):
     import profile_decode_step
