@@ -163,11 +163,12 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
 # iteration; it ran Qwen3-32B's o_proj at a quarter of the H200's copy rate (18612d0). CHUNK
 # keeps 16 sums a row a thread instead of one per element (48-68 registers); X_PER_ROW loads x
 # in W's layout (no barrier in the loop). Timed at a88eea9 on an H100 (bench/results/NOTES.md,
-# 2026-12-05) against the five old launches: the CHUNK launch without X_PER_ROW was within 11%
-# of the best on every Qwen3-8B/32B weight, faster than every old launch on six of eight, and the fastest for 32B's gated down_proj (48.7 us
-# against 65.0 for the old untimed launch: silu is computed once a column there, where
-# X_PER_ROW repeats it in every warp), and the X_PER_ROW launches won the rest (32B: q/k/v at
-# 85% of the copy rate, gate/up 98%); the old launches won none and are gone.
+# 2026-12-05) against the old launches: the CHUNK launch without X_PER_ROW was within 11% of
+# the best on every Qwen3-8B/32B weight, faster than every old launch on five of eight (one
+# tie), and the fastest for 32B's gated down_proj (48.7 us against 65.0 for the old untimed
+# launch: silu is computed once a column there, where X_PER_ROW repeats it in every warp); the
+# X_PER_ROW launches won the rest (32B: q/k/v at 85% of the copy rate, gate/up 98%); the old
+# launches won none and are gone.
 FP8_GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     gemv_config(16, 1024, 8, 2, chunk=16),
     gemv_config(16, 1024, 8, 2, x_per_row=True, chunk=16),
