@@ -62,12 +62,43 @@ def category(name: str) -> str:
     return "other"
 
 
+def inductor_counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return dict(counters["inductor"])
+
+
+def synchronizing_calls(run) -> list[str]:
+    """The warnings torch's CUDA sync debug mode gives for `run` (each names a call that waits
+    for the GPU), with the stack that made each, innermost frames last."""
+    import traceback
+    import warnings
+
+    found = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        found.append(f"{message}\n" + "".join(traceback.format_stack(limit=12)[:-1]))
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
+    return found[:8]
+
+
 @torch.no_grad()
 def profile_config(model, config, batch, args):
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 
     torch._dynamo.reset()
+    counters_before = inductor_counters()  # CUDA graphs skipped or recorded again, per row
     device, cuda = args.device, args.device.startswith("cuda")
     model = model_for(model, config)  # an FP8 configuration's FP8 copy
     if config == "eager":
@@ -76,14 +107,14 @@ def profile_config(model, config, batch, args):
         backend, settings = compile_settings(config, device, args.paiton_inner)
         forward = torch.compile(model, backend=backend, fullgraph=True, **settings)
     steps_total = 3 + 2 * args.steps + args.profile_steps
-    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + steps_total + 8)
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + steps_total + 8)  # + a diagnostic step
     cache.early_initialization(batch, model.config.num_key_value_heads, model.config.head_dim, model.dtype, device)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=generator).to(device)
     out = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(args.prompt_len, device=device),
                 use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
-    slots = torch.arange(args.prompt_len + steps_total, device=device)
+    slots = torch.arange(args.prompt_len + steps_total + 1, device=device)
 
     def sync():
         if cuda:
@@ -148,8 +179,17 @@ def profile_config(model, config, batch, args):
         categories[kernel["category"]] += kernel["us_per_step"]
     step_us = statistics.median(times) * 1e6
     kernel_us = sum(k["us_per_step"] for k in kernels)
+    host_us = statistics.median(host_times) * 1e6
+    # A step whose host call lasts as long as the GPU's work does not run ahead (32B FP8 at 32
+    # rows on the H100, a88eea9: host 18708 us, kernels 18707): one more step under torch's
+    # sync debug mode names any synchronizing call it makes, with its stack.
+    synchronizing = []
+    if cuda and host_us > 0.5 * pipelined_us:
+        synchronizing = synchronizing_calls(lambda: step(steps_total))
     return dict(config=config, batch=batch, step_us=step_us, kernel_us=kernel_us, gap_us=step_us - kernel_us,
-                pipelined_us=pipelined_us, host_us=statistics.median(host_times) * 1e6,
+                pipelined_us=pipelined_us, host_us=host_us, synchronizing_calls=synchronizing,
+                cudagraph_counters={k: v - counters_before.get(k, 0) for k, v in inductor_counters().items()
+                                    if "cudagraph" in k and v != counters_before.get(k, 0)},
                 launches_per_step=sum(k["launches_per_step"] for k in kernels), compile_and_warmup_s=compile_s,
                 categories=dict(sorted(categories.items(), key=lambda c: -c[1])), kernels=kernels)
 
@@ -186,6 +226,14 @@ def markdown(env, rows, top):
         lines.append(f"| {r['config']} | {r['batch']} | {r['step_us']:.0f} | {r.get('pipelined_us', 0):.0f} | "
                      f"{r.get('host_us', 0):.0f} | {r['kernel_us']:.0f} | {r['gap_us']:.0f} | "
                      f"{r['launches_per_step']:.0f} | " + " | ".join(cats) + " |")
+    odd = [r for r in rows if r.get("synchronizing_calls") or r.get("cudagraph_counters")]
+    if odd:  # what made a step wait for the GPU, or CUDA graphs be skipped or recorded again
+        lines += ["", "Rows whose step synchronized with the host or whose CUDA graphs were skipped or recorded again:", ""]
+        for r in odd:
+            lines.append(f"- {r['config']} batch {r['batch']}: counters {r.get('cudagraph_counters', {})}, "
+                         f"{len(r.get('synchronizing_calls', []))} synchronizing call(s) in one step")
+            lines += [f"  ```\n  {call.strip()}\n  ```".replace("\n", "\n  ").replace("\n    ```", "\n  ```")
+                      for call in r.get("synchronizing_calls", [])[:2]]
     for r in rows:
         lines += ["", f"## {r['config']}, batch {r['batch']}: top {top} kernels", "",
                   "| kernel | category | launches/step | us/step | share of kernel time |", "|---|---|---|---|---|"]
@@ -302,7 +350,10 @@ def main(argv=None):
         print(f"{config} batch {batch}: step {row['step_us']:.0f} us, pipelined {row['pipelined_us']:.0f} us, "
               f"host {row['host_us']:.0f} us, kernels {row['kernel_us']:.0f} us, "
               f"gap {row['gap_us']:.0f} us, {row['launches_per_step']:.0f} launches, "
-              f"compile and warm-up {row['compile_and_warmup_s']:.0f} s", flush=True)
+              f"compile and warm-up {row['compile_and_warmup_s']:.0f} s"
+              + (f", CUDA graph counters {row['cudagraph_counters']}" if row["cudagraph_counters"] else "")
+              + (f", {len(row['synchronizing_calls'])} synchronizing call(s) in a step" if row["synchronizing_calls"] else ""),
+              flush=True)
         # After every row: a run cut short keeps what it measured.
         choices = chosen_launches()
         table = markdown(env, rows, args.top) + one_row_choices_markdown(choices) + several_rows_choices_markdown()

@@ -28,7 +28,16 @@ def test_profile_decode_step_smoke(tmp_path):
         assert {"paiton::decode_attention", "paiton::qk_norm_rope_cache", swiglu} <= names, names
         assert row["categories"]["paiton kernels"] > 0 and row["step_us"] > 0
         assert abs(sum(row["categories"].values()) - row["kernel_us"]) < 1e-6 * max(row["kernel_us"], 1)
-    assert "| paiton | 2 |" in path.with_suffix(".md").read_text()
+        assert row["synchronizing_calls"] == [] and row["cudagraph_counters"] == {}  # (no CUDA: nothing to find)
+    text = path.with_suffix(".md").read_text()
+    assert "| paiton | 2 |" in text and "synchronized with the host" not in text
+    # A row whose step waited for the GPU (what sync debug mode said, and where) or whose CUDA
+    # graphs were skipped is listed with what was found.
+    rows[1].update(synchronizing_calls=["called a synchronizing CUDA operation\n  File \"fp8_paths.py\", line 9"],
+                   cudagraph_counters={"cudagraph_skips": 1})
+    text = profile_decode_step.markdown(json.loads(path.read_text())["env"], rows, 3)
+    assert "- paiton batch 2: counters {'cudagraph_skips': 1}, 1 synchronizing call(s) in one step" in text
+    assert 'File "fp8_paths.py", line 9' in text
 
 
 def test_profile_decode_step_fp8_beside_bf16(tmp_path):
