@@ -25,11 +25,18 @@ one-row choice is (fusion/timing.py: back to back, host launches hidden, weights
 and kept for the process (`chosen_paths()` lists the choices with their times). Not timed: on
 a CPU, and while a CUDA graph is being captured (then the first path of the order runs, and
 the choice waits for a later call).
+
+Weight-only (PAITON_FP8_WEIGHT_ONLY=1 in the environment): SCALED_MM is never taken, so no
+activation is rounded to FP8 at any row count. Without it the timing may pick SCALED_MM at 32
+rows and more (Qwen3-32B's q/k/v and gate/up on an H100 at a88eea9) while 1-16 rows stay
+weight-only: a request's greedy tokens can then depend on how many others share its decode
+step, and a prefill's logits carry the activations' rounding too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -124,21 +131,26 @@ RUNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 }
 
 
+def weight_only() -> bool:
+    """PAITON_FP8_WEIGHT_ONLY=1: no path that rounds the activations to FP8 (module docstring)."""
+    return os.environ.get("PAITON_FP8_WEIGHT_ONLY", "0") == "1"
+
+
 def eligible_paths(rows: int, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                    paths: Sequence[str]) -> list[str]:
     """The paths of `paths` (in order) that take this product, DEQUANTIZE last if it is not
     among them (it takes every product). FP8_GEMM: up to MAX_ROWS rows; SCALED_MM: as
-    scaled_mm_unsupported says."""
+    scaled_mm_unsupported says, and not under PAITON_FP8_WEIGHT_ONLY=1."""
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise ValueError(f"paiton fp8 paths: unknown {sorted(unknown)}; paths are {list(PATHS)}")
-    takes = {FP8_GEMM: rows_bucket(rows) <= MAX_ROWS, SCALED_MM: scaled_mm_unsupported(x, weight, scales) is None,
-             DEQUANTIZE: True}
+    takes = {FP8_GEMM: rows_bucket(rows) <= MAX_ROWS,
+             SCALED_MM: not weight_only() and scaled_mm_unsupported(x, weight, scales) is None, DEQUANTIZE: True}
     eligible = [path for path in paths if takes[path]]
     return eligible if DEQUANTIZE in eligible else eligible + [DEQUANTIZE]
 
 
-# (device, rows bucket, N, K, x dtype, W dtype, scale layout) -> the chosen path, and how it
+# (device, rows bucket, N, K, x dtype, W dtype, scale layout, weight-only) -> the chosen path, and how it
 # was chosen (source, and timed: each path's best time in us).
 _CHOICES: dict[tuple, str] = {}
 _TIMINGS: dict[tuple, dict] = {}
@@ -158,7 +170,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, pat
     if len(eligible) == 1:
         return eligible[0]
     kind = "rows" if scales_kind(weight, scales) == ROW_SCALES else "blocks"
-    key = (str(x.device), rows_bucket(rows), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, kind)
+    key = (str(x.device), rows_bucket(rows), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, kind, weight_only())
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -198,7 +210,8 @@ def chosen_paths() -> list[dict]:
     which product ran each FP8 linear of several rows): rows (the bucket), n, k, dtypes, scale
     layout, the choice, its source ("timed" or "fallback") and, timed, every path's time."""
     return [dict(device=key[0], rows=key[1], n=key[2], k=key[3], dtype=str(key[4]).removeprefix("torch."),
-                 weight_dtype=str(key[5]).removeprefix("torch."), scales=key[6], choice=choice, **_TIMINGS.get(key, {}))
+                 weight_dtype=str(key[5]).removeprefix("torch."), scales=key[6], weight_only=key[7], choice=choice,
+                 **_TIMINGS.get(key, {}))
             for key, choice in _CHOICES.items()]
 
 

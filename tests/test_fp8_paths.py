@@ -201,10 +201,25 @@ def test_untimed_choice_is_the_first_eligible_path(fresh_choices):
     assert fp8_paths.choose_path(x[:0], w8, scales, paths) == DEQUANTIZE
     assert fp8_paths.chosen_paths() == [
         dict(device="cpu", rows=8, n=32, k=64, dtype="bfloat16", weight_dtype="float8_e4m3fn", scales="rows",
-             choice=FP8_GEMM, source="fallback"),
+             weight_only=False, choice=FP8_GEMM, source="fallback"),
         dict(device="cpu", rows=128, n=32, k=64, dtype="bfloat16", weight_dtype="float8_e4m3fn", scales="rows",
-             choice=SCALED_MM, source="fallback"),
+             weight_only=False, choice=SCALED_MM, source="fallback"),
     ]
+
+
+def test_weight_only_never_rounds_the_activations(fresh_choices, monkeypatch):
+    """PAITON_FP8_WEIGHT_ONLY=1: _scaled_mm (W8A8) is never eligible, at any row count, so the
+    path of a product does not round its activations whatever the batch; a choice made without
+    it is not reused under it."""
+    w8, scales = row_weight()
+    paths = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
+    x = torch.randn(100, 64).bfloat16()
+    assert fp8_paths.choose_path(x, w8, scales, paths) == SCALED_MM
+    monkeypatch.setenv("PAITON_FP8_WEIGHT_ONLY", "1")
+    assert fp8_paths.eligible_paths(100, x, w8, scales, paths) == [DEQUANTIZE]
+    assert fp8_paths.eligible_paths(8, x, w8, scales, paths) == [FP8_GEMM, DEQUANTIZE]
+    assert fp8_paths.choose_path(x, w8, scales, paths) == DEQUANTIZE
+    assert [r["weight_only"] for r in fp8_paths.chosen_paths()] == [False]  # one eligible path: not a choice
 
 
 def test_timed_choice_takes_the_fastest_once_per_rows_bucket(fresh_choices, monkeypatch):
