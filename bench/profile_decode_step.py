@@ -267,6 +267,8 @@ def plot(env, rows, path):
         bottom = [b + v for b, v in zip(bottom, values)]
     if env.get("floor_us"):
         ax.axhline(env["floor_us"] / 1e3, color="black", linestyle="--", label="floor (weights / copy rate)")
+    if env.get("fp8_floor_us"):  # the -fp8 rows' own floor
+        ax.axhline(env["fp8_floor_us"] / 1e3, color="black", linestyle=":", label="FP8 floor (FP8 weights / copy rate)")
     ax.set_ylabel("ms per decode step")
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title(f"{env['model']} decode step on {env['card']} ({env['date'][:10]}, {env['commit']})", fontsize=9)
