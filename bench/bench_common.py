@@ -152,18 +152,15 @@ def fp8_weight_bytes(model) -> int:
     decoder layers: one byte an element and an fp32 scale per output row), counted without
     making the FP8 copy (a Qwen3-32B on an 80 GB card cannot hold both); the model's own count
     if it is FP8 already."""
-    import torch
-
-    from paiton.models.fp8 import is_fp8
+    from paiton.models.fp8 import is_fp8, quantizable_linears
 
     total = weight_bytes(model)
     if is_fp8(model):
         return total
     for layer in getattr(getattr(model, "model", model), "layers", ()):
-        for linear in layer.modules():
-            if isinstance(linear, torch.nn.Linear) and linear.bias is None:
-                w = linear.weight
-                total += w.numel() + w.shape[0] * 4 - w.numel() * w.element_size()
+        for _, _, linear in quantizable_linears(layer):
+            w = linear.weight
+            total += w.numel() + w.shape[0] * 4 - w.numel() * w.element_size()
     return total
 
 
