@@ -55,10 +55,11 @@ FUSED_OPS = (
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
 # launches (`one_row`: the untimed one, 16 rows x 1024 bytes of FP8 per tile, 8 warps, 16
 # sums a row a thread: 16-byte loads of W per thread; `one_row_candidates`: those timed per
-# weight shape at first use, as bf16's are), and the products of several rows it may choose from (fusion/fp8_paths.py), in
-# their untimed fallback order. Several rows: each shape is timed on the GPU at first use;
-# untimed (during a CUDA graph capture) up to 64 rows the FP8 GEMM reads W once (decode is
-# memory-bound there), above them _scaled_mm multiplies on FP8 tensor cores.
+# weight shape at first use, as bf16's are), and the products of several rows it may choose
+# from (fusion/fp8_paths.py), in their untimed fallback order. Several rows: each shape is
+# timed on the GPU at first use; untimed (during a CUDA graph capture) up to 64 rows the FP8
+# GEMM reads W once (decode is memory-bound there), above them _scaled_mm multiplies on FP8
+# tensor cores.
 FP8_ONE_ROW = FP8_GEMV_CANDIDATES[0]
 FP8_SEVERAL_ROWS = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
 # Every FP8 chip's kernels' parameters, beside its format (the FP8 GEMM's launches of several

@@ -232,8 +232,8 @@ def markdown(env, rows, top):
         for r in odd:
             lines.append(f"- {r['config']} batch {r['batch']}: counters {r.get('cudagraph_counters', {})}, "
                          f"{len(r.get('synchronizing_calls', []))} synchronizing call(s) in one step")
-            lines += [f"  ```\n  {call.strip()}\n  ```".replace("\n", "\n  ").replace("\n    ```", "\n  ```")
-                      for call in r.get("synchronizing_calls", [])[:2]]
+            for call in r.get("synchronizing_calls", [])[:2]:
+                lines += ["  ```", *(f"    {line}" for line in call.strip().splitlines()), "  ```"]
     for r in rows:
         lines += ["", f"## {r['config']}, batch {r['batch']}: top {top} kernels", "",
                   "| kernel | category | launches/step | us/step | share of kernel time |", "|---|---|---|---|---|"]

@@ -38,6 +38,11 @@ TOKENS = 64
 KV_HEADS, HEAD_DIM, CACHE_LEN = 8, 128, 4096
 
 
+def launch_name(config: dict) -> str:
+    """A launch's keywords as a path piece of a build's name (BLOCK_N=16/BLOCK_K=1024/...)."""
+    return "/".join(f"{k}={v}" for k, v in config.items())
+
+
 def builds(target):
     """(case name, op, KernelBuild) for every kernel variant, configured by `target`'s table."""
     for dtype in DTYPES:
@@ -71,7 +76,7 @@ def builds(target):
         # Plain, and with SwiGLU applied on the way in (down_proj at batch 1).
         for op, variant, gated in (("one_row_linear", "", False), ("silu_mul_linear", "gated/", True)):
             for config in launch_config(op, target).get("candidates", ()):
-                name = "/".join(f"{k}={v}" for k, v in config.items())
+                name = launch_name(config)
                 yield f"gemv/{dtype}/{variant}{name}", op, gemv_build(config, dtype, gated)
         # Every candidate launch of the few-rows GEMM on a weight in x's dtype (decode at batch 2-64;
         # timed per shape and row count on the GPU), at 16 and 64 rows a program (x's widest tiles).
@@ -80,7 +85,7 @@ def builds(target):
         for rows in (16, 64):
             for config in fitting(launch_config("few_rows_linear", target).get("candidates", ()), rows, element_size,
                                   target.shared_memory_per_block):
-                name = "/".join(f"{k}={v}" for k, v in config.items())
+                name = launch_name(config)
                 yield (f"few_rows_gemm/{dtype}/rows={rows}/{name}", "few_rows_linear",
                        few_rows_gemm_build({"BLOCK_M": block_m(rows), **config}, dtype, dtype, NO_SCALES))
         # The one-row GEMV on FP8 weights in the chip's format (e4m3fn; e4m3fnuz on gfx942), scales
@@ -94,7 +99,7 @@ def builds(target):
                            gemv_build(params["one_row"], dtype, gated, weight_type, scales))
                 if scales == ROW_SCALES and dtype == "bf16":  # every launch the one-row timing may pick (quantize_fp8's scales)
                     for config in params["one_row_candidates"][1:]:
-                        name = "/".join(f"{k}={v}" for k, v in config.items())
+                        name = launch_name(config)
                         yield f"gemv/{dtype}/fp8={params['format']}/scales=rows/{name}", "fp8_linear", \
                             gemv_build(config, dtype, False, weight_type, scales)
                 # The few-rows GEMM on the FP8 weight, a decode step at batch 2-64 (16 and 64 rows a program).
