@@ -35,7 +35,14 @@ from paiton.fusion.rms_norm import _rms_norm_kernel
 from paiton.fusion.swiglu import _silu_mul_kernel
 
 # Launch keywords that are Triton compile options rather than kernel arguments.
-TRITON_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "waves_per_eu", "matrix_instr_nonkdim", "kpack"})
+TRITON_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "waves_per_eu", "matrix_instr_nonkdim", "kpack",
+                            "launch_pdl"})
+
+
+def with_pdl(config: dict) -> dict:
+    """`config` launched with programmatic dependent launch, as fusion/pdl.pdl_launch adds it on
+    sm_90 and later (the kernel's PDL constexpr and Triton's launch_pdl option)."""
+    return {**config, "PDL": True, "launch_pdl": True}
 
 
 @dataclass
@@ -59,10 +66,10 @@ class KernelBuild:
 
     def compile(self, target: Target):
         names = list(self.kernel.arg_names)
-        missing = set(names) ^ set(self.signature)
+        missing = (set(names) ^ set(self.signature)) - {"PDL"}  # every kernel has one; _split gives its value
         if missing:
             raise ValueError(f"{self.name}: signature and kernel arguments differ in {sorted(missing)}")
-        signature = {n: self.signature[n] for n in names}
+        signature = {n: self.signature.get(n, "constexpr") for n in names}
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in self.aligned}
         source = ASTSource(fn=self.kernel, signature=signature, constexprs=self.constexprs, attrs=attrs)
         return triton.compile(source, target=target.triton_target(), options=self.options)
@@ -75,7 +82,7 @@ def _split(kernel, config: dict[str, Any], constexprs: dict[str, Any]) -> tuple[
     unused = set(config) - set(options) - set(kernel_args)
     if unused:
         raise ValueError(f"{kernel.__name__}: launch keywords {sorted(unused)} are neither kernel arguments nor Triton options")
-    return {**kernel_args, **constexprs}, options
+    return {"PDL": False, **kernel_args, **constexprs}, options
 
 
 def rms_norm_build(config: dict, dtype: str, has_residual: bool) -> KernelBuild:
@@ -164,10 +171,11 @@ def decode_attention_split_build(config: dict, dtype: str, group: int, has_posit
 def decode_attention_combine_build(config: dict, dtype: str, n_splits: int) -> KernelBuild:
     signature = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_q_heads": "i32",
                  "q_len": "i32", "head_dim": "i32", "n_splits": "i32", "BLOCK_SPLITS": "constexpr", "BLOCK_D": "constexpr"}
-    constexprs = {"BLOCK_SPLITS": triton.next_power_of_2(n_splits), "BLOCK_D": config["BLOCK_D"]}
+    launch = {"BLOCK_SPLITS": triton.next_power_of_2(n_splits), "BLOCK_D": config["BLOCK_D"],
+              "num_warps": config["combine_num_warps"], **{k: v for k, v in config.items() if k in ("PDL", "launch_pdl")}}
+    constexprs, options = _split(_decode_attention_combine_kernel, launch, {})
     aligned = ["part_out_ptr", "part_lse_ptr", "out_ptr", "head_dim"]
-    return KernelBuild(_decode_attention_combine_kernel, signature, constexprs, {"num_warps": config["combine_num_warps"]},
-                       aligned)
+    return KernelBuild(_decode_attention_combine_kernel, signature, constexprs, options, aligned)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +203,9 @@ def resources(compiled, target: Target) -> dict[str, Any]:
             # Global-to-shared copies of a pipelined matrix kernel, by size (0x10: 16 bytes).
             "async_copies": sorted(set(re.findall(r"cp\.async\.cg\.shared\.global[.\w]* \[[^]]*\], \[[^]]*\], (0x\w+)", code))),
             "local_memory": ".local" in code,
+            # Programmatic dependent launch (fusion/pdl.py): the wait, and the L2 prefetches before it.
+            "pdl_wait": "griddepcontrol.wait" in code,
+            "l2_prefetches": code.count("prefetch.global.L2"),
         }
     code = asm["amdgcn"]
 

@@ -4,6 +4,7 @@ file stem; comparing generated tokens with eager's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -14,14 +15,41 @@ import os
 # passes off by name: "paiton-cdt-no-merged_projections-no-swiglu" (experiments on which
 # fusions pay at which batch size).
 # "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel).
+# "-pdl" after a Paiton configuration's name ("paiton-pdl", "paiton-fp8-pdl"): its kernels launched
+# with programmatic dependent launch (PAITON_PDL=1 while it compiles and runs: fusion/pdl.py).
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8")
+PDL_SUFFIX = "-pdl"
 
 
 def is_config(config: str) -> bool:
     from paiton.passes.pass_manager import PASS_NAMES
 
     base, *off = config.split("-no-")
-    return base in CONFIGS and (not off or base.startswith("paiton")) and set(off) <= set(PASS_NAMES)
+    pdl = base.endswith(PDL_SUFFIX)
+    base = base.removesuffix(PDL_SUFFIX)
+    return (base in CONFIGS and (not (off or pdl) or base.startswith("paiton"))
+            and set(off) <= set(PASS_NAMES))
+
+
+def uses_pdl(config: str) -> bool:
+    return config.split("-no-")[0].endswith(PDL_SUFFIX)
+
+
+@contextlib.contextmanager
+def config_environment(config: str):
+    """The environment a configuration runs in (PAITON_PDL=1 for a "-pdl" one, PAITON_PDL=0
+    otherwise: one process may run both), restored after."""
+    from paiton.fusion.pdl import PDL_ENV
+
+    before = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "1" if uses_pdl(config) else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PDL_ENV, None)
+        else:
+            os.environ[PDL_ENV] = before
 
 
 def parse_configs(parser, text: str) -> list[str]:
@@ -192,7 +220,7 @@ def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -
     if not is_config(config) or config == "eager":
         raise ValueError(f"unknown compiled configuration {config!r}; choose from {', '.join(CONFIGS[1:])}")
     config, *off = config.split("-no-")
-    config = config.removesuffix("-fp8")  # the weights differ, not the compile
+    config = config.removesuffix(PDL_SUFFIX).removesuffix("-fp8")  # the launches or the weights differ, not the compile
     passes_off = {f"paiton.{name}": False for name in off}
     if config.startswith("paiton") and paiton_inner == "eager":
         return "paiton", {"options": {"paiton.inner_compiler": "eager", **passes_off}}

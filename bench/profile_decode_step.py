@@ -37,7 +37,7 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, floor_fields, fp8_floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
+from bench_common import (CONFIGS, compile_settings, config_environment, floor_fields, fp8_floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
                           run_environment, versions_line, write_results)
 
 # Kernel name -> category, first match wins.
@@ -94,6 +94,11 @@ def synchronizing_calls(run) -> list[str]:
 
 @torch.no_grad()
 def profile_config(model, config, batch, args):
+    with config_environment(config):  # "-pdl": the kernels launched with PDL, as its CUDA graphs record them
+        return _profile_config(model, config, batch, args)
+
+
+def _profile_config(model, config, batch, args):
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
 

@@ -68,8 +68,8 @@ import time
 import torch
 from tqdm import tqdm
 from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, compile_settings,
-                          copy_rate_tbps, first_divergence, fp8_floor_fields, make_engine, make_loop, one_row_choices_markdown,
-                          parse_configs, run_environment, versions_line, weight_bytes, write_results)
+                          config_environment, copy_rate_tbps, first_divergence, fp8_floor_fields, make_engine, make_loop,
+                          one_row_choices_markdown, parse_configs, run_environment, versions_line, weight_bytes, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import Request, sharegpt_requests, synthetic_requests
 
@@ -301,11 +301,12 @@ def main(argv=None):
         for label in order:
             runner = runners[label]
             progress.set_postfix_str(f"batch {batch}, {label}: compiling / recording")
-            before = compile_clock()
-            compile_s = runner.warm_up(batch_requests, batch)
-            compile_spent = compile_breakdown(before, compile_clock(), compile_s)
-            progress.set_postfix_str(f"batch {batch}, {label}: {len(batch_requests)} requests")
-            timings, tokens, duration, logits_of[label] = runner.run(batch_requests, batch)
+            with config_environment(label.split(":")[0]):  # its CUDA graphs are recorded in warm_up or run
+                before = compile_clock()
+                compile_s = runner.warm_up(batch_requests, batch)
+                compile_spent = compile_breakdown(before, compile_clock(), compile_s)
+                progress.set_postfix_str(f"batch {batch}, {label}: {len(batch_requests)} requests")
+                timings, tokens, duration, logits_of[label] = runner.run(batch_requests, batch)
             tokens_of[label] = tokens
             metrics = summarize(timings, duration)
             row = dict(config=label.split(":")[0], scheduler=runner.scheduler, label=label, batch=batch,
@@ -475,8 +476,9 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
         started = time.perf_counter()
         if args.serve:
             progress.set_postfix_str(f"{config_name}: starting paiton serve (compiling, warming up)")
-            server = launch(serve_arguments(args, config_name, args.server_slots or max(batches), max_length),
-                            log_path=os.path.join(args.out, f"serve-{config_name}.log"))
+            with config_environment(config_name):  # the server inherits it
+                server = launch(serve_arguments(args, config_name, args.server_slots or max(batches), max_length),
+                                log_path=os.path.join(args.out, f"serve-{config_name}.log"))
             url, model_name = server.url, server.model_name
             for scenario_env in envs:
                 scenario_env.setdefault("server_tokenizer", server.tokenizer)

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES
 from paiton.fusion.triton_utils import device_guard, is_interpreted
 
@@ -82,10 +83,13 @@ def _decode_attention_split_kernel(
     split_size, n_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Program (b * Hkv + kv head, split): the G query heads x Sq queries that share the KV
     head, over this split's part of the cache (of its filled part, with positions). Writes
-    the split's normalized output and log-sum-exp per row to the partials [B, Hq, Sq, n_splits, (D)]."""
+    the split's normalized output and log-sum-exp per row to the partials [B, Hq, Sq, n_splits, (D)].
+    PDL: launched programmatically (fusion/pdl.py)."""
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // n_kv_heads).to(tl.int64)
@@ -180,9 +184,11 @@ def _decode_attention_split_kernel(
 @triton.jit
 def _decode_attention_combine_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, n_q_heads, q_len, head_dim, n_splits,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Program (b, h, i): the log-sum-exp weighted sum of the splits' outputs."""
+    """Program (b, h, i): the log-sum-exp weighted sum of the splits' outputs. PDL: launched
+    programmatically (fusion/pdl.py)."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
     splits = tl.arange(0, BLOCK_SPLITS)
     cols_d = tl.arange(0, BLOCK_D)
@@ -326,10 +332,12 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
             # Other dtypes keep the backend's default (AMD's gfx950 rejects an explicit "tf32").
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
             **config,
+            **pdl_launch(q, _decode_attention_split_kernel),
         )
         _decode_attention_combine_kernel[(batch * q_heads * q_len,)](
             part_out, part_lse, out, q_heads, q_len, head_dim, n_splits,
             BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=combine_num_warps,
+            **pdl_launch(q, _decode_attention_combine_kernel),
         )
     return out
 

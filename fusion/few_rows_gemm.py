@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind
+from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
 from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
 
@@ -64,14 +65,19 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
                           K_SLICE, partial_ptr, count_ptr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
                           SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr,
-                          W_VIA_FP16: tl.constexpr = False):
+                          W_VIA_FP16: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
-    adds the slices in slice order, so the result does not depend on which program is last."""
+    adds the slices in slice order, so the result does not depend on which program is last.
+    PDL (fusion/pdl.py): the slice's first two W tiles are prefetched into L2 while the kernel
+    before this one finishes; x is read (and the counters touched) after it has."""
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_begin = tl.program_id(2) * K_SLICE
+    if PDL:
+        prefetch_rows_to_l2(w_ptr, rows_n, N, stride_wn, k_begin, K, 2 * BLOCK_K)
+    wait_for_previous_kernel(PDL)
     k_end = tl.minimum(k_begin + K_SLICE, K)
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm
@@ -231,7 +237,7 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
                 rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
                 scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
                 SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
-                SPLITS=splits, W_VIA_FP16=via_fp16, **launch)
+                SPLITS=splits, W_VIA_FP16=via_fp16, **launch, **pdl_launch(x, _few_rows_gemm_kernel))
     return y.reshape(*x.shape[:-1], n)
 
 

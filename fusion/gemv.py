@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.swiglu import silu_mul, silu_mul_reference, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times
 from paiton.fusion.timing import cold_copies as _cold_copies
@@ -66,7 +67,8 @@ SCALE_BLOCK = 128
 def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, scale_ptr=None, stride_sn=0, SCALES: tl.constexpr = 0,
-                 SCALE_BLOCK: tl.constexpr = 128, X_PER_ROW: tl.constexpr = False, CHUNK: tl.constexpr = 0):
+                 SCALE_BLOCK: tl.constexpr = 128, X_PER_ROW: tl.constexpr = False, CHUNK: tl.constexpr = 0,
+                 PDL: tl.constexpr = False):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
     (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
@@ -80,8 +82,14 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     CHUNK neighbours along K (one thread's 16-byte load of FP8) are summed as they are made, so
     the accumulator holds BLOCK_K / CHUNK sums a row instead of BLOCK_K: 48 registers a thread
     instead of 115 at 16 x 1024 FP8 on 8 warps, so more programs, and more loads, per
-    multiprocessor."""
+    multiprocessor.
+
+    PDL (fusion/pdl.py): the first two W tiles are prefetched into L2 while the kernel before
+    this one finishes; x is read after it has."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PDL:
+        prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, 2 * BLOCK_K)
+    wait_for_previous_kernel(PDL)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     if X_PER_ROW:
@@ -249,7 +257,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
         scale_args = {} if kind == NO_SCALES else dict(scale_ptr=scales, stride_sn=scales.stride(0), SCALES=kind)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch)
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch,
+            **pdl_launch(x, _gemv_kernel))
     return y
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from paiton.fusion.triton_utils import device_guard, is_interpreted
 
@@ -111,14 +112,15 @@ def _qk_norm_rope_kernel(
     k_out_stride_b, k_out_stride_s, k_out_stride_h,
     v_out_stride_b, v_out_stride_s, v_out_stride_h,
     cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
-    WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
     WRITE_CACHE, k goes to its cache slot (slot_ptr[b * slot_stride_b + s * slot_stride] + s *
     slot_step: a slot per token, shared by the batch or one per sequence, or one start slot for
     consecutive tokens) and which = 2 copies v to its slot.
     A slot outside [0, cache_len) is not written (eager's index_copy_ raises there; a kernel
-    cannot, and must not write outside the cache)."""
+    cannot, and must not write outside the cache). PDL: launched programmatically (fusion/pdl.py)."""
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
     which = tl.program_id(1)
     b = token // seq_len
@@ -265,6 +267,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
             sin.stride(0) if sin.shape[0] > 1 else 0, sin.stride(1),
             WRITE_CACHE=cache is not None,
             **config,
+            **pdl_launch(q, _qk_norm_rope_kernel),
         )
     return q_out if cache is not None else (q_out, k_out)
 

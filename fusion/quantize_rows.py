@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
 
@@ -89,11 +90,12 @@ def _store_quantized(x, scale, q_ptrs, mask, LARGEST: tl.constexpr, MIN_EXPONENT
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_rows, n_cols, stride_xm, LARGEST: tl.constexpr,
                           MIN_EXPONENT: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                          BLOCK_COLS: tl.constexpr, NUM_COL_BLOCKS: tl.constexpr):
+                          BLOCK_COLS: tl.constexpr, NUM_COL_BLOCKS: tl.constexpr, PDL: tl.constexpr = False):
     """Program i: rows i * BLOCK_ROWS + [0, BLOCK_ROWS) of x [n_rows, n_cols] (row stride
     stride_xm, unit column stride) to q [n_rows, n_cols] (contiguous) and scale [n_rows].
     NUM_COL_BLOCKS == 1: each row in registers, read once; more: pass 1 takes the absmax,
-    pass 2 reads the row again and quantizes it."""
+    pass 2 reads the row again and quantizes it. PDL: launched programmatically (fusion/pdl.py)."""
+    wait_for_previous_kernel(PDL)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
@@ -145,5 +147,6 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype, config: dict | None = Non
     with device_guard(x):
         _quantize_rows_kernel[(triton.cdiv(n_rows, launch["BLOCK_ROWS"]),)](
             rows, q, scales, n_rows, n_cols, rows.stride(0), LARGEST=FP8_LARGEST[dtype],
-            MIN_EXPONENT=FP8_MIN_EXPONENT[dtype], ROUND_IN_FP32=is_interpreted(_quantize_rows_kernel), **launch)
+            MIN_EXPONENT=FP8_MIN_EXPONENT[dtype], ROUND_IN_FP32=is_interpreted(_quantize_rows_kernel), **launch,
+            **pdl_launch(x, _quantize_rows_kernel))
     return q, scales

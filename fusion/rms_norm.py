@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.triton_utils import device_guard, fresh_contiguous, is_interpreted
 
 # ---------------------------------------------------------------------------------------------
@@ -89,14 +90,16 @@ def _rms_norm_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
     NUM_COL_BLOCKS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Each program normalizes BLOCK_ROWS rows of a contiguous [n_rows, n_cols] input.
 
     NUM_COL_BLOCKS == 1: the whole row block stays in registers (one read, one write).
     NUM_COL_BLOCKS > 1 (rows wider than one block): pass 1 accumulates the sum of squares
     (and writes x + residual), pass 2 re-reads the input (the written sum, with a residual)
-    and normalizes.
+    and normalizes. PDL: launched programmatically (fusion/pdl.py).
     """
+    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
@@ -201,6 +204,7 @@ def _launch(
             float(eps),
             HAS_RESIDUAL=residual is not None,
             **config,
+            **pdl_launch(x, _rms_norm_kernel),
         )
     return out, summed
 

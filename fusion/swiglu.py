@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.triton_utils import as_rows, device_guard, fresh_contiguous, is_interpreted
 
 
@@ -37,8 +38,10 @@ def silu_times_up(gate, up):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """Program (row, column block): one BLOCK-wide piece of one row."""
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -84,7 +87,8 @@ def _launch(gate: torch.Tensor, up: torch.Tensor, config: dict | None = None) ->
         config = launch_config("silu_mul", detect_target(gate.device))
     grid = (n_rows, triton.cdiv(n_cols, config["BLOCK"]))
     with device_guard(gate):
-        _silu_mul_kernel[grid](gate_rows, up_rows, out, n_cols, gate_rows.stride(0), up_rows.stride(0), **config)
+        _silu_mul_kernel[grid](gate_rows, up_rows, out, n_cols, gate_rows.stride(0), up_rows.stride(0), **config,
+                               **pdl_launch(gate, _silu_mul_kernel))
     return out
 
 

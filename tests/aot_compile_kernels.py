@@ -21,6 +21,7 @@ from paiton.backends.aot import (
     resources,
     rms_norm_build,
     silu_mul_build,
+    with_pdl,
 )
 from paiton.backends.lowering import TRITON, TRITON_FP8_TYPES, launch_config, lowering_for
 from paiton.fusion.few_rows_gemm import block_m, few_rows_config, fitting
@@ -28,6 +29,7 @@ from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, ROW_SCALES
 from paiton.fusion.quantize_rows import quantize_rows_launch_config
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
+from paiton.fusion.pdl import target_has_pdl
 
 TARGETS = ("sm_80", "sm_90", "gfx942", "gfx950")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -117,6 +119,37 @@ def builds(target):
                 for width in (4096, 5120, 12288, 25600):
                     yield (f"quantize_rows/{dtype}/fp8={params['format']}/cols={width}", "fp8_linear",
                            quantize_rows_build(quantize_rows_launch_config(TOKENS * 2, width), dtype, weight_type))
+    if target_has_pdl(target):
+        yield from pdl_builds(target)
+
+
+def pdl_builds(target):
+    """Each kernel of a bf16 decode step launched with programmatic dependent launch (PAITON_PDL=1,
+    fusion/pdl.py), on a chip that has it: one launch of each, Qwen3-32B's shapes, "/pdl" in their names."""
+    dtype = "bf16"
+    config = launch_config("fused_add_rms_norm", target, n_rows=1, n_cols=5120)
+    yield "rms_norm/bf16/residual=True/cols=5120/pdl", "fused_add_rms_norm", rms_norm_build(with_pdl(config), dtype, True)
+    yield "silu_mul/bf16/pdl", "silu_mul", silu_mul_build(with_pdl(launch_config("silu_mul", target)), dtype)
+    config = launch_config("qk_norm_rope_cache", target, n_q_heads=64, n_k_heads=KV_HEADS, head_dim=HEAD_DIM)
+    yield "qk_norm_rope/bf16/q_heads=64/cache=True/pdl", "qk_norm_rope_cache", qk_norm_rope_build(with_pdl(config), dtype, True)
+    config = with_pdl(launch_config("decode_attention", target, group=8, q_len=1, head_dim=HEAD_DIM))
+    yield "decode_attention/bf16/group=8/pdl", "decode_attention", decode_attention_split_build(config, dtype, 8, True, False)
+    yield "decode_attention_combine/bf16/splits=16/pdl", "decode_attention", decode_attention_combine_build(config, dtype, 16)
+    gemv = with_pdl(launch_config("one_row_linear", target)["candidates"][0])
+    yield "gemv/bf16/gated/pdl", "silu_mul_linear", gemv_build(gemv, dtype, True)
+    few_rows = with_pdl({"BLOCK_M": block_m(32), **launch_config("few_rows_linear", target)["candidates"][0]})
+    yield "few_rows_gemm/bf16/rows=32/pdl", "few_rows_linear", few_rows_gemm_build(few_rows, dtype, dtype, NO_SCALES)
+    params = launch_config("fp8_linear", target)
+    weight_type = TRITON_FP8_TYPES[params["format"]]
+    for config in params["one_row_candidates"][:2]:  # CHUNK alone, and with X_PER_ROW
+        yield (f"gemv/bf16/fp8={params['format']}/scales=rows/{launch_name(config)}/pdl", "fp8_linear",
+               gemv_build(with_pdl(config), dtype, False, weight_type, ROW_SCALES))
+    for config in params["several_rows_candidates"]:
+        if config.get("SPLITS", 1) > 1 and config.get("W_VIA_FP16"):  # split along K, through fp16
+            yield (f"few_rows_gemm/bf16/fp8={params['format']}/rows=32/{launch_name(config)}/pdl", "fp8_linear",
+                   few_rows_gemm_build(with_pdl({"BLOCK_M": block_m(32), **config}), dtype, weight_type, ROW_SCALES))
+    yield (f"quantize_rows/bf16/fp8={params['format']}/pdl/cols=5120", "fp8_linear",
+           quantize_rows_build(with_pdl(quantize_rows_launch_config(TOKENS * 2, 5120)), dtype, weight_type))
 
 
 def main():

@@ -153,3 +153,18 @@ def test_few_rows_candidates_are_built_where_they_fit(compiled):
     assert len(built("bf16", 16, "sm_90")) == len(FEW_ROWS_CANDIDATES)
     assert len(built("bf16", 64, "sm_90")) >= len(FEW_ROWS_CANDIDATES) - 1
     assert built("fp32", 16, "sm_80") and not built("bf16", 16, "gfx942")
+
+
+def test_pdl_launches_wait_before_they_read(compiled):
+    """On sm_90 every kernel of a decode step also compiles for programmatic dependent launch
+    (PAITON_PDL=1, fusion/pdl.py): its code waits for the kernel before it (griddepcontrol.wait),
+    and the products (GEMV, few-rows GEMM) prefetch their first weight tiles into L2 before
+    that; a build without PDL never waits, and no chip without PDL (sm_80, AMD) gets a PDL build."""
+    pdl = {name for name in compiled if "/pdl" in name}
+    assert {name.rsplit("@", 1)[1] for name in pdl} == {"sm_90"}
+    assert {compiled[name]["kernel"] for name in pdl} == {r["kernel"] for r in compiled.values()}
+    for name, r in compiled.items():
+        if "@sm_" in name:
+            assert r["pdl_wait"] == ("/pdl" in name), name
+            product = name.startswith(("gemv/", "few_rows_gemm/"))
+            assert (r["l2_prefetches"] > 0) == ("/pdl" in name and product), (name, r["l2_prefetches"])

@@ -2,6 +2,7 @@
 and write well-formed results (the numbers themselves only mean something on a GPU)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,40 @@ def test_profile_decode_step_fp8_in_place(tmp_path):
     fp8_names = {k["name"] for k in result["rows"][2]["kernels"]}
     assert "paiton::fp8_linear" in fp8_names and not any("fp8" in name for name in bf16_names), (bf16_names, fp8_names)
     assert result["env"]["fp8_weight_bytes"] == fp8_weight_bytes(model)
+
+
+@pytest.mark.parametrize("config, valid, pdl", [
+    ("paiton-pdl", True, True), ("paiton-fp8-pdl", True, True), ("paiton-cdt-pdl-no-swiglu", True, True),
+    ("paiton-fp8", True, False), ("inductor-pdl", False, False), ("eager-pdl", False, False), ("pdl", False, False),
+    ("paiton-pdl-pdl", False, False)])
+def test_pdl_configurations(monkeypatch, config, valid, pdl):
+    """"-pdl" after a Paiton configuration: the same compile, its kernels launched with PDL
+    (PAITON_PDL=1 while it runs; 0 for the others, whatever the environment says; restored after)."""
+    from bench_common import compile_settings, config_environment, is_config, uses_pdl
+
+    assert is_config(config) is valid
+    if not valid:
+        return
+    assert uses_pdl(config) is pdl
+    base = config.replace("-pdl", "")
+    assert compile_settings(config, "cuda") == compile_settings(base, "cuda")
+    monkeypatch.setenv("PAITON_PDL", "untouched")
+    with config_environment(config):
+        assert os.environ["PAITON_PDL"] == ("1" if pdl else "0")
+    assert os.environ["PAITON_PDL"] == "untouched"
+
+
+def test_profile_decode_step_pdl_rows(tmp_path):
+    """A "-pdl" row beside the plain one (on a CPU PDL changes nothing: the same fused ops)."""
+    import profile_decode_step
+
+    profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", "paiton@1,paiton-pdl@1",
+                              "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
+                              "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["config"], r["batch"]) for r in rows] == [("paiton", 1), ("paiton-pdl", 1)]
+    assert {k["name"] for k in rows[0]["kernels"]} == {k["name"] for k in rows[1]["kernels"]}
 
 
 @pytest.mark.parametrize("runs", ["paiton", "paiton@", "paiton@0", "paiton@x", "nonesuch@1"])

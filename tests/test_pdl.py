@@ -1,0 +1,147 @@
+"""Programmatic dependent launch (fusion/pdl.py, PAITON_PDL=1): which launches get it (CPU), and
+on a Hopper GPU that it changes no result: a decode step's logits bit for bit against the same
+step without it, under CUDA graphs, and products launched right after their weight is rewritten
+(the case the L2 prefetch before the wait must not get wrong). The compiled code (the wait, the
+prefetches) is checked ahead of time in test_aot_compile.py."""
+
+import types
+
+import pytest
+import torch
+import triton
+
+from paiton.backends.target import target_named
+from paiton.fusion import pdl
+
+
+def _kernel_source(x_ptr):  # a stand-in for a compiled kernel (JITFunction), never launched
+    pass
+
+
+@pytest.fixture
+def jit_kernel():
+    return triton.runtime.JITFunction(_kernel_source)
+
+
+@pytest.mark.parametrize("arch, has", [("sm_80", False), ("sm_90", True), ("sm_100", True), ("gfx942", False),
+                                       ("gfx950", False), ("cpu", False)])
+def test_only_hopper_and_later_have_pdl(arch, has):
+    assert pdl.target_has_pdl(target_named(arch)) is has
+
+
+@pytest.mark.parametrize("value, requested", [(None, False), ("0", False), ("", False), ("1", True), ("true", True),
+                                              ("ON", True), ("no", False)])
+def test_pdl_is_requested_by_the_environment(monkeypatch, value, requested):
+    if value is None:
+        monkeypatch.delenv(pdl.PDL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(pdl.PDL_ENV, value)
+    assert pdl.pdl_requested() is requested
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "gfx942"])
+def test_launch_keywords_follow_the_request_and_the_chip(monkeypatch, jit_kernel, arch):
+    """A CUDA tensor on a chip with PDL, requested: the kernel's PDL constexpr and Triton's
+    launch_pdl option; anything else (not requested, an older or AMD chip, a CPU tensor, the
+    interpreter's kernels): no keywords, so the kernel runs as it always has."""
+    monkeypatch.setattr(pdl, "detect_target", lambda device: target_named(arch))
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    expected = {"PDL": True, "launch_pdl": True} if arch == "sm_90" else {}
+    assert pdl.pdl_launch(on_gpu, jit_kernel) == expected
+    assert pdl.pdl_launch(torch.zeros(1), jit_kernel) == {}
+    interpreted = triton.runtime.interpreter.InterpretedFunction(_kernel_source)
+    assert pdl.pdl_launch(on_gpu, interpreted) == {}
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    assert pdl.pdl_launch(on_gpu, jit_kernel) == {}
+
+
+def test_kernels_run_unchanged_without_pdl():
+    """Every kernel keeps PDL off by default: the interpreter (CPU tests) and AMD never see the
+    CUDA-only instructions."""
+    from paiton.fusion import decode_attention, few_rows_gemm, gemv, qk_norm_rope, quantize_rows, rms_norm, swiglu
+
+    kernels = [gemv._gemv_kernel, few_rows_gemm._few_rows_gemm_kernel, rms_norm._rms_norm_kernel,
+               qk_norm_rope._qk_norm_rope_kernel, decode_attention._decode_attention_split_kernel,
+               decode_attention._decode_attention_combine_kernel, swiglu._silu_mul_kernel,
+               quantize_rows._quantize_rows_kernel]
+    import inspect
+
+    for kernel in kernels:
+        fn = getattr(kernel, "fn", kernel)
+        assert inspect.signature(fn).parameters["PDL"].default is False, fn.__name__
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
+
+
+needs_hopper = pytest.mark.skipif(not _hopper(), reason="programmatic dependent launch needs sm_90 or later")
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_with_pdl_matches_without_on_gpu(monkeypatch, batch):
+    """Qwen3-8B's widths (2 layers, bf16), prefill + 8 decode steps under CUDA graphs: every
+    step's logits with PAITON_PDL=1 equal those without, bit for bit (PDL moves when a kernel
+    starts, not what it computes; both runs use the same timed launches, chosen by the first)."""
+    from paiton.models.hf_loop import hf_static_cache_greedy
+    from paiton.models.qwen3 import build_qwen3
+
+    model = build_qwen3("qwen3-8b", device="cuda", dtype=torch.bfloat16, num_hidden_layers=2)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, 32), device="cuda")
+    runs = {}
+    for requested in ("0", "1"):
+        monkeypatch.setenv(pdl.PDL_ENV, requested)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="paiton", mode="reduce-overhead")
+        runs[requested] = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=9,
+                                                 follow=runs.get("0"))
+    for step, (with_pdl, without) in enumerate(zip(runs["1"], runs["0"])):
+        assert torch.equal(with_pdl, without), (step, (with_pdl.float() - without.float()).abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("rows", [1, 8])
+def test_product_right_after_its_weight_is_written_on_gpu(monkeypatch, rows):
+    """Each product launched with PDL right after a copy rewrites its weight (the prefetch of W
+    into L2 comes before the wait; the loads after it) sees the new weight: 20 rewrites, each
+    checked against the product with the weight it was given, captured in one CUDA graph and
+    replayed as well."""
+    from paiton.fusion.few_rows_gemm import few_rows_config, few_rows_gemm
+    from paiton.fusion.gemv import GEMV_CANDIDATES, launch_gemv
+
+    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    torch.manual_seed(0)
+    n, k = 4096, 4096
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
+    weight = torch.empty_like(weights[0])
+
+    def product():
+        if rows == 1:
+            return launch_gemv(x, weight, GEMV_CANDIDATES[6])
+        return few_rows_gemm(x, weight, None, few_rows_config(rows))
+
+    def run_all():
+        outs = []
+        for w in weights:
+            weight.copy_(w)
+            outs.append(product())
+        return outs
+
+    expected = [torch.nn.functional.linear(x.float(), w.float()) for w in weights]
+    for got, want in zip(run_all(), expected):
+        torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    run_all()  # warm: compiled before capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        captured = run_all()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(captured, expected):
+            torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)
