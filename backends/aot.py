@@ -271,9 +271,10 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
                  "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "K_SLICE": "i32",
                  "partial_ptr": "*fp32" if splits > 1 else "constexpr", "count_ptr": "*i32" if splits > 1 else "constexpr",
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr",
-                 "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr", "W_VIA_FP16": "constexpr"}
+                 "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr", "W_VIA_FP16": "constexpr",
+                 "SWAP_AB": "constexpr"}
     launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits,
-                "W_VIA_FP16": via_fp16}
+                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False)}
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
     if scales == NO_SCALES:

@@ -66,6 +66,10 @@ FP8_SEVERAL_ROWS = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
 # rows: `several_rows_candidates`, timed per shape and row count as the one-row ones are).
 FP8_KERNELS = dict(one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS,
                    several_rows_candidates=FP8_FEW_ROWS_CANDIDATES)
+# AMD: without the SWAP_AB launches (their point is Hopper's wgmma; on gfx942 one spills 15
+# registers at 32 rows).
+AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
+    config for config in FP8_FEW_ROWS_CANDIDATES if not config.get("SWAP_AB")))
 
 
 class LoweringKey(NamedTuple):
@@ -165,7 +169,7 @@ _AMD_CDNA = {
     "few_rows_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: linears of a few rows stay "
                                 "Inductor's (packed ones hipBLASLt's)"),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fnuz", **FP8_KERNELS),
+        TRITON, dict(format="e4m3fnuz", **AMD_FP8_KERNELS),
         "e4m3fnuz (the MI300X's FP8: largest value 240): one row, the GEMV dequantizing in registers; several rows, "
         "timed per shape as on NVIDIA: the FP8 GEMM on MFMA (2-64 rows), torch._scaled_mm (hipBLASLt, e4m3fnuz "
         "activations) or dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed on an MI300X yet",
@@ -176,7 +180,7 @@ _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx
 _GFX950 = {
     **_AMD_CDNA,
     # CDNA4 computes in the OCP format (e4m3fn), as NVIDIA does.
-    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", **FP8_KERNELS),
+    "fp8_linear": Lowering(TRITON, dict(format="e4m3fn", **AMD_FP8_KERNELS),
                            "e4m3fn (OCP FP8, CDNA4): as gfx942 otherwise. Compiled ahead of time, not timed"),
     # Triton deprecates kpack on gfx950 and forces it to 1.
     "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),

@@ -56,6 +56,14 @@ MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound:
 # multiprocessor (at 18612d0-a593e91 the product ran at 1.6-2.2x the FP8 floor there). Measured
 # since (H100, a88eea9): through fp16 was faster in 38 of 40 shape pairs, up to 1.4x.
 
+# SWAP_AB (a launch key): the product computed as W @ x.T, W's BLOCK_N rows on the M side of
+# the matrix instruction and x's rows on its N side, the result transposed once after the loop.
+# Hopper's wgmma takes 64 rows a warpgroup on the M side, so x's 16-32 rows there (the plain
+# orientation) compile to the older mma.sync through ldmatrix; swapped, a tile of 64 or 128 W
+# rows compiles to wgmma.mma_async m64nBLOCK_Mk16 (sm_90 PTX read here), reading a bf16 W straight
+# from shared memory, and an FP8 W, converted in registers, as its register operand. Untimed when
+# added: the first use's timing decides between the orientations.
+
 
 # M is not specialized on (Triton would compile apart for 1, and for multiples of 16): a decode
 # step's 2, 4, 8 and 16 rows share one compiled kernel per BLOCK_M, so the first use's timing
@@ -65,7 +73,8 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
                           K_SLICE, partial_ptr, count_ptr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
                           SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr,
-                          W_VIA_FP16: tl.constexpr = False, PDL: tl.constexpr = False):
+                          W_VIA_FP16: tl.constexpr = False, PDL: tl.constexpr = False,
+                          SWAP_AB: tl.constexpr = False):
     """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
@@ -82,7 +91,10 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(k_begin, k_end, BLOCK_K):  # slices are whole BLOCK_K tiles: only K's end is ragged
         k = start + cols[None, :]
         x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
@@ -91,14 +103,26 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
             w = w.to(tl.float16).to(tl.float32).to(x.dtype)  # exact, as below
         else:
             w = w.to(x.dtype)  # exact: e4m3 values are bf16 and fp16 values
-        if DOT_FP32:
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        else:
-            part = tl.dot(x, tl.trans(w))
         if SCALES == 2:  # this K tile lies in one scale block (BLOCK_K divides SCALE_BLOCK)
             block = tl.load(scale_ptr + (rows_n // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK, mask=rows_n < N, other=0.0)
-            part *= block[None, :]
-        acc += part
+        if SWAP_AB:  # W's rows on the product's M side (SWAP_AB above)
+            if DOT_FP32:
+                part_t = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+            else:
+                part_t = tl.dot(w, tl.trans(x))
+            if SCALES == 2:
+                part_t *= block[:, None]
+            acc_t += part_t
+        else:
+            if DOT_FP32:
+                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w))
+            if SCALES == 2:
+                part *= block[None, :]
+            acc += part
+    if SWAP_AB:
+        acc = tl.trans(acc_t)  # once, after the loop
     if SCALES == 1:
         acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
     inside = (rows_m[:, None] < M) & (rows_n[None, :] < N)
@@ -131,14 +155,17 @@ def few_rows_config(rows: int) -> dict[str, int]:
 
 
 def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, splits: int = 1,
-              via_fp16: bool = False) -> dict[str, int]:
+              via_fp16: bool = False, swap_ab: bool = False) -> dict[str, int]:
     """A launch; `splits` > 1 cuts K into that many slices of whole BLOCK_K tiles, a program each;
-    `via_fp16`: an FP8 weight converted through fp16 (W_VIA_FP16; a weight in x's dtype ignores it)."""
+    `via_fp16`: an FP8 weight converted through fp16 (W_VIA_FP16; a weight in x's dtype ignores it);
+    `swap_ab`: W's rows on the product's M side (SWAP_AB)."""
     config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         config["SPLITS"] = splits
     if via_fp16:
         config["W_VIA_FP16"] = True
+    if swap_ab:
+        config["SWAP_AB"] = True
     return config
 
 
@@ -152,6 +179,10 @@ def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, split
 # (Qwen3-32B's o_proj and q/k/v ran at 66-80% of the H200's bandwidth with 160-320 programs,
 # through this kernel and cuBLAS alike: bench/results/NOTES.md, 2026-12-03, tenth session);
 # 4 slices give o_proj 640 programs of 2048-wide K.
+# SWAP_AB (64 or 128 rows of W a program): at a88eea9 on an H100 the products of 8 and 32 rows
+# ran Qwen3-32B's layers 10% slower than batch 1's GEMV (346 against 315 us a layer at 32 rows,
+# bf16), on mma.sync; with W's rows as the product's M side they compile to wgmma (sm_90 SASS
+# read here, untimed: the timing decides).
 FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(16, 256, 4, 4),
     candidate(16, 512, 4, 3),
@@ -163,6 +194,10 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(32, 128, 4, 4, splits=4),
     candidate(32, 128, 4, 4, splits=8),
     candidate(64, 128, 4, 4, splits=4),
+    candidate(64, 128, 4, 4, swap_ab=True),
+    candidate(64, 256, 4, 3, swap_ab=True),
+    candidate(128, 128, 4, 4, swap_ab=True),
+    candidate(64, 128, 4, 4, splits=4, swap_ab=True),
 )
 
 # FP8 weights (fusion/fp8_paths.py's FP8_GEMM, one byte an element): the untimed launch first
@@ -173,7 +208,8 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
 # their 128-wide blocks. W_VIA_FP16: timed at a88eea9 on an H100 beside the same tiles without
 # it, it was faster in 38 of 40 pairs (Qwen3-8B/32B, 8 and 32 rows; up to 1.4x), slower by at
 # most 7% in two; the launches that never won are gone. The untimed launch stays without it
-# (at 64 rows it spills 6 registers on gfx942, where nothing is timed yet).
+# (at 64 rows it spills 6 registers on gfx942, where nothing is timed yet). SWAP_AB as in the bf16
+# list: on sm_90 W, converted in registers, is wgmma's register operand (untimed).
 FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, SCALE_BLOCK, 4, 3),
     candidate(64, SCALE_BLOCK, 4, 3, via_fp16=True),
@@ -183,6 +219,9 @@ FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(32, 256, 4, 4, splits=4, via_fp16=True),
     candidate(32, 128, 4, 5, splits=4),
     candidate(32, 128, 4, 5, splits=4, via_fp16=True),
+    candidate(64, SCALE_BLOCK, 4, 3, via_fp16=True, swap_ab=True),
+    candidate(128, SCALE_BLOCK, 4, 3, via_fp16=True, swap_ab=True),
+    candidate(64, SCALE_BLOCK, 4, 4, splits=4, via_fp16=True, swap_ab=True),
 )
 
 

@@ -112,6 +112,13 @@ def builds(target):
                 # it spills 6 registers on gfx942, where no FP8 launch is timed yet)
                 yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows=16/W_VIA_FP16",
                        "fp8_linear", few_rows_gemm_build({**few_rows_config(16), "W_VIA_FP16": True}, dtype, weight_type, scales))
+                # ... and with W's rows on the product's M side (SWAP_AB: wgmma on sm_90), 16 and 32
+                # rows, where the chip's table lists such launches (NVIDIA's)
+                swapped = any(config.get("SWAP_AB") for config in params["several_rows_candidates"])
+                for rows in (16, 32) if swapped else ():
+                    yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}/W_VIA_FP16/SWAP_AB",
+                           "fp8_linear", few_rows_gemm_build({**few_rows_config(rows), "W_VIA_FP16": True, "SWAP_AB": True},
+                                                             dtype, weight_type, scales))
             # The per-token quantization before torch._scaled_mm (bf16 activations only: the one dtype
             # row-wise _scaled_mm returns), 128 tokens of Qwen3's linear inputs: hidden 4096 / 5120,
             # intermediate 12288 (one pass) and 25600 (32B: wider than a register row, two passes).

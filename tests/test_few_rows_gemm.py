@@ -22,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}
 # Small tiles keep the interpreter fast and make several K steps and row blocks at small widths.
 SMALL_LAUNCHES = [few_rows_gemm.candidate(16, 32, 4, 1), few_rows_gemm.candidate(32, 16, 4, 2),
-                  few_rows_gemm.candidate(16, 64, 2, 1)]
+                  few_rows_gemm.candidate(16, 64, 2, 1), few_rows_gemm.candidate(16, 32, 4, 1, swap_ab=True)]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -52,8 +52,8 @@ def test_few_rows_gemm_matches_a_float64_product(rows, n, k, three_d, dtype, lau
 
 
 @given(rows=st.integers(2, 40), n=st.integers(1, 70), k=st.integers(1, 300), splits=st.sampled_from([2, 3, 4, 8]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_split_k_launches_match_and_leave_their_counters_at_zero(rows, n, k, splits, dtype, seed):
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), swap_ab=st.booleans(), seed=st.integers(0, 2**16))
+def test_split_k_launches_match_and_leave_their_counters_at_zero(rows, n, k, splits, dtype, swap_ab, seed):
     """K cut into slices (more slices than K has tiles included: fewer run), the slices' fp32
     sums added by each tile's last program: the same product within the tolerance, the same bits
     when run again (the sum's order does not depend on which program is last), and every tile
@@ -61,7 +61,7 @@ def test_split_k_launches_match_and_leave_their_counters_at_zero(rows, n, k, spl
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 1, k, generator=generator).to(DEVICE, dtype)
     weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
-    launch = few_rows_gemm.candidate(16, 32, 4, 1, splits=splits)
+    launch = few_rows_gemm.candidate(16, 32, 4, 1, splits=splits, swap_ab=swap_ab)
     y = few_rows_gemm.launch_candidate(x, weight, launch)
     expected = torch.nn.functional.linear(x.double(), weight.double())
     assert y.shape == (rows, 1, n) and relative_error(y, expected) <= TOLERANCE[dtype], (rows, n, k, splits)

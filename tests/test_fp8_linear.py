@@ -94,20 +94,24 @@ def test_fp8_gemv_matches_dequantize_then_matmul(n, k, x_dtype, fp8, per_block, 
     fp8=st.sampled_from(FORMATS),
     per_block=st.booleans(),
     via_fp16=st.booleans(),
+    swap_ab=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-@example(m=22, n=11, k=1, x_dtype=torch.float16, fp8=torch.float8_e4m3fn, per_block=False, via_fp16=False, seed=13)  # fp16 subnormal results
-def test_fp8_gemm_matches_dequantize_then_matmul(m, n, k, x_dtype, fp8, per_block, via_fp16, seed):
+@example(m=22, n=11, k=1, x_dtype=torch.float16, fp8=torch.float8_e4m3fn, per_block=False, via_fp16=False, swap_ab=False,
+         seed=13)  # fp16 subnormal results
+@example(m=5, n=130, k=300, x_dtype=torch.bfloat16, fp8=torch.float8_e4m3fn, per_block=True, via_fp16=True, swap_ab=True,
+         seed=3)  # W's rows on the M side, block scales over two scale rows and three K tiles
+def test_fp8_gemm_matches_dequantize_then_matmul(m, n, k, x_dtype, fp8, per_block, via_fp16, swap_ab, seed):
     """The FP8 GEMM for 2-64 rows (interpreted on CPU, its products in fp32 there): against the
     float64 product of x and the dequantized weight, within fp32 summation noise plus one
     rounding to x's dtype; W converted to x's dtype directly or through fp16 (W_VIA_FP16), both
-    exact."""
+    exact; W's rows on either side of the product (SWAP_AB)."""
     from paiton.fusion.few_rows_gemm import few_rows_config, few_rows_gemm
 
     w8, row_scales = quantize_weight(random_weight(n, k, seed, outliers=seed % 2 == 1), fp8)
     scales = block_scales(n, k, seed) if per_block else row_scales
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
-    y = few_rows_gemm(x, w8, scales, {**few_rows_config(m), "W_VIA_FP16": True} if via_fp16 else None)
+    y = few_rows_gemm(x, w8, scales, {**few_rows_config(m), "W_VIA_FP16": via_fp16, "SWAP_AB": swap_ab})
     expected = gemv_reference(x, w8, scales)
     magnitude = x.double().abs() @ dequantize(w8, scales, torch.float64).abs().T
     # one rounding: an ulp of the result, or of the subnormal grid below x's smallest normal (fp16:
