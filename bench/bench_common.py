@@ -16,7 +16,8 @@ import os
 # fusions pay at which batch size).
 # "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel).
 # "-pdl" after a Paiton configuration's name ("paiton-pdl", "paiton-fp8-pdl"): its kernels launched
-# with programmatic dependent launch (PAITON_PDL=1 while it compiles and runs: fusion/pdl.py).
+# with programmatic dependent launch (PAITON_PDL=1 while it compiles and runs: fusion/pdl.py; the
+# others run with PAITON_PDL unset, as Paiton does by default).
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8")
 PDL_SUFFIX = "-pdl"
 
@@ -37,12 +38,14 @@ def uses_pdl(config: str) -> bool:
 
 @contextlib.contextmanager
 def config_environment(config: str):
-    """The environment a configuration runs in (PAITON_PDL=1 for a "-pdl" one, PAITON_PDL=0
-    otherwise: one process may run both), restored after."""
+    """The environment a configuration runs in, restored after: PAITON_PDL=1 for a "-pdl" one;
+    for the others PAITON_PDL unset, so they run as Paiton does by default (one process may run
+    both kinds)."""
     from paiton.fusion.pdl import PDL_ENV
 
-    before = os.environ.get(PDL_ENV)
-    os.environ[PDL_ENV] = "1" if uses_pdl(config) else "0"
+    before = os.environ.pop(PDL_ENV, None)
+    if uses_pdl(config):
+        os.environ[PDL_ENV] = "1"
     try:
         yield
     finally:
