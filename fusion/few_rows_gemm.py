@@ -276,7 +276,8 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
                 rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
                 scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
                 SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
-                SPLITS=splits, W_VIA_FP16=via_fp16, **launch, **pdl_launch(x, _few_rows_gemm_kernel))
+                SPLITS=splits, W_VIA_FP16=via_fp16, **launch,
+                **(pdl_launch(x, _few_rows_gemm_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return y.reshape(*x.shape[:-1], n)
 
 

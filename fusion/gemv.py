@@ -258,7 +258,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch,
-            **pdl_launch(x, _gemv_kernel))
+            **(pdl_launch(x, _gemv_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return y
 
 

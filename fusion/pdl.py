@@ -87,7 +87,8 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
 def prefetch_rows_to_l2(ptr, rows, n_rows, stride, col_begin, n_cols, COLS: tl.constexpr):
     """Prefetch into L2 the lines of `rows` (each clamped to n_rows - 1) of a matrix with unit
     column stride and row stride `stride`, columns [col_begin, col_begin + COLS) (clamped to
-    n_cols - 1): a product's first weight tiles, before it waits for its input."""
+    n_cols - 1): a product's first weight tiles, before it waits for its input. The matrix must
+    not be empty (its launcher leaves PDL off for an empty one: no address to ask for)."""
     LINE: tl.constexpr = L2_LINE_BYTES * 8 // ptr.dtype.element_ty.primitive_bitwidth
     cols = tl.minimum(col_begin + tl.arange(0, COLS // LINE) * LINE, n_cols - 1)
     row_ptrs = ptr + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride
