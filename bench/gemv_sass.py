@@ -1,9 +1,11 @@
-"""What the one-row GEMV's launches compile to on sm_90, without a GPU: per launch, registers a
-thread, shared memory, and the instructions of the K loop by opcode (the SASS of the cubin that
-Triton builds ahead of time, read with the nvdisasm inside the triton wheel).
+"""What the one-row GEMV's launches (and the few-rows GEMM's) compile to on sm_90, without a GPU:
+per launch, registers a thread, shared memory, and the instructions of the K loop by opcode (the
+SASS of the cubin that Triton builds ahead of time, read with the nvdisasm inside the triton
+wheel), per W element a thread streams.
 
     python bench/gemv_sass.py                      # the FP8 candidates (bf16 x, e4m3fn W, row scales)
     python bench/gemv_sass.py --weight bf16 --gated
+    python bench/gemv_sass.py --few-rows 32        # the few-rows GEMM's FP8 candidates at 32 rows
 
 Why: a one-row product streams its weight once, so the loop must keep enough loads in flight
 (registers decide how many programs share a multiprocessor) and spend few instructions per
@@ -53,19 +55,32 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's notice; 1 is its default
     from paiton.backends import aot
     from paiton.backends.target import target_named
+    from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES, FP8_FEW_ROWS_CANDIDATES, block_m
     from paiton.fusion.gemv import FP8_GEMV_CANDIDATES, GEMV_CANDIDATES, NO_SCALES, ROW_SCALES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weight", default="fp8", choices=["fp8", "bf16"], help="W's dtype (x is bf16)")
     parser.add_argument("--gated", action="store_true", help="SwiGLU applied to x as it loads (down_proj)")
+    parser.add_argument("--few-rows", type=int, metavar="ROWS",
+                        help="the few-rows GEMM's candidates at ROWS rows (2-64) instead of the GEMV's")
     parser.add_argument("--top", type=int, default=8, help="opcodes listed per launch")
     args = parser.parse_args(argv)
     fp8 = args.weight == "fp8"
     target = target_named("sm_90")
-    print(f"sm_90, x bf16, W {'e4m3fn (row scales)' if fp8 else 'bf16'}{', gated' if args.gated else ''}: "
-          "per launch, registers, shared bytes, K-loop instructions per W element, and the loop's opcodes")
-    for config in FP8_GEMV_CANDIDATES if fp8 else GEMV_CANDIDATES:
-        build = aot.gemv_build(config, "bf16", args.gated, "fp8e4nv" if fp8 else None, ROW_SCALES if fp8 else NO_SCALES)
+    what = f"the few-rows GEMM at {args.few_rows} rows" if args.few_rows else "the GEMV"
+    print(f"sm_90, {what}, x bf16, W {'e4m3fn (row scales)' if fp8 else 'bf16'}{', gated' if args.gated else ''}: "
+          "per launch, registers, shared bytes, K-loop instructions a thread per W element it streams, and the "
+          "loop's opcodes")
+    if args.few_rows:
+        configs = [{"BLOCK_M": block_m(args.few_rows), **c} for c in (FP8_FEW_ROWS_CANDIDATES if fp8 else FEW_ROWS_CANDIDATES)]
+    else:
+        configs = FP8_GEMV_CANDIDATES if fp8 else GEMV_CANDIDATES
+    weight_type, scales = ("fp8e4nv", ROW_SCALES) if fp8 else (None, NO_SCALES)
+    for config in configs:
+        if args.few_rows:
+            build = aot.few_rows_gemm_build(config, "bf16", weight_type or "bf16", scales)
+        else:
+            build = aot.gemv_build(config, "bf16", args.gated, weight_type, scales)
         compiled = build.compile(target)
         usage = aot.resources(compiled, target)
         ops = loop_opcodes(disassemble(compiled.asm["cubin"]))
