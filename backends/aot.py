@@ -203,9 +203,11 @@ def resources(compiled, target: Target) -> dict[str, Any]:
             # Global-to-shared copies of a pipelined matrix kernel, by size (0x10: 16 bytes).
             "async_copies": sorted(set(re.findall(r"cp\.async\.cg\.shared\.global[.\w]* \[[^]]*\], \[[^]]*\], (0x\w+)", code))),
             "local_memory": ".local" in code,
-            # Programmatic dependent launch (fusion/pdl.py): the wait, and the L2 prefetches before it.
+            # Programmatic dependent launch (fusion/pdl.py): the wait, the L2 prefetches before it,
+            # and what else comes before it (nothing may touch global memory there).
             "pdl_wait": "griddepcontrol.wait" in code,
             "l2_prefetches": code.count("prefetch.global.L2"),
+            **_pdl_order(code),
         }
     code = asm["amdgcn"]
 
@@ -226,6 +228,22 @@ def resources(compiled, target: Target) -> dict[str, Any]:
         "scratch_bytes": number("; ScratchSize"),
         "waves_per_simd": number("; Occupancy"),
     }
+
+
+# Global memory accesses in PTX: loads, stores, atomics and reductions, asynchronous copies.
+_GLOBAL_ACCESS = re.compile(r"\b(?:ld\.global|st\.global|atom\.|red\.|cp\.async\.\w*\.?shared\.global|cp\.async\.bulk)")
+
+
+def _pdl_order(ptx: str) -> dict[str, Any]:
+    """Where a PDL launch's wait stands in the code: the global memory accesses before the first
+    griddepcontrol.wait (there must be none: only L2 prefetches may come first), and whether
+    griddepcontrol.launch_dependents comes after it. Empty without a wait."""
+    at = ptx.find("griddepcontrol.wait")
+    if at < 0:
+        return {}
+    released = ptx.find("griddepcontrol.launch_dependents")
+    return {"global_accesses_before_wait": _GLOBAL_ACCESS.findall(ptx[:at]),
+            "launch_dependents_after_wait": released > at}
 
 
 def _cubin_resource_usage(cubin: bytes) -> dict[str, int]:

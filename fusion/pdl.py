@@ -37,9 +37,13 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from paiton.backends.target import Target, detect_target
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # a Triton built without its NVIDIA backend (ROCm only): PDL never launches there
+    gdc_launch_dependents = gdc_wait = None
 
 PDL_ENV = "PAITON_PDL"
 L2_LINE_BYTES = tl.constexpr(128)  # bytes (a constexpr: the kernels read it)
@@ -51,9 +55,9 @@ def pdl_requested() -> bool:
 
 
 def target_has_pdl(target: Target) -> bool:
-    """NVIDIA from sm_90 (Hopper) on: the chips with griddepcontrol."""
+    """NVIDIA from sm_90 (Hopper) on: the chips with griddepcontrol (and a Triton that can emit it)."""
     digits = "".join(c for c in target.arch if c.isdigit())
-    return target.vendor == "cuda" and bool(digits) and int(digits) >= 90
+    return target.vendor == "cuda" and bool(digits) and int(digits) >= 90 and gdc_wait is not None
 
 
 def pdl_launch(tensor: torch.Tensor, kernel) -> dict[str, bool]:
@@ -90,6 +94,7 @@ def prefetch_rows_to_l2(ptr, rows, n_rows, stride, col_begin, n_cols, COLS: tl.c
     n_cols - 1): a product's first weight tiles, before it waits for its input. The matrix must
     not be empty (its launcher leaves PDL off for an empty one: no address to ask for)."""
     LINE: tl.constexpr = L2_LINE_BYTES * 8 // ptr.dtype.element_ty.primitive_bitwidth
-    cols = tl.minimum(col_begin + tl.arange(0, COLS // LINE) * LINE, n_cols - 1)
+    LINES: tl.constexpr = (COLS + LINE - 1) // LINE  # at least one (powers of two: exact otherwise)
+    cols = tl.minimum(col_begin + tl.arange(0, LINES) * LINE, n_cols - 1)
     row_ptrs = ptr + tl.minimum(rows, n_rows - 1).to(tl.int64)[:, None] * stride
     prefetch_to_l2(row_ptrs + cols[None, :])

@@ -157,9 +157,10 @@ def test_few_rows_candidates_are_built_where_they_fit(compiled):
 
 def test_pdl_launches_wait_before_they_read(compiled):
     """On sm_90 every kernel of a decode step also compiles for programmatic dependent launch
-    (PAITON_PDL=1, fusion/pdl.py): its code waits for the kernel before it (griddepcontrol.wait),
-    and the products (GEMV, few-rows GEMM) prefetch their first weight tiles into L2 before
-    that; a build without PDL never waits, and no chip without PDL (sm_80, AMD) gets a PDL build."""
+    (PAITON_PDL=1, fusion/pdl.py): its code waits for the kernel before it (griddepcontrol.wait)
+    before any global load, store or atomic, then releases the next (launch_dependents), and the
+    products (GEMV, few-rows GEMM) prefetch their first weight tiles into L2 before the wait; a
+    build without PDL never waits, and no chip without PDL (sm_80, AMD) gets a PDL build."""
     pdl = {name for name in compiled if "/pdl" in name}
     assert {name.rsplit("@", 1)[1] for name in pdl} == {"sm_90"}
     assert {compiled[name]["kernel"] for name in pdl} == {r["kernel"] for r in compiled.values()}
@@ -168,3 +169,5 @@ def test_pdl_launches_wait_before_they_read(compiled):
             assert r["pdl_wait"] == ("/pdl" in name), name
             product = name.startswith(("gemv/", "few_rows_gemm/"))
             assert (r["l2_prefetches"] > 0) == ("/pdl" in name and product), (name, r["l2_prefetches"])
+        if "/pdl" in name:  # the wait comes before any load, store or atomic, the release after it
+            assert r["global_accesses_before_wait"] == [] and r["launch_dependents_after_wait"], (name, r)

@@ -71,6 +71,20 @@ def test_split_k_launches_match_and_leave_their_counters_at_zero(rows, n, k, spl
     assert counters is None or not counters.any()
 
 
+@given(rows=st.integers(17, 48), n=st.integers(1, 70), k=st.integers(1, 200), splits=st.sampled_from([1, 2, 4]),
+       swap_ab=st.booleans(), seed=st.integers(0, 2**16))
+def test_more_rows_than_one_program_takes(rows, n, k, splits, swap_ab, seed):
+    """BLOCK_M 16 under 17-48 rows: programs over row blocks as well as W's, in either orientation
+    and split or not, each writing only its rows (bf16, against a float64 product)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=generator).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, torch.bfloat16)
+    config = {"BLOCK_M": 16, **few_rows_gemm.candidate(16, 32, 4, 1, splits=splits, swap_ab=swap_ab)}
+    y = few_rows_gemm.few_rows_gemm(x, weight, None, config)
+    expected = torch.nn.functional.linear(x.double(), weight.double())
+    assert y.shape == (rows, n) and relative_error(y, expected) <= TOLERANCE[torch.bfloat16], (rows, n, k, splits)
+
+
 def test_k_slices_are_whole_tiles():
     assert few_rows_gemm._k_slices(8192, 128, 4) == (2048, 4)
     assert few_rows_gemm._k_slices(300, 32, 4) == (96, 4)  # 10 tiles: 3, 3, 3, 1

@@ -121,6 +121,34 @@ def test_fp8_gemm_matches_dequantize_then_matmul(m, n, k, x_dtype, fp8, per_bloc
     assert ((y.double() - expected).abs() <= tolerance).all(), (y.double() - expected).abs().max()
 
 
+@settings(deadline=None, max_examples=8)
+@given(
+    m=st.integers(17, 40),
+    n=st.integers(1, 150),
+    k=st.integers(1, 300),
+    per_block=st.booleans(),
+    splits=st.sampled_from([1, 2, 3]),
+    swap_ab=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fp8_gemm_row_blocks_splits_and_orientations(m, n, k, per_block, splits, swap_ab, seed):
+    """The FP8 GEMM's launch forms together, as the GPU's candidates combine them: more rows than
+    one program's BLOCK_M (16: a grid over rows too), K cut into slices, W's rows on either side
+    of the product (SWAP_AB), through fp16, row or block scales: against the float64 product of
+    x and the dequantized weight, within one bf16 rounding."""
+    from paiton.fusion.few_rows_gemm import candidate, few_rows_gemm
+
+    w8, row_scales = quantize_weight(random_weight(n, k, seed), torch.float8_e4m3fn)
+    scales = block_scales(n, k, seed) if per_block else row_scales
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
+    config = {"BLOCK_M": 16, **candidate(16, 32, 4, 1, splits=splits, via_fp16=True, swap_ab=swap_ab)}
+    y = few_rows_gemm(x, w8, scales, config)
+    expected = gemv_reference(x, w8, scales)
+    magnitude = x.double().abs() @ dequantize(w8, scales, torch.float64).abs().T
+    tolerance = magnitude * 2**-20 + expected.abs() * 2.0 ** -MANTISSA_BITS[torch.bfloat16] + 1e-30
+    assert y.shape == (m, n) and ((y.double() - expected).abs() <= tolerance).all(), (y.double() - expected).abs().max()
+
+
 def test_gemv_scale_layouts_are_checked():
     w8, scales = quantize_weight(random_weight(200, 300, 1))
     x = torch.randn(1, 300)

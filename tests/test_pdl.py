@@ -9,9 +9,11 @@ import types
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from paiton.backends.target import target_named
 from paiton.fusion import pdl
+from paiton.fusion.pdl import gdc_launch_dependents, gdc_wait
 
 
 def _kernel_source(x_ptr):  # a stand-in for a compiled kernel (JITFunction), never launched
@@ -79,13 +81,33 @@ def _hopper():
 needs_hopper = pytest.mark.skipif(not _hopper(), reason="programmatic dependent launch needs sm_90 or later")
 
 
+@pytest.fixture
+def pdl_launches(monkeypatch):
+    """PAITON_PDL=1, and a record of the launch keywords every Paiton kernel got (to check that
+    PDL was used, not only asked for)."""
+    from paiton.fusion import decode_attention, few_rows_gemm, gemv, qk_norm_rope, rms_norm
+
+    monkeypatch.setenv(pdl.PDL_ENV, "1")
+    given = []
+
+    def recording(tensor, kernel):
+        keywords = pdl.pdl_launch(tensor, kernel)
+        given.append(keywords)
+        return keywords
+
+    for module in (decode_attention, few_rows_gemm, gemv, qk_norm_rope, rms_norm):
+        monkeypatch.setattr(module, "pdl_launch", recording)
+    return given
+
+
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("batch", [1, 4])
-def test_decode_step_with_pdl_matches_without_on_gpu(monkeypatch, batch):
+def test_decode_step_with_pdl_matches_without_on_gpu(monkeypatch, pdl_launches, batch):
     """Qwen3-8B's widths (2 layers, bf16), prefill + 8 decode steps under CUDA graphs: every
     step's logits with PAITON_PDL=1 equal those without, bit for bit (PDL moves when a kernel
-    starts, not what it computes; both runs use the same timed launches, chosen by the first)."""
+    starts, not what it computes; both compiles are the same graph, so Inductor's caches give both
+    the same kernels, and the timed launches are chosen once for the process)."""
     from paiton.models.hf_loop import hf_static_cache_greedy
     from paiton.models.qwen3 import build_qwen3
 
@@ -94,31 +116,54 @@ def test_decode_step_with_pdl_matches_without_on_gpu(monkeypatch, batch):
     runs = {}
     for requested in ("0", "1"):
         monkeypatch.setenv(pdl.PDL_ENV, requested)
+        pdl_launches.clear()
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="paiton", mode="reduce-overhead")
         runs[requested] = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=9,
                                                  follow=runs.get("0"))
+        assert any(pdl_launches) == (requested == "1"), requested  # launched with PDL exactly when asked
     for step, (with_pdl, without) in enumerate(zip(runs["1"], runs["0"])):
         assert torch.equal(with_pdl, without), (step, (with_pdl.float() - without.float()).abs().max().item())
+
+
+@triton.jit
+def _nanoseconds():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _late_copy_kernel(src_ptr, dst_ptr, n, DELAY_NS: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[:n] = src[:n], written DELAY_NS after the kernel released the next one: a kernel
+    launched after it with PDL starts while it has not written yet, and must wait for it."""
+    gdc_wait()
+    gdc_launch_dependents()
+    began = _nanoseconds()
+    now = began
+    while now - began < DELAY_NS:
+        now = _nanoseconds()
+    for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
+        at = start + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=at < n), mask=at < n)
 
 
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("rows", [1, 8])
-def test_product_right_after_its_weight_is_written_on_gpu(monkeypatch, rows):
-    """Each product launched with PDL right after a copy rewrites its weight (the prefetch of W
-    into L2 comes before the wait; the loads after it) sees the new weight: 20 rewrites, each
-    checked against the product with the weight it was given, captured in one CUDA graph and
-    replayed as well."""
+def test_product_right_after_its_weight_is_written_on_gpu(pdl_launches, rows):
+    """Each product, launched with PDL right after a kernel that releases it at once and writes
+    the product's weight 20 us later, sees the new weight (the L2 prefetch before its wait cannot
+    keep an old copy; its loads come after the wait): 20 rewrites, each against the product with
+    the weight it was given, eagerly and captured in a CUDA graph and replayed. A product that
+    read W before its wait would read the previous weight."""
     from paiton.fusion.few_rows_gemm import few_rows_config, few_rows_gemm
     from paiton.fusion.gemv import GEMV_CANDIDATES, launch_gemv
 
-    monkeypatch.setenv(pdl.PDL_ENV, "1")
     torch.manual_seed(0)
     n, k = 4096, 4096
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(20)]
-    weight = torch.empty_like(weights[0])
+    weight = torch.zeros_like(weights[0])
+    programs = torch.cuda.get_device_properties(0).multi_processor_count
 
     def product():
         if rows == 1:
@@ -128,19 +173,20 @@ def test_product_right_after_its_weight_is_written_on_gpu(monkeypatch, rows):
     def run_all():
         outs = []
         for w in weights:
-            weight.copy_(w)
+            _late_copy_kernel[(programs,)](w, weight, w.numel(), DELAY_NS=20_000, BLOCK=1024, launch_pdl=True)
             outs.append(product())
         return outs
 
     expected = [torch.nn.functional.linear(x.float(), w.float()) for w in weights]
     for got, want in zip(run_all(), expected):
         torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)
+    assert any(pdl_launches)
     graph = torch.cuda.CUDAGraph()
-    run_all()  # warm: compiled before capture
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         captured = run_all()
     for _ in range(3):
+        weight.zero_()
         graph.replay()
         torch.cuda.synchronize()
         for got, want in zip(captured, expected):
