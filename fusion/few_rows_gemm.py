@@ -79,8 +79,8 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
     adds the slices in slice order, so the result does not depend on which program is last.
-    PDL (fusion/pdl.py): the slice's first two W tiles are prefetched into L2 while the kernel
-    before this one finishes; x is read (and the counters touched) after it has."""
+    PDL (fusion/pdl.py): the slice's first two W tiles (4-16 KB each) are prefetched into L2
+    while the kernel before this one finishes; x is read (and the counters touched) after it has."""
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_begin = tl.program_id(2) * K_SLICE

@@ -84,11 +84,13 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     instead of 115 at 16 x 1024 FP8 on 8 warps, so more programs, and more loads, per
     multiprocessor.
 
-    PDL (fusion/pdl.py): the first two W tiles are prefetched into L2 while the kernel before
-    this one finishes; x is read after it has."""
+    PDL (fusion/pdl.py): the program's first W tile is prefetched into L2 while the kernel
+    before this one finishes (one: a first wave of about 600 programs with 16-32 KB tiles asks
+    for 10-20 MB of L2 with it, while the kernel before streams its own weight through L2); x
+    is read after it has."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
-        prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, 2 * BLOCK_K)
+        prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K)
     wait_for_previous_kernel(PDL)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
