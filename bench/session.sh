@@ -32,6 +32,9 @@
 #                 (Qwen3-32B and its FP8 copy do not fit an 80 GB H100 together);
 #                 PROFILE_TAG names a second run of one model (its files and log); every
 #                 PROFILE_STACK_DUMPS seconds (60) each thread's stack goes to stacks-profile_decode_step-*.log
+#   pdl_chain     bench/pdl_chain.py: a batch-1 decode layer's products and norms as one CUDA graph,
+#                 without and with PDL, for PDL_CHAIN_MODELS (qwen3-32b qwen3-8b), bf16 and FP8
+#                 weights, PDL_CHAIN_LAYERS layers (16): what PDL takes off a layer, no compile
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
@@ -94,6 +97,13 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         # A server its limit cut off would hold the GPU. The pattern starts at the command's
         # beginning, so it cannot match a shell whose text merely mentions it.
         pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve"
+      done ;;
+    pdl_chain)
+      for model in ${PDL_CHAIN_MODELS:-qwen3-32b qwen3-8b}; do
+        for weights in "" --fp8; do
+          step "pdl_chain_${model}${weights:+_fp8}" "${PDL_CHAIN_TIMEOUT:-240}" python3 bench/pdl_chain.py --model "$model" \
+            --layers "${PDL_CHAIN_LAYERS:-16}" $weights --out "$out"
+        done
       done ;;
     fp8)
       step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \

@@ -121,6 +121,20 @@ def test_profile_decode_step_pdl_rows(tmp_path):
     assert {k["name"] for k in rows[0]["kernels"]} == {k["name"] for k in rows[1]["kernels"]}
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pdl_chain_smoke(tmp_path, fp8):
+    """bench/pdl_chain.py on CPU: the chain of a decode layer's products and norms runs in both
+    modes (eagerly: no CUDA graph, no PDL on a CPU) with the same result, and says it was not timed."""
+    import pdl_chain
+
+    assert pdl_chain.main(["--model", "tiny", "--layers", "2", "--device", "cpu", "--out", str(tmp_path)]
+                          + (["--fp8"] if fp8 else [])) == 0
+    (path,) = tmp_path.glob(f"pdl_chain-tiny{'-fp8' if fp8 else ''}-CPU-*.json")
+    result = json.loads(path.read_text())["result"]
+    assert result["outputs_equal"] and not result["pdl_launched"] and result["plain_us_per_layer"] is None
+    assert "Not timed (no GPU)" in path.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("runs", ["paiton", "paiton@", "paiton@0", "paiton@x", "nonesuch@1"])
 def test_profile_decode_step_runs_usage_errors(runs, capsys):
     import profile_decode_step
