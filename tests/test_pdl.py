@@ -1,8 +1,8 @@
 """Programmatic dependent launch (fusion/pdl.py, PAITON_PDL=1): which launches get it (CPU), and
 on a Hopper GPU that it changes no result: a decode step's logits bit for bit against the same
-step without it, under CUDA graphs, and products launched right after their weight is rewritten
-(the case the L2 prefetch before the wait must not get wrong). The compiled code (the wait, the
-prefetches) is checked ahead of time in test_aot_compile.py."""
+step without it, under CUDA graphs, and products launched right after a kernel that releases
+them before it rewrites their weight (what a load before the wait would get wrong). The compiled
+code (the wait first, the prefetches before it) is checked ahead of time in test_aot_compile.py."""
 
 import types
 
