@@ -56,14 +56,15 @@ def _round_to_fp8_grid(v, MIN_EXPONENT: tl.constexpr):
     bits: a step of 2**(e - 3) for |v| in [2**e, 2**(e + 1)), 2**(MIN_EXPONENT - 3) below the
     normals), in fp32: adding 1.5 * 2**23 steps puts the sum where fp32's own spacing is one
     step, so IEEE addition does the rounding, ties to even; subtracting it again is exact. The
-    magnitude is rounded and v's sign put back (a value rounded to zero keeps its sign, as
-    torch's cast keeps it)."""
+    magnitude is rounded and v's sign bit put back (a value rounded to zero keeps its sign, as
+    torch's cast keeps it, -0.0 included: an fp16 activation that underflowed)."""
     magnitude = tl.abs(v)
     exponent = tl.maximum(((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, MIN_EXPONENT)
     step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
     shift = step * 12582912.0
     rounded = (magnitude + shift) - shift
-    return tl.where(v < 0, -rounded, rounded)
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (rounded.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from paiton_testing import MANTISSA_BITS, fp8_product_bound, random_weight
 
@@ -63,6 +63,9 @@ def assert_same_quantization(x, fp8):
     strided=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
+# fp16 rows of magnitude 1e-3 hold -0.0 (randn values that underflowed): the kernel's rounding
+# put back v < 0's sign, so -0.0 came out +0 (found by hypothesis at 7800dec)
+@example(rows=46, cols=291, x_dtype=torch.float16, fp8=torch.float8_e4m3fn, strided=False, seed=36)
 def test_quantize_rows_kernel_equals_its_reference(rows, cols, x_dtype, fp8, strided, seed):
     """The kernel (interpreted) and the reference agree bit for bit: the same fp32 absmax and
     IEEE divisions, the same round-to-nearest-even cast (the interpreter's cast is bypassed by
