@@ -25,8 +25,9 @@ The rules every kernel with a PDL constexpr follows (`wait_for_previous_kernel`)
 
 Where: CUDA chips of compute capability 9.0 and later (Hopper, Blackwell); never on ROCm, older
 NVIDIA chips or under Triton's interpreter (the kernels are compiled without it there). Off
-unless PAITON_PDL=1: it has not been timed on a GPU yet (bench/profile_decode_step.py's
-"-pdl" configurations measure it). The switch is read at each launch, so a CUDA graph records
+unless PAITON_PDL=1: timed on an H100 at 52e4217 it took 1-2.6% off Qwen3-8B's batch-1 step and
+nothing off a chain of products and norms (7% on 8B FP8's; bench/results/NOTES.md), not the
+0.3-0.8 ms predicted (bench/pdl_chain.py and profile_decode_step.py's "-pdl" configurations). The switch is read at each launch, so a CUDA graph records
 the launches as the switch stood when it was captured.
 """
 
