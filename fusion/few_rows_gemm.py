@@ -183,7 +183,7 @@ def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, split
 # SWAP_AB (64 or 128 rows of W a program): at a88eea9 on an H100 the products of 8 and 32 rows
 # ran Qwen3-32B's layers 10% slower than batch 1's GEMV (346 against 315 us a layer at 32 rows,
 # bf16), on mma.sync; with W's rows as the product's M side they compile to wgmma (sm_90 SASS
-# read here, untimed: the timing decides).
+# read here; chosen by the timing at 52e4217 for most shapes at 8 and 32 rows: SWAP_AB above).
 FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(16, 256, 4, 4),
     candidate(16, 512, 4, 3),
@@ -210,7 +210,7 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
 # it, it was faster in 38 of 40 pairs (Qwen3-8B/32B, 8 and 32 rows; up to 1.4x), slower by at
 # most 7% in two; the launches that never won are gone. The untimed launch stays without it
 # (at 64 rows it spills 6 registers on gfx942, where nothing is timed yet). SWAP_AB as in the bf16
-# list: on sm_90 W, converted in registers, is wgmma's register operand (untimed).
+# list: on sm_90 W, converted in registers, is wgmma's register operand (the timing's choice at 32 rows on an H100, 52e4217).
 FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, SCALE_BLOCK, 4, 3),
     candidate(64, SCALE_BLOCK, 4, 3, via_fp16=True),
