@@ -210,7 +210,8 @@ FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
 # it, it was faster in 38 of 40 pairs (Qwen3-8B/32B, 8 and 32 rows; up to 1.4x), slower by at
 # most 7% in two; the launches that never won are gone. The untimed launch stays without it
 # (at 64 rows it spills 6 registers on gfx942, where nothing is timed yet). SWAP_AB as in the bf16
-# list: on sm_90 W, converted in registers, is wgmma's register operand (the timing's choice at 32 rows on an H100, 52e4217).
+# list: on sm_90 W, converted in registers, is wgmma's register operand (the timing's choice at
+# 32 rows on an H100, 52e4217).
 FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, SCALE_BLOCK, 4, 3),
     candidate(64, SCALE_BLOCK, 4, 3, via_fp16=True),
