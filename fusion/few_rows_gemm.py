@@ -66,6 +66,14 @@ MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound:
 # 32.8) and most bf16 ones at 8 and 32 (1-8%); at 8 rows FP8 the plain launches stay faster.
 
 
+@triton.jit
+def _times_transposed(a, b, DOT_FP32: tl.constexpr):
+    """a @ b.T on the matrix instructions, or in IEEE fp32 (DOT_FP32: the interpreter's)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return tl.dot(a, tl.trans(b))
+
+
 # M is not specialized on (Triton would compile apart for 1, and for multiples of 16): a decode
 # step's 2, 4, 8 and 16 rows share one compiled kernel per BLOCK_M, so the first use's timing
 # compiles each candidate once per BLOCK_M rather than per row count.
@@ -107,18 +115,12 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
         if SCALES == 2:  # this K tile lies in one scale block (BLOCK_K divides SCALE_BLOCK)
             block = tl.load(scale_ptr + (rows_n // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK, mask=rows_n < N, other=0.0)
         if SWAP_AB:  # W's rows on the product's M side (SWAP_AB above)
-            if DOT_FP32:
-                part_t = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
-            else:
-                part_t = tl.dot(w, tl.trans(x))
+            part_t = _times_transposed(w, x, DOT_FP32)
             if SCALES == 2:
                 part_t *= block[:, None]
             acc_t += part_t
         else:
-            if DOT_FP32:
-                part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(w))
+            part = _times_transposed(x, w, DOT_FP32)
             if SCALES == 2:
                 part *= block[None, :]
             acc += part
