@@ -32,7 +32,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import copy_rate_tbps, grouped_bar_plot, run_environment, versions_line, write_results  # noqa: E402
+from bench_common import (config_environment, copy_rate_tbps, grouped_bar_plot, run_environment,  # noqa: E402
+                          versions_line, write_results)
 
 
 def make_layers(model: str, layers: int, fp8: bool, device: str, dtype: torch.dtype) -> list[dict]:
@@ -53,7 +54,7 @@ def make_layers(model: str, layers: int, fp8: bool, device: str, dtype: torch.dt
     return built
 
 
-def weight_bytes(layers: list[dict]) -> int:
+def layer_weight_bytes(layers: list[dict]) -> int:
     return sum(w.numel() * w.element_size() + (s.numel() * 4 if s is not None else 0)
                for layer in layers for name in ("qkv", "o", "gate_up", "down") for w, s in [layer[name]])
 
@@ -101,18 +102,17 @@ def time_replays(graph: "torch.cuda.CUDAGraph", replays: int) -> list[float]:
 
 
 def run_mode(pdl: bool, h, residual, layers, replays: int, cuda: bool) -> tuple[torch.Tensor, float | None]:
-    """(the chain's output, median ms a replay) with PAITON_PDL as `pdl` says."""
-    from paiton.fusion.pdl import PDL_ENV
-
-    os.environ[PDL_ENV] = "1" if pdl else "0"
-    if not cuda:
-        return chain(h, residual, layers), None
-    chain(h, residual, layers)  # each kernel compiled for this mode before the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(h, residual, layers)
-    return out, statistics.median(time_replays(graph, replays))
+    """(the chain's output, median ms a replay), launched as the paiton (or, `pdl`, paiton-pdl)
+    configuration launches (bench_common.config_environment)."""
+    with config_environment("paiton-pdl" if pdl else "paiton"):
+        if not cuda:
+            return chain(h, residual, layers), None
+        chain(h, residual, layers)  # each kernel compiled for this mode before the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(h, residual, layers)
+        return out, statistics.median(time_replays(graph, replays))
 
 
 def main(argv=None):
@@ -121,7 +121,7 @@ def main(argv=None):
     import paiton.fusion.rms_norm  # noqa: F401
     from paiton.fusion import gemv
     from paiton.fusion.gemv import chosen_launches
-    from paiton.fusion.pdl import PDL_ENV, pdl_launch
+    from paiton.fusion.pdl import pdl_launch
     from paiton.models.qwen3 import QWEN3_PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,21 +141,15 @@ def main(argv=None):
     generator = torch.Generator(device=args.device).manual_seed(1)
     h = torch.randn(1, 1, hidden, generator=generator, device=args.device, dtype=dtype)
     residual = torch.randn(1, 1, hidden, generator=generator, device=args.device, dtype=dtype)
-    before = os.environ.get(PDL_ENV)
-    try:
-        plain, plain_ms = run_mode(False, h, residual, layers, args.replays, cuda)
-        with_pdl, pdl_ms = run_mode(True, h, residual, layers, args.replays, cuda)
-        pdl_used = bool(pdl_launch(h, gemv._gemv_kernel))  # (PAITON_PDL=1 still: what the last mode's launches got)
-    finally:
-        if before is None:
-            os.environ.pop(PDL_ENV, None)
-        else:
-            os.environ[PDL_ENV] = before
+    plain, plain_ms = run_mode(False, h, residual, layers, args.replays, cuda)
+    with_pdl, pdl_ms = run_mode(True, h, residual, layers, args.replays, cuda)
+    with config_environment("paiton-pdl"):
+        pdl_used = bool(pdl_launch(h, gemv._gemv_kernel))  # what the PDL mode's launches got
     equal = torch.equal(plain, with_pdl)
     env = dict(run_environment(args.device), model=args.model, layers=args.layers, dtype=str(dtype),
                weights="e4m3fn (row scales)" if args.fp8 else str(dtype).removeprefix("torch."))
     rate = copy_rate_tbps(args.device)
-    floor_us = weight_bytes(layers) / (rate * 1e12) * 1e6 / args.layers if rate else None
+    floor_us = layer_weight_bytes(layers) / (rate * 1e12) * 1e6 / args.layers if rate else None
     row = dict(plain_us_per_layer=plain_ms * 1e3 / args.layers if plain_ms else None,
                pdl_us_per_layer=pdl_ms * 1e3 / args.layers if pdl_ms else None,
                floor_us_per_layer=floor_us, copy_TBps=rate, pdl_launched=pdl_used, outputs_equal=equal)
