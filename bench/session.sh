@@ -35,6 +35,8 @@
 #   pdl_chain     bench/pdl_chain.py: a batch-1 decode layer's products and norms as one CUDA graph,
 #                 without and with PDL, for PDL_CHAIN_MODELS (qwen3-32b qwen3-8b), bf16 and FP8
 #                 weights, PDL_CHAIN_LAYERS layers (16): what PDL takes off a layer, no compile
+#   l2_probe      bench/l2_prefetch_probe.py: Qwen3-32B's products after a window kernel that does or
+#                 does not prefetch their weight into L2 (L2_PROBE_ARGS, e.g. "--weight bf16"; no compile)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
@@ -105,6 +107,8 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
             --layers "${PDL_CHAIN_LAYERS:-16}" $weights --out "$out"
         done
       done ;;
+    l2_probe)
+      step l2_probe "${L2_PROBE_TIMEOUT:-300}" python3 bench/l2_prefetch_probe.py ${L2_PROBE_ARGS:-} --out "$out" ;;
     fp8)
       step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \
         --configs paiton,paiton-fp8,inductor-cdt --batch-sizes 1,8,32 --num-prompts 64 --rounds 1 --min-prompts 8 \
