@@ -18,9 +18,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# One bulk prefetch's span: large enough that a few hundred requests cover tens of megabytes,
-# a multiple of the 16 bytes the instruction requires.
-CHUNK_BYTES = tl.constexpr(64 * 1024)
+# One bulk prefetch's span by default: large enough that a few hundred requests cover tens of
+# megabytes, a multiple of the 16 bytes the instruction requires.
+CHUNK_BYTES = 64 * 1024
 
 
 @triton.jit
@@ -33,17 +33,16 @@ def bulk_prefetch_to_l2(ptrs, nbytes):
 
 
 @triton.jit
-def prefetch_span_to_l2(base_ptr, nbytes, program, CHUNKS: tl.constexpr):
+def prefetch_span_to_l2(base_ptr, nbytes, program, CHUNKS: tl.constexpr, CHUNK_BYTES: tl.constexpr):
     """Program `program`'s share of a prefetch of bytes [0, nbytes) from `base_ptr` (any element
-    type, 16-byte aligned): its CHUNKS chunks of CHUNK_BYTES, program * CHUNKS onwards, the
-    last one cut at nbytes (rounded down to 16 bytes)."""
+    type, 16-byte aligned): its CHUNKS chunks of CHUNK_BYTES (a multiple of 16), program *
+    CHUNKS onwards, the last one cut at nbytes (rounded down to 16 bytes)."""
     chunk = program * CHUNKS + tl.arange(0, CHUNKS)
     begin = chunk.to(tl.int64) * CHUNK_BYTES
     size = tl.minimum(tl.maximum(nbytes - begin, 0), CHUNK_BYTES) // 16 * 16
     bulk_prefetch_to_l2(base_ptr.to(tl.pointer_type(tl.uint8)) + begin, size.to(tl.int32))
 
 
-def prefetch_programs(nbytes: int, chunks: int) -> int:
-    """Programs of CHUNKS chunks each that cover `nbytes`."""
-    span = CHUNK_BYTES.value * chunks
-    return max(1, triton.cdiv(nbytes, span))
+def prefetch_programs(nbytes: int, chunks: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Programs of `chunks` chunks of `chunk_bytes` each that cover `nbytes`."""
+    return max(1, triton.cdiv(nbytes, chunk_bytes * chunks))
