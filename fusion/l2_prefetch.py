@@ -8,18 +8,30 @@ the first of those kernels asks L2 for the next product's first megabytes, memor
 while the small kernels run and the product finds them in L2.
 
 The request is the bulk prefetch of sm_90 (PTX `cp.async.bulk.prefetch.L2.global [addr], size`):
-one instruction asks for a contiguous span of up to CHUNK_BYTES; nothing comes back to the
-program, which may end before the lines arrive. It is a hint: lines already written by an
-earlier kernel are in L2 or memory, never stale, so a prefetch needs no ordering with them.
+one instruction asks for a contiguous span of CHUNK_BYTES; nothing comes back to the program,
+which may end before the lines arrive. It is a hint: a line an earlier kernel wrote is in L2 or
+memory, never stale, so a prefetch needs no ordering with earlier kernels (it may come before a
+PDL wait, fusion/pdl.py) and changes no result.
+
+Which kernels prefetch what: passes/l2_prefetch.py gives the first small kernel after each
+product (an RMSNorm, fused add + RMSNorm, or the q/k norm + rotary kernel) the next product's
+weight (`prefetch`, `prefetch_bytes`: the packed weights' bytes from the first); the chip's
+lowering table (backends/lowering.py, "l2_prefetch") says how many of those bytes each kind of
+kernel asks for (its window: an RMSNorm's few microseconds, attention's longer one), and
+`prefetch_arguments` turns that into the kernel's launch arguments.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-# One bulk prefetch's span by default: large enough that a few hundred requests cover tens of
-# megabytes, a multiple of the 16 bytes the instruction requires.
+from paiton.backends.target import Target, detect_target
+
+LOWERING_OP = "l2_prefetch"  # its entry in the lowering tables
+# One bulk prefetch's span by default: a few hundred requests cover tens of megabytes; a
+# multiple of the 16 bytes the instruction requires.
 CHUNK_BYTES = 64 * 1024
 
 
@@ -36,13 +48,56 @@ def bulk_prefetch_to_l2(ptrs, nbytes):
 def prefetch_span_to_l2(base_ptr, nbytes, program, CHUNKS: tl.constexpr, CHUNK_BYTES: tl.constexpr):
     """Program `program`'s share of a prefetch of bytes [0, nbytes) from `base_ptr` (any element
     type, 16-byte aligned): its CHUNKS chunks of CHUNK_BYTES (a multiple of 16), program *
-    CHUNKS onwards, the last one cut at nbytes (rounded down to 16 bytes)."""
-    chunk = program * CHUNKS + tl.arange(0, CHUNKS)
-    begin = chunk.to(tl.int64) * CHUNK_BYTES
-    size = tl.minimum(tl.maximum(nbytes - begin, 0), CHUNK_BYTES) // 16 * 16
-    bulk_prefetch_to_l2(base_ptr.to(tl.pointer_type(tl.uint8)) + begin, size.to(tl.int32))
+    CHUNKS onwards, the last one cut at nbytes (rounded down to 16 bytes). CHUNKS = 0: nothing
+    (the kernels' default: no prefetch is compiled in)."""
+    if CHUNKS > 0:
+        chunk = program * CHUNKS + tl.arange(0, CHUNKS)
+        begin = chunk.to(tl.int64) * CHUNK_BYTES
+        size = tl.minimum(tl.maximum(nbytes - begin, 0), CHUNK_BYTES) // 16 * 16
+        bulk_prefetch_to_l2(base_ptr.to(tl.pointer_type(tl.uint8)) + begin, size.to(tl.int32))
 
 
 def prefetch_programs(nbytes: int, chunks: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Programs of `chunks` chunks of `chunk_bytes` each that cover `nbytes`."""
     return max(1, triton.cdiv(nbytes, chunk_bytes * chunks))
+
+
+def target_has_bulk_prefetch(target: Target) -> bool:
+    """NVIDIA from sm_90 (Hopper) on: the chips with cp.async.bulk.prefetch."""
+    digits = "".join(c for c in target.arch if c.isdigit())
+    return target.vendor == "cuda" and bool(digits) and int(digits) >= 90
+
+
+def prefetch_plan(nbytes: int, budget: int, programs: int, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+    """(bytes to prefetch, chunks a program asks for) when `programs` programs share a prefetch
+    of at most `budget` of the weight's `nbytes`: the bytes rounded down to 16, each program's
+    chunks a power of two (a block size); (0, 0) when nothing is left to ask for."""
+    nbytes = min(nbytes, budget) // 16 * 16
+    if nbytes <= 0 or programs <= 0:
+        return 0, 0
+    return nbytes, triton.next_power_of_2(triton.cdiv(triton.cdiv(nbytes, chunk_bytes), programs))
+
+
+def prefetch_arguments(window_op: str, like: torch.Tensor, prefetch: torch.Tensor | None, prefetch_bytes: int,
+                       programs: int) -> dict:
+    """The keyword arguments that make `window_op`'s kernel (launched with `programs` programs
+    on `like`'s device) prefetch the first bytes of `prefetch` into L2: prefetch_ptr,
+    prefetch_bytes, PREFETCH_CHUNKS, PREFETCH_CHUNK_BYTES. {} (no prefetch compiled in) without
+    a weight, on a chip without the instruction or whose table leaves it out, under the
+    interpreter (CPU tensors), or for a weight that is not 16-byte aligned on that device."""
+    if prefetch is None or prefetch_bytes <= 0 or like.device.type != "cuda" or prefetch.device != like.device:
+        return {}
+    target = detect_target(like.device)
+    if not target_has_bulk_prefetch(target):
+        return {}
+    from paiton.backends.lowering import INDUCTOR, lowering_for  # (lowering.py imports the kernels' modules)
+
+    lowering = lowering_for(LOWERING_OP, target)
+    if lowering.implementation == INDUCTOR or prefetch.data_ptr() % 16:
+        return {}
+    chunk_bytes = lowering.params.get("chunk_bytes", CHUNK_BYTES)
+    stored = prefetch.untyped_storage().nbytes() - prefetch.storage_offset() * prefetch.element_size()
+    nbytes, chunks = prefetch_plan(min(prefetch_bytes, stored), lowering.params.get(window_op, 0), programs, chunk_bytes)
+    if not nbytes:
+        return {}
+    return dict(prefetch_ptr=prefetch, prefetch_bytes=nbytes, PREFETCH_CHUNKS=chunks, PREFETCH_CHUNK_BYTES=chunk_bytes)
