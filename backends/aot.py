@@ -85,15 +85,34 @@ def _split(kernel, config: dict[str, Any], constexprs: dict[str, Any]) -> tuple[
     return {"PDL": False, **kernel_args, **constexprs}, options
 
 
+def prefetching(config: dict, chunks: int, chunk_bytes: int = 64 << 10) -> dict:
+    """`config` with the next product's weight prefetched into L2, `chunks` bulk prefetches of
+    `chunk_bytes` a program, as fusion/l2_prefetch.prefetch_arguments adds it on sm_90 and later."""
+    return {**config, "PREFETCH_CHUNKS": chunks, "PREFETCH_CHUNK_BYTES": chunk_bytes}
+
+
+def _prefetch_arguments(config: dict) -> tuple[dict[str, str], dict[str, Any]]:
+    """(signature, launcher constexprs) of a window kernel's prefetch arguments: a weight pointer
+    and a byte count when `config` prefetches (prefetching), else the kernel's defaults (None, 0)
+    as constexprs, as a launch without them specializes."""
+    if config.get("PREFETCH_CHUNKS"):
+        return {"prefetch_ptr": "*fp8e4nv", "prefetch_bytes": "i32"}, {}
+    return ({"prefetch_ptr": "constexpr", "prefetch_bytes": "constexpr"},
+            {"prefetch_ptr": None, "prefetch_bytes": 0, "PREFETCH_CHUNKS": 0, "PREFETCH_CHUNK_BYTES": 64 << 10})
+
+
 def rms_norm_build(config: dict, dtype: str, has_residual: bool) -> KernelBuild:
     pointer = f"*{dtype}"
+    prefetch_signature, prefetch_launcher = _prefetch_arguments(config)
     signature = {
         "x_ptr": pointer, "residual_ptr": pointer, "weight_ptr": pointer, "out_ptr": pointer, "sum_ptr": pointer,
         "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
         "HAS_RESIDUAL": "constexpr", "BLOCK_ROWS": "constexpr", "BLOCK_COLS": "constexpr", "NUM_COL_BLOCKS": "constexpr",
+        "PREFETCH_CHUNKS": "constexpr", "PREFETCH_CHUNK_BYTES": "constexpr", **prefetch_signature,
     }
-    constexprs, options = _split(_rms_norm_kernel, config, {"HAS_RESIDUAL": has_residual})
+    constexprs, options = _split(_rms_norm_kernel, config, {"HAS_RESIDUAL": has_residual, **prefetch_launcher})
     aligned = ["x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "sum_ptr", "n_cols"]
+    aligned += ["prefetch_ptr", "prefetch_bytes"] if config.get("PREFETCH_CHUNKS") else []
     return KernelBuild(_rms_norm_kernel, signature, constexprs, options, aligned)
 
 
@@ -116,10 +135,12 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
     launcher = {"WRITE_CACHE": write_cache}
     if write_cache:  # StaticCache's start slot (stride 0, step 1): the JIT specializes the 1 as a constant.
         launcher["slot_step"] = 1  # (A hand-written loop's slot tensor, stride 1, is another specialization.)
-    constexprs, options = _split(_qk_norm_rope_kernel, config, launcher)
+    prefetch_signature, prefetch_launcher = _prefetch_arguments(config)
+    constexprs, options = _split(_qk_norm_rope_kernel, config, {**launcher, **prefetch_launcher})
     signature = {**{p: f"*{dtype}" for p in pointers}, "slot_ptr": "*i64", **{n: "i32" for n in ints}, "eps": "fp32",
                  "WRITE_CACHE": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr",
-                 **{n: "constexpr" for n in constexprs}}
+                 "PREFETCH_CHUNKS": "constexpr", "PREFETCH_CHUNK_BYTES": "constexpr",
+                 **{n: "constexpr" for n in constexprs}, **prefetch_signature}
     # As the JIT specializes Qwen3's aligned tensors (head_dim 128, strides multiples of 16), and
     # the slot stride and step it sees as 0 (divisible by 16).
     aligned = [n for n, kind in signature.items()
@@ -207,6 +228,8 @@ def resources(compiled, target: Target) -> dict[str, Any]:
             # and what else comes before it (nothing may touch global memory there).
             "pdl_wait": "griddepcontrol.wait" in code,
             "l2_prefetches": code.count("prefetch.global.L2"),
+            # Bulk prefetches of the next product's weight (fusion/l2_prefetch.py).
+            "bulk_l2_prefetches": code.count("cp.async.bulk.prefetch.L2"),
             **_pdl_order(code),
         }
     code = asm["amdgcn"]
@@ -231,7 +254,9 @@ def resources(compiled, target: Target) -> dict[str, Any]:
 
 
 # Global memory accesses in PTX: loads, stores, atomics and reductions, asynchronous copies.
-_GLOBAL_ACCESS = re.compile(r"\b(?:ld\.global|st\.global|atom\.|red\.|cp\.async\.\w*\.?shared\.global|cp\.async\.bulk)")
+# (A bulk L2 prefetch, cp.async.bulk.prefetch, is a hint like prefetch.global.L2, not an access.)
+_GLOBAL_ACCESS = re.compile(
+    r"\b(?:ld\.global|st\.global|atom\.|red\.|cp\.async\.\w*\.?shared\.global|cp\.async\.bulk(?!\.prefetch))")
 
 
 def _pdl_order(ptx: str) -> dict[str, Any]:

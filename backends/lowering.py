@@ -49,7 +49,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 # The ops Paiton's passes create (each pass's `fused_op`).
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
-    "one_row_linear", "silu_mul_linear", "few_rows_linear", "fp8_linear", "all_reduce_add_rms_norm",
+    "one_row_linear", "silu_mul_linear", "few_rows_linear", "fp8_linear", "all_reduce_add_rms_norm", "l2_prefetch",
 )
 
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
@@ -70,6 +70,15 @@ FP8_KERNELS = dict(one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, 
 # registers at 32 rows).
 AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
     config for config in FP8_FEW_ROWS_CANDIDATES if not config.get("SWAP_AB")))
+
+
+# Weight prefetch into L2 (fusion/l2_prefetch.py): the bytes of the next product's weight each
+# small kernel asks for, by the window it opens: a norm's (the kernel and the gap after it, a few
+# microseconds: about 8 MB at an H200's copy rate) and the q/k norm + rotary kernel's, which
+# opens attention's (three kernels, about 9 us on an H100 at batch 1: 24 MB, half of L2).
+# Not yet timed in a decode step (bench/l2_prefetch_probe.py times the mechanism alone).
+L2_PREFETCH_BYTES = dict(rms_norm=8 << 20, fused_add_rms_norm=8 << 20, qk_norm_rope=24 << 20,
+                         qk_norm_rope_cache=24 << 20, chunk_bytes=64 << 10)
 
 
 class LoweringKey(NamedTuple):
@@ -130,9 +139,15 @@ _NVIDIA = {
         "converted in registers, mma/wgmma), torch._scaled_mm (activations quantized per token, cuBLASLt FP8) and "
         "the weight dequantized to bf16, then cuBLAS (weight-only)",
     ),
+    "l2_prefetch": Lowering(
+        TRITON, dict(L2_PREFETCH_BYTES),
+        "the first norm or rotary kernel after a product asks L2 for the next product's first megabytes "
+        "(cp.async.bulk.prefetch.L2, sm_90 on: memory streams them while the small kernels run)",
+    ),
 }
 # Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.
-_SM80 = {**_NVIDIA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "sm_80 has no FP8: quantize_fp8 refuses the chip")}
+_SM80 = {**_NVIDIA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "sm_80 has no FP8: quantize_fp8 refuses the chip"),
+         "l2_prefetch": Lowering(INDUCTOR, {}, "no bulk L2 prefetch before sm_90: no prefetch")}
 
 # ---------------------------------------------------------------------------------------------
 # AMD CDNA (wavefronts of 64): chosen from ahead-of-time compiles, not yet timed on an MI300X.
@@ -174,6 +189,7 @@ _AMD_CDNA = {
         "timed per shape as on NVIDIA: the FP8 GEMM on MFMA (2-64 rows), torch._scaled_mm (hipBLASLt, e4m3fnuz "
         "activations) or dequantized to bf16, then hipBLASLt. Compiled ahead of time, not timed on an MI300X yet",
     ),
+    "l2_prefetch": Lowering(INDUCTOR, {}, "no bulk L2 prefetch instruction on CDNA: no prefetch"),
 }
 _GFX90A = {**_AMD_CDNA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "gfx90a (MI250) has no FP8: quantize_fp8 "
                                                                              "refuses the chip")}
@@ -191,6 +207,7 @@ _GFX950 = {
 _CPU = {op: Lowering(REFERENCE, dict(lowering.params), "the op's reference code (TRITON_INTERPRET=1: the Triton kernel)")
         for op, lowering in _NVIDIA.items() if lowering.implementation == TRITON}
 _CPU["packed_linear"] = Lowering(VENDOR, {}, "torch's CPU GEMM over the packed weights")
+_CPU["l2_prefetch"] = Lowering(INDUCTOR, {}, "nothing to prefetch into on a CPU")
 _CPU["fp8_linear"] = Lowering(REFERENCE, dict(format="e4m3fn", several_rows=(DEQUANTIZE,)), "the weight dequantized, "
                               "then torch's CPU GEMM (TRITON_INTERPRET=1: one row through the GEMV kernel, 2-64 rows "
                               "through the FP8 GEMM)")
@@ -224,8 +241,10 @@ def _vendor_defaults(target: Target) -> dict[str, Lowering]:
     why = "vendor default for a chip without a table"
     sm = int("".join(c for c in target.arch if c.isdigit()) or 0) if target.vendor == "cuda" else 0
     fp8 = base["fp8_linear"] if sm >= 89 else Lowering(INDUCTOR, dict(format=None), f"{why}: no FP8 known for this chip")
+    prefetch = base["l2_prefetch"] if sm >= 90 else Lowering(INDUCTOR, {}, f"{why}: no bulk L2 prefetch before sm_90")
     return {
         **base,
+        "l2_prefetch": prefetch,
         "silu_mul": Lowering(TRITON, silu_mul_launch_config(target.warp_size), why),
         "decode_attention": Lowering(TRITON, dict(BLOCK_N=32, num_warps=4, num_stages=2, combine_num_warps=4), why),
         "fp8_linear": fp8,
@@ -329,6 +348,30 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
         config = launch_config(op, target, n_q_heads=m.num_attention_heads, n_k_heads=m.num_key_value_heads, head_dim=m.head_dim)
         rows.append(row(op, "_qk_norm_rope_kernel", heads + (" + cache" if op.endswith("cache") else ""), config,
                         aot.qk_norm_rope_build(config, dtype, op.endswith("cache"))))
+    # The window kernels asking L2 for the next product's weight (fusion/l2_prefetch.py), as many
+    # bytes as the table says: q/k/v's after the norm, o_proj's after the rotary kernel.
+    from paiton.fusion.l2_prefetch import prefetch_plan
+
+    budgets = table["l2_prefetch"].params
+    chunk_bytes, element_bytes = budgets.get("chunk_bytes", 1), 4 if dtype == "fp32" else 2
+    q_width = m.num_attention_heads * m.head_dim
+    qkv_bytes = (q_width + 2 * m.num_key_value_heads * m.head_dim) * m.hidden_size * element_bytes
+    windows = (("fused_add_rms_norm", qkv_bytes, 1, "q/k/v"),
+               ("qk_norm_rope_cache", m.hidden_size * q_width * element_bytes, 3 * tokens, "o_proj"))
+    if table["l2_prefetch"].implementation != TRITON:
+        rows.append(row("l2_prefetch", "-", "no prefetch", {}, None))
+        windows = ()
+    for op, nbytes, programs, name in windows:
+        asked, chunks = prefetch_plan(nbytes, budgets.get(op, 0), programs, chunk_bytes)
+        if op == "fused_add_rms_norm":
+            config = aot.prefetching(launch_config(op, target, n_rows=tokens, n_cols=m.hidden_size), chunks, chunk_bytes)
+            kernel, build = "_rms_norm_kernel", aot.rms_norm_build(config, dtype, True)
+        else:
+            config = aot.prefetching(launch_config(op, target, n_q_heads=m.num_attention_heads,
+                                                   n_k_heads=m.num_key_value_heads, head_dim=m.head_dim), chunks, chunk_bytes)
+            kernel, build = "_qk_norm_rope_kernel", aot.qk_norm_rope_build(config, dtype, True)
+        rows.append(row("l2_prefetch", f"{kernel} (prefetching)",
+                        f"{asked / 2**20:.0f} of {nbytes / 2**20:.0f} MB of {name}'s weight", config, build))
     config = launch_config("decode_attention", target, group=group, q_len=1, head_dim=m.head_dim)
     n_splits = decode_attention_splits(tokens * m.num_key_value_heads, cache_len, target.multiprocessors, config["BLOCK_N"])
     n_splits = decode_attention_split_layout(cache_len, n_splits, config["BLOCK_N"])[1]

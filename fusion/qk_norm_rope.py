@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.l2_prefetch import prefetch_arguments, prefetch_span_to_l2
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from paiton.fusion.triton_utils import device_guard, is_interpreted
@@ -113,16 +114,21 @@ def _qk_norm_rope_kernel(
     v_out_stride_b, v_out_stride_s, v_out_stride_h,
     cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
     WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
+    prefetch_ptr=None, prefetch_bytes=0, PREFETCH_CHUNKS: tl.constexpr = 0, PREFETCH_CHUNK_BYTES: tl.constexpr = 65536,
 ):
     """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
     WRITE_CACHE, k goes to its cache slot (slot_ptr[b * slot_stride_b + s * slot_stride] + s *
     slot_step: a slot per token, shared by the batch or one per sequence, or one start slot for
     consecutive tokens) and which = 2 copies v to its slot.
     A slot outside [0, cache_len) is not written (eager's index_copy_ raises there; a kernel
-    cannot, and must not write outside the cache). PDL: launched programmatically (fusion/pdl.py)."""
-    wait_for_previous_kernel(PDL)
+    cannot, and must not write outside the cache). PDL: launched programmatically (fusion/pdl.py).
+    PREFETCH_CHUNKS > 0: each program first asks L2 for its share of the next product's weight
+    (attention's o_proj: fusion/l2_prefetch.py)."""
     token = tl.program_id(0)
     which = tl.program_id(1)
+    prefetch_span_to_l2(prefetch_ptr, prefetch_bytes, token * tl.num_programs(1) + which, PREFETCH_CHUNKS,
+                        PREFETCH_CHUNK_BYTES)
+    wait_for_previous_kernel(PDL)
     b = token // seq_len
     s = token % seq_len
     if WRITE_CACHE:
@@ -226,7 +232,7 @@ def qk_norm_rope_block_sizes(n_q_heads: int, n_k_heads: int, head_dim: int) -> d
     return dict(BLOCK_HEADS=triton.next_power_of_2(max(n_q_heads, n_k_heads)), BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None, prefetch=None, prefetch_bytes=0):
     """q/k outputs as `_empty_outputs`; with cache = (v, k_cache, v_cache, slots), k and v are
     written to their cache slots instead and only q_out is returned. `config`: the launch's
     keyword arguments; by default the lowering table's for the device."""
@@ -250,10 +256,10 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
         k_target_strides = _bsh_strides(k_out, 2)
         v_strides = v_target_strides = (0, 0, 0)
         slot_strides = (0, 0, 0)
+    op = "qk_norm_rope_cache" if cache is not None else "qk_norm_rope"
     if config is None:
         from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
 
-        op = "qk_norm_rope_cache" if cache is not None else "qk_norm_rope"
         config = launch_config(op, detect_target(q.device), n_q_heads=n_q_heads, n_k_heads=k.shape[2], head_dim=head_dim)
     grid = (batch * seq, 3 if cache is not None else 2)
     with device_guard(q):
@@ -268,6 +274,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
             WRITE_CACHE=cache is not None,
             **config,
             **pdl_launch(q, _qk_norm_rope_kernel),
+            **prefetch_arguments(op, q, prefetch, prefetch_bytes, grid[0] * grid[1]),
         )
     return q_out if cache is not None else (q_out, k_out)
 
@@ -275,14 +282,16 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None):
 @torch.library.custom_op("paiton::qk_norm_rope", mutates_args=())
 def qk_norm_rope(
     q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-    cos: torch.Tensor, sin: torch.Tensor, eps: float,
+    cos: torch.Tensor, sin: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None, prefetch_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of q and k, transpose to [B, H, S, D], rotary embedding."""
-    return _launch(q, k, q_weight, k_weight, cos, sin, eps)
+    """Per-head RMSNorm of q and k, transpose to [B, H, S, D], rotary embedding. `prefetch`,
+    `prefetch_bytes`: the next product's weight, asked of L2 on the way (a hint that changes no
+    result: fusion/l2_prefetch.py)."""
+    return _launch(q, k, q_weight, k_weight, cos, sin, eps, prefetch=prefetch, prefetch_bytes=prefetch_bytes)
 
 
 @qk_norm_rope.register_kernel("cpu")
-def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, eps):
+def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, eps, prefetch=None, prefetch_bytes=0):
     if is_interpreted(_qk_norm_rope_kernel):
         return _launch(q, k, q_weight, k_weight, cos, sin, eps)
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
@@ -293,7 +302,7 @@ def _qk_norm_rope_cpu(q, k, q_weight, k_weight, cos, sin, eps):
 
 
 @qk_norm_rope.register_fake
-def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps):
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, prefetch=None, prefetch_bytes=0):
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     return _empty_outputs(q, k)
 
@@ -302,19 +311,22 @@ def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps):
 def qk_norm_rope_cache(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
     cos: torch.Tensor, sin: torch.Tensor, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    slots: torch.Tensor, prefetch: torch.Tensor | None = None, prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     """qk_norm_rope, with the rotated k and v ([B, Hkv, S, D]) written into the KV cache at
     `slots` (as `k_cache.index_copy_(2, slots, k_rotated)`, the same for v) instead of
     returned. `slots`: int [S]; int [B, S], each sequence's own slots (a continuous batch,
     whose rows hold sequences of different lengths: `k_cache[b, :, slots[b, s]] = k[b, :, s]`);
     or a 0-dim int start (the tokens go to start, start + 1, ...: a StaticCache's counter read
-    in the kernel, no index tensor made). Returns the rotated q."""
-    return _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=(v, k_cache, v_cache, slots))
+    in the kernel, no index tensor made). Returns the rotated q. `prefetch`, `prefetch_bytes`:
+    as qk_norm_rope's."""
+    return _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=(v, k_cache, v_cache, slots), prefetch=prefetch,
+                   prefetch_bytes=prefetch_bytes)
 
 
 @qk_norm_rope_cache.register_kernel("cpu")
-def _qk_norm_rope_cache_cpu(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots):
+def _qk_norm_rope_cache_cpu(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots, prefetch=None,
+                            prefetch_bytes=0):
     if is_interpreted(_qk_norm_rope_kernel):
         return _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=(v, k_cache, v_cache, slots))
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
@@ -326,7 +338,8 @@ def _qk_norm_rope_cache_cpu(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache,
 
 
 @qk_norm_rope_cache.register_fake
-def _qk_norm_rope_cache_fake(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots):
+def _qk_norm_rope_cache_fake(q, k, v, q_weight, k_weight, cos, sin, eps, k_cache, v_cache, slots, prefetch=None,
+                             prefetch_bytes=0):
     _check_inputs(q, k, q_weight, k_weight, cos, sin)
     _check_cache_inputs(k, v, k_cache, v_cache, slots)
     return _empty_outputs(q, k)[0]

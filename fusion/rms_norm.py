@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.l2_prefetch import prefetch_arguments, prefetch_span_to_l2
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.triton_utils import device_guard, fresh_contiguous, is_interpreted
 
@@ -91,16 +92,22 @@ def _rms_norm_kernel(
     BLOCK_COLS: tl.constexpr,
     NUM_COL_BLOCKS: tl.constexpr,
     PDL: tl.constexpr = False,
+    prefetch_ptr=None,
+    prefetch_bytes=0,
+    PREFETCH_CHUNKS: tl.constexpr = 0,
+    PREFETCH_CHUNK_BYTES: tl.constexpr = 65536,
 ):
     """Each program normalizes BLOCK_ROWS rows of a contiguous [n_rows, n_cols] input.
 
     NUM_COL_BLOCKS == 1: the whole row block stays in registers (one read, one write).
     NUM_COL_BLOCKS > 1 (rows wider than one block): pass 1 accumulates the sum of squares
     (and writes x + residual), pass 2 re-reads the input (the written sum, with a residual)
-    and normalizes. PDL: launched programmatically (fusion/pdl.py).
+    and normalizes. PDL: launched programmatically (fusion/pdl.py). PREFETCH_CHUNKS > 0: the
+    program first asks L2 for its share of the next product's weight (fusion/l2_prefetch.py).
     """
-    wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
+    prefetch_span_to_l2(prefetch_ptr, prefetch_bytes, pid, PREFETCH_CHUNKS, PREFETCH_CHUNK_BYTES)
+    wait_for_previous_kernel(PDL)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
     # int64: batch x sequence x hidden passes 2**31 elements at long prompts.
@@ -170,10 +177,12 @@ def rms_norm_launch_config(n_rows: int, n_cols: int) -> dict[str, int]:
 
 
 def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, config: dict | None = None
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, config: dict | None = None,
+    prefetch: torch.Tensor | None = None, prefetch_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`config`: the launch's keyword arguments; by default the lowering table's for x's device
-    (the sweep in bench/lowering_sweep.py passes others)."""
+    (the sweep in bench/lowering_sweep.py passes others). `prefetch`: the next product's weight,
+    of which the kernel asks L2 for up to `prefetch_bytes` (fusion/l2_prefetch.py)."""
     _check_inputs(x, residual, weight)
     n_cols = x.shape[-1]
     x = x.contiguous()
@@ -186,10 +195,10 @@ def _launch(
     n_rows = x.numel() // n_cols if n_cols else 0
     if n_rows == 0:
         return out, summed
+    op = "rms_norm" if residual is None else "fused_add_rms_norm"
     if config is None:
         from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
 
-        op = "rms_norm" if residual is None else "fused_add_rms_norm"
         config = launch_config(op, detect_target(x.device), n_rows=n_rows, n_cols=n_cols)
     grid = (triton.cdiv(n_rows, config["BLOCK_ROWS"]),)
     with device_guard(x):
@@ -205,6 +214,7 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             **config,
             **pdl_launch(x, _rms_norm_kernel),
+            **prefetch_arguments(op, x, prefetch, prefetch_bytes, grid[0]),
         )
     return out, summed
 
@@ -236,13 +246,17 @@ def _check_inputs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.
 
 
 @torch.library.custom_op("paiton::rms_norm", mutates_args=())
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * normalize(x) as Qwen3RMSNorm computes it (see the module docstring)."""
-    return _launch(x, None, weight, eps)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+             prefetch_bytes: int = 0) -> torch.Tensor:
+    """weight * normalize(x) as Qwen3RMSNorm computes it (see the module docstring).
+    `prefetch`, `prefetch_bytes`: the next product's weight, asked of L2 on the way (a hint that
+    changes no result: fusion/l2_prefetch.py)."""
+    return _launch(x, None, weight, eps, prefetch=prefetch, prefetch_bytes=prefetch_bytes)[0]
 
 
 @rms_norm.register_kernel("cpu")
-def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+                  prefetch_bytes: int = 0) -> torch.Tensor:
     if is_interpreted(_rms_norm_kernel):
         return _launch(x, None, weight, eps)[0]
     _check_inputs(x, None, weight)
@@ -250,23 +264,26 @@ def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 
 
 @rms_norm.register_fake
-def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+                   prefetch_bytes: int = 0) -> torch.Tensor:
     _check_inputs(x, None, weight)
     return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op("paiton::fused_add_rms_norm", mutates_args=())
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+    prefetch_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight * normalize(x + residual), x + residual): the residual stream's add and the
-    next norm in one pass over memory."""
-    return _launch(x, residual, weight, eps)
+    next norm in one pass over memory. `prefetch`, `prefetch_bytes`: as rms_norm's."""
+    return _launch(x, residual, weight, eps, prefetch=prefetch, prefetch_bytes=prefetch_bytes)
 
 
 @fused_add_rms_norm.register_kernel("cpu")
 def _fused_add_rms_norm_cpu(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+    prefetch_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if is_interpreted(_rms_norm_kernel):
         return _launch(x, residual, weight, eps)
@@ -277,7 +294,8 @@ def _fused_add_rms_norm_cpu(
 
 @fused_add_rms_norm.register_fake
 def _fused_add_rms_norm_fake(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, prefetch: torch.Tensor | None = None,
+    prefetch_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_inputs(x, residual, weight)
     out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))

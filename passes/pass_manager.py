@@ -32,6 +32,7 @@ from paiton.passes.decode_attention import DecodeAttentionPass
 from paiton.passes.few_rows_linear import FewRowsLinearPass
 from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.kv_cache_write import KVCacheWritePass
+from paiton.passes.l2_prefetch import L2PrefetchPass
 from paiton.passes.merged_projections import MergedProjectionsPass
 from paiton.passes.one_row_linear import OneRowLinearPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 # QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
 # RoPE op and looks for the attention (fused or not) that reads the cache; the cache counters'
 # slots are those of the KV-cache write's op; SwiGLU into a one-row product starts from the
-# SwiGLU pass's output.
+# SwiGLU pass's output; the L2 prefetch goes last, into the norm and rotary ops the others made,
+# once every product is in its final form.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
     AllReduceAddRMSNormPass,
@@ -58,6 +60,7 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     CacheCountersPass,
     SwiGLUPass,
     SiluMulLinearPass,
+    L2PrefetchPass,
 )
 # Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see
 # merged_projections.py for why they cannot wait for the ATen graph). The one-row and few-rows

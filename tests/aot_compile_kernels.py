@@ -16,6 +16,7 @@ from paiton.backends.aot import (
     decode_attention_split_build,
     few_rows_gemm_build,
     gemv_build,
+    prefetching,
     qk_norm_rope_build,
     quantize_rows_build,
     resources,
@@ -29,6 +30,7 @@ from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, ROW_SCALES
 from paiton.fusion.quantize_rows import quantize_rows_launch_config
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
+from paiton.fusion.l2_prefetch import target_has_bulk_prefetch
 from paiton.fusion.pdl import target_has_pdl
 
 TARGETS = ("sm_80", "sm_90", "gfx942", "gfx950")
@@ -128,6 +130,26 @@ def builds(target):
                            quantize_rows_build(quantize_rows_launch_config(TOKENS * 2, width), dtype, weight_type))
     if target_has_pdl(target):
         yield from pdl_builds(target)
+    if target_has_bulk_prefetch(target):
+        yield from prefetch_builds(target)
+
+
+def prefetch_builds(target):
+    """The norm and rotary kernels asking L2 for the next product's weight (fusion/l2_prefetch.py)
+    as a batch-1 step of Qwen3-32B launches them (one program a norm, three the rotary kernel),
+    with and without PDL, "/prefetch" in their names."""
+    from paiton.fusion.l2_prefetch import prefetch_plan
+
+    budgets = lowering_for("l2_prefetch", target).params
+    for launch, suffix in ((lambda c: c, ""), (with_pdl, "/pdl")):
+        config = launch_config("fused_add_rms_norm", target, n_rows=1, n_cols=5120)
+        chunks = prefetch_plan(10240 * 5120, budgets["fused_add_rms_norm"], 1, budgets["chunk_bytes"])[1]
+        yield (f"rms_norm/bf16/residual=True/cols=5120/prefetch{suffix}", "fused_add_rms_norm",
+               rms_norm_build(launch(prefetching(config, chunks, budgets["chunk_bytes"])), "bf16", True))
+        config = launch_config("qk_norm_rope_cache", target, n_q_heads=64, n_k_heads=KV_HEADS, head_dim=HEAD_DIM)
+        chunks = prefetch_plan(5120 * 8192, budgets["qk_norm_rope_cache"], 3, budgets["chunk_bytes"])[1]
+        yield (f"qk_norm_rope/bf16/q_heads=64/cache=True/prefetch{suffix}", "qk_norm_rope_cache",
+               qk_norm_rope_build(launch(prefetching(config, chunks, budgets["chunk_bytes"])), "bf16", True))
 
 
 def pdl_builds(target):

@@ -46,7 +46,8 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
                   "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"},
                   "few_rows_linear": {"_few_rows_gemm_kernel"},
-                  "fp8_linear": {"_gemv_kernel", "_few_rows_gemm_kernel", "_quantize_rows_kernel"}}
+                  "fp8_linear": {"_gemv_kernel", "_few_rows_gemm_kernel", "_quantize_rows_kernel"},
+                  "l2_prefetch": {"_rms_norm_kernel", "_qk_norm_rope_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}
@@ -171,3 +172,21 @@ def test_pdl_launches_wait_before_they_read(compiled):
             assert (r["l2_prefetches"] > 0) == ("/pdl" in name and product), (name, r["l2_prefetches"])
         if "/pdl" in name:  # the wait comes before any load, store or atomic, the release after it
             assert r["global_accesses_before_wait"] == [] and r["launch_dependents_after_wait"], (name, r)
+
+
+def test_window_kernels_ask_l2_for_the_next_weight(compiled):
+    """On sm_90 the norm and rotary kernels also compile with the bulk L2 prefetch of the next
+    product's weight (fusion/l2_prefetch.py): only those builds have cp.async.bulk.prefetch.L2,
+    no chip without it (sm_80, AMD) gets one, the prefetch spills nothing, and with PDL it is
+    still the only thing before the wait (no load, store or atomic)."""
+    prefetching = {name for name in compiled if "/prefetch" in name}
+    assert {name.rsplit("@", 1)[1] for name in prefetching} == {"sm_90"}
+    assert {compiled[name]["kernel"] for name in prefetching} == {"_rms_norm_kernel", "_qk_norm_rope_kernel"}
+    for name, r in compiled.items():
+        if "@sm_" in name:
+            assert (r["bulk_l2_prefetches"] > 0) == (name in prefetching), (name, r["bulk_l2_prefetches"])
+    for name in prefetching:
+        assert compiled[name]["spills"] == 0, name
+        if "/pdl" in name:
+            assert compiled[name]["global_accesses_before_wait"] == [], name
+

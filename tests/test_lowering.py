@@ -155,11 +155,12 @@ def test_a_chip_without_a_table_gets_the_vendor_defaults_and_one_note(caplog, ta
     assert configs[0]["BLOCK_N"] == 32 and configs[0]["num_stages"] == 2
     assert not set(configs[0]) & ROCM_ONLY_OPTIONS
     # Only the GEMV's and the few-rows GEMM's ops stay Inductor's on AMD chips, as on the known ones (untimed
-    # there); FP8 is not assumed on a chip nobody has checked (an sm_89+ NVIDIA chip has it).
+    # there); FP8 is not assumed on a chip nobody has checked (an sm_89+ NVIDIA chip has it), nor the bulk
+    # L2 prefetch before sm_90 or on AMD.
     left = {op for op, entry in lowering.lowering_table(target).items() if entry.implementation == INDUCTOR}
     sm = int(target.arch[3:]) if target.vendor == "cuda" else 0
     assert left == ({"one_row_linear", "silu_mul_linear", "few_rows_linear"} if target.vendor == "hip" else set()) | (
-        set() if sm >= 89 else {"fp8_linear"})
+        set() if sm >= 89 else {"fp8_linear"}) | (set() if sm >= 90 else {"l2_prefetch"})
 
 
 def test_unknown_op_is_an_error():
@@ -358,7 +359,8 @@ def test_command_for_the_cpu_prints_without_compiling():
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table_rows(result.stdout)
-    assert {cells[1] for cells in rows.values()} == {"reference", "vendor"}
+    assert {cells[1] for cells in rows.values()} == {"reference", "vendor", "inductor"}
+    assert {op for op, _ in rows if rows[(op, _)][1] == "inductor"} == {"l2_prefetch"}  # no L2 to prefetch into
     assert rows[("rms_norm", "_rms_norm_kernel")][3] == "[1, 5120]"
     assert all(cells[4] == "-" for cells in rows.values())  # nothing compiled
 

@@ -1,0 +1,216 @@
+"""The L2 prefetch pass (passes/l2_prefetch.py): the first norm or rotary op after a product is
+given the next Paiton product's weight to prefetch, and nothing else changes.
+
+Graphs: decode layers written with Paiton's ops (as the other passes leave a decode step:
+fused add + RMSNorm, packed q/k/v, q/k norm + rotary, o_proj, fused add + RMSNorm, packed
+gate/up, SwiGLU into down_proj; a final norm and lm_head), traced with make_fx, then the pass
+alone. o_proj is, per layer, Paiton's product or a plain `mm` (a prefill's: the window ends
+there without a prefetch). The rewritten graph must compute exactly what it did (the ops run
+their CPU references, which ignore the prefetch; on a GPU it is a hint), each prefetch must be
+the next product's first weight with the packed weights' bytes, and the count must say how
+many. Near misses: a product right after a product (gate/up into down_proj), a weight computed
+in the graph (the lm_head's here, in one variant), a window that already prefetches (the pass
+run twice).
+
+End to end (tiny Qwen3, backend="paiton", eager inner compiler, `paiton.target="sm_90"`): the
+decode graph gets one prefetch per product after a norm or the rotary kernel (q/k/v, o_proj,
+gate/up per layer, and the lm_head), the prefill graph two per layer (its o_proj and lm_head
+are `mm`), and the greedy tokens' logits equal those without the pass bit for bit. On the CPU
+target, and AMD's, the pass does not run.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paiton_testing import EAGER_INNER
+
+import paiton
+import paiton.fusion.packed_linear  # noqa: F401  (registers the ops)
+import paiton.fusion.qk_norm_rope  # noqa: F401
+import paiton.fusion.rms_norm  # noqa: F401
+from paiton.fusion.l2_prefetch import CHUNK_BYTES, prefetch_plan
+from paiton.passes.l2_prefetch import L2PrefetchPass
+
+ops = torch.ops.paiton
+HEADS, KV_HEADS, HEAD_DIM, EPS = 2, 1, 8, 1e-6
+
+
+def packed(*rows_each: int, k: int, dtype) -> list[torch.Tensor]:
+    """Weights of these row counts lying consecutively in one buffer (as merged projections pack them)."""
+    buffer = torch.randn(sum(rows_each), k, dtype=dtype) * k ** -0.5
+    return list(buffer.split(list(rows_each)))
+
+
+def make_model(o_proj_kinds: list[str], hidden: int, inner: int, dtype, computed_lm_head: bool):
+    """(step function, its inputs) for len(o_proj_kinds) decode layers."""
+    q_out, kv_out = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    params = []
+    for _ in o_proj_kinds:
+        params.append(dict(n1=1 + 0.1 * torch.randn(hidden, dtype=dtype), qkv=packed(q_out, kv_out, kv_out, k=hidden, dtype=dtype),
+                           q_w=1 + 0.1 * torch.randn(HEAD_DIM, dtype=dtype), k_w=1 + 0.1 * torch.randn(HEAD_DIM, dtype=dtype),
+                           o=packed(hidden, k=q_out, dtype=dtype), n2=1 + 0.1 * torch.randn(hidden, dtype=dtype),
+                           gate_up=packed(inner, inner, k=hidden, dtype=dtype), down=packed(hidden, k=inner, dtype=dtype)))
+    final = dict(norm=1 + 0.1 * torch.randn(hidden, dtype=dtype), lm_head=packed(48, k=hidden, dtype=dtype))
+    flat = [t for p in params for v in p.values() for t in (v if isinstance(v, list) else [v])]
+    flat += [final["norm"], *final["lm_head"]]
+
+    def step(h, cos, sin, *weights):
+        weights = list(weights)
+
+        def take(n):
+            taken = weights[:n]
+            del weights[:n]
+            return taken
+
+        rows = h.shape[0]
+        residual = None
+        for kind in o_proj_kinds:
+            n1, wq, wk, wv, q_w, k_w, wo, n2, wg, wu, wd = take(11)
+            if residual is None:
+                x, residual = ops.rms_norm(h, n1, EPS), h
+            else:
+                x, residual = ops.fused_add_rms_norm(h, residual, n1, EPS)
+            qkv = ops.packed_linear(x, [wq, wk, wv])
+            q = qkv[:, :q_out].reshape(rows, 1, HEADS, HEAD_DIM)
+            k = qkv[:, q_out:q_out + kv_out].reshape(rows, 1, KV_HEADS, HEAD_DIM)
+            q, k = ops.qk_norm_rope(q, k, q_w, k_w, cos, sin, EPS)
+            attn = (q * k.sum(1, keepdim=True)).transpose(1, 2).reshape(rows, q_out)  # stands in for attention
+            o = ops.packed_linear(attn, [wo]) if kind == "paiton" else torch.mm(attn, wo.t())
+            x, residual = ops.fused_add_rms_norm(o, residual, n2, EPS)
+            gate_up = ops.packed_linear(x, [wg, wu])
+            h = ops.silu_mul_packed_linear(gate_up[:, :inner], gate_up[:, inner:], [wd])
+        norm, lm_head = take(2)
+        x, _ = ops.fused_add_rms_norm(h, residual, norm, EPS)
+        return ops.packed_linear(x, [lm_head * 1.0 if computed_lm_head else lm_head])
+
+    return step, flat
+
+
+def expected_prefetches(o_proj_kinds, computed_lm_head):
+    return sum(2 + (kind == "paiton") for kind in o_proj_kinds) + (0 if computed_lm_head else 1)
+
+
+def products(graph):
+    paiton_products = {ops.packed_linear.default: 1, ops.silu_mul_packed_linear.default: 2}
+    return [(n, n.args[paiton_products[n.target]]) for n in graph.nodes
+            if n.op == "call_function" and n.target in paiton_products]
+
+
+@settings(max_examples=12, deadline=None)
+@given(o_proj_kinds=st.lists(st.sampled_from(["paiton", "mm"]), min_size=1, max_size=3), rows=st.sampled_from([1, 2]),
+       hidden=st.sampled_from([16, 24]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       computed_lm_head=st.booleans())
+def test_each_window_prefetches_the_next_products_weight(o_proj_kinds, rows, hidden, dtype, computed_lm_head):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    step, weights = make_model(o_proj_kinds, hidden, 40, dtype, computed_lm_head)
+    h = torch.randn(rows, hidden, dtype=dtype)
+    cos, sin = torch.randn(1, 1, HEAD_DIM, dtype=dtype), torch.randn(1, 1, HEAD_DIM, dtype=dtype)
+    inputs = (h, cos, sin, *weights)
+    gm = make_fx(step)(*inputs)
+    before = gm(*inputs)
+
+    count = L2PrefetchPass()(gm.graph)
+    gm.recompile()
+
+    assert count == expected_prefetches(o_proj_kinds, computed_lm_head)
+    assert torch.equal(gm(*inputs), before)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    windows = [n for n in gm.graph.nodes if n.op == "call_function" and n.kwargs.get("prefetch") is not None]
+    assert len(windows) == count
+    for window in windows:
+        # The next Paiton product after the window: its first weight, all of its packed bytes.
+        node, product_weights = min((p for p in products(gm.graph) if order[p[0]] > order[window]), key=lambda p: order[p[0]])
+        assert window.kwargs["prefetch"] is product_weights[0]
+        assert window.kwargs["prefetch_bytes"] == sum(w.meta["val"].numel() * w.meta["val"].element_size()
+                                                      for w in product_weights)
+        assert window.target in (ops.rms_norm.default, ops.fused_add_rms_norm.default, ops.qk_norm_rope.default)
+    # down_proj (right after gate/up) never gets one: no window op between them.
+    for node, product_weights in products(gm.graph):
+        if node.target is ops.silu_mul_packed_linear.default:
+            assert all(w.kwargs.get("prefetch") is not product_weights[0] for w in windows)
+    assert L2PrefetchPass()(gm.graph) == 0  # a window that prefetches keeps its prefetch
+
+
+@given(nbytes=st.integers(0, 1 << 30), budget=st.integers(0, 64 << 20), programs=st.integers(1, 4096),
+       chunk_bytes=st.sampled_from([16 << 10, CHUNK_BYTES, 256 << 10]))
+def test_the_prefetch_plan_covers_what_it_asks_for(nbytes, budget, programs, chunk_bytes):
+    """Bytes: at most the weight and the budget, a multiple of 16, all of min(weight, budget)
+    but its last 15; chunks a program: a power of two, together covering the bytes, not twice over."""
+    asked, chunks = prefetch_plan(nbytes, budget, programs, chunk_bytes)
+    assert asked == min(nbytes, budget) // 16 * 16
+    if asked == 0:
+        assert chunks == 0
+        return
+    assert chunks & (chunks - 1) == 0
+    needed = -(-asked // chunk_bytes)
+    assert chunks * programs >= needed and (chunks == 1 or (chunks // 2) * programs < needed)
+
+
+def test_decode_steps_of_a_qwen3_get_one_prefetch_per_product_after_a_window():
+    from paiton.models.hf_loop import hf_static_cache_greedy
+    from paiton.models.qwen3 import build_qwen3
+
+    num_layers = 2
+    model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=num_layers)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    results = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="paiton",
+                                 options={**EAGER_INNER, "paiton.target": "sm_90", "paiton.l2_prefetch": on})
+        with torch.no_grad():
+            results[on] = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=3)
+        counts = [g.counts.get("l2_prefetch") for g in paiton.fusion_graphs(compiled)]
+        # prefill: q/k/v and gate/up a layer; decode (one row): also o_proj, and the lm_head
+        assert counts == ([2 * num_layers, 3 * num_layers + 1] if on else [None, None])
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+
+
+@pytest.mark.parametrize("target", ["cpu", "gfx942", "sm_80"])
+def test_the_pass_does_not_run_where_the_chip_cannot_prefetch(target):
+    from paiton.passes.pass_manager import PaitonPassManager
+    from paiton.backends.target import target_named
+
+    manager = PaitonPassManager(target=target_named(target))
+    assert not manager.runs("l2_prefetch")
+    assert PaitonPassManager(target=target_named("sm_90")).runs("l2_prefetch")
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the bulk L2 prefetch needs sm_90 or later")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_step_with_prefetch_matches_without_on_gpu(monkeypatch, batch):
+    """Qwen3-8B's widths (2 layers, bf16), prefill + 8 decode steps under CUDA graphs: every
+    step's logits with the prefetch equal those without, bit for bit, and the norm and rotary
+    kernels were launched with a prefetch (not only given one)."""
+    from paiton.fusion import l2_prefetch, qk_norm_rope, rms_norm
+    from paiton.models.hf_loop import hf_static_cache_greedy
+    from paiton.models.qwen3 import build_qwen3
+
+    launched = []
+
+    def recording(*args):
+        keywords = l2_prefetch.prefetch_arguments(*args)
+        launched.append(keywords.get("PREFETCH_CHUNKS", 0))
+        return keywords
+
+    for module in (qk_norm_rope, rms_norm):
+        monkeypatch.setattr(module, "prefetch_arguments", recording)
+    model = build_qwen3("qwen3-8b", device="cuda", dtype=torch.bfloat16, num_hidden_layers=2)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, 32), device="cuda")
+    runs = {}
+    for on in (False, True):
+        launched.clear()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="paiton", options={"paiton.l2_prefetch": on, "triton.cudagraphs": True})
+        runs[on] = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=9, follow=runs.get(False))
+        assert any(launched) == on, on
+    for step, (with_prefetch, without) in enumerate(zip(runs[True], runs[False])):
+        assert torch.equal(with_prefetch, without), (step, (with_prefetch.float() - without.float()).abs().max().item())
