@@ -169,6 +169,28 @@ def test_decode_steps_of_a_qwen3_get_one_prefetch_per_product_after_a_window():
     assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
 
 
+def test_fp8_products_take_the_prefetch_too():
+    """An FP8 model (models/fp8.py): its decoder linears are fp8_linear at any row count, so the
+    prefill graph's o_proj gets a prefetch as well (3 a layer; its bf16 lm_head is `mm` there),
+    the decode graph also the lm_head's; the logits equal those without the pass."""
+    from paiton.models.hf_loop import hf_static_cache_greedy
+    from paiton.models.qwen3 import build_qwen3
+
+    model = paiton.quantize_fp8(build_qwen3("tiny", dtype=torch.float32, seed=2))
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="paiton",
+                                 options={**EAGER_INNER, "paiton.target": "sm_90", "paiton.l2_prefetch": on})
+        with torch.no_grad():
+            results[on] = hf_static_cache_greedy(compiled, model, ids, new_tokens=3)
+        if on:
+            assert [g.counts["l2_prefetch"] for g in paiton.fusion_graphs(compiled)] == [3 * layers, 3 * layers + 1]
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+
+
 @pytest.mark.parametrize("target", ["cpu", "gfx942", "sm_80"])
 def test_the_pass_does_not_run_where_the_chip_cannot_prefetch(target):
     from paiton.passes.pass_manager import PaitonPassManager
