@@ -12,7 +12,7 @@ many. Near misses: a product right after a product (gate/up into down_proj), a w
 in the graph (the lm_head's here, in one variant), a window that already prefetches (the pass
 run twice).
 
-End to end (tiny Qwen3, backend="paiton", eager inner compiler, `paiton.target="sm_90"`): the
+End to end (tiny Qwen3, bf16-style and FP8, backend="paiton", eager inner compiler, `paiton.target="sm_90"`): the
 decode graph gets one prefetch per product after a norm or the rotary kernel (q/k/v, o_proj,
 gate/up per layer, and the lm_head), the prefill graph two per layer (its o_proj and lm_head
 are `mm`), and the greedy tokens' logits equal those without the pass bit for bit. On the CPU
@@ -149,13 +149,19 @@ def test_the_prefetch_plan_covers_what_it_asks_for(nbytes, budget, programs, chu
     assert chunks * programs >= needed and (chunks == 1 or (chunks // 2) * programs < needed)
 
 
-def test_decode_steps_of_a_qwen3_get_one_prefetch_per_product_after_a_window():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_qwen3_gets_one_prefetch_per_product_after_a_window(fp8):
+    """bf16-style products: prefill gets q/k/v's and gate/up's a layer (its o_proj and lm_head are
+    `mm`), decode (one row) also o_proj's and the lm_head's. An FP8 model (models/fp8.py): its
+    decoder linears are fp8_linear at any row count, so prefill's o_proj gets one as well (its
+    bf16 lm_head is `mm` there). The greedy steps' logits equal those without the pass."""
     from paiton.models.hf_loop import hf_static_cache_greedy
     from paiton.models.qwen3 import build_qwen3
 
-    num_layers = 2
-    model = build_qwen3("tiny", dtype=torch.float32, num_hidden_layers=num_layers)
-    input_ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    model = build_qwen3("tiny", dtype=torch.float32, seed=2, num_hidden_layers=2)
+    model = paiton.quantize_fp8(model) if fp8 else model
+    layers = model.config.num_hidden_layers
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     results = {}
     for on in (True, False):
         torch._dynamo.reset()
@@ -164,30 +170,7 @@ def test_decode_steps_of_a_qwen3_get_one_prefetch_per_product_after_a_window():
         with torch.no_grad():
             results[on] = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=3)
         counts = [g.counts.get("l2_prefetch") for g in paiton.fusion_graphs(compiled)]
-        # prefill: q/k/v and gate/up a layer; decode (one row): also o_proj, and the lm_head
-        assert counts == ([2 * num_layers, 3 * num_layers + 1] if on else [None, None])
-    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
-
-
-def test_fp8_products_take_the_prefetch_too():
-    """An FP8 model (models/fp8.py): its decoder linears are fp8_linear at any row count, so the
-    prefill graph's o_proj gets a prefetch as well (3 a layer; its bf16 lm_head is `mm` there),
-    the decode graph also the lm_head's; the logits equal those without the pass."""
-    from paiton.models.hf_loop import hf_static_cache_greedy
-    from paiton.models.qwen3 import build_qwen3
-
-    model = paiton.quantize_fp8(build_qwen3("tiny", dtype=torch.float32, seed=2))
-    layers = model.config.num_hidden_layers
-    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(0))
-    results = {}
-    for on in (True, False):
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="paiton",
-                                 options={**EAGER_INNER, "paiton.target": "sm_90", "paiton.l2_prefetch": on})
-        with torch.no_grad():
-            results[on] = hf_static_cache_greedy(compiled, model, ids, new_tokens=3)
-        if on:
-            assert [g.counts["l2_prefetch"] for g in paiton.fusion_graphs(compiled)] == [3 * layers, 3 * layers + 1]
+        assert counts == ([(3 if fp8 else 2) * layers, 3 * layers + 1] if on else [None, None])
     assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
 
 
