@@ -12,11 +12,11 @@ many. Near misses: a product right after a product (gate/up into down_proj), a w
 in the graph (the lm_head's here, in one variant), a window that already prefetches (the pass
 run twice).
 
-End to end (tiny Qwen3, bf16-style and FP8, backend="paiton", eager inner compiler, `paiton.target="sm_90"`): the
-decode graph gets one prefetch per product after a norm or the rotary kernel (q/k/v, o_proj,
-gate/up per layer, and the lm_head), the prefill graph two per layer (its o_proj and lm_head
-are `mm`), and the greedy tokens' logits equal those without the pass bit for bit. On the CPU
-target, and AMD's, the pass does not run.
+End to end (tiny Qwen3, plain and FP8, backend="paiton", eager inner compiler,
+`paiton.target="sm_90"`): the decode graph gets one prefetch per product after a norm or the
+rotary kernel (q/k/v, o_proj, gate/up per layer, and the lm_head), the prefill graph two per
+layer (three for FP8; its lm_head is `mm`), and the greedy tokens' logits equal those without
+the pass bit for bit. On the CPU target, and AMD's, the pass does not run.
 """
 
 import pytest
