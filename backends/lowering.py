@@ -356,7 +356,8 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     chunk_bytes, element_bytes = budgets.get("chunk_bytes", 1), 4 if dtype == "fp32" else 2
     q_width = m.num_attention_heads * m.head_dim
     qkv_bytes = (q_width + 2 * m.num_key_value_heads * m.head_dim) * m.hidden_size * element_bytes
-    windows = (("fused_add_rms_norm", qkv_bytes, 1, "q/k/v"),
+    norm_programs = -(-tokens // launch_config("fused_add_rms_norm", target, n_rows=tokens, n_cols=m.hidden_size)["BLOCK_ROWS"])
+    windows = (("fused_add_rms_norm", qkv_bytes, norm_programs, "q/k/v"),
                ("qk_norm_rope_cache", m.hidden_size * q_width * element_bytes, 3 * tokens, "o_proj"))
     if table["l2_prefetch"].implementation != TRITON:
         rows.append(row("l2_prefetch", "-", "no prefetch", {}, None))
