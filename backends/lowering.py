@@ -76,7 +76,8 @@ AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
 # small kernel asks for, by the window it opens: a norm's (the kernel and the gap after it, a few
 # microseconds: about 8 MB at an H200's copy rate) and the q/k norm + rotary kernel's, which
 # opens attention's (three kernels, about 9 us on an H100 at batch 1: 24 MB, half of L2).
-# Not yet timed in a decode step (bench/l2_prefetch_probe.py times the mechanism alone).
+# Not yet timed (bench/l2_prefetch_probe.py times the mechanism alone): the kernels prefetch only
+# under PAITON_L2_PREFETCH=1.
 L2_PREFETCH_BYTES = dict(rms_norm=8 << 20, fused_add_rms_norm=8 << 20, qk_norm_rope=24 << 20,
                          qk_norm_rope_cache=24 << 20, chunk_bytes=64 << 10)
 
@@ -142,7 +143,8 @@ _NVIDIA = {
     "l2_prefetch": Lowering(
         TRITON, dict(L2_PREFETCH_BYTES),
         "the first norm or rotary kernel after a product asks L2 for the next product's first megabytes "
-        "(cp.async.bulk.prefetch.L2, sm_90 on: memory streams them while the small kernels run)",
+        "(cp.async.bulk.prefetch.L2, sm_90 on: memory streams them while the small kernels run); "
+        "untimed, so only under PAITON_L2_PREFETCH=1",
     ),
 }
 # Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.

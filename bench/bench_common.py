@@ -17,42 +17,59 @@ import os
 # "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel).
 # "-pdl" after a Paiton configuration's name ("paiton-pdl", "paiton-fp8-pdl"): its kernels launched
 # with programmatic dependent launch (PAITON_PDL=1 while it compiles and runs: fusion/pdl.py; the
-# others run with PAITON_PDL unset, as Paiton does by default).
+# others run with PAITON_PDL unset, as Paiton does by default). "-l2pf" likewise: the norm and
+# rotary kernels prefetch the next product's weight into L2 (PAITON_L2_PREFETCH=1:
+# fusion/l2_prefetch.py). Both may follow one name, in that order ("paiton-fp8-pdl-l2pf").
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8")
 PDL_SUFFIX = "-pdl"
+L2_PREFETCH_SUFFIX = "-l2pf"
+
+
+def _launch_switches(base: str) -> tuple[str, dict[str, bool]]:
+    """(the configuration without its launch suffixes, {suffix: present})."""
+    present = {}
+    for suffix in (L2_PREFETCH_SUFFIX, PDL_SUFFIX):  # the reverse of their order in a name
+        present[suffix] = base.endswith(suffix)
+        base = base.removesuffix(suffix)
+    return base, present
 
 
 def is_config(config: str) -> bool:
     from paiton.passes.pass_manager import PASS_NAMES
 
     base, *off = config.split("-no-")
-    pdl = base.endswith(PDL_SUFFIX)
-    base = base.removesuffix(PDL_SUFFIX)
-    return (base in CONFIGS and (not (off or pdl) or base.startswith("paiton"))
+    base, switches = _launch_switches(base)
+    return (base in CONFIGS and (not (off or any(switches.values())) or base.startswith("paiton"))
             and set(off) <= set(PASS_NAMES))
 
 
 def uses_pdl(config: str) -> bool:
-    return config.split("-no-")[0].endswith(PDL_SUFFIX)
+    return _launch_switches(config.split("-no-")[0])[1][PDL_SUFFIX]
+
+
+def uses_l2_prefetch(config: str) -> bool:
+    return _launch_switches(config.split("-no-")[0])[1][L2_PREFETCH_SUFFIX]
 
 
 @contextlib.contextmanager
 def config_environment(config: str):
-    """The environment a configuration runs in, restored after: PAITON_PDL=1 for a "-pdl" one;
-    for the others PAITON_PDL unset, so they run as Paiton does by default (one process may run
-    both kinds)."""
+    """The environment a configuration runs in, restored after: PAITON_PDL=1 for a "-pdl" one,
+    PAITON_L2_PREFETCH=1 for a "-l2pf" one; for the others those unset, so they run as Paiton
+    does by default (one process may run several kinds)."""
+    from paiton.fusion.l2_prefetch import PREFETCH_ENV
     from paiton.fusion.pdl import PDL_ENV
 
-    before = os.environ.pop(PDL_ENV, None)
-    if uses_pdl(config):
-        os.environ[PDL_ENV] = "1"
+    wanted = {PDL_ENV: uses_pdl(config), PREFETCH_ENV: uses_l2_prefetch(config)}
+    before = {name: os.environ.pop(name, None) for name in wanted}
+    os.environ.update({name: "1" for name, on in wanted.items() if on})
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(PDL_ENV, None)
-        else:
-            os.environ[PDL_ENV] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def parse_configs(parser, text: str) -> list[str]:
@@ -223,7 +240,7 @@ def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -
     if not is_config(config) or config == "eager":
         raise ValueError(f"unknown compiled configuration {config!r}; choose from {', '.join(CONFIGS[1:])}")
     config, *off = config.split("-no-")
-    config = config.removesuffix(PDL_SUFFIX).removesuffix("-fp8")  # the launches or the weights differ, not the compile
+    config = _launch_switches(config)[0].removesuffix("-fp8")  # the launches or the weights differ, not the compile
     passes_off = {f"paiton.{name}": False for name in off}
     if config.startswith("paiton") and paiton_inner == "eager":
         return "paiton", {"options": {"paiton.inner_compiler": "eager", **passes_off}}

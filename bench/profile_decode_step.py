@@ -96,7 +96,7 @@ def synchronizing_calls(run) -> list[str]:
 
 @torch.no_grad()
 def profile_config(model, config, batch, args):
-    with config_environment(config):  # "-pdl": the kernels launched with PDL, as its CUDA graphs record them
+    with config_environment(config):  # "-pdl", "-l2pf": the kernels launched so, as its CUDA graphs record them
         return _profile_config(model, config, batch, args)
 
 

@@ -19,9 +19,17 @@ weight (`prefetch`, `prefetch_bytes`: the packed weights' bytes from the first);
 lowering table (backends/lowering.py, "l2_prefetch") says how many of those bytes each kind of
 kernel asks for (its window: an RMSNorm's few microseconds, attention's longer one), and
 `prefetch_arguments` turns that into the kernel's launch arguments.
+
+Off unless PAITON_L2_PREFETCH=1: not yet timed on a GPU (bench/l2_prefetch_probe.py times the
+mechanism, profile_decode_step.py's "-l2pf" configurations a decode step), and a prefetch L2
+does not keep until the product reads it costs its bytes twice. The pass still gives the ops
+their weights; the switch is read at each launch, so a CUDA graph records the launches as the
+switch stood when it was captured (as PAITON_PDL's, fusion/pdl.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -30,6 +38,7 @@ import triton.language as tl
 from paiton.backends.target import Target, detect_target
 
 LOWERING_OP = "l2_prefetch"  # its entry in the lowering tables
+PREFETCH_ENV = "PAITON_L2_PREFETCH"
 # One bulk prefetch's span by default: a few hundred requests cover tens of megabytes; a
 # multiple of the 16 bytes the instruction requires.
 CHUNK_BYTES = 64 * 1024
@@ -62,6 +71,11 @@ def prefetch_programs(nbytes: int, chunks: int, chunk_bytes: int = CHUNK_BYTES) 
     return max(1, triton.cdiv(nbytes, chunk_bytes * chunks))
 
 
+def prefetch_requested() -> bool:
+    """PAITON_L2_PREFETCH=1 (or true/yes/on) in the environment."""
+    return os.environ.get(PREFETCH_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def target_has_bulk_prefetch(target: Target) -> bool:
     """NVIDIA from sm_90 (Hopper) on: the chips with cp.async.bulk.prefetch."""
     digits = "".join(c for c in target.arch if c.isdigit())
@@ -82,10 +96,13 @@ def prefetch_arguments(window_op: str, like: torch.Tensor, prefetch: torch.Tenso
                        programs: int) -> dict:
     """The keyword arguments that make `window_op`'s kernel (launched with `programs` programs
     on `like`'s device) prefetch the first bytes of `prefetch` into L2: prefetch_ptr,
-    prefetch_bytes, PREFETCH_CHUNKS, PREFETCH_CHUNK_BYTES. {} (no prefetch compiled in) without
-    a weight, on a chip without the instruction or whose table leaves it out, under the
-    interpreter (CPU tensors), or for a weight that is not 16-byte aligned on that device."""
+    prefetch_bytes, PREFETCH_CHUNKS, PREFETCH_CHUNK_BYTES. {} (no prefetch compiled in) unless
+    requested (PAITON_L2_PREFETCH=1), without a weight, on a chip without the instruction or
+    whose table leaves it out, under the interpreter (CPU tensors), or for a weight that is not
+    16-byte aligned on that device."""
     if prefetch is None or prefetch_bytes <= 0 or like.device.type != "cuda" or prefetch.device != like.device:
+        return {}
+    if not prefetch_requested():
         return {}
     target = detect_target(like.device)
     if not target_has_bulk_prefetch(target):

@@ -16,8 +16,9 @@ if it is a Paiton norm or rotary kernel, the next product's weight to prefetch::
 
 `prefetch_bytes` is the span of the packed weights from the first (they lie consecutively: see
 fusion/packed_linear.py); how much of it a kernel asks for is the chip's lowering table's
-choice (backends/lowering.py, "l2_prefetch"), made at launch. The prefetch is a hint: the
-rewritten graph computes exactly what it did.
+choice (backends/lowering.py, "l2_prefetch"), made at launch, and only under
+PAITON_L2_PREFETCH=1 until a GPU has timed it (fusion/l2_prefetch.py). The prefetch is a hint:
+the rewritten graph computes exactly what it did.
 
 Rewritten, with the count reporting each: a Paiton product (packed_linear, fp8_linear or their
 SwiGLU forms) whose weights are graph inputs or attributes, preceded, since the product or

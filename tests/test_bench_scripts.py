@@ -86,26 +86,30 @@ def test_profile_decode_step_fp8_in_place(tmp_path):
     assert result["env"]["fp8_weight_bytes"] == fp8_weight_bytes(model)
 
 
-@pytest.mark.parametrize("config, valid, pdl", [
-    ("paiton-pdl", True, True), ("paiton-fp8-pdl", True, True), ("paiton-cdt-pdl-no-swiglu", True, True),
-    ("paiton-fp8", True, False), ("inductor-pdl", False, False), ("eager-pdl", False, False), ("pdl", False, False),
-    ("paiton-pdl-pdl", False, False)])
-def test_pdl_configurations(monkeypatch, config, valid, pdl):
-    """"-pdl" after a Paiton configuration: the same compile, its kernels launched with PDL
-    (PAITON_PDL=1 while it runs; unset for the others, whatever the environment says: Paiton's
-    default; restored after)."""
-    from bench_common import compile_settings, config_environment, is_config, uses_pdl
+@pytest.mark.parametrize(("config", "valid", "pdl", "l2pf"), [
+    ("paiton-pdl", True, True, False), ("paiton-fp8-pdl", True, True, False), ("paiton-cdt-pdl-no-swiglu", True, True, False),
+    ("paiton-fp8", True, False, False), ("inductor-pdl", False, False, False), ("eager-pdl", False, False, False),
+    ("pdl", False, False, False), ("paiton-pdl-pdl", False, False, False), ("paiton-fp8-l2pf", True, False, True),
+    ("paiton-fp8-pdl-l2pf", True, True, True), ("paiton-l2pf-pdl", False, False, False), ("inductor-l2pf", False, False, False),
+    ("paiton-l2pf-no-l2_prefetch", True, False, True)])
+def test_launch_switch_configurations(monkeypatch, config, valid, pdl, l2pf):
+    """"-pdl" and "-l2pf" after a Paiton configuration: the same compile, its kernels launched
+    with PDL (PAITON_PDL=1 while it runs) or the L2 prefetch (PAITON_L2_PREFETCH=1); unset for
+    the others, whatever the environment says: Paiton's default; restored after."""
+    from bench_common import compile_settings, config_environment, is_config, uses_l2_prefetch, uses_pdl
 
     assert is_config(config) is valid
     if not valid:
         return
-    assert uses_pdl(config) is pdl
-    base = config.replace("-pdl", "")
+    assert uses_pdl(config) is pdl and uses_l2_prefetch(config) is l2pf
+    base = config.replace("-pdl", "").replace("-l2pf", "")
     assert compile_settings(config, "cuda") == compile_settings(base, "cuda")
     monkeypatch.setenv("PAITON_PDL", "untouched")
+    monkeypatch.setenv("PAITON_L2_PREFETCH", "untouched too")
     with config_environment(config):
         assert os.environ.get("PAITON_PDL") == ("1" if pdl else None)
-    assert os.environ["PAITON_PDL"] == "untouched"
+        assert os.environ.get("PAITON_L2_PREFETCH") == ("1" if l2pf else None)
+    assert os.environ["PAITON_PDL"] == "untouched" and os.environ["PAITON_L2_PREFETCH"] == "untouched too"
 
 
 def test_profile_decode_step_pdl_rows(tmp_path):

@@ -184,6 +184,43 @@ def test_the_pass_does_not_run_where_the_chip_cannot_prefetch(target):
     assert PaitonPassManager(target=target_named("sm_90")).runs("l2_prefetch")
 
 
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "gfx942"])
+def test_launches_prefetch_only_when_asked_and_where_the_chip_can(monkeypatch, arch):
+    """prefetch_arguments: nothing unless PAITON_L2_PREFETCH=1, nothing on a chip without the
+    instruction, nothing for a CPU tensor (the interpreter) or a misaligned weight; else the
+    table's budget for the kernel (the weight's bytes when fewer), spread over its programs."""
+    import types
+
+    from paiton.backends.target import target_named
+    from paiton.fusion import l2_prefetch
+
+    monkeypatch.setattr(l2_prefetch, "detect_target", lambda device: target_named(arch))
+    cuda = torch.device("cuda", 0)
+
+    def weight(nbytes, address=1 << 20):
+        storage = types.SimpleNamespace(nbytes=lambda: nbytes)
+        return types.SimpleNamespace(device=cuda, data_ptr=lambda: address, untyped_storage=lambda: storage,
+                                     storage_offset=lambda: 0, element_size=lambda: 1)
+
+    like = types.SimpleNamespace(device=cuda)
+    big, small = weight(100 << 20), weight(3 << 20)
+    monkeypatch.delenv(l2_prefetch.PREFETCH_ENV, raising=False)
+    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, big, 100 << 20, 1) == {}
+    monkeypatch.setenv(l2_prefetch.PREFETCH_ENV, "1")
+    launch = l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, big, 100 << 20, 2)
+    if arch != "sm_90":
+        assert launch == {}
+        return
+    from paiton.backends.lowering import L2_PREFETCH_BYTES
+
+    budget, chunk = L2_PREFETCH_BYTES["fused_add_rms_norm"], L2_PREFETCH_BYTES["chunk_bytes"]
+    assert launch == dict(prefetch_ptr=big, prefetch_bytes=budget, PREFETCH_CHUNKS=budget // chunk // 2, PREFETCH_CHUNK_BYTES=chunk)
+    assert l2_prefetch.prefetch_arguments("qk_norm_rope_cache", like, small, 3 << 20, 3)["prefetch_bytes"] == 3 << 20
+    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, weight(100 << 20, address=(1 << 20) + 8), 100 << 20, 1) == {}
+    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", types.SimpleNamespace(device=torch.device("cpu")),
+                                          big, 100 << 20, 1) == {}
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.version.hip is None and torch.cuda.get_device_capability()[0] >= 9
 
@@ -193,8 +230,9 @@ def _hopper() -> bool:
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_step_with_prefetch_matches_without_on_gpu(monkeypatch, batch):
     """Qwen3-8B's widths (2 layers, bf16), prefill + 8 decode steps under CUDA graphs: every
-    step's logits with the prefetch equal those without, bit for bit, and the norm and rotary
-    kernels were launched with a prefetch (not only given one)."""
+    step's logits with the prefetch (the pass, and PAITON_L2_PREFETCH=1) equal those without,
+    bit for bit, and the norm and rotary kernels were launched with a prefetch (not only given
+    one)."""
     from paiton.fusion import l2_prefetch, qk_norm_rope, rms_norm
     from paiton.models.hf_loop import hf_static_cache_greedy
     from paiton.models.qwen3 import build_qwen3
@@ -213,6 +251,7 @@ def test_decode_step_with_prefetch_matches_without_on_gpu(monkeypatch, batch):
     runs = {}
     for on in (False, True):
         launched.clear()
+        monkeypatch.setenv(l2_prefetch.PREFETCH_ENV, "1" if on else "0")
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="paiton", options={"paiton.l2_prefetch": on, "triton.cudagraphs": True})
         runs[on] = hf_static_cache_greedy(compiled, model, input_ids, new_tokens=9, follow=runs.get(False))
