@@ -7,6 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # eager; stock Inductor with mode "reduce-overhead" (on a GPU); the strongest stock setting we
 # know (gpt-fast's: reduce-overhead plus coordinate descent tuning, under which Inductor also
@@ -318,6 +322,23 @@ def one_row_choices_markdown(records: list[dict]) -> str:
             " (table)" if r.get("source") == "table" else "")
         lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{' gated' if r['gated'] else ''}: {choice}{how}")
     return "\n".join(lines) + "\n"
+
+
+def time_replays(graph: "torch.cuda.CUDAGraph", replays: int) -> list[float]:
+    """Milliseconds of each of `replays` replays (events around each), after 3 unmeasured."""
+    import torch
+
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 def write_results(out_dir: str, stem_name: str, result: dict, table: str, echo: bool = True) -> str:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import copy_rate_tbps, run_environment, versions_line, write_results  # noqa: E402
+from bench_common import copy_rate_tbps, run_environment, time_replays, versions_line, write_results  # noqa: E402
 
 from paiton.fusion.l2_prefetch import prefetch_programs, prefetch_span_to_l2  # noqa: E402
 
@@ -109,17 +109,7 @@ def main(argv=None):
                     if window_us > 0:
                         window(layer[0], prefetch, spin, chunk_kb * 1024)
                     product(layer)
-            for _ in range(3):
-                graph.replay()
-            times = []
-            for _ in range(args.replays):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / args.layers)
-            us = statistics.median(times)
+            us = statistics.median(t * 1e3 / args.layers for t in time_replays(graph, args.replays))
             baselines.setdefault(window_us, us)  # mb == 0 comes first
             rows.append(dict(weight=name, mb=nbytes / 2**20, window_us=window_us, prefetch_mb=prefetch / 2**20,
                              chunk_kb=chunk_kb if prefetch else None, us_per_layer=us, saved_us=baselines[window_us] - us,

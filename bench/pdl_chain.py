@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (config_environment, copy_rate_tbps, grouped_bar_plot, run_environment,  # noqa: E402
-                          versions_line, write_results)
+                          time_replays, versions_line, write_results)
 
 
 def make_layers(model: str, layers: int, fp8: bool, device: str, dtype: torch.dtype) -> list[dict]:
@@ -84,21 +84,6 @@ def chain(h: torch.Tensor, residual: torch.Tensor, layers: list[dict], eps: floa
         half = gate_up.shape[-1] // 2
         h = gated_product(gate_up[..., :half], gate_up[..., half:], layer["down"])
     return h + residual
-
-
-def time_replays(graph: "torch.cuda.CUDAGraph", replays: int) -> list[float]:
-    """Milliseconds of each of `replays` replays (events around each), after 3 unmeasured."""
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def run_mode(pdl: bool, h, residual, layers, replays: int, cuda: bool) -> tuple[torch.Tensor, float | None]:
