@@ -29,6 +29,7 @@ from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
 from paiton.fusion.few_rows_gemm import _few_rows_gemm_kernel
 from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel
+from paiton.fusion.l2_prefetch import CHUNK_BYTES
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.quantize_rows import FP8_LARGEST, FP8_MIN_EXPONENT, _quantize_rows_kernel
 from paiton.fusion.rms_norm import _rms_norm_kernel
@@ -85,7 +86,7 @@ def _split(kernel, config: dict[str, Any], constexprs: dict[str, Any]) -> tuple[
     return {"PDL": False, **kernel_args, **constexprs}, options
 
 
-def prefetching(config: dict, chunks: int, chunk_bytes: int = 64 << 10) -> dict:
+def prefetching(config: dict, chunks: int, chunk_bytes: int = CHUNK_BYTES) -> dict:
     """`config` with the next product's weight prefetched into L2, `chunks` bulk prefetches of
     `chunk_bytes` a program, as fusion/l2_prefetch.prefetch_arguments adds it on sm_90 and later."""
     return {**config, "PREFETCH_CHUNKS": chunks, "PREFETCH_CHUNK_BYTES": chunk_bytes}
@@ -98,7 +99,7 @@ def _prefetch_arguments(config: dict) -> tuple[dict[str, str], dict[str, Any]]:
     if config.get("PREFETCH_CHUNKS"):
         return {"prefetch_ptr": "*fp8e4nv", "prefetch_bytes": "i32"}, {}
     return ({"prefetch_ptr": "constexpr", "prefetch_bytes": "constexpr"},
-            {"prefetch_ptr": None, "prefetch_bytes": 0, "PREFETCH_CHUNKS": 0, "PREFETCH_CHUNK_BYTES": 64 << 10})
+            {"prefetch_ptr": None, "prefetch_bytes": 0, "PREFETCH_CHUNKS": 0, "PREFETCH_CHUNK_BYTES": CHUNK_BYTES})
 
 
 def rms_norm_build(config: dict, dtype: str, has_residual: bool) -> KernelBuild:

@@ -37,6 +37,7 @@ from paiton.fusion.few_rows_gemm import MAX_ROWS as FEW_ROWS_MAX
 from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
 from paiton.fusion.gemv import FP8_GEMV_CANDIDATES, GEMV_CANDIDATES, NO_SCALES, gemv_config
+from paiton.fusion.l2_prefetch import CHUNK_BYTES, prefetch_plan
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.swiglu import silu_mul_launch_config
@@ -79,7 +80,7 @@ AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
 # Not yet timed (bench/l2_prefetch_probe.py times the mechanism alone): the kernels prefetch only
 # under PAITON_L2_PREFETCH=1.
 L2_PREFETCH_BYTES = dict(rms_norm=8 << 20, fused_add_rms_norm=8 << 20, qk_norm_rope=24 << 20,
-                         qk_norm_rope_cache=24 << 20, chunk_bytes=64 << 10)
+                         qk_norm_rope_cache=24 << 20, chunk_bytes=CHUNK_BYTES)
 
 
 class LoweringKey(NamedTuple):
@@ -352,29 +353,10 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
                         aot.qk_norm_rope_build(config, dtype, op.endswith("cache"))))
     # The window kernels asking L2 for the next product's weight (fusion/l2_prefetch.py), as many
     # bytes as the table says: q/k/v's after the norm, o_proj's after the rotary kernel.
-    from paiton.fusion.l2_prefetch import prefetch_plan
-
-    budgets = table["l2_prefetch"].params
-    chunk_bytes, element_bytes = budgets.get("chunk_bytes", 1), 4 if dtype == "fp32" else 2
-    q_width = m.num_attention_heads * m.head_dim
-    qkv_bytes = (q_width + 2 * m.num_key_value_heads * m.head_dim) * m.hidden_size * element_bytes
-    norm_programs = -(-tokens // launch_config("fused_add_rms_norm", target, n_rows=tokens, n_cols=m.hidden_size)["BLOCK_ROWS"])
-    windows = (("fused_add_rms_norm", qkv_bytes, norm_programs, "q/k/v"),
-               ("qk_norm_rope_cache", m.hidden_size * q_width * element_bytes, 3 * tokens, "o_proj"))
     if table["l2_prefetch"].implementation != TRITON:
         rows.append(row("l2_prefetch", "-", "no prefetch", {}, None))
-        windows = ()
-    for op, nbytes, programs, name in windows:
-        asked, chunks = prefetch_plan(nbytes, budgets.get(op, 0), programs, chunk_bytes)
-        if op == "fused_add_rms_norm":
-            config = aot.prefetching(launch_config(op, target, n_rows=tokens, n_cols=m.hidden_size), chunks, chunk_bytes)
-            kernel, build = "_rms_norm_kernel", aot.rms_norm_build(config, dtype, True)
-        else:
-            config = aot.prefetching(launch_config(op, target, n_q_heads=m.num_attention_heads,
-                                                   n_k_heads=m.num_key_value_heads, head_dim=m.head_dim), chunks, chunk_bytes)
-            kernel, build = "_qk_norm_rope_kernel", aot.qk_norm_rope_build(config, dtype, True)
-        rows.append(row("l2_prefetch", f"{kernel} (prefetching)",
-                        f"{asked / 2**20:.0f} of {nbytes / 2**20:.0f} MB of {name}'s weight", config, build))
+    else:
+        rows += _prefetch_rows(target, m, dtype, tokens, table["l2_prefetch"].params, row)
     config = launch_config("decode_attention", target, group=group, q_len=1, head_dim=m.head_dim)
     n_splits = decode_attention_splits(tokens * m.num_key_value_heads, cache_len, target.multiprocessors, config["BLOCK_N"])
     n_splits = decode_attention_split_layout(cache_len, n_splits, config["BLOCK_N"])[1]
@@ -431,6 +413,32 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
                             f"[{tokens}, {m.hidden_size}]", config, aot.quantize_rows_build(config, dtype, weight_type)))
     else:  # no FP8 on this chip (or fp32 activations): dequantized, then the vendor's GEMM
         rows.append(row("fp8_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
+    return rows
+
+
+def _prefetch_rows(target: Target, m, dtype: str, tokens: int, budgets: dict, row) -> list[TableRow]:
+    """table_rows' l2_prefetch rows: the fused add + RMSNorm before q/k/v and the rotary kernel
+    before o_proj, each launched with its share of the table's prefetch budget."""
+    from paiton.backends import aot
+
+    element_bytes = 4 if dtype == "fp32" else 2
+    q_width = m.num_attention_heads * m.head_dim
+    qkv_bytes = (q_width + 2 * m.num_key_value_heads * m.head_dim) * m.hidden_size * element_bytes
+    norm_config = launch_config("fused_add_rms_norm", target, n_rows=tokens, n_cols=m.hidden_size)
+    rotary_config = launch_config("qk_norm_rope_cache", target, n_q_heads=m.num_attention_heads,
+                                  n_k_heads=m.num_key_value_heads, head_dim=m.head_dim)
+    rows = []
+    for op, config, nbytes, programs, name in (
+            ("fused_add_rms_norm", norm_config, qkv_bytes, -(-tokens // norm_config["BLOCK_ROWS"]), "q/k/v"),
+            ("qk_norm_rope_cache", rotary_config, m.hidden_size * q_width * element_bytes, 3 * tokens, "o_proj")):
+        asked, chunks = prefetch_plan(nbytes, budgets[op], programs, budgets["chunk_bytes"])
+        config = aot.prefetching(config, chunks, budgets["chunk_bytes"])
+        if op == "fused_add_rms_norm":
+            kernel, build = "_rms_norm_kernel", aot.rms_norm_build(config, dtype, True)
+        else:
+            kernel, build = "_qk_norm_rope_kernel", aot.qk_norm_rope_build(config, dtype, True)
+        rows.append(row("l2_prefetch", f"{kernel} (prefetching)",
+                        f"{asked / 2**20:.0f} of {nbytes / 2**20:.0f} MB of {name}'s weight", config, build))
     return rows
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
-from paiton.fusion.l2_prefetch import prefetch_arguments, prefetch_span_to_l2
+from paiton.fusion.l2_prefetch import CHUNK_BYTES, prefetch_arguments, prefetch_span_to_l2
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES, rms_norm_reference
 from paiton.fusion.triton_utils import device_guard, is_interpreted
@@ -114,7 +114,7 @@ def _qk_norm_rope_kernel(
     v_out_stride_b, v_out_stride_s, v_out_stride_h,
     cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
     WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
-    prefetch_ptr=None, prefetch_bytes=0, PREFETCH_CHUNKS: tl.constexpr = 0, PREFETCH_CHUNK_BYTES: tl.constexpr = 65536,
+    prefetch_ptr=None, prefetch_bytes=0, PREFETCH_CHUNKS: tl.constexpr = 0, PREFETCH_CHUNK_BYTES: tl.constexpr = CHUNK_BYTES,
 ):
     """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
     WRITE_CACHE, k goes to its cache slot (slot_ptr[b * slot_stride_b + s * slot_stride] + s *

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
-from paiton.fusion.l2_prefetch import prefetch_arguments, prefetch_span_to_l2
+from paiton.fusion.l2_prefetch import CHUNK_BYTES, prefetch_arguments, prefetch_span_to_l2
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.triton_utils import device_guard, fresh_contiguous, is_interpreted
 
@@ -95,7 +95,7 @@ def _rms_norm_kernel(
     prefetch_ptr=None,
     prefetch_bytes=0,
     PREFETCH_CHUNKS: tl.constexpr = 0,
-    PREFETCH_CHUNK_BYTES: tl.constexpr = 65536,
+    PREFETCH_CHUNK_BYTES: tl.constexpr = CHUNK_BYTES,
 ):
     """Each program normalizes BLOCK_ROWS rows of a contiguous [n_rows, n_cols] input.
 

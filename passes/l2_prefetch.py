@@ -42,9 +42,8 @@ def _window_ops() -> dict:
     import paiton.fusion.qk_norm_rope  # noqa: F401  (registers the ops)
     import paiton.fusion.rms_norm  # noqa: F401
 
-    paiton = torch.ops.paiton
-    return {paiton.rms_norm.default, paiton.fused_add_rms_norm.default, paiton.qk_norm_rope.default,
-            paiton.qk_norm_rope_cache.default}
+    ops = torch.ops.paiton
+    return {ops.rms_norm.default, ops.fused_add_rms_norm.default, ops.qk_norm_rope.default, ops.qk_norm_rope_cache.default}
 
 
 def _product_weights() -> dict:
@@ -52,9 +51,9 @@ def _product_weights() -> dict:
     import paiton.fusion.fp8_linear  # noqa: F401  (registers the ops)
     import paiton.fusion.packed_linear  # noqa: F401
 
-    paiton = torch.ops.paiton
-    return {paiton.packed_linear.default: 1, paiton.fp8_linear.default: 1, paiton.silu_mul_packed_linear.default: 2,
-            paiton.silu_mul_fp8_linear.default: 2}
+    ops = torch.ops.paiton
+    return {ops.packed_linear.default: 1, ops.fp8_linear.default: 1, ops.silu_mul_packed_linear.default: 2,
+            ops.silu_mul_fp8_linear.default: 2}
 
 
 # Products Paiton does not make: they end a window without taking its prefetch.
@@ -70,7 +69,7 @@ def _weight_span(node: torch.fx.Node, weights_at: int) -> tuple[torch.fx.Node, i
     total = 0
     for w in weights:
         value = w.meta.get("val") if isinstance(w, torch.fx.Node) else None
-        if w is None or not isinstance(value, torch.Tensor) or w.op not in ("placeholder", "get_attr"):
+        if not isinstance(value, torch.Tensor) or w.op not in ("placeholder", "get_attr"):
             return None
         total += value.numel() * value.element_size()
     return weights[0], int(total)
@@ -96,9 +95,9 @@ class L2PrefetchPass(PaitonPass):
             elif node.target in product_weights or node.target in OTHER_PRODUCTS:
                 span = _weight_span(node, product_weights[node.target]) if node.target in product_weights else None
                 if opener is not None and span is not None:
+                    # (A get_attr weight read after the opener: the pass manager's stable
+                    # topological sort, after every pass that rewrote, moves it up.)
                     weight, nbytes = span
-                    if weight.op == "get_attr" and _comes_after(weight, opener):
-                        opener.prepend(weight)  # an attribute read may move: it depends on nothing
                     opener.kwargs = {**opener.kwargs, "prefetch": weight, "prefetch_bytes": nbytes}
                     rewritten += 1
                 opener = None
@@ -114,11 +113,3 @@ def _window_op(node: torch.fx.Node):
         return node.args[0]
     return node.target
 
-
-def _comes_after(a: torch.fx.Node, b: torch.fx.Node) -> bool:
-    for node in b.graph.nodes:
-        if node is a:
-            return False
-        if node is b:
-            return True
-    return False
