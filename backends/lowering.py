@@ -242,7 +242,7 @@ def _vendor_defaults(target: Target) -> dict[str, Lowering]:
         return _CPU
     base = _NVIDIA if target.vendor == "cuda" else _AMD_CDNA
     why = "vendor default for a chip without a table"
-    sm = int("".join(c for c in target.arch if c.isdigit()) or 0) if target.vendor == "cuda" else 0
+    sm = target.compute_capability
     fp8 = base["fp8_linear"] if sm >= 89 else Lowering(INDUCTOR, dict(format=None), f"{why}: no FP8 known for this chip")
     prefetch = base["l2_prefetch"] if sm >= 90 else Lowering(INDUCTOR, {}, f"{why}: no bulk L2 prefetch before sm_90")
     return {

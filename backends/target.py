@@ -37,12 +37,18 @@ class Target:
     def is_gpu(self) -> bool:
         return self.vendor != "cpu"
 
+    @property
+    def compute_capability(self) -> int:
+        """NVIDIA's compute capability as one number ("sm_90" -> 90); 0 for other vendors."""
+        digits = "".join(c for c in self.arch if c.isdigit())
+        return int(digits) if self.vendor == "cuda" and digits else 0
+
     def triton_target(self):
         """Triton's `GPUTarget` for an ahead-of-time `triton.compile` for this chip."""
         from triton.backends.compiler import GPUTarget
 
         if self.vendor == "cuda":
-            return GPUTarget("cuda", int("".join(c for c in self.arch if c.isdigit())), self.warp_size)
+            return GPUTarget("cuda", self.compute_capability, self.warp_size)
         if self.vendor == "hip":
             return GPUTarget("hip", self.arch, self.warp_size)
         raise ValueError(f"{self.arch} is not a GPU: Triton compiles its kernels for CUDA and ROCm chips only")

@@ -29,13 +29,12 @@ switch stood when it was captured (as PAITON_PDL's, fusion/pdl.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from paiton.backends.target import Target, detect_target
+from paiton.fusion.triton_utils import switched_on
 
 LOWERING_OP = "l2_prefetch"  # its entry in the lowering tables
 PREFETCH_ENV = "PAITON_L2_PREFETCH"
@@ -73,13 +72,12 @@ def prefetch_programs(nbytes: int, chunks: int, chunk_bytes: int = CHUNK_BYTES) 
 
 def prefetch_requested() -> bool:
     """PAITON_L2_PREFETCH=1 (or true/yes/on) in the environment."""
-    return os.environ.get(PREFETCH_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return switched_on(PREFETCH_ENV)
 
 
 def target_has_bulk_prefetch(target: Target) -> bool:
     """NVIDIA from sm_90 (Hopper) on: the chips with cp.async.bulk.prefetch."""
-    digits = "".join(c for c in target.arch if c.isdigit())
-    return target.vendor == "cuda" and bool(digits) and int(digits) >= 90
+    return target.compute_capability >= 90
 
 
 def prefetch_plan(nbytes: int, budget: int, programs: int, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:

@@ -33,13 +33,12 @@ the launches as the switch stood when it was captured.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from paiton.backends.target import Target, detect_target
+from paiton.fusion.triton_utils import switched_on
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -52,13 +51,12 @@ L2_LINE_BYTES = tl.constexpr(128)  # bytes (a constexpr: the kernels read it)
 
 def pdl_requested() -> bool:
     """PAITON_PDL=1 (or true/yes/on) in the environment."""
-    return os.environ.get(PDL_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return switched_on(PDL_ENV)
 
 
 def target_has_pdl(target: Target) -> bool:
     """NVIDIA from sm_90 (Hopper) on: the chips with griddepcontrol (and a Triton that can emit it)."""
-    digits = "".join(c for c in target.arch if c.isdigit())
-    return target.vendor == "cuda" and bool(digits) and int(digits) >= 90 and gdc_wait is not None
+    return target.compute_capability >= 90 and gdc_wait is not None
 
 
 def pdl_launch(tensor: torch.Tensor, kernel) -> dict[str, bool]:

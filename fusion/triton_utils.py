@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
+
+
+def switched_on(variable: str) -> bool:
+    """The environment variable is 1 (or true/yes/on): the launch-time switches (PAITON_PDL,
+    PAITON_L2_PREFETCH), read at each launch."""
+    return os.environ.get(variable, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def is_interpreted(kernel) -> bool:
