@@ -77,7 +77,8 @@ def main(argv=None):
         clock_hz = torch.cuda.clock_rate() * 1e6
     except Exception:  # noqa: BLE001 (no pynvml, or NVML unreadable: only the window's length is approximate)
         clock_hz = 1.98e9
-    env = dict(run_environment("cuda"), weight=args.weight, layers=args.layers, clock_hz=clock_hz)
+    env = dict(run_environment("cuda"), dtype=f"{args.weight} weights, bf16 activations", weight=args.weight,
+               layers=args.layers, clock_hz=clock_hz)
     rate = copy_rate_tbps("cuda")
     x = torch.randn(1, 1, 25600, device="cuda", dtype=torch.bfloat16)
     rows = []
@@ -116,7 +117,7 @@ def main(argv=None):
                              floor_us=nbytes / (rate * 1e12) * 1e6 if rate else None))
             print(rows[-1], flush=True)
     table = ["# Weight prefetch into L2 during a window kernel, then a one-row product: " + env["card"], "",
-             versions_line(env) + f"; {args.weight} weights, {args.layers} layers in one CUDA graph, median of the replays; "
+             versions_line(env) + f"; {args.layers} layers in one CUDA graph, median of the replays; "
              f"copy rate {rate:.2f} TB/s.", "",
              "| weight | MB | window us | prefetch MB | chunk KB | us a layer | saved us | product floor us |",
              "|---|---|---|---|---|---|---|---|"]
