@@ -97,9 +97,10 @@ def _prefetch_arguments(config: dict) -> tuple[dict[str, str], dict[str, Any]]:
     and a byte count when `config` prefetches (prefetching), else the kernel's defaults (None, 0)
     as constexprs, as a launch without them specializes."""
     if config.get("PREFETCH_CHUNKS"):
-        return {"prefetch_ptr": "*fp8e4nv", "prefetch_bytes": "i32"}, {}
-    return ({"prefetch_ptr": "constexpr", "prefetch_bytes": "constexpr"},
-            {"prefetch_ptr": None, "prefetch_bytes": 0, "PREFETCH_CHUNKS": 0, "PREFETCH_CHUNK_BYTES": CHUNK_BYTES})
+        return {"prefetch_ptr": "*fp8e4nv", "prefetch_bytes": "i32", "prefetch_first_program": "i32"}, {}
+    return ({"prefetch_ptr": "constexpr", "prefetch_bytes": "constexpr", "prefetch_first_program": "constexpr"},
+            {"prefetch_ptr": None, "prefetch_bytes": 0, "prefetch_first_program": 0, "PREFETCH_CHUNKS": 0,
+             "PREFETCH_CHUNK_BYTES": CHUNK_BYTES})
 
 
 def rms_norm_build(config: dict, dtype: str, has_residual: bool) -> KernelBuild:

@@ -76,11 +76,13 @@ AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
 # Weight prefetch into L2 (fusion/l2_prefetch.py): the bytes of the next product's weight each
 # small kernel asks for, by the window it opens: a norm's (the kernel and the gap after it, a few
 # microseconds: about 8 MB at an H200's copy rate) and the q/k norm + rotary kernel's, which
-# opens attention's (three kernels, about 9 us on an H100 at batch 1: 24 MB, half of L2).
-# Not yet timed (bench/l2_prefetch_probe.py times the mechanism alone): the kernels prefetch only
-# under PAITON_L2_PREFETCH=1.
+# opens attention's (three kernels, about 9 us on an H100 at batch 1: 24 MB, half of L2); and
+# over how many programs appended to the kernel's grid the requests are spread (one SM issues
+# them at about a line a clock: 8 MB from one program took about 50 us). The kernels prefetch
+# only under PAITON_L2_PREFETCH=1 (NOTES.md, 2026-12-06: issued from the kernel's own programs
+# it slowed the step 2.6x, while the products read 7% faster).
 L2_PREFETCH_BYTES = dict(rms_norm=8 << 20, fused_add_rms_norm=8 << 20, qk_norm_rope=24 << 20,
-                         qk_norm_rope_cache=24 << 20, chunk_bytes=CHUNK_BYTES)
+                         qk_norm_rope_cache=24 << 20, chunk_bytes=CHUNK_BYTES, programs=128)
 
 
 class LoweringKey(NamedTuple):
@@ -418,7 +420,7 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
 
 def _prefetch_rows(target: Target, m, dtype: str, tokens: int, budgets: dict, row) -> list[TableRow]:
     """table_rows' l2_prefetch rows: the fused add + RMSNorm before q/k/v and the rotary kernel
-    before o_proj, each launched with its share of the table's prefetch budget."""
+    before o_proj, each launched with programs appended for the table's prefetch budget."""
     from paiton.backends import aot
 
     element_bytes = 4 if dtype == "fp32" else 2
@@ -428,17 +430,18 @@ def _prefetch_rows(target: Target, m, dtype: str, tokens: int, budgets: dict, ro
     rotary_config = launch_config("qk_norm_rope_cache", target, n_q_heads=m.num_attention_heads,
                                   n_k_heads=m.num_key_value_heads, head_dim=m.head_dim)
     rows = []
-    for op, config, nbytes, programs, name in (
-            ("fused_add_rms_norm", norm_config, qkv_bytes, -(-tokens // norm_config["BLOCK_ROWS"]), "q/k/v"),
-            ("qk_norm_rope_cache", rotary_config, m.hidden_size * q_width * element_bytes, 3 * tokens, "o_proj")):
-        asked, chunks = prefetch_plan(nbytes, budgets[op], programs, budgets["chunk_bytes"])
+    for op, config, nbytes, name in (
+            ("fused_add_rms_norm", norm_config, qkv_bytes, "q/k/v"),
+            ("qk_norm_rope_cache", rotary_config, m.hidden_size * q_width * element_bytes, "o_proj")):
+        asked, programs, chunks = prefetch_plan(nbytes, budgets[op], budgets["programs"], budgets["chunk_bytes"])
         config = aot.prefetching(config, chunks, budgets["chunk_bytes"])
         if op == "fused_add_rms_norm":
             kernel, build = "_rms_norm_kernel", aot.rms_norm_build(config, dtype, True)
         else:
             kernel, build = "_qk_norm_rope_kernel", aot.qk_norm_rope_build(config, dtype, True)
         rows.append(row("l2_prefetch", f"{kernel} (prefetching)",
-                        f"{asked / 2**20:.0f} of {nbytes / 2**20:.0f} MB of {name}'s weight", config, build))
+                        f"{asked / 2**20:.0f} of {nbytes / 2**20:.0f} MB of {name}'s weight over {programs} "
+                        "appended programs", config, build))
     return rows
 
 

@@ -30,9 +30,6 @@ from bench_common import copy_rate_tbps, run_environment, time_replays, versions
 
 from paiton.fusion.l2_prefetch import prefetch_programs, prefetch_span_to_l2  # noqa: E402
 
-CHUNKS = 32  # chunks a prefetching program asks for (one a thread of its warp)
-
-
 @triton.jit
 def _window_kernel(w_ptr, nbytes, spin_cycles, CHUNKS: tl.constexpr, CHUNK_BYTES: tl.constexpr):
     """Programs 1..: prefetch their share of w's first nbytes; program 0 spins spin_cycles."""
@@ -46,9 +43,11 @@ def _window_kernel(w_ptr, nbytes, spin_cycles, CHUNKS: tl.constexpr, CHUNK_BYTES
             "=r,l", [tl.full((1,), spin_cycles, tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
 
 
-def window(weight: torch.Tensor, prefetch_bytes: int, spin_cycles: int, chunk_bytes: int) -> None:
-    programs = prefetch_programs(prefetch_bytes, CHUNKS, chunk_bytes) if prefetch_bytes else 0
-    _window_kernel[(1 + programs,)](weight, prefetch_bytes, spin_cycles, CHUNKS=CHUNKS, CHUNK_BYTES=chunk_bytes,
+def window(weight: torch.Tensor, prefetch_bytes: int, spin_cycles: int, chunk_bytes: int, chunks: int) -> None:
+    """The window kernel: one spinning program, and programs of `chunks` prefetches each (at most
+    32: one a thread of its warp) covering prefetch_bytes."""
+    programs = prefetch_programs(prefetch_bytes, chunks, chunk_bytes) if prefetch_bytes else 0
+    _window_kernel[(1 + programs,)](weight, prefetch_bytes, spin_cycles, CHUNKS=chunks, CHUNK_BYTES=chunk_bytes,
                                     num_warps=1)
 
 
@@ -66,6 +65,9 @@ def main(argv=None):
     parser.add_argument("--windows-us", default="0,2,8", help="window kernels' spin, microseconds (0: none)")
     parser.add_argument("--prefetch-mb", default="0,4,8,16,24,32")
     parser.add_argument("--chunk-kb", default="64", help="each bulk prefetch's span, KB (comma-separated: each timed)")
+    parser.add_argument("--chunks", default="1,32",
+                        help="bulk prefetches a program issues (one SM issues them at about a line a clock: "
+                             "fewer a program is more programs, more SMs; comma-separated, each timed)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -95,11 +97,12 @@ def main(argv=None):
 
         product(layers[0])  # the launch is chosen (timed) here, outside the capture
         nbytes = layers[0][0].numel() * layers[0][0].element_size()
-        cases = [(w, mb, kb) for w in (float(v) for v in args.windows_us.split(","))
+        cases = [(w, mb, kb, chunks) for w in (float(v) for v in args.windows_us.split(","))
                  for kb in (int(v) for v in args.chunk_kb.split(","))
+                 for chunks in (int(v) for v in args.chunks.split(","))
                  for mb in (float(v) for v in args.prefetch_mb.split(","))]
         baselines = {}
-        for window_us, mb, chunk_kb in cases:
+        for window_us, mb, chunk_kb, chunks in cases:
             if (window_us == 0 and mb > 0) or (mb == 0 and window_us in baselines):
                 continue
             prefetch = min(int(mb * 2**20) // 16 * 16, nbytes // 16 * 16)
@@ -108,23 +111,24 @@ def main(argv=None):
             with torch.cuda.graph(graph):
                 for layer in layers:
                     if window_us > 0:
-                        window(layer[0], prefetch, spin, chunk_kb * 1024)
+                        window(layer[0], prefetch, spin, chunk_kb * 1024, chunks)
                     product(layer)
             us = statistics.median(t * 1e3 / args.layers for t in time_replays(graph, args.replays))
             baselines.setdefault(window_us, us)  # mb == 0 comes first
             rows.append(dict(weight=name, mb=nbytes / 2**20, window_us=window_us, prefetch_mb=prefetch / 2**20,
-                             chunk_kb=chunk_kb if prefetch else None, us_per_layer=us, saved_us=baselines[window_us] - us,
+                             chunk_kb=chunk_kb if prefetch else None,
+                             chunks=chunks if prefetch else None, us_per_layer=us, saved_us=baselines[window_us] - us,
                              floor_us=nbytes / (rate * 1e12) * 1e6 if rate else None))
             print(rows[-1], flush=True)
     table = ["# Weight prefetch into L2 during a window kernel, then a one-row product: " + env["card"], "",
              versions_line(env) + f"; {args.layers} layers in one CUDA graph, median of the replays; "
              f"copy rate {rate:.2f} TB/s.", "",
-             "| weight | MB | window us | prefetch MB | chunk KB | us a layer | saved us | product floor us |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| weight | MB | window us | prefetch MB | chunk KB | chunks a program | us a layer | saved us | product floor us |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         saved = f"{r['saved_us']:.1f}" if r["prefetch_mb"] else "-"
         table.append(f"| {r['weight']} | {r['mb']:.0f} | {r['window_us']:g} | {r['prefetch_mb']:.0f} | {r['chunk_kb'] or '-'} | "
-                     f"{r['us_per_layer']:.1f} | "
+                     f"{r['chunks'] or '-'} | {r['us_per_layer']:.1f} | "
                      f"{saved} | {r['floor_us']:.1f} |")
     write_results(args.out, f"l2_prefetch_probe-{args.weight}-{env['card'].replace(' ', '_')}-{env['date'][:10]}",
                   dict(env=env, rows=rows), "\n".join(table) + "\n")

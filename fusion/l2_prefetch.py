@@ -29,6 +29,8 @@ switch stood when it was captured (as PAITON_PDL's, fusion/pdl.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -56,12 +58,14 @@ def bulk_prefetch_to_l2(ptrs, nbytes):
 def prefetch_span_to_l2(base_ptr, nbytes, program, CHUNKS: tl.constexpr, CHUNK_BYTES: tl.constexpr):
     """Program `program`'s share of a prefetch of bytes [0, nbytes) from `base_ptr` (any element
     type, 16-byte aligned): its CHUNKS chunks of CHUNK_BYTES (a multiple of 16), program *
-    CHUNKS onwards, the last one cut at nbytes (rounded down to 16 bytes). CHUNKS = 0: nothing
-    (the kernels' default: no prefetch is compiled in)."""
+    CHUNKS onwards, the last one cut at nbytes (rounded down to 16 bytes); a negative `program`
+    (a window kernel's own programs, before those appended for the prefetch) asks for nothing.
+    CHUNKS = 0: nothing (the kernels' default: no prefetch is compiled in)."""
     if CHUNKS > 0:
         chunk = program * CHUNKS + tl.arange(0, CHUNKS)
         begin = chunk.to(tl.int64) * CHUNK_BYTES
         size = tl.minimum(tl.maximum(nbytes - begin, 0), CHUNK_BYTES) // 16 * 16
+        size = tl.where(chunk >= 0, size, 0)
         bulk_prefetch_to_l2(base_ptr.to(tl.pointer_type(tl.uint8)) + begin, size.to(tl.int32))
 
 
@@ -80,39 +84,58 @@ def target_has_bulk_prefetch(target: Target) -> bool:
     return target.compute_capability >= 90
 
 
-def prefetch_plan(nbytes: int, budget: int, programs: int, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
-    """(bytes to prefetch, chunks a program asks for) when `programs` programs share a prefetch
-    of at most `budget` of the weight's `nbytes`: the bytes rounded down to 16, each program's
-    chunks a power of two (a block size); (0, 0) when nothing is left to ask for."""
+def prefetch_plan(nbytes: int, budget: int, max_programs: int,
+                  chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int, int]:
+    """(bytes to prefetch, programs, chunks a program asks for) for a prefetch of at most
+    `budget` of a weight's `nbytes` spread over at most `max_programs` programs: the bytes
+    rounded down to 16, each program's chunks a power of two (a block size), as few as cover the
+    bytes in `max_programs`; (0, 0, 0) when nothing is left to ask for."""
     nbytes = min(nbytes, budget) // 16 * 16
-    if nbytes <= 0 or programs <= 0:
-        return 0, 0
-    return nbytes, triton.next_power_of_2(triton.cdiv(triton.cdiv(nbytes, chunk_bytes), programs))
+    if nbytes <= 0 or max_programs <= 0:
+        return 0, 0, 0
+    needed = triton.cdiv(nbytes, chunk_bytes)
+    chunks = triton.next_power_of_2(triton.cdiv(needed, max_programs))
+    return nbytes, triton.cdiv(needed, chunks), chunks
+
+
+class PrefetchLaunch(NamedTuple):
+    """A window kernel's prefetch: the keyword arguments to launch it with, and how many programs
+    the launch appends to its grid for the prefetch (programs from `prefetch_first_program` on)."""
+    arguments: dict
+    programs: int
+
+
+NO_PREFETCH = PrefetchLaunch({}, 0)
 
 
 def prefetch_arguments(window_op: str, like: torch.Tensor, prefetch: torch.Tensor | None, prefetch_bytes: int,
-                       programs: int) -> dict:
-    """The keyword arguments that make `window_op`'s kernel (launched with `programs` programs
-    on `like`'s device) prefetch the first bytes of `prefetch` into L2: prefetch_ptr,
-    prefetch_bytes, PREFETCH_CHUNKS, PREFETCH_CHUNK_BYTES. {} (no prefetch compiled in) unless
-    requested (PAITON_L2_PREFETCH=1), without a weight, on a chip without the instruction or
-    whose table leaves it out, under the interpreter (CPU tensors), or for a weight that is not
-    16-byte aligned on that device."""
+                       first_program: int) -> PrefetchLaunch:
+    """How `window_op`'s kernel, whose own programs (on `like`'s device) number `first_program`,
+    prefetches the first bytes of `prefetch` into L2: programs appended to its grid, each asking
+    for a few chunks (prefetch_ptr, prefetch_bytes, prefetch_first_program, PREFETCH_CHUNKS,
+    PREFETCH_CHUNK_BYTES). Appended because one SM issues bulk prefetches at about a line a
+    clock: a batch-1 norm's single program asking for 8 MB held the step's kernels 50 us a
+    window (H100, 2026-12-06), while a chunk or two on each of a hundred SMs is issued at once.
+    NO_PREFETCH unless requested (PAITON_L2_PREFETCH=1), without a weight, on a chip without the
+    instruction or whose table leaves it out, under the interpreter (CPU tensors), or for a
+    weight that is not 16-byte aligned on that device."""
     if prefetch is None or prefetch_bytes <= 0 or like.device.type != "cuda" or prefetch.device != like.device:
-        return {}
+        return NO_PREFETCH
     if not prefetch_requested():
-        return {}
+        return NO_PREFETCH
     target = detect_target(like.device)
     if not target_has_bulk_prefetch(target):
-        return {}
+        return NO_PREFETCH
     from paiton.backends.lowering import INDUCTOR, lowering_for  # (lowering.py imports the kernels' modules)
 
     lowering = lowering_for(LOWERING_OP, target)
     if lowering.implementation == INDUCTOR or prefetch.data_ptr() % 16:
-        return {}
+        return NO_PREFETCH
     chunk_bytes = lowering.params.get("chunk_bytes", CHUNK_BYTES)
     stored = prefetch.untyped_storage().nbytes() - prefetch.storage_offset() * prefetch.element_size()
-    nbytes, chunks = prefetch_plan(min(prefetch_bytes, stored), lowering.params.get(window_op, 0), programs, chunk_bytes)
+    nbytes, programs, chunks = prefetch_plan(min(prefetch_bytes, stored), lowering.params.get(window_op, 0),
+                                             lowering.params.get("programs", 1), chunk_bytes)
     if not nbytes:
-        return {}
-    return dict(prefetch_ptr=prefetch, prefetch_bytes=nbytes, PREFETCH_CHUNKS=chunks, PREFETCH_CHUNK_BYTES=chunk_bytes)
+        return NO_PREFETCH
+    return PrefetchLaunch(dict(prefetch_ptr=prefetch, prefetch_bytes=nbytes, prefetch_first_program=first_program,
+                               PREFETCH_CHUNKS=chunks, PREFETCH_CHUNK_BYTES=chunk_bytes), programs)

@@ -114,7 +114,8 @@ def _qk_norm_rope_kernel(
     v_out_stride_b, v_out_stride_s, v_out_stride_h,
     cos_stride_b, cos_stride_s, sin_stride_b, sin_stride_s,
     WRITE_CACHE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
-    prefetch_ptr=None, prefetch_bytes=0, PREFETCH_CHUNKS: tl.constexpr = 0, PREFETCH_CHUNK_BYTES: tl.constexpr = CHUNK_BYTES,
+    prefetch_ptr=None, prefetch_bytes=0, prefetch_first_program=0, PREFETCH_CHUNKS: tl.constexpr = 0,
+    PREFETCH_CHUNK_BYTES: tl.constexpr = CHUNK_BYTES,
 ):
     """Program (token, which): which = 0 rotates the token's q heads, 1 its k heads; with
     WRITE_CACHE, k goes to its cache slot (slot_ptr[b * slot_stride_b + s * slot_stride] + s *
@@ -122,12 +123,18 @@ def _qk_norm_rope_kernel(
     consecutive tokens) and which = 2 copies v to its slot.
     A slot outside [0, cache_len) is not written (eager's index_copy_ raises there; a kernel
     cannot, and must not write outside the cache). PDL: launched programmatically (fusion/pdl.py).
-    PREFETCH_CHUNKS > 0: each program first asks L2 for its share of the next product's weight
-    (attention's o_proj: fusion/l2_prefetch.py)."""
+    PREFETCH_CHUNKS > 0: the programs from prefetch_first_program on (token * programs(1) +
+    which: rows of programs appended past the last token) first ask L2 for their share of the
+    next product's weight (attention's o_proj: fusion/l2_prefetch.py), and do nothing else."""
     token = tl.program_id(0)
     which = tl.program_id(1)
-    prefetch_span_to_l2(prefetch_ptr, prefetch_bytes, token * tl.num_programs(1) + which, PREFETCH_CHUNKS,
+    program = token * tl.num_programs(1) + which
+    prefetch_span_to_l2(prefetch_ptr, prefetch_bytes, program - prefetch_first_program, PREFETCH_CHUNKS,
                         PREFETCH_CHUNK_BYTES)
+    if PREFETCH_CHUNKS > 0:  # an appended program has no token: it reads token 0's slot and writes nothing
+        appended = program >= prefetch_first_program
+        token = tl.where(appended, 0, token)
+        which = tl.where(appended, 3, which)
     wait_for_previous_kernel(PDL)
     b = token // seq_len
     s = token % seq_len
@@ -145,7 +152,7 @@ def _qk_norm_rope_kernel(
         _norm_rope_heads(k_ptr, k_w_ptr, k_out_ptr, cos_row, sin_row, b, s, slot, cache_len, n_k_heads, head_dim, eps,
                          k_stride_b, k_stride_s, k_stride_h, k_out_stride_b, k_out_stride_s, k_out_stride_h,
                          BLOCK_HEADS, BLOCK_HALF)
-    else:
+    elif which == 2:
         _copy_heads(v_ptr, v_out_ptr, b, s, slot, cache_len, n_k_heads, head_dim,
                     v_stride_b, v_stride_s, v_stride_h, v_out_stride_b, v_out_stride_s, v_out_stride_h,
                     BLOCK_HEADS, 2 * BLOCK_HALF)
@@ -262,6 +269,8 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None, pr
 
         config = launch_config(op, detect_target(q.device), n_q_heads=n_q_heads, n_k_heads=k.shape[2], head_dim=head_dim)
     grid = (batch * seq, 3 if cache is not None else 2)
+    prefetching = prefetch_arguments(op, q, prefetch, prefetch_bytes, grid[0] * grid[1])
+    grid = (grid[0] + triton.cdiv(prefetching.programs, grid[1]), grid[1])  # the prefetch's rows of programs
     with device_guard(q):
         _qk_norm_rope_kernel[grid](
             q, k, v_source, q_weight, k_weight, q_out, k_target, v_target, cos, sin, slot_source,
@@ -274,7 +283,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, cache=None, config=None, pr
             WRITE_CACHE=cache is not None,
             **config,
             **pdl_launch(q, _qk_norm_rope_kernel),
-            **prefetch_arguments(op, q, prefetch, prefetch_bytes, grid[0] * grid[1]),
+            **prefetching.arguments,
         )
     return q_out if cache is not None else (q_out, k_out)
 

@@ -94,6 +94,7 @@ def _rms_norm_kernel(
     PDL: tl.constexpr = False,
     prefetch_ptr=None,
     prefetch_bytes=0,
+    prefetch_first_program=0,
     PREFETCH_CHUNKS: tl.constexpr = 0,
     PREFETCH_CHUNK_BYTES: tl.constexpr = CHUNK_BYTES,
 ):
@@ -103,10 +104,13 @@ def _rms_norm_kernel(
     NUM_COL_BLOCKS > 1 (rows wider than one block): pass 1 accumulates the sum of squares
     (and writes x + residual), pass 2 re-reads the input (the written sum, with a residual)
     and normalizes. PDL: launched programmatically (fusion/pdl.py). PREFETCH_CHUNKS > 0: the
-    program first asks L2 for its share of the next product's weight (fusion/l2_prefetch.py).
+    programs from prefetch_first_program on (appended to the rows' programs) first ask L2 for
+    their share of the next product's weight (fusion/l2_prefetch.py); their rows are past
+    n_rows, masked off.
     """
     pid = tl.program_id(0)
-    prefetch_span_to_l2(prefetch_ptr, prefetch_bytes, pid, PREFETCH_CHUNKS, PREFETCH_CHUNK_BYTES)
+    prefetch_span_to_l2(prefetch_ptr, prefetch_bytes, pid - prefetch_first_program, PREFETCH_CHUNKS,
+                        PREFETCH_CHUNK_BYTES)
     wait_for_previous_kernel(PDL)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
@@ -200,9 +204,10 @@ def _launch(
         from paiton.backends.lowering import launch_config  # (lowering.py imports this module)
 
         config = launch_config(op, detect_target(x.device), n_rows=n_rows, n_cols=n_cols)
-    grid = (triton.cdiv(n_rows, config["BLOCK_ROWS"]),)
+    row_programs = triton.cdiv(n_rows, config["BLOCK_ROWS"])
+    prefetching = prefetch_arguments(op, x, prefetch, prefetch_bytes, row_programs)
     with device_guard(x):
-        _rms_norm_kernel[grid](
+        _rms_norm_kernel[(row_programs + prefetching.programs,)](
             x,
             residual if residual is not None else x,  # unused without a residual
             weight,
@@ -214,7 +219,7 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             **config,
             **pdl_launch(x, _rms_norm_kernel),
-            **prefetch_arguments(op, x, prefetch, prefetch_bytes, grid[0]),
+            **prefetching.arguments,
         )
     return out, summed
 

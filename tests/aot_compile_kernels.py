@@ -136,18 +136,18 @@ def builds(target):
 
 def prefetch_builds(target):
     """The norm and rotary kernels asking L2 for the next product's weight (fusion/l2_prefetch.py)
-    as a batch-1 step of Qwen3-32B launches them (one program a norm, three the rotary kernel),
-    with and without PDL, "/prefetch" in their names."""
+    as a batch-1 step of Qwen3-32B launches them (the prefetch's programs appended), with and
+    without PDL, "/prefetch" in their names."""
     from paiton.fusion.l2_prefetch import prefetch_plan
 
     budgets = lowering_for("l2_prefetch", target).params
     for launch, suffix in ((lambda c: c, ""), (with_pdl, "/pdl")):
         config = launch_config("fused_add_rms_norm", target, n_rows=1, n_cols=5120)
-        chunks = prefetch_plan(10240 * 5120, budgets["fused_add_rms_norm"], 1, budgets["chunk_bytes"])[1]
+        chunks = prefetch_plan(10240 * 5120, budgets["fused_add_rms_norm"], budgets["programs"], budgets["chunk_bytes"])[2]
         yield (f"rms_norm/bf16/residual=True/cols=5120/prefetch{suffix}", "fused_add_rms_norm",
                rms_norm_build(launch(prefetching(config, chunks, budgets["chunk_bytes"])), "bf16", True))
         config = launch_config("qk_norm_rope_cache", target, n_q_heads=64, n_k_heads=KV_HEADS, head_dim=HEAD_DIM)
-        chunks = prefetch_plan(5120 * 8192, budgets["qk_norm_rope_cache"], 3, budgets["chunk_bytes"])[1]
+        chunks = prefetch_plan(5120 * 8192, budgets["qk_norm_rope_cache"], budgets["programs"], budgets["chunk_bytes"])[2]
         yield (f"qk_norm_rope/bf16/q_heads=64/cache=True/prefetch{suffix}", "qk_norm_rope_cache",
                qk_norm_rope_build(launch(prefetching(config, chunks, budgets["chunk_bytes"])), "bf16", True))
 

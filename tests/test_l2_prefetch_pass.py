@@ -134,19 +134,21 @@ def test_each_window_prefetches_the_next_products_weight(o_proj_kinds, rows, hid
     assert L2PrefetchPass()(gm.graph) == 0  # a window that prefetches keeps its prefetch
 
 
-@given(nbytes=st.integers(0, 1 << 30), budget=st.integers(0, 64 << 20), programs=st.integers(1, 4096),
+@given(nbytes=st.integers(0, 1 << 30), budget=st.integers(0, 64 << 20), max_programs=st.integers(1, 4096),
        chunk_bytes=st.sampled_from([16 << 10, CHUNK_BYTES, 256 << 10]))
-def test_the_prefetch_plan_covers_what_it_asks_for(nbytes, budget, programs, chunk_bytes):
+def test_the_prefetch_plan_covers_what_it_asks_for(nbytes, budget, max_programs, chunk_bytes):
     """Bytes: at most the weight and the budget, a multiple of 16, all of min(weight, budget)
-    but its last 15; chunks a program: a power of two, together covering the bytes, not twice over."""
-    asked, chunks = prefetch_plan(nbytes, budget, programs, chunk_bytes)
+    but its last 15; chunks a program: a power of two, the fewest that cover the bytes in at most
+    max_programs programs; programs: as few as cover them, each with a chunk to ask for."""
+    asked, programs, chunks = prefetch_plan(nbytes, budget, max_programs, chunk_bytes)
     assert asked == min(nbytes, budget) // 16 * 16
     if asked == 0:
-        assert chunks == 0
+        assert programs == chunks == 0
         return
-    assert chunks & (chunks - 1) == 0
+    assert chunks & (chunks - 1) == 0 and programs <= max_programs
     needed = -(-asked // chunk_bytes)
-    assert chunks * programs >= needed and (chunks == 1 or (chunks // 2) * programs < needed)
+    assert chunks * programs >= needed > chunks * (programs - 1)
+    assert chunks == 1 or (chunks // 2) * max_programs < needed
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -188,7 +190,8 @@ def test_the_pass_does_not_run_where_the_chip_cannot_prefetch(target):
 def test_launches_prefetch_only_when_asked_and_where_the_chip_can(monkeypatch, arch):
     """prefetch_arguments: nothing unless PAITON_L2_PREFETCH=1, nothing on a chip without the
     instruction, nothing for a CPU tensor (the interpreter) or a misaligned weight; else the
-    table's budget for the kernel (the weight's bytes when fewer), spread over its programs."""
+    table's budget for the kernel (the weight's bytes when fewer), spread over programs appended to
+    its grid, which begin at its own programs' count."""
     import types
 
     from paiton.backends.target import target_named
@@ -205,20 +208,25 @@ def test_launches_prefetch_only_when_asked_and_where_the_chip_can(monkeypatch, a
     like = types.SimpleNamespace(device=cuda)
     big, small = weight(100 << 20), weight(3 << 20)
     monkeypatch.delenv(l2_prefetch.PREFETCH_ENV, raising=False)
-    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, big, 100 << 20, 1) == {}
+    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, big, 100 << 20, 1) == l2_prefetch.NO_PREFETCH
     monkeypatch.setenv(l2_prefetch.PREFETCH_ENV, "1")
     launch = l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, big, 100 << 20, 2)
     if arch != "sm_90":
-        assert launch == {}
+        assert launch == l2_prefetch.NO_PREFETCH
         return
     from paiton.backends.lowering import L2_PREFETCH_BYTES
 
     budget, chunk = L2_PREFETCH_BYTES["fused_add_rms_norm"], L2_PREFETCH_BYTES["chunk_bytes"]
-    assert launch == dict(prefetch_ptr=big, prefetch_bytes=budget, PREFETCH_CHUNKS=budget // chunk // 2, PREFETCH_CHUNK_BYTES=chunk)
-    assert l2_prefetch.prefetch_arguments("qk_norm_rope_cache", like, small, 3 << 20, 3)["prefetch_bytes"] == 3 << 20
-    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, weight(100 << 20, address=(1 << 20) + 8), 100 << 20, 1) == {}
+    chunks = -(-budget // chunk // L2_PREFETCH_BYTES["programs"])
+    assert launch.arguments == dict(prefetch_ptr=big, prefetch_bytes=budget, prefetch_first_program=2,
+                                    PREFETCH_CHUNKS=chunks, PREFETCH_CHUNK_BYTES=chunk)
+    assert launch.programs == budget // chunk // chunks
+    rotary = l2_prefetch.prefetch_arguments("qk_norm_rope_cache", like, small, 3 << 20, 3)
+    assert rotary.arguments["prefetch_bytes"] == 3 << 20 and rotary.programs == (3 << 20) // chunk
+    assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", like, weight(100 << 20, address=(1 << 20) + 8),
+                                          100 << 20, 1) == l2_prefetch.NO_PREFETCH
     assert l2_prefetch.prefetch_arguments("fused_add_rms_norm", types.SimpleNamespace(device=torch.device("cpu")),
-                                          big, 100 << 20, 1) == {}
+                                          big, 100 << 20, 1) == l2_prefetch.NO_PREFETCH
 
 
 def _hopper() -> bool:
@@ -240,9 +248,9 @@ def test_decode_step_with_prefetch_matches_without_on_gpu(monkeypatch, batch):
     launched = []
 
     def recording(*args):
-        keywords = l2_prefetch.prefetch_arguments(*args)
-        launched.append(keywords.get("PREFETCH_CHUNKS", 0))
-        return keywords
+        launch = l2_prefetch.prefetch_arguments(*args)
+        launched.append(launch.programs)
+        return launch
 
     for module in (qk_norm_rope, rms_norm):
         monkeypatch.setattr(module, "prefetch_arguments", recording)
