@@ -266,3 +266,56 @@ def test_decode_step_with_prefetch_matches_without_on_gpu(monkeypatch, batch):
         assert any(launched) == on, on
     for step, (with_prefetch, without) in enumerate(zip(runs[True], runs[False])):
         assert torch.equal(with_prefetch, without), (step, (with_prefetch.float() - without.float()).abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="the bulk L2 prefetch needs sm_90 or later")
+@pytest.mark.parametrize("rows", [1, 3, 33])
+def test_programs_appended_for_the_prefetch_write_nothing_on_gpu(monkeypatch, rows):
+    """The norm and rotary kernels launched with programs appended for the prefetch (as the ops
+    launch them under PAITON_L2_PREFETCH=1; fusion/l2_prefetch.py) give the same outputs bit for
+    bit, and the rotary kernel's appended programs, which have no token, leave every cache slot
+    but the tokens' own untouched (the caches start as NaN: a stray write would show)."""
+    from paiton.fusion import l2_prefetch, qk_norm_rope, rms_norm
+
+    appended = {False: [], True: []}
+
+    def recording(*args):
+        launch = l2_prefetch.prefetch_arguments(*args)
+        appended[l2_prefetch.prefetch_requested()].append(launch.programs)
+        return launch
+
+    for module in (qk_norm_rope, rms_norm):
+        monkeypatch.setattr(module, "prefetch_arguments", recording)
+    cuda, dtype = torch.device("cuda"), torch.bfloat16
+    weight = torch.zeros(64 << 20, dtype=torch.uint8, device=cuda)  # a product's bytes (64 MB)
+    hidden, q_heads, kv_heads, head_dim, cache_len = 5120, 64, 8, 128, 64
+    x, residual = (torch.randn(rows, hidden, device=cuda, dtype=dtype) for _ in range(2))
+    norm_weight = torch.randn(hidden, device=cuda, dtype=dtype)
+    q = torch.randn(1, rows, q_heads, head_dim, device=cuda, dtype=dtype)
+    k = torch.randn(1, rows, kv_heads, head_dim, device=cuda, dtype=dtype)
+    v = torch.randn(1, kv_heads, rows, head_dim, device=cuda, dtype=dtype)
+    q_w, k_w = (torch.randn(head_dim, device=cuda, dtype=dtype) for _ in range(2))
+    angles = torch.randn(1, rows, head_dim, device=cuda, dtype=dtype)
+    slots = torch.arange(rows, device=cuda) + 7
+    results = {}
+    for on in (False, True):
+        monkeypatch.setenv(l2_prefetch.PREFETCH_ENV, "1" if on else "0")
+        caches = [torch.full((1, kv_heads, cache_len, head_dim), float("nan"), device=cuda, dtype=dtype) for _ in range(2)]
+        results[on] = (
+            ops.rms_norm(x, norm_weight, EPS, weight, weight.numel()),
+            *ops.fused_add_rms_norm(x, residual, norm_weight, EPS, weight, weight.numel()),
+            *ops.qk_norm_rope(q, k, q_w, k_w, angles.cos(), angles.sin(), EPS, weight, weight.numel()),
+            ops.qk_norm_rope_cache(q, k, v, q_w, k_w, angles.cos(), angles.sin(), EPS, *caches, slots, weight,
+                                   weight.numel()),
+            *caches,
+        )
+        torch.cuda.synchronize()
+    assert all(appended[True]) and not any(appended[False]), appended
+    for index, (with_prefetch, without) in enumerate(zip(results[True], results[False])):  # NaN where NaN, else equal
+        assert torch.equal(with_prefetch.isnan(), without.isnan()), index
+        assert torch.equal(with_prefetch.nan_to_num(), without.nan_to_num()), index
+    for cache in results[True][-2:]:
+        written = torch.zeros(cache_len, dtype=torch.bool, device=cuda)
+        written[slots] = True
+        assert not cache[:, :, written].isnan().any() and cache[:, :, ~written].isnan().all()
