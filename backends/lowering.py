@@ -78,9 +78,8 @@ AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
 # microseconds: about 8 MB at an H200's copy rate) and the q/k norm + rotary kernel's, which
 # opens attention's (three kernels, about 9 us on an H100 at batch 1: 24 MB, half of L2); and
 # over how many programs appended to the kernel's grid the requests are spread (one SM issues
-# them at about a line a clock: 8 MB from one program took about 50 us). The kernels prefetch
-# only under PAITON_L2_PREFETCH=1 (NOTES.md, 2026-12-06: issued from the kernel's own programs
-# it slowed the step 2.6x, while the products read 7% faster).
+# them at about a line a clock: 8 MB from one program took about 50 us). Used only under
+# PAITON_L2_PREFETCH=1: timed a loss on an H100 (NOTES.md, 2026-12-06; fusion/l2_prefetch.py).
 L2_PREFETCH_BYTES = dict(rms_norm=8 << 20, fused_add_rms_norm=8 << 20, qk_norm_rope=24 << 20,
                          qk_norm_rope_cache=24 << 20, chunk_bytes=CHUNK_BYTES, programs=128)
 
@@ -147,7 +146,7 @@ _NVIDIA = {
         TRITON, dict(L2_PREFETCH_BYTES),
         "the first norm or rotary kernel after a product asks L2 for the next product's first megabytes "
         "(cp.async.bulk.prefetch.L2, sm_90 on: memory streams them while the small kernels run); "
-        "untimed, so only under PAITON_L2_PREFETCH=1",
+        "timed a loss on an H100 (the kernel waits for its prefetches), so only under PAITON_L2_PREFETCH=1",
     ),
 }
 # Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.

@@ -12,7 +12,8 @@
       graph's inputs are on (default). The kernels launch with the table of the GPU they run
       on; naming a chip of another vendor than that GPU is an error.
     - `paiton.<pass name>`: `False` switches that pass off (`paiton.rms_norm`,
-      `paiton.fused_add_rms_norm`, ...; `PASS_NAMES` lists them).
+      `paiton.fused_add_rms_norm`, ...; `PASS_NAMES` lists them), `True` on (every pass is on
+      by default but `paiton.l2_prefetch`, on only under PAITON_L2_PREFETCH=1).
 * any other key is an Inductor config option (as with `backend="inductor"`), e.g.
   `{"triton.cudagraphs": True}`; `mode` adds Inductor's options for that mode.
 
@@ -51,7 +52,7 @@ class PaitonOptions:
 
     @classmethod
     def from_backend_kwargs(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> "PaitonOptions":
-        from paiton.passes.pass_manager import PASS_NAMES
+        from paiton.passes.pass_manager import PASS_NAMES, switched_on_by_default
 
         if options is None:
             options = {}
@@ -60,7 +61,7 @@ class PaitonOptions:
 
         inner_compiler = "inductor"
         target = None
-        passes = {name: True for name in PASS_NAMES}
+        passes = {name: switched_on_by_default(name) for name in PASS_NAMES}
         inductor_options: dict[str, Any] = {}
         for key, value in options.items():
             if not isinstance(key, str):

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 # "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel).
 # "-pdl" after a Paiton configuration's name ("paiton-pdl", "paiton-fp8-pdl"): its kernels launched
 # with programmatic dependent launch (PAITON_PDL=1 while it compiles and runs: fusion/pdl.py; the
-# others run with PAITON_PDL unset, as Paiton does by default). "-l2pf" likewise: the norm and
-# rotary kernels prefetch the next product's weight into L2 (PAITON_L2_PREFETCH=1:
-# fusion/l2_prefetch.py). Both may follow one name, in that order ("paiton-fp8-pdl-l2pf").
+# others run with PAITON_PDL unset, as Paiton does by default). "-l2pf" likewise: the l2_prefetch
+# pass runs and the norm and rotary kernels prefetch the next product's weight into L2
+# (PAITON_L2_PREFETCH=1: fusion/l2_prefetch.py). Both may follow one name, in that order ("paiton-fp8-pdl-l2pf").
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8")
 PDL_SUFFIX = "-pdl"
 L2_PREFETCH_SUFFIX = "-l2pf"

@@ -20,11 +20,16 @@ lowering table (backends/lowering.py, "l2_prefetch") says how many of those byte
 kernel asks for (its window: an RMSNorm's few microseconds, attention's longer one), and
 `prefetch_arguments` turns that into the kernel's launch arguments.
 
-Off unless PAITON_L2_PREFETCH=1: not yet timed on a GPU (bench/l2_prefetch_probe.py times the
-mechanism, profile_decode_step.py's "-l2pf" configurations a decode step), and a prefetch L2
-does not keep until the product reads it costs its bytes twice. The pass still gives the ops
-their weights; the switch is read at each launch, so a CUDA graph records the launches as the
-switch stood when it was captured (as PAITON_PDL's, fusion/pdl.py).
+Off unless PAITON_L2_PREFETCH=1 (which also switches the pass on), because it was timed a loss
+(H100, Qwen3-8B, batch 1; bench/results/NOTES.md, 2026-12-06). The products did read faster,
+200-260 us a step (5-7%), so L2 kept part of what was asked for; but the window kernels grew
+more: by about 54 us each when their own programs issued the requests (one program asking for
+8 MB: a step 2.6x slower), and still by 6-7 us each with the requests spread over programs
+appended to their grid (a step 10-13% slower). A kernel does not end before its bulk
+prefetches are served, so the prefetch does not overlap the window: it lengthens it by about
+the bytes' time at the copy rate, of which the products win back about 40%. The switch is
+read at each launch, so a CUDA graph records the launches as the switch stood when it was
+captured (as PAITON_PDL's, fusion/pdl.py).
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ if it is a Paiton norm or rotary kernel, the next product's weight to prefetch::
 
 `prefetch_bytes` is the span of the packed weights from the first (they lie consecutively: see
 fusion/packed_linear.py); how much of it a kernel asks for is the chip's lowering table's
-choice (backends/lowering.py, "l2_prefetch"), made at launch, and only under
-PAITON_L2_PREFETCH=1 until a GPU has timed it (fusion/l2_prefetch.py). The prefetch is a hint:
-the rewritten graph computes exactly what it did.
+choice (backends/lowering.py, "l2_prefetch"), made at launch. The prefetch is a hint: the
+rewritten graph computes exactly what it did. Off by default: timed on an H100 it made a
+decode step slower (bench/results/NOTES.md, 2026-12-06; fusion/l2_prefetch.py says why); the
+pass runs, and its kernels prefetch, under PAITON_L2_PREFETCH=1.
 
 Rewritten, with the count reporting each: a Paiton product (packed_linear, fp8_linear or their
 SwiGLU forms) whose weights are graph inputs or attributes, preceded, since the product or
@@ -76,7 +77,8 @@ def _weight_span(node: torch.fx.Node, weights_at: int) -> tuple[torch.fx.Node, i
 
 
 class L2PrefetchPass(PaitonPass):
-    """`options={"paiton.l2_prefetch": False}` switches it off."""
+    """Runs only under PAITON_L2_PREFETCH=1 (pass_manager.switched_on_by_default: timed a loss)
+    or with `options={"paiton.l2_prefetch": True}`; `False` switches it off."""
 
     name = "l2_prefetch"
     fused_op = "l2_prefetch"

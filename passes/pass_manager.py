@@ -70,15 +70,26 @@ PASS_NAMES: tuple[str, ...] = tuple(p.name for p in DYNAMO_GRAPH_PASSES + PASS_O
 COUNTER_PREFIX = "paiton."
 
 
+def switched_on_by_default(name: str) -> bool:
+    """Whether pass `name` runs unless an option says otherwise: every pass does, but
+    l2_prefetch only under PAITON_L2_PREFETCH=1 (read when a graph compiles): on an H100 it made
+    Qwen3-8B's batch-1 step 10-13% slower (bench/results/NOTES.md, 2026-12-06)."""
+    if name == L2PrefetchPass.name:
+        from paiton.fusion.l2_prefetch import prefetch_requested
+
+        return prefetch_requested()
+    return True
+
+
 class PaitonPassManager(CustomGraphPass):
     def __init__(self, enabled: dict[str, bool] | None = None, target: Target | None = None) -> None:
-        """`enabled`: pass name -> on/off (default on); `target`: the chip whose lowering table
+        """`enabled`: pass name -> on/off (default: switched_on_by_default); `target`: the chip whose lowering table
         decides which fused ops exist (default: the current device)."""
         enabled = enabled or {}
         unknown = set(enabled) - set(PASS_NAMES)
         if unknown:
             raise ValueError(f"unknown Paiton pass(es) {sorted(unknown)}; passes are {list(PASS_NAMES)}")
-        self.enabled = {name: enabled.get(name, True) for name in PASS_NAMES}
+        self.enabled = {name: enabled.get(name, switched_on_by_default(name)) for name in PASS_NAMES}
         self.target = target if target is not None else detect_target()
         ops_left = lowering.ops_left_to_inductor(self.target)
         self.left_to_inductor = tuple(cls.name for cls in DYNAMO_GRAPH_PASSES + PASS_ORDER if cls.fused_op in ops_left)
