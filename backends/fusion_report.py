@@ -106,16 +106,17 @@ def fusion_graphs(model=None) -> list[GraphFusions]:
 def fusion_counts(model=None) -> dict[str, int]:
     """How many subgraphs each Paiton fusion rewrote, summed over the compiled graphs of
     `model` (a module, compiled module or compiled bound method), or over every graph compiled
-    since the last `torch._dynamo.reset()` when `model` is None. Every pass is listed, fired or not.
+    since the last `torch._dynamo.reset()` when `model` is None. Every pass that runs by default is
+    listed, fired or not, and any other that ran (l2_prefetch, when asked for).
 
     >>> compiled = torch.compile(model, backend="paiton"); compiled(ids)
     >>> paiton.fusion_counts(compiled)
     {'fused_add_rms_norm': 8, 'rms_norm': 9}
     """
-    from paiton.passes.pass_manager import PASS_NAMES
+    from paiton.passes.pass_manager import PASS_NAMES, switched_on_by_default
 
-    totals = {name: 0 for name in PASS_NAMES}
+    totals = {name: 0 for name in PASS_NAMES if switched_on_by_default(name)}
     for record in fusion_graphs(model):
         for name, n in record.counts.items():
-            totals[name] += n
+            totals[name] = totals.get(name, 0) + n
     return totals
