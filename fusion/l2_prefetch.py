@@ -120,7 +120,8 @@ def prefetch_arguments(window_op: str, like: torch.Tensor, prefetch: torch.Tenso
     for a few chunks (prefetch_ptr, prefetch_bytes, prefetch_first_program, PREFETCH_CHUNKS,
     PREFETCH_CHUNK_BYTES). Appended because one SM issues bulk prefetches at about a line a
     clock: a batch-1 norm's single program asking for 8 MB held the step's kernels 50 us a
-    window (H100, 2026-12-06), while a chunk or two on each of a hundred SMs is issued at once.
+    window (H100, 2026-12-06), while a chunk or two on each of a hundred SMs is issued at once
+    (still a loss, 6-7 us a window: the kernel waits for its prefetches; the module's docstring).
     NO_PREFETCH unless requested (PAITON_L2_PREFETCH=1), without a weight, on a chip without the
     instruction or whose table leaves it out, under the interpreter (CPU tensors), or for a
     weight that is not 16-byte aligned on that device."""

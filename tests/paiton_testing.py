@@ -58,8 +58,9 @@ def op_census(graph: torch.fx.Graph) -> collections.Counter:
 def capture_paiton_graphs():
     """Record the ops of the ATen graph before and after Paiton's passes, for every graph
     compiled inside the block (vLLM's TestBackend idea): yields a list of
-    (ops_before, ops_after, reported_counts); a pass that is switched off reports 0."""
-    from paiton.passes.pass_manager import DYNAMO_GRAPH_PASSES, PASS_NAMES, PaitonPassManager
+    (ops_before, ops_after, reported_counts); a pass that runs by default but is switched off
+    reports 0 (l2_prefetch, off by default, is listed only where it is switched on)."""
+    from paiton.passes.pass_manager import DYNAMO_GRAPH_PASSES, PASS_NAMES, PaitonPassManager, switched_on_by_default
 
     captured = []
     # The passes on Dynamo's graph run just before the ATen passes of the same graph: their
@@ -77,7 +78,8 @@ def capture_paiton_graphs():
         original_call(self, graph)
         counts = {**self.last_counts, **dynamo_counts}
         dynamo_counts.clear()
-        captured.append((before, op_census(graph), {name: counts.get(name, 0) for name in PASS_NAMES}))
+        listed = [name for name in PASS_NAMES if switched_on_by_default(name) or self.enabled[name]]
+        captured.append((before, op_census(graph), {name: counts.get(name, 0) for name in listed}))
 
     PaitonPassManager.__call__ = recording_call
     for cls in DYNAMO_GRAPH_PASSES:
