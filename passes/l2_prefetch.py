@@ -77,12 +77,20 @@ def _weight_span(node: torch.fx.Node, weights_at: int) -> tuple[torch.fx.Node, i
 
 
 class L2PrefetchPass(PaitonPass):
-    """Runs only under PAITON_L2_PREFETCH=1 (pass_manager.switched_on_by_default: timed a loss)
-    or with `options={"paiton.l2_prefetch": True}`; `False` switches it off."""
+    """Runs only under PAITON_L2_PREFETCH=1 or with `options={"paiton.l2_prefetch": True}`;
+    `False` switches it off."""
 
     name = "l2_prefetch"
     fused_op = "l2_prefetch"
     depends_on = ("paiton.fusion.l2_prefetch", "paiton.fusion.rms_norm", "paiton.fusion.qk_norm_rope")
+
+    @classmethod
+    def on_by_default(cls) -> bool:
+        """Only under PAITON_L2_PREFETCH=1: on an H100 it made Qwen3-8B's batch-1 step 10-13%
+        slower (bench/results/NOTES.md, 2026-12-06)."""
+        from paiton.fusion.l2_prefetch import prefetch_requested
+
+        return prefetch_requested()
 
     def apply(self, graph: torch.fx.Graph) -> int:
         window_ops, product_weights = _window_ops(), _product_weights()

@@ -45,6 +45,11 @@ class PaitonPass(CustomGraphPass, ABC):
     # op definitions, shared matcher helpers).
     depends_on: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def on_by_default(cls) -> bool:
+        """Whether the pass runs unless an option says otherwise (read when a graph compiles)."""
+        return True
+
     @abstractmethod
     def apply(self, graph: torch.fx.Graph) -> int:
         """Rewrite `graph` in place; return the number of subgraphs rewritten."""

@@ -70,15 +70,14 @@ PASS_NAMES: tuple[str, ...] = tuple(p.name for p in DYNAMO_GRAPH_PASSES + PASS_O
 COUNTER_PREFIX = "paiton."
 
 
-def switched_on_by_default(name: str) -> bool:
-    """Whether pass `name` runs unless an option says otherwise: every pass does, but
-    l2_prefetch only under PAITON_L2_PREFETCH=1 (read when a graph compiles): on an H100 it made
-    Qwen3-8B's batch-1 step 10-13% slower (bench/results/NOTES.md, 2026-12-06)."""
-    if name == L2PrefetchPass.name:
-        from paiton.fusion.l2_prefetch import prefetch_requested
+_PASSES_BY_NAME = {p.name: p for p in DYNAMO_GRAPH_PASSES + PASS_ORDER}
 
-        return prefetch_requested()
-    return True
+
+def switched_on_by_default(name: str) -> bool:
+    """Whether pass `name` runs unless an option says otherwise: its class's `on_by_default`
+    (every pass but l2_prefetch; the Dynamo-graph passes, not PaitonPasses, always)."""
+    on_by_default = getattr(_PASSES_BY_NAME[name], "on_by_default", None)
+    return on_by_default() if on_by_default is not None else True
 
 
 class PaitonPassManager(CustomGraphPass):
