@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
 from paiton.fusion.few_rows_gemm import _few_rows_gemm_kernel
-from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel
+from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel, norm_block
 from paiton.fusion.l2_prefetch import CHUNK_BYTES
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.quantize_rows import FP8_LARGEST, FP8_MIN_EXPONENT, _quantize_rows_kernel
@@ -151,24 +151,35 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
 
 
 def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str | None = None,
-               scales: int = NO_SCALES) -> KernelBuild:
+               scales: int = NO_SCALES, norm: bool = False, residual: bool = False) -> KernelBuild:
     """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K);
     `gated`: SwiGLU applied to the input as it is loaded (silu_mul_linear); `weight_dtype` an FP8
     type ("fp8e4nv": e4m3fn, NVIDIA; "fp8e4b8": e4m3fnuz, MI300X) with fp32 `scales` per row or
-    per 128 x 128 block (fp8_linear)."""
+    per 128 x 128 block (fp8_linear); `norm`: the input RMS-normalized as it is loaded (its row
+    Qwen3-32B's hidden size, 5120), `residual`: the residual added to the outputs (norm_linear:
+    rms_norm_linear, linear_add)."""
     signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype or dtype}", "y_ptr": f"*{dtype}",
                  "N": "i32", "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                  "EVEN_N": "constexpr", "EVEN_K": "constexpr", "GATED": "constexpr",
                  "scale_ptr": "*fp32" if scales else "constexpr", "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr",
-                 "SCALES": "constexpr", "SCALE_BLOCK": "constexpr", "X_PER_ROW": "constexpr", "CHUNK": "constexpr"}
+                 "SCALES": "constexpr", "SCALE_BLOCK": "constexpr", "X_PER_ROW": "constexpr", "CHUNK": "constexpr",
+                 "norm_w_ptr": f"*{dtype}" if norm else "constexpr", "eps": "fp32" if norm else "constexpr",
+                 "NORM": "constexpr", "NORM_BLOCK": "constexpr", "res_ptr": f"*{dtype}" if residual else "constexpr",
+                 "RESIDUAL": "constexpr"}
     launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK,
-                "X_PER_ROW": config.get("X_PER_ROW", False), "CHUNK": config.get("CHUNK", 0)}
+                "X_PER_ROW": config.get("X_PER_ROW", False), "CHUNK": config.get("CHUNK", 0), "NORM": norm,
+                "NORM_BLOCK": norm_block(5120, config.get("num_warps", 4)), "RESIDUAL": residual}
     if not scales:
         launcher["scale_ptr"] = None
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
+    if not norm:
+        launcher.update(norm_w_ptr=None, eps=0.0)
+    if not residual:
+        launcher["res_ptr"] = None
     constexprs, options = _split(_gemv_kernel, config, launcher)
-    aligned = ["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
+    aligned = (["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
+               + (["norm_w_ptr"] if norm else []) + (["res_ptr"] if residual else []))
     return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
 
 

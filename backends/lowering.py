@@ -51,6 +51,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
     "one_row_linear", "silu_mul_linear", "few_rows_linear", "fp8_linear", "all_reduce_add_rms_norm", "l2_prefetch",
+    "norm_linear",
 )
 
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
@@ -129,6 +130,12 @@ _NVIDIA = {
         "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, or "
         "silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
     ),
+    "norm_linear": Lowering(
+        TRITON, {},
+        "a decode step's RMSNorm inside its one-row products (fusion/norm_linear.py): the residual add in the GEMV "
+        "before the norm, the norm in the GEMV after it, each with the launch its unfused product runs; untimed, "
+        "so only under PAITON_NORM_LINEAR=1",
+    ),
     "few_rows_linear": Lowering(
         TRITON, dict(candidates=FEW_ROWS_CANDIDATES),
         "linears of 2-64 input rows (decode at batch 2-64; packed ones too): Paiton's few-rows GEMM (W read once) or "
@@ -185,6 +192,7 @@ _AMD_CDNA = {
     "one_row_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet: one-row linears stay Inductor's (packed ones "
                                "hipBLASLt's)"),
     "silu_mul_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: silu_mul, then the product"),
+    "norm_linear": Lowering(INDUCTOR, {}, "no one-row GEMV on AMD yet (one_row_linear): the norms stay kernels of their own"),
     "few_rows_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet, like one_row_linear: linears of a few rows stay "
                                 "Inductor's (packed ones hipBLASLt's)"),
     "fp8_linear": Lowering(

@@ -64,11 +64,33 @@ SCALE_BLOCK = 128
 
 
 @triton.jit
+def _inverse_rms(x_ptr, K, eps, NORM_BLOCK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over x's K values in fp32 (paiton.rms_norm's rstd), NORM_BLOCK
+    values a load: the whole row at once where it fits (one round trip to L2 before the
+    program's first product; a loop of narrower loads would wait for each in turn)."""
+    cols = tl.arange(0, NORM_BLOCK)
+    sum_sq = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+    for start in range(0, K, NORM_BLOCK):
+        x = tl.load(x_ptr + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
+        sum_sq += x * x
+    return tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
+
+
+@triton.jit
+def _normalized(x, rstd, norm_w):
+    """norm_w * (x * rstd), cast to x's dtype where eager's Qwen3RMSNorm casts (after the scaling
+    and after the weight's product), as fusion/rms_norm.py's kernel does."""
+    scaled = (x.to(tl.float32) * rstd).to(x.dtype)
+    return (norm_w.to(tl.float32) * scaled.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, scale_ptr=None, stride_sn=0, SCALES: tl.constexpr = 0,
                  SCALE_BLOCK: tl.constexpr = 128, X_PER_ROW: tl.constexpr = False, CHUNK: tl.constexpr = 0,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, norm_w_ptr=None, eps=0.0, NORM: tl.constexpr = False,
+                 NORM_BLOCK: tl.constexpr = 1024, res_ptr=None, RESIDUAL: tl.constexpr = False):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
     (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
@@ -87,7 +109,14 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     PDL (fusion/pdl.py): the program's first W tile is prefetched into L2 while the kernel
     before this one finishes (one: a first wave of about 600 programs with 16-32 KB tiles asks
     for 10-20 MB of L2 with it, while the kernel before streams its own weight through L2); x
-    is read after it has."""
+    is read after it has.
+
+    NORM (not with GATED): x is the input of an RMSNorm whose output is the product's input:
+    every program first sums x's squares over the whole row (K values, from L2), then
+    normalizes each piece as it loads it, with `norm_w_ptr`'s weight and eager's cast points
+    (paiton.rms_norm's): the norm without a kernel and a round trip of its own.
+    RESIDUAL: y + res (rounded to y's dtype once more, as eager's add of two bf16 tensors), the
+    residual stream's add in the product's last step."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
         prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K)
@@ -100,6 +129,12 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     else:
         x_rows = x_ptr
         up_rows = up_ptr
+    if NORM:
+        if X_PER_ROW:
+            norm_w_rows = norm_w_ptr + (rows * 0)[:, None]
+        else:
+            norm_w_rows = norm_w_ptr
+        rstd = _inverse_rms(x_ptr, K, eps, NORM_BLOCK)
     if CHUNK > 0:
         acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     else:
@@ -115,6 +150,12 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                 x = silu_times_up(x, tl.load(up_rows + k))
             else:
                 x = silu_times_up(x, tl.load(up_rows + k, mask=k < K, other=0.0))
+        if NORM:  # 0 where masked: x and the norm's weight load 0 there
+            if EVEN_K:
+                norm_w = tl.load(norm_w_rows + k)
+            else:
+                norm_w = tl.load(norm_w_rows + k, mask=k < K, other=0.0)
+            x = _normalized(x, rstd, norm_w)
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
@@ -131,6 +172,12 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     if SCALES == 1:
         y *= tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
     y = y.to(y_ptr.dtype.element_ty)
+    if RESIDUAL:
+        if EVEN_N:
+            residual = tl.load(res_ptr + rows)
+        else:
+            residual = tl.load(res_ptr + rows, mask=rows < N, other=0.0)
+        y = (y.to(tl.float32) + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
     if EVEN_N:
         tl.store(y_ptr + rows, y)
     else:
@@ -229,13 +276,37 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
                          f"for x {tuple(x.shape)} {x.dtype}")
 
 
+def norm_block(k: int, num_warps: int) -> int:
+    """NORM_BLOCK for a row of k values: all of it in one load, at most 16 values a thread (a
+    wider row takes a few loads: the registers stay those of the product's loop)."""
+    return min(triton.next_power_of_2(max(k, 1)), 16 * 32 * num_warps)
+
+
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
-                scales: torch.Tensor | None = None) -> torch.Tensor:
+                scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says;
     with `up`, (silu(x) * up) @ weight.T; an FP8 weight with its `scales` (see scales_kind):
-    x @ dequantized(weight).T, the scales applied to the fp32 sums."""
+    x @ dequantized(weight).T, the scales applied to the fp32 sums. With `norm_weight` (not
+    with `up`): rms_norm(x, norm_weight, eps) @ weight.T; with `residual` ([..., N], y's dtype):
+    that plus the residual."""
     _check_inputs(x, weight, up, scales)
-    return _launch(x, weight, config, up, scales)
+    _check_fusions(x, weight, up, norm_weight, residual)
+    return _launch(x, weight, config, up, scales, norm_weight=norm_weight, eps=eps, residual=residual)
+
+
+def _check_fusions(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, norm_weight: torch.Tensor | None,
+                   residual: torch.Tensor | None) -> None:
+    if norm_weight is not None:
+        if up is not None:
+            raise ValueError("paiton gemv: the input is either normalized (norm_weight) or gated (up), not both")
+        if norm_weight.shape != (x.shape[-1],) or norm_weight.dtype != x.dtype or norm_weight.device != x.device:
+            raise ValueError(f"paiton gemv: the norm's weight is [K] in x's dtype and device; got {tuple(norm_weight.shape)} "
+                             f"{norm_weight.dtype} for x {tuple(x.shape)} {x.dtype}")
+    if residual is not None and (residual.shape != (*x.shape[:-1], weight.shape[0]) or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"paiton gemv: the residual is the product's shape [..., N] in x's dtype; got "
+                         f"{tuple(residual.shape)} {residual.dtype} for y [..., {weight.shape[0]}] {x.dtype}")
 
 
 def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -244,7 +315,8 @@ def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
-            scales: torch.Tensor | None = None) -> torch.Tensor:
+            scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     """launch_gemv without the input checks (its callers made them)."""
     n, k = weight.shape
     row = _unit_stride_row(x, k)
@@ -252,14 +324,22 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if n == 0:
         return y
+    if k == 0 and norm_weight is not None:  # nothing to normalize: the product is 0
+        return y.zero_() if residual is None else y.copy_(residual)
     launch = dict(config)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
+    fusions = {}
+    if norm_weight is not None:
+        fusions.update(norm_w_ptr=norm_weight, eps=float(eps), NORM=True,
+                       NORM_BLOCK=norm_block(k, launch.get("num_warps", 4)))
+    if residual is not None:
+        fusions.update(res_ptr=_unit_stride_row(residual, n), RESIDUAL=True)
     with device_guard(x):
         kind = scales_kind(weight, scales)
         scale_args = {} if kind == NO_SCALES else dict(scale_ptr=scales, stride_sn=scales.stride(0), SCALES=kind)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch,
+            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch, **fusions,
             **(pdl_launch(x, _gemv_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return y
 

@@ -9,6 +9,7 @@ from paiton.fusion import (  # noqa: F401
     all_reduce_add_rms_norm,
     decode_attention,
     fp8_linear,
+    norm_linear,
     packed_linear,
     qk_norm_rope,
     rms_norm,

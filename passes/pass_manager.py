@@ -34,6 +34,7 @@ from paiton.passes.fused_add_rms_norm import FusedAddRMSNormPass
 from paiton.passes.kv_cache_write import KVCacheWritePass
 from paiton.passes.l2_prefetch import L2PrefetchPass
 from paiton.passes.merged_projections import MergedProjectionsPass
+from paiton.passes.norm_linear import NormLinearPass
 from paiton.passes.one_row_linear import OneRowLinearPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 # QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
 # RoPE op and looks for the attention (fused or not) that reads the cache; the cache counters'
 # slots are those of the KV-cache write's op; SwiGLU into a one-row product starts from the
-# SwiGLU pass's output; the L2 prefetch goes last, into the norm and rotary ops the others made,
-# once every product is in its final form.
+# SwiGLU pass's output; the norms go into the products once those are in their final form
+# (SwiGLU's included); the L2 prefetch goes last, into the norm and rotary ops the others left.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
     AllReduceAddRMSNormPass,
@@ -60,6 +61,7 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     CacheCountersPass,
     SwiGLUPass,
     SiluMulLinearPass,
+    NormLinearPass,
     L2PrefetchPass,
 )
 # Passes the backend runs on Dynamo's graph, with the real inputs, before AOTAutograd (see
@@ -75,7 +77,7 @@ _PASSES_BY_NAME = {p.name: p for p in DYNAMO_GRAPH_PASSES + PASS_ORDER}
 
 def switched_on_by_default(name: str) -> bool:
     """Whether pass `name` runs unless an option says otherwise: its class's `on_by_default`
-    (every pass but l2_prefetch; the Dynamo-graph passes, not PaitonPasses, always)."""
+    (every pass but l2_prefetch and norm_linear; the Dynamo-graph passes, not PaitonPasses, always)."""
     on_by_default = getattr(_PASSES_BY_NAME[name], "on_by_default", None)
     return on_by_default() if on_by_default is not None else True
 

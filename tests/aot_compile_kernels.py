@@ -128,10 +128,32 @@ def builds(target):
                 for width in (4096, 5120, 12288, 25600):
                     yield (f"quantize_rows/{dtype}/fp8={params['format']}/cols={width}", "fp8_linear",
                            quantize_rows_build(quantize_rows_launch_config(TOKENS * 2, width), dtype, weight_type))
+    yield from norm_linear_builds(target)
     if target_has_pdl(target):
         yield from pdl_builds(target)
     if target_has_bulk_prefetch(target):
         yield from prefetch_builds(target)
+
+
+def norm_linear_builds(target):
+    """The GEMV with the norm inside (rms_norm_linear: q/k/v and gate/up after their norm) and with
+    the residual added (linear_add: o_proj, and down_proj gated), bf16 and fp32, the first
+    candidate of each weight type; with FP8 weights every launch the one-row timing may pick, as
+    those are the products an FP8 decode step at batch 1 runs."""
+    gemv = launch_config("one_row_linear", target).get("candidates", ())
+    for dtype in ("bf16", "fp32"):
+        for config in gemv[:1]:
+            yield f"gemv/{dtype}/norm", "norm_linear", gemv_build(config, dtype, norm=True)
+            yield f"gemv/{dtype}/residual", "norm_linear", gemv_build(config, dtype, residual=True)
+            yield f"gemv/{dtype}/gated/residual", "norm_linear", gemv_build(config, dtype, True, residual=True)
+    if lowering_for("fp8_linear", target).implementation == TRITON:
+        params = launch_config("fp8_linear", target)
+        weight_type = TRITON_FP8_TYPES[params["format"]]
+        for config in params.get("one_row_candidates", ()):
+            name = f"gemv/bf16/fp8={params['format']}/scales=rows/{launch_name(config)}"
+            yield f"{name}/norm", "norm_linear", gemv_build(config, "bf16", False, weight_type, ROW_SCALES, norm=True)
+            yield (f"{name}/gated/residual", "norm_linear",
+                   gemv_build(config, "bf16", True, weight_type, ROW_SCALES, residual=True))
 
 
 def prefetch_builds(target):
@@ -166,6 +188,8 @@ def pdl_builds(target):
     yield "decode_attention_combine/bf16/splits=16/pdl", "decode_attention", decode_attention_combine_build(config, dtype, 16)
     gemv = with_pdl(launch_config("one_row_linear", target)["candidates"][0])
     yield "gemv/bf16/gated/pdl", "silu_mul_linear", gemv_build(gemv, dtype, True)
+    yield "gemv/bf16/norm/pdl", "norm_linear", gemv_build(gemv, dtype, norm=True)
+    yield "gemv/bf16/gated/residual/pdl", "norm_linear", gemv_build(gemv, dtype, True, residual=True)
     few_rows = with_pdl({"BLOCK_M": block_m(32), **launch_config("few_rows_linear", target)["candidates"][0]})
     yield "few_rows_gemm/bf16/rows=32/pdl", "few_rows_linear", few_rows_gemm_build(few_rows, dtype, dtype, NO_SCALES)
     params = launch_config("fp8_linear", target)

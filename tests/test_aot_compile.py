@@ -47,7 +47,7 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"},
                   "few_rows_linear": {"_few_rows_gemm_kernel"},
                   "fp8_linear": {"_gemv_kernel", "_few_rows_gemm_kernel", "_quantize_rows_kernel"},
-                  "l2_prefetch": {"_rms_norm_kernel", "_qk_norm_rope_kernel"}}
+                  "l2_prefetch": {"_rms_norm_kernel", "_qk_norm_rope_kernel"}, "norm_linear": {"_gemv_kernel"}}
     for target_name in TARGETS:
         table = lowering_table(target_named(target_name))
         triton_ops = {op for op, lowering in table.items() if lowering.implementation == TRITON}

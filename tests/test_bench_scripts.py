@@ -86,30 +86,34 @@ def test_profile_decode_step_fp8_in_place(tmp_path):
     assert result["env"]["fp8_weight_bytes"] == fp8_weight_bytes(model)
 
 
-@pytest.mark.parametrize(("config", "valid", "pdl", "l2pf"), [
-    ("paiton-pdl", True, True, False), ("paiton-fp8-pdl", True, True, False), ("paiton-cdt-pdl-no-swiglu", True, True, False),
-    ("paiton-fp8", True, False, False), ("inductor-pdl", False, False, False), ("eager-pdl", False, False, False),
-    ("pdl", False, False, False), ("paiton-pdl-pdl", False, False, False), ("paiton-fp8-l2pf", True, False, True),
-    ("paiton-fp8-pdl-l2pf", True, True, True), ("paiton-l2pf-pdl", False, False, False), ("inductor-l2pf", False, False, False),
-    ("paiton-l2pf-no-l2_prefetch", True, False, True)])
-def test_launch_switch_configurations(monkeypatch, config, valid, pdl, l2pf):
-    """"-pdl" and "-l2pf" after a Paiton configuration: the same compile, its kernels launched
-    with PDL (PAITON_PDL=1 while it runs) or the L2 prefetch (PAITON_L2_PREFETCH=1); unset for
-    the others, whatever the environment says: Paiton's default; restored after."""
-    from bench_common import compile_settings, config_environment, is_config, uses_l2_prefetch, uses_pdl
+@pytest.mark.parametrize(("config", "valid", "pdl", "l2pf", "nl"), [
+    ("paiton-pdl", True, True, False, False), ("paiton-fp8-pdl", True, True, False, False),
+    ("paiton-cdt-pdl-no-swiglu", True, True, False, False), ("paiton-fp8", True, False, False, False),
+    ("inductor-pdl", False, False, False, False), ("eager-pdl", False, False, False, False), ("pdl", False, False, False, False),
+    ("paiton-pdl-pdl", False, False, False, False), ("paiton-fp8-l2pf", True, False, True, False),
+    ("paiton-fp8-pdl-l2pf", True, True, True, False), ("paiton-l2pf-pdl", False, False, False, False),
+    ("inductor-l2pf", False, False, False, False), ("paiton-l2pf-no-l2_prefetch", True, False, True, False),
+    ("paiton-fp8-nl", True, False, False, True), ("paiton-pdl-nl", True, True, False, True),
+    ("paiton-nl-pdl", False, False, False, False), ("inductor-cdt-nl", False, False, False, False)])
+def test_launch_switch_configurations(monkeypatch, config, valid, pdl, l2pf, nl):
+    """"-pdl", "-l2pf" and "-nl" after a Paiton configuration: the same compile settings, with
+    PDL (PAITON_PDL=1 while it runs), the L2 prefetch (PAITON_L2_PREFETCH=1) or the norms in the
+    products (PAITON_NORM_LINEAR=1); unset for the others, whatever the environment says:
+    Paiton's default; restored after."""
+    from bench_common import compile_settings, config_environment, is_config, uses_l2_prefetch, uses_norm_linear, uses_pdl
 
     assert is_config(config) is valid
     if not valid:
         return
-    assert uses_pdl(config) is pdl and uses_l2_prefetch(config) is l2pf
-    base = config.replace("-pdl", "").replace("-l2pf", "")
+    assert uses_pdl(config) is pdl and uses_l2_prefetch(config) is l2pf and uses_norm_linear(config) is nl
+    base = config.replace("-pdl", "").replace("-l2pf", "").replace("-nl", "")
     assert compile_settings(config, "cuda") == compile_settings(base, "cuda")
-    monkeypatch.setenv("PAITON_PDL", "untouched")
-    monkeypatch.setenv("PAITON_L2_PREFETCH", "untouched too")
+    switches = {"PAITON_PDL": pdl, "PAITON_L2_PREFETCH": l2pf, "PAITON_NORM_LINEAR": nl}
+    for name in switches:
+        monkeypatch.setenv(name, f"untouched {name}")
     with config_environment(config):
-        assert os.environ.get("PAITON_PDL") == ("1" if pdl else None)
-        assert os.environ.get("PAITON_L2_PREFETCH") == ("1" if l2pf else None)
-    assert os.environ["PAITON_PDL"] == "untouched" and os.environ["PAITON_L2_PREFETCH"] == "untouched too"
+        assert {name: os.environ.get(name) for name in switches} == {name: "1" if on else None for name, on in switches.items()}
+    assert all(os.environ[name] == f"untouched {name}" for name in switches)
 
 
 def test_profile_decode_step_pdl_rows(tmp_path):

@@ -1,0 +1,137 @@
+"""A decode step's RMSNorms inside its one-row products: the norm in the product that reads its
+output, the residual add in the product whose output it adds.
+
+Why: at batch 1 a Qwen3 layer is four products with two fused add + RMSNorm kernels between
+them (after o_proj, and after down_proj for the next layer). Each norm is a kernel of about
+2 us plus its gap to the next, in a step whose products take the rest: Qwen3-32B's FP8 step
+on an H100 spent 0.26 ms in its 129 norms (bench/results/NOTES.md, fifteenth session), which
+an H200's faster memory does not shrink. Here the norm kernel goes away:
+
+    summed = paiton.linear_add(attn, None, [W_o], [], residual)         # attn @ W_o.T + residual
+    out    = paiton.rms_norm_linear(summed, w_norm, eps, [W_gate, W_up], [])   # rms_norm(summed) @ W.T
+
+(passes/norm_linear.py). The GEMV (fusion/gemv.py) adds the residual to its outputs as it
+writes them (RESIDUAL), and the product after the norm sums the squares of its input row in
+each program (K values from L2, a few microseconds of every program's time at most, overlapped
+with its weight's first loads) and normalizes each piece of the row as it loads it (NORM).
+
+Ops (each over packed weights as paiton.packed_linear, or FP8 weights with their scales as
+paiton.fp8_linear: `scales` empty for a weight in x's dtype):
+* paiton::rms_norm_linear(x, norm_weight, eps, weights, scales) -> rms_norm(x) @ W.T
+* paiton::linear_add(x, up, weights, scales, residual) -> x @ W.T + residual (with `up`:
+  silu_mul(x, up) @ W.T + residual, the gated down_proj).
+
+One row on a chip whose table has the one-row GEMV: one launch of it, with the launch the
+unfused product of that shape runs (measured or timed; fusion/gemv.choose). Anywhere else
+(several rows, the vendor's GEMM chosen for the shape, no GEMV on the chip): the unfused ops in
+turn, so results are the same ops' results. Numerics: the residual add is eager's bit for bit;
+the norm's sum of squares is taken in another order than paiton.rms_norm's kernel (its fp32
+rstd may differ in the last bits, and rarely a normalized value by one rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paiton.fusion import fp8_linear as _fp8_linear
+from paiton.fusion import packed_linear as _packed_linear
+from paiton.fusion import rms_norm as _rms_norm  # noqa: F401  (registers torch.ops.paiton.rms_norm)
+from paiton.fusion.triton_utils import is_interpreted
+
+
+def _check_product_inputs(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+    """packed_linear's checks, or fp8_linear's with `scales`."""
+    if scales:
+        _fp8_linear._check_inputs(x, weights, scales)
+    else:
+        _packed_linear._check_inputs(x, weights)
+
+
+def _product_inputs(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]):
+    """(the packed weight, its packed scales or None), after the checks of packed_linear or fp8_linear."""
+    _check_product_inputs(x, weights, scales)
+    packed_scales = _fp8_linear.packed_scales(weights, scales) if scales else None
+    return _packed_linear.packed_weight(weights), packed_scales
+
+
+def one_row_launch(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None,
+                   scales: torch.Tensor | None = None) -> dict[str, int] | None:
+    """The GEMV launch that the unfused product of one row runs for this weight (paiton.packed_linear's,
+    silu_mul_packed_linear's or fp8_linear's choice), or None where that product is not Paiton's
+    GEMV: several rows, a chip whose table has none, the vendor's GEMM chosen for the shape, a
+    CPU outside Triton's interpreter."""
+    from paiton.fusion import gemv
+
+    if x.numel() != x.shape[-1]:
+        return None
+    if scales is not None:
+        params = _fp8_linear._paiton_kernels(x)
+        if params is None:
+            return None
+        if x.device.type != "cpu" and params.get("one_row_candidates"):
+            return gemv.choose(x, weight, params["one_row_candidates"], up=up, scales=scales)
+        return params["one_row"]
+    candidates = _packed_linear._table_candidates(x, "one_row_linear" if up is None else "silu_mul_linear")
+    if not candidates:
+        return None
+    if x.device.type == "cpu":
+        return gemv.INTERPRETER_CONFIG if is_interpreted(gemv._gemv_kernel) else None
+    choice = gemv.choose(x, weight, candidates, up=up)
+    return None if choice == gemv.VENDOR else choice
+
+
+def _unfused_product(x: torch.Tensor, up: torch.Tensor | None, weights: list[torch.Tensor],
+                     scales: list[torch.Tensor]) -> torch.Tensor:
+    ops = torch.ops.paiton
+    if scales:
+        return ops.fp8_linear(x, weights, scales) if up is None else ops.silu_mul_fp8_linear(x, up, weights, scales)
+    return ops.packed_linear(x, weights) if up is None else ops.silu_mul_packed_linear(x, up, weights)
+
+
+def _output_shape(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[int, ...]:
+    return (*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+
+@torch.library.custom_op("paiton::rms_norm_linear", mutates_args=())
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weights: list[torch.Tensor],
+                    scales: list[torch.Tensor]) -> torch.Tensor:
+    """paiton.rms_norm(x, norm_weight, eps) @ W.T over packed (or FP8, with `scales`) weights; the
+    norm inside the one-row GEMV where the product is one."""
+    from paiton.fusion import gemv
+
+    weight, packed_scales = _product_inputs(x, weights, scales)
+    if norm_weight.dtype == x.dtype and norm_weight.shape == (x.shape[-1],):  # else the unfused ops raise
+        launch = one_row_launch(x, weight, scales=packed_scales)
+        if launch is not None:
+            return gemv.launch_gemv(x, weight, launch, scales=packed_scales, norm_weight=norm_weight, eps=eps)
+    return _unfused_product(torch.ops.paiton.rms_norm(x, norm_weight, eps), None, weights, scales)
+
+
+@rms_norm_linear.register_fake
+def _rms_norm_linear_fake(x, norm_weight, eps, weights, scales):
+    _check_product_inputs(x, weights, scales)
+    return x.new_empty(_output_shape(x, weights))
+
+
+@torch.library.custom_op("paiton::linear_add", mutates_args=())
+def linear_add(x: torch.Tensor, up: torch.Tensor | None, weights: list[torch.Tensor], scales: list[torch.Tensor],
+               residual: torch.Tensor) -> torch.Tensor:
+    """x @ W.T + residual (with `up`: silu_mul(x, up) @ W.T + residual) over packed (or FP8, with
+    `scales`) weights; the add inside the one-row GEMV where the product is one."""
+    from paiton.fusion import gemv
+
+    weight, packed_scales = _product_inputs(x, weights, scales)
+    fusable = residual.shape == _output_shape(x, weights) and residual.dtype == x.dtype
+    if up is not None:
+        fusable &= up.shape == x.shape and up.dtype == x.dtype
+    if fusable:
+        launch = one_row_launch(x, weight, up=up, scales=packed_scales)
+        if launch is not None:
+            return gemv.launch_gemv(x, weight, launch, up=up, scales=packed_scales, residual=residual)
+    return _unfused_product(x, up, weights, scales) + residual
+
+
+@linear_add.register_fake
+def _linear_add_fake(x, up, weights, scales, residual):
+    _check_product_inputs(x, weights, scales)
+    return x.new_empty(_output_shape(x, weights))
