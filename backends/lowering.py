@@ -389,6 +389,17 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
             rows.append(row(op, "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
         for config in candidates:
             rows.append(row(op, kernel, shape, config, aot.gemv_build(config, dtype, gated)))
+    # The norm inside q/k/v's GEMV, and the residual added in down_proj's (gated), with the first
+    # candidate (the launch the unfused product of the shape runs is the one they take).
+    norm_linear = launch_config("one_row_linear", target).get("candidates", ())[:1] if tokens == 1 else ()
+    if table["norm_linear"].implementation != TRITON or not norm_linear:
+        rows.append(row("norm_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
+    for config in norm_linear if table["norm_linear"].implementation == TRITON else ():
+        rows.append(row("norm_linear", "_gemv_kernel (norm)", f"rms_norm([1, {m.hidden_size}]) x [{qkv}, {m.hidden_size}]",
+                        config, aot.gemv_build(config, dtype, norm=True)))
+        rows.append(row("norm_linear", "_gemv_kernel (gated, residual)",
+                        f"silu([1, {m.intermediate_size}]) x [{m.hidden_size}, {m.intermediate_size}] + residual", config,
+                        aot.gemv_build(config, dtype, True, residual=True)))
     # The few-rows GEMM's candidates for q/k/v at 2-64 rows (which one runs, if any: timed per shape and rows).
     few_rows = launch_config("few_rows_linear", target).get("candidates", ()) if 1 < tokens <= FEW_ROWS_MAX else ()
     if not few_rows:

@@ -36,11 +36,13 @@ class TinyNorm(torch.nn.Module):
 
 
 def test_default_options(monkeypatch):
-    """Every pass on but l2_prefetch (timed a loss: on only under PAITON_L2_PREFETCH=1)."""
+    """Every pass on but l2_prefetch (timed a loss: on only under PAITON_L2_PREFETCH=1) and
+    norm_linear (untimed: on only under PAITON_NORM_LINEAR=1)."""
     monkeypatch.delenv("PAITON_L2_PREFETCH", raising=False)
+    monkeypatch.delenv("PAITON_NORM_LINEAR", raising=False)
     opts = PaitonOptions.from_backend_kwargs()
     assert opts.inner_compiler == "inductor"
-    assert opts.passes == {name: name != "l2_prefetch" for name in PASS_NAMES}
+    assert opts.passes == {name: name not in ("l2_prefetch", "norm_linear") for name in PASS_NAMES}
     assert opts.inductor_config == {}
 
 

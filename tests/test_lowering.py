@@ -154,12 +154,12 @@ def test_a_chip_without_a_table_gets_the_vendor_defaults_and_one_note(caplog, ta
     # 32-key tiles, 2 stages: fits 43 KB of shared memory in fp32; no MFMA options (RDNA has none).
     assert configs[0]["BLOCK_N"] == 32 and configs[0]["num_stages"] == 2
     assert not set(configs[0]) & ROCM_ONLY_OPTIONS
-    # Only the GEMV's and the few-rows GEMM's ops stay Inductor's on AMD chips, as on the known ones (untimed
+    # Only the GEMV's (norms inside it too) and the few-rows GEMM's ops stay Inductor's on AMD chips, as on the known ones (untimed
     # there); FP8 is not assumed on a chip nobody has checked (an sm_89+ NVIDIA chip has it), nor the bulk
     # L2 prefetch before sm_90 or on AMD.
     left = {op for op, entry in lowering.lowering_table(target).items() if entry.implementation == INDUCTOR}
     sm = int(target.arch[3:]) if target.vendor == "cuda" else 0
-    assert left == ({"one_row_linear", "silu_mul_linear", "few_rows_linear"} if target.vendor == "hip" else set()) | (
+    assert left == ({"one_row_linear", "silu_mul_linear", "few_rows_linear", "norm_linear"} if target.vendor == "hip" else set()) | (
         set() if sm >= 89 else {"fp8_linear"}) | (set() if sm >= 90 else {"l2_prefetch"})
 
 
