@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
 from paiton.fusion.few_rows_gemm import _few_rows_gemm_kernel
-from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel, norm_block
+from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel, squares_count
 from paiton.fusion.l2_prefetch import CHUNK_BYTES
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
 from paiton.fusion.quantize_rows import FP8_LARGEST, FP8_MIN_EXPONENT, _quantize_rows_kernel
@@ -155,31 +155,36 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
     """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K);
     `gated`: SwiGLU applied to the input as it is loaded (silu_mul_linear); `weight_dtype` an FP8
     type ("fp8e4nv": e4m3fn, NVIDIA; "fp8e4b8": e4m3fnuz, MI300X) with fp32 `scales` per row or
-    per 128 x 128 block (fp8_linear); `norm`: the input RMS-normalized as it is loaded (its row
-    Qwen3-32B's hidden size, 5120), `residual`: the residual added to the outputs (norm_linear:
-    rms_norm_linear, linear_add)."""
+    per 128 x 128 block (fp8_linear); `norm`: the product of the input RMS-normalized (the sums of
+    its squares read, rms_norm_linear), `residual`: the residual added to the outputs and the sums
+    of their squares written (linear_add)."""
     signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype or dtype}", "y_ptr": f"*{dtype}",
                  "N": "i32", "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                  "EVEN_N": "constexpr", "EVEN_K": "constexpr", "GATED": "constexpr",
                  "scale_ptr": "*fp32" if scales else "constexpr", "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr",
                  "SCALES": "constexpr", "SCALE_BLOCK": "constexpr", "X_PER_ROW": "constexpr", "CHUNK": "constexpr",
-                 "norm_w_ptr": f"*{dtype}" if norm else "constexpr", "eps": "fp32" if norm else "constexpr",
-                 "NORM": "constexpr", "NORM_BLOCK": "constexpr", "res_ptr": f"*{dtype}" if residual else "constexpr",
-                 "RESIDUAL": "constexpr"}
+                 "norm_w_ptr": f"*{dtype}" if norm else "constexpr", "squares_ptr": "*fp32" if norm else "constexpr",
+                 "n_squares": "i32" if norm else "constexpr", "eps": "fp32" if norm else "constexpr",
+                 "NORM": "constexpr", "SQUARES_BLOCK": "constexpr", "res_ptr": f"*{dtype}" if residual else "constexpr",
+                 "RESIDUAL": "constexpr", "squares_out_ptr": "*fp32" if residual else "constexpr",
+                 "SQUARES_OUT": "constexpr"}
     launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK,
                 "X_PER_ROW": config.get("X_PER_ROW", False), "CHUNK": config.get("CHUNK", 0), "NORM": norm,
-                "NORM_BLOCK": norm_block(5120, config.get("num_warps", 4)), "RESIDUAL": residual}
+                # Qwen3-32B's hidden size, 5120: the sums of squares of 1280 groups of 4
+                "SQUARES_BLOCK": triton.next_power_of_2(squares_count(5120)) if norm else 1,
+                "RESIDUAL": residual, "SQUARES_OUT": residual}
     if not scales:
         launcher["scale_ptr"] = None
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
     if not norm:
-        launcher.update(norm_w_ptr=None, eps=0.0)
+        launcher.update(norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0)
     if not residual:
-        launcher["res_ptr"] = None
+        launcher.update(res_ptr=None, squares_out_ptr=None)
     constexprs, options = _split(_gemv_kernel, config, launcher)
     aligned = (["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
-               + (["norm_w_ptr"] if norm else []) + (["res_ptr"] if residual else []))
+               + (["norm_w_ptr", "squares_ptr", "n_squares"] if norm else [])
+               + (["res_ptr", "squares_out_ptr"] if residual else []))
     return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
 
 

@@ -63,25 +63,10 @@ NO_SCALES, ROW_SCALES, BLOCK_SCALES = 0, 1, 2
 SCALE_BLOCK = 128
 
 
-@triton.jit
-def _inverse_rms(x_ptr, K, eps, NORM_BLOCK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) over x's K values in fp32 (paiton.rms_norm's rstd), NORM_BLOCK
-    values a load: the whole row at once where it fits (one round trip to L2 before the
-    program's first product; a loop of narrower loads would wait for each in turn)."""
-    cols = tl.arange(0, NORM_BLOCK)
-    sum_sq = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
-    for start in range(0, K, NORM_BLOCK):
-        x = tl.load(x_ptr + start + cols, mask=start + cols < K, other=0.0).to(tl.float32)
-        sum_sq += x * x
-    return tl.rsqrt(tl.sum(sum_sq, axis=0) / K + eps)
-
-
-@triton.jit
-def _normalized(x, rstd, norm_w):
-    """norm_w * (x * rstd), cast to x's dtype where eager's Qwen3RMSNorm casts (after the scaling
-    and after the weight's product), as fusion/rms_norm.py's kernel does."""
-    scaled = (x.to(tl.float32) * rstd).to(x.dtype)
-    return (norm_w.to(tl.float32) * scaled.to(tl.float32)).to(x.dtype)
+# Sums of squares a product leaves for the RMSNorm after it (SQUARES_OUT): one fp32 per this many
+# output rows, so that their count, cdiv(N, SQUARES_GRAIN), does not depend on the launch (its
+# BLOCK_N, a multiple of it) and a graph can hold the buffer.
+SQUARES_GRAIN = tl.constexpr(4)
 
 
 @triton.jit
@@ -89,8 +74,9 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  GATED: tl.constexpr, scale_ptr=None, stride_sn=0, SCALES: tl.constexpr = 0,
                  SCALE_BLOCK: tl.constexpr = 128, X_PER_ROW: tl.constexpr = False, CHUNK: tl.constexpr = 0,
-                 PDL: tl.constexpr = False, norm_w_ptr=None, eps=0.0, NORM: tl.constexpr = False,
-                 NORM_BLOCK: tl.constexpr = 1024, res_ptr=None, RESIDUAL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0,
+                 NORM: tl.constexpr = False, SQUARES_BLOCK: tl.constexpr = 1, res_ptr=None,
+                 RESIDUAL: tl.constexpr = False, squares_out_ptr=None, SQUARES_OUT: tl.constexpr = False):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
     (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
@@ -111,12 +97,18 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     for 10-20 MB of L2 with it, while the kernel before streams its own weight through L2); x
     is read after it has.
 
-    NORM (not with GATED): x is the input of an RMSNorm whose output is the product's input:
-    every program first sums x's squares over the whole row (K values, from L2), then
-    normalizes each piece as it loads it, with `norm_w_ptr`'s weight and eager's cast points
-    (paiton.rms_norm's): the norm without a kernel and a round trip of its own.
+    NORM (not with GATED): the product of RMSNorm(x) with `norm_w_ptr`'s weight, where the
+    product that made x left the sums of x's squares (`squares_ptr`, `n_squares` fp32 partial
+    sums: SQUARES_OUT's): each piece of x is multiplied by the norm's weight as it is loaded
+    (rounded to x's dtype), and the row sums by 1 / sqrt(mean(x^2) + eps) at the end. So the
+    norm has no kernel of its own, and no pass over x before the first product: a first form
+    that summed x's squares in every program before its loop made Qwen3-8B's FP8 step 1%
+    slower on an H100 (765a60c). Eager rounds x * rstd and then its product with the weight;
+    this rounds x times the weight and scales the fp32 sums (about 2^-9 relative apart in bf16).
     RESIDUAL: y + res (rounded to y's dtype once more, as eager's add of two bf16 tensors), the
-    residual stream's add in the product's last step."""
+    residual stream's add in the product's last step. SQUARES_OUT: the sums of the squares of
+    y (as stored), one per SQUARES_GRAIN rows, to `squares_out_ptr` (the next norm's NORM input).
+    """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
         prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K)
@@ -134,7 +126,9 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
             norm_w_rows = norm_w_ptr + (rows * 0)[:, None]
         else:
             norm_w_rows = norm_w_ptr
-        rstd = _inverse_rms(x_ptr, K, eps, NORM_BLOCK)
+        # Loaded now, summed after the loop: the load's wait overlaps the products.
+        square_slots = tl.arange(0, SQUARES_BLOCK)
+        squares = tl.load(squares_ptr + square_slots, mask=square_slots < n_squares, other=0.0)
     if CHUNK > 0:
         acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     else:
@@ -155,7 +149,7 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                 norm_w = tl.load(norm_w_rows + k)
             else:
                 norm_w = tl.load(norm_w_rows + k, mask=k < K, other=0.0)
-            x = _normalized(x, rstd, norm_w)
+            x = (x.to(tl.float32) * norm_w.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
@@ -169,6 +163,8 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
         else:
             acc += product
     y = tl.sum(acc, axis=1)
+    if NORM:
+        y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     if SCALES == 1:
         y *= tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
     y = y.to(y_ptr.dtype.element_ty)
@@ -182,6 +178,12 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
         tl.store(y_ptr + rows, y)
     else:
         tl.store(y_ptr + rows, y, mask=rows < N)
+    if SQUARES_OUT:
+        stored = tl.where(rows < N, y.to(tl.float32), 0.0)
+        GROUPS: tl.constexpr = BLOCK_N // SQUARES_GRAIN
+        group_sums = tl.sum(tl.reshape(stored * stored, (GROUPS, SQUARES_GRAIN)), axis=1)
+        slots = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+        tl.store(squares_out_ptr + slots, group_sums, mask=slots < tl.cdiv(N, SQUARES_GRAIN))
 
 
 def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_per_row: bool = False,
@@ -276,37 +278,50 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
                          f"for x {tuple(x.shape)} {x.dtype}")
 
 
-def norm_block(k: int, num_warps: int) -> int:
-    """NORM_BLOCK for a row of k values: all of it in one load, at most 16 values a thread (a
-    wider row takes a few loads: the registers stay those of the product's loop)."""
-    return min(triton.next_power_of_2(max(k, 1)), 16 * 32 * num_warps)
-
-
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
-                scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
+                squares: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+                squares_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says;
     with `up`, (silu(x) * up) @ weight.T; an FP8 weight with its `scales` (see scales_kind):
-    x @ dequantized(weight).T, the scales applied to the fp32 sums. With `norm_weight` (not
-    with `up`): rms_norm(x, norm_weight, eps) @ weight.T; with `residual` ([..., N], y's dtype):
-    that plus the residual."""
+    x @ dequantized(weight).T, the scales applied to the fp32 sums.
+
+    With `norm_weight` and `squares` (not with `up`): rms_norm(x, norm_weight, eps) @ weight.T,
+    `squares` being fp32 partial sums of x's squares (any number of them; what a product with
+    `squares_out` leaves; the kernel's NORM says how it rounds). With `residual` ([..., N], y's
+    dtype): y plus the residual. `squares_out`: (y, the sums of y's squares, one fp32 per
+    SQUARES_GRAIN outputs: [..., ceil(N / SQUARES_GRAIN)]); the launch's BLOCK_N must be a
+    multiple of SQUARES_GRAIN."""
     _check_inputs(x, weight, up, scales)
-    _check_fusions(x, weight, up, norm_weight, residual)
-    return _launch(x, weight, config, up, scales, norm_weight=norm_weight, eps=eps, residual=residual)
+    _check_fusions(x, weight, config, up, norm_weight, squares, residual, squares_out)
+    return _launch(x, weight, config, up, scales, norm_weight=norm_weight, squares=squares, eps=eps, residual=residual,
+                   squares_out=squares_out)
 
 
-def _check_fusions(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                   residual: torch.Tensor | None) -> None:
+def squares_count(n: int) -> int:
+    """How many partial sums of squares a product of n outputs leaves (SQUARES_OUT)."""
+    return -(-n // SQUARES_GRAIN.value)
+
+
+def _check_fusions(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None,
+                   norm_weight: torch.Tensor | None, squares: torch.Tensor | None, residual: torch.Tensor | None,
+                   squares_out: bool) -> None:
+    if (norm_weight is None) != (squares is None):
+        raise ValueError("paiton gemv: a normalized input needs both the norm's weight and the sums of its squares")
     if norm_weight is not None:
         if up is not None:
             raise ValueError("paiton gemv: the input is either normalized (norm_weight) or gated (up), not both")
         if norm_weight.shape != (x.shape[-1],) or norm_weight.dtype != x.dtype or norm_weight.device != x.device:
             raise ValueError(f"paiton gemv: the norm's weight is [K] in x's dtype and device; got {tuple(norm_weight.shape)} "
                              f"{norm_weight.dtype} for x {tuple(x.shape)} {x.dtype}")
+        if squares.dtype != torch.float32 or squares.device != x.device or not squares.is_contiguous():
+            raise ValueError(f"paiton gemv: the sums of squares are contiguous fp32 on x's device; got {squares.dtype}")
     if residual is not None and (residual.shape != (*x.shape[:-1], weight.shape[0]) or residual.dtype != x.dtype
                                  or residual.device != x.device):
         raise ValueError(f"paiton gemv: the residual is the product's shape [..., N] in x's dtype; got "
                          f"{tuple(residual.shape)} {residual.dtype} for y [..., {weight.shape[0]}] {x.dtype}")
+    if squares_out and config["BLOCK_N"] % SQUARES_GRAIN.value:
+        raise ValueError(f"paiton gemv: sums of squares need BLOCK_N a multiple of {SQUARES_GRAIN.value}; got {config}")
 
 
 def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -315,25 +330,27 @@ def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
-            scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
+            squares: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
+            squares_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """launch_gemv without the input checks (its callers made them)."""
     n, k = weight.shape
     row = _unit_stride_row(x, k)
     up_row = row if up is None else _unit_stride_row(up, k)  # not read unless GATED
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    sums = torch.empty((*x.shape[:-1], squares_count(n)), dtype=torch.float32, device=x.device) if squares_out else None
     if n == 0:
-        return y
-    if k == 0 and norm_weight is not None:  # nothing to normalize: the product is 0
-        return y.zero_() if residual is None else y.copy_(residual)
+        return (y, sums) if squares_out else y
     launch = dict(config)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     fusions = {}
     if norm_weight is not None:
-        fusions.update(norm_w_ptr=norm_weight, eps=float(eps), NORM=True,
-                       NORM_BLOCK=norm_block(k, launch.get("num_warps", 4)))
+        fusions.update(norm_w_ptr=norm_weight, squares_ptr=squares, n_squares=squares.numel(), eps=float(eps), NORM=True,
+                       SQUARES_BLOCK=triton.next_power_of_2(max(squares.numel(), 1)))
     if residual is not None:
         fusions.update(res_ptr=_unit_stride_row(residual, n), RESIDUAL=True)
+    if squares_out:
+        fusions.update(squares_out_ptr=sums, SQUARES_OUT=True)
     with device_guard(x):
         kind = scales_kind(weight, scales)
         scale_args = {} if kind == NO_SCALES else dict(scale_ptr=scales, stride_sn=scales.stride(0), SCALES=kind)
@@ -341,7 +358,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch, **fusions,
             **(pdl_launch(x, _gemv_kernel) if k else {}))  # (an empty W: nothing to prefetch)
-    return y
+    return (y, sums) if squares_out else y
 
 
 # (device, N, K, row stride of W, dtype, gated[, FP8 weight's dtype, its SCALES]) -> the chosen
