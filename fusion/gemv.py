@@ -187,15 +187,30 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
 
 
 def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_per_row: bool = False,
-                chunk: int = 0) -> dict[str, int]:
+                chunk: int = 0, silu_first: bool = False) -> dict[str, int]:
     """A launch of _gemv_kernel; `x_per_row` and `chunk` are its X_PER_ROW and CHUNK (named in the
-    dict only when set, so the measured table's launches keep their keys)."""
+    dict only when set, so the measured table's launches keep their keys); `silu_first`: for a
+    gated product, paiton.silu_mul's kernel first and then this launch, plain (SILU_FIRST)."""
     config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if x_per_row:
         config["X_PER_ROW"] = True
     if chunk:
         config["CHUNK"] = chunk
+    if silu_first:
+        config["SILU_FIRST"] = True
     return config
+
+
+def silu_first(config: dict[str, int]) -> dict[str, int]:
+    """`config` as a gated product's launch that runs paiton.silu_mul first, then the plain kernel.
+
+    Why: the gated kernel computes silu(gate) * up for every element of W it multiplies, and
+    with x in W's layout (X_PER_ROW) once for each of a tile's rows: ALU work that a card whose
+    memory is fast enough runs out of. On an H200 Qwen3-32B's FP8 down_proj ran at 75% of the
+    copy rate gated (40.9 us, 16 x 1024 CHUNK), where its gate/up product, the same bytes, ran
+    at 96% plain (X_PER_ROW; bench/results/profile_decode_step-qwen3-32b-NVIDIA_H200-2026-12-06-976075e.md).
+    silu_mul's kernel is about 2 us; `choose` times both forms of every candidate."""
+    return {**config, "SILU_FIRST": True}
 
 
 # The candidates a CUDA GPU times per shape (the lowering table's list). Each tile is 4 to 32
@@ -334,6 +349,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
             squares: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
             squares_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """launch_gemv without the input checks (its callers made them)."""
+    if config.get("SILU_FIRST"):  # silu_mul's kernel, then the launch plain
+        config = {key: value for key, value in config.items() if key != "SILU_FIRST"}
+        if up is not None:
+            x, up = silu_mul(x, up), None
     n, k = weight.shape
     row = _unit_stride_row(x, k)
     up_row = row if up is None else _unit_stride_row(up, k)  # not read unless GATED
@@ -391,7 +410,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
 
     An FP8 weight (with its `scales`) has no vendor GEMM of one row: the fastest of `candidates`
     alone, timed with the scales (the first candidate, the table's untimed launch, runs during a
-    capture and whenever none other is faster)."""
+    capture and whenever none other is faster). A gated product (`up`) times each candidate in
+    two forms: gated, and after paiton.silu_mul's kernel, plain (`silu_first`)."""
     fp8 = scales is not None
     key = (str(x.device), weight.shape[0], weight.shape[1], weight.stride(0), x.dtype, up is not None)
     if fp8:
@@ -414,6 +434,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     if time_ms is None and not timed_choices():  # untimed, kept: PAITON_TIMED_CHOICES=0
         _CHOICES[key], _TIMINGS[key] = (candidates[0] if fp8 else VENDOR), {"source": "untimed"}
         return _CHOICES[key]
+    if up is not None:  # a gated product: each launch gated, and after silu_mul's kernel
+        candidates = [*candidates, *(silu_first(c) for c in candidates if not c.get("SILU_FIRST"))]
     timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, time_ms or _time_ms, scales)
     choice, best_ms = min(timed, key=lambda timing: timing[1])  # the baseline first: a tie keeps it
     baseline = "first candidate" if fp8 else "vendor"

@@ -124,10 +124,40 @@ def test_choose_keeps_the_fastest_per_shape_and_times_each_shape_once(monkeypatc
         (8, False, SMALL_CONFIGS[1], 3000.0, 1000.0), (24, False, gemv.VENDOR, 1000.0, 1000.0)]
     # No candidates: the vendor's GEMM, nothing timed.
     assert gemv.choose(x, torch.randn(4, 16), (), fake_timer([])) == gemv.VENDOR
-    # The gated form of a timed shape is another choice (its vendor path runs silu_mul first).
+    # The gated form of a timed shape is another choice (its vendor path runs silu_mul first), its
+    # candidates timed gated and after silu_mul (silu_first).
     calls.clear()
-    assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([0.5, 2.0, 1.0, 4.0]), up=torch.randn(1, 16)) == gemv.VENDOR
-    assert len(calls) == 4 * rounds and gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([])) == SMALL_CONFIGS[1]
+    speeds = [0.5, 2.0, 1.0, 4.0, 3.0, 3.0, 3.0]
+    assert gemv.choose(x, weight, SMALL_CONFIGS, fake_timer(speeds), up=torch.randn(1, 16)) == gemv.VENDOR
+    assert len(calls) == 7 * rounds and gemv.choose(x, weight, SMALL_CONFIGS, fake_timer([])) == SMALL_CONFIGS[1]
+
+
+def test_a_gated_fp8_product_may_choose_silu_mul_first(monkeypatch):
+    """Gated, each candidate is timed in both forms; the silu-first form, when fastest, is the
+    choice, and launches as silu_mul's kernel and then the plain launch."""
+    monkeypatch.setattr(gemv, "_CHOICES", {})
+    monkeypatch.setattr(gemv, "_TIMINGS", {})
+    x, up, weight = torch.randn(1, 16), torch.randn(1, 16), torch.randn(8, 16)
+    w8, scales = weight.to(torch.float8_e4m3fn), torch.rand(8) + 0.5
+    calls = []
+    speeds = [3.0, 2.0, 2.5, 3.0, 1.0, 2.0]  # the gated launches, then their silu-first forms
+    choice = gemv.choose(x, w8, SMALL_CONFIGS, functools.partial(sequence_timer, calls=calls)(speeds), up=up, scales=scales)
+    assert choice == gemv.silu_first(SMALL_CONFIGS[1]) and len(calls) == 6 * gemv.TIMING_ROUNDS
+    from paiton.fusion.swiglu import silu_mul
+
+    expected = gemv.launch_gemv(silu_mul(x, up), w8, SMALL_CONFIGS[1], scales=scales)
+    assert torch.equal(gemv.launch_gemv(x, w8, choice, up, scales), expected)
+
+
+@given(n=st.integers(1, 40), k=st.integers(1, 150), dtype=st.sampled_from([torch.float32, torch.float16]),
+       config=st.sampled_from(KERNEL_CONFIGS), seed=st.integers(0, 2**16))
+def test_silu_first_is_the_gated_launch_bit_for_bit(n, k, dtype, config, seed):
+    """silu_mul's kernel and then the plain launch round the activation as the gated kernel does
+    and accumulate in its order: the same bits."""
+    generator = torch.Generator().manual_seed(seed)
+    x, up = (torch.randn(1, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    assert torch.equal(gemv.launch_gemv(x, weight, gemv.silu_first(config), up), gemv.launch_gemv(x, weight, config, up))
 
 
 def test_choose_for_an_fp8_weight_times_its_launches_alone(monkeypatch):
