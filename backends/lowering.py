@@ -127,8 +127,8 @@ _NVIDIA = {
     ),
     "silu_mul_linear": Lowering(
         TRITON, dict(candidates=GEMV_CANDIDATES),
-        "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, or "
-        "silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
+        "SwiGLU feeding a one-row linear (down_proj at batch 1): the GEMV applying silu(gate) * up as it loads, "
+        "silu_mul then the plain GEMV, or silu_mul + cuBLAS, per weight shape as measured or timed (as one_row_linear)",
     ),
     "norm_linear": Lowering(
         TRITON, {},

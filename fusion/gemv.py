@@ -26,7 +26,9 @@ passes/one_row_linear.py routes a decode step's other linears (o_proj, down_proj
 through that op. Gated (`up` given): the input is silu(x) * up, computed tile by tile as the
 kernel loads it and rounded as paiton::silu_mul rounds it, for paiton::silu_mul_packed_linear
 (passes/silu_mul_linear.py: SwiGLU into down_proj at batch 1, one launch less per layer);
-its vendor candidate is silu_mul's kernel followed by torch's linear.
+its vendor candidate is silu_mul's kernel followed by torch's linear, and each launch is also
+timed after silu_mul's kernel, plain (`silu_first`: where the gated loop's ALU work costs more
+than a launch, as on an H200 with FP8 weights).
 """
 
 from __future__ import annotations
