@@ -157,7 +157,10 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
     type ("fp8e4nv": e4m3fn, NVIDIA; "fp8e4b8": e4m3fnuz, MI300X) with fp32 `scales` per row or
     per 128 x 128 block (fp8_linear); `norm`: the product of the input RMS-normalized (the sums of
     its squares read, rms_norm_linear), `residual`: the residual added to the outputs and the sums
-    of their squares written (linear_add)."""
+    of their squares written (linear_add). A silu-first launch (gemv.silu_first) of a gated
+    product is the plain kernel after silu_mul's: built plain."""
+    if config.get("SILU_FIRST"):
+        config, gated = {key: value for key, value in config.items() if key != "SILU_FIRST"}, False
     signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype or dtype}", "y_ptr": f"*{dtype}",
                  "N": "i32", "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                  "EVEN_N": "constexpr", "EVEN_K": "constexpr", "GATED": "constexpr",
@@ -181,6 +184,7 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
         launcher.update(norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0)
     if not residual:
         launcher.update(res_ptr=None, squares_out_ptr=None)
+    config = {key: value for key, value in config.items() if key != "SILU_FIRST"}  # (silu_mul's kernel, then this plain)
     constexprs, options = _split(_gemv_kernel, config, launcher)
     aligned = (["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
                + (["norm_w_ptr", "squares_ptr", "n_squares"] if norm else [])

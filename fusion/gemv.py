@@ -102,7 +102,8 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     NORM (not with GATED): the product of RMSNorm(x) with `norm_w_ptr`'s weight, where the
     product that made x left the sums of x's squares (`squares_ptr`, `n_squares` fp32 partial
     sums: SQUARES_OUT's): each piece of x is multiplied by the norm's weight as it is loaded
-    (rounded to x's dtype), and the row sums by 1 / sqrt(mean(x^2) + eps) at the end. So the
+    (rounded to x's dtype, but for fp16, whose range the unnormalized product can leave), and
+    the row sums by 1 / sqrt(mean(x^2) + eps) at the end. So the
     norm has no kernel of its own, and no pass over x before the first product: a first form
     that summed x's squares in every program before its loop made Qwen3-8B's FP8 step 1%
     slower on an H100 (765a60c). Eager rounds x * rstd and then its product with the weight;
@@ -151,7 +152,9 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                 norm_w = tl.load(norm_w_rows + k)
             else:
                 norm_w = tl.load(norm_w_rows + k, mask=k < K, other=0.0)
-            x = (x.to(tl.float32) * norm_w.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            x = x.to(tl.float32) * norm_w.to(tl.float32)
+            if x_ptr.dtype.element_ty != tl.float16:  # fp16 keeps fp32: x * w, not yet normalized, can pass 65504
+                x = x.to(x_ptr.dtype.element_ty)
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
@@ -362,6 +365,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
     sums = torch.empty((*x.shape[:-1], squares_count(n)), dtype=torch.float32, device=x.device) if squares_out else None
     if n == 0:
         return (y, sums) if squares_out else y
+    if k == 0 and norm_weight is not None:  # an empty row normalizes to nothing: the product is 0
+        return y.zero_()
     launch = dict(config)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     fusions = {}

@@ -102,7 +102,8 @@ def rms_norm_linear(x: torch.Tensor, squares: torch.Tensor, norm_weight: torch.T
     from paiton.fusion import gemv
 
     weight, packed_scales = _product_inputs(x, weights, scales)
-    fusable = norm_weight.dtype == x.dtype and norm_weight.shape == (x.shape[-1],)  # else the unfused ops raise
+    fusable = (norm_weight.dtype == x.dtype and norm_weight.shape == (x.shape[-1],)  # else the unfused ops raise
+               and norm_weight.device == squares.device == x.device)
     if fusable and squares.shape == (*x.shape[:-1], gemv.squares_count(x.shape[-1])) and squares.dtype == torch.float32:
         launch = one_row_launch(x, weight, scales=packed_scales)
         if launch is not None:
@@ -138,9 +139,10 @@ def linear_add(x: torch.Tensor, up: torch.Tensor | None, weights: list[torch.Ten
     from paiton.fusion import gemv
 
     weight, packed_scales = _product_inputs(x, weights, scales)
-    fusable = residual.shape == _output_shape(x, weights) and residual.dtype == x.dtype
+    _check_residual(x, weights, residual)
+    fusable = residual.device == x.device
     if up is not None:
-        fusable &= up.shape == x.shape and up.dtype == x.dtype
+        fusable &= up.shape == x.shape and up.dtype == x.dtype and up.device == x.device
     if fusable:
         launch = one_row_launch(x, weight, up=up, scales=packed_scales)
         if launch is not None and launch["BLOCK_N"] % gemv.SQUARES_GRAIN.value == 0:
@@ -149,10 +151,19 @@ def linear_add(x: torch.Tensor, up: torch.Tensor | None, weights: list[torch.Ten
     return summed, sums_of_squares(summed)
 
 
+def _check_residual(x: torch.Tensor, weights: list[torch.Tensor], residual: torch.Tensor) -> None:
+    """The residual has the product's shape and x's dtype: no broadcast, no promotion (the sum is
+    the residual stream, whose shape and dtype do not change)."""
+    if residual.shape != _output_shape(x, weights) or residual.dtype != x.dtype:
+        raise ValueError(f"paiton linear_add: the residual is the product's shape {list(_output_shape(x, weights))} in "
+                         f"x's dtype {x.dtype}; got {list(residual.shape)} {residual.dtype}")
+
+
 @linear_add.register_fake
 def _linear_add_fake(x, up, weights, scales, residual):
     from paiton.fusion import gemv
 
     _check_product_inputs(x, weights, scales)
+    _check_residual(x, weights, residual)
     shape = _output_shape(x, weights)
     return x.new_empty(shape), x.new_empty((*shape[:-1], gemv.squares_count(shape[-1])), dtype=torch.float32)

@@ -86,6 +86,23 @@ def test_fp8_weights_normalized_and_with_residual(n, k, seed):
     assert torch.equal(added, gemv.launch_gemv(x, weight, config, up, scales=scales) + residual)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fp16_outliers_do_not_overflow_before_the_norm(config):
+    """fp16: x times the norm's weight, not yet normalized, can pass fp16's 65504 (a residual
+    stream's outlier times a large weight); the kernel keeps that product in fp32 there."""
+    x, norm_weight, weight, _, _ = row_and_weights(24, 64, torch.float16, 0)
+    x[0, 3], norm_weight[3] = 3000.0, 30.0
+    fused = gemv.launch_gemv(x, weight, config, norm_weight=norm_weight, squares=sums_of_squares(x), eps=1e-6)
+    unfused = gemv.launch_gemv(rms_norm_reference(x, norm_weight, 1e-6), weight, config)
+    assert torch.isfinite(fused).all() and relative_error(fused, unfused) <= NORM_TOLERANCE[torch.float16]
+
+
+def test_an_empty_row_normalizes_to_a_zero_product():
+    x, norm_weight, weight = torch.empty(1, 0), torch.empty(0), torch.empty(5, 0)
+    y = gemv.launch_gemv(x, weight, CONFIGS[0], norm_weight=norm_weight, squares=torch.zeros(1, 0), eps=1e-6)
+    assert torch.equal(y, torch.zeros(1, 5))
+
+
 def test_fusion_arguments_are_checked():
     x, norm_weight, weight, _, residual = row_and_weights(8, 16, torch.float32, 0)
     config = CONFIGS[0]
@@ -98,6 +115,9 @@ def test_fusion_arguments_are_checked():
         gemv.launch_gemv(x, weight, config, norm_weight=norm_weight)
     with pytest.raises(ValueError, match="residual is the product's shape"):
         gemv.launch_gemv(x, weight, config, residual=residual.half())
+    _, weights = packed(24, 8)
+    with pytest.raises(ValueError, match="residual is the product's shape"):
+        torch.ops.paiton.linear_add(torch.randn(1, 48), None, weights, [], torch.randn(1, 1))  # no broadcast
     with pytest.raises(ValueError, match="BLOCK_N a multiple of 4"):
         gemv.launch_gemv(x, weight, gemv.gemv_config(2, 16, 1, 1), squares_out=True)
 
