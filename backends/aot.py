@@ -184,7 +184,6 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
         launcher.update(norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0)
     if not residual:
         launcher.update(res_ptr=None, squares_out_ptr=None)
-    config = {key: value for key, value in config.items() if key != "SILU_FIRST"}  # (silu_mul's kernel, then this plain)
     constexprs, options = _split(_gemv_kernel, config, launcher)
     aligned = (["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
                + (["norm_w_ptr", "squares_ptr", "n_squares"] if norm else [])

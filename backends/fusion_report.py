@@ -107,7 +107,7 @@ def fusion_counts(model=None) -> dict[str, int]:
     """How many subgraphs each Paiton fusion rewrote, summed over the compiled graphs of
     `model` (a module, compiled module or compiled bound method), or over every graph compiled
     since the last `torch._dynamo.reset()` when `model` is None. Every pass that runs by default is
-    listed, fired or not, and any other that ran (l2_prefetch, when asked for).
+    listed, fired or not, and any other that ran (l2_prefetch or norm_linear, when asked for).
 
     >>> compiled = torch.compile(model, backend="paiton"); compiled(ids)
     >>> paiton.fusion_counts(compiled)

@@ -391,10 +391,11 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
             rows.append(row(op, kernel, shape, config, aot.gemv_build(config, dtype, gated)))
     # The norm inside q/k/v's GEMV, and the residual added in down_proj's (gated), with the first
     # candidate (the launch the unfused product of the shape runs is the one they take).
-    norm_linear = launch_config("one_row_linear", target).get("candidates", ())[:1] if tokens == 1 else ()
-    if table["norm_linear"].implementation != TRITON or not norm_linear:
+    fused = tokens == 1 and table["norm_linear"].implementation == TRITON
+    norm_linear = launch_config("one_row_linear", target).get("candidates", ())[:1] if fused else ()
+    if not norm_linear:
         rows.append(row("norm_linear", "-", "not used: more than one row" if tokens != 1 else "-", {}, None))
-    for config in norm_linear if table["norm_linear"].implementation == TRITON else ():
+    for config in norm_linear:
         rows.append(row("norm_linear", "_gemv_kernel (norm)", f"rms_norm([1, {m.hidden_size}]) x [{qkv}, {m.hidden_size}]",
                         config, aot.gemv_build(config, dtype, norm=True)))
         rows.append(row("norm_linear", "_gemv_kernel (gated, residual)",

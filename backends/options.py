@@ -13,7 +13,8 @@
       on; naming a chip of another vendor than that GPU is an error.
     - `paiton.<pass name>`: `False` switches that pass off (`paiton.rms_norm`,
       `paiton.fused_add_rms_norm`, ...; `PASS_NAMES` lists them), `True` on (every pass is on
-      by default but `paiton.l2_prefetch`, on only under PAITON_L2_PREFETCH=1).
+      by default but `paiton.l2_prefetch` and `paiton.norm_linear`, on only under
+      PAITON_L2_PREFETCH=1 and PAITON_NORM_LINEAR=1).
 * any other key is an Inductor config option (as with `backend="inductor"`), e.g.
   `{"triton.cudagraphs": True}`; `mode` adds Inductor's options for that mode.
 

@@ -95,18 +95,30 @@ def _paiton_kernels(x: torch.Tensor) -> dict | None:
     return None if lowering.implementation == INDUCTOR else lowering.params
 
 
+def one_row_launch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None,
+                   params: dict | None) -> dict | None:
+    """The GEMV launch (fusion/gemv.py) the product of x over this FP8 weight takes where x is one
+    row and the chip has Paiton's kernels (`params`: _paiton_kernels(x)), else None: the table's
+    untimed launch, or where it lists candidates (on a GPU) the one timed fastest for the shape
+    at first use (never the vendor's GEMM: FP8 has none of one row)."""
+    if x.numel() // max(x.shape[-1], 1) != 1 or params is None:
+        return None
+    if x.device.type != "cpu" and params.get("one_row_candidates"):
+        from paiton.fusion import gemv
+
+        return gemv.choose(x, weight, params["one_row_candidates"], up=up, scales=scales)
+    return params["one_row"]
+
+
 def _product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     """x @ dequantize(weight, scales).T (with `up`: silu_mul(x, up) first): one row on a chip
     with Paiton's kernels, the GEMV (SwiGLU applied as it loads); otherwise the path
     fusion/fp8_paths.choose_path takes among the chip's (DEQUANTIZE alone without kernels)."""
-    rows = x.numel() // max(x.shape[-1], 1)
     params = _paiton_kernels(x)
-    if rows == 1 and params is not None:
+    launch = one_row_launch(x, weight, scales, up, params)
+    if launch is not None:
         from paiton.fusion import gemv
 
-        launch = params["one_row"]
-        if x.device.type != "cpu" and params.get("one_row_candidates"):  # timed per shape at first use
-            launch = gemv.choose(x, weight, params["one_row_candidates"], up=up, scales=scales)  # a launch, never VENDOR
         return gemv.launch_gemv(x, weight, launch, up=up, scales=scales)
     paths = params["several_rows"] if params is not None else (DEQUANTIZE,)
     return several_rows_product(x if up is None else silu_mul(x, up), weight, scales, paths)

@@ -63,15 +63,10 @@ def one_row_launch(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | Non
     CPU outside Triton's interpreter."""
     from paiton.fusion import gemv
 
+    if scales is not None:
+        return _fp8_linear.one_row_launch(x, weight, scales, up, _fp8_linear._paiton_kernels(x))
     if x.numel() != x.shape[-1]:
         return None
-    if scales is not None:
-        params = _fp8_linear._paiton_kernels(x)
-        if params is None:
-            return None
-        if x.device.type != "cpu" and params.get("one_row_candidates"):
-            return gemv.choose(x, weight, params["one_row_candidates"], up=up, scales=scales)
-        return params["one_row"]
     candidates = _packed_linear._table_candidates(x, "one_row_linear" if up is None else "silu_mul_linear")
     if not candidates:
         return None
