@@ -42,7 +42,7 @@ def _start_tensor_parallel(args: argparse.Namespace, device: str):
         return None
     if tp == 1:
         return device, 0, None
-    if getattr(args, "fp8", False):
+    if getattr(args, "fp8", False) or getattr(args, "fp8_lm_head", False):
         _progress("--fp8 does not yet combine with --tensor-parallel")
         return None
     if device.startswith("cuda"):
@@ -311,7 +311,7 @@ def _compile_cache_key(args: argparse.Namespace, device: str, options: dict) -> 
 
     return dict(model=os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint else args.model,
                 dtype=args.dtype, device=device, backend=args.backend, mode=args.mode, options=dict(options),
-                fp8=bool(args.fp8), max_slots=args.max_slots, max_model_len=args.max_model_len,
+                fp8=bool(args.fp8), fp8_lm_head=bool(args.fp8_lm_head), max_slots=args.max_slots, max_model_len=args.max_model_len,
                 max_prefill_tokens=args.max_prefill_tokens,
                 tensor_parallel=args.tensor_parallel or int(os.environ.get("WORLD_SIZE", "1")),
                 torch=torch.__version__)
@@ -362,12 +362,13 @@ def serve(args: argparse.Namespace) -> int:
     if ready is None:
         return 2
     device, rank, channel, model, tokenizer = ready
-    if args.fp8:
+    if args.fp8 or args.fp8_lm_head:
         from paiton.models.fp8 import is_fp8, quantize_fp8
 
-        if not is_fp8(model):  # an FP8 checkpoint is FP8 already
+        # An FP8 checkpoint is FP8 already, but for its lm_head when it came in the model's dtype.
+        if not is_fp8(model) or (args.fp8_lm_head and type(getattr(model, "lm_head", None)) is torch.nn.Linear):
             try:
-                quantize_fp8(model)
+                quantize_fp8(model, include_lm_head=args.fp8_lm_head)
             except RuntimeError as error:  # a chip without FP8
                 _progress(str(error))
                 return 2
@@ -390,7 +391,7 @@ def serve(args: argparse.Namespace) -> int:
             return 2
     _progress(f"model ready in {time.perf_counter() - started:.1f} s: {name}, tokenizer: {info.name}; "
               f"{args.max_slots} slots x {args.max_model_len} tokens, backend {args.backend}"
-              + (", FP8 weights" if args.fp8 else "") + (f", tensor parallel {channel.ranks}" if channel else "")
+              + (", FP8 weights" if args.fp8 or args.fp8_lm_head else "") + (" (lm_head too)" if args.fp8_lm_head else "") + (f", tensor parallel {channel.ranks}" if channel else "")
               + (f" {options}" if options else "") + (", warming up (compiling) first" if warmup else
                                                       "; the first requests compile"))
     after_warmup = None
@@ -487,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=sorted(DTYPES))
     s.add_argument("--seed", type=int, default=0, help="the presets' random weights")
     s.add_argument("--fp8", action="store_true", help="FP8 weights: every decoder linear per channel (paiton.quantize_fp8)")
+    s.add_argument("--fp8-lm-head", action="store_true",
+                   help="--fp8 and the lm_head too (quantize_fp8's include_lm_head: its bytes halved, at the accuracy "
+                        "bench/results/fp8_accuracy-*.md reports with --lm-head)")
     s.add_argument("--load-compile-cache", action="append", default=[], metavar="FILE",
                    help="compile artifacts an earlier start saved (repeatable): the warm-up compiles from them")
     s.add_argument("--save-compile-cache", metavar="FILE",

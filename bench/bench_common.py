@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 # for what Inductor still generates around Paiton's kernels. A Paiton configuration may switch
 # passes off by name: "paiton-cdt-no-merged_projections-no-swiglu" (experiments on which
 # fusions pay at which batch size).
-# "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel).
+# "paiton-fp8": Paiton on an FP8 copy of the model (models/fp8.py: decoder linears per channel);
+# "paiton-fp8-head": the same with the lm_head in FP8 too (quantize_fp8's include_lm_head).
 # "-pdl" after a Paiton configuration's name ("paiton-pdl", "paiton-fp8-pdl"): its kernels launched
 # with programmatic dependent launch (PAITON_PDL=1 while it compiles and runs: fusion/pdl.py; the
 # others run with PAITON_PDL unset, as Paiton does by default). "-l2pf" likewise: the l2_prefetch
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 # (PAITON_L2_PREFETCH=1: fusion/l2_prefetch.py). "-nl" likewise: the norm_linear pass runs, the
 # decode step's norms inside its one-row products (PAITON_NORM_LINEAR=1: fusion/norm_linear.py).
 # They may follow one name, in that order ("paiton-fp8-pdl-l2pf-nl").
-CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8")
+CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8", "paiton-fp8-head")
+FP8_HEAD = "-fp8-head"
 PDL_SUFFIX = "-pdl"
 L2_PREFETCH_SUFFIX = "-l2pf"
 NORM_LINEAR_SUFFIX = "-nl"
@@ -60,6 +62,19 @@ def uses_l2_prefetch(config: str) -> bool:
 
 def uses_norm_linear(config: str) -> bool:
     return _launch_switches(config.split("-no-")[0])[1][NORM_LINEAR_SUFFIX]
+
+
+def fp8_lm_head(config: str) -> bool:
+    """Whether a configuration's FP8 weights take the lm_head too ("paiton-fp8-head...")."""
+    return _launch_switches(config.split("-no-")[0])[0].endswith(FP8_HEAD)
+
+
+def floor_key(config: str) -> str:
+    """The env entry holding the floor of the weights a configuration reads: fp8_head_floor_us,
+    fp8_floor_us (fp8_floor_fields) or floor_us (floor_fields)."""
+    if "-fp8" not in config:
+        return "floor_us"
+    return "fp8_head_floor_us" if fp8_lm_head(config) else "fp8_floor_us"
 
 
 @contextlib.contextmanager
@@ -199,28 +214,38 @@ def floor_fields(model, device: str) -> dict:
     return fields
 
 
-def fp8_floor_fields(model, copy_bytes_per_s: float | None) -> dict:
+def fp8_floor_fields(model, copy_bytes_per_s: float | None, lm_head: bool = False) -> dict:
     """A results file's env entries for the FP8 copy's floor beside the model's (an -fp8
     configuration's weights): its weight bytes, and those over the measured copy rate (None off
-    the GPU)."""
-    fp8_bytes = fp8_weight_bytes(model)
-    return dict(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_bytes_per_s * 1e6 if copy_bytes_per_s else None)
+    the GPU); with `lm_head` also those of the copy whose lm_head is FP8 (fp8_head_*)."""
+    def fields(prefix, nbytes):
+        return {f"{prefix}_weight_bytes": nbytes,
+                f"{prefix}_floor_us": nbytes / copy_bytes_per_s * 1e6 if copy_bytes_per_s else None}
+
+    return {**fields("fp8", fp8_weight_bytes(model)),
+            **(fields("fp8_head", fp8_weight_bytes(model, lm_head=True)) if lm_head else {})}
 
 
-def fp8_weight_bytes(model) -> int:
+def fp8_weight_bytes(model, lm_head: bool = False) -> int:
     """weight_bytes of `model` quantized as quantize_fp8 does it (every bias-free linear of the
-    decoder layers: one byte an element and an fp32 scale per output row), counted without
-    making the FP8 copy (a Qwen3-32B on an 80 GB card cannot hold both); the model's own count
-    if it is FP8 already."""
+    decoder layers, and the lm_head if `lm_head`: one byte an element and an fp32 scale per
+    output row), counted without making the FP8 copy (a Qwen3-32B on an 80 GB card cannot hold
+    both); the decoder's own count if it is FP8 already. A tied lm_head quantized adds its FP8
+    copy (the embedding stays)."""
+    import torch
+
     from paiton.models.fp8 import is_fp8, quantizable_linears
 
     total = weight_bytes(model)
-    if is_fp8(model):
-        return total
-    for layer in getattr(getattr(model, "model", model), "layers", ()):
+    for layer in getattr(getattr(model, "model", model), "layers", ()) if not is_fp8(model) else ():
         for _, _, linear in quantizable_linears(layer):
             w = linear.weight
             total += w.numel() + w.shape[0] * 4 - w.numel() * w.element_size()
+    head = getattr(model, "lm_head", None)
+    if lm_head and type(head) is torch.nn.Linear:
+        w = head.weight
+        tied = w.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # weight_bytes counted it once
+        total += w.numel() + w.shape[0] * 4 - (0 if tied else w.numel() * w.element_size())
     return total
 
 
@@ -252,7 +277,7 @@ def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -
     if not is_config(config) or config == "eager":
         raise ValueError(f"unknown compiled configuration {config!r}; choose from {', '.join(CONFIGS[1:])}")
     config, *off = config.split("-no-")
-    config = _launch_switches(config)[0].removesuffix("-fp8")  # the launches or the weights differ, not the compile
+    config = _launch_switches(config)[0].removesuffix(FP8_HEAD).removesuffix("-fp8")  # the launches or the weights differ, not the compile
     passes_off = {f"paiton.{name}": False for name in off}
     if config.startswith("paiton") and paiton_inner == "eager":
         return "paiton", {"options": {"paiton.inner_compiler": "eager", **passes_off}}
@@ -265,22 +290,23 @@ def compile_settings(config: str, device: str, paiton_inner: str = "inductor") -
     raise AssertionError(config)
 
 
-_FP8_COPIES: dict[int, object] = {}
+_FP8_COPIES: dict[tuple[int, bool], object] = {}
 
 
 def model_for(model, config: str):
-    """`model`, or for an FP8 configuration its FP8 copy (made once per model, sharing the rest)."""
+    """`model`, or for an FP8 configuration its FP8 copy (made once per model, sharing the rest;
+    an -fp8-head configuration's copy shares the -fp8 copy's decoder weights, its lm_head FP8)."""
     if "-fp8" not in config:
         return model
-    from paiton.models.fp8 import is_fp8
+    from paiton.models.fp8 import fp8_copy, is_fp8
 
-    if is_fp8(model):  # quantized in place already (profile_decode_step --fp8-in-place)
+    head = fp8_lm_head(config)
+    if is_fp8(model) and not head:  # quantized in place already (profile_decode_step --fp8-in-place)
         return model
-    if id(model) not in _FP8_COPIES:
-        from paiton.models.fp8 import fp8_copy
-
-        _FP8_COPIES[id(model)] = fp8_copy(model)
-    return _FP8_COPIES[id(model)]
+    key = (id(model), head)
+    if key not in _FP8_COPIES:
+        _FP8_COPIES[key] = fp8_copy(model_for(model, "paiton-fp8"), include_lm_head=True) if head else fp8_copy(model)
+    return _FP8_COPIES[key]
 
 
 def make_loop(model, config: str, max_batch: int, max_length: int, device: str, paiton_inner: str = "inductor"):

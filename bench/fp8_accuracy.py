@@ -21,7 +21,8 @@ its elements scaled 30x. Per-channel scales are one per output row, so an outlie
 every row's absmax and coarsens the rest of the row: the hard case for this quantization.
 
 The FP8 model is `quantize_fp8(copy)`: every decoder linear per channel, lm_head and embeddings
-kept. Its several-row products (a prefill, or this teacher-forced forward) take the path
+kept; with `--lm-head` a second row has the lm_head in FP8 too (per channel, as `paiton serve
+--fp8-lm-head` runs it: at batch 1 it is 5% of Qwen3-32B's FP8 bytes read, 14% of Qwen3-8B's). Its several-row products (a prefill, or this teacher-forced forward) take the path
 fusion/fp8_paths.py chooses: on a CPU the weight dequantized and multiplied in the model's dtype
 (weight-only); on a GPU, timed per shape, at these row counts torch._scaled_mm, which quantizes
 the activations to FP8 per token as well (W8A8: about 2^-4 of each activation besides), so a
@@ -94,6 +95,9 @@ def main(argv=None):
     parser.add_argument("--fp8-format", choices=["e4m3fn", "e4m3fnuz"], help="default: the chip's (CPU: e4m3fn)")
     parser.add_argument("--baseline", action="store_true",
                         help=f"also the reference dtype against float32 (how far bf16 itself is from exact)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="also a row per model and weight kind with the lm_head in FP8 too (quantize_fp8's "
+                             "include_lm_head, `paiton serve --fp8-lm-head`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
@@ -109,14 +113,19 @@ def main(argv=None):
                 add_outliers(reference, args.seed)
             fp8 = quantize_fp8(copy.deepcopy(reference), dtype=fp8_dtype)
             format_used = next(m.weight.dtype for m in fp8.modules() if hasattr(m, "weight_scale"))
-            row = dict(model=name, weights=kind, fp8=str(format_used).removeprefix("torch."),
+            row = dict(model=name, weights=kind, fp8=str(format_used).removeprefix("torch."), lm_head=False,
                        **compare(reference, fp8, args.tokens, args.seed))
             rows.append(row)
-            print(f"{name} {kind}: max |dlogit| {row['max_logit_diff']:.3g}, mean {row['mean_logit_diff']:.3g} "
-                  f"(logit std {row['logit_std']:.3g}), greedy agreement {100 * row['greedy_agreement']:.1f}%", flush=True)
+            if args.lm_head:  # the same FP8 decoder, its lm_head quantized as well
+                quantize_fp8(fp8, dtype=format_used, include_lm_head=True)
+                rows.append(dict(row, lm_head=True, **compare(reference, fp8, args.tokens, args.seed)))
+            for r in rows[-1 - args.lm_head:]:
+                print(f"{name} {kind}{' (lm_head FP8 too)' if r['lm_head'] else ''}: max |dlogit| {r['max_logit_diff']:.3g}, "
+                      f"mean {r['mean_logit_diff']:.3g} (logit std {r['logit_std']:.3g}), "
+                      f"greedy agreement {100 * r['greedy_agreement']:.1f}%", flush=True)
             if args.baseline:  # the reference dtype's own distance from fp32, on the same weights
                 exact = copy.deepcopy(reference).float()
-                rows.append(dict(model=name, weights=kind, fp8=f"none: {args.dtype} vs float32",
+                rows.append(dict(model=name, weights=kind, fp8=f"none: {args.dtype} vs float32", lm_head=False,
                                  **compare(exact, reference, args.tokens, args.seed)))
             del reference, fp8
     env = dict(run_environment(args.device), dtype=args.dtype, tokens=args.tokens, seed=args.seed)
@@ -130,12 +139,14 @@ def markdown(env, rows) -> str:
     lines = [f"# FP8 weights against {env['dtype']}: teacher-forced logits", "",
              f"{versions_line(env)}, {env['card']}; {env['tokens']} positions per model and weight kind (32 random "
              "prompt tokens, then the reference's greedy continuation); every decoder linear per channel in FP8, "
-             "the lm_head and embeddings kept. Weights: bench/fp8_accuracy.py's docstring.", "",
-             "| model | weights | FP8 | max abs logit diff | mean abs logit diff | logit std | max / std | mean / std | "
+             "the embeddings kept, the lm_head kept unless its column says FP8 (per channel too). Weights: "
+             "bench/fp8_accuracy.py's docstring.", "",
+             "| model | weights | FP8 | lm_head | max abs logit diff | mean abs logit diff | logit std | max / std | mean / std | "
              "greedy agreement (all / continuation) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['weights']} | {r['fp8']} | {r['max_logit_diff']:.3g} | {r['mean_logit_diff']:.3g} | "
+        head = "FP8" if r.get("lm_head") else ("-" if r["fp8"].startswith("none") else env["dtype"])
+        lines.append(f"| {r['model']} | {r['weights']} | {r['fp8']} | {head} | {r['max_logit_diff']:.3g} | {r['mean_logit_diff']:.3g} | "
                      f"{r['logit_std']:.3g} | {r['max_diff_over_std']:.3f} | {r['mean_diff_over_std']:.4f} | "
                      f"{100 * r['greedy_agreement']:.1f}% / {100 * r['greedy_agreement_continuation']:.1f}% |")
     return "\n".join(lines) + "\n"
@@ -144,7 +155,7 @@ def markdown(env, rows) -> str:
 def plot(rows, path, env):
     from bench_common import grouped_bar_plot
 
-    groups = {f"{r['model']}\n{r['weights']}": {"mean |dlogit| / std (x100)": 100 * r["mean_diff_over_std"],
+    groups = {f"{r['model']}\n{r['weights']}{' +head' if r.get('lm_head') else ''}{' (ref)' if r['fp8'].startswith('none') else ''}": {"mean |dlogit| / std (x100)": 100 * r["mean_diff_over_std"],
                                                  "greedy disagreement %": 100 * (1 - r["greedy_agreement"])} for r in rows}
     grouped_bar_plot(path, f"FP8 vs {env['dtype']}, {env['card']}, {env['date'][:10]}", groups, "")
 

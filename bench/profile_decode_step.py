@@ -37,7 +37,7 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, compile_settings, config_environment, floor_fields, fp8_floor_fields, model_for, floor_lines, one_row_choices_markdown, parse_configs,
+from bench_common import (CONFIGS, compile_settings, config_environment, floor_fields, floor_key, fp8_floor_fields, fp8_lm_head, model_for, floor_lines, one_row_choices_markdown, parse_configs,
                           run_environment, versions_line, write_results)
 
 # Kernel name -> category, first match wins.
@@ -217,11 +217,15 @@ def markdown(env, rows, top):
     if env.get("fp8_weight_bytes"):
         floor = f" = {env['fp8_floor_us']:.0f} us per step" if env.get("fp8_floor_us") else ""
         lines += [f"FP8 weights (the -fp8 configurations): {env['fp8_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
+    if env.get("fp8_head_weight_bytes"):
+        floor = f" = {env['fp8_head_floor_us']:.0f} us per step" if env.get("fp8_head_floor_us") else ""
+        lines += [f"FP8 weights with the lm_head in FP8 too (the -fp8-head configurations): "
+                  f"{env['fp8_head_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
     lines += ["The decode step as a loop that runs a step ahead sees it (pipelined: its TPOT), against the",
               "floor of the weights it reads (FP8's for an -fp8 configuration); decode tok/s = batch / step.", "",
               "| config | batch | pipelined step ms | x its floor | decode tok/s | compile + 3 steps s |", "|---|---|---|---|---|---|"]
     for r in rows:
-        floor_us = env.get("fp8_floor_us" if "-fp8" in r["config"] else "floor_us")
+        floor_us = env.get(floor_key(r["config"]))
         ratio = f"{r['pipelined_us'] / floor_us:.2f}x" if floor_us else "-"
         lines.append(f"| {r['config']} | {r['batch']} | {r['pipelined_us'] / 1e3:.2f} | {ratio} | "
                      f"{r['batch'] / (r['pipelined_us'] / 1e6):.0f} | {r['compile_and_warmup_s']:.0f} |")
@@ -347,7 +351,8 @@ def main(argv=None):
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
                steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
     if any("-fp8" in config for config, _ in runs):  # the FP8 copy's floor beside bf16's, at the copy rate measured above
-        env.update(fp8_floor_fields(model, env.get("copy_TBps") and env["copy_TBps"] * 1e12))
+        env.update(fp8_floor_fields(model, env.get("copy_TBps") and env["copy_TBps"] * 1e12,
+                                    lm_head=any(fp8_lm_head(config) for config, _ in runs)))
     if args.fp8_in_place:  # every bf16 row before the weights go (a stable sort: each group keeps its order)
         runs.sort(key=lambda run: "-fp8" in run[0])
     rows = []

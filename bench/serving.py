@@ -68,7 +68,7 @@ import time
 import torch
 from tqdm import tqdm
 from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, compile_settings,
-                          config_environment, copy_rate_tbps, first_divergence, fp8_floor_fields, make_engine, make_loop,
+                          config_environment, copy_rate_tbps, first_divergence, fp8_floor_fields, fp8_lm_head, make_engine, make_loop,
                           one_row_choices_markdown, parse_configs, run_environment, versions_line, weight_bytes, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import Request, sharegpt_requests, synthetic_requests
@@ -290,7 +290,7 @@ def main(argv=None):
     labels = list(runners)
     env.update(weight_bytes=weight_bytes(model), floor_us=weight_bytes(model) / copy_rate * 1e6 if copy_rate else None)
     if any("-fp8" in config_name for config_name in configs):  # the FP8 copy's floor beside the model's
-        env.update(fp8_floor_fields(model, copy_rate))
+        env.update(fp8_floor_fields(model, copy_rate, lm_head=any(map(fp8_lm_head, configs))))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(labels) * len(batches))
     rows, saved_artifacts = [], []
     progress = tqdm(total=len(batches) * len(labels), desc="serving benchmark", unit="run", file=sys.stderr)
@@ -412,7 +412,8 @@ def add_views(row, args, config, batch, batch_requests, metrics, copy_rate, dtyp
     if copy_rate:
         mean_context = sum(len(r.prompt) + r.output_len / 2 for r in batch_requests) / len(batch_requests)
         step_bytes = decode_step_bytes(config, batch, int(mean_context), torch.empty((), dtype=dtype).element_size(),
-                                       linear_bytes=1 if "-fp8" in row["config"] else None)
+                                       linear_bytes=1 if "-fp8" in row["config"] else None,
+                                       lm_head_bytes=1 if fp8_lm_head(row["config"]) else None)
         row["decode_bandwidth_fraction"] = bandwidth_fraction(step_bytes, metrics["median_tpot_ms"] / 1e3, copy_rate)
 
 
@@ -425,7 +426,7 @@ def serve_arguments(args, config_name, max_slots, max_length) -> list[str]:
     flags = [*source, "--max-slots", str(max_slots), "--max-model-len", str(max_length), "--backend", backend,
              "--inner", inner, "--device", args.device, "--served-model-name", "bench"]
     if "-fp8" in config_name:
-        flags.append("--fp8")
+        flags.append("--fp8-lm-head" if fp8_lm_head(config_name) else "--fp8")
     flags += ["--mode", kwargs["mode"] if kwargs.get("mode") else ("default" if options else "auto")]
     for key, value in options.items():
         flags += ["--compile-option", f"{key}={value}"]
@@ -466,6 +467,9 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
         if any("-fp8" in config_name for config_name in configs):
             fp8_bytes = decode_step_bytes(config, 1, 0, dtype_bytes, linear_bytes=1)
             floors.update(fp8_weight_bytes=fp8_bytes, fp8_floor_us=fp8_bytes / copy_rate * 1e6)
+        if any(map(fp8_lm_head, configs)):
+            head_bytes = decode_step_bytes(config, 1, 0, dtype_bytes, linear_bytes=1, lm_head_bytes=1)
+            floors.update(fp8_head_weight_bytes=head_bytes, fp8_head_floor_us=head_bytes / copy_rate * 1e6)
         for scenario_env in envs:
             scenario_env.update(floors)
     tables = [""] * len(workloads)
@@ -568,6 +572,8 @@ def markdown(env, rows, labels):
              + f"output length {env['output_len'] or 'from the workload'}. {workload_line(env)}."
              + (f" Decode floor (weights / measured copy rate): {env['floor_us']:.0f} us" if env.get("floor_us") else "")
              + (f", FP8 copy {env['fp8_floor_us']:.0f} us ({env['fp8_weight_bytes'] / 1e9:.2f} GB)" if env.get("fp8_floor_us") else "")
+             + (f", FP8 with its lm_head {env['fp8_head_floor_us']:.0f} us ({env['fp8_head_weight_bytes'] / 1e9:.2f} GB)"
+                if env.get("fp8_head_floor_us") else "")
              + ("." if env.get("floor_us") else "")
              + (" Measured over HTTP by the client (bench/serving_client.py) against `paiton serve` (continuous "
                 "batching); compile s: the server's start (compile and warm-up) in the first row, the warm-up pass after."

@@ -61,11 +61,13 @@ def cost_per_million_tokens(tokens_per_s: float, gpu_hourly_cost: float) -> floa
     return gpu_hourly_cost / 3600.0 / tokens_per_s * 1e6
 
 
-def decode_step_bytes(config, batch: int, context_len: int, dtype_bytes: int = 2, linear_bytes: float | None = None) -> int:
+def decode_step_bytes(config, batch: int, context_len: int, dtype_bytes: int = 2, linear_bytes: float | None = None,
+                      lm_head_bytes: float | None = None) -> int:
     """Bytes one decode step must read at least: every weight once (the embedding table only
     for the batch's rows; with tied embeddings the table is read as the lm_head) and, per
     sequence, K and V of the `context_len` cached positions in every layer. `linear_bytes`: the
-    bytes of a decoder linear's weight element where they differ (1 for FP8 weights)."""
+    bytes of a decoder linear's weight element where they differ (1 for FP8 weights);
+    `lm_head_bytes` likewise for the lm_head's (1 when it is FP8 too: the FP8 copy is what is read)."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
@@ -73,10 +75,11 @@ def decode_step_bytes(config, batch: int, context_len: int, dtype_bytes: int = 2
     norms = 2 * hidden + 2 * head_dim
     lm_head = config.vocab_size * hidden
     embedding_rows = batch * hidden if not getattr(config, "tie_word_embeddings", False) else 0
-    others = layers * norms + lm_head + embedding_rows + hidden
+    others = layers * norms + embedding_rows + hidden
     kv_cache = batch * layers * 2 * kv * context_len
     linear_bytes = dtype_bytes if linear_bytes is None else linear_bytes
-    return int(layers * linears * linear_bytes + (others + kv_cache) * dtype_bytes)
+    lm_head_bytes = dtype_bytes if lm_head_bytes is None else lm_head_bytes
+    return int(layers * linears * linear_bytes + lm_head * lm_head_bytes + (others + kv_cache) * dtype_bytes)
 
 
 def bandwidth_fraction(bytes_per_step: int, tpot_s: float, copy_rate_bytes_per_s: float) -> float:

@@ -86,7 +86,37 @@ def test_profile_decode_step_fp8_in_place(tmp_path):
     assert result["env"]["fp8_weight_bytes"] == fp8_weight_bytes(model)
 
 
+def test_profile_decode_step_fp8_lm_head(tmp_path):
+    """"paiton-fp8-head": the FP8 copy with its lm_head in FP8 too (one more FP8 product a step,
+    the lm_head's bytes halved in its floor), sharing the -fp8 copy's decoder weights."""
+    import profile_decode_step
+    from bench_common import floor_key, fp8_lm_head, fp8_weight_bytes, model_for, weight_bytes
+
+    from paiton.models.fp8 import Fp8Linear, fp8_copy
+    from paiton.models.qwen3 import build_qwen3
+
+    model = build_qwen3("tiny", device="cpu", dtype=torch.float32)
+    head_bytes = fp8_weight_bytes(model, lm_head=True)
+    assert head_bytes == weight_bytes(fp8_copy(model, include_lm_head=True)) < fp8_weight_bytes(model)
+    plain, headed = model_for(model, "paiton-fp8"), model_for(model, "paiton-fp8-head-pdl")
+    assert type(plain.lm_head) is torch.nn.Linear and isinstance(headed.lm_head, Fp8Linear)
+    assert headed.model.layers[0].mlp.down_proj.weight is plain.model.layers[0].mlp.down_proj.weight
+    assert [fp8_lm_head(c) for c in ("paiton-fp8", "paiton-fp8-head", "paiton-fp8-head-nl", "paiton")] == [False, True, True, False]
+    assert [floor_key(c) for c in ("paiton", "paiton-fp8-pdl", "paiton-fp8-head")] == ["floor_us", "fp8_floor_us", "fp8_head_floor_us"]
+    profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", "paiton-fp8@1,paiton-fp8-head@1",
+                              "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
+                              "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
+    result = json.loads(path.read_text())
+    assert result["env"]["fp8_head_weight_bytes"] == head_bytes and result["env"]["fp8_weight_bytes"] == fp8_weight_bytes(model)
+    launches = [{k["name"]: k["launches_per_step"] for k in row["kernels"]} for row in result["rows"]]
+    assert launches[1]["paiton::fp8_linear"] == launches[0]["paiton::fp8_linear"] + 1, launches
+    assert "the -fp8-head configurations" in path.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize(("config", "valid", "pdl", "l2pf", "nl"), [
+    ("paiton-fp8-head", True, False, False, False), ("paiton-fp8-head-pdl-nl", True, True, False, True),
+    ("inductor-fp8-head", False, False, False, False), ("paiton-head", False, False, False, False),
     ("paiton-pdl", True, True, False, False), ("paiton-fp8-pdl", True, True, False, False),
     ("paiton-cdt-pdl-no-swiglu", True, True, False, False), ("paiton-fp8", True, False, False, False),
     ("inductor-pdl", False, False, False, False), ("eager-pdl", False, False, False, False), ("pdl", False, False, False, False),
@@ -294,18 +324,23 @@ def test_fp8_accuracy_on_the_tiny_model_within_the_stated_bounds(tmp_path):
     and FP8 farther from the reference than bf16 is from fp32 (the comparison sees quantization)."""
     import fp8_accuracy
 
-    fp8_accuracy.main(["--models", "tiny", "--tokens", "160", "--device", "cpu", "--baseline", "--out", str(tmp_path)])
+    fp8_accuracy.main(["--models", "tiny", "--tokens", "160", "--device", "cpu", "--baseline", "--lm-head",
+                       "--out", str(tmp_path)])
     (path,) = tmp_path.glob("fp8_accuracy-CPU-*.json")
     rows = json.loads(path.read_text())["rows"]
     fp8 = [r for r in rows if r["fp8"].startswith("float8")]
     baseline = {r["weights"]: r for r in rows if r["fp8"].startswith("none")}
-    assert {r["weights"] for r in fp8} == {"random", "outliers"} and len(baseline) == 2
+    assert sorted((r["weights"], r["lm_head"]) for r in fp8) == [("outliers", False), ("outliers", True),
+                                                                  ("random", False), ("random", True)]
+    assert len(baseline) == 2
+    for decoder_only, with_head in zip(fp8[::2], fp8[1::2]):  # --lm-head: the same decoder, its lm_head quantized too
+        assert with_head["lm_head"] and with_head["mean_logit_diff"] != decoder_only["mean_logit_diff"]
     for r in fp8:
         assert r["tokens"] == 160 and r["fp8"] == "float8_e4m3fn"
         assert r["mean_diff_over_std"] <= 0.06 and r["max_diff_over_std"] <= 0.6, r
         assert r["greedy_agreement"] >= 0.85, r
         assert r["mean_logit_diff"] > 2 * baseline[r["weights"]]["mean_logit_diff"], (r, baseline)
-    assert path.with_suffix(".md").read_text().count("| tiny |") == 4 and path.with_suffix(".png").stat().st_size > 0
+    assert path.with_suffix(".md").read_text().count("| tiny |") == 6 and path.with_suffix(".png").stat().st_size > 0
 
 
 def test_fp8_gemm_sweep_says_it_needs_a_gpu(capsys):

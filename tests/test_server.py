@@ -252,12 +252,14 @@ def test_serving_a_checkpoint_with_its_own_tokenizer(tmp_path, cache_dir, solo):
         server.stop()
 
 
-def test_serving_fp8_weights(cache_dir):
+@pytest.mark.parametrize("flag", ["--fp8", "--fp8-lm-head"])
+def test_serving_fp8_weights(cache_dir, flag):
     """`paiton serve --fp8`: the preset quantized (every decoder linear per channel in e4m3); its
-    greedy tokens are the FP8 model's own through the bundled loop."""
+    greedy tokens are the FP8 model's own through the bundled loop. `--fp8-lm-head`: the lm_head
+    too (its tokens are those of that model, and the start says so)."""
     from paiton.models.fp8 import quantize_fp8
 
-    server = launch(["--model", "tiny", "--fp8", "--backend", "eager", "--max-slots", "2", "--max-model-len", "64",
+    server = launch(["--model", "tiny", flag, "--backend", "eager", "--max-slots", "2", "--max-model-len", "64",
                      "--no-warmup"], env={"TRITON_INTERPRET": "0"}, timeout_s=120)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -265,10 +267,10 @@ def test_serving_fp8_weights(cache_dir):
                                           extra_body={"ignore_eos": True, "return_token_ids": True})
     finally:
         server.stop()
-    model = quantize_fp8(build_qwen3("tiny", dtype=torch.float32))
+    model = quantize_fp8(build_qwen3("tiny", dtype=torch.float32), include_lm_head=flag == "--fp8-lm-head")
     expected = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager").generate([[3, 1, 4, 1, 5]], 6).tokens[0]
     assert reply.choices[0].token_ids == expected
-    assert any("FP8 weights" in line for line in server.lines)
+    assert any("FP8 weights" in line and ("lm_head too" in line) == (flag == "--fp8-lm-head") for line in server.lines)
 
 
 def test_warm_up_reporting_prints_choices_as_made_and_stacks_of_a_long_warm_up(capfd):
