@@ -33,7 +33,6 @@ A query with no valid key gets zeros (eager SDPA would give NaN).
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 import triton
@@ -345,33 +344,8 @@ _ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
 def _arrival_counts(device: torch.device, count: int) -> torch.Tensor:
     buffers = _ARRIVALS.setdefault(device, [])
     if not buffers or buffers[-1].numel() < count:
-        buffers.append(_zeros_outside_graph_pools(max(count, 1024), device))
+        buffers.append(torch.zeros(max(count, 1024), dtype=torch.int32, device=device))
     return buffers[-1]
-
-
-def _zeros_outside_graph_pools(count: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros that no CUDA graph's memory pool owns. The first launch usually comes in a
-    CUDA-graph tree's warm-up, whose pool takes every allocation of the calling thread (and
-    refuses a live one it did not hand out as an output), so the buffer is made by a helper
-    thread, which allocates from the ordinary pool, and is ready when it returns."""
-    if device.type != "cuda":
-        return torch.zeros(count, dtype=torch.int32, device=device)
-    if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("decode_attention's fused combine needs its arrival counts made before a CUDA graph "
-                           "capture: run the op once outside the capture first (CUDA-graph trees warm up so)")
-    made: list[torch.Tensor] = []
-
-    def make():
-        with torch.cuda.device(device):
-            made.append(torch.zeros(count, dtype=torch.int32, device=device))
-            torch.cuda.current_stream().synchronize()
-
-    helper = threading.Thread(target=make, name="paiton-arrival-counts")
-    helper.start()
-    helper.join()
-    if not made:
-        raise RuntimeError("could not allocate decode_attention's arrival counts")
-    return made[0]
 
 
 def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None, fused_combine=None):
