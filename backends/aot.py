@@ -191,18 +191,15 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
     return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
 
 
-def decode_attention_split_build(config: dict, dtype: str, group: int, has_positions: bool, has_mask: bool,
-                                 fused_combine: bool = False) -> KernelBuild:
-    """The split kernel; `fused_combine`: its form whose last program per KV head combines."""
-    config = {k: v for k, v in config.items() if k not in ("combine_num_warps", "fused_combine")}
+def decode_attention_split_build(config: dict, dtype: str, group: int, has_positions: bool, has_mask: bool) -> KernelBuild:
+    config = {k: v for k, v in config.items() if k != "combine_num_warps"}
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
-                "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                "arrivals_ptr": "*i32"}
+                "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
     ints = ["n_kv_heads", "q_len", "head_dim", "cache_len", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b",
             "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s",
             "mask_stride_b", "mask_stride_s", "mask_stride_n", "split_size", "n_splits"]
     launcher = {"GROUP": group, "HAS_POSITIONS": has_positions, "HAS_MASK": has_mask, "DOT_FP32": False,
-                "DOT_PRECISION": "ieee" if dtype == "fp32" else None, "FUSED_COMBINE": fused_combine}
+                "DOT_PRECISION": "ieee" if dtype == "fp32" else None}
     if has_mask:  # a contiguous mask: the JIT specializes its unit key stride as a constant
         launcher["mask_stride_n"] = 1
     constexprs, options = _split(_decode_attention_split_kernel, config, launcher)

@@ -26,21 +26,18 @@ if TYPE_CHECKING:
 # pass runs and the norm and rotary kernels prefetch the next product's weight into L2
 # (PAITON_L2_PREFETCH=1: fusion/l2_prefetch.py). "-nl" likewise: the norm_linear pass runs, the
 # decode step's norms inside its one-row products (PAITON_NORM_LINEAR=1: fusion/norm_linear.py).
-# "-fc" likewise: decode attention's splits combined by their last program, one launch
-# (PAITON_FUSED_COMBINE=1: fusion/decode_attention.py).
-# They may follow one name, in that order ("paiton-fp8-pdl-l2pf-nl-fc").
+# They may follow one name, in that order ("paiton-fp8-pdl-l2pf-nl").
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8", "paiton-fp8-head")
 FP8_HEAD = "-fp8-head"
 PDL_SUFFIX = "-pdl"
 L2_PREFETCH_SUFFIX = "-l2pf"
 NORM_LINEAR_SUFFIX = "-nl"
-FUSED_COMBINE_SUFFIX = "-fc"
 
 
 def _launch_switches(base: str) -> tuple[str, dict[str, bool]]:
     """(the configuration without its launch suffixes, {suffix: present})."""
     present = {}
-    for suffix in (FUSED_COMBINE_SUFFIX, NORM_LINEAR_SUFFIX, L2_PREFETCH_SUFFIX, PDL_SUFFIX):  # the reverse of their order in a name
+    for suffix in (NORM_LINEAR_SUFFIX, L2_PREFETCH_SUFFIX, PDL_SUFFIX):  # the reverse of their order in a name
         present[suffix] = base.endswith(suffix)
         base = base.removesuffix(suffix)
     return base, present
@@ -67,10 +64,6 @@ def uses_norm_linear(config: str) -> bool:
     return _launch_switches(config.split("-no-")[0])[1][NORM_LINEAR_SUFFIX]
 
 
-def uses_fused_combine(config: str) -> bool:
-    return _launch_switches(config.split("-no-")[0])[1][FUSED_COMBINE_SUFFIX]
-
-
 def fp8_lm_head(config: str) -> bool:
     """Whether a configuration's FP8 weights take the lm_head too ("paiton-fp8-head...")."""
     return _launch_switches(config.split("-no-")[0])[0].endswith(FP8_HEAD)
@@ -87,16 +80,13 @@ def floor_key(config: str) -> str:
 @contextlib.contextmanager
 def config_environment(config: str):
     """The environment a configuration runs in, restored after: PAITON_PDL=1 for a "-pdl" one,
-    PAITON_L2_PREFETCH=1 for a "-l2pf" one, PAITON_NORM_LINEAR=1 for a "-nl" one,
-    PAITON_FUSED_COMBINE=1 for a "-fc" one; for the others those unset, so they run as Paiton
-    does by default (one process may run several kinds)."""
-    from paiton.fusion.decode_attention import FUSED_COMBINE_ENV
+    PAITON_L2_PREFETCH=1 for a "-l2pf" one, PAITON_NORM_LINEAR=1 for a "-nl" one; for the others
+    those unset, so they run as Paiton does by default (one process may run several kinds)."""
     from paiton.fusion.l2_prefetch import PREFETCH_ENV
     from paiton.fusion.pdl import PDL_ENV
     from paiton.passes.norm_linear import NORM_LINEAR_ENV
 
-    wanted = {PDL_ENV: uses_pdl(config), PREFETCH_ENV: uses_l2_prefetch(config), NORM_LINEAR_ENV: uses_norm_linear(config),
-              FUSED_COMBINE_ENV: uses_fused_combine(config)}
+    wanted = {PDL_ENV: uses_pdl(config), PREFETCH_ENV: uses_l2_prefetch(config), NORM_LINEAR_ENV: uses_norm_linear(config)}
     before = {name: os.environ.pop(name, None) for name in wanted}
     os.environ.update({name: "1" for name, on in wanted.items() if on})
     try:

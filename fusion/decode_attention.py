@@ -17,8 +17,7 @@ what makes decoding cheap:
     the keys from the first to the last that some query attends to, so the unfilled cache and
     left padding cost their mask bytes (a hole inside that range is read, as eager reads it);
   * it splits the sequence across programs when (batch x KV heads) alone would leave most of
-    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass
-    (or, with the fused combine, in the last split program of each KV head to finish).
+    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass.
 
 Op: paiton::decode_attention(q, k_cache, v_cache, positions, kv_mask, scale) -> out
     q [B, Hq, Sq, D] (any layout with unit stride over D), caches [B, Hkv, L, D],
@@ -41,7 +40,7 @@ import triton.language as tl
 from paiton.backends.target import detect_target
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES
-from paiton.fusion.triton_utils import device_guard, is_interpreted, switched_on
+from paiton.fusion.triton_utils import device_guard, is_interpreted
 
 
 def decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale):
@@ -75,7 +74,7 @@ def _valid_keys(cols_n, kv_end, positions, row_valid, mask_rows, mask_stride_n, 
 
 @triton.jit
 def _decode_attention_split_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, part_out_ptr, part_lse_ptr, out_ptr, arrivals_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, part_out_ptr, part_lse_ptr,
     n_kv_heads, q_len, head_dim, cache_len, scale,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_n,
@@ -84,13 +83,12 @@ def _decode_attention_split_kernel(
     split_size, n_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False, FUSED_COMBINE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Program (b * Hkv + kv head, split): the G query heads x Sq queries that share the KV
     head, over this split's part of the cache (of its filled part, with positions). Writes
     the split's normalized output and log-sum-exp per row to the partials [B, Hq, Sq, n_splits, (D)].
-    PDL: launched programmatically (fusion/pdl.py). FUSED_COMBINE: the last of a KV head's
-    splits to finish combines them into out (`_combine_when_last`); else the combine kernel does."""
+    PDL: launched programmatically (fusion/pdl.py)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -181,47 +179,6 @@ def _decode_attention_split_kernel(
     part_row = ((b * GROUP * n_kv_heads + q_head) * q_len + q_index) * n_splits + split  # [B, Hq, Sq, n_splits]
     tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
     tl.store(part_out_ptr + part_row[:, None] * head_dim + cols_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
-    if FUSED_COMBINE:
-        _combine_when_last(part_out_ptr, part_lse_ptr, out_ptr, arrivals_ptr + pid, part_row - split, n_splits,
-                           (b * q_len + q_index) * (GROUP * n_kv_heads) + q_head, head_dim, row_valid, cols_d, d_valid)
-
-
-@triton.jit
-def _combine_when_last(part_out_ptr, part_lse_ptr, out_ptr, arrivals_ptr, first_part_row, n_splits, out_row, head_dim,
-                       row_valid, cols_d, d_valid):
-    """The combine kernel's work, done by the last split program of a (sequence, KV head) to
-    finish, for its G x Sq rows: saves the second launch and the wait between the two (at
-    batch 1 about 2 us a layer). Each program counts itself in on `arrivals_ptr` (one int32
-    per sequence and KV head, zero between launches) after its partials are stored; the one
-    that counts n_splits - 1 reads every split's partials and sets the count back to zero for
-    the next launch (a CUDA graph replays the same buffer). Ordering: the barrier puts every
-    thread's partial stores before the count, the count is an acquire-release atomic at GPU
-    scope (the partials of the splits counted before it are visible to whoever counts after),
-    and the partials are read past L1 (.cg): another multiprocessor wrote them."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_splits - 1:
-        tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed", scope="gpu")
-        # Online log-sum-exp over the splits (the combine kernel weighs them all at once; the
-        # same sum in another order: equal to within fp32 rounding).
-        m_i = tl.full(first_part_row.shape, float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros(first_part_row.shape, dtype=tl.float32)
-        acc = tl.zeros([first_part_row.shape[0], cols_d.shape[0]], dtype=tl.float32)
-        for s in range(0, n_splits):
-            lse = tl.load(part_lse_ptr + first_part_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-            part = tl.load(part_out_ptr + (first_part_row + s)[:, None] * head_dim + cols_d[None, :],
-                           mask=row_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, lse)
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with keys yet: weights 0, not NaN
-            alpha = tl.exp(m_i - m_shift)
-            weight = tl.exp(lse - m_shift)
-            l_i = l_i * alpha + weight
-            acc = acc * alpha[:, None] + part * weight[:, None]
-            m_i = m_new
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        # Output memory is [B, Sq, Hq, D].
-        tl.store(out_ptr + out_row[:, None] * head_dim + cols_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -329,31 +286,10 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
 
 
-# PAITON_FUSED_COMBINE=1: the split kernel's last program of each KV head combines the splits
-# (`_combine_when_last`), one launch instead of two. Off by default until timed on a GPU (no
-# lowering table sets `fused_combine` in its decode_attention params yet); read at each launch,
-# so a CUDA graph keeps the form it was captured with.
-FUSED_COMBINE_ENV = "PAITON_FUSED_COMBINE"
-# The fused combine's arrival counts, one int32 per (sequence, KV head), zero between launches
-# (the last program resets its own). One buffer per device, grown by replacement; the buffers
-# it replaced are kept, since a captured CUDA graph may still replay with one. Launches of the
-# fused form must not overlap on one device (two streams at once would share the counts).
-_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _arrival_counts(device: torch.device, count: int) -> torch.Tensor:
-    buffers = _ARRIVALS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < count:
-        buffers.append(torch.zeros(max(count, 1024), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
-def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None, fused_combine=None):
+def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None):
     """`n_splits`: how many programs share one sequence's keys (default: two waves over the
-    chip). `config`: the launch's keyword arguments, the split kernel's, the combine kernel's
-    `combine_num_warps` and `fused_combine` (the splits combined by their last program, no
-    combine kernel; PAITON_FUSED_COMBINE=1 turns it on too); by default the lowering table's
-    for the device. `fused_combine`: that choice made here (True/False), over table and env."""
+    chip). `config`: the launch's keyword arguments, the split kernel's and the combine
+    kernel's `combine_num_warps`; by default the lowering table's for the device."""
     _check_inputs(q, k_cache, v_cache, positions, kv_mask)
     out = _empty_output(q)
     batch, q_heads, q_len, head_dim = q.shape
@@ -373,20 +309,16 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
         config = launch_config("decode_attention", target, group=group, q_len=q_len, head_dim=head_dim)
     config = dict(config)
     combine_num_warps = config.pop("combine_num_warps")
-    table_says = bool(config.pop("fused_combine", False)) or switched_on(FUSED_COMBINE_ENV)
-    fused_combine = table_says if fused_combine is None else fused_combine
     block_n = config["BLOCK_N"]
     if n_splits is None:
         n_splits = decode_attention_splits(batch * kv_heads, cache_len, target.multiprocessors, block_n)
     split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
     part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
-    arrivals = _arrival_counts(q.device, batch * kv_heads) if fused_combine else part_lse  # (unread when not fused)
     with device_guard(q):
         _decode_attention_split_kernel[(batch * kv_heads, n_splits)](
             # An absent positions/mask tensor is never read (constexpr flags); q stands in for its pointer.
             q, k_cache, v_cache, q if positions is None else positions, q if kv_mask is None else kv_mask, part_out, part_lse,
-            out, arrivals,
             kv_heads, q_len, head_dim, cache_len, float(scale),
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -399,12 +331,9 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
             # fp32 dots is TF32 on NVIDIA (seen on an H100: 2% relative error against eager).
             # Other dtypes keep the backend's default (AMD's gfx950 rejects an explicit "tf32").
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-            FUSED_COMBINE=fused_combine,
             **config,
             **pdl_launch(q, _decode_attention_split_kernel),
         )
-        if fused_combine:
-            return out
         _decode_attention_combine_kernel[(batch * q_heads * q_len,)](
             part_out, part_lse, out, q_heads, q_len, head_dim, n_splits,
             BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=combine_num_warps,

@@ -71,9 +71,6 @@ def builds(target):
             for has_positions, has_mask in ((True, False), (True, True), (False, True)):
                 yield (f"decode_attention/{dtype}/group={group}/positions={has_positions}/mask={has_mask}", "decode_attention",
                        decode_attention_split_build(config, dtype, group, has_positions, has_mask))
-            # The form whose last split program per KV head combines (PAITON_FUSED_COMBINE=1).
-            yield (f"decode_attention/{dtype}/group={group}/fused_combine", "decode_attention",
-                   decode_attention_split_build(config, dtype, group, True, False, fused_combine=True))
             # The combine kernel at batch 1, as many splits as the chip gets there.
             wanted = decode_attention_splits(KV_HEADS, CACHE_LEN, target.multiprocessors, config["BLOCK_N"])
             n_splits = decode_attention_split_layout(CACHE_LEN, wanted, config["BLOCK_N"])[1]
@@ -223,10 +220,6 @@ def main():
                     code = compiled.asm["ptx" if target.vendor == "cuda" else "amdgcn"]
                     summary["conversions"] = sorted(set(re.findall(
                         r"cvt\.rn\.satfinite\.e4m3x2\.f32|div\.rn\.f32|v_cvt(?:_scalef32)?_pk_fp8_f32|v_div_scale_f32", code)))
-                if "/fused_combine" in name:  # the arrival count's ordering and the partials read past L1
-                    code = compiled.asm["ptx" if target.vendor == "cuda" else "amdgcn"]
-                    summary["combine_sync"] = sorted(set(re.findall(
-                        r"atom\.global\.gpu\.acq_rel\.add\.u32|ld\.global\.cg|bar\.sync|global_atomic_add", code)))
                 results[key] = {"ok": True, "kernel": build.name, "uses_dot": build.uses_dot,
                                 "config": {**build.constexprs, **build.options},
                                 "shared_limit": target.shared_memory_per_block, **summary}

@@ -114,24 +114,6 @@ def test_profile_decode_step_fp8_lm_head(tmp_path):
     assert "the -fp8-head configurations" in path.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize(("config", "valid", "fc"), [
-    ("paiton-fc", True, True), ("paiton-fp8-head-pdl-nl-fc", True, True), ("paiton-fc-nl", False, False),
-    ("inductor-cdt-fc", False, False), ("paiton-fp8-nl", True, False)])
-def test_the_fused_combine_configuration(monkeypatch, config, valid, fc):
-    """"-fc": PAITON_FUSED_COMBINE=1 while the configuration runs (the same compile settings),
-    unset for the others."""
-    from bench_common import compile_settings, config_environment, is_config, uses_fused_combine
-
-    assert is_config(config) is valid
-    if valid:
-        assert uses_fused_combine(config) is fc
-        assert compile_settings(config, "cuda") == compile_settings(config.replace("-fc", ""), "cuda")
-        monkeypatch.setenv("PAITON_FUSED_COMBINE", "untouched")
-        with config_environment(config):
-            assert os.environ.get("PAITON_FUSED_COMBINE") == ("1" if fc else None)
-        assert os.environ["PAITON_FUSED_COMBINE"] == "untouched"
-
-
 @pytest.mark.parametrize(("config", "valid", "pdl", "l2pf", "nl"), [
     ("paiton-fp8-head", True, False, False, False), ("paiton-fp8-head-pdl-nl", True, True, False, True),
     ("inductor-fp8-head", False, False, False, False), ("paiton-head", False, False, False, False),

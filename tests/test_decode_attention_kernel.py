@@ -50,11 +50,9 @@ def assert_nan_keys_unread(q, k_cache, v_cache, positions, kv_mask, scale, n_spl
     shared_positions=st.booleans(),
     with_mask=st.booleans(),
     n_splits=st.sampled_from([None, 1, 2, 5]),
-    fused_combine=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_matches_reference(batch, kv_heads, group, q_len, head_dim, cache_len, dtype, shared_positions, with_mask, n_splits,
-                           fused_combine, seed):
+def test_matches_reference(batch, kv_heads, group, q_len, head_dim, cache_len, dtype, shared_positions, with_mask, n_splits, seed):
     generator = torch.Generator().manual_seed(seed)
     q = random((batch, kv_heads * group, q_len, head_dim), dtype, generator)
     k_cache = random((batch, kv_heads, cache_len, head_dim), dtype, generator)
@@ -67,7 +65,7 @@ def test_matches_reference(batch, kv_heads, group, q_len, head_dim, cache_len, d
         positions = (starts + torch.arange(q_len)).to(DEVICE)
     kv_mask = (torch.rand(batch, cache_len, generator=generator) > 0.3).to(DEVICE) if with_mask else None
     scale = head_dim**-0.5
-    out = _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=n_splits, fused_combine=fused_combine)
+    out = _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=n_splits)
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale), **TOLERANCE[dtype])
 
@@ -104,11 +102,10 @@ def random_mask(leading, cache_len, generator):
     mask_shape=st.sampled_from(sorted(MASK_SHAPES)),
     with_positions=st.booleans(),
     n_splits=st.sampled_from([None, 1, 3]),
-    fused_combine=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_masks_per_query_match_reference(batch, kv_heads, group, q_len, head_dim, cache_len, dtype, mask_shape,
-                                         with_positions, n_splits, fused_combine, seed):
+                                         with_positions, n_splits, seed):
     generator = torch.Generator().manual_seed(seed)
     q = random((batch, kv_heads * group, q_len, head_dim), dtype, generator)
     k_cache = random((batch, kv_heads, cache_len, head_dim), dtype, generator)
@@ -119,66 +116,9 @@ def test_masks_per_query_match_reference(batch, kv_heads, group, q_len, head_dim
         starts = torch.randint(0, cache_len - q_len + 1, (batch, 1), generator=generator)
         positions = (starts + torch.arange(q_len)).to(DEVICE)
     scale = head_dim**-0.5
-    out = _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=n_splits, fused_combine=fused_combine)
+    out = _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=n_splits)
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, scale), **TOLERANCE[dtype])
-
-
-def fused_combine_case(batch, q_heads, kv_heads, cache_len, filled, dtype, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    q = random((batch, q_heads, 1, 128), dtype, generator)
-    k_cache = random((batch, kv_heads, cache_len, 128), dtype, generator)
-    v_cache = random((batch, kv_heads, cache_len, 128), dtype, generator)
-    positions = torch.tensor([[filled - 1 - 3 * b] for b in range(batch)], device=DEVICE)
-    return q, k_cache, v_cache, positions
-
-
-@pytest.mark.parametrize("n_splits", [1, 4, 7])
-def test_the_fused_combine_is_the_combine_kernels_sum_and_leaves_its_counts_at_zero(monkeypatch, n_splits):
-    """PAITON_FUSED_COMBINE=1: the last split program of each KV head combines (one launch):
-    within fp32 rounding of the two-kernel form, the same on every repeat (its arrival counts
-    set back to zero by each launch, as a CUDA graph replays them), splits with no key
-    (beyond a sequence's position) included."""
-    q, k_cache, v_cache, positions = fused_combine_case(2, 8, 2, 200, 150, torch.float32)
-    two_kernels = _launch(q, k_cache, v_cache, positions, None, 0.1, n_splits=n_splits, fused_combine=False)
-    monkeypatch.setenv("PAITON_FUSED_COMBINE", "1")
-    for _ in range(3):
-        fused = _launch(q, k_cache, v_cache, positions, None, 0.1, n_splits=n_splits)
-        torch.testing.assert_close(fused, two_kernels, atol=1e-6, rtol=1e-6)
-        assert not attention_module._ARRIVALS[q.device][-1].any()
-    assert not torch.equal(fused, torch.zeros_like(fused))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_fused_combine_on_the_gpu_in_a_cuda_graph(dtype):
-    """The fused combine's ordering on real hardware (splits finishing on many multiprocessors
-    at once): Qwen3-32B's heads at batch 1 and 4, a 4096-key cache, 64 launches (a decode
-    step's layers) in one CUDA graph replayed 20 times: every output within fp32 rounding of the
-    two-kernel form, the arrival counts zero after."""
-    for batch in (1, 4):
-        q, k_cache, v_cache, positions = fused_combine_case(batch, 64, 8, 4096, 2900, dtype)
-        expected = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, fused_combine=False)
-        outs = [None] * 64
-        torch.cuda.synchronize()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (compile) off the graph
-            _launch(q, k_cache, v_cache, positions, None, 128**-0.5, fused_combine=True)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(64):
-                outs[i] = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, fused_combine=True)
-        for _ in range(20):
-            for out in outs:
-                out.zero_()
-            graph.replay()
-            torch.cuda.synchronize()
-            for out in outs:
-                torch.testing.assert_close(out.float(), expected.float(), atol=1e-5 if dtype == torch.float32 else 8e-3, rtol=1e-5)
-        assert not attention_module._ARRIVALS[q.device][-1].any()
 
 
 @pytest.mark.parametrize("n_splits", [1, 3])
