@@ -29,7 +29,7 @@ import os
 import sys
 
 import torch
-from bench_common import write_results
+from bench_common import run_environment, write_results
 
 WITHIN = 1.03  # the table's configuration counts as fastest within 3% of the best candidate
 MODELS = ("qwen3-8b", "qwen3-32b")
@@ -245,11 +245,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("bench/lowering_sweep.py needs a CUDA or ROCm GPU: it times kernels on the GPU it runs on. Without one, "
                  "`python -m paiton.backends.lowering --target <arch>` prints a chip's table, compiled ahead of time.")
-    from fused_kernels import environment
-
     import paiton.fusion.ops  # noqa: F401  (torch.ops.paiton.*)
 
-    result = {"env": environment(), **sweep(ops, [int(t) for t in args.tokens.split(",")], args.reps)}
+    result = {"env": run_environment("cuda"), **sweep(ops, [int(t) for t in args.tokens.split(",")], args.reps)}
     card = result["env"]["card"].replace(" ", "_")
     write_results(args.out, f"lowering_sweep-{result['target']['arch']}-{card}-{result['env']['date'][:10]}", result,
                   markdown(result))
