@@ -151,13 +151,14 @@ def qk_norm_rope_build(config: dict, dtype: str, write_cache: bool) -> KernelBui
 
 
 def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str | None = None,
-               scales: int = NO_SCALES, norm: bool = False, residual: bool = False) -> KernelBuild:
+               scales: int = NO_SCALES, norm: bool = False, residual: bool = False, swiglu_out: bool = False) -> KernelBuild:
     """One-row linear, Qwen3's widths: N and K multiples of every block (EVEN_N, EVEN_K);
     `gated`: SwiGLU applied to the input as it is loaded (silu_mul_linear); `weight_dtype` an FP8
     type ("fp8e4nv": e4m3fn, NVIDIA; "fp8e4b8": e4m3fnuz, MI300X) with fp32 `scales` per row or
     per 128 x 128 block (fp8_linear); `norm`: the product of the input RMS-normalized (the sums of
     its squares read, rms_norm_linear), `residual`: the residual added to the outputs and the sums
-    of their squares written (linear_add). A silu-first launch (gemv.silu_first) of a gated
+    of their squares written (linear_add); `swiglu_out`: a packed gate/up weight whose product
+    leaves silu(gate) * up (SWIGLU_OUT). A silu-first launch (gemv.silu_first) of a gated
     product is the plain kernel after silu_mul's: built plain."""
     if config.get("SILU_FIRST"):
         config, gated = {key: value for key, value in config.items() if key != "SILU_FIRST"}, False
@@ -170,12 +171,12 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
                  "n_squares": "i32" if norm else "constexpr", "eps": "fp32" if norm else "constexpr",
                  "NORM": "constexpr", "SQUARES_BLOCK": "constexpr", "res_ptr": f"*{dtype}" if residual else "constexpr",
                  "RESIDUAL": "constexpr", "squares_out_ptr": "*fp32" if residual else "constexpr",
-                 "SQUARES_OUT": "constexpr"}
+                 "SQUARES_OUT": "constexpr", "SWIGLU_OUT": "constexpr"}
     launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK,
                 "X_PER_ROW": config.get("X_PER_ROW", False), "CHUNK": config.get("CHUNK", 0), "NORM": norm,
                 # Qwen3-32B's hidden size, 5120: the sums of squares of 1280 groups of 4
                 "SQUARES_BLOCK": triton.next_power_of_2(squares_count(5120)) if norm else 1,
-                "RESIDUAL": residual, "SQUARES_OUT": residual}
+                "RESIDUAL": residual, "SQUARES_OUT": residual, "SWIGLU_OUT": swiglu_out}
     if not scales:
         launcher["scale_ptr"] = None
     if scales != BLOCK_SCALES:

@@ -41,6 +41,8 @@
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
 #                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
+#   swiglu_out    bench/swiglu_out_sweep.py: the batch-1 MLP with SwiGLU in down_proj's loop (today) or
+#                 in gate/up's last step (gemv SWIGLU_OUT), Qwen3-8B/32B, FP8 and bf16 (no compile, ~1 min)
 #   lowering_sweep, decode_loop_compare   bench/lowering_sweep.py and bench/decode_loop_compare.py
 #                 with their defaults (issue 20 asks for both in spare device time)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
@@ -123,6 +125,8 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
         ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} ${PROFILE_FP8_IN_PLACE:+--fp8-in-place} \
         --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
+    swiglu_out)
+      step swiglu_out "${SWIGLU_OUT_TIMEOUT:-300}" python3 bench/swiglu_out_sweep.py --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...
       step lowering_sweep "${LOWERING_SWEEP_TIMEOUT:-300}" python3 bench/lowering_sweep.py --out "$out" ;;
     decode_loop_compare)  # ... and the bundled decode loop under eager, stock Inductor and Paiton, Qwen3-8B

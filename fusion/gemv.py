@@ -28,7 +28,10 @@ kernel loads it and rounded as paiton::silu_mul rounds it, for paiton::silu_mul_
 (passes/silu_mul_linear.py: SwiGLU into down_proj at batch 1, one launch less per layer);
 its vendor candidate is silu_mul's kernel followed by torch's linear, and each launch is also
 timed after silu_mul's kernel, plain (`silu_first`: where the gated loop's ALU work costs more
-than a launch, as on an H200 with FP8 weights).
+than a launch, as on an H200 with FP8 weights). SWIGLU_OUT (`launch_gemv(..., swiglu_out=True)`)
+is the other place for SwiGLU: in the packed gate/up product's last step, each program pairing
+gate rows with their up rows; no pass routes a model through it yet (bench/swiglu_out_sweep.py
+times it against today's form first).
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  SCALE_BLOCK: tl.constexpr = 128, X_PER_ROW: tl.constexpr = False, CHUNK: tl.constexpr = 0,
                  PDL: tl.constexpr = False, norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0,
                  NORM: tl.constexpr = False, SQUARES_BLOCK: tl.constexpr = 1, res_ptr=None,
-                 RESIDUAL: tl.constexpr = False, squares_out_ptr=None, SQUARES_OUT: tl.constexpr = False):
+                 RESIDUAL: tl.constexpr = False, squares_out_ptr=None, SQUARES_OUT: tl.constexpr = False,
+                 SWIGLU_OUT: tl.constexpr = False):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
     (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
@@ -111,8 +115,22 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     RESIDUAL: y + res (rounded to y's dtype once more, as eager's add of two bf16 tensors), the
     residual stream's add in the product's last step. SQUARES_OUT: the sums of the squares of
     y (as stored), one per SQUARES_GRAIN rows, to `squares_out_ptr` (the next norm's NORM input).
+
+    SWIGLU_OUT (alone): W is gate/up packed, [gate; up] of N / 2 rows each, and y [N / 2] is
+    silu(gate product) * (up product), each product rounded to y's dtype first, as the GEMV then
+    paiton.silu_mul round them. Program i takes gate rows and up rows i * BLOCK_N / 2 + [0,
+    BLOCK_N / 2) (one tile of BLOCK_N rows from two places), so the pair meets in its registers:
+    the product after it (down_proj) then runs plain, without silu in its loop.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SWIGLU_OUT:
+        HALF: tl.constexpr = BLOCK_N // 2
+        local = tl.arange(0, BLOCK_N)
+        outputs = tl.program_id(0) * HALF + local % HALF
+        rows = outputs + (local // HALF) * (N // 2)  # the tile's first half gate rows, its second half up rows
+        row_valid = outputs < N // 2
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_valid = rows < N
     if PDL:
         prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K)
     wait_for_previous_kernel(PDL)
@@ -158,11 +176,11 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k, eviction_policy="evict_first")
         else:
-            w = tl.load(w_rows + k, mask=(rows[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
+            w = tl.load(w_rows + k, mask=row_valid[:, None] & (k < K), other=0.0, eviction_policy="evict_first")
         product = w.to(tl.float32) * x.to(tl.float32)
         if SCALES == 2:  # the scale of each element's block (a few bytes per tile, from cache)
             scale_at = scale_ptr + (rows // SCALE_BLOCK)[:, None] * stride_sn + k // SCALE_BLOCK
-            product *= tl.load(scale_at, mask=(rows[:, None] < N) & (k < K), other=0.0)
+            product *= tl.load(scale_at, mask=row_valid[:, None] & (k < K), other=0.0)
         if CHUNK > 0:
             acc += tl.sum(tl.reshape(product, (BLOCK_N, BLOCK_K // CHUNK, CHUNK)), axis=2)
         else:
@@ -171,25 +189,29 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     if NORM:
         y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     if SCALES == 1:
-        y *= tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
+        y *= tl.load(scale_ptr + rows, mask=row_valid, other=0.0)
     y = y.to(y_ptr.dtype.element_ty)
-    if RESIDUAL:
-        if EVEN_N:
-            residual = tl.load(res_ptr + rows)
-        else:
-            residual = tl.load(res_ptr + rows, mask=rows < N, other=0.0)
-        y = (y.to(tl.float32) + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
-    if EVEN_N:
-        tl.store(y_ptr + rows, y)
+    if SWIGLU_OUT:
+        gate, up = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
+        out_index = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        tl.store(y_ptr + out_index, silu_times_up(gate, up), mask=out_index < N // 2)
     else:
-        tl.store(y_ptr + rows, y, mask=rows < N)
-    if SQUARES_OUT:
-        stored = tl.where(rows < N, y.to(tl.float32), 0.0)
-        GROUPS: tl.constexpr = BLOCK_N // SQUARES_GRAIN
-        group_sums = tl.sum(tl.reshape(stored * stored, (GROUPS, SQUARES_GRAIN)), axis=1)
-        slots = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-        tl.store(squares_out_ptr + slots, group_sums, mask=slots < tl.cdiv(N, SQUARES_GRAIN))
-
+        if RESIDUAL:
+            if EVEN_N:
+                residual = tl.load(res_ptr + rows)
+            else:
+                residual = tl.load(res_ptr + rows, mask=rows < N, other=0.0)
+            y = (y.to(tl.float32) + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        if EVEN_N:
+            tl.store(y_ptr + rows, y)
+        else:
+            tl.store(y_ptr + rows, y, mask=rows < N)
+        if SQUARES_OUT:
+            stored = tl.where(rows < N, y.to(tl.float32), 0.0)
+            GROUPS: tl.constexpr = BLOCK_N // SQUARES_GRAIN
+            group_sums = tl.sum(tl.reshape(stored * stored, (GROUPS, SQUARES_GRAIN)), axis=1)
+            slots = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+            tl.store(squares_out_ptr + slots, group_sums, mask=slots < tl.cdiv(N, SQUARES_GRAIN))
 
 def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_per_row: bool = False,
                 chunk: int = 0, silu_first: bool = False) -> dict[str, int]:
@@ -301,7 +323,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
                 scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
                 squares: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-                squares_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                squares_out: bool = False, swiglu_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y [..., N] = x [..., K] (one row) @ weight.T with the kernel launched as `config` says;
     with `up`, (silu(x) * up) @ weight.T; an FP8 weight with its `scales` (see scales_kind):
     x @ dequantized(weight).T, the scales applied to the fp32 sums.
@@ -311,11 +333,16 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], u
     `squares_out` leaves; the kernel's NORM says how it rounds). With `residual` ([..., N], y's
     dtype): y plus the residual. `squares_out`: (y, the sums of y's squares, one fp32 per
     SQUARES_GRAIN outputs: [..., ceil(N / SQUARES_GRAIN)]); the launch's BLOCK_N must be a
-    multiple of SQUARES_GRAIN."""
+    multiple of SQUARES_GRAIN. `swiglu_out` (alone): weight is gate/up packed ([gate; up], N
+    even) and y [..., N / 2] = silu_mul(x @ gate.T, x @ up.T) (the kernel's SWIGLU_OUT)."""
     _check_inputs(x, weight, up, scales)
     _check_fusions(x, weight, config, up, norm_weight, squares, residual, squares_out)
+    if swiglu_out and (weight.shape[0] % 2 or config["BLOCK_N"] % 2 or up is not None or norm_weight is not None
+                       or residual is not None or squares_out):
+        raise ValueError(f"paiton gemv: swiglu_out takes a packed gate/up weight of an even row count, a launch of an "
+                         f"even BLOCK_N and no other fusion; got W {tuple(weight.shape)}, {config}")
     return _launch(x, weight, config, up, scales, norm_weight=norm_weight, squares=squares, eps=eps, residual=residual,
-                   squares_out=squares_out)
+                   squares_out=squares_out, swiglu_out=swiglu_out)
 
 
 def squares_count(n: int) -> int:
@@ -352,7 +379,7 @@ def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
 def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None = None,
             scales: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
             squares: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
-            squares_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            squares_out: bool = False, swiglu_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """launch_gemv without the input checks (its callers made them)."""
     if config.get("SILU_FIRST"):  # silu_mul's kernel, then the launch plain
         config = {key: value for key, value in config.items() if key != "SILU_FIRST"}
@@ -361,7 +388,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
     n, k = weight.shape
     row = _unit_stride_row(x, k)
     up_row = row if up is None else _unit_stride_row(up, k)  # not read unless GATED
-    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    y = torch.empty((*x.shape[:-1], n // 2 if swiglu_out else n), dtype=x.dtype, device=x.device)
     sums = torch.empty((*x.shape[:-1], squares_count(n)), dtype=torch.float32, device=x.device) if squares_out else None
     if n == 0:
         return (y, sums) if squares_out else y
@@ -377,12 +404,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
         fusions.update(res_ptr=_unit_stride_row(residual, n), RESIDUAL=True)
     if squares_out:
         fusions.update(squares_out_ptr=sums, SQUARES_OUT=True)
+    # A SWIGLU_OUT program makes BLOCK_N / 2 outputs from as many gate and up rows.
+    outputs, outputs_per_program = (n // 2, block_n // 2) if swiglu_out else (n, block_n)
+    if swiglu_out:
+        fusions.update(SWIGLU_OUT=True)
     with device_guard(x):
         kind = scales_kind(weight, scales)
         scale_args = {} if kind == NO_SCALES else dict(scale_ptr=scales, stride_sn=scales.stride(0), SCALES=kind)
-        _gemv_kernel[(triton.cdiv(n, block_n),)](
+        _gemv_kernel[(triton.cdiv(outputs, outputs_per_program),)](
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-            EVEN_N=n % block_n == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch, **fusions,
+            EVEN_N=outputs % outputs_per_program == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch, **fusions,
             **(pdl_launch(x, _gemv_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return (y, sums) if squares_out else y
 

@@ -106,6 +106,10 @@ def builds(target):
                         name = launch_name(config)
                         yield f"gemv/{dtype}/fp8={params['format']}/scales=rows/{name}", "fp8_linear", \
                             gemv_build(config, dtype, False, weight_type, scales)
+                    # gate/up with SwiGLU in its last step (bench/swiglu_out_sweep.py times it): every launch
+                    for config in params["one_row_candidates"]:
+                        yield (f"gemv/{dtype}/fp8={params['format']}/scales=rows/swiglu_out/{launch_name(config)}",
+                               "fp8_linear", gemv_build(config, dtype, False, weight_type, scales, swiglu_out=True))
                 # The few-rows GEMM on the FP8 weight, a decode step at batch 2-64 (16 and 64 rows a program).
                 for rows in (16, 64):
                     yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}", "fp8_linear",

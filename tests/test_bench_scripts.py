@@ -343,6 +343,19 @@ def test_fp8_accuracy_on_the_tiny_model_within_the_stated_bounds(tmp_path):
     assert path.with_suffix(".md").read_text().count("| tiny |") == 6 and path.with_suffix(".png").stat().st_size > 0
 
 
+def test_swiglu_out_sweep_checks_both_ways_on_a_cpu(tmp_path):
+    """bench/swiglu_out_sweep.py on a CPU: both ways of the batch-1 MLP (SwiGLU in down_proj's
+    loop, or in gate/up's last step) give the same output bit for bit, FP8 and float32 weights;
+    untimed, and its table says so."""
+    import swiglu_out_sweep
+
+    assert swiglu_out_sweep.main(["--models", "tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("swiglu_out_sweep-CPU-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["weights"], r["outputs_equal"]) for r in rows] == [("e4m3fn (row scales)", True), ("float32", True)]
+    assert "Not timed (no GPU)" in path.with_suffix(".md").read_text()
+
+
 def test_fp8_gemm_sweep_says_it_needs_a_gpu(capsys):
     """bench/fp8_gemm_sweep.py times GPU kernels only: on a CPU it exits with 2 and says why."""
     import fp8_gemm_sweep

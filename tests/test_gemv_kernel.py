@@ -160,6 +160,39 @@ def test_silu_first_is_the_gated_launch_bit_for_bit(n, k, dtype, config, seed):
     assert torch.equal(gemv.launch_gemv(x, weight, gemv.silu_first(config), up), gemv.launch_gemv(x, weight, config, up))
 
 
+@given(half=st.integers(1, 45), k=st.integers(1, 150), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       config=st.sampled_from(KERNEL_CONFIGS), scales=st.sampled_from([None, "rows", "blocks"]), seed=st.integers(0, 2**16))
+def test_swiglu_out_is_the_product_then_silu_mul_bit_for_bit(half, k, dtype, config, scales, seed):
+    """SWIGLU_OUT on a packed [gate; up] weight: each program's tile takes gate rows and the
+    matching up rows, and it writes silu(gate) * up: the same bits as the plain launch followed
+    by paiton.silu_mul on its two halves (the tile sums its rows in the same order), at widths
+    no block divides too; FP8 weights with scales per row or per 128 x 128 block."""
+    from paiton.fusion.swiglu import silu_mul
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(2 * half, k, generator=generator).to(DEVICE, dtype)
+    weight_scales = None
+    if scales is not None:
+        weight = weight.float().to(torch.float8_e4m3fn)
+        shape = (2 * half,) if scales == "rows" else (-(-2 * half // 128), -(-k // 128))
+        weight_scales = (torch.rand(shape, generator=generator) + 0.5).to(DEVICE)
+    both = gemv.launch_gemv(x, weight, config, scales=weight_scales)
+    expected = silu_mul(both[..., :half].contiguous(), both[..., half:].contiguous())
+    got = gemv.launch_gemv(x, weight, config, scales=weight_scales, swiglu_out=True)
+    assert got.shape == (1, half) and torch.equal(got, expected)
+
+
+def test_swiglu_out_wants_a_packed_weight_and_no_other_fusion():
+    x, up = torch.randn(1, 16), torch.randn(1, 16)
+    for weight, config, extra in ((torch.randn(7, 16), SMALL_CONFIGS[0], {}),  # an odd row count
+                                  (torch.randn(8, 16), gemv.gemv_config(3, 32, 4, 1), {}),  # an odd BLOCK_N
+                                  (torch.randn(8, 16), SMALL_CONFIGS[0], {"up": up}),  # gated as well
+                                  (torch.randn(8, 16), SMALL_CONFIGS[0], {"residual": torch.randn(1, 8)})):
+        with pytest.raises(ValueError, match="swiglu_out"):
+            gemv.launch_gemv(x, weight, config, swiglu_out=True, **extra)
+
+
 def test_choose_for_an_fp8_weight_times_its_launches_alone(monkeypatch):
     """An FP8 weight has no vendor GEMM of one row: its candidates alone are timed (the first, the
     untimed launch, as the baseline), with the scales, and the choice is its own, not that of a
