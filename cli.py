@@ -391,7 +391,8 @@ def serve(args: argparse.Namespace) -> int:
             return 2
     _progress(f"model ready in {time.perf_counter() - started:.1f} s: {name}, tokenizer: {info.name}; "
               f"{args.max_slots} slots x {args.max_model_len} tokens, backend {args.backend}"
-              + (", FP8 weights" if args.fp8 or args.fp8_lm_head else "") + (" (lm_head too)" if args.fp8_lm_head else "") + (f", tensor parallel {channel.ranks}" if channel else "")
+              + (", FP8 weights" if args.fp8 or args.fp8_lm_head else "") + (" (lm_head too)" if args.fp8_lm_head else "")
+              + (f", tensor parallel {channel.ranks}" if channel else "")
               + (f" {options}" if options else "") + (", warming up (compiling) first" if warmup else
                                                       "; the first requests compile"))
     after_warmup = None

@@ -94,7 +94,7 @@ def main(argv=None):
                         help="the reference model's dtype (the FP8 model computes in it too)")
     parser.add_argument("--fp8-format", choices=["e4m3fn", "e4m3fnuz"], help="default: the chip's (CPU: e4m3fn)")
     parser.add_argument("--baseline", action="store_true",
-                        help=f"also the reference dtype against float32 (how far bf16 itself is from exact)")
+                        help="also the reference dtype against float32 (how far bf16 itself is from exact)")
     parser.add_argument("--lm-head", action="store_true",
                         help="also a row per model and weight kind with the lm_head in FP8 too (quantize_fp8's "
                              "include_lm_head, `paiton serve --fp8-lm-head`)")
