@@ -214,13 +214,11 @@ def markdown(env, rows, top):
     lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
              f"{versions_line(env)}, prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, "
              f"kernels averaged over {env['profile_steps']} profiled steps.", "", *floor_lines(env)]
-    if env.get("fp8_weight_bytes"):
-        floor = f" = {env['fp8_floor_us']:.0f} us per step" if env.get("fp8_floor_us") else ""
-        lines += [f"FP8 weights (the -fp8 configurations): {env['fp8_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
-    if env.get("fp8_head_weight_bytes"):
-        floor = f" = {env['fp8_head_floor_us']:.0f} us per step" if env.get("fp8_head_floor_us") else ""
-        lines += [f"FP8 weights with the lm_head in FP8 too (the -fp8-head configurations): "
-                  f"{env['fp8_head_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
+    for prefix, which in (("fp8", "FP8 weights (the -fp8 configurations)"),
+                          ("fp8_head", "FP8 weights with the lm_head in FP8 too (the -fp8-head configurations)")):
+        if env.get(f"{prefix}_weight_bytes"):
+            floor = f" = {env[f'{prefix}_floor_us']:.0f} us per step" if env.get(f"{prefix}_floor_us") else ""
+            lines += [f"{which}: {env[f'{prefix}_weight_bytes'] / 1e9:.2f} GB{floor}.", ""]
     lines += ["The decode step as a loop that runs a step ahead sees it (pipelined: its TPOT), against the",
               "floor of the weights it reads (FP8's for an -fp8 configuration); decode tok/s = batch / step.", "",
               "| config | batch | pipelined step ms | x its floor | decode tok/s | compile + 3 steps s |", "|---|---|---|---|---|---|"]

@@ -66,17 +66,14 @@ def both_ways(x, gate_up, gate_up_scales, down, down_scales, launches):
 
 
 def fastest(x, weight, candidates, scales, up=None, swiglu_out=False):
-    """(launch, us) of the fastest of `candidates` for one product, timed as the one-row choice
-    times them (cold copies of the weight, best of TIMING_ROUNDS rounds)."""
-    from paiton.fusion.gemv import launch_gemv
-    from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
+    """(launch, us) of the fastest of `candidates` for one product, timed by the one-row choice's
+    own timing (gemv.time_candidates); Paiton's launches only, so both forms compare GEMVs."""
+    from paiton.fusion.gemv import VENDOR, time_candidates
+    from paiton.fusion.timing import TIMING_ROUNDS
 
-    weights = cold_copies(weight)
-    runs = [(config, lambda config=config: [launch_gemv(x, w, config, up, scales, swiglu_out=swiglu_out) for w in weights])
-            for config in candidates]
-    timed = best_times(runs, TIMING_ROUNDS, time_ms, required=runs[0][0], what="swiglu_out sweep")
-    config, ms = min(timed, key=lambda timing: timing[1])
-    return config, ms * 1e3 / len(weights)
+    timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, scales=scales, swiglu_out=swiglu_out)
+    config, ms = min((timing for timing in timed if timing[0] != VENDOR), key=lambda timing: timing[1])
+    return config, ms * 1e3
 
 
 def run_case(model: str, fp8: bool, device: str, rate_tbps: float | None) -> dict:

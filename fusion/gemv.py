@@ -200,18 +200,19 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
             if EVEN_N:
                 residual = tl.load(res_ptr + rows)
             else:
-                residual = tl.load(res_ptr + rows, mask=rows < N, other=0.0)
+                residual = tl.load(res_ptr + rows, mask=row_valid, other=0.0)
             y = (y.to(tl.float32) + residual.to(tl.float32)).to(y_ptr.dtype.element_ty)
         if EVEN_N:
             tl.store(y_ptr + rows, y)
         else:
-            tl.store(y_ptr + rows, y, mask=rows < N)
+            tl.store(y_ptr + rows, y, mask=row_valid)
         if SQUARES_OUT:
-            stored = tl.where(rows < N, y.to(tl.float32), 0.0)
+            stored = tl.where(row_valid, y.to(tl.float32), 0.0)
             GROUPS: tl.constexpr = BLOCK_N // SQUARES_GRAIN
             group_sums = tl.sum(tl.reshape(stored * stored, (GROUPS, SQUARES_GRAIN)), axis=1)
             slots = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
             tl.store(squares_out_ptr + slots, group_sums, mask=slots < tl.cdiv(N, SQUARES_GRAIN))
+
 
 def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_per_row: bool = False,
                 chunk: int = 0, silu_first: bool = False) -> dict[str, int]:
@@ -336,11 +337,7 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], u
     multiple of SQUARES_GRAIN. `swiglu_out` (alone): weight is gate/up packed ([gate; up], N
     even) and y [..., N / 2] = silu_mul(x @ gate.T, x @ up.T) (the kernel's SWIGLU_OUT)."""
     _check_inputs(x, weight, up, scales)
-    _check_fusions(x, weight, config, up, norm_weight, squares, residual, squares_out)
-    if swiglu_out and (weight.shape[0] % 2 or config["BLOCK_N"] % 2 or up is not None or norm_weight is not None
-                       or residual is not None or squares_out):
-        raise ValueError(f"paiton gemv: swiglu_out takes a packed gate/up weight of an even row count, a launch of an "
-                         f"even BLOCK_N and no other fusion; got W {tuple(weight.shape)}, {config}")
+    _check_fusions(x, weight, config, up, norm_weight, squares, residual, squares_out, swiglu_out)
     return _launch(x, weight, config, up, scales, norm_weight=norm_weight, squares=squares, eps=eps, residual=residual,
                    squares_out=squares_out, swiglu_out=swiglu_out)
 
@@ -352,7 +349,7 @@ def squares_count(n: int) -> int:
 
 def _check_fusions(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: torch.Tensor | None,
                    norm_weight: torch.Tensor | None, squares: torch.Tensor | None, residual: torch.Tensor | None,
-                   squares_out: bool) -> None:
+                   squares_out: bool, swiglu_out: bool = False) -> None:
     if (norm_weight is None) != (squares is None):
         raise ValueError("paiton gemv: a normalized input needs both the norm's weight and the sums of its squares")
     if norm_weight is not None:
@@ -369,6 +366,10 @@ def _check_fusions(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int]
                          f"{tuple(residual.shape)} {residual.dtype} for y [..., {weight.shape[0]}] {x.dtype}")
     if squares_out and config["BLOCK_N"] % SQUARES_GRAIN.value:
         raise ValueError(f"paiton gemv: sums of squares need BLOCK_N a multiple of {SQUARES_GRAIN.value}; got {config}")
+    if swiglu_out and (weight.shape[0] % 2 or config["BLOCK_N"] % 2 or up is not None or norm_weight is not None
+                       or residual is not None or squares_out):
+        raise ValueError(f"paiton gemv: swiglu_out takes a packed gate/up weight of an even row count, a launch of an "
+                         f"even BLOCK_N and no other fusion; got W {tuple(weight.shape)}, {config}")
 
 
 def _unit_stride_row(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -490,17 +491,18 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
 
 def time_candidates(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]], up: torch.Tensor | None,
                     rounds: int, time_ms: Callable[[Callable[[], object]], float] = _time_ms,
-                    scales: torch.Tensor | None = None) -> list[tuple[dict[str, int] | str, float]]:
+                    scales: torch.Tensor | None = None, swiglu_out: bool = False) -> list[tuple[dict[str, int] | str, float]]:
     """[(VENDOR, ms), (candidate, ms), ...]: each one's best time for one product over `rounds`
     rounds, every one timed once per round, in turn; a candidate this chip cannot launch
     (resources) is left out. Each timed run is one product over every copy of _cold_copies in
-    turn, so the weights come from memory as in a decode step. With an FP8 weight's `scales`:
-    the candidates alone, the first one required (it is the untimed launch)."""
+    turn, so the weights come from memory as in a decode step. With an FP8 weight's `scales`,
+    or `swiglu_out` (launch_gemv's; torch's linear has no such form): the candidates alone,
+    the first one required (it is the untimed launch)."""
     weights = _cold_copies(weight)
     runs: list[tuple[dict[str, int] | str, Callable[[], object]]] = []
-    if scales is None:
+    if scales is None and not swiglu_out:
         runs.append((VENDOR, lambda: [vendor_linear(x, w, up) for w in weights]))
-    runs += [(config, lambda config=config: [launch_gemv(x, w, config, up, scales) for w in weights])
+    runs += [(config, lambda config=config: [launch_gemv(x, w, config, up, scales, swiglu_out=swiglu_out) for w in weights])
              for config in candidates]
     with device_guard(x):  # the timer's spin and events go to the current device: x's
         timed = best_times(runs, rounds, time_ms, required=runs[0][0], what=f"paiton gemv on {x.device}")
