@@ -54,7 +54,8 @@ def mlp_weights(model: str, fp8: bool, device: str, dtype: torch.dtype, seed: in
 
 def both_ways(x, gate_up, gate_up_scales, down, down_scales, launches):
     """(y today, y through SWIGLU_OUT) with the given launches {"gate_up", "down_gated",
-    "gate_up_swiglu_out", "down"}."""
+    "gate_up_swiglu_out", "down"}. Bit for bit equal when both down_proj launches sum K in the
+    same order (the same BLOCK_K and CHUNK): SwiGLU's h is the same bits either way."""
     from paiton.fusion.gemv import launch_gemv
 
     half = gate_up.shape[0] // 2
@@ -63,6 +64,11 @@ def both_ways(x, gate_up, gate_up_scales, down, down_scales, launches):
     today = launch_gemv(gate, down, launches["down_gated"], up, down_scales)
     h = launch_gemv(x, gate_up, launches["gate_up_swiglu_out"], scales=gate_up_scales, swiglu_out=True)
     return today, launch_gemv(h, down, launches["down"], scales=down_scales)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |a|."""
+    return ((a.float() - b.float()).abs().max() / a.float().abs().max().clamp_min(1e-30)).item()
 
 
 def fastest(x, weight, candidates, scales, up=None, swiglu_out=False):
@@ -106,8 +112,15 @@ def run_case(model: str, fp8: bool, device: str, rate_tbps: float | None) -> dic
         row["swiglu_out_us"] = row["gate_up_swiglu_out_us"] + row["down_us"]
         nbytes = sum(t.numel() * t.element_size() for t in (gate_up, down, gate_up_scales, down_scales) if t is not None)
         row["floor_us"] = nbytes / (rate_tbps * 1e12) * 1e6 if rate_tbps else None
-    today, through_swiglu_out = both_ways(x, gate_up, gate_up_scales, down, down_scales, launches)
+    # The check: both forms with one down_proj launch (the plain one's, gated for today's form),
+    # so only where SwiGLU happens differs. The timed launches may sum K in other orders (at
+    # 2810a50 on an H200, 32B bf16's fastest gated and plain down_proj had BLOCK_K 1024 and 512):
+    # their outputs are compared by relative difference only.
+    plain_down = {key: value for key, value in launches["down"].items() if key != "SILU_FIRST"}
+    today, through_swiglu_out = both_ways(x, gate_up, gate_up_scales, down, down_scales, dict(launches, down_gated=plain_down))
     row["outputs_equal"] = torch.equal(today, through_swiglu_out)
+    today, through_swiglu_out = both_ways(x, gate_up, gate_up_scales, down, down_scales, launches)
+    row["timed_launches_relative_difference"] = relative_difference(today, through_swiglu_out)
     return row
 
 
@@ -126,7 +139,10 @@ def markdown(env: dict, rows: list[dict]) -> str:
                          f"{r['today_us']:.1f} | {r['gate_up_swiglu_out_us']:.1f} + {r['down_us']:.1f} = "
                          f"{r['swiglu_out_us']:.1f} | {r['today_us'] / r['swiglu_out_us']:.3f} | {floor} |")
         lines += ["", "Launches: " + "; ".join(f"{r['model']} {r['weights']}: {r['launches']}" for r in rows)]
-    lines += ["", "Outputs equal bit for bit: " + ", ".join(f"{r['model']} {r['weights']} {r['outputs_equal']}" for r in rows), ""]
+    lines += ["", "Outputs equal bit for bit (one down_proj launch for both forms): "
+              + ", ".join(f"{r['model']} {r['weights']} {r['outputs_equal']}" for r in rows),
+              "", "At the timed launches, max |today - SWIGLU_OUT| / max |today|: "
+              + ", ".join(f"{r['model']} {r['weights']} {r['timed_launches_relative_difference']:.1e}" for r in rows), ""]
     return "\n".join(lines)
 
 

@@ -353,6 +353,7 @@ def test_swiglu_out_sweep_checks_both_ways_on_a_cpu(tmp_path):
     (path,) = tmp_path.glob("swiglu_out_sweep-CPU-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [(r["weights"], r["outputs_equal"]) for r in rows] == [("e4m3fn (row scales)", True), ("float32", True)]
+    assert [r["timed_launches_relative_difference"] for r in rows] == [0.0, 0.0]  # the interpreter's one launch
     assert "Not timed (no GPU)" in path.with_suffix(".md").read_text()
 
 
