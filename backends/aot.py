@@ -162,6 +162,8 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
     product is the plain kernel after silu_mul's: built plain."""
     if config.get("SILU_FIRST"):
         config, gated = {key: value for key, value in config.items() if key != "SILU_FIRST"}, False
+    config = dict(config)
+    splits = config.pop("SPLITS", 1)  # > 1: split along K (its fp32 partial sums and counters)
     signature = {"x_ptr": f"*{dtype}", "up_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype or dtype}", "y_ptr": f"*{dtype}",
                  "N": "i32", "K": "i32", "stride_wn": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                  "EVEN_N": "constexpr", "EVEN_K": "constexpr", "GATED": "constexpr",
@@ -171,8 +173,10 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
                  "n_squares": "i32" if norm else "constexpr", "eps": "fp32" if norm else "constexpr",
                  "NORM": "constexpr", "SQUARES_BLOCK": "constexpr", "res_ptr": f"*{dtype}" if residual else "constexpr",
                  "RESIDUAL": "constexpr", "squares_out_ptr": "*fp32" if residual else "constexpr",
-                 "SQUARES_OUT": "constexpr", "SWIGLU_OUT": "constexpr"}
-    launcher = {"EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK,
+                 "SQUARES_OUT": "constexpr", "SWIGLU_OUT": "constexpr", "k_slice": "i32" if splits > 1 else "constexpr",
+                 "partial_ptr": "*fp32" if splits > 1 else "constexpr", "count_ptr": "*i32" if splits > 1 else "constexpr",
+                 "SPLITS": "constexpr"}
+    launcher = {"SPLITS": splits, "EVEN_N": True, "EVEN_K": True, "GATED": gated, "SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK,
                 "X_PER_ROW": config.get("X_PER_ROW", False), "CHUNK": config.get("CHUNK", 0), "NORM": norm,
                 # Qwen3-32B's hidden size, 5120: the sums of squares of 1280 groups of 4
                 "SQUARES_BLOCK": triton.next_power_of_2(squares_count(5120)) if norm else 1,
@@ -185,10 +189,13 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
         launcher.update(norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0)
     if not residual:
         launcher.update(res_ptr=None, squares_out_ptr=None)
+    if splits == 1:
+        launcher.update(k_slice=0, partial_ptr=None, count_ptr=None)
     constexprs, options = _split(_gemv_kernel, config, launcher)
     aligned = (["x_ptr", "up_ptr", "w_ptr", "y_ptr", "N", "K", "stride_wn"] + (["scale_ptr"] if scales else [])
                + (["norm_w_ptr", "squares_ptr", "n_squares"] if norm else [])
-               + (["res_ptr", "squares_out_ptr"] if residual else []))
+               + (["res_ptr", "squares_out_ptr"] if residual else [])
+               + (["k_slice", "partial_ptr", "count_ptr"] if splits > 1 else []))
     return KernelBuild(_gemv_kernel, signature, constexprs, options, aligned)
 
 

@@ -31,13 +31,13 @@ uint16): DOT_FP32 makes the products in fp32 there, as decode attention's kernel
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from paiton.fusion import split_k
 from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind
 from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
@@ -269,9 +269,9 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         launch = dict(config or few_rows_config(m))
         block_m, block_n, block_k = launch["BLOCK_M"], launch["BLOCK_N"], launch["BLOCK_K"]
         grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
-        k_slice, splits = _k_slices(k, block_k, launch.pop("SPLITS", 1))
+        k_slice, splits = split_k.k_slices(k, block_k, launch.pop("SPLITS", 1))
         via_fp16 = launch.pop("W_VIA_FP16", False) and weight.dtype in FP8_DTYPES
-        counters = _tile_counters(x.device, grid_n * grid_m) if splits > 1 else None
+        counters = split_k.tile_counters(x.device, grid_n * grid_m) if splits > 1 else None
         if counters is None:  # no counters to be had (first use inside a CUDA graph capture): unsplit
             k_slice, splits = k, 1
         partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else None
@@ -283,56 +283,6 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
                 SPLITS=splits, W_VIA_FP16=via_fp16, **launch,
                 **(pdl_launch(x, _few_rows_gemm_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return y.reshape(*x.shape[:-1], n)
-
-
-def _k_slices(k: int, block_k: int, splits: int) -> tuple[int, int]:
-    """(slice width, slices) for K cut into at most `splits` slices of whole BLOCK_K tiles."""
-    tiles = triton.cdiv(k, block_k)
-    width = triton.cdiv(tiles, max(splits, 1)) * block_k
-    return width, triton.cdiv(k, width) if k else 1
-
-
-# One int32 counter per output tile, per device, for split launches: made outside any CUDA graph
-# capture (a product's first use is timed there first), left at zero by each split launch.
-MAX_TILES = 1 << 16
-_COUNTERS: dict[str, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    counters = _COUNTERS.get(str(device))
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _COUNTERS[str(device)] = _zeros_outside_graph_pools(MAX_TILES, device)
-    return counters if tiles <= MAX_TILES else None
-
-
-def _zeros_outside_graph_pools(count: int, device: torch.device) -> torch.Tensor:
-    """int32 zeros that outlive every CUDA graph. A split launch's first use is often inside a
-    CUDA-graph tree's warm-up run (torch.compile's reduce-overhead mode), which sends every
-    allocation of the current thread to the tree's private pool; a tensor kept from there is one
-    the tree does not track, and its next recording fails ("tensor(s) in the cudagraph pool not
-    tracked as outputs", seen on the H200 at 18612d0). Made on a thread of its own, the counters
-    come from the ordinary allocator; that thread waits for its zeros before handing them over."""
-    if device.type != "cuda":
-        return torch.zeros(count, dtype=torch.int32, device=device)
-    made: list = []
-
-    def make() -> None:
-        try:
-            with torch.cuda.device(device):
-                zeros = torch.zeros(count, dtype=torch.int32, device=device)
-                torch.cuda.current_stream(device).synchronize()
-            made.append(zeros)
-        except BaseException as error:  # raised again on the caller's thread
-            made.append(error)
-
-    thread = threading.Thread(target=make, name="paiton-split-k-counters")
-    thread.start()
-    thread.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
 
 
 def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int],

@@ -11,7 +11,9 @@ The kernel: program i reads rows [i * BLOCK_N, (i + 1) * BLOCK_N) of W in [BLOCK
 tiles along K (16-byte loads, read once: `evict_first` keeps them from pushing x and the
 activations out of L2), multiplies by x's matching piece and accumulates element by element
 in fp32; the tile is summed once, after the last K step. The output is rounded to x's dtype
-once, as torch's linear rounds its fp32 accumulation.
+once, as torch's linear rounds its fp32 accumulation. A split launch (SPLITS, fusion/split_k.py)
+gives each slice of K a program of its own, for weights whose K is long and N narrow
+(down_proj), the slices' fp32 sums added in slice order by the rows' last program.
 
 Which launch (BLOCK_N, BLOCK_K, warps, stages), or the vendor's GEMM, is decided per weight
 shape, dtype and device the first time that shape runs (`choose`): the card's measured entry
@@ -43,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from paiton.fusion import split_k
 from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.swiglu import silu_mul, silu_mul_reference, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times
@@ -82,7 +85,8 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
                  PDL: tl.constexpr = False, norm_w_ptr=None, squares_ptr=None, n_squares=0, eps=0.0,
                  NORM: tl.constexpr = False, SQUARES_BLOCK: tl.constexpr = 1, res_ptr=None,
                  RESIDUAL: tl.constexpr = False, squares_out_ptr=None, SQUARES_OUT: tl.constexpr = False,
-                 SWIGLU_OUT: tl.constexpr = False):
+                 SWIGLU_OUT: tl.constexpr = False, k_slice=0, partial_ptr=None, count_ptr=None,
+                 SPLITS: tl.constexpr = 1):
     """Program i: y[rows] = W[rows, :] @ x for rows i * BLOCK_N + [0, BLOCK_N). GATED: x is
     silu(x) * up, made piece by piece as it is loaded, rounded as paiton.silu_mul rounds it
     (SwiGLU feeding down_proj without a kernel and a round trip of its own). An FP8 W is
@@ -121,6 +125,12 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     paiton.silu_mul round them. Program i takes gate rows and up rows i * BLOCK_N / 2 + [0,
     BLOCK_N / 2) (one tile of BLOCK_N rows from two places), so the pair meets in its registers:
     the product after it (down_proj) then runs plain, without silu in its loop.
+
+    SPLITS > 1 (split-K; the grid's second axis): program (i, s) sums K slice s (`k_slice` wide,
+    whole BLOCK_K tiles) of rows i and writes its fp32 row sums to `partial_ptr` [SPLITS, N];
+    the last of the SPLITS programs of rows i to arrive (`count_ptr`: one counter for them, left
+    at 0; fusion/split_k.py) adds the slices in slice order and runs the epilogue above (the
+    NORM, scale, residual, SWIGLU_OUT and SQUARES_OUT steps) on the total.
     """
     if SWIGLU_OUT:
         HALF: tl.constexpr = BLOCK_N // 2
@@ -131,8 +141,14 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
     else:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_valid = rows < N
+    if SPLITS > 1:
+        k_begin = tl.program_id(1) * k_slice
+        k_end = tl.minimum(k_begin + k_slice, K)
+    else:
+        k_begin = 0
+        k_end = K
     if PDL:
-        prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, 0, K, BLOCK_K)
+        prefetch_rows_to_l2(w_ptr, rows, N, stride_wn, k_begin, K, BLOCK_K)
     wait_for_previous_kernel(PDL)
     cols = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -154,7 +170,7 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
         acc = tl.zeros((BLOCK_N, BLOCK_K // CHUNK), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    for start in range(k_begin, k_end, BLOCK_K):  # slices are whole BLOCK_K tiles: only K's end is ragged
         k = start + cols[None, :]  # [1, BLOCK_K]
         if EVEN_K:
             x = tl.load(x_rows + k)
@@ -187,11 +203,39 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
             acc += product
     y = tl.sum(acc, axis=1)
     if NORM:
-        y *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    else:
+        rstd = 1.0  # not read
+    if SPLITS > 1:
+        tl.store(partial_ptr + tl.program_id(1) * N + rows, y, mask=row_valid)
+        tl.debug_barrier()  # every thread's sums are written before the counter says so
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLITS - 1:  # the last slice of these rows: add all slices (from L2, not a stale L1 line)
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for split in tl.static_range(SPLITS):
+                total += tl.load(partial_ptr + split * N + rows, mask=row_valid, other=0.0, cache_modifier=".cg")
+            _gemv_epilogue(total, rows, row_valid, N, rstd, y_ptr, scale_ptr, res_ptr, squares_out_ptr,
+                           BLOCK_N, EVEN_N, SCALES, NORM, RESIDUAL, SQUARES_OUT, SWIGLU_OUT)
+            tl.atomic_xchg(count_ptr + tl.program_id(0), 0)  # ready for the next product
+    else:
+        _gemv_epilogue(y, rows, row_valid, N, rstd, y_ptr, scale_ptr, res_ptr, squares_out_ptr,
+                       BLOCK_N, EVEN_N, SCALES, NORM, RESIDUAL, SQUARES_OUT, SWIGLU_OUT)
+
+
+@triton.jit
+def _gemv_epilogue(y, rows, row_valid, N, rstd, y_ptr, scale_ptr, res_ptr, squares_out_ptr,
+                   BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, SCALES: tl.constexpr, NORM: tl.constexpr,
+                   RESIDUAL: tl.constexpr, SQUARES_OUT: tl.constexpr, SWIGLU_OUT: tl.constexpr):
+    """_gemv_kernel's last step on the fp32 row sums `y` of `rows`: the norm's 1 / rms (NORM),
+    the row scales, the rounding to y's dtype, then SWIGLU_OUT's pairing, or the residual's add,
+    the store and the sums of squares (SQUARES_OUT)."""
+    if NORM:
+        y *= rstd
     if SCALES == 1:
         y *= tl.load(scale_ptr + rows, mask=row_valid, other=0.0)
     y = y.to(y_ptr.dtype.element_ty)
     if SWIGLU_OUT:
+        HALF: tl.constexpr = BLOCK_N // 2
         gate, up = tl.split(tl.permute(tl.reshape(y, (2, HALF)), (1, 0)))
         out_index = tl.program_id(0) * HALF + tl.arange(0, HALF)
         tl.store(y_ptr + out_index, silu_times_up(gate, up), mask=out_index < N // 2)
@@ -215,10 +259,11 @@ def _gemv_kernel(x_ptr, up_ptr, w_ptr, y_ptr, N, K, stride_wn,
 
 
 def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_per_row: bool = False,
-                chunk: int = 0, silu_first: bool = False) -> dict[str, int]:
-    """A launch of _gemv_kernel; `x_per_row` and `chunk` are its X_PER_ROW and CHUNK (named in the
-    dict only when set, so the measured table's launches keep their keys); `silu_first`: for a
-    gated product, paiton.silu_mul's kernel first and then this launch, plain (SILU_FIRST)."""
+                chunk: int = 0, silu_first: bool = False, splits: int = 1) -> dict[str, int]:
+    """A launch of _gemv_kernel; `x_per_row`, `chunk` and `splits` are its X_PER_ROW, CHUNK and
+    SPLITS (named in the dict only when set, so the measured table's launches keep their keys);
+    `silu_first`: for a gated product, paiton.silu_mul's kernel first and then this launch, plain
+    (SILU_FIRST)."""
     config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if x_per_row:
         config["X_PER_ROW"] = True
@@ -226,6 +271,8 @@ def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_p
         config["CHUNK"] = chunk
     if silu_first:
         config["SILU_FIRST"] = True
+    if splits > 1:
+        config["SPLITS"] = splits
     return config
 
 
@@ -254,6 +301,10 @@ GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     gemv_config(16, 512, 8, 3),
     gemv_config(16, 1024, 8, 2),
     gemv_config(32, 256, 4, 2),
+    # Split along K (fusion/split_k.py): for the long-K weights (down_proj, o_proj), see the FP8
+    # list's note.
+    gemv_config(8, 1024, 4, 2, splits=4),
+    gemv_config(16, 512, 4, 2, splits=4),
 )
 
 
@@ -277,6 +328,15 @@ FP8_GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     gemv_config(8, 1024, 4, 2, x_per_row=True, chunk=16),
     gemv_config(8, 2048, 4, 2, x_per_row=True, chunk=16),
     gemv_config(4, 2048, 4, 2, x_per_row=True, chunk=16),
+    # Split along K: each program one slice of K, the rows' last program adding the slices
+    # (SPLITS). Why: on an H200 at 2810a50 every FP8 product took about 3.5 us over its bytes,
+    # and the long-K one, down_proj (Qwen3-32B: K = 25600, 640 programs of 25 K steps), 7.7 us
+    # plain (38.5 us against 30.8; profile and swiglu_out_sweep -2810a50): a program's 200 KB
+    # streamed serially, so the last wave of programs runs with most of the chip idle. Four
+    # slices give 2560 programs of about 7 steps; 16 rows a program halve x's reloads.
+    gemv_config(8, 1024, 4, 2, x_per_row=True, chunk=16, splits=4),
+    gemv_config(16, 1024, 8, 2, x_per_row=True, chunk=16, splits=4),
+    gemv_config(4, 2048, 4, 2, x_per_row=True, chunk=16, splits=2),
 )
 
 
@@ -397,7 +457,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
         return y.zero_()
     launch = dict(config)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
-    fusions = {}
+    # A SWIGLU_OUT program makes BLOCK_N / 2 outputs from as many gate and up rows.
+    outputs, outputs_per_program = (n // 2, block_n // 2) if swiglu_out else (n, block_n)
+    programs = triton.cdiv(outputs, outputs_per_program)
+    fusions = _split_k_arguments(x.device, n, k, block_k, programs, launch.pop("SPLITS", 1))
     if norm_weight is not None:
         fusions.update(norm_w_ptr=norm_weight, squares_ptr=squares, n_squares=squares.numel(), eps=float(eps), NORM=True,
                        SQUARES_BLOCK=triton.next_power_of_2(max(squares.numel(), 1)))
@@ -405,18 +468,28 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
         fusions.update(res_ptr=_unit_stride_row(residual, n), RESIDUAL=True)
     if squares_out:
         fusions.update(squares_out_ptr=sums, SQUARES_OUT=True)
-    # A SWIGLU_OUT program makes BLOCK_N / 2 outputs from as many gate and up rows.
-    outputs, outputs_per_program = (n // 2, block_n // 2) if swiglu_out else (n, block_n)
     if swiglu_out:
         fusions.update(SWIGLU_OUT=True)
     with device_guard(x):
         kind = scales_kind(weight, scales)
         scale_args = {} if kind == NO_SCALES else dict(scale_ptr=scales, stride_sn=scales.stride(0), SCALES=kind)
-        _gemv_kernel[(triton.cdiv(outputs, outputs_per_program),)](
+        _gemv_kernel[(programs, fusions.get("SPLITS", 1))](
             row, up_row, weight, y, n, k, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_N=outputs % outputs_per_program == 0, EVEN_K=k % block_k == 0, GATED=up is not None, **scale_args, **launch, **fusions,
             **(pdl_launch(x, _gemv_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return (y, sums) if squares_out else y
+
+
+def _split_k_arguments(device: torch.device, n: int, k: int, block_k: int, programs: int, splits: int) -> dict:
+    """The kernel's split-K arguments for `splits` slices of K (fusion/split_k.py): none where K
+    is one slice, or where no counters are to be had (first use inside a CUDA graph capture), and
+    the launch then runs unsplit."""
+    k_slice, splits = split_k.k_slices(k, block_k, splits)
+    counters = split_k.tile_counters(device, programs) if splits > 1 else None
+    if counters is None:
+        return {}
+    partial = torch.empty((splits, n), dtype=torch.float32, device=device)
+    return dict(k_slice=k_slice, partial_ptr=partial, count_ptr=counters, SPLITS=splits)
 
 
 # (device, N, K, row stride of W, dtype, gated[, FP8 weight's dtype, its SCALES]) -> the chosen

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from paiton.fusion import few_rows_gemm
+from paiton.fusion import few_rows_gemm, split_k
 from paiton.fusion.gemv import VENDOR
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +66,7 @@ def test_split_k_launches_match_and_leave_their_counters_at_zero(rows, n, k, spl
     expected = torch.nn.functional.linear(x.double(), weight.double())
     assert y.shape == (rows, 1, n) and relative_error(y, expected) <= TOLERANCE[dtype], (rows, n, k, splits)
     assert torch.equal(few_rows_gemm.launch_candidate(x, weight, launch), y)
-    counters = few_rows_gemm._COUNTERS.get(str(x.device))  # none made while every K fit one tile
+    counters = split_k.COUNTERS.get(str(x.device))  # none made while every K fit one tile
     assert counters is not None or k <= 32
     assert counters is None or not counters.any()
 
@@ -86,10 +86,10 @@ def test_more_rows_than_one_program_takes(rows, n, k, splits, swap_ab, seed):
 
 
 def test_k_slices_are_whole_tiles():
-    assert few_rows_gemm._k_slices(8192, 128, 4) == (2048, 4)
-    assert few_rows_gemm._k_slices(300, 32, 4) == (96, 4)  # 10 tiles: 3, 3, 3, 1
-    assert few_rows_gemm._k_slices(64, 32, 8) == (32, 2)  # 2 tiles: 2 slices, not 8
-    assert few_rows_gemm._k_slices(100, 128, 4) == (128, 1)
+    assert split_k.k_slices(8192, 128, 4) == (2048, 4)
+    assert split_k.k_slices(300, 32, 4) == (96, 4)  # 10 tiles: 3, 3, 3, 1
+    assert split_k.k_slices(64, 32, 8) == (32, 2)  # 2 tiles: 2 slices, not 8
+    assert split_k.k_slices(100, 128, 4) == (128, 1)
 
 
 def test_a_strided_input_and_a_weight_view_are_read_where_they_lie():
@@ -273,7 +273,7 @@ def test_split_launch_first_used_in_a_cuda_graph_trees_warm_up(monkeypatch, fres
     the pool, or the next recording fails with "tensor(s) in the cudagraph pool not tracked as
     outputs" (a request of the H200's server failed so at 18612d0). Runs the compiled module
     until its graph is recorded and replayed, and checks the product each time."""
-    monkeypatch.setattr(few_rows_gemm, "_COUNTERS", {})
+    monkeypatch.setattr(split_k, "COUNTERS", {})
     split = few_rows_gemm.candidate(32, 128, 4, 4, splits=4)
     monkeypatch.setattr(few_rows_gemm, "choose", lambda x, weight, candidates: split)
     weight = (torch.randn(512, 4096, device="cuda") / 64).bfloat16()
@@ -287,5 +287,5 @@ def test_split_launch_first_used_in_a_cuda_graph_trees_warm_up(monkeypatch, fres
         y = compiled(x).clone()
         expected = (x * 2).double() @ weight.double().T + 1
         assert relative_error(y, expected) <= 2**-7
-    counters = few_rows_gemm._COUNTERS["cuda:0"]
+    counters = split_k.COUNTERS["cuda:0"]
     assert not counters.any()  # every split launch left its tiles' counters at zero

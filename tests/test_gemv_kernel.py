@@ -183,6 +183,71 @@ def test_swiglu_out_is_the_product_then_silu_mul_bit_for_bit(half, k, dtype, con
     assert got.shape == (1, half) and torch.equal(got, expected)
 
 
+# Split-K launches (SPLITS): small tiles, so that K of up to 300 makes several slices.
+SPLIT_CONFIGS = [gemv.gemv_config(4, 32, 4, 2, splits=2), gemv.gemv_config(8, 32, 4, 1, x_per_row=True, chunk=8, splits=3),
+                 gemv.gemv_config(16, 16, 2, 1, chunk=8, splits=4)]
+
+
+@given(rows=st.integers(1, 40), k=st.integers(1, 300), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       config=st.sampled_from(SPLIT_CONFIGS), form=st.sampled_from(["plain", "gated", "rows", "blocks", "norm", "residual",
+                                                                     "swiglu_out"]),
+       seed=st.integers(0, 2**16))
+def test_split_k_is_the_unsplit_launch_summed_in_slices(rows, k, dtype, config, form, seed):
+    """K cut into slices, each slice's fp32 row sums written, the rows' last program to arrive
+    adding them in slice order before the epilogue: the unsplit launch's product within the
+    tolerance (another summation order) in every form the epilogue takes (gated, FP8 row and
+    block scales, the norm's 1 / rms, the residual's add and the sums of squares, SWIGLU_OUT),
+    the same bits when run again whichever program arrives last, and every counter back at zero
+    for the next product (fusion/split_k.py)."""
+    from paiton.fusion import split_k
+
+    generator = torch.Generator().manual_seed(seed)
+    n = 2 * rows if form == "swiglu_out" else rows
+    x, up = (torch.randn(1, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    arguments = {}
+    if form in ("rows", "blocks"):
+        weight = weight.float().to(torch.float8_e4m3fn)
+        shape = (n,) if form == "rows" else (-(-n // 128), -(-k // 128))
+        arguments["scales"] = (torch.rand(shape, generator=generator) + 0.5).to(DEVICE)
+    elif form == "gated":
+        arguments["up"] = up
+    elif form == "norm":
+        arguments.update(norm_weight=up[0], squares=(x.float() ** 2).reshape(-1), eps=1e-6)
+    elif form == "residual":
+        arguments.update(residual=torch.randn(1, n, generator=generator).to(DEVICE, dtype), squares_out=True)
+    elif form == "swiglu_out":
+        arguments["swiglu_out"] = True
+    unsplit = {key: value for key, value in config.items() if key != "SPLITS"}
+    expected = gemv.launch_gemv(x, weight, unsplit, **arguments)
+    got = gemv.launch_gemv(x, weight, config, **arguments)
+    if form == "residual":
+        (expected, expected_squares), (got, got_squares) = expected, got
+        assert relative_error(got_squares, expected_squares.double()) <= 2 * TOLERANCE[dtype]
+        assert torch.equal(gemv.launch_gemv(x, weight, config, **arguments)[1], got_squares)
+    else:
+        assert torch.equal(gemv.launch_gemv(x, weight, config, **arguments), got)
+    assert got.shape == expected.shape and relative_error(got, expected.double()) <= 2 * TOLERANCE[dtype], (n, k, form)
+    counters = split_k.COUNTERS.get(str(x.device))  # none made while K fit one tile each time
+    assert counters is None or not counters.any()
+
+
+def test_split_k_slices_are_whole_tiles_and_one_slice_runs_unsplit(monkeypatch):
+    """K of one BLOCK_K tile is one slice: the launch runs unsplit (no counters asked for); K of
+    ten tiles in 4 slices: 3 + 3 + 3 + 1 tiles, and the counters are made once."""
+    from paiton.fusion import split_k
+
+    monkeypatch.setattr(split_k, "COUNTERS", {})
+    x, weight = torch.randn(1, 32), torch.randn(12, 32)
+    config = gemv.gemv_config(4, 32, 4, 2, splits=4)
+    assert torch.equal(gemv.launch_gemv(x, weight, config), gemv.launch_gemv(x, weight, SMALL_CONFIGS[0]))
+    assert split_k.COUNTERS == {}
+    x, weight = torch.randn(1, 320), torch.randn(12, 320)
+    assert gemv._split_k_arguments(x.device, 12, 320, 32, 3, 4)["k_slice"] == 96
+    assert relative_error(gemv.launch_gemv(x, weight, config), x.double() @ weight.double().T) <= TOLERANCE[torch.float32]
+    assert list(split_k.COUNTERS) == ["cpu"] and not split_k.COUNTERS["cpu"].any()
+
+
 def test_swiglu_out_wants_a_packed_weight_and_no_other_fusion():
     x, up = torch.randn(1, 16), torch.randn(1, 16)
     for weight, config, extra in ((torch.randn(7, 16), SMALL_CONFIGS[0], {}),  # an odd row count
@@ -322,3 +387,34 @@ def test_choose_times_a_cold_weight_on_the_gpu_not_the_launches():
     host_ms = (time.perf_counter() - start) * 1e3
     gpu_ms = gemv._time_ms(launches)
     assert 0 < gpu_ms < host_ms, (gpu_ms, host_ms)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_split_k_launches_on_the_gpu_in_and_out_of_a_cuda_graph():
+    """On the GPU, the split-K candidates (bf16's and FP8's lists) at Qwen3-32B's long-K shapes
+    (o_proj 5120 x 8192, down_proj 5120 x 25600): the unsplit launch's product within the
+    tolerance, the same bits in a CUDA graph replayed 20 times (the slices' order, not which
+    program is last, fixes the sum), and every counter back at zero afterwards."""
+    from paiton.fusion import split_k
+    from paiton.fusion.fp8_linear import quantize_weight
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in ((5120, 8192), (5120, 25600)):
+        weight = (torch.randn(n, k, device="cuda", generator=generator) * k ** -0.5).bfloat16()
+        x = torch.randn(1, k, device="cuda", generator=generator).bfloat16()
+        for candidates, scales in ((gemv.GEMV_CANDIDATES, None), (gemv.FP8_GEMV_CANDIDATES, "rows")):
+            w, s = quantize_weight(weight) if scales else (weight, None)
+            for config in (c for c in candidates if c.get("SPLITS", 1) > 1):
+                unsplit = {key: value for key, value in config.items() if key != "SPLITS"}
+                expected = gemv.launch_gemv(x, w, unsplit, scales=s)
+                y = gemv.launch_gemv(x, w, config, scales=s)
+                assert relative_error(y, expected.double()) <= 2 * TOLERANCE[torch.bfloat16], (n, k, config)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    replayed = gemv.launch_gemv(x, w, config, scales=s)
+                for _ in range(20):
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert torch.equal(replayed, y), (n, k, config)
+    assert not split_k.COUNTERS["cuda:0"].any()
