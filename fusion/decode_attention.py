@@ -17,7 +17,9 @@ what makes decoding cheap:
     the keys from the first to the last that some query attends to, so the unfilled cache and
     left padding cost their mask bytes (a hole inside that range is read, as eager reads it);
   * it splits the sequence across programs when (batch x KV heads) alone would leave most of
-    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass.
+    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass;
+    with positions, the splits divide each sequence's filled part (read on the device), so a
+    long cache that holds a short context still spreads its keys over every split.
 
 Op: paiton::decode_attention(q, k_cache, v_cache, positions, kv_mask, scale) -> out
     q [B, Hq, Sq, D] (any layout with unit stride over D), caches [B, Hkv, L, D],
@@ -102,13 +104,22 @@ def _decode_attention_split_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     d_valid = cols_d < head_dim
 
-    kv_start = split * split_size
-    kv_end = tl.minimum(kv_start + split_size, cache_len)
     if HAS_POSITIONS:
         positions = tl.load(pos_ptr + b * pos_stride_b + q_index * pos_stride_s, mask=row_valid, other=-1)
-        # Keys after the sequence's last query position are the unfilled cache: not read.
-        kv_end = tl.minimum(kv_end, tl.max(positions, axis=0) + 1)
+        # Keys after the sequence's last query position are the unfilled cache: not read. The
+        # splits divide the filled part, read here (whole KV tiles each), not the cache: with a
+        # cache longer than what it holds (a server's max length, HF's StaticCache), splits of
+        # the cache's length left the keys to the first split or two, and those programs ran
+        # every tile in turn while the rest had none (Qwen3-32B at batch 32 over a 1472 cache,
+        # 150-400 keys filled: 2 splits of 768, one of them working). `split_size` is the
+        # mask-only path's.
+        filled = tl.maximum(tl.minimum(tl.max(positions, axis=0) + 1, cache_len), 0)
+        filled_split = tl.cdiv(tl.cdiv(filled, n_splits), BLOCK_N) * BLOCK_N
+        kv_start = split * filled_split
+        kv_end = tl.minimum(kv_start + filled_split, filled)
     else:  # no position bound: every key is in bound, the mask alone decides
+        kv_start = split * split_size
+        kv_end = tl.minimum(kv_start + split_size, cache_len)
         positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (cache_len - 1)
     mask_rows = mask_ptr + b * mask_stride_b + q_index * mask_stride_s  # row g * Sq + i reads query i's mask row
     if HAS_MASK and not HAS_POSITIONS:
@@ -286,10 +297,12 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
 
 
-def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None):
+def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None, split_lse=None):
     """`n_splits`: how many programs share one sequence's keys (default: two waves over the
     chip). `config`: the launch's keyword arguments, the split kernel's and the combine
-    kernel's `combine_num_warps`; by default the lowering table's for the device."""
+    kernel's `combine_num_warps`; by default the lowering table's for the device. `split_lse`:
+    a list that gets the splits' log-sum-exps [B, Hq, Sq, n_splits] (-inf: the split read no
+    key), for tests of how the keys are divided."""
     _check_inputs(q, k_cache, v_cache, positions, kv_mask)
     out = _empty_output(q)
     batch, q_heads, q_len, head_dim = q.shape
@@ -339,6 +352,8 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
             BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=combine_num_warps,
             **pdl_launch(q, _decode_attention_combine_kernel),
         )
+    if split_lse is not None:
+        split_lse.append(part_lse)
     return out
 
 

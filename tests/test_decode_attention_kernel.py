@@ -167,6 +167,30 @@ def test_reads_only_the_filled_part():
     assert_nan_keys_unread(q, k_cache, v_cache, positions, None, 0.125, 4)
 
 
+@pytest.mark.parametrize("filled", [1, 40, 150, 301])
+def test_the_splits_divide_the_filled_part_not_the_cache(filled):
+    """With positions, each sequence's filled keys (up to its last query position) are cut
+    into the splits, whole KV tiles each, whatever the cache's length: at 150 keys of a 301-key
+    cache and 3 splits of 64-key tiles, tiles 0, 1 and 2 go to one split each (splits of the
+    cache's length, 128 keys, left the third empty). Every split that gets keys reads some
+    (finite log-sum-exp), the rest none, and NaN beyond the last position is never read."""
+    generator = torch.Generator().manual_seed(filled)
+    cache_len, n_splits = 301, 3
+    q = random((2, 4, 1, 32), torch.float32, generator)
+    k_cache, v_cache = (random((2, 2, cache_len, 32), torch.float32, generator) for _ in range(2))
+    positions = torch.tensor([[filled - 1], [cache_len - 1]], device=DEVICE)  # one short, one full
+    for cache in (k_cache, v_cache):
+        cache[0, :, filled:] = float("nan")
+    lse = []
+    assert_nan_keys_unread(q, k_cache, v_cache, positions, None, 0.125, n_splits)
+    _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=n_splits, split_lse=lse)
+    (split_lse,) = lse
+    tiles = triton.cdiv(filled, DECODE_BLOCK_N)
+    working = triton.cdiv(tiles, triton.cdiv(tiles, n_splits))  # splits of cdiv(tiles, n_splits) tiles each
+    assert torch.isfinite(split_lse[0, ..., :working]).all() and torch.isinf(split_lse[0, ..., working:]).all()
+    assert torch.isfinite(split_lse[1]).all()  # the full sequence: every split reads keys
+
+
 def test_a_query_with_no_valid_key_gets_zeros():
     generator = torch.Generator().manual_seed(0)
     q = random((1, 2, 1, 16), torch.float32, generator)
