@@ -114,7 +114,10 @@ def _profile_config(model, config, batch, args):
         backend, settings = compile_settings(config, device, args.paiton_inner)
         forward = torch.compile(model, backend=backend, fullgraph=True, **settings)
     steps_total = 3 + 2 * args.steps + args.profile_steps
-    cache = StaticCache(config=model.config, max_cache_len=args.prompt_len + steps_total + 8)  # + a diagnostic step
+    # What the run fills (+ a diagnostic step), or a server's length (--cache-len): split counts
+    # follow the cache's length, so a serving step's attention is profiled at the server's.
+    cache_len = max(args.cache_len or 0, args.prompt_len + steps_total + 8)
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
     cache.early_initialization(batch, model.config.num_key_value_heads, model.config.head_dim, model.dtype, device)
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=generator).to(device)
@@ -212,7 +215,7 @@ def several_rows_choices_markdown() -> str:
 
 def markdown(env, rows, top):
     lines = [f"# One decode step, kernel by kernel: {env['model']} on {env['card']}", "",
-             f"{versions_line(env)}, prompt {env['prompt_len']}, step time = median of {env['steps']} synced steps, "
+             f"{versions_line(env)}, prompt {env['prompt_len']}{', cache ' + str(env['cache_len']) if env.get('cache_len') else ''}, step time = median of {env['steps']} synced steps, "
              f"kernels averaged over {env['profile_steps']} profiled steps.", "", *floor_lines(env)]
     for prefix, which in (("fp8", "FP8 weights (the -fp8 configurations)"),
                           ("fp8_head", "FP8 weights with the lm_head in FP8 too (the -fp8-head configurations)")):
@@ -313,6 +316,8 @@ def main(argv=None):
     parser.add_argument("--runs", help="CONFIG@BATCH,... in the order to run (overrides --configs and --batches)")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cache-len", type=int, default=0,
+                        help="the KV cache's length (e.g. a server's --max-model-len, 1472); default what the run fills")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--stack-dumps", type=float, default=0.0, metavar="SECONDS",
                         help="write every thread's Python stack this often to stacks-profile_decode_step-<model>[-<tag>].log "
@@ -346,7 +351,7 @@ def main(argv=None):
         StackDumps(args.stack_dumps, open(os.path.join(args.out, name), "w"), "the run").start()  # a daemon thread: ends with the run
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
-    env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
+    env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len, cache_len=args.cache_len or None,
                steps=args.steps, profile_steps=args.profile_steps, **floor_fields(model, args.device))
     if any("-fp8" in config for config, _ in runs):  # the FP8 copy's floor beside bf16's, at the copy rate measured above
         env.update(fp8_floor_fields(model, env.get("copy_TBps") and env["copy_TBps"] * 1e12,

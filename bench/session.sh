@@ -30,6 +30,7 @@
 #                 or PROFILE_RUNS ("paiton-fp8@1,paiton@1,inductor-cdt@1,..."): the pairs in that order;
 #                 PROFILE_FP8_IN_PLACE=1: bf16 rows first, then the model quantized in place for the -fp8 ones
 #                 (Qwen3-32B and its FP8 copy do not fit an 80 GB H100 together);
+#                 PROFILE_CACHE_LEN: the KV cache's length (a server's, 1472: its attention's split layout);
 #                 PROFILE_TAG names a second run of one model (its files and log); every
 #                 PROFILE_STACK_DUMPS seconds (60) each thread's stack goes to stacks-profile_decode_step-*.log
 #   pdl_chain     bench/pdl_chain.py: a batch-1 decode layer's products and norms as one CUDA graph,
@@ -124,7 +125,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step "profile_${PROFILE_MODEL:-qwen3-32b}${PROFILE_TAG:+_$PROFILE_TAG}" "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py \
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
         ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} ${PROFILE_FP8_IN_PLACE:+--fp8-in-place} \
-        --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
+        ${PROFILE_CACHE_LEN:+--cache-len "$PROFILE_CACHE_LEN"} --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
     swiglu_out)
       step swiglu_out "${SWIGLU_OUT_TIMEOUT:-300}" python3 bench/swiglu_out_sweep.py --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...

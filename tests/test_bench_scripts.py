@@ -17,9 +17,10 @@ def test_profile_decode_step_smoke(tmp_path):
 
     profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--batches", "1,2", "--configs", "paiton",
                               "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
-                              "--out", str(tmp_path)])
+                              "--cache-len", "64", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
     rows = json.loads(path.read_text())["rows"]
+    assert json.loads(path.read_text())["env"]["cache_len"] == 64 and ", cache 64," in path.with_suffix(".md").read_text()
     assert [(r["config"], r["batch"]) for r in rows] == [("paiton", 1), ("paiton", 2)]
     for row in rows:
         names = {k["name"] for k in row["kernels"]}
@@ -152,9 +153,10 @@ def test_profile_decode_step_pdl_rows(tmp_path):
 
     profile_decode_step.main(["--model", "tiny", "--device", "cpu", "--runs", "paiton@1,paiton-pdl@1",
                               "--paiton-inner", "eager", "--prompt-len", "8", "--steps", "2", "--profile-steps", "1",
-                              "--out", str(tmp_path)])
+                              "--cache-len", "64", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("profile_decode_step-tiny-CPU-*.json")
     rows = json.loads(path.read_text())["rows"]
+    assert json.loads(path.read_text())["env"]["cache_len"] == 64 and ", cache 64," in path.with_suffix(".md").read_text()
     assert [(r["config"], r["batch"]) for r in rows] == [("paiton", 1), ("paiton-pdl", 1)]
     assert {k["name"] for k in rows[0]["kernels"]} == {k["name"] for k in rows[1]["kernels"]}
 
