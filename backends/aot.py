@@ -207,7 +207,7 @@ def decode_attention_split_build(config: dict, dtype: str, group: int, has_posit
             "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s",
             "mask_stride_b", "mask_stride_s", "mask_stride_n", "split_size", "n_splits"]
     launcher = {"GROUP": group, "HAS_POSITIONS": has_positions, "HAS_MASK": has_mask, "DOT_FP32": False,
-                "DOT_PRECISION": "ieee" if dtype == "fp32" else None}
+                "DOT_PRECISION": "ieee" if dtype == "fp32" else None, "SPLIT_FILLED": config.get("SPLIT_FILLED", True)}
     if has_mask:  # a contiguous mask: the JIT specializes its unit key stride as a constant
         launcher["mask_stride_n"] = 1
     constexprs, options = _split(_decode_attention_split_kernel, config, launcher)

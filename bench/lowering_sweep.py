@@ -67,6 +67,7 @@ def candidates(op: str, base: dict, target) -> list[dict]:
             found.append({**base, "BLOCK_N": block_n, "num_stages": stages})
         found += _vary(base, "num_warps", (2, 4, 8))
         found += _vary(base, "combine_num_warps", (1, 2, 4, 8))
+        found.append({**base, "SPLIT_FILLED": False})  # splits over the cache, not its filled part
         if hip and target.arch != "gfx950":  # Triton forces kpack to 1 on gfx950
             found += [{**base, "kpack": kpack} for kpack in (1, 2)]
     else:

@@ -44,7 +44,8 @@
 #                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
 #   swiglu_out    bench/swiglu_out_sweep.py: the batch-1 MLP with SwiGLU in down_proj's loop (today) or
 #                 in gate/up's last step (gemv SWIGLU_OUT), Qwen3-8B/32B, FP8 and bf16 (no compile, ~1 min)
-#   lowering_sweep, decode_loop_compare   bench/lowering_sweep.py and bench/decode_loop_compare.py
+#   lowering_sweep, decode_loop_compare   bench/lowering_sweep.py (LOWERING_SWEEP_ARGS, e.g.
+#                 "--ops decode_attention --tokens 1,8,32,64") and bench/decode_loop_compare.py
 #                 with their defaults (issue 20 asks for both in spare device time)
 # The stand-in tokenizer comes as a file (PAITON_TOKENIZER, gzipped beside the checkout: the GPU
 # machine has no dataset to train it on).
@@ -129,7 +130,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
     swiglu_out)
       step swiglu_out "${SWIGLU_OUT_TIMEOUT:-300}" python3 bench/swiglu_out_sweep.py --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...
-      step lowering_sweep "${LOWERING_SWEEP_TIMEOUT:-300}" python3 bench/lowering_sweep.py --out "$out" ;;
+      step lowering_sweep "${LOWERING_SWEEP_TIMEOUT:-300}" python3 bench/lowering_sweep.py ${LOWERING_SWEEP_ARGS:-} --out "$out" ;;
     decode_loop_compare)  # ... and the bundled decode loop under eager, stock Inductor and Paiton, Qwen3-8B
       step decode_loop_compare "${DECODE_LOOP_TIMEOUT:-600}" python3 bench/decode_loop_compare.py --out "$out" ;;
     *) echo "unknown step $name" ;;

@@ -85,12 +85,14 @@ def _decode_attention_split_kernel(
     split_size, n_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SPLIT_FILLED: tl.constexpr = True,
 ):
     """Program (b * Hkv + kv head, split): the G query heads x Sq queries that share the KV
     head, over this split's part of the cache (of its filled part, with positions). Writes
     the split's normalized output and log-sum-exp per row to the partials [B, Hq, Sq, n_splits, (D)].
-    PDL: launched programmatically (fusion/pdl.py)."""
+    PDL: launched programmatically (fusion/pdl.py). SPLIT_FILLED (with positions): the splits
+    divide the filled part (below); False: splits of `split_size` over the cache, bounded by the
+    last position (the layout before 2026-12-06, kept for bench/lowering_sweep.py to time)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -104,15 +106,19 @@ def _decode_attention_split_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     d_valid = cols_d < head_dim
 
-    if HAS_POSITIONS:
+    if HAS_POSITIONS and not SPLIT_FILLED:
+        positions = tl.load(pos_ptr + b * pos_stride_b + q_index * pos_stride_s, mask=row_valid, other=-1)
+        kv_start = split * split_size
+        kv_end = tl.minimum(tl.minimum(kv_start + split_size, cache_len), tl.max(positions, axis=0) + 1)
+    elif HAS_POSITIONS:
         positions = tl.load(pos_ptr + b * pos_stride_b + q_index * pos_stride_s, mask=row_valid, other=-1)
         # Keys after the sequence's last query position are the unfilled cache: not read. The
         # splits divide the filled part, read here (whole KV tiles each), not the cache: with a
         # cache longer than what it holds (a server's max length, HF's StaticCache), splits of
         # the cache's length left the keys to the first split or two, and those programs ran
         # every tile in turn while the rest had none (Qwen3-32B at batch 32 over a 1472 cache,
-        # 150-400 keys filled: 2 splits of 768, one of them working). `split_size` is the
-        # mask-only path's.
+        # 150-400 keys filled: 2 splits of 768, one of them working). `split_size` is for the
+        # mask-only path and SPLIT_FILLED=False.
         filled = tl.maximum(tl.minimum(tl.max(positions, axis=0) + 1, cache_len), 0)
         filled_split = tl.cdiv(tl.cdiv(filled, n_splits), BLOCK_N) * BLOCK_N
         kv_start = split * filled_split
