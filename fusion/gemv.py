@@ -331,9 +331,10 @@ FP8_GEMV_CANDIDATES: tuple[dict[str, int], ...] = (
     # Split along K: each program one slice of K, the rows' last program adding the slices
     # (SPLITS). Why: on an H200 at 2810a50 every FP8 product took about 3.5 us over its bytes,
     # and the long-K one, down_proj (Qwen3-32B: K = 25600, 640 programs of 25 K steps), 7.7 us
-    # plain (38.5 us against 30.8; profile and swiglu_out_sweep -2810a50): a program's 200 KB
-    # streamed serially, so the last wave of programs runs with most of the chip idle. Four
-    # slices give 2560 programs of about 7 steps; 16 rows a program halve x's reloads.
+    # plain (38.5 us against 30.8; profile and swiglu_out_sweep -2810a50). Our reading, not yet
+    # timed: each of its 640 programs streams 200 KB in turn, so its last programs run while most
+    # of the chip idles. Four slices give 2560 programs of about 7 steps; 16 rows a program halve
+    # x's reloads. `choose` times them beside the rest, so a shape they do not help keeps its launch.
     gemv_config(8, 1024, 4, 2, x_per_row=True, chunk=16, splits=4),
     gemv_config(16, 1024, 8, 2, x_per_row=True, chunk=16, splits=4),
     gemv_config(4, 2048, 4, 2, x_per_row=True, chunk=16, splits=2),
