@@ -86,9 +86,13 @@ def candidates(op: str, base: dict, target) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_case(op: str, model: str, tokens: int, dtype, device):
-    """(call(config) -> output, the shape keywords of launch_config, a description) for one case."""
+def make_case(op: str, model: str, tokens: int, dtype, device, cache_len: int | None = None, filled: int | None = None):
+    """(call(config) -> output, the shape keywords of launch_config, a description) for one case.
+    `cache_len` and `filled` (decode attention's cache and the keys it holds; by default
+    fused_kernels' 4096 and 1024): a server's cache, e.g. 1472 holding 300."""
     from fused_kernels import CACHE_LEN, EPS, FILLED
+
+    cache_len, filled = cache_len or CACHE_LEN, filled or FILLED
 
     from paiton.fusion import decode_attention, qk_norm_rope, rms_norm, swiglu
     from paiton.models.qwen3 import QWEN3_PRESETS
@@ -115,22 +119,22 @@ def make_case(op: str, model: str, tokens: int, dtype, device):
             return ((lambda config: qk_norm_rope._launch(q, k, w, w, cos, sin, EPS, config=config)), shape,
                     f"[{tokens}, {heads}+{kv_heads} heads, {head_dim}]")
         v = randn(tokens, kv_heads, 1, head_dim)
-        k_cache, v_cache = randn(tokens, kv_heads, CACHE_LEN, head_dim), randn(tokens, kv_heads, CACHE_LEN, head_dim)
-        slots = torch.tensor([FILLED], device=device)
+        k_cache, v_cache = randn(tokens, kv_heads, cache_len, head_dim), randn(tokens, kv_heads, cache_len, head_dim)
+        slots = torch.tensor([filled], device=device)
 
         def with_cache(config):
             q_out = qk_norm_rope._launch(q, k, w, w, cos, sin, EPS, cache=(v, k_cache, v_cache, slots), config=config)
-            return q_out, k_cache[:, :, FILLED], v_cache[:, :, FILLED]
+            return q_out, k_cache[:, :, filled], v_cache[:, :, filled]
 
-        return with_cache, shape, f"[{tokens}, {heads}+{kv_heads} heads, {head_dim}] + cache {CACHE_LEN}"
+        return with_cache, shape, f"[{tokens}, {heads}+{kv_heads} heads, {head_dim}] + cache {cache_len}"
     if op == "decode_attention":
         q = randn(tokens, heads, 1, head_dim)
-        k_cache, v_cache = randn(tokens, kv_heads, CACHE_LEN, head_dim), randn(tokens, kv_heads, CACHE_LEN, head_dim)
-        positions = torch.tensor([FILLED - 1], device=device)
+        k_cache, v_cache = randn(tokens, kv_heads, cache_len, head_dim), randn(tokens, kv_heads, cache_len, head_dim)
+        positions = torch.tensor([filled - 1], device=device)
         return ((lambda config: decode_attention._launch(q, k_cache, v_cache, positions, None, head_dim**-0.5,
                                                          config=config)),
                 dict(group=heads // kv_heads, q_len=1, head_dim=head_dim),
-                f"[{tokens}, {heads} heads, GQA {heads // kv_heads}], cache {CACHE_LEN} filled {FILLED}")
+                f"[{tokens}, {heads} heads, GQA {heads // kv_heads}], cache {cache_len} filled {filled}")
     raise ValueError(op)
 
 
@@ -160,7 +164,7 @@ def outputs_match(a, b) -> bool:
     return all(torch.allclose(x.float(), y.float(), rtol=2**-6, atol=2e-2) for x, y in pairs)
 
 
-def sweep(ops, tokens_list, reps):
+def sweep(ops, tokens_list, reps, cache_len=None, filled=None):
     from fused_kernels import graph_time_us
 
     from paiton.backends.lowering import TABLES, launch_config
@@ -172,7 +176,7 @@ def sweep(ops, tokens_list, reps):
     rows = []
     for model, tokens, op in itertools.product(MODELS, tokens_list, ops):
         torch.manual_seed(0)
-        call, shape, description = make_case(op, model, tokens, dtype, device)
+        call, shape, description = make_case(op, model, tokens, dtype, device, cache_len, filled)
         table_config = launch_config(op, target, **shape)
         picked = picked_at_run_time(call)
         reference = tuple(t.clone() for t in call(table_config)) if op == "qk_norm_rope_cache" else call(table_config)
@@ -238,7 +242,11 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--tokens", default="1,64", help="decode batch sizes, comma-separated")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (default: all with Triton kernels)")
+    parser.add_argument("--cache-len", type=int, help="the KV cache's length (default 4096; a server's: 1472)")
+    parser.add_argument("--filled", type=int, help="the keys the cache holds (default 1024)")
     args = parser.parse_args(argv)
+    if args.filled and args.filled >= (args.cache_len or 4096):
+        parser.error("--filled is under the cache's length (the rotary case writes the next slot)")
     ops = [op for op in args.ops.split(",") if op]
     unknown = set(ops) - set(OPS)
     if unknown:
@@ -248,7 +256,7 @@ def main(argv=None):
                  "`python -m paiton.backends.lowering --target <arch>` prints a chip's table, compiled ahead of time.")
     import paiton.fusion.ops  # noqa: F401  (torch.ops.paiton.*)
 
-    result = {"env": run_environment("cuda"), **sweep(ops, [int(t) for t in args.tokens.split(",")], args.reps)}
+    result = {"env": run_environment("cuda"), **sweep(ops, [int(t) for t in args.tokens.split(",")], args.reps, args.cache_len, args.filled)}
     card = result["env"]["card"].replace(" ", "_")
     write_results(args.out, f"lowering_sweep-{result['target']['arch']}-{card}-{result['env']['date'][:10]}", result,
                   markdown(result))

@@ -434,3 +434,24 @@ def test_sweep_records_the_configuration_the_launcher_picks(monkeypatch):
         reference = call(table)
         reference = tuple(t.clone() for t in reference) if isinstance(reference, tuple) else reference
         assert lowering_sweep.outputs_match(call(lowering_sweep.candidates(op, table, CPU)[1]), reference), op
+
+
+def test_lowering_sweep_times_decode_attention_over_a_servers_cache(monkeypatch):
+    """The sweep's decode attention case over a cache and fill of choice (a server's 1472 holding
+    a short context): its description says so, and the layout before (SPLIT_FILLED=False) is a
+    candidate whose output is the table's."""
+    from paiton.fusion.rms_norm import _rms_norm_kernel
+    from paiton.fusion.triton_utils import is_interpreted
+
+    if not is_interpreted(_rms_norm_kernel):
+        pytest.skip("launches on CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.syspath_prepend(BENCH)
+    import lowering_sweep
+
+    call, shape, description = lowering_sweep.make_case("decode_attention", "qwen3-8b", 2, torch.float32, "cpu",
+                                                        cache_len=200, filled=70)
+    assert description.endswith("cache 200 filled 70")
+    table = launch_config("decode_attention", CPU, **shape)
+    before = [c for c in lowering_sweep.candidates("decode_attention", table, CPU) if c.get("SPLIT_FILLED") is False]
+    assert before == [{**table, "SPLIT_FILLED": False}]
+    assert lowering_sweep.outputs_match(call(before[0]), call(table))
