@@ -6,7 +6,15 @@ write each slice's fp32 sums to a workspace; the program that arrives last at a 
 atomic counter, adds the slices in slice order (so the bits do not depend on which program is
 last) and sets the counter back to zero for the next product. One counter buffer per device
 serves every split launch: launches on a stream run in turn, and each leaves its counters at
-zero.
+zero. So two split launches must not run at once on two streams of one device (nothing in
+Paiton does); they would share counters, and a counter left off zero would make every later
+product of that tile add its slices one arrival early.
+
+The arrival protocol: every thread's partial sums are stored, a barrier, then one acquire-release
+atomic a program, and the last arrival reads the slices past L1. On AMD's gfx942 the compiled
+code has no wait for the stores before the barrier; it is correct because Triton issues the
+partial store of a tile of up to 64 rows from one wavefront, whose stores the atomic's thread
+waits for. A launch with wider tiles (BLOCK_N > 64) there needs its assembly read again.
 """
 
 from __future__ import annotations

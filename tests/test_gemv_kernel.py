@@ -198,13 +198,17 @@ def test_split_k_is_the_unsplit_launch_summed_in_slices(rows, k, dtype, config, 
     tolerance (another summation order) in every form the epilogue takes (gated, FP8 row and
     block scales, the norm's 1 / rms, the residual's add and the sums of squares, SWIGLU_OUT),
     the same bits when run again whichever program arrives last, and every counter back at zero
-    for the next product (fusion/split_k.py)."""
+    for the next product (fusion/split_k.py). Positive inputs: no cancellation, so two fp32
+    summation orders stay within the tolerance of the output itself (random signs made a
+    near-zero output of order-1 terms, k = 253, fail it now and then). Under the interpreter the
+    programs run in turn, the last slice last: the arrival protocol itself is checked on the GPU
+    (test_split_k_launches_on_the_gpu_in_and_out_of_a_cuda_graph)."""
     from paiton.fusion import split_k
 
     generator = torch.Generator().manual_seed(seed)
     n = 2 * rows if form == "swiglu_out" else rows
-    x, up = (torch.randn(1, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
-    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    x, up = ((torch.rand(1, k, generator=generator) + 0.1).to(DEVICE, dtype) for _ in range(2))
+    weight = (torch.rand(n, k, generator=generator) + 0.1).to(DEVICE, dtype)
     arguments = {}
     if form in ("rows", "blocks"):
         weight = weight.float().to(torch.float8_e4m3fn)
@@ -215,7 +219,7 @@ def test_split_k_is_the_unsplit_launch_summed_in_slices(rows, k, dtype, config, 
     elif form == "norm":
         arguments.update(norm_weight=up[0], squares=(x.float() ** 2).reshape(-1), eps=1e-6)
     elif form == "residual":
-        arguments.update(residual=torch.randn(1, n, generator=generator).to(DEVICE, dtype), squares_out=True)
+        arguments.update(residual=torch.rand(1, n, generator=generator).to(DEVICE, dtype), squares_out=True)
     elif form == "swiglu_out":
         arguments["swiglu_out"] = True
     unsplit = {key: value for key, value in config.items() if key != "SPLITS"}
@@ -391,30 +395,42 @@ def test_choose_times_a_cold_weight_on_the_gpu_not_the_launches():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_split_k_launches_on_the_gpu_in_and_out_of_a_cuda_graph():
-    """On the GPU, the split-K candidates (bf16's and FP8's lists) at Qwen3-32B's long-K shapes
-    (o_proj 5120 x 8192, down_proj 5120 x 25600): the unsplit launch's product within the
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain launches", "PDL"])
+def test_split_k_launches_on_the_gpu_in_and_out_of_a_cuda_graph(monkeypatch, pdl):
+    """On the GPU, where a tile's slices arrive in any order: the split-K candidates (bf16's and
+    FP8's lists) at Qwen3-32B's long-K shapes (o_proj 5120 x 8192, down_proj 5120 x 25600) and
+    at a ragged one (5000 x 8000: no block divides it), plain, with the residual and the sums of
+    squares, and as SWIGLU_OUT on a packed weight: the unsplit launch's product within the
     tolerance, the same bits in a CUDA graph replayed 20 times (the slices' order, not which
-    program is last, fixes the sum), and every counter back at zero afterwards."""
+    program is last, fixes the sum), and every counter back at zero afterwards; with and
+    without programmatic dependent launch (PAITON_PDL=1; fusion/pdl.py), where a launch's
+    programs start before the kernel before it ends."""
     from paiton.fusion import split_k
     from paiton.fusion.fp8_linear import quantize_weight
+    from paiton.fusion.pdl import PDL_ENV
 
+    monkeypatch.setenv(PDL_ENV, "1" if pdl else "0")
     generator = torch.Generator(device="cuda").manual_seed(0)
-    for n, k in ((5120, 8192), (5120, 25600)):
+    for n, k in ((5120, 8192), (5120, 25600), (5000, 8000)):
         weight = (torch.randn(n, k, device="cuda", generator=generator) * k ** -0.5).bfloat16()
         x = torch.randn(1, k, device="cuda", generator=generator).bfloat16()
-        for candidates, scales in ((gemv.GEMV_CANDIDATES, None), (gemv.FP8_GEMV_CANDIDATES, "rows")):
-            w, s = quantize_weight(weight) if scales else (weight, None)
+        residual = torch.randn(1, n, device="cuda", generator=generator).bfloat16()
+        for candidates, fp8 in ((gemv.GEMV_CANDIDATES, False), (gemv.FP8_GEMV_CANDIDATES, True)):
+            w, s = quantize_weight(weight) if fp8 else (weight, None)
             for config in (c for c in candidates if c.get("SPLITS", 1) > 1):
                 unsplit = {key: value for key, value in config.items() if key != "SPLITS"}
-                expected = gemv.launch_gemv(x, w, unsplit, scales=s)
-                y = gemv.launch_gemv(x, w, config, scales=s)
-                assert relative_error(y, expected.double()) <= 2 * TOLERANCE[torch.bfloat16], (n, k, config)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    replayed = gemv.launch_gemv(x, w, config, scales=s)
-                for _ in range(20):
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    assert torch.equal(replayed, y), (n, k, config)
+                for form in ({}, {"residual": residual, "squares_out": True}, {"swiglu_out": True}):
+                    def launch(launch_config, form=form, w=w, s=s):
+                        out = gemv.launch_gemv(x, w, launch_config, scales=s, **form)
+                        return out[0] if isinstance(out, tuple) else out
+                    expected = launch(unsplit)
+                    y = launch(config)
+                    assert relative_error(y, expected.double()) <= 2 * TOLERANCE[torch.bfloat16], (n, k, config, form)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        replayed = launch(config)
+                    for _ in range(20):
+                        graph.replay()
+                        torch.cuda.synchronize()
+                        assert torch.equal(replayed, y), (n, k, config, form)
     assert not split_k.COUNTERS["cuda:0"].any()
