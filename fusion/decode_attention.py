@@ -106,27 +106,24 @@ def _decode_attention_split_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     d_valid = cols_d < head_dim
 
-    if HAS_POSITIONS and not SPLIT_FILLED:
+    if HAS_POSITIONS:
         positions = tl.load(pos_ptr + b * pos_stride_b + q_index * pos_stride_s, mask=row_valid, other=-1)
-        kv_start = split * split_size
-        kv_end = tl.minimum(tl.minimum(kv_start + split_size, cache_len), tl.max(positions, axis=0) + 1)
-    elif HAS_POSITIONS:
-        positions = tl.load(pos_ptr + b * pos_stride_b + q_index * pos_stride_s, mask=row_valid, other=-1)
-        # Keys after the sequence's last query position are the unfilled cache: not read. The
-        # splits divide the filled part, read here (whole KV tiles each), not the cache: with a
-        # cache longer than what it holds (a server's max length, HF's StaticCache), splits of
+        # Keys after the sequence's last query position are the unfilled cache: not read.
+        filled = tl.minimum(tl.max(positions, axis=0) + 1, cache_len)
+    else:  # no position bound: every key is in bound, the mask alone decides
+        positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (cache_len - 1)
+        filled = cache_len
+    if HAS_POSITIONS and SPLIT_FILLED:
+        # The splits divide the filled part, read here (whole KV tiles each), not the cache: with
+        # a cache longer than what it holds (a server's max length, HF's StaticCache), splits of
         # the cache's length left the keys to the first split or two, and those programs ran
         # every tile in turn while the rest had none (Qwen3-32B at batch 32 over a 1472 cache,
-        # 150-400 keys filled: 2 splits of 768, one of them working). `split_size` is for the
-        # mask-only path and SPLIT_FILLED=False.
-        filled = tl.maximum(tl.minimum(tl.max(positions, axis=0) + 1, cache_len), 0)
-        filled_split = tl.cdiv(tl.cdiv(filled, n_splits), BLOCK_N) * BLOCK_N
-        kv_start = split * filled_split
-        kv_end = tl.minimum(kv_start + filled_split, filled)
-    else:  # no position bound: every key is in bound, the mask alone decides
-        kv_start = split * split_size
-        kv_end = tl.minimum(kv_start + split_size, cache_len)
-        positions = tl.zeros([BLOCK_M], dtype=tl.int32) + (cache_len - 1)
+        # 150-400 keys filled: 2 splits of 768, one of them working).
+        split_width = tl.cdiv(tl.cdiv(filled, n_splits), BLOCK_N) * BLOCK_N
+    else:  # splits of the cache (the mask-only path, and SPLIT_FILLED=False)
+        split_width = split_size
+    kv_start = split * split_width
+    kv_end = tl.minimum(kv_start + split_width, filled)
     mask_rows = mask_ptr + b * mask_stride_b + q_index * mask_stride_s  # row g * Sq + i reads query i's mask row
     if HAS_MASK and not HAS_POSITIONS:
         # A first pass over the split's mask bytes alone: the loop below then covers only the
