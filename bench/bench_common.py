@@ -236,16 +236,19 @@ def fp8_weight_bytes(model, lm_head: bool = False) -> int:
 
     from paiton.models.fp8 import is_fp8, quantizable_linears
 
+    def quantized_bytes(weight) -> int:  # one byte an element, an fp32 scale a row
+        return weight.numel() + weight.shape[0] * 4
+
     total = weight_bytes(model)
-    for layer in getattr(getattr(model, "model", model), "layers", ()) if not is_fp8(model) else ():
-        for _, _, linear in quantizable_linears(layer):
-            w = linear.weight
-            total += w.numel() + w.shape[0] * 4 - w.numel() * w.element_size()
+    if not is_fp8(model):
+        for layer in getattr(getattr(model, "model", model), "layers", ()):
+            for _, _, linear in quantizable_linears(layer):
+                total += quantized_bytes(linear.weight) - linear.weight.nbytes
     head = getattr(model, "lm_head", None)
     if lm_head and type(head) is torch.nn.Linear:
         w = head.weight
         tied = w.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # weight_bytes counted it once
-        total += w.numel() + w.shape[0] * 4 - (0 if tied else w.numel() * w.element_size())
+        total += quantized_bytes(w) - (0 if tied else w.nbytes)
     return total
 
 
