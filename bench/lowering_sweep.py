@@ -237,15 +237,17 @@ def markdown(result) -> str:
 
 
 def main(argv=None):
+    from fused_kernels import CACHE_LEN, FILLED
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--tokens", default="1,64", help="decode batch sizes, comma-separated")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (default: all with Triton kernels)")
-    parser.add_argument("--cache-len", type=int, help="the KV cache's length (default 4096; a server's: 1472)")
-    parser.add_argument("--filled", type=int, help="the keys the cache holds (default 1024)")
+    parser.add_argument("--cache-len", type=int, default=CACHE_LEN, help="the KV cache's length (default %(default)s; a server's: 1472)")
+    parser.add_argument("--filled", type=int, default=FILLED, help="the keys the cache holds (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.filled and args.filled >= (args.cache_len or 4096):
+    if args.filled >= args.cache_len:
         parser.error("--filled is under the cache's length (the rotary case writes the next slot)")
     ops = [op for op in args.ops.split(",") if op]
     unknown = set(ops) - set(OPS)
