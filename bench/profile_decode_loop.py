@@ -2,6 +2,8 @@
 split into the GPU's busy and idle time, the idle time into what the GPU waited for.
 
     python bench/profile_decode_loop.py --model qwen3-8b --configs paiton,inductor-cdt --batch 1
+    python bench/profile_decode_loop.py --model qwen3-8b --configs paiton --loops bundled,engine --batch 32 \\
+        --prompt-len 330 --cache-len 1472                     # the server's engine beside the bundled loop
     python bench/profile_decode_loop.py --model tiny --device cpu --configs paiton --paiton-inner eager \\
         --prompt-len 8 --new-tokens 4 --profile-tokens 4                  # smoke run (no GPU timeline)
 
@@ -9,6 +11,14 @@ Why: profile_decode_step.py times the compiled forward alone, enqueued back to b
 serving benchmark's TPOT comes from the bundled loop (models/decode_loop.py), which adds the
 attention mask, sampling, the token's copy to the host and Python bookkeeping, and keeps only
 one step queued ahead. When the two disagree, this says where the difference is.
+
+--loops engine runs the same prompts through the continuous-batching Engine that `paiton serve`
+drives (models/engine.py: a decode graph compiled for a dynamic batch, prompts packed into
+prefill steps of up to 2048 tokens, one step in flight), over a cache of --cache-len tokens as
+the server's --max-model-len makes it. Why: issue 20's server decodes Qwen3-32B at batch 32 about
+1 ms a token slower (ITL 20.1 ms) than its decode step alone predicts (18.7 ms, plus 0.4 ms for
+the longer contexts' attention); the two loops side by side say whether the engine's step or
+its host work holds the difference.
 
 Per configuration (bench_common.CONFIGS): a DecodeLoop as the serving benchmark makes one,
 warmed up (a generation compiles, a second records the CUDA graphs), a measured generation
@@ -38,8 +48,8 @@ import os
 import statistics
 
 import torch
-from bench_common import (CONFIGS, floor_fields, floor_lines, make_loop, one_row_choices_markdown, parse_configs, run_environment,
-                          versions_line, write_results)
+from bench_common import (CONFIGS, floor_fields, floor_lines, make_engine, make_loop, one_row_choices_markdown, parse_configs,
+                          run_environment, versions_line, write_results)
 from profile_decode_step import category
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -139,24 +149,61 @@ def read_trace(path: str) -> list[dict]:
         return json.load(f)["traceEvents"]
 
 
+def engine_decode_window(engine, prompts, tokens: int, profiler) -> float:
+    """Submit `prompts`, step the engine until every one has its first token (its prefill done),
+    then step `tokens` more times inside `profiler` (a context manager) and finish. The window
+    holds decode steps only, as a server's steady state does; a generation's first tokens would
+    put its prefill steps (tens of ms each) into the period. Returns the mean gap between the
+    tokens that reached the host inside the window, in seconds."""
+    import time
+
+    from paiton.models.engine import EngineRequest
+
+    requests = [EngineRequest(list(prompt), tokens + 8) for prompt in prompts]
+    for request in requests:
+        engine.submit(request)
+    while any(not request.tokens for request in requests):
+        engine.step()
+    begin = time.perf_counter()
+    with profiler:
+        for _ in range(tokens):
+            engine.step()
+    end = time.perf_counter()
+    engine.run_until_done()
+    gaps = []
+    for request in requests:
+        arrived = [request.submitted_at + t for t in request.token_times]
+        gaps += [b - a for a, b in zip(arrived, arrived[1:]) if begin <= a and b <= end]
+    return statistics.mean(gaps) if gaps else float("nan")
+
+
 @torch.no_grad()
-def profile_config(model, config, prompts, args):
+def profile_config(model, config, prompts, args, loop_kind="bundled"):
+    """One row: `config`'s loop (the bundled DecodeLoop, or the serving Engine) warmed up, timed
+    over --new-tokens (TPOT as the serving benchmark counts it, and the median gap between
+    tokens: the steady decode step), then profiled over --profile-tokens."""
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
     cuda = args.device.startswith("cuda")
-    max_length = args.prompt_len + args.new_tokens + 16
-    loop = make_loop(model, config, len(prompts), max_length, args.device, args.paiton_inner)
+    max_length = args.cache_len or args.prompt_len + args.new_tokens + 16
+    make = make_engine if loop_kind == "engine" else make_loop
+    loop = make(model, config, len(prompts), max_length, args.device, args.paiton_inner)
     loop.generate(prompts, args.new_tokens)  # compiles
     loop.generate(prompts, args.new_tokens)  # CUDA graph trees record on a shape's second call
     measured = loop.generate(prompts, args.new_tokens)
-    row = dict(config=config, batch=len(prompts), tpot_ms=1e3 * statistics.mean(measured.tpot_s),
-               ttft_ms=1e3 * statistics.mean(measured.ttft_s))
+    row = dict(config=config, loop=loop_kind, batch=len(prompts), cache_len=max_length,
+               tpot_ms=1e3 * statistics.mean(measured.tpot_s), ttft_ms=1e3 * statistics.mean(measured.ttft_s),
+               median_itl_ms=1e3 * statistics.median(gap for gaps in measured.itl_s for gap in gaps))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        profiled = loop.generate(prompts, args.profile_tokens)
-    row["profiled_tpot_ms"] = 1e3 * statistics.mean(profiled.tpot_s)
-    trace = os.path.join(args.out, f"trace-{args.model}-{config}-batch{len(prompts)}.json.gz")
+    prof = profile(activities=activities)
+    if loop_kind == "engine":
+        row["profiled_tpot_ms"] = 1e3 * engine_decode_window(loop, prompts, args.profile_tokens, prof)
+    else:
+        with prof:
+            profiled = loop.generate(prompts, args.profile_tokens)
+        row["profiled_tpot_ms"] = 1e3 * statistics.mean(profiled.tpot_s)
+    trace = os.path.join(args.out, f"trace-{args.model}-{config}-{loop_kind}-batch{len(prompts)}.json.gz")
     prof.export_chrome_trace(trace)  # gzipped by torch (the name's .gz)
     row["trace"] = os.path.basename(trace)
     row.update(analyze_trace(read_trace(trace), args.gap_us))
@@ -164,25 +211,30 @@ def profile_config(model, config, prompts, args):
 
 
 def markdown(env, rows, top):
-    lines = [f"# The bundled decode loop's token period, busy and idle: {env['model']} on {env['card']}", "",
+    lines = [f"# The decode loops' token period, busy and idle: {env['model']} on {env['card']}", "",
              f"{versions_line(env)}, prompt {env['prompt_len']}, {env['new_tokens']} new tokens (measured), "
-             f"{env['profile_tokens']} profiled; per decode token, from the profiled generation's timeline.", "",
+             f"{env['profile_tokens']} profiled; per decode token, from the profiled generation's timeline. "
+             "Loop: `bundled` (models/decode_loop.py) or `engine` (models/engine.py, what `paiton serve` runs); "
+             "cache: the KV cache's length.", "",
              *floor_lines(env)]
-    lines += ["| config | batch | TPOT ms (measured / profiled) | period us (mean / median) | host waits us | GPU busy us | "
-              "GPU idle us | idle in gaps: host late / device us | launches | eager work us |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| config | loop | batch | cache | TPOT ms (measured / profiled) | median ITL ms | period us (mean / median) | "
+              "host waits us | GPU busy us | GPU idle us | idle in gaps: host late / device us | launches | eager work us |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = (f"| {r['config']} | {r.get('loop', 'bundled')} | {r['batch']} | {r.get('cache_len', '-')} "
+                f"| {r['tpot_ms']:.2f} / {r['profiled_tpot_ms']:.2f} | {r.get('median_itl_ms', float('nan')):.2f} ")
         if not r.get("tokens"):
-            lines.append(f"| {r['config']} | {r['batch']} | {r['tpot_ms']:.2f} / {r['profiled_tpot_ms']:.2f} | - | - | - | - | - | - | - |")
+            lines.append(head + "| - | - | - | - | - | - | - |")
             continue
         gaps = r["idle_in_gaps_us"]
-        lines.append(f"| {r['config']} | {r['batch']} | {r['tpot_ms']:.2f} / {r['profiled_tpot_ms']:.2f} | "
+        lines.append(head + "| "
                      f"{r['period_us']:.0f} / {r['median_period_us']:.0f} | {r['host_wait_us']:.0f} | {r['gpu_busy_us']:.0f} | "
                      f"{r['gpu_idle_us']:.0f} | {gaps.get('host late', 0):.0f} / {gaps.get('device', 0):.0f} | "
                      f"{r['launches_per_token']:.0f} | {sum(k['us_per_token'] for k in r['eager_work']):.0f} |")
     for r in rows:
         if not r.get("tokens"):
             continue
-        lines += ["", f"## {r['config']}, batch {r['batch']}", "", "GPU time per token by category: "
+        lines += ["", f"## {r['config']}, {r.get('loop', 'bundled')} loop, batch {r['batch']}", "", "GPU time per token by category: "
                   + ", ".join(f"{name} {us:.0f} us" for name, us in r["categories"].items()) + ".", "",
                   f"Idle gaps over {r['gap_threshold_us']:g} us, per token:", "",
                   "| cause | launched by | work after the gap | gaps | us |", "|---|---|---|---|---|"]
@@ -204,6 +256,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=166, help="the serving benchmark's batch-1 prompt is 166 tokens")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--loops", default="bundled", help="bundled (models/decode_loop.py), engine (models/engine.py, "
+                        "what `paiton serve` runs), or both: bundled,engine")
+    parser.add_argument("--cache-len", type=int, help="the KV cache's length (a server's --max-model-len, e.g. 1472); "
+                        "default prompt + new tokens + 16")
     parser.add_argument("--profile-tokens", type=int, default=16)
     parser.add_argument("--gap-us", type=float, default=5.0, help="idle gaps shorter than this are not listed")
     parser.add_argument("--top", type=int, default=12)
@@ -216,6 +272,11 @@ def main(argv=None):
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if args.profile_tokens < 3 or args.new_tokens < 2:
         parser.error("--profile-tokens must be at least 3 and --new-tokens at least 2")
+    loops = args.loops.split(",")
+    if not loops or any(kind not in ("bundled", "engine") for kind in loops):
+        parser.error(f"--loops takes bundled, engine or both; got {args.loops!r}")
+    if args.cache_len is not None and args.cache_len < args.prompt_len + max(args.new_tokens, args.profile_tokens):
+        parser.error(f"--cache-len {args.cache_len} holds less than the prompt ({args.prompt_len}) and the new tokens")
     os.makedirs(args.out, exist_ok=True)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = build_qwen3(args.model, device=args.device, dtype=dtype)
@@ -224,10 +285,10 @@ def main(argv=None):
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompt_len=args.prompt_len,
                new_tokens=args.new_tokens, profile_tokens=args.profile_tokens, **floor_fields(model, args.device))
     rows = []
-    for config in configs:
-        row = profile_config(model, config, prompts, args)
+    for config, loop_kind in ((c, k) for c in configs for k in loops):
+        row = profile_config(model, config, prompts, args, loop_kind)
         rows.append(row)
-        print(f"{config}: TPOT {row['tpot_ms']:.2f} ms; " + (
+        print(f"{config} ({loop_kind} loop): TPOT {row['tpot_ms']:.2f} ms; " + (
             f"period {row['period_us']:.0f} us, host waits {row['host_wait_us']:.0f}, GPU busy {row['gpu_busy_us']:.0f}, "
             f"idle {row['gpu_idle_us']:.0f} ({row['idle_in_gaps_us']})" if row.get("tokens") else "no GPU timeline"), flush=True)
         choices = chosen_launches()

@@ -265,12 +265,18 @@ def test_profile_decode_loop_smoke(tmp_path):
     import profile_decode_loop
 
     profile_decode_loop.main(["--model", "tiny", "--device", "cpu", "--configs", "paiton", "--paiton-inner", "eager",
+                              "--loops", "bundled,engine", "--batch", "2", "--cache-len", "40",
                               "--prompt-len", "8", "--new-tokens", "3", "--profile-tokens", "3", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("profile_decode_loop-tiny-CPU-*.json")
-    (row,) = json.loads(path.read_text())["rows"]
-    assert row["config"] == "paiton" and row["tpot_ms"] > 0 and row["profiled_tpot_ms"] > 0
-    assert row["tokens"] == 0  # no GPU: no waits for a token on the timeline
-    assert (tmp_path / row["trace"]).stat().st_size > 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(row["config"], row["loop"], row["batch"], row["cache_len"]) for row in rows] == [
+        ("paiton", "bundled", 2, 40), ("paiton", "engine", 2, 40)]
+    for row in rows:
+        assert row["tpot_ms"] > 0 and row["profiled_tpot_ms"] > 0 and row["median_itl_ms"] > 0
+        assert row["tokens"] == 0  # no GPU: no waits for a token on the timeline
+        assert (tmp_path / row["trace"]).stat().st_size > 0
+    with pytest.raises(SystemExit):  # a cache too short for the prompt and its tokens
+        profile_decode_loop.main(["--model", "tiny", "--device", "cpu", "--prompt-len", "8", "--cache-len", "9"])
 
 
 def test_detached_run_outlives_the_command_that_started_it(tmp_path):
