@@ -15,6 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import paiton.fusion.packed_linear  # noqa: F401  (registers torch.ops.paiton.packed_linear, which a GPU test compiles)
 from paiton.fusion import few_rows_gemm, split_k
 from paiton.fusion.gemv import VENDOR
 
