@@ -357,7 +357,9 @@ def one_row_choices_markdown(records: list[dict]) -> str:
         choice = r["choice"] if isinstance(r["choice"], str) else "GEMV " + ", ".join(f"{k}={v}" for k, v in r["choice"].items())
         how = f": {r['chosen_us']:.1f} us, {baseline_text(r)}" if "chosen_us" in r else (
             " (table)" if r.get("source") == "table" else "")
-        lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{' gated' if r['gated'] else ''}: {choice}{how}")
+        # `dtype` is the input's; an FP8 weight's own dtype is named too (its line read "bfloat16" alone)
+        weight = f", weight {r['weight_dtype']}" if r.get("weight_dtype") else ""
+        lines.append(f"- {r['n']} x {r['k']} {r['dtype']}{weight}{' gated' if r['gated'] else ''}: {choice}{how}")
     return "\n".join(lines) + "\n"
 
 

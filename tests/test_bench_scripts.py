@@ -217,7 +217,7 @@ def test_one_row_choices_are_listed_per_shape(monkeypatch):
                                            ("cuda:0", 151936, 4096, 4096, torch.bfloat16, False): dict(source="table")})
     lines = one_row_choices_markdown(gemv.chosen_launches()).strip().splitlines()
     gemv_text = "GEMV " + ", ".join(f"{k}={v}" for k, v in config.items())
-    assert lines[-3].startswith("- 4096 x 4096 bfloat16") and lines[-3].endswith(f"{gemv_text}: 9.5 us, first candidate 12.0 us")
+    assert lines[-3] == f"- 4096 x 4096 bfloat16, weight float8_e4m3fn: {gemv_text}: 9.5 us, first candidate 12.0 us"
     assert lines[-2] == f"- 4096 x 12288 bfloat16 gated: {gemv_text}: 31.5 us, vendor 40.0 us"
     assert lines[-1] == "- 151936 x 4096 bfloat16: vendor (table)"
     assert one_row_choices_markdown([]) == ""
