@@ -11,7 +11,7 @@ For each op, model and decode batch (tokens):
      (bench/fused_kernels.py's `graph_time_us`: no launch overhead in the number). Alternatives
      change one knob of the table's configuration at a time (num_warps, num_stages, the block
      sizes a chip fixes, and on ROCm waves_per_eu and kpack), plus, for decode attention, the
-     grid of KV tile x stages. Each alternative's output is checked against the table's first; a
+     grid of KV tile x stages and the number of splits (`n_splits`, the launcher's argument). Each alternative's output is checked against the table's first; a
      candidate that fails to compile or launch (e.g. more shared memory than the chip has) is
      listed as failed;
   3. the report gives per case the table's time, the fastest candidate's, and the table's
@@ -34,6 +34,7 @@ from bench_common import run_environment, write_results
 WITHIN = 1.03  # the table's configuration counts as fastest within 3% of the best candidate
 MODELS = ("qwen3-8b", "qwen3-32b")
 OPS = ("rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention")
+DECODE_SPLIT_COUNTS = (1, 2, 3, 4, 6, 8, 16, 32)  # decode attention's split counts tried beside the launcher's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +69,13 @@ def candidates(op: str, base: dict, target) -> list[dict]:
         found += _vary(base, "num_warps", (2, 4, 8))
         found += _vary(base, "combine_num_warps", (1, 2, 4, 8))
         found.append({**base, "SPLIT_FILLED": False})  # splits over the cache, not its filled part
+        # How many programs share a sequence's keys (the launcher's `n_splits`, not a kernel
+        # keyword: make_case's call passes it on). The launcher asks for two waves of programs
+        # over the chip, counting one program a multiprocessor; at Qwen3-32B's batch 32 (256
+        # KV heads) that is 2 splits, and there (an H100, a 1472 cache holding about 366 keys)
+        # attention read its KV at 65% of the copy rate (bench/results/NOTES.md, 2026-12-06,
+        # twenty-third session): whether more or fewer splits do better is this knob's question.
+        found += [{**base, "n_splits": n} for n in DECODE_SPLIT_COUNTS]
         if hip and target.arch != "gfx950":  # Triton forces kpack to 1 on gfx950
             found += [{**base, "kpack": kpack} for kpack in (1, 2)]
     else:
@@ -128,13 +136,27 @@ def make_case(op: str, model: str, tokens: int, dtype, device, cache_len: int | 
 
         return with_cache, shape, f"[{tokens}, {heads}+{kv_heads} heads, {head_dim}] + cache {cache_len}"
     if op == "decode_attention":
+        from paiton.backends.lowering import launch_config
+        from paiton.backends.target import detect_target
+
         q = randn(tokens, heads, 1, head_dim)
         k_cache, v_cache = randn(tokens, kv_heads, cache_len, head_dim), randn(tokens, kv_heads, cache_len, head_dim)
         positions = torch.tensor([filled - 1], device=device)
-        return ((lambda config: decode_attention._launch(q, k_cache, v_cache, positions, None, head_dim**-0.5,
-                                                         config=config)),
-                dict(group=heads // kv_heads, q_len=1, head_dim=head_dim),
-                f"[{tokens}, {heads} heads, GQA {heads // kv_heads}], cache {cache_len} filled {filled}")
+
+        def attention(config):
+            config = None if config is None else dict(config)
+            n_splits = None if config is None else config.pop("n_splits", None)  # the launcher's, not the kernel's
+            return decode_attention._launch(q, k_cache, v_cache, positions, None, head_dim**-0.5, n_splits=n_splits,
+                                            config=config)
+
+        shape = dict(group=heads // kv_heads, q_len=1, head_dim=head_dim)
+        target = detect_target(q.device)
+        block_n = launch_config("decode_attention", target, **shape)["BLOCK_N"]
+        splits = decode_attention.decode_attention_splits(tokens * kv_heads, cache_len, target.multiprocessors, block_n)
+        splits = decode_attention.decode_attention_split_layout(cache_len, splits, block_n)[1]
+        return (attention, shape,
+                f"[{tokens}, {heads} heads, GQA {heads // kv_heads}], cache {cache_len} filled {filled}, "
+                f"{splits} splits by default")
     raise ValueError(op)
 
 

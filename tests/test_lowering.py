@@ -381,6 +381,10 @@ def test_sweep_without_a_gpu_fails_with_a_clear_message():
     assert "needs a CUDA or ROCm GPU" in result.stderr and "python -m paiton.backends.lowering" in result.stderr
 
 
+def without(config: dict, key: str) -> dict:
+    return {k: v for k, v in config.items() if k != key}
+
+
 @pytest.mark.parametrize("arch", ["sm_90", "gfx942", "gfx950"])
 def test_sweep_candidates_start_with_the_table_and_launch_on_their_chip(monkeypatch, arch):
     """Every candidate is a launch the chip's Triton backend accepts: kernel arguments and that
@@ -401,8 +405,9 @@ def test_sweep_candidates_start_with_the_table_and_launch_on_their_chip(monkeypa
               "silu_mul": lambda c: aot.silu_mul_build(c, "bf16"),
               "qk_norm_rope": lambda c: aot.qk_norm_rope_build(c, "bf16", False),
               "qk_norm_rope_cache": lambda c: aot.qk_norm_rope_build(c, "bf16", True),
-              "decode_attention": lambda c: (aot.decode_attention_split_build(c, "bf16", 4, True, False),
-                                             aot.decode_attention_combine_build(c, "bf16", 8))}
+              # n_splits is the launcher's argument (the sweep's call passes it on), not a kernel keyword
+              "decode_attention": lambda c: (aot.decode_attention_split_build(without(c, "n_splits"), "bf16", 4, True, False),
+                                             aot.decode_attention_combine_build(without(c, "n_splits"), "bf16", 8))}
     for op, shape in shapes.items():
         table = launch_config(op, target, **shape)
         found = lowering_sweep.candidates(op, table, target)
@@ -450,8 +455,27 @@ def test_lowering_sweep_times_decode_attention_over_a_servers_cache(monkeypatch)
 
     call, shape, description = lowering_sweep.make_case("decode_attention", "qwen3-8b", 2, torch.float32, "cpu",
                                                         cache_len=200, filled=70)
-    assert description.endswith("cache 200 filled 70")
+    assert "cache 200 filled 70" in description and description.endswith("splits by default")
     table = launch_config("decode_attention", CPU, **shape)
-    before = [c for c in lowering_sweep.candidates("decode_attention", table, CPU) if c.get("SPLIT_FILLED") is False]
+    found = lowering_sweep.candidates("decode_attention", table, CPU)
+    before = [c for c in found if c.get("SPLIT_FILLED") is False]
     assert before == [{**table, "SPLIT_FILLED": False}]
     assert lowering_sweep.outputs_match(call(before[0]), call(table))
+    # Other split counts: the launcher's `n_splits` (not a kernel keyword), passed on by the
+    # sweep's call; the output stays the table's.
+    counts = [c["n_splits"] for c in found if "n_splits" in c]
+    assert counts == list(lowering_sweep.DECODE_SPLIT_COUNTS)
+    from paiton.fusion import decode_attention
+
+    asked, launch = [], decode_attention._launch
+    monkeypatch.setattr(decode_attention, "_launch", lambda *a, **k: (asked.append(k.get("n_splits")), launch(*a, **k))[1])
+    assert lowering_sweep.outputs_match(call({**table, "n_splits": 3}), call(table))
+    assert asked == [3, None]
+    # ... and the keys are divided as asked: 300 keys of a 400-key cache in 3 splits of whole
+    # 64-key tiles (128, 128, 44 keys: each split's log-sum-exp finite), where the launcher's
+    # default on this one-multiprocessor CPU target is a single split.
+    q, k_cache, v_cache = torch.randn(2, 32, 1, 128), torch.randn(2, 8, 400, 128), torch.randn(2, 8, 400, 128)
+    for n_splits, expected in ((None, 1), (3, 3)):
+        lse = []
+        launch(q, k_cache, v_cache, torch.tensor([299]), None, 128**-0.5, n_splits=n_splits, config=table, split_lse=lse)
+        assert lse[0].shape[-1] == expected and bool(torch.isfinite(lse[0]).all()), n_splits
