@@ -11,9 +11,9 @@ For each op, model and decode batch (tokens):
      (bench/fused_kernels.py's `graph_time_us`: no launch overhead in the number). Alternatives
      change one knob of the table's configuration at a time (num_warps, num_stages, the block
      sizes a chip fixes, and on ROCm waves_per_eu and kpack), plus, for decode attention, the
-     grid of KV tile x stages and the number of splits (`n_splits`, the launcher's argument). Each alternative's output is checked against the table's first; a
-     candidate that fails to compile or launch (e.g. more shared memory than the chip has) is
-     listed as failed;
+     grid of KV tile x stages and the number of splits (`n_splits`, the launcher's argument).
+     Each alternative's output is checked against the table's first; a candidate that fails to
+     compile or launch (e.g. more shared memory than the chip has) is listed as failed;
   3. the report gives per case the table's time, the fastest candidate's, and the table's
      slowdown against it (within 3%: noise between CUDA-graph replays of a few microseconds).
 
