@@ -338,7 +338,7 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     """The table's launches for one decode step of `model` (a Qwen3 preset) with `tokens`
     sequences of one query each."""
     from paiton.backends import aot
-    from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
+    from paiton.fusion.decode_attention import default_split_layout
     from paiton.models.qwen3 import QWEN3_PRESETS
 
     m = QWEN3_PRESETS[model]
@@ -371,8 +371,7 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     else:
         rows += _prefetch_rows(target, m, dtype, tokens, table["l2_prefetch"].params, row)
     config = launch_config("decode_attention", target, group=group, q_len=1, head_dim=m.head_dim)
-    n_splits = decode_attention_splits(tokens * m.num_key_value_heads, cache_len, target.multiprocessors, config["BLOCK_N"])
-    n_splits = decode_attention_split_layout(cache_len, n_splits, config["BLOCK_N"])[1]
+    n_splits = default_split_layout(tokens * m.num_key_value_heads, cache_len, target.multiprocessors, config["BLOCK_N"])[1]
     shape = f"[{tokens}, {m.num_attention_heads} heads, GQA {group}], cache {cache_len}"
     rows.append(row("decode_attention", "_decode_attention_split_kernel", shape + f", {n_splits} splits",
                     {k: v for k, v in config.items() if k != "combine_num_warps"},

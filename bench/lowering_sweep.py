@@ -152,8 +152,7 @@ def make_case(op: str, model: str, tokens: int, dtype, device, cache_len: int | 
         shape = dict(group=heads // kv_heads, q_len=1, head_dim=head_dim)
         target = detect_target(q.device)
         block_n = launch_config("decode_attention", target, **shape)["BLOCK_N"]
-        splits = decode_attention.decode_attention_splits(tokens * kv_heads, cache_len, target.multiprocessors, block_n)
-        splits = decode_attention.decode_attention_split_layout(cache_len, splits, block_n)[1]
+        splits = decode_attention.default_split_layout(tokens * kv_heads, cache_len, target.multiprocessors, block_n)[1]
         return (attention, shape,
                 f"[{tokens}, {heads} heads, GQA {heads // kv_heads}], cache {cache_len} filled {filled}, "
                 f"{splits} splits by default")

@@ -243,6 +243,13 @@ def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors
     return max(1, min(wanted, triton.cdiv(cache_len, block_n)))
 
 
+def default_split_layout(batch_kv_heads: int, cache_len: int, multiprocessors: int, block_n: int) -> tuple[int, int]:
+    """(split size, number of splits) of a launch that does not name its split count: the
+    launcher's, and what the lowering table, the AOT checks and the sweep report for it."""
+    wanted = decode_attention_splits(batch_kv_heads, cache_len, multiprocessors, block_n)
+    return decode_attention_split_layout(cache_len, wanted, block_n)
+
+
 def decode_attention_split_layout(cache_len: int, n_splits: int, block_n: int) -> tuple[int, int]:
     """(split size, number of splits) for about `n_splits` splits that start at tile
     boundaries, so that each split's loads stay tile-aligned."""
@@ -327,8 +334,9 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
     combine_num_warps = config.pop("combine_num_warps")
     block_n = config["BLOCK_N"]
     if n_splits is None:
-        n_splits = decode_attention_splits(batch * kv_heads, cache_len, target.multiprocessors, block_n)
-    split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
+        split_size, n_splits = default_split_layout(batch * kv_heads, cache_len, target.multiprocessors, block_n)
+    else:
+        split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
     part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
     with device_guard(q):

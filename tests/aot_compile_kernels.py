@@ -29,7 +29,7 @@ from paiton.fusion.few_rows_gemm import block_m, few_rows_config, fitting
 from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, ROW_SCALES
 from paiton.fusion.quantize_rows import quantize_rows_launch_config
 from paiton.backends.target import target_named
-from paiton.fusion.decode_attention import decode_attention_split_layout, decode_attention_splits
+from paiton.fusion.decode_attention import default_split_layout
 from paiton.fusion.l2_prefetch import target_has_bulk_prefetch
 from paiton.fusion.pdl import target_has_pdl
 
@@ -72,8 +72,7 @@ def builds(target):
                 yield (f"decode_attention/{dtype}/group={group}/positions={has_positions}/mask={has_mask}", "decode_attention",
                        decode_attention_split_build(config, dtype, group, has_positions, has_mask))
             # The combine kernel at batch 1, as many splits as the chip gets there.
-            wanted = decode_attention_splits(KV_HEADS, CACHE_LEN, target.multiprocessors, config["BLOCK_N"])
-            n_splits = decode_attention_split_layout(CACHE_LEN, wanted, config["BLOCK_N"])[1]
+            n_splits = default_split_layout(KV_HEADS, CACHE_LEN, target.multiprocessors, config["BLOCK_N"])[1]
             yield (f"decode_attention_combine/{dtype}/group={group}/splits={n_splits}", "decode_attention",
                    decode_attention_combine_build(config, dtype, n_splits))
         # Every candidate launch of the one-row linear (which runs is timed per shape on the GPU).
