@@ -36,7 +36,7 @@ from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES, FP8_FEW_ROWS_CANDID
 from paiton.fusion.few_rows_gemm import MAX_ROWS as FEW_ROWS_MAX
 from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
-from paiton.fusion.gemv import FP8_GEMV_CANDIDATES, GEMV_CANDIDATES, NO_SCALES, gemv_config
+from paiton.fusion.gemv import FP8_GEMV_CANDIDATES, GEMV_CANDIDATES, NO_SCALES
 from paiton.fusion.l2_prefetch import CHUNK_BYTES, prefetch_plan
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config

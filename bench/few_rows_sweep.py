@@ -1,0 +1,244 @@
+"""Every few-rows launch at Qwen3's decode shapes, against cuBLAS and the weight's floor: which
+launches the lowering table is missing (GPU only).
+
+    python bench/few_rows_sweep.py --model qwen3-32b --rows 8,32 [--fp8] [--out bench/results]
+
+Issue 20's batch-32 step is about 3 ms over its weight floor on an H200, 1.4 ms of it in the
+products of 32 rows (bench/results/NOTES.md: at 2 rows the few-rows kernel streams gate/up at the
+copy rate, at 32 rows the best launch is 9% over it, cuBLAS 13%). Per (weight, rows) this times,
+as `few_rows_gemm.choose` does (fusion/timing.py: back to back, host launches hidden, each
+product over a cold copy of the weight, each launch's best of TIMING_ROUNDS rounds):
+
+* cuBLAS (bf16 weights; torch's linear),
+* the lowering table's candidates (FEW_ROWS_CANDIDATES, or FP8_FEW_ROWS_CANDIDATES with --fp8),
+* PROPOSED launches of the same kernel that the table does not have (wider W tiles with split-K,
+  more stages of narrower K tiles, two warpgroups), and
+* a prototype of the kernel whose W tiles arrive by the Hopper's tensor memory accelerator
+  (TMA: `TensorDescriptor` loads, one bulk copy a tile instead of every thread's 16-byte loads),
+  here and not in fusion/ until a run says it is worth a launch key.
+
+A launch whose product differs from torch's by more than `few_rows_gemm.AGREEMENT` is reported
+and not timed. Writes few_rows_sweep-<card>-<date>[-tag].json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from bench_common import copy_rate_tbps, run_environment, write_results
+
+from paiton.fusion.few_rows_gemm import candidate
+
+# Launches of fusion/few_rows_gemm.py's kernel that its tables lack, for 8-64 rows on sm_90.
+PROPOSED: tuple[dict, ...] = (
+    candidate(128, 128, 4, 4, splits=2, swap_ab=True),
+    candidate(128, 128, 4, 4, splits=4, swap_ab=True),
+    candidate(128, 64, 4, 6, swap_ab=True),
+    candidate(128, 64, 8, 6, swap_ab=True),
+    candidate(128, 128, 8, 3, swap_ab=True),
+    candidate(64, 64, 4, 8, swap_ab=True),
+    candidate(64, 128, 4, 3, swap_ab=True),
+    candidate(64, 128, 4, 4, splits=2, swap_ab=True),
+    candidate(256, 64, 8, 4, swap_ab=True),
+)
+PROPOSED_FP8: tuple[dict, ...] = (
+    candidate(128, 128, 4, 4, splits=2, via_fp16=True, swap_ab=True),
+    candidate(128, 128, 4, 4, splits=4, via_fp16=True, swap_ab=True),
+    candidate(64, 128, 4, 4, splits=2, via_fp16=True, swap_ab=True),
+    candidate(64, 128, 8, 4, via_fp16=True, swap_ab=True),
+    candidate(128, 128, 8, 3, via_fp16=True, swap_ab=True),
+)
+# The TMA prototype's launches: (BLOCK_N, BLOCK_K, warps, stages, SWAP_AB, x by TMA too).
+TMA_LAUNCHES: tuple[tuple, ...] = (
+    (64, 128, 4, 4, True, False), (64, 64, 4, 6, True, False), (128, 64, 4, 4, True, False),
+    (128, 64, 8, 4, True, False), (64, 128, 4, 4, True, True), (128, 64, 4, 4, True, True),
+    (64, 128, 4, 4, False, False), (32, 128, 4, 5, False, False),
+)
+
+
+@triton.jit
+def _few_rows_tma_kernel(x_ptr, x_desc, w_desc, scale_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SWAP_AB: tl.constexpr, X_TMA: tl.constexpr, SCALES: tl.constexpr):
+    """y[:M, n-tile] = x @ W[n-tile].T, W's [BLOCK_N, BLOCK_K] tiles by TMA (zero past N and K);
+    FP8 W with per-row scales (SCALES) converted through fp16 as few_rows_gemm's W_VIA_FP16."""
+    n0 = tl.program_id(0) * BLOCK_N
+    rows_m = tl.arange(0, BLOCK_M)
+    rows_n = n0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    if SWAP_AB:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        if X_TMA:
+            x = x_desc.load([0, start])
+        else:
+            k = start + cols[None, :]
+            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
+        w = w_desc.load([n0, start])
+        if SCALES:
+            w = w.to(tl.float16).to(tl.float32).to(x.dtype)
+        if SWAP_AB:
+            acc_t += tl.dot(w, tl.trans(x))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
+    if SCALES:
+        acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
+    y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
+
+
+def tma_product(x, weight, scales, launch):
+    """x [M, K] @ weight.T by the TMA prototype with `launch` (see TMA_LAUNCHES)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from paiton.fusion.few_rows_gemm import block_m
+
+    block_n, block_k, warps, stages, swap_ab, x_tma = launch
+    m, k = x.shape
+    n = weight.shape[0]
+    bm = block_m(m)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    x_desc = TensorDescriptor.from_tensor(x, [bm, block_k]) if x_tma else None
+    _few_rows_tma_kernel[(triton.cdiv(n, block_n),)](
+        x, x_desc, w_desc, scales, y, m, n, k, x.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_N=block_n,
+        BLOCK_K=block_k, SWAP_AB=swap_ab, X_TMA=x_tma, SCALES=scales is not None, num_warps=warps, num_stages=stages)
+    return y
+
+
+def tma_name(launch) -> str:
+    block_n, block_k, warps, stages, swap_ab, x_tma = launch
+    return f"TMA {block_n}x{block_k} w{warps} s{stages}" + (" swap" if swap_ab else "") + (" x-TMA" if x_tma else "")
+
+
+def launch_name(config) -> str:
+    if isinstance(config, str):
+        return config
+    extra = [key for key in ("SPLITS", "W_VIA_FP16", "SWAP_AB") if config.get(key)]
+    return (f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
+            + "".join(f" {key.lower()}" + (f"={config[key]}" if key == "SPLITS" else "") for key in extra))
+
+
+def sweep(n, k, rows, fp8_dtype, copy_tbps, tma):
+    """One weight at one row count: {launch name: us or why not}, with the floor."""
+    from paiton.fusion import few_rows_gemm
+    from paiton.fusion.fp8_linear import dequantize, quantize_weight
+    from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
+
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    scales = None
+    if fp8_dtype is not None:
+        weight, scales = quantize_weight(weight, fp8_dtype)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    dense = dequantize(weight, scales, torch.bfloat16) if scales is not None else weight
+    expected = torch.nn.functional.linear(x, dense).float()
+    bound = few_rows_gemm.AGREEMENT[torch.bfloat16] * expected.abs().max().item()
+    weights = cold_copies(weight)
+    table = few_rows_gemm.FP8_FEW_ROWS_CANDIDATES if scales is not None else few_rows_gemm.FEW_ROWS_CANDIDATES
+    proposed = PROPOSED_FP8 if scales is not None else PROPOSED
+    launches: list[tuple[str, str, object]] = [("table", launch_name(c), c) for c in table]
+    launches += [("proposed", launch_name(c), c) for c in proposed]
+    launches += [("tma", tma_name(t), t) for t in (TMA_LAUNCHES if tma else ())]
+    runs, notes, group = [], {}, {}
+    if scales is None:
+        runs.append(("vendor", lambda: [torch.nn.functional.linear(x, w) for w in weights]))
+        group["vendor"] = "vendor"
+    for kind, name, launch in launches:
+        if kind == "tma":
+            product = lambda w, launch=launch: tma_product(x, w, scales, launch)
+        else:
+            product = lambda w, launch=launch: few_rows_gemm.launch_candidate(x, w, launch, scales)
+        try:
+            error = (product(weight).float() - expected).abs().max().item()
+        except Exception as failure:  # a launch this chip or Triton cannot make
+            notes[name] = f"failed: {type(failure).__name__}: {str(failure)[:120]}"
+            continue
+        if error > bound:
+            notes[name] = f"disagrees: max error {error:.3g} > {bound:.3g}"
+            continue
+        runs.append((name, lambda product=product: [product(w) for w in weights]))
+        group[name] = kind
+    timed = best_times(runs, TIMING_ROUNDS, time_ms, required="vendor" if scales is None else None)
+    floor_us = n * k * weight.element_size() / (copy_tbps * 1e12) * 1e6
+    times = {name: round(ms / len(weights) * 1e3, 2) for name, ms in timed}
+    return dict(n=n, k=k, rows=rows, weight_dtype=str(weight.dtype).removeprefix("torch."), floor_us=round(floor_us, 2),
+                times_us=times, kinds=group, notes=notes)
+
+
+def best_of(result, kind):
+    named = [(us, name) for name, us in result["times_us"].items() if result["kinds"].get(name) == kind]
+    return min(named) if named else None
+
+
+def markdown(env, results) -> str:
+    lines = [f"# Few-rows launches at Qwen3's decode shapes on {env['card']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}; copy rate "
+             f"{env['copy_TBps']:.2f} TB/s; floor = the weight's bytes over it; us per product, timed as "
+             "few_rows_gemm.choose times (back to back, cold weights, best of its rounds).", "",
+             "| model | weight | N x K | dtype | rows | floor | cuBLAS | best table launch | best proposed | best TMA prototype |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = []
+        for kind in ("vendor", "table", "proposed", "tma"):
+            best = best_of(r, kind)
+            cells.append("-" if best is None else (f"{best[0]:.1f} ({best[0] / r['floor_us']:.2f}x)"
+                                                   + ("" if kind == "vendor" else f" {best[1]}")))
+        lines.append(f"| {r['model']} | {r['weight']} | {r['n']} x {r['k']} | {r['weight_dtype']} | {r['rows']} | "
+                     f"{r['floor_us']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Every launch, us (fastest first), and those not timed:", ""]
+    for r in results:
+        ordered = sorted(r["times_us"].items(), key=lambda item: item[1])
+        lines.append(f"- {r['model']} {r['weight']} {r['weight_dtype']} {r['rows']} rows: "
+                     + ", ".join(f"{name} {us:.1f}" for name, us in ordered)
+                     + ("; not timed: " + "; ".join(f"{name}: {why}" for name, why in r["notes"].items()) if r["notes"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-32b")
+    parser.add_argument("--rows", default="8,32", help="row counts (decode batch sizes, 2-64)")
+    parser.add_argument("--weights", default="", help="comma-separated weights to time (default: all of the model's)")
+    parser.add_argument("--fp8", action="store_true", help="also the FP8 weights (per-channel scales)")
+    parser.add_argument("--no-tma", action="store_true", help="leave the TMA prototype out")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("few_rows_sweep times GPU kernels: it needs a GPU; on a CPU there is nothing to time.", file=sys.stderr)
+        return 2
+    from paiton.models.fp8 import fp8_format
+    from paiton.models.qwen3 import projection_shapes
+
+    env = run_environment("cuda")
+    env["copy_TBps"] = copy_rate_tbps("cuda")
+    wanted = [w for w in args.weights.split(",") if w]
+    results = []
+    for fp8 in ([None, fp8_format("cuda")] if args.fp8 else [None]):
+        for name, (n, k) in projection_shapes(args.model).items():
+            if wanted and name not in wanted:
+                continue
+            for rows in (int(r) for r in args.rows.split(",")):
+                result = dict(model=args.model, weight=name, **sweep(n, k, rows, fp8, env["copy_TBps"], not args.no_tma))
+                results.append(result)
+                line = ", ".join(f"{kind} {best[0]:.1f} ({best[1]})" for kind in ("vendor", "table", "proposed", "tma")
+                                 if (best := best_of(result, kind)))
+                print(f"{name} [{n} x {k}] {result['weight_dtype']} {rows} rows, floor {result['floor_us']:.1f} us: {line}",
+                      flush=True)
+                torch.cuda.empty_cache()
+    stem = f"few_rows_sweep-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}" + (f"-{args.tag}" if args.tag else "")
+    write_results(args.out, stem, dict(env=env, results=results), markdown(env, results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
