@@ -252,6 +252,8 @@ def resources(compiled, target: Target) -> dict[str, Any]:
             "loads": sorted(set(re.findall(r"ld\.global[.\w:]*", code))),  # with cache hints (::evict_first)
             # Global-to-shared copies of a pipelined matrix kernel, by size (0x10: 16 bytes).
             "async_copies": sorted(set(re.findall(r"cp\.async\.cg\.shared\.global[.\w]* \[[^]]*\], \[[^]]*\], (0x\w+)", code))),
+            # Tiles by the tensor memory accelerator (a descriptor's loads, W_TMA): bulk tensor copies.
+            "tensor_copies": code.count("cp.async.bulk.tensor"),
             "local_memory": ".local" in code,
             # Programmatic dependent launch (fusion/pdl.py): the wait, the L2 prefetches before it,
             # and what else comes before it (nothing may touch global memory there).
@@ -337,16 +339,21 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
     config = dict(config)
     splits = config.pop("SPLITS", 1)
     via_fp16 = config.pop("W_VIA_FP16", False) and weight_dtype.startswith("fp8")
+    tma = config.pop("W_TMA", False)
     signature = {"x_ptr": f"*{dtype}", "w_ptr": f"*{weight_dtype}",
+                 # W_TMA: a tensor descriptor of W's [BLOCK_N, BLOCK_K] tiles (Triton's type string for one)
+                 "w_desc": f"tensordesc<{weight_dtype}[{config['BLOCK_N']}, {config['BLOCK_K']}]>" if tma else "constexpr",
                  "scale_ptr": "constexpr" if scales == NO_SCALES else "*fp32", "y_ptr": f"*{dtype}",
                  "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_ym": "i32",
                  "stride_sn": "i32" if scales == BLOCK_SCALES else "constexpr", "K_SLICE": "i32",
                  "partial_ptr": "*fp32" if splits > 1 else "constexpr", "count_ptr": "*i32" if splits > 1 else "constexpr",
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr",
                  "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr", "W_VIA_FP16": "constexpr",
-                 "SWAP_AB": "constexpr"}
+                 "SWAP_AB": "constexpr", "W_TMA": "constexpr"}
     launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits,
-                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False)}
+                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False), "W_TMA": tma}
+    if not tma:
+        launcher["w_desc"] = None
     if scales != BLOCK_SCALES:
         launcher["stride_sn"] = 0
     if scales == NO_SCALES:

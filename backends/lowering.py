@@ -32,7 +32,8 @@ from typing import Any, NamedTuple
 
 from paiton.backends.target import Target, detect_target, target_named
 from paiton.fusion.decode_attention import DECODE_BLOCK_N, decode_attention_block_sizes
-from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES, FP8_FEW_ROWS_CANDIDATES
+from paiton.fusion.few_rows_gemm import (FEW_ROWS_CANDIDATES, FEW_ROWS_TMA_CANDIDATES, FP8_FEW_ROWS_CANDIDATES,
+                                         FP8_FEW_ROWS_TMA_CANDIDATES)
 from paiton.fusion.few_rows_gemm import MAX_ROWS as FEW_ROWS_MAX
 from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
@@ -68,6 +69,9 @@ FP8_SEVERAL_ROWS = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
 # rows: `several_rows_candidates`, timed per shape and row count as the one-row ones are).
 FP8_KERNELS = dict(one_row=FP8_ONE_ROW, one_row_candidates=FP8_GEMV_CANDIDATES, several_rows=FP8_SEVERAL_ROWS,
                    several_rows_candidates=FP8_FEW_ROWS_CANDIDATES)
+# Hopper and later: the launches whose W tiles come by the tensor memory accelerator too (W_TMA;
+# a chip before sm_90 has none: its tables keep the lists above).
+TMA_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=FP8_FEW_ROWS_CANDIDATES + FP8_FEW_ROWS_TMA_CANDIDATES)
 # AMD: without the SWAP_AB launches (their point is Hopper's wgmma; on gfx942 one spills 15
 # registers at 32 rows).
 AMD_FP8_KERNELS = dict(FP8_KERNELS, several_rows_candidates=tuple(
@@ -141,12 +145,12 @@ _NVIDIA = {
         "so only under PAITON_NORM_LINEAR=1",
     ),
     "few_rows_linear": Lowering(
-        TRITON, dict(candidates=FEW_ROWS_CANDIDATES),
+        TRITON, dict(candidates=FEW_ROWS_CANDIDATES + FEW_ROWS_TMA_CANDIDATES),
         "linears of 2-64 input rows (decode at batch 2-64; packed ones too): Paiton's few-rows GEMM (W read once) or "
         "cuBLAS per weight shape and row count, as timed at first use (fusion/few_rows_gemm.py)",
     ),
     "fp8_linear": Lowering(
-        TRITON, dict(format="e4m3fn", **FP8_KERNELS),
+        TRITON, dict(format="e4m3fn", **TMA_FP8_KERNELS),
         "e4m3fn weights: one row, the GEMV dequantizing in registers (scales on the fp32 sums; its launch timed per "
         "shape at first use); several rows, the "
         "fastest for the shape (timed at first use, fusion/fp8_paths.py) of the FP8 GEMM (2-64 rows: W read once, "
@@ -160,9 +164,13 @@ _NVIDIA = {
         "timed a loss on an H100 (the kernel waits for its prefetches), so only under PAITON_L2_PREFETCH=1",
     ),
 }
+# Before Hopper: no tensor memory accelerator, so the few-rows GEMM's launches without W_TMA.
+_PRE_HOPPER_FEW_ROWS = Lowering(TRITON, dict(candidates=FEW_ROWS_CANDIDATES),
+                                _NVIDIA["few_rows_linear"].why + "; no W_TMA launches before sm_90")
 # Ampere: no FP8 arithmetic, and Triton converts FP8 only from sm_89 on.
 _SM80 = {**_NVIDIA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "sm_80 has no FP8: quantize_fp8 refuses the chip"),
-         "l2_prefetch": Lowering(INDUCTOR, {}, "no bulk L2 prefetch before sm_90: no prefetch")}
+         "l2_prefetch": Lowering(INDUCTOR, {}, "no bulk L2 prefetch before sm_90: no prefetch"),
+         "few_rows_linear": _PRE_HOPPER_FEW_ROWS}
 
 # ---------------------------------------------------------------------------------------------
 # AMD CDNA (wavefronts of 64): chosen from ahead-of-time compiles, not yet timed on an MI300X.
@@ -258,9 +266,16 @@ def _vendor_defaults(target: Target) -> dict[str, Lowering]:
     sm = target.compute_capability
     fp8 = base["fp8_linear"] if sm >= 89 else Lowering(INDUCTOR, dict(format=None), f"{why}: no FP8 known for this chip")
     prefetch = base["l2_prefetch"] if sm >= 90 else Lowering(INDUCTOR, {}, f"{why}: no bulk L2 prefetch before sm_90")
+    few_rows = base["few_rows_linear"]
+    if target.vendor == "cuda" and sm < 90:  # no tensor memory accelerator: no W_TMA launches
+        few_rows = _PRE_HOPPER_FEW_ROWS
+        if fp8.implementation == TRITON:
+            fp8 = Lowering(TRITON, dict(fp8.params, several_rows_candidates=FP8_FEW_ROWS_CANDIDATES),
+                           fp8.why + "; no W_TMA launches before sm_90")
     return {
         **base,
         "l2_prefetch": prefetch,
+        "few_rows_linear": few_rows,
         "silu_mul": Lowering(TRITON, silu_mul_launch_config(target.warp_size), why),
         "decode_attention": Lowering(TRITON, dict(BLOCK_N=32, num_warps=4, num_stages=2, combine_num_warps=4), why),
         "fp8_linear": fp8,

@@ -26,18 +26,21 @@ if TYPE_CHECKING:
 # pass runs and the norm and rotary kernels prefetch the next product's weight into L2
 # (PAITON_L2_PREFETCH=1: fusion/l2_prefetch.py). "-nl" likewise: the norm_linear pass runs, the
 # decode step's norms inside its one-row products (PAITON_NORM_LINEAR=1: fusion/norm_linear.py).
-# They may follow one name, in that order ("paiton-fp8-pdl-l2pf-nl").
+# "-notma": the few-rows GEMM's launches that read W by tensor descriptor left out of its timing
+# (PAITON_W_TMA=0: fusion/few_rows_gemm.py), an A/B of them in one process.
+# They may follow one name, in that order ("paiton-fp8-pdl-l2pf-nl-notma").
 CONFIGS = ("eager", "inductor", "inductor-cdt", "paiton", "paiton-cdt", "paiton-fp8", "paiton-fp8-head")
 FP8_HEAD = "-fp8-head"
 PDL_SUFFIX = "-pdl"
 L2_PREFETCH_SUFFIX = "-l2pf"
 NORM_LINEAR_SUFFIX = "-nl"
+NO_W_TMA_SUFFIX = "-notma"
 
 
 def _launch_switches(base: str) -> tuple[str, dict[str, bool]]:
     """(the configuration without its launch suffixes, {suffix: present})."""
     present = {}
-    for suffix in (NORM_LINEAR_SUFFIX, L2_PREFETCH_SUFFIX, PDL_SUFFIX):  # the reverse of their order in a name
+    for suffix in (NO_W_TMA_SUFFIX, NORM_LINEAR_SUFFIX, L2_PREFETCH_SUFFIX, PDL_SUFFIX):  # the reverse of their order in a name
         present[suffix] = base.endswith(suffix)
         base = base.removesuffix(suffix)
     return base, present
@@ -64,6 +67,10 @@ def uses_norm_linear(config: str) -> bool:
     return _launch_switches(config.split("-no-")[0])[1][NORM_LINEAR_SUFFIX]
 
 
+def without_w_tma(config: str) -> bool:
+    return _launch_switches(config.split("-no-")[0])[1][NO_W_TMA_SUFFIX]
+
+
 def fp8_lm_head(config: str) -> bool:
     """Whether a configuration's FP8 weights take the lm_head too ("paiton-fp8-head...")."""
     return _launch_switches(config.split("-no-")[0])[0].endswith(FP8_HEAD)
@@ -80,15 +87,18 @@ def floor_key(config: str) -> str:
 @contextlib.contextmanager
 def config_environment(config: str):
     """The environment a configuration runs in, restored after: PAITON_PDL=1 for a "-pdl" one,
-    PAITON_L2_PREFETCH=1 for a "-l2pf" one, PAITON_NORM_LINEAR=1 for a "-nl" one; for the others
-    those unset, so they run as Paiton does by default (one process may run several kinds)."""
+    PAITON_L2_PREFETCH=1 for a "-l2pf" one, PAITON_NORM_LINEAR=1 for a "-nl" one, PAITON_W_TMA=0
+    for a "-notma" one; for the others those unset, so they run as Paiton does by default (one
+    process may run several kinds)."""
+    from paiton.fusion.few_rows_gemm import W_TMA_ENV
     from paiton.fusion.l2_prefetch import PREFETCH_ENV
     from paiton.fusion.pdl import PDL_ENV
     from paiton.passes.norm_linear import NORM_LINEAR_ENV
 
-    wanted = {PDL_ENV: uses_pdl(config), PREFETCH_ENV: uses_l2_prefetch(config), NORM_LINEAR_ENV: uses_norm_linear(config)}
+    wanted = {PDL_ENV: "1" if uses_pdl(config) else None, PREFETCH_ENV: "1" if uses_l2_prefetch(config) else None,
+              NORM_LINEAR_ENV: "1" if uses_norm_linear(config) else None, W_TMA_ENV: "0" if without_w_tma(config) else None}
     before = {name: os.environ.pop(name, None) for name in wanted}
-    os.environ.update({name: "1" for name, on in wanted.items() if on})
+    os.environ.update({name: value for name, value in wanted.items() if value is not None})
     try:
         yield
     finally:

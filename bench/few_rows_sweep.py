@@ -10,12 +10,13 @@ as `few_rows_gemm.choose` does (fusion/timing.py: back to back, host launches hi
 product over a cold copy of the weight, each launch's best of TIMING_ROUNDS rounds):
 
 * cuBLAS (bf16 weights; torch's linear),
-* the lowering table's candidates (FEW_ROWS_CANDIDATES, or FP8_FEW_ROWS_CANDIDATES with --fp8),
+* the chip's lowering table's candidates (few_rows_linear's, or fp8_linear's several-rows ones
+  with --fp8; on sm_90 the W_TMA launches among them),
 * PROPOSED launches of the same kernel that the table does not have (wider W tiles with split-K,
-  more stages of narrower K tiles, two warpgroups), and
-* a prototype of the kernel whose W tiles arrive by the Hopper's tensor memory accelerator
-  (TMA: `TensorDescriptor` loads, one bulk copy a tile instead of every thread's 16-byte loads),
-  here and not in fusion/ until a run says it is worth a launch key.
+  more stages of narrower K tiles, two warpgroups, W by tensor descriptor at other tiles).
+
+The first run (H100, b065e57) also timed a prototype kernel whose W tiles came by tensor
+descriptor; it won at 32 rows on FP8 weights, and became the kernel's W_TMA launch key.
 
 A launch whose product differs from torch's by more than `few_rows_gemm.AGREEMENT` is reported
 and not timed. Writes few_rows_sweep-<card>-<date>[-tag].json/.md.
@@ -28,8 +29,6 @@ import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
 from bench_common import copy_rate_tbps, run_environment, write_results
 
 from paiton.fusion.few_rows_gemm import candidate
@@ -37,98 +36,29 @@ from paiton.fusion.few_rows_gemm import candidate
 # Launches of fusion/few_rows_gemm.py's kernel that its tables lack, for 8-64 rows on sm_90.
 PROPOSED: tuple[dict, ...] = (
     candidate(128, 128, 4, 4, splits=2, swap_ab=True),
-    candidate(128, 128, 4, 4, splits=4, swap_ab=True),
-    candidate(128, 64, 4, 6, swap_ab=True),
-    candidate(128, 64, 8, 6, swap_ab=True),
-    candidate(128, 128, 8, 3, swap_ab=True),
     candidate(64, 64, 4, 8, swap_ab=True),
-    candidate(64, 128, 4, 3, swap_ab=True),
     candidate(64, 128, 4, 4, splits=2, swap_ab=True),
-    candidate(256, 64, 8, 4, swap_ab=True),
+    candidate(128, 64, 4, 4, swap_ab=True, tma=True),
+    candidate(64, 64, 4, 6, swap_ab=True, tma=True),
+    candidate(32, 128, 4, 5, tma=True),
+    candidate(64, 256, 4, 3, swap_ab=True, tma=True),
 )
 PROPOSED_FP8: tuple[dict, ...] = (
     candidate(128, 128, 4, 4, splits=2, via_fp16=True, swap_ab=True),
-    candidate(128, 128, 4, 4, splits=4, via_fp16=True, swap_ab=True),
-    candidate(64, 128, 4, 4, splits=2, via_fp16=True, swap_ab=True),
-    candidate(64, 128, 8, 4, via_fp16=True, swap_ab=True),
-    candidate(128, 128, 8, 3, via_fp16=True, swap_ab=True),
+    candidate(128, 128, 4, 4, splits=2, via_fp16=True, swap_ab=True, tma=True),
+    candidate(64, 128, 4, 4, splits=2, via_fp16=True, swap_ab=True, tma=True),
+    candidate(32, 128, 4, 5, splits=4, via_fp16=True, tma=True),
+    candidate(32, 256, 4, 4, via_fp16=True, tma=True),
 )
-# The TMA prototype's launches: (BLOCK_N, BLOCK_K, warps, stages, SWAP_AB, x by TMA too).
-TMA_LAUNCHES: tuple[tuple, ...] = (
-    (64, 128, 4, 4, True, False), (64, 64, 4, 6, True, False), (128, 64, 4, 4, True, False),
-    (128, 64, 8, 4, True, False), (64, 128, 4, 4, True, True), (128, 64, 4, 4, True, True),
-    (64, 128, 4, 4, False, False), (32, 128, 4, 5, False, False),
-)
-
-
-@triton.jit
-def _few_rows_tma_kernel(x_ptr, x_desc, w_desc, scale_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SWAP_AB: tl.constexpr, X_TMA: tl.constexpr, SCALES: tl.constexpr):
-    """y[:M, n-tile] = x @ W[n-tile].T, W's [BLOCK_N, BLOCK_K] tiles by TMA (zero past N and K);
-    FP8 W with per-row scales (SCALES) converted through fp16 as few_rows_gemm's W_VIA_FP16."""
-    n0 = tl.program_id(0) * BLOCK_N
-    rows_m = tl.arange(0, BLOCK_M)
-    rows_n = n0 + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    if SWAP_AB:
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        if X_TMA:
-            x = x_desc.load([0, start])
-        else:
-            k = start + cols[None, :]
-            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
-        w = w_desc.load([n0, start])
-        if SCALES:
-            w = w.to(tl.float16).to(tl.float32).to(x.dtype)
-        if SWAP_AB:
-            acc_t += tl.dot(w, tl.trans(x))
-        else:
-            acc += tl.dot(x, tl.trans(w))
-    if SWAP_AB:
-        acc = tl.trans(acc_t)
-    if SCALES:
-        acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
-    y = y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rows_m[:, None] < M) & (rows_n[None, :] < N))
-
-
-def tma_product(x, weight, scales, launch):
-    """x [M, K] @ weight.T by the TMA prototype with `launch` (see TMA_LAUNCHES)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from paiton.fusion.few_rows_gemm import block_m
-
-    block_n, block_k, warps, stages, swap_ab, x_tma = launch
-    m, k = x.shape
-    n = weight.shape[0]
-    bm = block_m(m)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    x_desc = TensorDescriptor.from_tensor(x, [bm, block_k]) if x_tma else None
-    _few_rows_tma_kernel[(triton.cdiv(n, block_n),)](
-        x, x_desc, w_desc, scales, y, m, n, k, x.stride(0), y.stride(0), BLOCK_M=bm, BLOCK_N=block_n,
-        BLOCK_K=block_k, SWAP_AB=swap_ab, X_TMA=x_tma, SCALES=scales is not None, num_warps=warps, num_stages=stages)
-    return y
-
-
-def tma_name(launch) -> str:
-    block_n, block_k, warps, stages, swap_ab, x_tma = launch
-    return f"TMA {block_n}x{block_k} w{warps} s{stages}" + (" swap" if swap_ab else "") + (" x-TMA" if x_tma else "")
-
-
 def launch_name(config) -> str:
     if isinstance(config, str):
         return config
-    extra = [key for key in ("SPLITS", "W_VIA_FP16", "SWAP_AB") if config.get(key)]
+    extra = [key for key in ("SPLITS", "W_VIA_FP16", "SWAP_AB", "W_TMA") if config.get(key)]
     return (f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
             + "".join(f" {key.lower()}" + (f"={config[key]}" if key == "SPLITS" else "") for key in extra))
 
 
-def sweep(n, k, rows, fp8_dtype, copy_tbps, tma):
+def sweep(n, k, rows, fp8_dtype, copy_tbps, table):
     """One weight at one row count: {launch name: us or why not}, with the floor."""
     from paiton.fusion import few_rows_gemm
     from paiton.fusion.fp8_linear import dequantize, quantize_weight
@@ -143,20 +73,15 @@ def sweep(n, k, rows, fp8_dtype, copy_tbps, tma):
     expected = torch.nn.functional.linear(x, dense).float()
     bound = few_rows_gemm.AGREEMENT[torch.bfloat16] * expected.abs().max().item()
     weights = cold_copies(weight)
-    table = few_rows_gemm.FP8_FEW_ROWS_CANDIDATES if scales is not None else few_rows_gemm.FEW_ROWS_CANDIDATES
     proposed = PROPOSED_FP8 if scales is not None else PROPOSED
     launches: list[tuple[str, str, object]] = [("table", launch_name(c), c) for c in table]
     launches += [("proposed", launch_name(c), c) for c in proposed]
-    launches += [("tma", tma_name(t), t) for t in (TMA_LAUNCHES if tma else ())]
     runs, notes, group = [], {}, {}
     if scales is None:
         runs.append(("vendor", lambda: [torch.nn.functional.linear(x, w) for w in weights]))
         group["vendor"] = "vendor"
     for kind, name, launch in launches:
-        if kind == "tma":
-            product = lambda w, launch=launch: tma_product(x, w, scales, launch)
-        else:
-            product = lambda w, launch=launch: few_rows_gemm.launch_candidate(x, w, launch, scales)
+        product = lambda w, launch=launch: few_rows_gemm.launch_candidate(x, w, launch, scales)
         try:
             error = (product(weight).float() - expected).abs().max().item()
         except Exception as failure:  # a launch this chip or Triton cannot make
@@ -184,11 +109,11 @@ def markdown(env, results) -> str:
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}; copy rate "
              f"{env['copy_TBps']:.2f} TB/s; floor = the weight's bytes over it; us per product, timed as "
              "few_rows_gemm.choose times (back to back, cold weights, best of its rounds).", "",
-             "| model | weight | N x K | dtype | rows | floor | cuBLAS | best table launch | best proposed | best TMA prototype |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | weight | N x K | dtype | rows | floor | cuBLAS | best table launch | best proposed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cells = []
-        for kind in ("vendor", "table", "proposed", "tma"):
+        for kind in ("vendor", "table", "proposed"):
             best = best_of(r, kind)
             cells.append("-" if best is None else (f"{best[0]:.1f} ({best[0] / r['floor_us']:.2f}x)"
                                                    + ("" if kind == "vendor" else f" {best[1]}")))
@@ -209,7 +134,6 @@ def main(argv=None):
     parser.add_argument("--rows", default="8,32", help="row counts (decode batch sizes, 2-64)")
     parser.add_argument("--weights", default="", help="comma-separated weights to time (default: all of the model's)")
     parser.add_argument("--fp8", action="store_true", help="also the FP8 weights (per-channel scales)")
-    parser.add_argument("--no-tma", action="store_true", help="leave the TMA prototype out")
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
@@ -219,6 +143,12 @@ def main(argv=None):
     from paiton.models.fp8 import fp8_format
     from paiton.models.qwen3 import projection_shapes
 
+    from paiton.backends.lowering import launch_config
+    from paiton.backends.target import detect_target
+
+    target = detect_target(torch.device("cuda"))
+    tables = {False: launch_config("few_rows_linear", target).get("candidates", ()),
+              True: launch_config("fp8_linear", target).get("several_rows_candidates", ())}
     env = run_environment("cuda")
     env["copy_TBps"] = copy_rate_tbps("cuda")
     wanted = [w for w in args.weights.split(",") if w]
@@ -228,9 +158,9 @@ def main(argv=None):
             if wanted and name not in wanted:
                 continue
             for rows in (int(r) for r in args.rows.split(",")):
-                result = dict(model=args.model, weight=name, **sweep(n, k, rows, fp8, env["copy_TBps"], not args.no_tma))
+                result = dict(model=args.model, weight=name, **sweep(n, k, rows, fp8, env["copy_TBps"], tables[fp8 is not None]))
                 results.append(result)
-                line = ", ".join(f"{kind} {best[0]:.1f} ({best[1]})" for kind in ("vendor", "table", "proposed", "tma")
+                line = ", ".join(f"{kind} {best[0]:.1f} ({best[1]})" for kind in ("vendor", "table", "proposed")
                                  if (best := best_of(result, kind)))
                 print(f"{name} [{n} x {k}] {result['weight_dtype']} {rows} rows, floor {result['floor_us']:.1f} us: {line}",
                       flush=True)

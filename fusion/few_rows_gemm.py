@@ -31,6 +31,7 @@ uint16): DOT_FP32 makes the products in fp32 there, as decode attention's kernel
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -65,6 +66,16 @@ MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound:
 # H100 at 52e4217: chosen for every FP8 shape at 32 rows (32B: down 90.7 -> 68.2 us, q/k/v 37.0 ->
 # 32.8) and most bf16 ones at 8 and 32 (1-8%); at 8 rows FP8 the plain launches stay faster.
 
+# W_TMA (a launch key, sm_90 on): W's [BLOCK_N, BLOCK_K] tiles arrive through a tensor descriptor
+# (`triton.tools.tensor_descriptor.TensorDescriptor`), which Triton compiles on Hopper to the
+# tensor memory accelerator's bulk copies (cp.async.bulk.tensor: one instruction a tile, the
+# copy engine zero-filling past N and K) instead of every thread's own 16-byte loads. Timed on an
+# H100 (bench/few_rows_sweep.py at b065e57, a prototype of this kernel): at 32 rows FP8 W, q/k/v
+# 32.6 -> 29.0 us and gate/up 111.2 -> 103.1 against the table's best launches; bf16 1-2% (q/k/v
+# 39.2 -> 38.6, gate/up 178.4 -> 175.8); at 8 rows and on the narrow, long weights (o_proj,
+# down_proj: split-K wins there) no better. A weight a descriptor cannot describe (its base or
+# row stride not 16-byte aligned) is read by the threads' loads, the same product.
+
 
 @triton.jit
 def _times_transposed(a, b, DOT_FP32: tl.constexpr):
@@ -78,18 +89,20 @@ def _times_transposed(a, b, DOT_FP32: tl.constexpr):
 # step's 2, 4, 8 and 16 rows share one compiled kernel per BLOCK_M, so the first use's timing
 # compiles each candidate once per BLOCK_M rather than per row count.
 @triton.jit(do_not_specialize=["M"])
-def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
+def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_sn,
                           K_SLICE, partial_ptr, count_ptr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
                           SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr,
                           W_VIA_FP16: tl.constexpr = False, PDL: tl.constexpr = False,
-                          SWAP_AB: tl.constexpr = False):
+                          SWAP_AB: tl.constexpr = False, W_TMA: tl.constexpr = False):
     """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
     adds the slices in slice order, so the result does not depend on which program is last.
     PDL (fusion/pdl.py): the slice's first two W tiles (4-16 KB each) are prefetched into L2
-    while the kernel before this one finishes; x is read (and the counters touched) after it has."""
+    while the kernel before this one finishes; x is read (and the counters touched) after it has.
+    W_TMA: W's tiles come through `w_desc`, a [BLOCK_N, BLOCK_K] tensor descriptor of W (see
+    W_TMA above); else (w_desc None) by every thread's own loads from w_ptr."""
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_begin = tl.program_id(2) * K_SLICE
@@ -107,7 +120,10 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, st
     for start in range(k_begin, k_end, BLOCK_K):  # slices are whole BLOCK_K tiles: only K's end is ragged
         k = start + cols[None, :]
         x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
-        w = tl.load(w_rows + k, mask=(rows_n[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
+        if W_TMA:  # the tile in one bulk copy, zeros past N and K as the mask below gives
+            w = w_desc.load([tl.program_id(0) * BLOCK_N, start])
+        else:
+            w = tl.load(w_rows + k, mask=(rows_n[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
         if W_VIA_FP16:  # FP8 W: see W_VIA_FP16 above
             w = w.to(tl.float16).to(tl.float32).to(x.dtype)  # exact, as below
         else:
@@ -158,10 +174,11 @@ def few_rows_config(rows: int) -> dict[str, int]:
 
 
 def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, splits: int = 1,
-              via_fp16: bool = False, swap_ab: bool = False) -> dict[str, int]:
+              via_fp16: bool = False, swap_ab: bool = False, tma: bool = False) -> dict[str, int]:
     """A launch; `splits` > 1 cuts K into that many slices of whole BLOCK_K tiles, a program each;
     `via_fp16`: an FP8 weight converted through fp16 (W_VIA_FP16; a weight in x's dtype ignores it);
-    `swap_ab`: W's rows on the product's M side (SWAP_AB)."""
+    `swap_ab`: W's rows on the product's M side (SWAP_AB); `tma`: W's tiles by tensor descriptor
+    (W_TMA; sm_90 and later)."""
     config = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         config["SPLITS"] = splits
@@ -169,6 +186,8 @@ def candidate(block_n: int, block_k: int, num_warps: int, num_stages: int, split
         config["W_VIA_FP16"] = True
     if swap_ab:
         config["SWAP_AB"] = True
+    if tma:
+        config["W_TMA"] = True
     return config
 
 
@@ -228,6 +247,28 @@ FP8_FEW_ROWS_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, SCALE_BLOCK, 4, 4, splits=4, via_fp16=True, swap_ab=True),
 )
 
+# PAITON_W_TMA=0 leaves the W_TMA launches out of the timing (an A/B of one process: the choices
+# made without them are kept apart from those made with them).
+W_TMA_ENV = "PAITON_W_TMA"
+
+
+def w_tma_allowed() -> bool:
+    return os.environ.get(W_TMA_ENV, "1") != "0"
+
+
+# Launches with W_TMA, for chips with the tensor memory accelerator (the lowering tables of sm_90
+# and later add them to the lists above): the prototype's fastest at 32 rows on an H100, and the
+# same tiles split along K for the narrow, long weights, where split launches win.
+FEW_ROWS_TMA_CANDIDATES: tuple[dict[str, int], ...] = (
+    candidate(64, 128, 4, 4, swap_ab=True, tma=True),
+    candidate(64, 128, 4, 4, splits=2, swap_ab=True, tma=True),
+)
+FP8_FEW_ROWS_TMA_CANDIDATES: tuple[dict[str, int], ...] = (
+    candidate(64, SCALE_BLOCK, 4, 4, via_fp16=True, swap_ab=True, tma=True),
+    candidate(128, 64, 4, 4, via_fp16=True, swap_ab=True, tma=True),
+    candidate(64, SCALE_BLOCK, 4, 4, splits=4, via_fp16=True, swap_ab=True, tma=True),
+)
+
 
 # Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
 # programs are what is fast there.
@@ -248,6 +289,18 @@ def fitting(candidates: Sequence[dict[str, int]], rows: int, element_size: int, 
     """The candidates whose launch for `rows` rows fits `limit` bytes of shared memory (the x
     tiles grow with the rows: the widest need more than a chip has at 64 rows in fp32)."""
     return [config for config in candidates if shared_bytes(config, rows, element_size) <= limit]
+
+
+def tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
+    """A [block_n, block_k] tensor descriptor of `weight` [N, K] for a W_TMA launch, or None
+    where the copy engine cannot read it (base or row stride not a multiple of 16 bytes): that
+    launch then reads W with the threads' loads."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    size = weight.element_size()
+    if weight.data_ptr() % 16 or (weight.stride(0) * size) % 16 or weight.stride(1) != 1:
+        return None
+    return TensorDescriptor.from_tensor(weight, [block_n, block_k])
 
 
 def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
@@ -271,16 +324,17 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
         k_slice, splits = split_k.k_slices(k, block_k, launch.pop("SPLITS", 1))
         via_fp16 = launch.pop("W_VIA_FP16", False) and weight.dtype in FP8_DTYPES
+        w_desc = tma_descriptor(weight, block_n, block_k) if launch.pop("W_TMA", False) else None
         counters = split_k.tile_counters(x.device, grid_n * grid_m) if splits > 1 else None
         if counters is None:  # no counters to be had (first use inside a CUDA graph capture): unsplit
             k_slice, splits = k, 1
         partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else None
         with device_guard(x):
             _few_rows_gemm_kernel[(grid_n, grid_m, splits)](
-                rows, weight, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
+                rows, weight, w_desc, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
                 scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
                 SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
-                SPLITS=splits, W_VIA_FP16=via_fp16, **launch,
+                SPLITS=splits, W_VIA_FP16=via_fp16, W_TMA=w_desc is not None, **launch,
                 **(pdl_launch(x, _few_rows_gemm_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return y.reshape(*x.shape[:-1], n)
 
@@ -324,12 +378,16 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     bucket = rows_bucket(rows.shape[0])
     if kind == BLOCK_SCALES:
         candidates = [config for config in candidates if SCALE_BLOCK % config["BLOCK_K"] == 0]
+    if not w_tma_allowed():
+        candidates = [config for config in candidates if not config.get("W_TMA")]
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
     baseline = candidates[0] if fp8 else VENDOR
     key = (str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
     if fp8:
         key += (weight.dtype, kind)
+    if not w_tma_allowed():
+        key += ("without W_TMA",)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice

@@ -26,7 +26,7 @@ from paiton.backends.aot import (
 )
 from paiton.backends.lowering import TRITON, TRITON_FP8_TYPES, launch_config, lowering_for
 from paiton.fusion.few_rows_gemm import block_m, few_rows_config, fitting
-from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, ROW_SCALES
+from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, ROW_SCALES, SCALE_BLOCK
 from paiton.fusion.quantize_rows import quantize_rows_launch_config
 from paiton.backends.target import target_named
 from paiton.fusion.decode_attention import default_split_layout
@@ -124,6 +124,12 @@ def builds(target):
                     yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows={rows}/W_VIA_FP16/SWAP_AB",
                            "fp8_linear", few_rows_gemm_build({**few_rows_config(rows), "W_VIA_FP16": True, "SWAP_AB": True},
                                                              dtype, weight_type, scales))
+                # ... and every launch with W's tiles by tensor descriptor (W_TMA) the chip's table lists,
+                # at 32 rows (those whose K tile lies in one scale block, for block scales)
+                for config in params["several_rows_candidates"]:
+                    if config.get("W_TMA") and (scales != BLOCK_SCALES or SCALE_BLOCK % config["BLOCK_K"] == 0):
+                        yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows=32/{launch_name(config)}",
+                               "fp8_linear", few_rows_gemm_build({"BLOCK_M": block_m(32), **config}, dtype, weight_type, scales))
             # The per-token quantization before torch._scaled_mm (bf16 activations only: the one dtype
             # row-wise _scaled_mm returns), 128 tokens of Qwen3's linear inputs: hidden 4096 / 5120,
             # intermediate 12288 (one pass) and 25600 (32B: wider than a register row, two passes).

@@ -83,8 +83,10 @@ def reads_scalars(name: str) -> bool:
 def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
     for name, r in compiled.items():
         if "@sm_" in name and name.startswith("few_rows_gemm/"):
-            # A pipelined matrix kernel: W and x come by 16-byte asynchronous copies to shared memory.
+            # A pipelined matrix kernel: W and x come by 16-byte asynchronous copies to shared memory,
+            # or W by the tensor memory accelerator's bulk copies (W_TMA) and x by those 16-byte ones.
             assert r["async_copies"] == ["0x10"] and not r["local_memory"], (name, r["async_copies"])
+            assert (r["tensor_copies"] > 0) == ("W_TMA=True" in name), (name, r["tensor_copies"])
         elif "@sm_" in name:
             wide = [load for load in r["loads"] if ".v4" in load]
             assert wide and (reads_scalars(name) or r["loads"] == ["ld.global.v4.b32"]), (name, r["loads"])

@@ -115,35 +115,41 @@ def test_profile_decode_step_fp8_lm_head(tmp_path):
     assert "the -fp8-head configurations" in path.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize(("config", "valid", "pdl", "l2pf", "nl"), [
-    ("paiton-fp8-head", True, False, False, False), ("paiton-fp8-head-pdl-nl", True, True, False, True),
-    ("inductor-fp8-head", False, False, False, False), ("paiton-head", False, False, False, False),
-    ("paiton-pdl", True, True, False, False), ("paiton-fp8-pdl", True, True, False, False),
-    ("paiton-cdt-pdl-no-swiglu", True, True, False, False), ("paiton-fp8", True, False, False, False),
-    ("inductor-pdl", False, False, False, False), ("eager-pdl", False, False, False, False), ("pdl", False, False, False, False),
-    ("paiton-pdl-pdl", False, False, False, False), ("paiton-fp8-l2pf", True, False, True, False),
-    ("paiton-fp8-pdl-l2pf", True, True, True, False), ("paiton-l2pf-pdl", False, False, False, False),
-    ("inductor-l2pf", False, False, False, False), ("paiton-l2pf-no-l2_prefetch", True, False, True, False),
-    ("paiton-fp8-nl", True, False, False, True), ("paiton-pdl-nl", True, True, False, True),
-    ("paiton-nl-pdl", False, False, False, False), ("inductor-cdt-nl", False, False, False, False)])
-def test_launch_switch_configurations(monkeypatch, config, valid, pdl, l2pf, nl):
-    """"-pdl", "-l2pf" and "-nl" after a Paiton configuration: the same compile settings, with
-    PDL (PAITON_PDL=1 while it runs), the L2 prefetch (PAITON_L2_PREFETCH=1) or the norms in the
-    products (PAITON_NORM_LINEAR=1); unset for the others, whatever the environment says:
-    Paiton's default; restored after."""
-    from bench_common import compile_settings, config_environment, is_config, uses_l2_prefetch, uses_norm_linear, uses_pdl
+@pytest.mark.parametrize(("config", "valid", "pdl", "l2pf", "nl", "notma"), [
+    ("paiton-fp8-head", True, False, False, False, False), ("paiton-fp8-head-pdl-nl", True, True, False, True, False),
+    ("inductor-fp8-head", False, False, False, False, False), ("paiton-head", False, False, False, False, False),
+    ("paiton-pdl", True, True, False, False, False), ("paiton-fp8-pdl", True, True, False, False, False),
+    ("paiton-cdt-pdl-no-swiglu", True, True, False, False, False), ("paiton-fp8", True, False, False, False, False),
+    ("inductor-pdl", False, False, False, False, False), ("eager-pdl", False, False, False, False, False),
+    ("pdl", False, False, False, False, False),
+    ("paiton-pdl-pdl", False, False, False, False, False), ("paiton-fp8-l2pf", True, False, True, False, False),
+    ("paiton-fp8-pdl-l2pf", True, True, True, False, False), ("paiton-l2pf-pdl", False, False, False, False, False),
+    ("inductor-l2pf", False, False, False, False, False), ("paiton-l2pf-no-l2_prefetch", True, False, True, False, False),
+    ("paiton-fp8-nl", True, False, False, True, False), ("paiton-pdl-nl", True, True, False, True, False),
+    ("paiton-nl-pdl", False, False, False, False, False), ("inductor-cdt-nl", False, False, False, False, False),
+    ("paiton-notma", True, False, False, False, True), ("paiton-fp8-pdl-nl-notma", True, True, False, True, True),
+    ("paiton-notma-pdl", False, False, False, False, False), ("inductor-cdt-notma", False, False, False, False, False)])
+def test_launch_switch_configurations(monkeypatch, config, valid, pdl, l2pf, nl, notma):
+    """"-pdl", "-l2pf", "-nl" and "-notma" after a Paiton configuration: the same compile
+    settings, with PDL (PAITON_PDL=1 while it runs), the L2 prefetch (PAITON_L2_PREFETCH=1), the
+    norms in the products (PAITON_NORM_LINEAR=1) or no W_TMA launches timed (PAITON_W_TMA=0);
+    unset for the others, whatever the environment says: Paiton's default; restored after."""
+    from bench_common import (compile_settings, config_environment, is_config, uses_l2_prefetch, uses_norm_linear, uses_pdl,
+                              without_w_tma)
 
     assert is_config(config) is valid
     if not valid:
         return
     assert uses_pdl(config) is pdl and uses_l2_prefetch(config) is l2pf and uses_norm_linear(config) is nl
-    base = config.replace("-pdl", "").replace("-l2pf", "").replace("-nl", "")
+    assert without_w_tma(config) is notma
+    base = config.replace("-pdl", "").replace("-l2pf", "").replace("-nl", "").replace("-notma", "")
     assert compile_settings(config, "cuda") == compile_settings(base, "cuda")
-    switches = {"PAITON_PDL": pdl, "PAITON_L2_PREFETCH": l2pf, "PAITON_NORM_LINEAR": nl}
+    switches = {"PAITON_PDL": "1" if pdl else None, "PAITON_L2_PREFETCH": "1" if l2pf else None,
+                "PAITON_NORM_LINEAR": "1" if nl else None, "PAITON_W_TMA": "0" if notma else None}
     for name in switches:
         monkeypatch.setenv(name, f"untouched {name}")
     with config_environment(config):
-        assert {name: os.environ.get(name) for name in switches} == {name: "1" if on else None for name, on in switches.items()}
+        assert {name: os.environ.get(name) for name in switches} == switches
     assert all(os.environ[name] == f"untouched {name}" for name in switches)
 
 

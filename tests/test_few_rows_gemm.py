@@ -86,6 +86,47 @@ def test_more_rows_than_one_program_takes(rows, n, k, splits, swap_ab, seed):
     assert y.shape == (rows, n) and relative_error(y, expected) <= TOLERANCE[torch.bfloat16], (rows, n, k, splits)
 
 
+def aligned_rows(n: int, k: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """A random [n, k] weight whose rows start 16 bytes apart or a multiple of that (a view of a
+    wider buffer where k is not such a width): one a tensor descriptor can describe."""
+    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    width = -(-k // per_16_bytes) * per_16_bytes
+    return torch.randn(n, width, generator=generator).to(DEVICE, dtype)[:, :k]
+
+
+@given(rows=st.integers(2, 40), n=st.integers(1, 70), k=st.integers(1, 200), splits=st.sampled_from([1, 2, 3]),
+       swap_ab=st.booleans(), weight_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float8_e4m3fn]),
+       seed=st.integers(0, 2**16))
+def test_w_tma_launches_read_the_same_tiles(rows, n, k, splits, swap_ab, weight_dtype, seed):
+    """W_TMA: W's tiles through a tensor descriptor (zeros past N and K from the copy engine, not
+    a mask) give the bits the threads' own loads give, split or not, in either orientation, for
+    weights in x's dtype and FP8 ones with per-row scales; both against a float64 product."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if weight_dtype == torch.float8_e4m3fn else weight_dtype
+    x = torch.randn(rows, k, generator=generator).to(DEVICE, dtype)
+    weight = aligned_rows(n, k, torch.float32, generator).to(weight_dtype)
+    weight = aligned_rows(n, k, weight_dtype, generator).copy_(weight)  # a strided view: descriptors take strides
+    scales = (torch.rand(n, generator=generator) + 0.5).to(DEVICE) if weight_dtype == torch.float8_e4m3fn else None
+    assert few_rows_gemm.tma_descriptor(weight, 16, 32) is not None
+    plain = few_rows_gemm.candidate(16, 32, 4, 1, splits=splits, swap_ab=swap_ab)
+    tma = few_rows_gemm.candidate(16, 32, 4, 1, splits=splits, swap_ab=swap_ab, tma=True)
+    y = few_rows_gemm.launch_candidate(x, weight, tma, scales)
+    assert torch.equal(y, few_rows_gemm.launch_candidate(x, weight, plain, scales)), (rows, n, k, splits, swap_ab)
+    dense = weight.double() * (scales.double()[:, None] if scales is not None else 1)
+    assert relative_error(y, x.double() @ dense.T) <= TOLERANCE[dtype] + (2**-8 if scales is not None else 0)
+
+
+def test_a_weight_no_descriptor_describes_is_read_by_the_threads():
+    """A W_TMA launch on a weight whose rows are not 16-byte aligned (a view one element into a
+    buffer): no descriptor, the threads' loads, the same product."""
+    generator = torch.Generator().manual_seed(5)
+    buffer = torch.randn(40, 49, generator=generator).to(DEVICE, torch.bfloat16)
+    weight, x = buffer[:, 1:], torch.randn(6, 48, generator=generator).to(DEVICE, torch.bfloat16)
+    assert few_rows_gemm.tma_descriptor(weight, 16, 32) is None
+    y = few_rows_gemm.launch_candidate(x, weight, few_rows_gemm.candidate(16, 32, 4, 1, tma=True))
+    assert torch.equal(y, few_rows_gemm.launch_candidate(x, weight, few_rows_gemm.candidate(16, 32, 4, 1)))
+
+
 def test_k_slices_are_whole_tiles():
     assert split_k.k_slices(8192, 128, 4) == (2048, 4)
     assert split_k.k_slices(300, 32, 4) == (96, 4)  # 10 tiles: 3, 3, 3, 1
@@ -179,6 +220,22 @@ def test_choose_for_an_fp8_weight_times_its_launches_alone(fresh_choices):
     block_scales = torch.rand(1, 1) + 0.5
     assert few_rows_gemm.choose(x, w8, [SMALL_LAUNCHES[0], wide], time_ms_fn=timer, scales=block_scales) == SMALL_LAUNCHES[0]
     assert 32 not in calls
+
+
+def test_choose_leaves_the_w_tma_launches_out_under_paiton_w_tma_0(fresh_choices, monkeypatch):
+    """PAITON_W_TMA=0 (a benchmark's "-notma" A/B): the W_TMA launches are not timed, and the
+    choice made without them is kept apart from the one made with them."""
+    x, weight = torch.randn(4, 64), torch.randn(96, 64)
+    plain, tma = few_rows_gemm.candidate(16, 32, 4, 1), few_rows_gemm.candidate(32, 32, 4, 1, tma=True)
+    timer, calls = fake_timer({VENDOR: 1.0, 16: 0.9, 32: 0.5})
+    assert few_rows_gemm.choose(x, weight, [plain, tma], time_ms_fn=timer) == tma
+    calls.clear()
+    monkeypatch.setenv(few_rows_gemm.W_TMA_ENV, "0")
+    assert few_rows_gemm.choose(x, weight, [plain, tma], time_ms_fn=timer) == plain
+    assert set(calls) == {VENDOR, 16}
+    monkeypatch.delenv(few_rows_gemm.W_TMA_ENV)
+    assert few_rows_gemm.choose(x, weight, [plain, tma], time_ms_fn=timer) == tma  # both choices kept
+    assert len(few_rows_gemm.chosen_launches()) == 2
 
 
 def test_choose_drops_a_launch_that_computes_something_else(fresh_choices, monkeypatch, caplog):
