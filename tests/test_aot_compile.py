@@ -147,15 +147,19 @@ def test_few_rows_candidates_are_built_where_they_fit(compiled):
     """The few-rows GEMM's candidates are compiled for each NVIDIA chip at 16 and 64 rows a program
     where their estimated shared memory fits (fusion/few_rows_gemm.fitting; what did compile is
     checked against the chip by test_shared_memory_fits_the_chip): every one at 16 rows in bf16
-    on sm_90, most at 64; none for the AMD tables, which leave these products to Inductor."""
-    from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES
+    on sm_90 (the W_TMA launches among them), most at 64; on sm_80, which has no tensor memory
+    accelerator, none with W_TMA; none for the AMD tables, which leave these products to Inductor."""
+    from paiton.fusion.few_rows_gemm import FEW_ROWS_CANDIDATES, FEW_ROWS_TMA_CANDIDATES
 
     def built(dtype, rows, target):
         return [n for n in compiled if n.startswith(f"few_rows_gemm/{dtype}/rows={rows}/") and n.endswith("@" + target)]
 
-    assert len(built("bf16", 16, "sm_90")) == len(FEW_ROWS_CANDIDATES)
-    assert len(built("bf16", 64, "sm_90")) >= len(FEW_ROWS_CANDIDATES) - 1
-    assert built("fp32", 16, "sm_80") and not built("bf16", 16, "gfx942")
+    hopper = len(FEW_ROWS_CANDIDATES) + len(FEW_ROWS_TMA_CANDIDATES)
+    assert len(built("bf16", 16, "sm_90")) == hopper
+    assert len(built("bf16", 64, "sm_90")) >= hopper - 1
+    assert sum("W_TMA=True" in n for n in built("bf16", 16, "sm_90")) == len(FEW_ROWS_TMA_CANDIDATES)
+    assert built("fp32", 16, "sm_80") and not any("W_TMA" in n for n in built("bf16", 16, "sm_80"))
+    assert not built("bf16", 16, "gfx942")
 
 
 def test_pdl_launches_wait_before_they_read(compiled):

@@ -163,6 +163,25 @@ def test_a_chip_without_a_table_gets_the_vendor_defaults_and_one_note(caplog, ta
         set() if sm >= 89 else {"fp8_linear"}) | (set() if sm >= 90 else {"l2_prefetch"})
 
 
+@pytest.mark.parametrize(("target", "tma"), [
+    (Target("cuda", "sm_89", 32, 142, 101376, "L40S"), False),  # FP8, but no tensor memory accelerator
+    (Target("cuda", "sm_86", 32, 84, 101376, "RTX 3090"), False),
+    (Target("cuda", "sm_120", 32, 170, 101376, "NVIDIA GeForce RTX 5090"), True),
+    (target_named("sm_80"), False), (target_named("sm_90"), True), (target_named("sm_100"), True),
+], ids=lambda t: getattr(t, "arch", str(t)))
+def test_w_tma_launches_only_where_the_chip_has_the_tensor_memory_accelerator(target, tma):
+    """The few-rows GEMM's W_TMA launches (W's tiles by tensor descriptor) are timed on sm_90 and
+    later only: a chip before Hopper, with a table or the vendor defaults, has the others alone,
+    for bf16 and for FP8 weights."""
+    lowering.lowering_table.cache_clear()
+    lists = [launch_config("few_rows_linear", target)["candidates"]]
+    if lowering.lowering_for("fp8_linear", target).implementation == TRITON:
+        lists.append(launch_config("fp8_linear", target)["several_rows_candidates"])
+    assert lists[0] and len(lists) == (1 if target.arch in ("sm_80", "sm_86") else 2)
+    assert all(any(config.get("W_TMA") for config in configs) is tma for configs in lists)
+    assert all(any(not config.get("W_TMA") for config in configs) for configs in lists)
+
+
 def test_unknown_op_is_an_error():
     with pytest.raises(ValueError, match="unknown Paiton op 'gelu'"):
         launch_config("gelu", CPU)
