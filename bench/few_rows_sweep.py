@@ -50,6 +50,8 @@ PROPOSED_FP8: tuple[dict, ...] = (
     candidate(32, 128, 4, 5, splits=4, via_fp16=True, tma=True),
     candidate(32, 256, 4, 4, via_fp16=True, tma=True),
 )
+
+
 def launch_name(config) -> str:
     if isinstance(config, str):
         return config
@@ -140,11 +142,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("few_rows_sweep times GPU kernels: it needs a GPU; on a CPU there is nothing to time.", file=sys.stderr)
         return 2
-    from paiton.models.fp8 import fp8_format
-    from paiton.models.qwen3 import projection_shapes
-
     from paiton.backends.lowering import launch_config
     from paiton.backends.target import detect_target
+    from paiton.models.fp8 import fp8_format
+    from paiton.models.qwen3 import projection_shapes
 
     target = detect_target(torch.device("cuda"))
     tables = {False: launch_config("few_rows_linear", target).get("candidates", ()),

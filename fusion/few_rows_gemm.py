@@ -70,11 +70,12 @@ MAX_ROWS = 64  # above this, the vendor's GEMM (the product turns compute-bound:
 # (`triton.tools.tensor_descriptor.TensorDescriptor`), which Triton compiles on Hopper to the
 # tensor memory accelerator's bulk copies (cp.async.bulk.tensor: one instruction a tile, the
 # copy engine zero-filling past N and K) instead of every thread's own 16-byte loads. Timed on an
-# H100 (bench/few_rows_sweep.py at b065e57, a prototype of this kernel): at 32 rows FP8 W, q/k/v
-# 32.6 -> 29.0 us and gate/up 111.2 -> 103.1 against the table's best launches; bf16 1-2% (q/k/v
-# 39.2 -> 38.6, gate/up 178.4 -> 175.8); at 8 rows and on the narrow, long weights (o_proj,
-# down_proj: split-K wins there) no better. A weight a descriptor cannot describe (its base or
-# row stride not 16-byte aligned) is read by the threads' loads, the same product.
+# H100 (bench/few_rows_sweep.py, Qwen3-32B's weights, the table's best launch without -> with
+# them, 08efc50): at 32 rows FP8 W, q/k/v 32.6 -> 28.6 us, o_proj 25.4 -> 23.7, gate/up 111.2 ->
+# 105.3, down 67.3 -> 56.4 (a decode step at batch 32: 17.73 -> 16.14 ms, one process); bf16 at
+# 32 rows 1-2% (the step 24.62 -> 24.36 ms); at 8 rows about 1%. A weight a descriptor cannot
+# describe (its base or row stride not 16-byte aligned) is read by the threads' loads, the same
+# product.
 
 
 @triton.jit
@@ -257,8 +258,8 @@ def w_tma_allowed() -> bool:
 
 
 # Launches with W_TMA, for chips with the tensor memory accelerator (the lowering tables of sm_90
-# and later add them to the lists above): the prototype's fastest at 32 rows on an H100, and the
-# same tiles split along K for the narrow, long weights, where split launches win.
+# and later add them to the lists above): the fastest tiles of a prototype at 32 rows on an H100
+# (b065e57), and the same tiles split along K for the narrow, long weights, where split launches win.
 FEW_ROWS_TMA_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, 128, 4, 4, swap_ab=True, tma=True),
     candidate(64, 128, 4, 4, splits=2, swap_ab=True, tma=True),
@@ -293,12 +294,15 @@ def fitting(candidates: Sequence[dict[str, int]], rows: int, element_size: int, 
 
 def tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
     """A [block_n, block_k] tensor descriptor of `weight` [N, K] for a W_TMA launch, or None
-    where the copy engine cannot read it (base or row stride not a multiple of 16 bytes): that
+    where the copy engine cannot read it (base or row stride not a multiple of 16 bytes) or the
+    weight is smaller than one tile (a copy box wider than the tensor is not relied on): that
     launch then reads W with the threads' loads."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     size = weight.element_size()
     if weight.data_ptr() % 16 or (weight.stride(0) * size) % 16 or weight.stride(1) != 1:
+        return None
+    if weight.shape[0] < block_n or weight.shape[1] < block_k:
         return None
     return TensorDescriptor.from_tensor(weight, [block_n, block_k])
 

@@ -94,13 +94,14 @@ def aligned_rows(n: int, k: int, dtype: torch.dtype, generator: torch.Generator)
     return torch.randn(n, width, generator=generator).to(DEVICE, dtype)[:, :k]
 
 
-@given(rows=st.integers(2, 40), n=st.integers(1, 70), k=st.integers(1, 200), splits=st.sampled_from([1, 2, 3]),
+@given(rows=st.integers(2, 40), n=st.integers(16, 70), k=st.integers(32, 200), splits=st.sampled_from([1, 2, 3]),
        swap_ab=st.booleans(), weight_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float8_e4m3fn]),
        seed=st.integers(0, 2**16))
 def test_w_tma_launches_read_the_same_tiles(rows, n, k, splits, swap_ab, weight_dtype, seed):
     """W_TMA: W's tiles through a tensor descriptor (zeros past N and K from the copy engine, not
-    a mask) give the bits the threads' own loads give, split or not, in either orientation, for
-    weights in x's dtype and FP8 ones with per-row scales; both against a float64 product."""
+    a mask: widths no tile divides) give the bits the threads' own loads give, split or not, in
+    either orientation, for weights in x's dtype and FP8 ones with per-row scales; both against a
+    float64 product."""
     generator = torch.Generator().manual_seed(seed)
     dtype = torch.bfloat16 if weight_dtype == torch.float8_e4m3fn else weight_dtype
     x = torch.randn(rows, k, generator=generator).to(DEVICE, dtype)
@@ -118,13 +119,15 @@ def test_w_tma_launches_read_the_same_tiles(rows, n, k, splits, swap_ab, weight_
 
 def test_a_weight_no_descriptor_describes_is_read_by_the_threads():
     """A W_TMA launch on a weight whose rows are not 16-byte aligned (a view one element into a
-    buffer): no descriptor, the threads' loads, the same product."""
+    buffer), or that is smaller than one tile: no descriptor, the threads' loads, the same product."""
     generator = torch.Generator().manual_seed(5)
     buffer = torch.randn(40, 49, generator=generator).to(DEVICE, torch.bfloat16)
-    weight, x = buffer[:, 1:], torch.randn(6, 48, generator=generator).to(DEVICE, torch.bfloat16)
-    assert few_rows_gemm.tma_descriptor(weight, 16, 32) is None
-    y = few_rows_gemm.launch_candidate(x, weight, few_rows_gemm.candidate(16, 32, 4, 1, tma=True))
-    assert torch.equal(y, few_rows_gemm.launch_candidate(x, weight, few_rows_gemm.candidate(16, 32, 4, 1)))
+    x = torch.randn(6, 48, generator=generator).to(DEVICE, torch.bfloat16)
+    for weight in (buffer[:, 1:], buffer[:8, :48].contiguous(), buffer[:, :16].contiguous()):
+        assert few_rows_gemm.tma_descriptor(weight, 16, 32) is None
+        rows = x[:, :weight.shape[1]]
+        y = few_rows_gemm.launch_candidate(rows, weight, few_rows_gemm.candidate(16, 32, 4, 1, tma=True))
+        assert torch.equal(y, few_rows_gemm.launch_candidate(rows, weight, few_rows_gemm.candidate(16, 32, 4, 1)))
 
 
 def test_k_slices_are_whole_tiles():
