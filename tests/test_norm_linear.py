@@ -69,9 +69,15 @@ def test_residual_is_added_as_eager_adds_it(n, k, dtype, config, gated, seed):
 def test_normalized_product_is_the_norm_then_the_product(n, k, dtype, config, eps, seed):
     x, norm_weight, weight, _, _ = row_and_weights(n, k, dtype, seed)
     fused = gemv.launch_gemv(x, weight, config, norm_weight=norm_weight, squares=sums_of_squares(x).reshape(-1), eps=eps)
-    unfused = gemv.launch_gemv(rms_norm_reference(x, norm_weight, eps), weight, config)
+    normalized = rms_norm_reference(x, norm_weight, eps)
+    unfused = gemv.launch_gemv(normalized, weight, config)
     assert fused.shape == unfused.shape and fused.dtype == dtype
-    assert relative_error(fused, unfused) <= NORM_TOLERANCE[dtype], (n, k, dtype, config)
+    # The two forms round at other points, each rounding relative to a term's size: bounded by the
+    # sums of the terms' magnitudes, not by the sums themselves (a sum of few terms may cancel:
+    # hypothesis found n=1, k=4 in fp16 3 ulps apart on a sum 0.074 whose terms summed to more).
+    magnitude = (normalized.double().abs() @ weight.double().abs().T).norm().clamp_min(1e-30)
+    error = (fused.double() - unfused.double()).norm() / magnitude
+    assert error <= NORM_TOLERANCE[dtype], (n, k, dtype, config, error.item())
 
 
 @given(n=st.integers(1, 40), k=st.integers(1, 130), seed=st.integers(0, 2**16))
