@@ -5,8 +5,8 @@ launches the lowering table is missing (GPU only).
 
 Issue 20's batch-32 step is about 3 ms over its weight floor on an H200, 1.4 ms of it in the
 products of 32 rows (bench/results/NOTES.md: at 2 rows the few-rows kernel streams gate/up at the
-copy rate, at 32 rows the best launch is 9% over it, cuBLAS 13%). Per (weight, rows) this times,
-as `few_rows_gemm.choose` does (fusion/timing.py: back to back, host launches hidden, each
+copy rate, at 32 rows the best launch is 9% over it, cuBLAS 13%). Per (weight, rows) this has
+`few_rows_gemm.choose` itself time (fusion/timing.py: back to back, host launches hidden, each
 product over a cold copy of the weight, each launch's best of TIMING_ROUNDS rounds):
 
 * cuBLAS (bf16 weights; torch's linear),
@@ -60,43 +60,30 @@ def launch_name(config) -> str:
             + "".join(f" {key.lower()}" + (f"={config[key]}" if key == "SPLITS" else "") for key in extra))
 
 
-def sweep(n, k, rows, fp8_dtype, copy_tbps, table):
-    """One weight at one row count: {launch name: us or why not}, with the floor."""
+def sweep(n, k, rows, fp8_dtype, copy_tbps, table, device="cuda", time_ms_fn=None):
+    """One weight at one row count, timed by `few_rows_gemm.choose` itself over the table's
+    launches and the proposed ones (its agreement check, cold weights, rounds; `time_ms_fn`: its
+    timer, GPU time by default): {launch name: us}, which group each is in, and why any was not
+    timed, with the floor."""
     from paiton.fusion import few_rows_gemm
-    from paiton.fusion.fp8_linear import dequantize, quantize_weight
-    from paiton.fusion.timing import TIMING_ROUNDS, best_times, cold_copies, time_ms
+    from paiton.fusion.fp8_linear import quantize_weight
 
-    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
     scales = None
     if fp8_dtype is not None:
         weight, scales = quantize_weight(weight, fp8_dtype)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    dense = dequantize(weight, scales, torch.bfloat16) if scales is not None else weight
-    expected = torch.nn.functional.linear(x, dense).float()
-    bound = few_rows_gemm.AGREEMENT[torch.bfloat16] * expected.abs().max().item()
-    weights = cold_copies(weight)
-    proposed = PROPOSED_FP8 if scales is not None else PROPOSED
-    launches: list[tuple[str, str, object]] = [("table", launch_name(c), c) for c in table]
-    launches += [("proposed", launch_name(c), c) for c in proposed]
-    runs, notes, group = [], {}, {}
-    if scales is None:
-        runs.append(("vendor", lambda: [torch.nn.functional.linear(x, w) for w in weights]))
-        group["vendor"] = "vendor"
-    for kind, name, launch in launches:
-        product = lambda w, launch=launch: few_rows_gemm.launch_candidate(x, w, launch, scales)
-        try:
-            error = (product(weight).float() - expected).abs().max().item()
-        except Exception as failure:  # a launch this chip or Triton cannot make
-            notes[name] = f"failed: {type(failure).__name__}: {str(failure)[:120]}"
-            continue
-        if error > bound:
-            notes[name] = f"disagrees: max error {error:.3g} > {bound:.3g}"
-            continue
-        runs.append((name, lambda product=product: [product(w) for w in weights]))
-        group[name] = kind
-    timed = best_times(runs, TIMING_ROUNDS, time_ms, required="vendor" if scales is None else None)
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    proposed = [config for config in (PROPOSED_FP8 if scales is not None else PROPOSED) if config not in table]
+    few_rows_gemm.choose(x, weight, [*table, *proposed], time_ms_fn=time_ms_fn, scales=scales)
+    (record,) = [r for r in few_rows_gemm.chosen_launches() if (r["rows"], r["n"], r["k"], r.get("weight_dtype", "bfloat16"))
+                 == (few_rows_gemm.rows_bucket(rows), n, k, str(weight.dtype).removeprefix("torch."))]
+    times = {launch_name(config): us for config, us in record.get("candidate_times", ())}
+    group = {launch_name(config): "vendor" if config == few_rows_gemm.VENDOR else "table" if config in table else "proposed"
+             for config, _ in record.get("candidate_times", ())}
+    notes = {launch_name(config): "disagrees with torch's product" for config in record.get("disagreeing", ())}
+    notes.update({launch_name(config): "not launched: more shared memory than the chip has, or a launch error"
+                  for config in [*table, *proposed] if launch_name(config) not in times and launch_name(config) not in notes})
     floor_us = n * k * weight.element_size() / (copy_tbps * 1e12) * 1e6
-    times = {name: round(ms / len(weights) * 1e3, 2) for name, ms in timed}
     return dict(n=n, k=k, rows=rows, weight_dtype=str(weight.dtype).removeprefix("torch."), floor_us=round(floor_us, 2),
                 times_us=times, kinds=group, notes=notes)
 

@@ -153,6 +153,28 @@ def test_launch_switch_configurations(monkeypatch, config, valid, pdl, l2pf, nl,
     assert all(os.environ[name] == f"untouched {name}" for name in switches)
 
 
+def test_few_rows_sweep_reads_choose_s_own_timings(monkeypatch):
+    """bench/few_rows_sweep.py times through few_rows_gemm.choose (here with a fake timer, under
+    the interpreter): every launch of the table and the proposed ones not already in it, the
+    vendor's for a bf16 weight, each in its group; an FP8 weight has no vendor row."""
+    import few_rows_sweep
+
+    from paiton.fusion import few_rows_gemm
+
+    monkeypatch.setattr(few_rows_gemm, "_CHOICES", {})
+    monkeypatch.setattr(few_rows_gemm, "_TIMINGS", {})
+    table = [few_rows_gemm.candidate(16, 32, 4, 1)]
+    monkeypatch.setattr(few_rows_sweep, "PROPOSED", (table[0], few_rows_gemm.candidate(32, 32, 4, 1, tma=True)))
+    monkeypatch.setattr(few_rows_sweep, "PROPOSED_FP8", (few_rows_gemm.candidate(32, 32, 4, 1, tma=True),))
+    timer = lambda fn: (fn(), 1.0)[1]  # noqa: E731  (1 ms for any run: the names and groups are what is checked)
+    result = few_rows_sweep.sweep(48, 64, 4, None, 1.0, table, device="cpu", time_ms_fn=timer)
+    assert result["kinds"] == {"vendor": "vendor", "16x32 w4 s1": "table", "32x32 w4 s1 w_tma": "proposed"}
+    assert set(result["times_us"]) == set(result["kinds"]) and not result["notes"]
+    assert result["floor_us"] == round(48 * 64 * 2 / 1e12 * 1e6, 2)
+    fp8 = few_rows_sweep.sweep(48, 64, 4, torch.float8_e4m3fn, 1.0, table, device="cpu", time_ms_fn=timer)
+    assert fp8["kinds"] == {"16x32 w4 s1": "table", "32x32 w4 s1 w_tma": "proposed"} and fp8["weight_dtype"] == "float8_e4m3fn"
+
+
 def test_profile_decode_step_pdl_rows(tmp_path):
     """A "-pdl" row beside the plain one (on a CPU PDL changes nothing: the same fused ops)."""
     import profile_decode_step
