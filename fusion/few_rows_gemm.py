@@ -382,7 +382,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     bucket = rows_bucket(rows.shape[0])
     if kind == BLOCK_SCALES:
         candidates = [config for config in candidates if SCALE_BLOCK % config["BLOCK_K"] == 0]
-    if not w_tma_allowed():
+    tma_allowed = w_tma_allowed()
+    if not tma_allowed:
         candidates = [config for config in candidates if not config.get("W_TMA")]
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
@@ -390,7 +391,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     key = (str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
     if fp8:
         key += (weight.dtype, kind)
-    if not w_tma_allowed():
+    if not tma_allowed:
         key += ("without W_TMA",)
     choice = _CHOICES.get(key)
     if choice is not None:
