@@ -162,6 +162,28 @@ COMPILE_CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgra
                           ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"))
 
 
+def rounds_at(batch: int, rounds: int | None, rounds_from: tuple[int, int] | list[int] | None) -> int | None:
+    """The rounds (requests = rounds x B) that batch size B runs: `rounds`, or from batch size
+    `rounds_from[0]` on `rounds_from[1]` (the reference protocol's "every slot used at least twice
+    at 64 and 128" without twice the requests at the small sizes)."""
+    if rounds_from and rounds is not None and batch >= rounds_from[0]:
+        return rounds_from[1]
+    return rounds
+
+
+def requests_per_batch_line(env: dict) -> str:
+    """How many requests each batch size ran, in words (a results file's environment)."""
+    if not env.get("rounds"):
+        return f"{env['num_prompts']} requests at every batch size"
+    text = f"{env['rounds']} x B requests at batch size B"
+    if env.get("rounds_from"):
+        start, rounds = env["rounds_from"]
+        text += f" ({rounds} x B from batch size {start} on)"
+    if env.get("min_prompts"):
+        text += f", at least {env['min_prompts']}"
+    return text + f" (from a pool of {env['num_prompts']})"
+
+
 def compile_clock() -> dict:
     """A snapshot of the compile timers and cache counters above, for `compile_breakdown`."""
     from torch._dynamo.utils import compilation_time_metrics, counters

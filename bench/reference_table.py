@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 
-from bench_common import write_results
+from bench_common import requests_per_batch_line, write_results
 
 # The public result (total token throughput, tokens/s; dataset output lengths, then output 256),
 # 32 ShareGPT V3 prompts at every batch size, vLLM's benchmark client; and its batch-1 mean TPOT.
@@ -149,18 +149,12 @@ def markdown(model: str, envs: list[dict], table: list[dict], note: str = "") ->
               f"{env.get('tokenizer') or 'the stand-in tokenizer'} (Qwen's tokenizer files cannot be fetched here; mean "
               f"prompt {env.get('mean_prompt_len', 0):.0f} and output {env.get('mean_output_len', 0):.0f} tokens under it over "
               "the workload file), random weights (decode time depends only on shapes); the reference ran 32 prompts at "
-              "every batch size, ours " + requests_line(env) + "; ours went through `paiton serve` (continuous batching) "
+              "every batch size, ours " + requests_per_batch_line(env) + "; ours went through `paiton serve` (continuous batching) "
               "over HTTP where the row's scheduler says http, else the bundled loop in process.", "",
               targets_line(table)]
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
-
-
-def requests_line(env: dict) -> str:
-    if env.get("rounds"):
-        return f"{env['rounds']} x B requests at batch size B, at least {env.get('min_prompts') or 0}"
-    return f"{env['num_prompts']} at every batch size"
 
 
 def plot(table: list[dict], path: str, title: str) -> None:

@@ -69,7 +69,8 @@ import torch
 from tqdm import tqdm
 from bench_common import (CONFIGS, compile_breakdown, compile_breakdown_markdown, compile_clock, compile_settings,
                           config_environment, copy_rate_tbps, first_divergence, fp8_floor_fields, fp8_lm_head, make_engine, make_loop,
-                          one_row_choices_markdown, parse_configs, run_environment, versions_line, weight_bytes, write_results)
+                          one_row_choices_markdown, parse_configs, requests_per_batch_line, rounds_at, run_environment,
+                          versions_line, weight_bytes, write_results)
 from serving_metrics import RequestTiming, bandwidth_fraction, cost_per_million_tokens, decode_step_bytes, summarize
 from serving_workload import Request, sharegpt_requests, synthetic_requests
 
@@ -185,6 +186,9 @@ def main(argv=None):
     parser.add_argument("--save-requests", metavar="FILE", help="write the workload to FILE and stop")
     parser.add_argument("--num-prompts", type=int, default=256, help="requests in the workload; each batch size runs all")
     parser.add_argument("--rounds", type=int, help="instead: batch size B runs the first rounds x B requests")
+    parser.add_argument("--rounds-from", metavar="B:R",
+                        help="with --rounds: batch sizes from B on run R x B requests (e.g. 64:2, so each of the "
+                             "large batches' slots serves twice)")
     parser.add_argument("--min-prompts", type=int, default=0,
                         help="with --rounds: at least this many requests per batch size (a small batch's sample)")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128")
@@ -240,8 +244,12 @@ def main(argv=None):
         parser.error(f"--server-max-model-len is for --serve, at least 2; got {args.server_max_model_len}")
     if not args.save_requests and (min(batches) < 1 or (not args.rounds and max(batches) > args.num_prompts)):
         parser.error(f"batch sizes must be in 1..--num-prompts ({args.num_prompts}); got {batches}")
-    if args.rounds is not None and not 1 <= max(args.rounds * max(batches), args.min_prompts) <= args.num_prompts:
-        parser.error(f"--rounds {args.rounds} x batch {max(batches)} needs 1..--num-prompts ({args.num_prompts}) requests")
+    args.rounds_from = parse_rounds_from(parser, args.rounds_from, args.rounds)
+    if args.rounds is not None:
+        batch = max(batches, key=lambda b: rounds_at(b, args.rounds, args.rounds_from) * b)  # the most requests
+        rounds = rounds_at(batch, args.rounds, args.rounds_from)
+        if not 1 <= max(rounds * batch, args.min_prompts) <= args.num_prompts:
+            parser.error(f"--rounds {rounds} x batch {batch} needs 1..--num-prompts ({args.num_prompts}) requests")
     if not args.checkpoint and args.model not in QWEN3_PRESETS:
         parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
     if missing := [path for path in args.load_compile_cache if not os.path.isfile(path)]:
@@ -362,11 +370,24 @@ def output_lengths(parser, text: str | None) -> list[int | None]:
     return scenarios
 
 
+def parse_rounds_from(parser, text: str | None, rounds: int | None) -> tuple[int, int] | None:
+    """--rounds-from B:R as (B, R)."""
+    if text is None:
+        return None
+    if rounds is None:
+        parser.error("--rounds-from goes with --rounds")
+    start, _, count = text.partition(":")
+    if not (start.isdigit() and count.isdigit() and int(start) >= 1 and int(count) >= 1):
+        parser.error(f"--rounds-from: {text!r} is not BATCH:ROUNDS with both positive (e.g. 64:2)")
+    return int(start), int(count)
+
+
 def workload_for(requests, batch, args):
-    """The requests batch size B runs: all, or the first rounds x B (at least --min-prompts)."""
+    """The requests batch size B runs: all, or the first rounds x B (at least --min-prompts), the
+    rounds being --rounds-from's at its batch sizes."""
     if not args.rounds:
         return requests
-    return requests[:max(args.rounds * batch, args.min_prompts)]
+    return requests[:max(rounds_at(batch, args.rounds, args.rounds_from) * batch, args.min_prompts)]
 
 
 def make_workload(parser, args, config, tokenizer, output_len):
@@ -550,7 +571,7 @@ def logit_differences(mine, eager):
 def environment(args, dtype, copy_rate):
     return dict(run_environment(args.device),
                 model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts, rounds=args.rounds,
-                min_prompts=args.min_prompts, output_len=args.output_len,
+                rounds_from=list(args.rounds_from) if args.rounds_from else None, min_prompts=args.min_prompts, output_len=args.output_len,
                 copy_rate_gbs=copy_rate / 1e9 if copy_rate else None,
                 compile_caches_loaded=list(args.load_compile_cache))
 
@@ -566,7 +587,7 @@ def markdown(env, rows, labels):
     Paiton (static) against each other configuration, and continuous against static batching."""
     http = env.get("schedulers") == ["http"]
     lines = [f"# Serving benchmark: {env['model']} on {env['card']}", "",
-             f"{versions_line(env)}, {requests_line(env)}, "
+             f"{versions_line(env)}, {requests_per_batch_line(env)}, "
              + (f"compile times from a warm cache ({', '.join(map(os.path.basename, env['compile_caches_loaded']))}), "
                 if env.get("compile_caches_loaded") else "")
              + f"output length {env['output_len'] or 'from the workload'}. {workload_line(env)}."
@@ -607,11 +628,6 @@ def markdown(env, rows, labels):
     return "\n".join(lines) + "\n"
 
 
-def requests_line(env):
-    if env.get("rounds"):
-        extra = f", at least {env['min_prompts']}" if env.get("min_prompts") else ""
-        return f"{env['rounds']} x B requests per batch size B{extra} (from a pool of {env['num_prompts']})"
-    return f"{env['num_prompts']} requests per batch size"
 
 
 def plot(rows, labels, env, path):

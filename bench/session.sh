@@ -25,7 +25,9 @@
 #                 holds the graphs of the slot count it was made with: compile-cache/'s, 128);
 #                 SHAREGPT_MODEL_LEN: every server's --max-model-len (default: the longest request
 #                 of the scenarios run; compile-cache/'s were made at 1472, both scenarios);
-#                 batch B runs SHAREGPT_ROUNDS x B requests (2), at least SHAREGPT_MIN_PROMPTS (8)
+#                 batch B runs SHAREGPT_ROUNDS x B requests (2), at least SHAREGPT_MIN_PROMPTS (8);
+#                 SHAREGPT_ROUNDS_FROM="64:2": R x B from batch size B on (issue 20: every slot of the
+#                 64 and 128 batches serves twice, while the small ones keep one round)
 #   profile       (or profile_32b) bench/profile_decode_step.py, PROFILE_MODEL (qwen3-32b), configurations
 #                 PROFILE_CONFIGS (paiton; "paiton-fp8,paiton": FP8 against bf16), batches PROFILE_BATCHES (1,2,32),
 #                 or PROFILE_RUNS ("paiton-fp8@1,paiton@1,inductor-cdt@1,..."): the pairs in that order;
@@ -97,7 +99,8 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         limit=${limit:-900}; batches=${batches:-${SHAREGPT_BATCHES:-1,8,32,128,2,4,16,64}}
         step "sharegpt_${short}_$config" "$limit" python3 bench/serving.py --model "$model" --serve --configs "$config" \
           --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts 256 \
-          --rounds "${SHAREGPT_ROUNDS:-2}" --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "$batches" \
+          --rounds "${SHAREGPT_ROUNDS:-2}" ${SHAREGPT_ROUNDS_FROM:+--rounds-from "$SHAREGPT_ROUNDS_FROM"} \
+          --min-prompts "${SHAREGPT_MIN_PROMPTS:-8}" --batch-sizes "$batches" \
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
           ${slots:+--server-slots "$slots"} ${SHAREGPT_MODEL_LEN:+--server-max-model-len "$SHAREGPT_MODEL_LEN"} \
           ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"

@@ -261,6 +261,10 @@ def test_decode_step_logits_compare_only_rows_whose_first_token_matched():
     (["--model", "tiny", "--schedulers", "static,batched"], "unknown scheduler"),
     (["--model", "tiny", "--serve", "--schedulers", "continuous"], "leave --schedulers out"),
     (["--model", "tiny", "--num-prompts", "4", "--batch-sizes", "1,4", "--rounds", "2"], "needs 1..--num-prompts"),
+    (["--model", "tiny", "--num-prompts", "8", "--batch-sizes", "1,4", "--rounds", "1", "--rounds-from", "4:3"],
+     "--rounds 3 x batch 4 needs 1..--num-prompts"),
+    (["--model", "tiny", "--rounds-from", "64:2"], "--rounds-from goes with --rounds"),
+    (["--model", "tiny", "--rounds", "1", "--rounds-from", "64"], "is not BATCH:ROUNDS"),
     (["--model", "tiny", "--configs", "eager,vllm"], "unknown configuration"),
     (["--model", "tiny", "--output-len", "dataset,256"], "several --output-len scenarios run over HTTP"),
     (["--model", "tiny", "--serve", "--configs", "paiton", "--output-len", "256,long"], "neither a positive length"),
@@ -276,6 +280,26 @@ def test_bad_arguments_are_clear_errors(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         serving.main(arguments + ["--device", "cpu"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rounds_from_gives_the_large_batches_more_rounds():
+    """--rounds 1 --rounds-from 64:2 --min-prompts 8 (issue 20's protocol in one server start):
+    8 requests at the small sizes, B at 16 and 32, 2 x B at 64 and 128; the results file says so."""
+    import argparse
+
+    import serving
+    from bench_common import requests_per_batch_line
+
+    args = argparse.Namespace(rounds=1, rounds_from=(64, 2), min_prompts=8)
+    pool = list(range(256))
+    assert {b: len(serving.workload_for(pool, b, args)) for b in (1, 4, 16, 32, 64, 128)} == \
+        {1: 8, 4: 8, 16: 16, 32: 32, 64: 128, 128: 256}
+    args.rounds_from = None
+    assert len(serving.workload_for(pool, 128, args)) == 128
+    env = dict(rounds=1, rounds_from=[64, 2], min_prompts=8, num_prompts=256)
+    assert requests_per_batch_line(env) == \
+        "1 x B requests at batch size B (2 x B from batch size 64 on), at least 8 (from a pool of 256)"
+    assert requests_per_batch_line(dict(rounds=None, num_prompts=32)) == "32 requests at every batch size"
 
 
 def test_compile_cache_carries_to_a_later_run(tmp_path):
