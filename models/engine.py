@@ -23,10 +23,11 @@ the others keep decoding. How a step runs:
   Paiton's decode-attention kernel reads each row only up to its own length. A row that is
   not live computes a throwaway token at position 0 of its own row.
 * **Prefill** packs waiting prompts into one row of tokens ([1, T], T a power of two, up to
-  `max_prefill_tokens`): each token carries its cache row and its position, attention is
-  causal within a prompt only (the mask is built in the graph from rows and positions: a
-  fresh request has nothing in the cache to attend to, so prefill attends over the new
-  tokens alone), and the logits are those of each prompt's last token.
+  `max_prefill_tokens`; first fit in arrival order, the oldest always in): each token
+  carries its cache row and its position, attention is causal within a prompt only (the
+  mask is built in the graph from rows and positions: a fresh request has nothing in the
+  cache to attend to, so prefill attends over the new tokens alone), and the logits are
+  those of each prompt's last token.
 * **Few graphs.** Decode at batch 1 (Dynamo specializes a size of 1; there the one-row GEMV
   fusions apply), decode at any other batch (dynamic), and prefill (dynamic T and prompt
   count): three graphs whatever the requests. On a GPU the default mode is
@@ -69,6 +70,7 @@ from paiton.models.decode_loop import (Generation, Sampling, copy_to_host, power
 log = logging.getLogger(__name__)
 
 MIN_PREFILL_TOKENS = 16  # the smallest prefill bucket
+PREFILL_LOOKAHEAD = 64  # the most waiting requests one prefill passes over looking for prompts that fit
 
 
 class EngineError(ValueError):
@@ -410,13 +412,22 @@ class Engine:
         self._buffers()
         free = [slot for slot, r in enumerate(self._slot_request) if r is None]
         free = free[:max(0, self._concurrency - (self.max_slots - len(free)))]
-        chosen, total = [], 0
-        while self._waiting and len(chosen) < len(free):
-            n = len(self._waiting[0].prompt)
-            if chosen and total + n > self.max_prefill_tokens:
-                break
-            chosen.append(self._waiting.popleft())
-            total += n
+        # First fit in arrival order: the oldest waiting request always goes in; one that would
+        # overflow the token budget waits for the next prefill (still ahead of those behind it)
+        # while shorter ones behind it fill the room. A burst then packs into fewer, fuller
+        # buckets: issue 20's first 32 ShareGPT prompts take 2048 + 2048 + 1024 padded tokens,
+        # not 3 x 2048.
+        chosen, total, passed_over = [], 0, []
+        while self._waiting and len(chosen) < len(free) and total < self.max_prefill_tokens:
+            request = self._waiting.popleft()
+            if chosen and total + len(request.prompt) > self.max_prefill_tokens:
+                passed_over.append(request)
+                if len(passed_over) == PREFILL_LOOKAHEAD:
+                    break
+                continue
+            chosen.append(request)
+            total += len(request.prompt)
+        self._waiting.extendleft(reversed(passed_over))
         if not chosen:
             return False
         scratch = self.max_slots

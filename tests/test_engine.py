@@ -66,6 +66,30 @@ def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
     ]
 
 
+def test_prefill_packs_first_fit_in_arrival_order(model):
+    """Prompts of 40, 40, 20 and 20 tokens at once under a 64-token budget: two prefills, [40, 20]
+    and [40, 20] (in strict arrival order [40], [40, 20], [20]: three), the passed-over 40 first
+    in the second; each request still gives its solo tokens, and a pass-over that finds
+    nothing to fit leaves the queue's order as it was."""
+    prompts = [[(11 * i + j) % 300 for j in range(n)] for i, n in enumerate((40, 40, 20, 20))]
+    limits = [4, 5, 6, 3]
+    engine = Engine(model, max_slots=4, max_length=64, backend="eager", max_prefill_tokens=64)
+    admitted = []
+    engine.step_hook = lambda verb, *tensors: admitted.append(int(tensors[2].unique().numel())) if verb == "prefill" else None
+    result = engine.generate(prompts, limits)
+    loop = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager")
+    assert result.tokens == [loop.generate([p], n).tokens[0] for p, n in zip(prompts, limits)]
+    assert engine.steps["prefill"] == 2
+    # rows per prefill: 2 requests' slots and the padding's scratch row
+    assert admitted == [3, 3]
+
+    order = [EngineRequest([1] * 50, 2), EngineRequest([2] * 50, 2), EngineRequest([3] * 50, 2)]
+    for request in order:
+        engine.submit(request)
+    engine._take_inbox()
+    assert engine._prefill_waiting() and list(engine._waiting) == order[1:]
+
+
 def test_a_prefill_bucket_longer_than_the_cache(model):
     """Two 35-token prompts packed into one 128-token bucket over a 48-slot cache: 58 padding
     tokens, more than the scratch row's slots; they wrap around it, nothing is written out of
