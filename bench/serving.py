@@ -571,7 +571,8 @@ def logit_differences(mine, eager):
 def environment(args, dtype, copy_rate):
     return dict(run_environment(args.device),
                 model=args.checkpoint or args.model, dtype=str(dtype), num_prompts=args.num_prompts, rounds=args.rounds,
-                rounds_from=list(args.rounds_from) if args.rounds_from else None, min_prompts=args.min_prompts, output_len=args.output_len,
+                rounds_from=list(args.rounds_from) if args.rounds_from else None, min_prompts=args.min_prompts,
+                output_len=args.output_len,
                 copy_rate_gbs=copy_rate / 1e9 if copy_rate else None,
                 compile_caches_loaded=list(args.load_compile_cache))
 
@@ -626,8 +627,6 @@ def markdown(env, rows, labels):
             f"{r['mean_tpot_ms']:.2f} / {r['median_tpot_ms']:.2f} / {r['p99_tpot_ms']:.2f} | {r['median_itl_ms']:.2f} | "
             f"{r['median_e2el_ms']:.0f} | {r['compile_s']:.1f} | {equal} | {logit_diff} | {ratio} | {versus_static} |")
     return "\n".join(lines) + "\n"
-
-
 
 
 def plot(rows, labels, env, path):
