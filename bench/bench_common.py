@@ -162,6 +162,18 @@ COMPILE_CACHE_COUNTERS = (("inductor", "fxgraph_cache_hit"), ("inductor", "fxgra
                           ("aot_autograd", "autograd_cache_miss"), ("aot_autograd", "autograd_cache_bypass"))
 
 
+def launch_name(config) -> str:
+    """A kernel launch's short name for a sweep's tables: "64x128 w4 s4", then every other key of
+    the launch in its order, a flag by its name ("swap_ab") and a number with it ("splits=2"), so
+    launches differing in any key get different names; a string (the vendor's) stays itself."""
+    if isinstance(config, str):
+        return config
+    base = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    extra = "".join(f" {key.lower()}" + ("" if value is True else f"={value}")
+                    for key, value in config.items() if key not in base and value)
+    return f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}" + extra
+
+
 def rounds_at(batch: int, rounds: int | None, rounds_from: tuple[int, int] | list[int] | None) -> int | None:
     """The rounds (requests = rounds x B) that batch size B runs: `rounds`, or from batch size
     `rounds_from[0]` on `rounds_from[1]` (the reference protocol's "every slot used at least twice

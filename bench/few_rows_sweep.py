@@ -29,7 +29,7 @@ import os
 import sys
 
 import torch
-from bench_common import copy_rate_tbps, run_environment, write_results
+from bench_common import copy_rate_tbps, launch_name, run_environment, write_results
 
 from paiton.fusion.few_rows_gemm import candidate
 
@@ -50,14 +50,6 @@ PROPOSED_FP8: tuple[dict, ...] = (
     candidate(32, 128, 4, 5, splits=4, via_fp16=True, tma=True),
     candidate(32, 256, 4, 4, via_fp16=True, tma=True),
 )
-
-
-def launch_name(config) -> str:
-    if isinstance(config, str):
-        return config
-    extra = [key for key in ("SPLITS", "W_VIA_FP16", "SWAP_AB", "W_TMA") if config.get(key)]
-    return (f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
-            + "".join(f" {key.lower()}" + (f"={config[key]}" if key == "SPLITS" else "") for key in extra))
 
 
 def sweep(n, k, rows, fp8_dtype, copy_tbps, table, device="cuda", time_ms_fn=None):

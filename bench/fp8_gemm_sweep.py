@@ -27,7 +27,7 @@ import os
 import sys
 
 import torch
-from bench_common import copy_rate_tbps, run_environment, write_results
+from bench_common import copy_rate_tbps, launch_name, run_environment, write_results
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -36,10 +36,6 @@ def time_us(fn) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
-
-
-def launch_name(config: dict) -> str:
-    return f"{config['BLOCK_N']}x{config['BLOCK_K']} w{config['num_warps']} s{config['num_stages']}"
 
 
 def sweep_shape(preset, name, n, k, rows, params, fp8, copy_tbps, few_rows_params=()):

@@ -175,6 +175,23 @@ def test_few_rows_sweep_reads_choose_s_own_timings(monkeypatch):
     assert fp8["kinds"] == {"16x32 w4 s1": "table", "32x32 w4 s1 w_tma": "proposed"} and fp8["weight_dtype"] == "float8_e4m3fn"
 
 
+def test_launch_names_tell_every_table_launch_apart():
+    """bench_common.launch_name (the sweeps' tables, keyed by it): every launch of the GEMV and
+    few-rows tables gets its own name (fp8_gemm_sweep's own, tiles and warps only, gave three FP8
+    GEMV launches one name between them, and its results kept the last)."""
+    from bench_common import launch_name
+
+    from paiton.fusion import few_rows_gemm, gemv
+
+    few_rows = few_rows_gemm.FEW_ROWS_CANDIDATES + few_rows_gemm.FEW_ROWS_TMA_CANDIDATES
+    fp8_few_rows = few_rows_gemm.FP8_FEW_ROWS_CANDIDATES + few_rows_gemm.FP8_FEW_ROWS_TMA_CANDIDATES
+    for table in (gemv.GEMV_CANDIDATES, gemv.FP8_GEMV_CANDIDATES, few_rows, fp8_few_rows):
+        assert len({launch_name(config) for config in table}) == len(table)
+    assert launch_name(few_rows_gemm.candidate(64, 128, 4, 4, splits=2, swap_ab=True, tma=True)) == \
+        "64x128 w4 s4 splits=2 swap_ab w_tma"
+    assert launch_name(few_rows_gemm.VENDOR) == few_rows_gemm.VENDOR
+
+
 def test_profile_decode_step_pdl_rows(tmp_path):
     """A "-pdl" row beside the plain one (on a CPU PDL changes nothing: the same fused ops)."""
     import profile_decode_step
