@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 from paiton.backends.target import Target
 from paiton.fusion.decode_attention import _decode_attention_combine_kernel, _decode_attention_split_kernel
 from paiton.fusion.few_rows_gemm import _few_rows_gemm_kernel
+from paiton.fusion.prefill_attention import _prefill_attention_kernel
 from paiton.fusion.gemv import BLOCK_SCALES, NO_SCALES, SCALE_BLOCK, _gemv_kernel, squares_count
 from paiton.fusion.l2_prefetch import CHUNK_BYTES
 from paiton.fusion.qk_norm_rope import _qk_norm_rope_kernel
@@ -216,6 +217,24 @@ def decode_attention_split_build(config: dict, dtype: str, group: int, has_posit
         "head_dim", "k_stride_b", "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n",
         "q_stride_b", "q_stride_h", "q_stride_s", "split_size")]
     return KernelBuild(_decode_attention_split_kernel, signature, constexprs, options, aligned)
+
+
+def prefill_attention_build(config: dict, dtype: str, group: int) -> KernelBuild:
+    """Packed prompts' prefill attention, as the engine launches it: rows and positions int64
+    [1, T] (contiguous: the JIT specializes their unit token stride as a constant)."""
+    pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "rows_ptr": "*i64", "pos_ptr": "*i64",
+                "out_ptr": f"*{dtype}"}
+    ints = ["n_q_heads", "seq_len", "head_dim", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b", "k_stride_h",
+            "k_stride_s", "v_stride_b", "v_stride_h", "v_stride_s", "rows_stride_b", "pos_stride_b", "out_stride_b",
+            "out_stride_h", "out_stride_s"]
+    launcher = {"GROUP": group, "DOT_FP32": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else None,
+                "rows_stride_s": 1, "pos_stride_s": 1}
+    constexprs, options = _split(_prefill_attention_kernel, config, launcher)
+    signature = {**pointers, **{n: "i32" for n in ints}, "scale": "fp32", **{n: "constexpr" for n in constexprs}}
+    aligned = [n for n in signature if n.endswith("_ptr") or n in (
+        "head_dim", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b", "k_stride_h", "k_stride_s", "v_stride_b",
+        "v_stride_h", "v_stride_s", "out_stride_b", "out_stride_h", "out_stride_s")]
+    return KernelBuild(_prefill_attention_kernel, signature, constexprs, options, aligned)
 
 
 def decode_attention_combine_build(config: dict, dtype: str, n_splits: int) -> KernelBuild:

@@ -39,6 +39,7 @@ from paiton.fusion.few_rows_gemm import block_m as few_rows_block_m
 from paiton.fusion.fp8_paths import DEQUANTIZE, FP8_GEMM, SCALED_MM
 from paiton.fusion.gemv import FP8_GEMV_CANDIDATES, GEMV_CANDIDATES, NO_SCALES
 from paiton.fusion.l2_prefetch import CHUNK_BYTES, prefetch_plan
+from paiton.fusion.prefill_attention import prefill_attention_block_sizes
 from paiton.fusion.qk_norm_rope import qk_norm_rope_block_sizes
 from paiton.fusion.rms_norm import rms_norm_launch_config
 from paiton.fusion.swiglu import silu_mul_launch_config
@@ -52,7 +53,7 @@ IMPLEMENTATIONS = (TRITON, VENDOR, REFERENCE, INDUCTOR)
 FUSED_OPS = (
     "rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention", "packed_linear",
     "one_row_linear", "silu_mul_linear", "few_rows_linear", "fp8_linear", "all_reduce_add_rms_norm", "l2_prefetch",
-    "norm_linear",
+    "norm_linear", "prefill_attention",
 )
 
 # FP8 weights (fusion/fp8_linear.py): the format a chip computes in, the one-row GEMV's
@@ -127,6 +128,11 @@ _NVIDIA = {
         "lowering_sweep-sm_90-*-1e1e716-* on an H100, -2810a50 on an H200): 2 stages 4-11% faster at 64 sequences and "
         "within 1% at one; the 1-warp combine 5-7% faster at one sequence (its many splits) and even at 64",
     ),
+    "prefill_attention": Lowering(
+        TRITON, dict(BLOCK_M=128, BLOCK_N=64, SCAN=1024, num_warps=8, num_stages=2),
+        "packed prompts' prefill: 128-query tiles against 64-key tiles (the Triton flash-attention tutorial's Hopper "
+        "tile at head_dim 128), only over the keys a query tile may see; not timed yet against SDPA's masked kernel",
+    ),
     "packed_linear": Lowering(VENDOR, {}, "cuBLAS: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
     "one_row_linear": Lowering(
         TRITON, dict(candidates=GEMV_CANDIDATES),
@@ -186,6 +192,12 @@ _SM80 = {**_NVIDIA, "fp8_linear": Lowering(INDUCTOR, dict(format=None), "sm_80 h
 # tile would be half empty).
 _AMD_DECODE_ATTENTION = dict(BLOCK_N=32, num_warps=4, num_stages=2, waves_per_eu=0, matrix_instr_nonkdim=16,
                              combine_num_warps=4)
+# Prefill attention: 64-query tiles against 32-key tiles (decode attention's key tile), the
+# 16 x 16 MFMA tile, one stage: with two (the stream pipeliner) every dtype spills scalar
+# registers (23-60 on gfx942/gfx950, Triton 3.9; the scan's chunk, 128-1024, changes nothing),
+# with one none do.
+_AMD_PREFILL_ATTENTION = dict(BLOCK_M=64, BLOCK_N=32, SCAN=1024, num_warps=4, num_stages=1, waves_per_eu=0,
+                              matrix_instr_nonkdim=16)
 _AMD_CDNA = {
     "rms_norm": Lowering(TRITON, dict(num_stages=2), "the NVIDIA sizes (the widest rows: 16 wavefronts of 64 = 1024 lanes, "
                          "the workgroup limit) and Triton's ROCm default of 2 stages"),
@@ -200,6 +212,8 @@ _AMD_CDNA = {
         TRITON, {**_AMD_DECODE_ATTENTION, "kpack": 1},
         "32-key tiles, 2 stages: no register spills, LDS within 64 KB in fp32, 3-4 waves per SIMD in bf16",
     ),
+    "prefill_attention": Lowering(TRITON, {**_AMD_PREFILL_ATTENTION, "kpack": 1},
+                                  "64-query tiles against decode attention's 32-key tiles; compiled ahead of time, not timed"),
     "packed_linear": Lowering(VENDOR, {}, "hipBLASLt: one GEMM (torch's linear) over the packed q/k/v or gate/up weights"),
     "one_row_linear": Lowering(INDUCTOR, {}, "not timed on an MI300X yet: one-row linears stay Inductor's (packed ones "
                                "hipBLASLt's)"),
@@ -224,6 +238,7 @@ _GFX950 = {
                            "e4m3fn (OCP FP8, CDNA4): as gfx942 otherwise. Compiled ahead of time, not timed"),
     # Triton deprecates kpack on gfx950 and forces it to 1.
     "decode_attention": Lowering(TRITON, dict(_AMD_DECODE_ATTENTION), _AMD_CDNA["decode_attention"].why),
+    "prefill_attention": Lowering(TRITON, dict(_AMD_PREFILL_ATTENTION), _AMD_CDNA["prefill_attention"].why),
 }
 
 # CPU: each op's reference code, or under TRITON_INTERPRET=1 its Triton kernel launched with
@@ -257,7 +272,9 @@ def _vendor_defaults(target: Target) -> dict[str, Lowering]:
     Decode attention takes 32-key tiles and 2 stages: 21 KB of shared memory in bf16, 43 KB in
     fp32 (the known tables' 64-key, 3-stage tiles need 140 KB in fp32, more than the 99 KB of
     sm_86/sm_89/sm_120 or the 64 KB of sm_75 and AMD's LDS), and no AMD matrix-instruction
-    options (an RDNA chip has no MFMA). The elementwise block follows the chip's warp size.
+    options (an RDNA chip has no MFMA). Prefill attention takes 64-query (32 in fp32) tiles against
+    32-key tiles, one stage: 32 KB in bf16, 48 KB in fp32. The elementwise block follows the chip's
+    warp size.
     """
     if target.vendor == "cpu":
         return _CPU
@@ -278,6 +295,7 @@ def _vendor_defaults(target: Target) -> dict[str, Lowering]:
         "few_rows_linear": few_rows,
         "silu_mul": Lowering(TRITON, silu_mul_launch_config(target.warp_size), why),
         "decode_attention": Lowering(TRITON, dict(BLOCK_N=32, num_warps=4, num_stages=2, combine_num_warps=4), why),
+        "prefill_attention": Lowering(TRITON, dict(BLOCK_M=64, BLOCK_N=32, SCAN=1024, num_warps=4, num_stages=1), why),
         "fp8_linear": fp8,
     }
 
@@ -306,7 +324,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
     the table's parameters, plus the block sizes the input's shape decides.
 
     shape: rms_norm/fused_add_rms_norm: n_rows, n_cols; qk_norm_rope(_cache): n_q_heads,
-    n_k_heads, head_dim; decode_attention: group, q_len, head_dim; silu_mul: none (one block
+    n_k_heads, head_dim; decode_attention: group, q_len, head_dim; prefill_attention: head_dim,
+    element_size (the query tile halves in fp32); silu_mul: none (one block
     size per chip); packed_linear: none (no kernel of Paiton's: {}); one_row_linear and
     silu_mul_linear: none (the `candidates`, one picked per shape by fusion/gemv.choose);
     few_rows_linear: none (the `candidates`, one picked per shape and row count by
@@ -322,6 +341,8 @@ def launch_config(op: str, target: Target, **shape) -> dict[str, Any]:
         return {**qk_norm_rope_block_sizes(shape["n_q_heads"], shape["n_k_heads"], shape["head_dim"]), **params}
     if op == "decode_attention":
         return {**decode_attention_block_sizes(shape["group"], shape["q_len"], shape["head_dim"]), **params}
+    if op == "prefill_attention":
+        return {**params, **prefill_attention_block_sizes(shape["head_dim"], shape["element_size"], params["BLOCK_M"])}
     return dict(params)
 
 
@@ -394,6 +415,12 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     rows.append(row("decode_attention", "_decode_attention_combine_kernel", f"{n_splits} splits",
                     dict(BLOCK_SPLITS=_next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=config["combine_num_warps"]),
                     aot.decode_attention_combine_build(config, dtype, n_splits)))
+    # A prefill of `tokens` packed prompt tokens (the engine's; a decode step has no prefill attention).
+    element_size = {"fp32": 4}.get(dtype, 2)
+    config = launch_config("prefill_attention", target, head_dim=m.head_dim, element_size=element_size)
+    rows.append(row("prefill_attention", "_prefill_attention_kernel",
+                    f"prefill of {tokens} tokens, {m.num_attention_heads} heads, GQA {group}", config,
+                    aot.prefill_attention_build(config, dtype, group)))
     qkv = m.num_attention_heads * m.head_dim + 2 * m.num_key_value_heads * m.head_dim
     rows.append(row("packed_linear", "torch linear", f"[{tokens}, {m.hidden_size}] x [{qkv}, {m.hidden_size}]", {}, None))
     # The GEMV's candidates, a row each (which one runs: the card's measured table, or timed at first use):

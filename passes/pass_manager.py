@@ -37,6 +37,7 @@ from paiton.passes.merged_projections import MergedProjectionsPass
 from paiton.passes.norm_linear import NormLinearPass
 from paiton.passes.one_row_linear import OneRowLinearPass
 from paiton.passes.paiton_pass import PaitonPass, hash_source_files
+from paiton.passes.prefill_attention import PrefillAttentionPass
 from paiton.passes.qk_norm_rope import QKNormRoPEPass
 from paiton.passes.rms_norm import RMSNormPass
 from paiton.passes.silu_mul_linear import SiluMulLinearPass
@@ -57,6 +58,7 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     RMSNormPass,
     QKNormRoPEPass,
     DecodeAttentionPass,
+    PrefillAttentionPass,
     KVCacheWritePass,
     CacheCountersPass,
     SwiGLUPass,

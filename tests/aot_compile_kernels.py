@@ -17,6 +17,7 @@ from paiton.backends.aot import (
     few_rows_gemm_build,
     gemv_build,
     prefetching,
+    prefill_attention_build,
     qk_norm_rope_build,
     quantize_rows_build,
     resources,
@@ -75,6 +76,10 @@ def builds(target):
             n_splits = default_split_layout(KV_HEADS, CACHE_LEN, target.multiprocessors, config["BLOCK_N"])[1]
             yield (f"decode_attention_combine/{dtype}/group={group}/splits={n_splits}", "decode_attention",
                    decode_attention_combine_build(config, dtype, n_splits))
+        # Packed prompts' prefill attention, Qwen3-8B (GQA 4) and 32B (GQA 8).
+        for group in (4, 8):
+            config = launch_config("prefill_attention", target, head_dim=HEAD_DIM, element_size=4 if dtype == "fp32" else 2)
+            yield f"prefill_attention/{dtype}/group={group}", "prefill_attention", prefill_attention_build(config, dtype, group)
         # Every candidate launch of the one-row linear (which runs is timed per shape on the GPU).
         # Plain, and with SwiGLU applied on the way in (down_proj at batch 1).
         for op, variant, gated in (("one_row_linear", "", False), ("silu_mul_linear", "gated/", True)):
@@ -195,6 +200,8 @@ def pdl_builds(target):
     config = with_pdl(launch_config("decode_attention", target, group=8, q_len=1, head_dim=HEAD_DIM))
     yield "decode_attention/bf16/group=8/pdl", "decode_attention", decode_attention_split_build(config, dtype, 8, True, False)
     yield "decode_attention_combine/bf16/splits=16/pdl", "decode_attention", decode_attention_combine_build(config, dtype, 16)
+    config = with_pdl(launch_config("prefill_attention", target, head_dim=HEAD_DIM, element_size=2))
+    yield "prefill_attention/bf16/group=8/pdl", "prefill_attention", prefill_attention_build(config, dtype, 8)
     gemv = with_pdl(launch_config("one_row_linear", target)["candidates"][0])
     yield "gemv/bf16/gated/pdl", "silu_mul_linear", gemv_build(gemv, dtype, True)
     yield "gemv/bf16/norm/pdl", "norm_linear", gemv_build(gemv, dtype, norm=True)

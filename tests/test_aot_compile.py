@@ -44,6 +44,7 @@ def test_every_kernel_of_every_table_is_compiled(compiled):
                   "silu_mul": {"_silu_mul_kernel"}, "qk_norm_rope": {"_qk_norm_rope_kernel"},
                   "qk_norm_rope_cache": {"_qk_norm_rope_kernel"},
                   "decode_attention": {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"},
+                  "prefill_attention": {"_prefill_attention_kernel"},
                   "one_row_linear": {"_gemv_kernel"}, "silu_mul_linear": {"_gemv_kernel"},
                   "few_rows_linear": {"_few_rows_gemm_kernel"},
                   "fp8_linear": {"_gemv_kernel", "_few_rows_gemm_kernel", "_quantize_rows_kernel"},
@@ -74,10 +75,10 @@ def test_shared_memory_fits_the_chip(compiled):
 
 def reads_scalars(name: str) -> bool:
     """Kernels that also read a few scalars besides their wide rows: attention (positions, mask
-    bytes; the combine kernel's per-split log-sum-exp) and the QK-norm + RoPE kernel when it writes
+    bytes, prefill's rows; the combine kernel's per-split log-sum-exp) and the QK-norm + RoPE kernel when it writes
     the cache (each token's cache slot), and the GEMV, whose row x is read in the weight tile's
     layout (narrower loads, from L2) beside the weight's 16-byte ones."""
-    return name.startswith(("decode_attention", "gemv/", "few_rows_gemm/")) or "cache=True" in name
+    return name.startswith(("decode_attention", "prefill_attention", "gemv/", "few_rows_gemm/")) or "cache=True" in name
 
 
 def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
@@ -95,10 +96,11 @@ def test_nvidia_code_uses_16_byte_loads_and_no_local_memory(compiled):
 
 def test_products_use_the_chips_matrix_instructions(compiled):
     dot_kernels = {name for name, r in compiled.items() if r["uses_dot"]}
-    assert dot_kernels and all(name.startswith(("decode_attention/", "few_rows_gemm/")) for name in dot_kernels), dot_kernels
+    attention = ("decode_attention/", "prefill_attention/")
+    assert dot_kernels and all(name.startswith((*attention, "few_rows_gemm/")) for name in dot_kernels), dot_kernels
     for name in dot_kernels:
         matrix = compiled[name]["matrix"]
-        if name.startswith("decode_attention/fp32") and "@sm_" in name:
+        if name.startswith(tuple(a + "fp32" for a in attention)) and "@sm_" in name:
             # fp32 models get IEEE fp32 products as eager does: no TF32 tensor-core mma.
             assert not matrix, (name, matrix)
         else:

@@ -43,7 +43,8 @@ def test_eager_engine_gives_each_request_its_solo_tokens(model, alone):
 
 def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
     """Through backend="paiton": the same tokens; 16 requests of mixed lengths through 4 slots
-    compile three graphs (decode at batch 1, decode at other batches, prefill), and the decode
+    compile three graphs (decode at batch 1, decode at other batches, prefill); prefill attends
+    within each packed prompt with Paiton's kernel, the decode
     graphs write the cache and attend with Paiton's kernels (each row at its own position), their
     other linears through the one-row GEMV (batch 1) or the few-rows GEMM (batch 2 and up)."""
     engine = Engine(model, max_slots=4, max_length=64, options=EAGER_INNER, max_prefill_tokens=32)
@@ -58,7 +59,8 @@ def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
     common = dict(merged_projections=2 * layers, fused_add_rms_norm=2 * layers, rms_norm=2 * layers + 1,
                   qk_norm_rope=layers, swiglu=layers)
     assert counts == [
-        fusions(**common),  # prefill: attention over the new tokens (SDPA), its cache write left to Inductor
+        # prefill: attention within each packed prompt (Paiton's kernel), its cache write left to Inductor
+        fusions(**common, prefill_attention=layers),
         fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode, batch 2 and up
                 few_rows_linear=2 * layers + 1),
         fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode at batch 1: the GEMVs too
