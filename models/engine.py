@@ -23,7 +23,8 @@ the others keep decoding. How a step runs:
   Paiton's decode-attention kernel reads each row only up to its own length. A row that is
   not live computes a throwaway token at position 0 of its own row.
 * **Prefill** packs waiting prompts into one row of tokens ([1, T], T a power of two, up to
-  `max_prefill_tokens`; first fit in arrival order, the oldest always in): each token
+  `max_prefill_tokens`; first fit in arrival order, the oldest always in; as many prefills as
+  the free slots take before the next decode step): each token
   carries its cache row and its position, attention is causal within a prompt only (the
   mask is built in the graph from rows and positions: a fresh request has nothing in the
   cache to attend to, so prefill attends over the new tokens alone), and the logits are
@@ -355,8 +356,14 @@ class Engine:
         was nothing to do."""
         self._take_inbox()
         busy = False
-        if self._waiting and self.live_slots < self._concurrency:
-            busy |= self._prefill_waiting()
+        # Prefill first: every waiting request that has a free slot goes in (several prefills
+        # when the token budget is short) before the next decode step. A burst then decodes
+        # together from its last prompt on: one decode step between two prefills of a burst
+        # would delay the burst's last request by a step, and each request takes as many
+        # decode steps whenever it starts (issue 20's batch 32 at output 256: the run lasts its
+        # last request's first token plus 255 steps).
+        while self._waiting and self.live_slots < self._concurrency and self._prefill_waiting():
+            busy = True
         self._compact()
         if any(r is not None and self._scheduled[s] < r.max_tokens for s, r in enumerate(self._slot_request)):
             self._decode_step()

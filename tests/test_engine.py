@@ -92,6 +92,22 @@ def test_prefill_packs_first_fit_in_arrival_order(model):
     assert engine._prefill_waiting() and list(engine._waiting) == order[1:]
 
 
+def test_a_burst_is_prefilled_before_the_next_decode_step(model):
+    """Four 40-token prompts at once under a 64-token budget take four prefills: all four run
+    before the first decode step (none in between, which would delay the last prompt's first
+    token by a step), and later arrivals are prefilled as slots free; each request still gives
+    its solo tokens."""
+    prompts = [[(13 * i + j) % 400 for j in range(40)] for i in range(6)]
+    limits = [3, 4, 5, 6, 2, 3]
+    engine = Engine(model, max_slots=4, max_length=64, backend="eager", max_prefill_tokens=64)
+    verbs = []
+    engine.step_hook = lambda verb, *tensors: verbs.append(verb)
+    result = engine.generate(prompts, limits)
+    loop = DecodeLoop(model, max_batch_size=1, max_length=64, backend="eager")
+    assert result.tokens == [loop.generate([p], n).tokens[0] for p, n in zip(prompts, limits)]
+    assert verbs[:5] == ["prefill"] * 4 + ["decode"] and verbs.count("prefill") == 6
+
+
 def test_a_prefill_bucket_longer_than_the_cache(model):
     """Two 35-token prompts packed into one 128-token bucket over a 48-slot cache: 58 padding
     tokens, more than the scratch row's slots; they wrap around it, nothing is written out of
