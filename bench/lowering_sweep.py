@@ -11,7 +11,9 @@ For each op, model and decode batch (tokens):
      (bench/fused_kernels.py's `graph_time_us`: no launch overhead in the number). Alternatives
      change one knob of the table's configuration at a time (num_warps, num_stages, the block
      sizes a chip fixes, and on ROCm waves_per_eu and kpack), plus, for decode attention, the
-     grid of KV tile x stages and the number of splits (`n_splits`, the launcher's argument).
+     grid of KV tile x stages and the number of splits (`n_splits`, the launcher's argument);
+     for prefill attention (a prefill of `tokens` packed prompt tokens) the grid of query tile x
+     KV tile.
      Each alternative's output is checked against the table's first; a candidate that fails to
      compile or launch (e.g. more shared memory than the chip has) is listed as failed;
   3. the report gives per case the table's time, the fastest candidate's, and the table's
@@ -33,7 +35,11 @@ from bench_common import run_environment, write_results
 
 WITHIN = 1.03  # the table's configuration counts as fastest within 3% of the best candidate
 MODELS = ("qwen3-8b", "qwen3-32b")
-OPS = ("rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention")
+OPS = ("rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope", "qk_norm_rope_cache", "decode_attention",
+       "prefill_attention")
+# Prefill attention's prompts, packed as the engine packs them up to the case's tokens: lengths
+# cycled from these (ShareGPT V3's first turns run 4-1024 tokens, about 200 on average).
+PREFILL_PROMPT_LENGTHS = (312, 95, 18, 441, 160, 27, 230, 77, 512, 150)
 DECODE_SPLIT_COUNTS = (1, 2, 3, 4, 6, 8, 16, 32)  # decode attention's split counts tried beside the launcher's
 
 
@@ -77,6 +83,14 @@ def candidates(op: str, base: dict, target) -> list[dict]:
         # twenty-third session): whether more or fewer splits do better is this knob's question.
         found += [{**base, "n_splits": n} for n in DECODE_SPLIT_COUNTS]
         if hip and target.arch != "gfx950":  # Triton forces kpack to 1 on gfx950
+            found += [{**base, "kpack": kpack} for kpack in (1, 2)]
+    elif op == "prefill_attention":
+        for block_m, block_n in itertools.product((32, 64, 128), (16, 32, 64, 128)):
+            found.append({**base, "BLOCK_M": block_m, "BLOCK_N": block_n})
+        found += _vary(base, "num_warps", (4, 8))
+        found += _vary(base, "num_stages", (1, 2, 3))
+        found += _vary(base, "SCAN", (256, 4096))
+        if hip and target.arch != "gfx950":
             found += [{**base, "kpack": kpack} for kpack in (1, 2)]
     else:
         raise ValueError(f"no candidates for {op!r}")
@@ -156,6 +170,21 @@ def make_case(op: str, model: str, tokens: int, dtype, device, cache_len: int | 
         return (attention, shape,
                 f"[{tokens}, {heads} heads, GQA {heads // kv_heads}], cache {cache_len} filled {filled}, "
                 f"{splits} splits by default")
+    if op == "prefill_attention":  # a prefill of `tokens` packed prompt tokens
+        from paiton.fusion import prefill_attention
+
+        rows, positions, slot = [], [], 0
+        while len(rows) < tokens:
+            n = min(PREFILL_PROMPT_LENGTHS[slot % len(PREFILL_PROMPT_LENGTHS)], tokens - len(rows))
+            rows += [slot] * n
+            positions += range(n)
+            slot += 1
+        rows, positions = torch.tensor([rows], device=device), torch.tensor([positions], device=device)
+        q = randn(1, tokens, heads, head_dim).transpose(1, 2)  # the projections' layout
+        k, v = randn(1, tokens, kv_heads, head_dim).transpose(1, 2), randn(1, tokens, kv_heads, head_dim).transpose(1, 2)
+        shape = dict(head_dim=head_dim, element_size=q.element_size())
+        return ((lambda config: prefill_attention._launch(q, k, v, rows, positions, head_dim**-0.5, config=config)), shape,
+                f"prefill of {tokens} tokens ({slot} prompts), {heads} heads, GQA {heads // kv_heads}")
     raise ValueError(op)
 
 

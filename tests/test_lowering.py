@@ -417,7 +417,8 @@ def test_sweep_candidates_start_with_the_table_and_launch_on_their_chip(monkeypa
     shapes = {"rms_norm": dict(n_rows=64, n_cols=20480), "fused_add_rms_norm": dict(n_rows=1, n_cols=4096), "silu_mul": {},
               "qk_norm_rope": dict(n_q_heads=32, n_k_heads=8, head_dim=128),
               "qk_norm_rope_cache": dict(n_q_heads=64, n_k_heads=8, head_dim=128),
-              "decode_attention": dict(group=4, q_len=1, head_dim=128)}
+              "decode_attention": dict(group=4, q_len=1, head_dim=128),
+              "prefill_attention": dict(head_dim=128, element_size=2)}
     assert set(shapes) == set(lowering_sweep.OPS)
     builds = {"rms_norm": lambda c: aot.rms_norm_build(c, "bf16", False),
               "fused_add_rms_norm": lambda c: aot.rms_norm_build(c, "bf16", True),
@@ -426,7 +427,8 @@ def test_sweep_candidates_start_with_the_table_and_launch_on_their_chip(monkeypa
               "qk_norm_rope_cache": lambda c: aot.qk_norm_rope_build(c, "bf16", True),
               # n_splits is the launcher's argument (the sweep's call passes it on), not a kernel keyword
               "decode_attention": lambda c: (aot.decode_attention_split_build(without(c, "n_splits"), "bf16", 4, True, False),
-                                             aot.decode_attention_combine_build(without(c, "n_splits"), "bf16", 8))}
+                                             aot.decode_attention_combine_build(without(c, "n_splits"), "bf16", 8)),
+              "prefill_attention": lambda c: aot.prefill_attention_build(c, "bf16", 8)}
     for op, shape in shapes.items():
         table = launch_config(op, target, **shape)
         found = lowering_sweep.candidates(op, table, target)
@@ -451,8 +453,9 @@ def test_sweep_records_the_configuration_the_launcher_picks(monkeypatch):
     monkeypatch.syspath_prepend(BENCH)
     import lowering_sweep
 
-    for op in ("rms_norm", "fused_add_rms_norm", "silu_mul", "qk_norm_rope_cache"):
-        call, shape, _ = lowering_sweep.make_case(op, "qwen3-8b", 2, torch.float32, "cpu")
+    for op, tokens in (("rms_norm", 2), ("fused_add_rms_norm", 2), ("silu_mul", 2), ("qk_norm_rope_cache", 2),
+                       ("prefill_attention", 40)):
+        call, shape, _ = lowering_sweep.make_case(op, "qwen3-8b", tokens, torch.float32, "cpu")
         table = launch_config(op, CPU, **shape)
         assert lowering_sweep.picked_at_run_time(call) == [table], op
         reference = call(table)
