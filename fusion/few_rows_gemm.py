@@ -259,10 +259,13 @@ def w_tma_allowed() -> bool:
 
 # Launches with W_TMA, for chips with the tensor memory accelerator (the lowering tables of sm_90
 # and later add them to the lists above): the fastest tiles of a prototype at 32 rows on an H100
-# (b065e57), and the same tiles split along K for the narrow, long weights, where split launches win.
+# (b065e57), and the same tiles split along K for the narrow, long weights, where split launches win;
+# in 4 slices too: at 32 rows on an H200 (4613cae) o_proj's choice, 2 slices (160 programs over
+# 132 multiprocessors), read its weight at 74% of the copy rate; 4 slices give it 320 programs.
 FEW_ROWS_TMA_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, 128, 4, 4, swap_ab=True, tma=True),
     candidate(64, 128, 4, 4, splits=2, swap_ab=True, tma=True),
+    candidate(64, 128, 4, 4, splits=4, swap_ab=True, tma=True),
 )
 FP8_FEW_ROWS_TMA_CANDIDATES: tuple[dict[str, int], ...] = (
     candidate(64, SCALE_BLOCK, 4, 4, via_fp16=True, swap_ab=True, tma=True),
