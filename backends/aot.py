@@ -63,8 +63,11 @@ class KernelBuild:
 
     @property
     def uses_dot(self) -> bool:
-        """The kernel has matrix products, which should become the chip's matrix instructions."""
-        return "tl.dot(" in self.kernel.src
+        """The kernel has matrix products, which should become the chip's matrix instructions: in
+        its own source or in a jit function it calls (attention's shared `attend_tile`)."""
+        called = [obj for name, obj in self.kernel.fn.__globals__.items()
+                  if isinstance(obj, triton.runtime.JITFunction) and f"{name}(" in self.kernel.src]
+        return any("tl.dot(" in fn.src for fn in (self.kernel, *called))
 
     def compile(self, target: Target):
         names = list(self.kernel.arg_names)

@@ -75,6 +75,36 @@ def _valid_keys(cols_n, kv_end, positions, row_valid, mask_rows, mask_stride_n, 
 
 
 @triton.jit
+def empty_attention(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash attention's state before the first KV tile: each row's running max (-inf), sum and
+    unnormalized output (zeros)."""
+    return (tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), tl.zeros([BLOCK_M], dtype=tl.float32),
+            tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32))
+
+
+@triton.jit
+def attend_tile(q, k, v, valid, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One KV tile of flash attention's online softmax: the rows' running max `m_i`, sum `l_i` and
+    unnormalized output `acc` [rows, D] after the keys of k/v [BLOCK_N, D] that `valid` [rows,
+    BLOCK_N] keeps, for the queries q [rows, D]. DOT_FP32: the products in fp32, for the CPU
+    interpreter, whose dot is wrong on bf16 operands (see ENV_NOTES)."""
+    if DOT_FP32:
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+    scores = tl.where(valid, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    # A row with no valid key yet keeps m = -inf; shift by 0 there to avoid inf - inf.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_shift[:, None])
+    alpha = tl.exp(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_attention_split_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, part_out_ptr, part_lse_ptr,
     n_kv_heads, q_len, head_dim, cache_len, scale,
@@ -156,14 +186,9 @@ def _decode_attention_split_kernel(
         q_ptr + b * q_stride_b + q_head[:, None] * q_stride_h + q_index[:, None] * q_stride_s + cols_d[None, :],
         mask=row_valid[:, None] & d_valid[None, :], other=0.0,
     )
-    if DOT_FP32:  # the CPU interpreter's dot is wrong on bf16 operands (see ENV_NOTES)
-        q = q.to(tl.float32)
     k_base = k_ptr + b * k_stride_b + kv_head * k_stride_h
     v_base = v_ptr + b * v_stride_b + kv_head * v_stride_h
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = empty_attention(BLOCK_M, BLOCK_D)
     for n0 in range(kv_start, kv_end, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
         valid = _valid_keys(cols_n, kv_end, positions, row_valid, mask_rows, mask_stride_n, HAS_MASK)  # [BLOCK_M, BLOCK_N]
@@ -173,19 +198,7 @@ def _decode_attention_split_kernel(
         kv_mask_2d = (cols_n < kv_end)[:, None] & d_valid[None, :]
         k = tl.load(k_base + cols_n[:, None] * k_stride_n + cols_d[None, :], mask=kv_mask_2d, other=0.0)
         v = tl.load(v_base + cols_n[:, None] * v_stride_n + cols_d[None, :], mask=kv_mask_2d, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        scores = tl.where(valid, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # A row with no valid key yet keeps m = -inf; shift by 0 there to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k, v, valid, m_i, l_i, acc, scale, DOT_FP32, DOT_PRECISION)
 
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]

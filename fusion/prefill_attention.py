@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion.decode_attention import attend_tile, empty_attention
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES
 from paiton.fusion.triton_utils import device_guard, is_interpreted
@@ -109,14 +110,9 @@ def _prefill_attention_kernel(
     d_valid = cols_d < head_dim
     q = tl.load(q_ptr + b * q_stride_b + q_head * q_stride_h + offs_m[:, None] * q_stride_s + cols_d[None, :],
                 mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    if DOT_FP32:  # the CPU interpreter's dot is wrong on bf16 operands (see ENV_NOTES)
-        q = q.to(tl.float32)
     k_base = k_ptr + b * k_stride_b + kv_head * k_stride_h
     v_base = v_ptr + b * v_stride_b + kv_head * v_stride_h
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = empty_attention(BLOCK_M, BLOCK_D)
     for n0 in range(kv_start, kv_end, BLOCK_N):
         cols_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = cols_n < kv_end
@@ -127,19 +123,7 @@ def _prefill_attention_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(k_base + cols_n[:, None] * k_stride_s + cols_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols_n[:, None] * v_stride_s + cols_d[None, :], mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # A query with no visible key yet keeps m = -inf; shift by 0 there to avoid inf - inf.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_shift[:, None])
-        alpha = tl.exp(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k, v, visible, m_i, l_i, acc, scale, DOT_FP32, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * out_stride_b + q_head * out_stride_h + offs_m[:, None] * out_stride_s + cols_d[None, :],

@@ -99,17 +99,45 @@ def strip_unsqueezes(node):
     return node
 
 
+def strip_noop_slices(node):
+    """`node` before the slices that keep a whole dim (`x[:, None]` can leave `slice(x, 1, 0, 2**63 - 1)`)."""
+    while is_call(node, aten.slice.Tensor):
+        args = bound_args(node)
+        source = val(args["self"])
+        if source is None or args["step"] != 1 or args["start"] not in (None, 0):
+            return node
+        end = args["end"]
+        if not (end is None or (isinstance(end, int) and end >= 2**62) or same(end, source.shape[args["dim"]])):
+            return node
+        node = args["self"]
+    return node
+
+
 def repeated_kv_source(node) -> tuple[torch.fx.Node, int] | None:
-    """(the [B, Hkv, L, D] tensor, G) if `node` is repeat_kv of it, G = 1 if no repeat."""
+    """(the [B, Hkv, L, D] tensor, G) if `node` is repeat_kv of it (through no-op slices), G = 1
+    if no repeat."""
     if is_call(node, *VIEW_OPS) and is_call(node.args[0], aten.clone.default):
         expand = node.args[0].args[0]
-        if is_call(expand, aten.expand.default) and is_call(expand.args[0], aten.unsqueeze.default):
-            source, dim = expand.args[0].args
+        unsqueezed = strip_noop_slices(expand.args[0]) if is_call(expand, aten.expand.default) else None
+        if is_call(unsqueezed, aten.unsqueeze.default):
+            source, dim = unsqueezed.args
             expanded = val(expand)
             if dim == 2 and expanded is not None and expanded.dim() == 5 and isinstance(expanded.shape[2], int):
-                return source, expanded.shape[2]
+                return strip_noop_slices(source), expanded.shape[2]
         return None
     return node, 1
+
+
+def repeated_kv_pair(key, value):
+    """(k, v, G) if SDPA's key and value are repeat_kv (G-fold, G = 1 if none) of two [B, Hkv, L,
+    D] tensors k and v of one shape; else None."""
+    k_source, v_source = repeated_kv_source(key), repeated_kv_source(value)
+    if k_source is None or v_source is None or k_source[1] != v_source[1]:
+        return None
+    k_val, v_val = val(k_source[0]), val(v_source[0])
+    if k_val is None or v_val is None or k_val.dim() != 4 or k_val.shape != v_val.shape:
+        return None
+    return k_source[0], v_source[0], k_source[1]
 
 
 def is_arange(node, length) -> bool:
@@ -236,6 +264,54 @@ def output_layout_matches(sdpa_out, ours) -> bool:
     return all(same(a, b) for a, b, n in zip(sdpa_out.stride(), ours.stride(), sdpa_out.shape) if not same(n, 1))
 
 
+def sdpa_attention_output(sdpa: torch.fx.Node) -> torch.fx.Node | None:
+    """The node that carries SDPA's attention output, if a fused attention op can take the call's
+    place: a lowering with a mask argument, no dropout, not is_causal, no enable_gqa, and no use
+    of its other outputs (log-sum-exp, debug outputs); else None."""
+    if SDPA_OPS[sdpa.target] is None:
+        return None
+    args = bound_args(sdpa)
+    if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False) or args.get("enable_gqa", False):
+        return None
+    if sdpa.target is aten.scaled_dot_product_attention.default:
+        return sdpa
+    getitems = {user.args[1]: user for user in sdpa.users if user.target is operator.getitem}
+    if len(getitems) != len(sdpa.users) or 0 not in getitems:
+        return None
+    if any(user.users for index, user in getitems.items() if index != 0):
+        return None
+    return getitems[0]
+
+
+def replace_sdpa(graph: torch.fx.Graph, sdpa: torch.fx.Node, output: torch.fx.Node, fused: torch.fx.Node) -> bool:
+    """Put `fused` (an attention op inserted before `output`, its fake value in meta) in the place
+    of SDPA's `output` (sdpa_attention_output) and erase the call. Where the lowering's output
+    has another layout than the op's, a contiguous copy of the op's output takes the place (the
+    CPU lowering returns [B, H, S, D] contiguous); where neither fits, `fused` is erased and
+    nothing changes (False)."""
+    out_val, fused_val = val(output), fused.meta["val"]
+    result = fused
+    if not output_layout_matches(out_val, fused_val):
+        if not out_val.is_contiguous():
+            graph.erase_node(fused)
+            return False
+        with graph.inserting_after(fused):
+            result = graph.call_function(aten.clone.default, (fused,), {"memory_format": torch.contiguous_format})
+        with fused_val.fake_mode:
+            result.meta["val"] = fused_val.clone(memory_format=torch.contiguous_format)
+    output.replace_all_uses_with(result)
+    for node in (fused, result):
+        node.meta.update({key: value for key, value in output.meta.items() if key != "val"})
+    # Erase SDPA here: the CUDA lowerings carry RNG outputs, which makes FX's dead-code
+    # elimination keep them (it would compute attention a second time). The glue before it
+    # (repeat_kv, the mask) is pure and goes with the manager's cleanup.
+    if sdpa is not output:
+        for getitem in list(sdpa.users):
+            graph.erase_node(getitem)
+    graph.erase_node(sdpa)
+    return True
+
+
 class DecodeAttentionPass(PaitonPass):
     name = "decode_attention"
     fused_op = "decode_attention"
@@ -252,36 +328,22 @@ class DecodeAttentionPass(PaitonPass):
         return rewritten
 
     def _rewrite(self, graph: torch.fx.Graph, sdpa: torch.fx.Node, mask_views: dict) -> bool:
-        mask_name = SDPA_OPS[sdpa.target]
-        if mask_name is None:
+        output = sdpa_attention_output(sdpa)
+        if output is None:
             return False
         args = bound_args(sdpa)
-        if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False) or args.get("enable_gqa", False):
-            return False
-        # Only the attention output may be used (not the log-sum-exp or debug outputs).
-        if sdpa.target is aten.scaled_dot_product_attention.default:
-            output = sdpa
-        else:
-            getitems = {user.args[1]: user for user in sdpa.users if user.target is operator.getitem}
-            if len(getitems) != len(sdpa.users) or 0 not in getitems:
-                return False
-            if any(user.users for index, user in getitems.items() if index != 0):
-                return False
-            output = getitems[0]
-        q, k, v, mask = args["query"], args["key"], args["value"], args.get(mask_name)
+        q, k, v, mask = args["query"], args["key"], args["value"], args.get(SDPA_OPS[sdpa.target])
         q_val, out_val = val(q), val(output)
         if not isinstance(q_val, FakeTensor) or not isinstance(out_val, torch.Tensor) or q_val.dim() != 4:
             return False
         batch, q_heads, q_len, head_dim = q_val.shape
         if not isinstance(q_len, int) or q_len > MAX_DECODE_QUERIES:
             return False
-        k_source, v_source = repeated_kv_source(k), repeated_kv_source(v)
-        if k_source is None or v_source is None or k_source[1] != v_source[1]:
+        kv = repeated_kv_pair(k, v)
+        if kv is None:
             return False
-        (k_cache, group), (v_cache, _) = k_source, v_source
+        k_cache, v_cache, group = kv
         k_val, v_val = val(k_cache), val(v_cache)
-        if k_val is None or v_val is None or k_val.dim() != 4 or k_val.shape != v_val.shape:
-            return False
         if not (same(k_val.shape[1] * group, q_heads) and same(k_val.shape[0], batch) and same(k_val.shape[3], head_dim)):
             return False
         if q_val.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k_val.dtype != q_val.dtype:
@@ -316,25 +378,6 @@ class DecodeAttentionPass(PaitonPass):
             fused.meta["val"] = torch.ops.paiton.decode_attention.default(
                 q_val, k_val, v_val, val(positions), val(kv_mask), float(scale)
             )
-        result = fused
-        if not output_layout_matches(out_val, fused.meta["val"]):
-            if not out_val.is_contiguous():
-                graph.erase_node(fused)
-                return False
-            # The CPU lowering returns [B, H, S, D] contiguous; with several queries that is
-            # another layout than the op's: copy (a decode step's output is a few KB).
-            with graph.inserting_after(fused):
-                result = graph.call_function(aten.clone.default, (fused,), {"memory_format": torch.contiguous_format})
-            with q_val.fake_mode:
-                result.meta["val"] = fused.meta["val"].clone(memory_format=torch.contiguous_format)
-        output.replace_all_uses_with(result)
-        for node in (fused, result):
-            node.meta.update({key: value for key, value in output.meta.items() if key != "val"})
-        # Erase SDPA here: the CUDA lowerings carry RNG outputs, which makes FX's dead-code
-        # elimination keep them (it would compute attention a second time). The glue before
-        # it (repeat_kv, the mask) is pure and goes with the manager's cleanup.
-        if sdpa is not output:
-            for getitem in list(sdpa.users):
-                graph.erase_node(getitem)
-        graph.erase_node(sdpa)
-        return True
+        # With several queries the CPU lowering's layout is another than the op's: a copy then
+        # (a decode step's output is a few KB).
+        return replace_sdpa(graph, sdpa, output, fused)

@@ -31,32 +31,16 @@ the graph (`slice(x, d, 0, 2**63 - 1)`) are looked through.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from paiton.passes.decode_attention import (SDPA_OPS, VIEW_OPS, boolean_mask, bound_args, is_call,
-                                            output_layout_matches, val)
+from paiton.passes.decode_attention import (SDPA_OPS, boolean_mask, bound_args, is_call, repeated_kv_pair, replace_sdpa,
+                                            sdpa_attention_output, strip_noop_slices, val)
 from paiton.passes.matcher_utils import same_size as same
 from paiton.passes.paiton_pass import PaitonPass
 
 aten = torch.ops.aten
 AND_OPS = (aten.bitwise_and.Tensor, aten.logical_and.default)
-
-
-def strip_noop_slices(node):
-    """`node` before the slices that keep a whole dim (`x[:, None]` leaves `slice(x, 1, 0, 2**63 - 1)`)."""
-    while is_call(node, aten.slice.Tensor):
-        args = bound_args(node)
-        source = val(args["self"])
-        if source is None or args["step"] != 1 or args["start"] not in (None, 0):
-            return node
-        end = args["end"]
-        if not (end is None or (isinstance(end, int) and end >= 2**62) or same(end, source.shape[args["dim"]])):
-            return node
-        node = args["self"]
-    return node
 
 
 def index_source(node, seq_len):
@@ -115,21 +99,6 @@ def same_row_causal(mask, seq_len):
     return found["rows"], found["positions"]
 
 
-def new_kv_source(node) -> tuple[torch.fx.Node, int] | None:
-    """(the [B, Hkv, T, D] tensor, G) if `node` is repeat_kv of it (through no-op slices), G = 1 if no repeat."""
-    if is_call(node, *VIEW_OPS) and is_call(node.args[0], aten.clone.default):
-        expand = node.args[0].args[0]
-        if not is_call(expand, aten.expand.default):
-            return None
-        unsqueezed = strip_noop_slices(expand.args[0])
-        expanded = val(expand)
-        if (is_call(unsqueezed, aten.unsqueeze.default) and unsqueezed.args[1] == 2 and expanded is not None
-                and expanded.dim() == 5 and isinstance(expanded.shape[2], int)):
-            return strip_noop_slices(unsqueezed.args[0]), expanded.shape[2]
-        return None
-    return node, 1
-
-
 class PrefillAttentionPass(PaitonPass):
     name = "prefill_attention"
     fused_op = "prefill_attention"
@@ -145,33 +114,20 @@ class PrefillAttentionPass(PaitonPass):
         return rewritten
 
     def _rewrite(self, graph: torch.fx.Graph, sdpa: torch.fx.Node) -> bool:
-        mask_name = SDPA_OPS[sdpa.target]
-        if mask_name is None:
+        output = sdpa_attention_output(sdpa)
+        if output is None:
             return False
         args = bound_args(sdpa)
-        if args.get("dropout_p", 0.0) != 0.0 or args.get("is_causal", False) or args.get("enable_gqa", False):
-            return False
-        if sdpa.target is aten.scaled_dot_product_attention.default:
-            output = sdpa
-        else:  # only the attention output may be used (not the log-sum-exp or debug outputs)
-            getitems = {user.args[1]: user for user in sdpa.users if user.target is operator.getitem}
-            if len(getitems) != len(sdpa.users) or 0 not in getitems:
-                return False
-            if any(user.users for index, user in getitems.items() if index != 0):
-                return False
-            output = getitems[0]
-        q, mask = args["query"], args.get(mask_name)
+        q, mask = args["query"], args.get(SDPA_OPS[sdpa.target])
         q_val, out_val = val(q), val(output)
         if not isinstance(q_val, FakeTensor) or not isinstance(out_val, torch.Tensor) or q_val.dim() != 4 or mask is None:
             return False
         batch, q_heads, seq_len, head_dim = q_val.shape
-        k_source, v_source = new_kv_source(args["key"]), new_kv_source(args["value"])
-        if k_source is None or v_source is None or k_source[1] != v_source[1]:
+        kv = repeated_kv_pair(args["key"], args["value"])
+        if kv is None:
             return False
-        (k, group), (v, _) = k_source, v_source
+        k, v, group = kv
         k_val, v_val = val(k), val(v)
-        if k_val is None or v_val is None or k_val.dim() != 4 or k_val.shape != v_val.shape:
-            return False
         if not (same(k_val.shape[0], batch) and same(k_val.shape[1] * group, q_heads) and same(k_val.shape[2], seq_len)
                 and same(k_val.shape[3], head_dim)):
             return False
@@ -194,23 +150,5 @@ class PrefillAttentionPass(PaitonPass):
         with q_val.fake_mode:
             fused.meta["val"] = torch.ops.paiton.prefill_attention.default(q_val, k_val, v_val, val(rows), val(positions),
                                                                            float(scale))
-        result = fused
-        if not output_layout_matches(out_val, fused.meta["val"]):
-            if not out_val.is_contiguous():
-                graph.erase_node(fused)
-                return False
-            # The CPU lowering returns [B, H, T, D] contiguous, another layout than the op's: copy.
-            with graph.inserting_after(fused):
-                result = graph.call_function(aten.clone.default, (fused,), {"memory_format": torch.contiguous_format})
-            with q_val.fake_mode:
-                result.meta["val"] = fused.meta["val"].clone(memory_format=torch.contiguous_format)
-        output.replace_all_uses_with(result)
-        for node in (fused, result):
-            node.meta.update({key: value for key, value in output.meta.items() if key != "val"})
-        # Erase SDPA here (its CUDA lowerings' RNG outputs would keep it alive through dead-code
-        # elimination); the mask and repeat_kv before it go with the manager's cleanup.
-        if sdpa is not output:
-            for getitem in list(sdpa.users):
-                graph.erase_node(getitem)
-        graph.erase_node(sdpa)
-        return True
+        # The CPU lowering's and cuDNN's [B, H, T, D] layout is another than the op's: a copy then.
+        return replace_sdpa(graph, sdpa, output, fused)
