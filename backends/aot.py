@@ -352,12 +352,13 @@ def _cuobjdump() -> str | None:
     return None
 
 
-def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int) -> KernelBuild:
+def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int, gated: bool = False) -> KernelBuild:
     """The GEMM of 2-64 rows (fusion/few_rows_gemm.py): x in `dtype`, W in `weight_dtype` (x's
     dtype, or "fp8e4nv"/"fp8e4b8" with fp32 scales per row or per 128 x 128 block; NO_SCALES:
     no scale pointer, as the bf16 product launches it); products in x's dtype on the chip's
     matrix instructions (DOT_FP32 is the interpreter's). config["SPLITS"] > 1: split along K,
-    with its fp32 partial sums and per-tile counters (atomics)."""
+    with its fp32 partial sums and per-tile counters (atomics). `gated`: x is SwiGLU's gate and
+    up_ptr its up half, applied as x loads (down_proj at 2-64 rows)."""
     config = dict(config)
     splits = config.pop("SPLITS", 1)
     via_fp16 = config.pop("W_VIA_FP16", False) and weight_dtype.startswith("fp8")
@@ -371,9 +372,12 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
                  "partial_ptr": "*fp32" if splits > 1 else "constexpr", "count_ptr": "*i32" if splits > 1 else "constexpr",
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr",
                  "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr", "W_VIA_FP16": "constexpr",
-                 "SWAP_AB": "constexpr", "W_TMA": "constexpr"}
+                 "SWAP_AB": "constexpr", "W_TMA": "constexpr", "up_ptr": f"*{dtype}" if gated else "constexpr",
+                 "stride_um": "i32" if gated else "constexpr", "GATED": "constexpr"}
     launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits,
-                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False), "W_TMA": tma}
+                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False), "W_TMA": tma, "GATED": gated}
+    if not gated:
+        launcher.update(up_ptr=None, stride_um=0)
     if not tma:
         launcher["w_desc"] = None
     if scales != BLOCK_SCALES:
@@ -386,6 +390,7 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
     aligned = ["x_ptr", "w_ptr", "y_ptr", "N", "K", "stride_xm", "stride_wn", "stride_ym", "K_SLICE"]
     aligned += [] if scales == NO_SCALES else ["scale_ptr"]
     aligned += ["partial_ptr", "count_ptr"] if splits > 1 else []
+    aligned += ["up_ptr", "stride_um"] if gated else []
     return KernelBuild(_few_rows_gemm_kernel, signature, constexprs, options, aligned)
 
 

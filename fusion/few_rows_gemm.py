@@ -41,6 +41,7 @@ import triton.language as tl
 from paiton.fusion import split_k
 from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind
 from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
+from paiton.fusion.swiglu import silu_mul, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
 from paiton.fusion.triton_utils import as_rows, device_guard, is_interpreted
 
@@ -95,7 +96,8 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
                           SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr,
                           W_VIA_FP16: tl.constexpr = False, PDL: tl.constexpr = False,
-                          SWAP_AB: tl.constexpr = False, W_TMA: tl.constexpr = False):
+                          SWAP_AB: tl.constexpr = False, W_TMA: tl.constexpr = False,
+                          up_ptr=None, stride_um=0, GATED: tl.constexpr = False):
     """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
@@ -103,7 +105,9 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
     PDL (fusion/pdl.py): the slice's first two W tiles (4-16 KB each) are prefetched into L2
     while the kernel before this one finishes; x is read (and the counters touched) after it has.
     W_TMA: W's tiles come through `w_desc`, a [BLOCK_N, BLOCK_K] tensor descriptor of W (see
-    W_TMA above); else (w_desc None) by every thread's own loads from w_ptr."""
+    W_TMA above); else (w_desc None) by every thread's own loads from w_ptr.
+    GATED: x is the gate and `up_ptr` the up half of a SwiGLU, applied as x loads (silu(gate) *
+    up, rounded as paiton::silu_mul rounds it): down_proj without the silu_mul kernel before it."""
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_begin = tl.program_id(2) * K_SLICE
@@ -113,6 +117,8 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
     k_end = tl.minimum(k_begin + K_SLICE, K)
     cols = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm
+    if GATED:
+        up_rows = up_ptr + rows_m.to(tl.int64)[:, None] * stride_um
     w_rows = w_ptr + rows_n.to(tl.int64)[:, None] * stride_wn
     if SWAP_AB:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -121,6 +127,8 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
     for start in range(k_begin, k_end, BLOCK_K):  # slices are whole BLOCK_K tiles: only K's end is ragged
         k = start + cols[None, :]
         x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
+        if GATED:  # silu(0) * 0 = 0 where masked
+            x = silu_times_up(x, tl.load(up_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0))
         if W_TMA:  # the tile in one bulk copy, zeros past N and K as the mask below gives
             w = w_desc.load([tl.program_id(0) * BLOCK_N, start])
         else:
@@ -311,9 +319,10 @@ def tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
 
 
 def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (any number of rows; BLOCK_M rows per program) @ dequantize(weight, scales).T
-    in x's dtype. `config`: launch keywords (default few_rows_config)."""
+    in x's dtype; with `up` (x's shape): silu_mul(x, up) @ ... (GATED). `config`: launch keywords
+    (default few_rows_config)."""
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
@@ -324,6 +333,13 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
+    if up is not None:
+        if up.shape != x.shape or up.dtype != x.dtype:
+            raise ValueError(f"paiton few_rows_gemm: gate and up of one shape and dtype; got {tuple(x.shape)} {x.dtype}, "
+                             f"{tuple(up.shape)} {up.dtype}")
+        up = up.reshape(-1, k)
+        if up.stride(-1) != 1:
+            up = up.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         launch = dict(config or few_rows_config(m))
@@ -341,17 +357,18 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
                 rows, weight, w_desc, scales, y, m, n, k, rows.stride(0), weight.stride(0), y.stride(0),
                 scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
                 SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
-                SPLITS=splits, W_VIA_FP16=via_fp16, W_TMA=w_desc is not None, **launch,
+                SPLITS=splits, W_VIA_FP16=via_fp16, W_TMA=w_desc is not None,
+                up_ptr=up, stride_um=0 if up is None else up.stride(0), GATED=up is not None, **launch,
                 **(pdl_launch(x, _few_rows_gemm_kernel) if k else {}))  # (an empty W: nothing to prefetch)
     return y.reshape(*x.shape[:-1], n)
 
 
 def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int],
-                     scales: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (W in x's dtype, or FP8 with its `scales`) with `config`'s launch (a
-    candidate: BLOCK_M from x's rows)."""
+                     scales: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (W in x's dtype, or FP8 with its `scales`; silu_mul(x, up) @ weight.T with
+    `up`) with `config`'s launch (a candidate: BLOCK_M from x's rows)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return few_rows_gemm(x, weight, scales, {"BLOCK_M": block_m(rows), **config})
+    return few_rows_gemm(x, weight, scales, {"BLOCK_M": block_m(rows), **config}, up=up)
 
 
 # Bound on |product - torch's product| / max |torch's product| for a candidate to be kept: both
@@ -367,7 +384,7 @@ _TIMINGS: dict[tuple, dict] = {}
 
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
            time_ms_fn: Callable[[Callable[[], object]], float] | None = None,
-           scales: torch.Tensor | None = None) -> dict[str, int] | str:
+           scales: torch.Tensor | None = None, up: torch.Tensor | None = None) -> dict[str, int] | str:
     """The fastest of `candidates` and torch's linear (VENDOR) for x's rows (rounded up to a
     power of two) times this weight, decided once per (device, rows bucket, shape, stride, dtype)
     and kept: TIMING_ROUNDS rounds of each in turn over cold copies of W, the vendor first (a tie
@@ -378,7 +395,11 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     An FP8 weight (with its `scales`) has no vendor GEMM: the candidates alone (the first, the
     untimed launch, is the baseline that captures, CPUs and ties get), checked against torch's
     product of the dequantized weight; block scales keep the launches whose BLOCK_K divides
-    their blocks."""
+    their blocks.
+
+    With `up` (x the gate): the product of silu_mul(x, up), each launch applying SwiGLU as it
+    loads x (GATED) against paiton::silu_mul then torch's linear (VENDOR), a choice of its own
+    per shape and rows."""
     fp8 = scales is not None
     kind = scales_kind(weight, scales)
     rows = as_rows(x)
@@ -396,6 +417,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         key += (weight.dtype, kind)
     if not tma_allowed:
         key += ("without W_TMA",)
+    if up is not None:
+        key += ("gated",)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -412,7 +435,10 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
 
         candidates = fitting(candidates, bucket, x.element_size(), detect_target(x.device).shared_memory_per_block)
     probe = bucket_probe(rows)
-    if fp8:
+    up_probe = None if up is None else bucket_probe(as_rows(up))
+    if up is not None:  # (FP8 weights take no gate: fusion/fp8_linear.py's own products)
+        expected = torch.nn.functional.linear(silu_mul(probe, up_probe), weight).float()
+    elif fp8:
         from paiton.fusion.fp8_paths import dequantize  # (fp8_paths imports this module)
 
         expected = torch.nn.functional.linear(probe, dequantize(weight, scales, x.dtype)).float()
@@ -422,12 +448,13 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     agreeing, dropped = [], []
     for config in candidates:
         try:
-            error = (launch_candidate(probe, weight, config, scales).float() - expected).abs().max().item()
+            error = (launch_candidate(probe, weight, config, scales, up_probe).float() - expected).abs().max().item()
         except Exception as failure:  # a launch this chip cannot make (shared memory): not a candidate
             log.debug("paiton few_rows_gemm: %s failed: %s", config, failure)
             continue
         (agreeing if error <= bound else dropped).append(config)
-    what = f"{bucket} rows x [{key[2]} x {key[3]}] {x.dtype}" + (f", {weight.dtype} weight" if fp8 else "")
+    what = (f"{bucket} rows x [{key[2]} x {key[3]}] {x.dtype}" + (f", {weight.dtype} weight" if fp8 else "")
+            + (", gated" if up is not None else ""))
     if dropped:
         log.warning("paiton few_rows_gemm: %s on %s: launches %s disagree with torch's product; left out", what,
                     x.device, dropped)
@@ -435,8 +462,11 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         _CHOICES[key], _TIMINGS[key] = baseline, {"source": "fallback", "disagreeing": dropped}
         return baseline
     weights = cold_copies(weight)
-    runs = [] if fp8 else [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
-    runs += [(config, lambda config=config: [launch_candidate(probe, w, config, scales) for w in weights])
+    if up is None:
+        runs = [] if fp8 else [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
+    else:  # the vendor's product after silu_mul's kernel
+        runs = [(VENDOR, lambda: [torch.nn.functional.linear(silu_mul(probe, up_probe), w) for w in weights])]
+    runs += [(config, lambda config=config: [launch_candidate(probe, w, config, scales, up_probe) for w in weights])
              for config in agreeing]
     with device_guard(x):
         timed = best_times(runs, TIMING_ROUNDS, time_ms_fn or time_ms, required=runs[0][0],
@@ -458,7 +488,9 @@ def chosen_launches() -> list[dict]:
     product of a few rows), with its source and, timed, the vendor's and the choice's times."""
     return [dict(device=key[0], rows=key[1], n=key[2], k=key[3], row_stride=key[4],
                  dtype=str(key[5]).removeprefix("torch."),
-                 **({"weight_dtype": str(key[6]).removeprefix("torch.")} if len(key) > 6 else {}),
+                 **({"weight_dtype": str(key[6]).removeprefix("torch.")} if len(key) > 6 and isinstance(key[6], torch.dtype)
+                    else {}),
+                 **({"gated": True} if "gated" in key[6:] else {}),
                  choice=choice, **_TIMINGS.get(key, {}))
             for key, choice in _CHOICES.items()]
 
@@ -471,20 +503,25 @@ def describe_choices() -> list[str]:
         baseline = f"vendor {r['vendor_us']:.1f} us" if "vendor_us" in r else f"first launch {r.get('first_launch_us', 0):.1f} us"
         times = f": {r['chosen_us']:.1f} us, {baseline}" if "chosen_us" in r else f" ({r['source']})"
         weight = f", {r['weight_dtype']} weight" if "weight_dtype" in r else ""
-        lines.append(f"{r['rows']} rows x [{r['n']} x {r['k']}] {r['dtype']}{weight}: {choice}{times}")
+        gated = ", gated (SwiGLU as x loads)" if r.get("gated") else ""
+        lines.append(f"{r['rows']} rows x [{r['n']} x {r['k']}] {r['dtype']}{weight}{gated}: {choice}{times}")
     return lines
 
 
-def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]]) -> torch.Tensor:
-    """x [..., K] @ weight.T: Paiton's kernel or torch's linear, whichever `choose` found faster
-    for this shape and row count. Under the interpreter (CPU tests) the kernel's interpreter
-    launch runs, for 2 to MAX_ROWS rows."""
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
+                    up: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight.T (with `up`: silu_mul(x, up) @ weight.T): Paiton's kernel or torch's
+    linear (after silu_mul), whichever `choose` found faster for this shape and row count. Under
+    the interpreter (CPU tests) the kernel's interpreter launch runs, for 2 to MAX_ROWS rows."""
+    def vendor():
+        return torch.nn.functional.linear(x if up is None else silu_mul(x, up), weight)
+
     if x.device.type == "cpu" and is_interpreted(_few_rows_gemm_kernel):
         rows = x.numel() // max(x.shape[-1], 1)
         if 1 < rows <= MAX_ROWS:
-            return launch_candidate(x, weight, INTERPRETER_CANDIDATE)
-        return torch.nn.functional.linear(x, weight)
-    config = choose(x, weight, candidates)
+            return launch_candidate(x, weight, INTERPRETER_CANDIDATE, up=up)
+        return vendor()
+    config = choose(x, weight, candidates, up=up)
     if config == VENDOR:
-        return torch.nn.functional.linear(x, weight)
-    return launch_candidate(x, weight, config)
+        return vendor()
+    return launch_candidate(x, weight, config, up=up)

@@ -23,7 +23,9 @@ passes/one_row_linear.py also sends single linears of a decode step here, as `pa
 Op: paiton::silu_mul_packed_linear(gate, up, [W_1, ...]) -> packed_linear(silu_mul(gate, up),
 [W_1, ...]). For one row, on a chip whose table has a one-row linear, the GEMV applies SwiGLU
 while it loads its input: down_proj at batch 1 without the silu_mul kernel before it
-(passes/silu_mul_linear.py). Otherwise it is the two ops in turn.
+(passes/silu_mul_linear.py); for 2 to 64 rows, on a chip whose table has a few-rows linear, the
+few-rows GEMM does the same where the timing finds it faster than silu_mul and the vendor's GEMM.
+Otherwise it is the two ops in turn.
 """
 
 from __future__ import annotations
@@ -90,10 +92,11 @@ def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     return None
 
 
-def _several_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for x of any number of rows but one: for 2 to 64 rows on a chip whose table
-    has a few-rows linear, fusion/few_rows_gemm.py's choice (on CPU only under Triton's
-    interpreter, for the tests); otherwise torch's linear."""
+def _several_rows(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (with `up`: silu_mul(x, up) @ weight.T) for x of any number of rows but one:
+    for 2 to 64 rows on a chip whose table has a few-rows linear, fusion/few_rows_gemm.py's
+    choice, the gated one applying SwiGLU as it loads x (on CPU only under Triton's interpreter,
+    for the tests); otherwise torch's linear (after silu_mul)."""
     from paiton.fusion import few_rows_gemm
 
     rows = x.numel() // max(x.shape[-1], 1)
@@ -101,8 +104,8 @@ def _several_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if 1 < rows <= few_rows_gemm.MAX_ROWS and runs_here:
         candidates = _table_candidates(x, "few_rows_linear")
         if candidates is not None:
-            return few_rows_gemm.few_rows_linear(x, weight, candidates)
-    return torch.nn.functional.linear(x, weight)
+            return few_rows_gemm.few_rows_linear(x, weight, candidates, up=up)
+    return torch.nn.functional.linear(x if up is None else silu_mul(x, up), weight)
 
 
 @torch.library.custom_op("paiton::packed_linear", mutates_args=())
@@ -121,14 +124,14 @@ def _packed_linear_fake(x, weights):
 
 @torch.library.custom_op("paiton::silu_mul_packed_linear", mutates_args=())
 def silu_mul_packed_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """packed_linear(silu_mul(gate, up), weights), SwiGLU applied inside a one-row GEMV."""
+    """packed_linear(silu_mul(gate, up), weights), SwiGLU applied inside a one-row GEMV or a
+    few-rows GEMM."""
     _check_inputs(gate, weights)
     weight = packed_weight(weights)
-    if gate.shape == up.shape and gate.dtype == up.dtype:  # else silu_mul below raises the error
-        y = _one_row_gemv(gate, weight, up)
-        if y is not None:
-            return y
-    return _several_rows(silu_mul(gate, up), weight)
+    if gate.shape != up.shape or gate.dtype != up.dtype:  # silu_mul raises the error
+        return _several_rows(silu_mul(gate, up), weight)
+    y = _one_row_gemv(gate, weight, up)
+    return y if y is not None else _several_rows(gate, weight, up)
 
 
 @silu_mul_packed_linear.register_fake

@@ -1,22 +1,27 @@
-"""SwiGLU feeding a one-row product -> one `paiton.silu_mul_packed_linear` op.
+"""SwiGLU feeding a decode step's product -> one `paiton.silu_mul_packed_linear` op.
 
-At batch 1 a decode step's MLP ends in (after the SwiGLU and one-row linear passes)::
+At batch 1 to 64 a decode step's MLP ends in (after the SwiGLU and one-row / few-rows linear
+passes)::
 
     act = paiton.silu_mul(gate, up)              # gate, up: halves of the gate/up product
-    out = paiton.packed_linear(act, [W_down])    # one row: Paiton's GEMV
+    out = paiton.packed_linear(act, [W_down])    # Paiton's GEMV (one row) or few-rows GEMM
 
 Fused::
 
     out = paiton.silu_mul_packed_linear(gate, up, [W_down])
 
-The GEMV computes silu(gate) * up as it loads its input (fusion/gemv.py, GATED), rounded as
-silu_mul rounds it, so the step loses one kernel launch per layer and the write and re-read of
-the activation. Runs after SwiGLUPass on the ATen graph. Rewritten: a silu_mul whose only user
-is a packed_linear of one row (every leading dimension static and 1), or an fp8_linear of one
-row (FP8 weights: -> `paiton.silu_mul_fp8_linear`, the FP8 GEMV gated). Left alone: several
-rows or a dynamic row count (the GEMV is for one row; a GEMM gains nothing here), an
-activation with other users (it must exist anyway), a packed_linear fed by anything else. On
-chips whose lowering table leaves one-row linears to Inductor (AMD) the pass does not run.
+The GEMV (fusion/gemv.py) or the few-rows GEMM (fusion/few_rows_gemm.py), both GATED, computes
+silu(gate) * up as it loads its input, rounded as silu_mul rounds it, so the step loses one
+kernel launch per layer and the write and re-read of the activation; at 2-64 rows where the
+timing finds that faster than silu_mul and the vendor's GEMM (a choice of its own per shape and
+rows). Runs after SwiGLUPass on the ATen graph. Rewritten: a silu_mul whose only user is a
+packed_linear of one row (every leading dimension static and 1) or of a decode step's few rows
+(passes/few_rows_linear.py's is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), or an
+fp8_linear of one row (FP8 weights: -> `paiton.silu_mul_fp8_linear`, the FP8 GEMV gated). Left
+alone: an fp8_linear of several rows (fusion/fp8_linear.py's products take no gate), other row
+counts (prefill), an activation with other users (it must exist anyway), a product fed by
+anything else. On chips whose lowering table leaves one-row linears to Inductor (AMD) the pass
+does not run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from paiton.passes.decode_attention import bound_args, is_call, val
+from paiton.passes.few_rows_linear import is_decode_rows
 from paiton.passes.one_row_linear import is_one_row
 from paiton.passes.paiton_pass import PaitonPass
 
@@ -31,7 +37,8 @@ from paiton.passes.paiton_pass import PaitonPass
 class SiluMulLinearPass(PaitonPass):
     name = "silu_mul_linear"
     fused_op = "silu_mul_linear"
-    depends_on = ("paiton.fusion.packed_linear", "paiton.passes.decode_attention", "paiton.passes.one_row_linear")
+    depends_on = ("paiton.fusion.packed_linear", "paiton.passes.decode_attention", "paiton.passes.one_row_linear",
+                  "paiton.passes.few_rows_linear")
 
     def apply(self, graph: torch.fx.Graph) -> int:
         import paiton.fusion.fp8_linear  # noqa: F401  (registers the ops)
@@ -45,7 +52,9 @@ class SiluMulLinearPass(PaitonPass):
             # By schema name: the pattern matcher's replacements pass arguments as keywords.
             product = bound_args(node)
             act = product["x"]
-            if not is_call(act, torch.ops.paiton.silu_mul.default) or len(act.users) != 1 or not is_one_row(val(act)):
+            if not is_call(act, torch.ops.paiton.silu_mul.default) or len(act.users) != 1:
+                continue
+            if not (is_one_row(val(act)) or (not fp8 and is_decode_rows(val(act)))):
                 continue
             swiglu = bound_args(act)
             with graph.inserting_before(node):

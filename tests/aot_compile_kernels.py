@@ -96,6 +96,14 @@ def builds(target):
                 name = launch_name(config)
                 yield (f"few_rows_gemm/{dtype}/rows={rows}/{name}", "few_rows_linear",
                        few_rows_gemm_build({"BLOCK_M": block_m(rows), **config}, dtype, dtype, NO_SCALES))
+        # ... gated (SwiGLU applied as x loads: down_proj at 2-64 rows), bf16, every candidate at 16
+        # and 32 rows a program (the gate and up tiles both come through the pipeline).
+        if dtype == "bf16":
+            for rows in (16, 32):
+                for config in fitting(launch_config("few_rows_linear", target).get("candidates", ()), rows, element_size,
+                                      target.shared_memory_per_block):
+                    yield (f"few_rows_gemm/{dtype}/gated/rows={rows}/{launch_name(config)}", "few_rows_linear",
+                           few_rows_gemm_build({"BLOCK_M": block_m(rows), **config}, dtype, dtype, NO_SCALES, gated=True))
         # The one-row GEMV on FP8 weights in the chip's format (e4m3fn; e4m3fnuz on gfx942), scales
         # per row (quantize_fp8's) or per 128 x 128 block (public FP8 checkpoints'), plain and gated.
         if dtype != "fp32" and lowering_for("fp8_linear", target).implementation == TRITON:

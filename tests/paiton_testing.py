@@ -130,8 +130,8 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
     linear, and its SwiGLU into down_proj's GEMV; the lm_head alone when it reads the last
     position only (`last_logits_only`, logits_to_keep=1) of one sequence. A decode graph of 2-64
     sequences (`batch`; None: a dynamic batch) sends the same three linears through the
-    few-rows linear (no SwiGLU fusion there), and the lm_head alone when it reads the last
-    position of each sequence."""
+    few-rows linear, and its SwiGLU into down_proj's few-rows GEMM, and the lm_head alone when
+    it reads the last position of each sequence."""
     from paiton.fusion.few_rows_gemm import MAX_ROWS
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
@@ -150,7 +150,8 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
         cache_counters=(num_layers + (num_layers if num_layers >= 2 else 0)) if static_cache else 0,
         decode_attention=num_layers if static_cache and queries <= MAX_DECODE_QUERIES else 0,
         swiglu=num_layers,
-        silu_mul_linear=num_layers if one_row else 0,  # SwiGLU into down_proj's GEMV
+        # SwiGLU into down_proj's GEMV (one row) or few-rows GEMM (a decode step's 2-64 rows)
+        silu_mul_linear=num_layers if one_row or (few_rows and queries == 1) else 0,
     )
 
 

@@ -160,9 +160,9 @@ def fake_timer(times_by_block_n):
         launched = []
         original = few_rows_gemm.launch_candidate
 
-        def spy(x, weight, config, scales=None):
+        def spy(x, weight, config, scales=None, up=None):
             launched.append(config["BLOCK_N"])
-            return original(x, weight, config, scales)
+            return original(x, weight, config, scales, up)
 
         few_rows_gemm.launch_candidate = spy
         try:
@@ -245,8 +245,8 @@ def test_choose_drops_a_launch_that_computes_something_else(fresh_choices, monke
     """A kernel that is wrong on some chip is never chosen, however fast it times."""
     original = few_rows_gemm.launch_candidate
 
-    def wrong_for_wide_tiles(x, weight, config, scales=None):
-        y = original(x, weight, config, scales)
+    def wrong_for_wide_tiles(x, weight, config, scales=None, up=None):
+        y = original(x, weight, config, scales, up)
         return y + 1.0 if config["BLOCK_N"] == 32 else y
 
     monkeypatch.setattr(few_rows_gemm, "launch_candidate", wrong_for_wide_tiles)
@@ -278,9 +278,9 @@ def test_packed_linear_takes_the_kernel_for_two_to_64_rows(monkeypatch):
     launched = []
     original = few_rows_gemm.launch_candidate
 
-    def spy(x, weight, config):
-        launched.append(x.shape)
-        return original(x, weight, config)
+    def spy(x, weight, config, up=None):
+        launched.append((x.shape, up is not None))
+        return original(x, weight, config, up=up)
 
     monkeypatch.setattr(few_rows_gemm, "launch_candidate", spy)
     generator = torch.Generator().manual_seed(0)
@@ -292,9 +292,49 @@ def test_packed_linear_takes_the_kernel_for_two_to_64_rows(monkeypatch):
         assert bool(launched) == through_kernel, rows
         assert relative_error(y, x.double() @ weights.double().T) <= 1e-5
         gate, up = torch.randn(2, rows, 40, generator=generator)
+        launched.clear()
         y = torch.ops.paiton.silu_mul_packed_linear(gate, up, [weights])
         expected = torch.nn.functional.silu(gate.double()) * up.double() @ weights.double().T
         assert relative_error(y, expected) <= 1e-5
+        assert launched == ([((rows, 40), True)] if through_kernel else []), rows  # gated: SwiGLU as x loads
+
+
+@given(rows=st.integers(2, 64), n=st.integers(1, 70), k=st.integers(1, 150), three_d=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       launch=st.sampled_from(SMALL_LAUNCHES + [few_rows_gemm.candidate(16, 32, 4, 1, splits=3)]),
+       seed=st.integers(0, 2**16))
+def test_gated_launch_equals_silu_mul_then_the_product(rows, n, k, three_d, dtype, launch, seed):
+    """GATED (SwiGLU applied as x loads, down_proj at 2-64 rows): the same bits as the same launch
+    on paiton::silu_mul's output (silu(gate) * up rounded as silu_mul rounds it), split or not."""
+    from paiton.fusion.swiglu import silu_mul
+
+    generator = torch.Generator().manual_seed(seed)
+    gate, up = (torch.randn(rows, k, generator=generator).to(DEVICE, dtype) for _ in range(2))
+    if three_d:  # a decode step's [batch, 1, K]
+        gate, up = gate.unsqueeze(1), up.unsqueeze(1)
+    weight = torch.randn(n, k, generator=generator).to(DEVICE, dtype)
+    gated = few_rows_gemm.launch_candidate(gate, weight, launch, up=up)
+    assert torch.equal(gated, few_rows_gemm.launch_candidate(silu_mul(gate, up), weight, launch))
+
+
+def test_choose_times_a_gated_product_against_silu_mul_and_the_vendor(fresh_choices, monkeypatch):
+    """With `up`: a choice of its own (not the plain product's), the vendor's run being silu_mul
+    then torch's linear; the record says gated."""
+    from paiton.fusion import swiglu
+
+    silu_calls = []
+    original = swiglu.silu_mul
+    monkeypatch.setattr(few_rows_gemm, "silu_mul", lambda g, u: silu_calls.append(1) or original(g, u))
+    weight, gate, up = torch.randn(40, 64), torch.randn(5, 64), torch.randn(5, 64)
+    timer, calls = fake_timer({VENDOR: 1.0, 16: 0.9, 32: 0.5})
+    launches = SMALL_LAUNCHES[:2]
+    assert few_rows_gemm.choose(gate, weight, launches, time_ms_fn=timer, up=up) == launches[1]
+    assert silu_calls  # the vendor's run (and the expected product) go through silu_mul
+    timer, _ = fake_timer({VENDOR: 0.1, 16: 0.9, 32: 0.5})
+    assert few_rows_gemm.choose(gate, weight, launches, time_ms_fn=timer) == VENDOR  # the plain product: its own
+    records = {bool(r.get("gated")): r for r in few_rows_gemm.chosen_launches()}
+    assert records[True]["choice"] == launches[1] and records[False]["choice"] == VENDOR
+    assert any("gated" in line for line in few_rows_gemm.describe_choices())
 
 
 @pytest.mark.gpu
@@ -325,6 +365,34 @@ def test_few_rows_gemm_at_qwen3_32b_shapes_on_gpu(rows, fresh_choices):
         assert ran >= len(candidates) // 2
         choice = few_rows_gemm.choose(x, weight, candidates)
         assert choice == VENDOR or choice in candidates
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [2, 8, 32, 64])
+def test_gated_few_rows_gemm_at_qwen3_32b_down_proj_on_gpu(rows, fresh_choices):
+    """down_proj's product with SwiGLU applied as x loads (GATED), bf16, Qwen3-32B's [5120 x 25600]:
+    every candidate against a float64 product of silu(gate) * up; then `choose` times them against
+    silu_mul + cuBLAS and picks one whose product agrees (its choice and times printed)."""
+    from paiton.backends.lowering import lowering_for
+    from paiton.backends.target import detect_target
+
+    candidates = lowering_for("few_rows_linear", detect_target(torch.device("cuda"))).params["candidates"]
+    weight = (torch.randn(5120, 25600, device="cuda") / 25600**0.5).bfloat16()
+    gate, up = (torch.randn(rows, 1, 25600, device="cuda").bfloat16() for _ in range(2))
+    expected = (torch.nn.functional.silu(gate.float()).bfloat16().double() * up.double()) @ weight.double().T
+    ran = 0
+    for config in candidates:
+        try:
+            y = few_rows_gemm.launch_candidate(gate, weight, config, up=up)
+        except Exception as error:  # a launch the chip cannot make (shared memory) is no candidate there
+            assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
+            continue
+        ran += 1
+        assert relative_error(y, expected) <= 2**-7, (rows, config)
+    assert ran >= len(candidates) // 2
+    choice = few_rows_gemm.choose(gate, weight, candidates, up=up)
+    assert choice == VENDOR or choice in candidates
+    print("\n" + "\n".join(few_rows_gemm.describe_choices()))
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
-"""SwiGLU into a one-row product: paiton.silu_mul feeding paiton.packed_linear of one row
-becomes paiton.silu_mul_packed_linear, whose GEMV applies SwiGLU as it loads (fusion/gemv.py),
-through backend="paiton" (eager inner compiler) on Qwen3's MLP. Near misses are left alone:
-more rows, an activation with another user, no SwiGLU, the pass switched off.
+"""SwiGLU into a decode step's product: paiton.silu_mul feeding paiton.packed_linear of one row
+(or of a decode step's 2-64 rows) becomes paiton.silu_mul_packed_linear, whose GEMV (few-rows
+GEMM) applies SwiGLU as it loads (fusion/gemv.py, fusion/few_rows_gemm.py), through
+backend="paiton" (eager inner compiler) on Qwen3's MLP. Near misses are left alone: rows that are
+not a decode step's (2-D), an activation with another user, no SwiGLU, the pass switched off.
 
 Tolerance: as the one-row linear pass's (the GEMV accumulates in another order than the CPU
 GEMM): fp32 within 1e-5, bf16 within one bf16 rounding of the output plus a floor near zero.
@@ -49,6 +50,23 @@ def test_swiglu_goes_into_the_down_projection(hidden, inner, leading, dtype):
     assert counts == fusions(merged_projections=1, one_row_linear=1, swiglu=1, silu_mul_linear=1)
     assert census["paiton.silu_mul_packed_linear.default"] == 1
     assert census["paiton.silu_mul.default"] == 0 and census["paiton.packed_linear.default"] == 1  # gate/up only
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("batch", [2, 5, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_goes_into_a_decode_steps_few_rows_product(batch, dtype):
+    """A decode step's [batch, 1, hidden] at 2-64 rows: down_proj's few-rows GEMM applies SwiGLU
+    as it loads (fusion/few_rows_gemm.py GATED; the interpreter's launch on CPU)."""
+    torch._dynamo.reset()
+    module = MLP(40, 96, dtype)
+    x = torch.randn(batch, 1, 40, dtype=dtype)
+    with torch.no_grad():
+        expected = module(x)
+    actual, graphs = compile_and_capture(module, x)
+    (before, census, counts), = graphs
+    assert counts == fusions(merged_projections=1, few_rows_linear=1, swiglu=1, silu_mul_linear=1)
+    assert census["paiton.silu_mul_packed_linear.default"] == 1 and census["paiton.silu_mul.default"] == 0
     torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
 
 
