@@ -204,14 +204,17 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
 
 
 def decode_attention_split_build(config: dict, dtype: str, group: int, has_positions: bool, has_mask: bool) -> KernelBuild:
-    config = {k: v for k, v in config.items() if k != "combine_num_warps"}
+    combine = config.get("combine_in_split", False)  # the launcher's switch: COMBINE, with counters
+    config = {k: v for k, v in config.items() if k not in ("combine_num_warps", "combine_in_split")}
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
-                "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+                "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                "count_ptr": "*i32" if combine else f"*{dtype}"}
     ints = ["n_kv_heads", "q_len", "head_dim", "cache_len", "q_stride_b", "q_stride_h", "q_stride_s", "k_stride_b",
             "k_stride_h", "k_stride_n", "v_stride_b", "v_stride_h", "v_stride_n", "pos_stride_b", "pos_stride_s",
             "mask_stride_b", "mask_stride_s", "mask_stride_n", "split_size", "n_splits"]
     launcher = {"GROUP": group, "HAS_POSITIONS": has_positions, "HAS_MASK": has_mask, "DOT_FP32": False,
-                "DOT_PRECISION": "ieee" if dtype == "fp32" else None, "SPLIT_FILLED": config.get("SPLIT_FILLED", True)}
+                "DOT_PRECISION": "ieee" if dtype == "fp32" else None, "SPLIT_FILLED": config.get("SPLIT_FILLED", True),
+                "COMBINE": combine}
     if has_mask:  # a contiguous mask: the JIT specializes its unit key stride as a constant
         launcher["mask_stride_n"] = 1
     constexprs, options = _split(_decode_attention_split_kernel, config, launcher)

@@ -126,7 +126,8 @@ _NVIDIA = {
         "64-key tiles, 2 stages of K/V prefetch; the combine kernel on one warp. Timed one knob at a time against 3 "
         "stages and a 4-warp combine (bench/lowering_sweep.py, Qwen3-8B/32B heads, cache 4096 filled 1024; "
         "lowering_sweep-sm_90-*-1e1e716-* on an H100, -2810a50 on an H200): 2 stages 4-11% faster at 64 sequences and "
-        "within 1% at one; the 1-warp combine 5-7% faster at one sequence (its many splits) and even at 64",
+        "within 1% at one; the 1-warp combine 5-7% faster at one sequence (its many splits) and even at 64. "
+        "combine_in_split (the last split program combines, one launch a layer) is the sweep's knob, not yet timed",
     ),
     "prefill_attention": Lowering(
         TRITON, dict(BLOCK_M=128, BLOCK_N=64, SCAN=1024, num_warps=8, num_stages=2),

@@ -17,7 +17,8 @@ what makes decoding cheap:
     the keys from the first to the last that some query attends to, so the unfilled cache and
     left padding cost their mask bytes (a hole inside that range is read, as eager reads it);
   * it splits the sequence across programs when (batch x KV heads) alone would leave most of
-    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass;
+    the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass
+    (or, where the lowering table says `combine_in_split`, in the last split program to finish);
     with positions, the splits divide each sequence's filled part (read on the device), so a
     long cache that holds a short context still spreads its keys over every split.
 
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from paiton.backends.target import detect_target
+from paiton.fusion import split_k
 from paiton.fusion.pdl import pdl_launch, wait_for_previous_kernel
 from paiton.fusion.rms_norm import SUPPORTED_DTYPES
 from paiton.fusion.triton_utils import device_guard, is_interpreted
@@ -106,7 +108,7 @@ def attend_tile(q, k, v, valid, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr, DO
 
 @triton.jit
 def _decode_attention_split_kernel(
-    q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_ptr, v_ptr, pos_ptr, mask_ptr, part_out_ptr, part_lse_ptr, out_ptr, count_ptr,
     n_kv_heads, q_len, head_dim, cache_len, scale,
     q_stride_b, q_stride_h, q_stride_s,
     k_stride_b, k_stride_h, k_stride_n,
@@ -115,14 +117,17 @@ def _decode_attention_split_kernel(
     split_size, n_splits,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr = False, SPLIT_FILLED: tl.constexpr = True,
+    PDL: tl.constexpr = False, SPLIT_FILLED: tl.constexpr = True, COMBINE: tl.constexpr = False,
 ):
     """Program (b * Hkv + kv head, split): the G query heads x Sq queries that share the KV
     head, over this split's part of the cache (of its filled part, with positions). Writes
     the split's normalized output and log-sum-exp per row to the partials [B, Hq, Sq, n_splits, (D)].
     PDL: launched programmatically (fusion/pdl.py). SPLIT_FILLED (with positions): the splits
     divide the filled part (below); False: splits of `split_size` over the cache, bounded by the
-    last position (the layout before 2026-12-06, kept for bench/lowering_sweep.py to time)."""
+    last position (the layout before 2026-12-06, kept for bench/lowering_sweep.py to time).
+    COMBINE: the KV head's last split to arrive (count_ptr: a counter per program row, left at
+    0; fusion/split_k.py's protocol) combines the splits into out_ptr itself, as the combine
+    kernel would: one launch a layer instead of two."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -206,6 +211,31 @@ def _decode_attention_split_kernel(
     part_row = ((b * GROUP * n_kv_heads + q_head) * q_len + q_index) * n_splits + split  # [B, Hq, Sq, n_splits]
     tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
     tl.store(part_out_ptr + part_row[:, None] * head_dim + cols_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
+    if COMBINE:
+        tl.debug_barrier()  # every thread's partials are written before the counter says so
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == n_splits - 1:  # the last split: combine them all (read past L1: other programs wrote them)
+            first_row = part_row - split
+            lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for s in range(0, n_splits):
+                lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+                lse_max = tl.maximum(lse_max, lse_s)
+            shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for s in range(0, n_splits):  # in split order: the bits do not depend on which split came last
+                lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+                weight = tl.where(lse_s == float("-inf"), 0.0, tl.exp(lse_s - shift))
+                part = tl.load(part_out_ptr + (first_row + s)[:, None] * head_dim + cols_d[None, :],
+                               mask=row_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
+                acc += part * weight[:, None]
+                total += weight
+            combined = acc / tl.where(total > 0, total, 1.0)[:, None]
+            # Output memory is [B, Sq, Hq, D], as the combine kernel writes it.
+            out_row = (b * q_len + q_index) * (GROUP * n_kv_heads) + q_head
+            tl.store(out_ptr + out_row[:, None] * head_dim + cols_d[None, :], combined.to(out_ptr.dtype.element_ty),
+                     mask=row_valid[:, None] & d_valid[None, :])
+            tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -323,7 +353,8 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
 def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None, split_lse=None):
     """`n_splits`: how many programs share one sequence's keys (default: two waves over the
     chip). `config`: the launch's keyword arguments, the split kernel's and the combine
-    kernel's `combine_num_warps`; by default the lowering table's for the device. `split_lse`:
+    kernel's `combine_num_warps` and `combine_in_split` (the split kernel combines: no combine
+    kernel); by default the lowering table's for the device. `split_lse`:
     a list that gets the splits' log-sum-exps [B, Hq, Sq, n_splits] (-inf: the split read no
     key), for tests of how the keys are divided."""
     _check_inputs(q, k_cache, v_cache, positions, kv_mask)
@@ -345,6 +376,7 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
         config = launch_config("decode_attention", target, group=group, q_len=q_len, head_dim=head_dim)
     config = dict(config)
     combine_num_warps = config.pop("combine_num_warps")
+    combine_in_split = config.pop("combine_in_split", False)
     block_n = config["BLOCK_N"]
     if n_splits is None:
         split_size, n_splits = default_split_layout(batch * kv_heads, cache_len, target.multiprocessors, block_n)
@@ -352,10 +384,15 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
         split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
     part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
+    # The split kernel's last program combines where the table says so and counters are to be
+    # had (not before they exist inside a CUDA graph capture: then the combine kernel does).
+    counters = split_k.tile_counters(q.device, batch * kv_heads) if combine_in_split else None
     with device_guard(q):
         _decode_attention_split_kernel[(batch * kv_heads, n_splits)](
-            # An absent positions/mask tensor is never read (constexpr flags); q stands in for its pointer.
+            # An absent positions/mask tensor is never read (constexpr flags); q stands in for its pointer,
+            # and out for the counters' without COMBINE.
             q, k_cache, v_cache, q if positions is None else positions, q if kv_mask is None else kv_mask, part_out, part_lse,
+            out, out if counters is None else counters,
             kv_heads, q_len, head_dim, cache_len, float(scale),
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -368,14 +405,16 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
             # fp32 dots is TF32 on NVIDIA (seen on an H100: 2% relative error against eager).
             # Other dtypes keep the backend's default (AMD's gfx950 rejects an explicit "tf32").
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+            COMBINE=counters is not None,
             **config,
             **pdl_launch(q, _decode_attention_split_kernel),
         )
-        _decode_attention_combine_kernel[(batch * q_heads * q_len,)](
-            part_out, part_lse, out, q_heads, q_len, head_dim, n_splits,
-            BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=combine_num_warps,
-            **pdl_launch(q, _decode_attention_combine_kernel),
-        )
+        if counters is None:
+            _decode_attention_combine_kernel[(batch * q_heads * q_len,)](
+                part_out, part_lse, out, q_heads, q_len, head_dim, n_splits,
+                BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=config["BLOCK_D"], num_warps=combine_num_warps,
+                **pdl_launch(q, _decode_attention_combine_kernel),
+            )
     if split_lse is not None:
         split_lse.append(part_lse)
     return out

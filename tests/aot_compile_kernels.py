@@ -72,6 +72,9 @@ def builds(target):
             for has_positions, has_mask in ((True, False), (True, True), (False, True)):
                 yield (f"decode_attention/{dtype}/group={group}/positions={has_positions}/mask={has_mask}", "decode_attention",
                        decode_attention_split_build(config, dtype, group, has_positions, has_mask))
+            # The splits combined by the last split program (combine_in_split: the sweep's knob).
+            yield (f"decode_attention/{dtype}/group={group}/positions=True/mask=False/combine_in_split", "decode_attention",
+                   decode_attention_split_build({**config, "combine_in_split": True}, dtype, group, True, False))
             # The combine kernel at batch 1, as many splits as the chip gets there.
             n_splits = default_split_layout(KV_HEADS, CACHE_LEN, target.multiprocessors, config["BLOCK_N"])[1]
             yield (f"decode_attention_combine/{dtype}/group={group}/splits={n_splits}", "decode_attention",
@@ -208,6 +211,8 @@ def pdl_builds(target):
     config = with_pdl(launch_config("decode_attention", target, group=8, q_len=1, head_dim=HEAD_DIM))
     yield "decode_attention/bf16/group=8/pdl", "decode_attention", decode_attention_split_build(config, dtype, 8, True, False)
     yield "decode_attention_combine/bf16/splits=16/pdl", "decode_attention", decode_attention_combine_build(config, dtype, 16)
+    yield ("decode_attention/bf16/group=8/combine_in_split/pdl", "decode_attention",
+           decode_attention_split_build({**config, "combine_in_split": True}, dtype, 8, True, False))
     config = with_pdl(launch_config("prefill_attention", target, head_dim=HEAD_DIM, element_size=2))
     yield "prefill_attention/bf16/group=8/pdl", "prefill_attention", prefill_attention_build(config, dtype, 8)
     gemv = with_pdl(launch_config("one_row_linear", target)["candidates"][0])

@@ -200,6 +200,69 @@ def test_the_splits_divide_the_filled_part_not_the_cache(filled):
     assert torch.isinf(lse[1][0, ..., triton.cdiv(filled, 128):]).all() and torch.isfinite(lse[1][0, ..., :triton.cdiv(filled, 128)]).all()
 
 
+def table_config(group, q_len, head_dim, **changes):
+    from paiton.backends.lowering import launch_config
+    from paiton.backends.target import detect_target
+
+    return {**launch_config("decode_attention", detect_target(DEVICE), group=group, q_len=q_len, head_dim=head_dim), **changes}
+
+
+@settings(max_examples=25)
+@given(
+    batch=st.integers(1, 3),
+    kv_heads=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 8]),
+    q_len=st.integers(1, 3),
+    head_dim=st.sampled_from([16, 24, 64]),
+    cache_len=st.integers(4, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    with_mask=st.booleans(),
+    n_splits=st.sampled_from([1, 2, 5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_combine_in_split_matches_the_combine_kernel(batch, kv_heads, group, q_len, head_dim, cache_len, dtype,
+                                                     with_mask, n_splits, seed):
+    """combine_in_split: each KV head's last split program combines the splits (no combine
+    kernel is launched: the kernel is swapped for one that fails), in split order, to the
+    definition's output within the same tolerance, and leaves the arrival counters at zero."""
+    from paiton.fusion import split_k
+
+    generator = torch.Generator().manual_seed(seed)
+    q = random((batch, kv_heads * group, q_len, head_dim), dtype, generator)
+    k_cache, v_cache = (random((batch, kv_heads, cache_len, head_dim), dtype, generator) for _ in range(2))
+    starts = torch.randint(0, cache_len - q_len + 1, (batch, 1), generator=generator)
+    positions = (starts + torch.arange(q_len)).to(DEVICE)
+    kv_mask = (torch.rand(batch, cache_len, generator=generator) > 0.3).to(DEVICE) if with_mask else None
+    two_kernels = _launch(q, k_cache, v_cache, positions, kv_mask, 0.25, n_splits=n_splits)
+    config = table_config(group, q_len, head_dim, combine_in_split=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_module, "_decode_attention_combine_kernel", None)  # a launch would fail
+        out = _launch(q, k_cache, v_cache, positions, kv_mask, 0.25, n_splits=n_splits, config=config)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, 0.25), **TOLERANCE[dtype])
+    torch.testing.assert_close(out, two_kernels, **TOLERANCE[dtype])
+    assert not split_k.COUNTERS[str(q.device)][: batch * kv_heads].any()
+
+
+def test_combine_in_split_without_counters_launches_the_combine_kernel(monkeypatch):
+    """Where no counters are to be had (first use inside a CUDA graph capture), the launch
+    falls back to the combine kernel: the same output."""
+    from paiton.fusion import split_k
+
+    generator = torch.Generator().manual_seed(3)
+    q = random((2, 4, 1, 32), torch.float32, generator)
+    k_cache, v_cache = (random((2, 2, 90, 32), torch.float32, generator) for _ in range(2))
+    positions = torch.tensor([[40], [89]], device=DEVICE)
+    monkeypatch.setattr(split_k, "tile_counters", lambda device, tiles: None)
+    launches = []
+    combine = attention_module._decode_attention_combine_kernel
+    monkeypatch.setattr(attention_module, "_decode_attention_combine_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or combine[grid]})())
+    out = _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=3, config=table_config(2, 1, 32, combine_in_split=True))
+    assert len(launches) == 1
+    torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, None, 0.125), **TOLERANCE[torch.float32])
+
+
 def test_a_query_with_no_valid_key_gets_zeros():
     generator = torch.Generator().manual_seed(0)
     q = random((1, 2, 1, 16), torch.float32, generator)
@@ -242,3 +305,38 @@ def test_opcheck(dtype, mask_shape, with_positions):
     mask = torch.rand(mask_shape, generator=generator).to(DEVICE) > 0.2 if mask_shape else None
     positions = torch.tensor([[3], [9]], device=DEVICE) if with_positions else None
     torch.library.opcheck(torch.ops.paiton.decode_attention.default, (q, cache, cache, positions, mask, 0.25))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 32])
+def test_combine_in_split_at_qwen3_32b_on_gpu(batch):
+    """Qwen3-32B's heads (64 query, 8 KV, head_dim 128, bf16) over a server's 1472-key cache
+    holding 150-400 keys a sequence: the splits combined in the split kernel against the two
+    kernels and float64, inside a CUDA graph (the counters made before its capture, as the
+    table's first use makes them) and out of one; both launches timed (printed)."""
+    from paiton.fusion import split_k
+    from paiton.fusion.timing import time_ms
+
+    generator = torch.Generator().manual_seed(batch)
+    q = random((batch, 64, 1, 128), torch.bfloat16, generator)
+    k_cache, v_cache = (random((batch, 8, 1472, 128), torch.bfloat16, generator) for _ in range(2))
+    positions = torch.randint(150, 400, (batch, 1), generator=generator).to(DEVICE)
+    separate, folded = table_config(8, 1, 128, combine_in_split=False), table_config(8, 1, 128, combine_in_split=True)
+    two_kernels = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=separate)
+    out = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=folded)
+    reference = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), positions, None, 128**-0.5)
+    torch.testing.assert_close(out.double(), reference, **TOLERANCE[torch.bfloat16])
+    torch.testing.assert_close(out, two_kernels, **TOLERANCE[torch.bfloat16])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        in_graph = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=folded)
+    for _ in range(3):  # replays reuse the counters: each leaves them at zero
+        in_graph.zero_()
+        graph.replay()
+        torch.testing.assert_close(in_graph, out, atol=0, rtol=0)
+    torch.cuda.synchronize()
+    assert not split_k.COUNTERS[str(q.device)].any()
+    separate_ms = time_ms(lambda: _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=separate))
+    folded_ms = time_ms(lambda: _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=folded))
+    print(f"\ndecode attention, Qwen3-32B heads, batch {batch}, 150-400 of 1472 keys: split + combine kernels "
+          f"{separate_ms * 1e3:.2f} us, combined in the split kernel {folded_ms * 1e3:.2f} us ({torch.cuda.get_device_name()})")
