@@ -204,7 +204,9 @@ def gemv_build(config: dict, dtype: str, gated: bool = False, weight_dtype: str 
 
 
 def decode_attention_split_build(config: dict, dtype: str, group: int, has_positions: bool, has_mask: bool) -> KernelBuild:
-    combine = config.get("combine_in_split", False)  # the launcher's switch: COMBINE, with counters
+    # A nonzero combine_in_split builds the launch that combines its splits (COMBINE, with
+    # counters); callers pass 0 for the split kernel that the combine kernel follows.
+    combine = bool(config.get("combine_in_split", 0))
     config = {k: v for k, v in config.items() if k not in ("combine_num_warps", "combine_in_split")}
     pointers = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "pos_ptr": "*i64",
                 "mask_ptr": "*i1", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": f"*{dtype}",

@@ -76,8 +76,9 @@ def candidates(op: str, base: dict, target) -> list[dict]:
         found += _vary(base, "combine_num_warps", (1, 2, 4, 8))
         found.append({**base, "SPLIT_FILLED": False})  # splits over the cache, not its filled part
         # The splits combined by the KV head's last split program: one launch a layer, not two
-        # (the combine kernel took 2.5 us a layer at Qwen3-32B's batch 32 on the H200, 2810a50).
-        found.append({**base, "combine_in_split": not base.get("combine_in_split", False)})
+        # (the combine kernel took 2.5 us a layer at Qwen3-32B's batch 32 on the H200, 2810a50),
+        # but its one program sums the splits in turn (slower at batch 1's many splits).
+        found += _vary(base, "combine_in_split", (0, 2, 64))  # up to how many splits the split kernel combines
         # How many programs share a sequence's keys (the launcher's `n_splits`, not a kernel
         # keyword: make_case's call passes it on). The launcher asks for two waves of programs
         # over the chip, counting one program a multiprocessor; at Qwen3-32B's batch 32 (256

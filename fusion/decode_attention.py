@@ -18,7 +18,8 @@ what makes decoding cheap:
     left padding cost their mask bytes (a hole inside that range is read, as eager reads it);
   * it splits the sequence across programs when (batch x KV heads) alone would leave most of
     the GPU idle, then combines the partial softmaxes (log-sum-exp weighted) in a second pass
-    (or, where the lowering table says `combine_in_split`, in the last split program to finish);
+    (or, at up to the lowering table's `combine_in_split` splits, in the last split program to
+    finish);
     with positions, the splits divide each sequence's filled part (read on the device), so a
     long cache that holds a short context still spreads its keys over every split.
 
@@ -127,7 +128,7 @@ def _decode_attention_split_kernel(
     last position (the layout before 2026-12-06, kept for bench/lowering_sweep.py to time).
     COMBINE: the KV head's last split to arrive (count_ptr: a counter per program row, left at
     0; fusion/split_k.py's protocol) combines the splits into out_ptr itself, as the combine
-    kernel would: one launch a layer instead of two."""
+    kernel would: one launch a layer instead of two (one split: its output is the result)."""
     wait_for_previous_kernel(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -208,34 +209,38 @@ def _decode_attention_split_kernel(
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    part_row = ((b * GROUP * n_kv_heads + q_head) * q_len + q_index) * n_splits + split  # [B, Hq, Sq, n_splits]
-    tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
-    tl.store(part_out_ptr + part_row[:, None] * head_dim + cols_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
-    if COMBINE:
-        tl.debug_barrier()  # every thread's partials are written before the counter says so
-        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if arrived == n_splits - 1:  # the last split: combine them all (read past L1: other programs wrote them)
-            first_row = part_row - split
-            lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            for s in range(0, n_splits):
-                lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-                lse_max = tl.maximum(lse_max, lse_s)
-            shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for s in range(0, n_splits):  # in split order: the bits do not depend on which split came last
-                lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-                weight = tl.where(lse_s == float("-inf"), 0.0, tl.exp(lse_s - shift))
-                part = tl.load(part_out_ptr + (first_row + s)[:, None] * head_dim + cols_d[None, :],
-                               mask=row_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
-                acc += part * weight[:, None]
-                total += weight
-            combined = acc / tl.where(total > 0, total, 1.0)[:, None]
-            # Output memory is [B, Sq, Hq, D], as the combine kernel writes it.
-            out_row = (b * q_len + q_index) * (GROUP * n_kv_heads) + q_head
-            tl.store(out_ptr + out_row[:, None] * head_dim + cols_d[None, :], combined.to(out_ptr.dtype.element_ty),
-                     mask=row_valid[:, None] & d_valid[None, :])
-            tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next launch
+    # Output memory is [B, Sq, Hq, D], as the combine kernel writes it.
+    out_row = (b * q_len + q_index) * (GROUP * n_kv_heads) + q_head
+    if COMBINE and n_splits == 1:  # the one split is the output
+        tl.store(out_ptr + out_row[:, None] * head_dim + cols_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & d_valid[None, :])
+    else:
+        part_row = ((b * GROUP * n_kv_heads + q_head) * q_len + q_index) * n_splits + split  # [B, Hq, Sq, n_splits]
+        tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+        tl.store(part_out_ptr + part_row[:, None] * head_dim + cols_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partials are written before the counter says so
+            arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+            if arrived == n_splits - 1:  # the last split: combine them all (read past L1: other programs wrote them)
+                first_row = part_row - split
+                lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                for s in range(0, n_splits):
+                    lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+                    lse_max = tl.maximum(lse_max, lse_s)
+                shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+                total = tl.zeros([BLOCK_M], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                for s in range(0, n_splits):  # in split order: the bits do not depend on which split came last
+                    lse_s = tl.load(part_lse_ptr + first_row + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+                    weight = tl.where(lse_s == float("-inf"), 0.0, tl.exp(lse_s - shift))
+                    part = tl.load(part_out_ptr + (first_row + s)[:, None] * head_dim + cols_d[None, :],
+                                   mask=row_valid[:, None] & d_valid[None, :], other=0.0, cache_modifier=".cg")
+                    acc += part * weight[:, None]
+                    total += weight
+                combined = acc / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(out_ptr + out_row[:, None] * head_dim + cols_d[None, :], combined.to(out_ptr.dtype.element_ty),
+                         mask=row_valid[:, None] & d_valid[None, :])
+                tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -353,8 +358,8 @@ def _empty_output(q: torch.Tensor) -> torch.Tensor:
 def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, config=None, split_lse=None):
     """`n_splits`: how many programs share one sequence's keys (default: two waves over the
     chip). `config`: the launch's keyword arguments, the split kernel's and the combine
-    kernel's `combine_num_warps` and `combine_in_split` (the split kernel combines: no combine
-    kernel); by default the lowering table's for the device. `split_lse`:
+    kernel's `combine_num_warps` and `combine_in_split` (up to that many splits, the split kernel
+    combines them: no combine kernel; 0: never); by default the lowering table's for the device. `split_lse`:
     a list that gets the splits' log-sum-exps [B, Hq, Sq, n_splits] (-inf: the split read no
     key), for tests of how the keys are divided."""
     _check_inputs(q, k_cache, v_cache, positions, kv_mask)
@@ -376,7 +381,7 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
         config = launch_config("decode_attention", target, group=group, q_len=q_len, head_dim=head_dim)
     config = dict(config)
     combine_num_warps = config.pop("combine_num_warps")
-    combine_in_split = config.pop("combine_in_split", False)
+    combine_in_split = config.pop("combine_in_split", 0)
     block_n = config["BLOCK_N"]
     if n_splits is None:
         split_size, n_splits = default_split_layout(batch * kv_heads, cache_len, target.multiprocessors, block_n)
@@ -384,9 +389,13 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
         split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
     part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
-    # The split kernel's last program combines where the table says so and counters are to be
-    # had (not before they exist inside a CUDA graph capture: then the combine kernel does).
-    counters = split_k.tile_counters(q.device, batch * kv_heads) if combine_in_split else None
+    # The split kernel's last program combines at up to `combine_in_split` splits (the table's),
+    # where counters are to be had (not before they exist inside a CUDA graph capture: then the
+    # combine kernel does). It loops over the splits in turn, so many splits are the combine
+    # kernel's, whose programs load them at once (H100, Qwen3-32B heads, 150-400 of 1472 keys:
+    # batch 32, 2 splits, 18.8 us against the two kernels' 21.0; batch 1, 23 splits, 15.4 us
+    # against 9.0).
+    counters = split_k.tile_counters(q.device, batch * kv_heads) if n_splits <= combine_in_split else None
     with device_guard(q):
         _decode_attention_split_kernel[(batch * kv_heads, n_splits)](
             # An absent positions/mask tensor is never read (constexpr flags); q stands in for its pointer,

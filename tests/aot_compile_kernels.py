@@ -68,13 +68,14 @@ def builds(target):
         # Qwen3-8B (GQA 4) and 32B (GQA 8) decode: bounded by query positions (a causal mask built
         # in the graph), with a KV mask as well, or by a mask alone (generate's mask input).
         for group in (4, 8):
-            config = launch_config("decode_attention", target, group=group, q_len=1, head_dim=HEAD_DIM)
+            # The split kernel the combine kernel follows (and, below, the one that combines).
+            config = {**launch_config("decode_attention", target, group=group, q_len=1, head_dim=HEAD_DIM), "combine_in_split": 0}
             for has_positions, has_mask in ((True, False), (True, True), (False, True)):
                 yield (f"decode_attention/{dtype}/group={group}/positions={has_positions}/mask={has_mask}", "decode_attention",
                        decode_attention_split_build(config, dtype, group, has_positions, has_mask))
             # The splits combined by the last split program (combine_in_split: the sweep's knob).
             yield (f"decode_attention/{dtype}/group={group}/positions=True/mask=False/combine_in_split", "decode_attention",
-                   decode_attention_split_build({**config, "combine_in_split": True}, dtype, group, True, False))
+                   decode_attention_split_build({**config, "combine_in_split": 1}, dtype, group, True, False))
             # The combine kernel at batch 1, as many splits as the chip gets there.
             n_splits = default_split_layout(KV_HEADS, CACHE_LEN, target.multiprocessors, config["BLOCK_N"])[1]
             yield (f"decode_attention_combine/{dtype}/group={group}/splits={n_splits}", "decode_attention",
@@ -208,11 +209,11 @@ def pdl_builds(target):
     yield "silu_mul/bf16/pdl", "silu_mul", silu_mul_build(with_pdl(launch_config("silu_mul", target)), dtype)
     config = launch_config("qk_norm_rope_cache", target, n_q_heads=64, n_k_heads=KV_HEADS, head_dim=HEAD_DIM)
     yield "qk_norm_rope/bf16/q_heads=64/cache=True/pdl", "qk_norm_rope_cache", qk_norm_rope_build(with_pdl(config), dtype, True)
-    config = with_pdl(launch_config("decode_attention", target, group=8, q_len=1, head_dim=HEAD_DIM))
+    config = with_pdl({**launch_config("decode_attention", target, group=8, q_len=1, head_dim=HEAD_DIM), "combine_in_split": 0})
     yield "decode_attention/bf16/group=8/pdl", "decode_attention", decode_attention_split_build(config, dtype, 8, True, False)
     yield "decode_attention_combine/bf16/splits=16/pdl", "decode_attention", decode_attention_combine_build(config, dtype, 16)
     yield ("decode_attention/bf16/group=8/combine_in_split/pdl", "decode_attention",
-           decode_attention_split_build({**config, "combine_in_split": True}, dtype, 8, True, False))
+           decode_attention_split_build({**config, "combine_in_split": 1}, dtype, 8, True, False))
     config = with_pdl(launch_config("prefill_attention", target, head_dim=HEAD_DIM, element_size=2))
     yield "prefill_attention/bf16/group=8/pdl", "prefill_attention", prefill_attention_build(config, dtype, 8)
     gemv = with_pdl(launch_config("one_row_linear", target)["candidates"][0])

@@ -224,7 +224,8 @@ def test_combine_in_split_matches_the_combine_kernel(batch, kv_heads, group, q_l
                                                      with_mask, n_splits, seed):
     """combine_in_split: each KV head's last split program combines the splits (no combine
     kernel is launched: the kernel is swapped for one that fails), in split order, to the
-    definition's output within the same tolerance, and leaves the arrival counters at zero."""
+    definition's output within the same tolerance, and leaves the arrival counters at zero; one
+    split writes the output itself, the same bits as the two kernels."""
     from paiton.fusion import split_k
 
     generator = torch.Generator().manual_seed(seed)
@@ -233,14 +234,17 @@ def test_combine_in_split_matches_the_combine_kernel(batch, kv_heads, group, q_l
     starts = torch.randint(0, cache_len - q_len + 1, (batch, 1), generator=generator)
     positions = (starts + torch.arange(q_len)).to(DEVICE)
     kv_mask = (torch.rand(batch, cache_len, generator=generator) > 0.3).to(DEVICE) if with_mask else None
-    two_kernels = _launch(q, k_cache, v_cache, positions, kv_mask, 0.25, n_splits=n_splits)
-    config = table_config(group, q_len, head_dim, combine_in_split=True)
+    two_kernels = _launch(q, k_cache, v_cache, positions, kv_mask, 0.25, n_splits=n_splits,
+                          config=table_config(group, q_len, head_dim, combine_in_split=0))
+    config = table_config(group, q_len, head_dim, combine_in_split=5)  # every split count drawn
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(attention_module, "_decode_attention_combine_kernel", None)  # a launch would fail
         out = _launch(q, k_cache, v_cache, positions, kv_mask, 0.25, n_splits=n_splits, config=config)
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, kv_mask, 0.25), **TOLERANCE[dtype])
     torch.testing.assert_close(out, two_kernels, **TOLERANCE[dtype])
+    if n_splits == 1:
+        assert torch.equal(out, two_kernels)
     assert not split_k.COUNTERS[str(q.device)][: batch * kv_heads].any()
 
 
@@ -258,7 +262,7 @@ def test_combine_in_split_without_counters_launches_the_combine_kernel(monkeypat
     combine = attention_module._decode_attention_combine_kernel
     monkeypatch.setattr(attention_module, "_decode_attention_combine_kernel",
                         type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or combine[grid]})())
-    out = _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=3, config=table_config(2, 1, 32, combine_in_split=True))
+    out = _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=3, config=table_config(2, 1, 32, combine_in_split=5))
     assert len(launches) == 1
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, None, 0.125), **TOLERANCE[torch.float32])
 
@@ -321,7 +325,7 @@ def test_combine_in_split_at_qwen3_32b_on_gpu(batch):
     q = random((batch, 64, 1, 128), torch.bfloat16, generator)
     k_cache, v_cache = (random((batch, 8, 1472, 128), torch.bfloat16, generator) for _ in range(2))
     positions = torch.randint(150, 400, (batch, 1), generator=generator).to(DEVICE)
-    separate, folded = table_config(8, 1, 128, combine_in_split=False), table_config(8, 1, 128, combine_in_split=True)
+    separate, folded = table_config(8, 1, 128, combine_in_split=0), table_config(8, 1, 128, combine_in_split=64)
     two_kernels = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=separate)
     out = _launch(q, k_cache, v_cache, positions, None, 128**-0.5, config=folded)
     reference = decode_attention_reference(q.double(), k_cache.double(), v_cache.double(), positions, None, 128**-0.5)
