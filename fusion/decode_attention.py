@@ -359,9 +359,9 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
     """`n_splits`: how many programs share one sequence's keys (default: two waves over the
     chip). `config`: the launch's keyword arguments, the split kernel's and the combine
     kernel's `combine_num_warps` and `combine_in_split` (up to that many splits, the split kernel
-    combines them: no combine kernel; 0: never); by default the lowering table's for the device. `split_lse`:
-    a list that gets the splits' log-sum-exps [B, Hq, Sq, n_splits] (-inf: the split read no
-    key), for tests of how the keys are divided."""
+    combines them: no combine kernel; 0: never); by default the lowering table's for the device.
+    `split_lse`: a list that gets the splits' log-sum-exps [B, Hq, Sq, n_splits] (-inf: the split
+    read no key), for tests of how the keys are divided (the two kernels then run)."""
     _check_inputs(q, k_cache, v_cache, positions, kv_mask)
     out = _empty_output(q)
     batch, q_heads, q_len, head_dim = q.shape
@@ -394,8 +394,10 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
     # combine kernel does). It loops over the splits in turn, so many splits are the combine
     # kernel's, whose programs load them at once (H100, Qwen3-32B heads, 150-400 of 1472 keys:
     # batch 32, 2 splits, 18.8 us against the two kernels' 21.0; batch 1, 23 splits, 15.4 us
-    # against 9.0).
-    counters = split_k.tile_counters(q.device, batch * kv_heads) if n_splits <= combine_in_split else None
+    # against 9.0). A caller that asks for the splits' log-sum-exps gets the two kernels, which
+    # write them all (one combining split writes none).
+    combines = n_splits <= combine_in_split and split_lse is None
+    counters = split_k.tile_counters(q.device, batch * kv_heads) if combines else None
     with device_guard(q):
         _decode_attention_split_kernel[(batch * kv_heads, n_splits)](
             # An absent positions/mask tensor is never read (constexpr flags); q stands in for its pointer,

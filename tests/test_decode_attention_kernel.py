@@ -267,6 +267,20 @@ def test_combine_in_split_without_counters_launches_the_combine_kernel(monkeypat
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, positions, None, 0.125), **TOLERANCE[torch.float32])
 
 
+def test_split_lse_is_written_where_the_split_kernel_would_combine():
+    """One split under combine_in_split writes the output and no partials; asked for the splits'
+    log-sum-exps, the launch runs the two kernels, so they are there to read."""
+    generator = torch.Generator().manual_seed(5)
+    q = random((1, 2, 1, 16), torch.float32, generator)
+    cache = random((1, 1, 40, 16), torch.float32, generator)
+    lse = []
+    out = _launch(q, cache, cache, torch.tensor([20], device=DEVICE), None, 0.25, n_splits=1,
+                  config=table_config(2, 1, 16, combine_in_split=5), split_lse=lse)
+    expected = torch.logsumexp(0.25 * q[0, :, 0] @ cache[0, 0, :21].T, dim=-1)  # keys 0..20, per head
+    torch.testing.assert_close(lse[0][0, :, 0, 0], expected)
+    torch.testing.assert_close(out, decode_attention_reference(q, cache, cache, torch.tensor([20], device=DEVICE), None, 0.25))
+
+
 def test_a_query_with_no_valid_key_gets_zeros():
     generator = torch.Generator().manual_seed(0)
     q = random((1, 2, 1, 16), torch.float32, generator)
