@@ -329,17 +329,13 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
         raise ValueError(f"paiton few_rows_gemm: x [..., K] and W [N, K] with unit stride along K; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
     kind = scales_kind(weight, scales)
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = as_rows(x)
     m = rows.shape[0]
     if up is not None:
         if up.shape != x.shape or up.dtype != x.dtype:
             raise ValueError(f"paiton few_rows_gemm: gate and up of one shape and dtype; got {tuple(x.shape)} {x.dtype}, "
                              f"{tuple(up.shape)} {up.dtype}")
-        up = up.reshape(-1, k)
-        if up.stride(-1) != 1:
-            up = up.contiguous()
+        up = as_rows(up)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         launch = dict(config or few_rows_config(m))
