@@ -380,7 +380,7 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     """The table's launches for one decode step of `model` (a Qwen3 preset) with `tokens`
     sequences of one query each."""
     from paiton.backends import aot
-    from paiton.fusion.decode_attention import default_split_layout
+    from paiton.fusion.decode_attention import default_split_layout, split_kernel_combines
     from paiton.models.qwen3 import QWEN3_PRESETS
 
     m = QWEN3_PRESETS[model]
@@ -415,7 +415,7 @@ def table_rows(target: Target, model: str, dtype: str, tokens: int, cache_len: i
     config = launch_config("decode_attention", target, group=group, q_len=1, head_dim=m.head_dim)
     n_splits = default_split_layout(tokens * m.num_key_value_heads, cache_len, target.multiprocessors, config["BLOCK_N"])[1]
     shape = f"[{tokens}, {m.num_attention_heads} heads, GQA {group}], cache {cache_len}"
-    combines = n_splits <= config.get("combine_in_split", 0)  # the split kernel combines: no second kernel
+    combines = split_kernel_combines(n_splits, config)  # no combine kernel after it
     config = {**config, "combine_in_split": int(combines)}
     rows.append(row("decode_attention", "_decode_attention_split_kernel",
                     shape + f", {n_splits} splits" + (", combined in it" if combines else ""),

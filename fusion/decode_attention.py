@@ -284,6 +284,15 @@ def decode_attention_block_sizes(group: int, q_len: int, head_dim: int) -> dict[
                 BLOCK_Q=triton.next_power_of_2(q_len))
 
 
+def split_kernel_combines(n_splits: int, config: dict) -> bool:
+    """Whether a launch's split kernel combines its splits itself (no combine kernel): at up to
+    the configuration's `combine_in_split` splits. Its last program sums the splits in turn, so
+    many splits are the combine kernel's, whose programs load them at once (H100, Qwen3-32B
+    heads, 150-400 of 1472 keys: batch 32, 2 splits, 18.8 us against the two kernels' 21.0;
+    batch 1, 23 splits, 15.4 us against 9.0)."""
+    return n_splits <= config.get("combine_in_split", 0)
+
+
 def decode_attention_splits(batch_kv_heads: int, cache_len: int, multiprocessors: int, block_n: int = DECODE_BLOCK_N) -> int:
     """How many sequence splits: enough programs for two waves over the GPU, but no split
     shorter than one KV tile."""
@@ -380,23 +389,19 @@ def _launch(q, k_cache, v_cache, positions, kv_mask, scale, n_splits=None, confi
 
         config = launch_config("decode_attention", target, group=group, q_len=q_len, head_dim=head_dim)
     config = dict(config)
-    combine_num_warps = config.pop("combine_num_warps")
-    combine_in_split = config.pop("combine_in_split", 0)
     block_n = config["BLOCK_N"]
     if n_splits is None:
         split_size, n_splits = default_split_layout(batch * kv_heads, cache_len, target.multiprocessors, block_n)
     else:
         split_size, n_splits = decode_attention_split_layout(cache_len, n_splits, block_n)
+    combines = split_kernel_combines(n_splits, config) and split_lse is None
+    combine_num_warps = config.pop("combine_num_warps")
+    config.pop("combine_in_split", None)
     part_out = torch.empty(batch, q_heads, q_len, n_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, q_heads, q_len, n_splits, dtype=torch.float32, device=q.device)
-    # The split kernel's last program combines at up to `combine_in_split` splits (the table's),
-    # where counters are to be had (not before they exist inside a CUDA graph capture: then the
-    # combine kernel does). It loops over the splits in turn, so many splits are the combine
-    # kernel's, whose programs load them at once (H100, Qwen3-32B heads, 150-400 of 1472 keys:
-    # batch 32, 2 splits, 18.8 us against the two kernels' 21.0; batch 1, 23 splits, 15.4 us
-    # against 9.0). A caller that asks for the splits' log-sum-exps gets the two kernels, which
-    # write them all (one combining split writes none).
-    combines = n_splits <= combine_in_split and split_lse is None
+    # The split kernel combines where counters are to be had (not before they exist inside a
+    # CUDA graph capture: then the combine kernel does). A caller that asks for the splits'
+    # log-sum-exps gets the two kernels, which write them all (one combining split writes none).
     counters = split_k.tile_counters(q.device, batch * kv_heads) if combines else None
     with device_guard(q):
         _decode_attention_split_kernel[(batch * kv_heads, n_splits)](

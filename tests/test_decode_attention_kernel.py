@@ -181,9 +181,6 @@ def test_the_splits_divide_the_filled_part_not_the_cache(filled):
     positions = torch.tensor([[filled - 1], [cache_len - 1]], device=DEVICE)  # one short, one full
     for cache in (k_cache, v_cache):
         cache[0, :, filled:] = float("nan")
-    from paiton.backends.lowering import launch_config
-    from paiton.backends.target import detect_target
-
     lse = []
     assert_nan_keys_unread(q, k_cache, v_cache, positions, None, 0.125, n_splits)
     _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=n_splits, split_lse=lse)
@@ -194,7 +191,7 @@ def test_the_splits_divide_the_filled_part_not_the_cache(filled):
     assert torch.isfinite(split_lse[1]).all()  # the full sequence: every split reads keys
     # The layout before (SPLIT_FILLED=False, which bench/lowering_sweep.py times against this):
     # splits of the cache's length (128 keys here), bounded by the last position, the same output.
-    config = {**launch_config("decode_attention", detect_target(q.device), group=2, q_len=1, head_dim=32), "SPLIT_FILLED": False}
+    config = table_config(2, 1, 32, SPLIT_FILLED=False)
     out = _launch(q, k_cache, v_cache, positions, None, 0.125, n_splits=n_splits, config=config, split_lse=lse)
     assert torch.isfinite(out).all()
     assert torch.isinf(lse[1][0, ..., triton.cdiv(filled, 128):]).all() and torch.isfinite(lse[1][0, ..., :triton.cdiv(filled, 128)]).all()
