@@ -12,7 +12,9 @@
 # (under $DETACHED_ROOT, default /tmp/paiton-detached, outside the checkout, which each command
 # replaces); its output goes to NAME.log there. Each command prints "running" or "done rc=N"
 # last, and copies the results folder's files and the log to $OUT (it flattens no folders: the
-# device hands back files at most two folders down).
+# device hands back files at most two folders down), or with DETACHED_PACK=1 packs the results
+# folder (subfolders included) and the log into one file, $OUT/NAME.tgz (the device hands back
+# at most 8 files).
 set -uo pipefail
 usage() { echo "usage: $0 start NAME WAIT COMMAND | wait NAME WAIT" >&2; exit 2; }
 [ $# -ge 3 ] || usage
@@ -46,6 +48,13 @@ for ((waited = 0; waited < wait_s; waited++)); do
   sleep 1
 done
 mkdir -p "$out"
-find "$dir/out" -maxdepth 1 -type f -exec cp {} "$out/" \;
-cp "$dir/$name.log" "$out/"
+if [ -n "${DETACHED_PACK:-}" ]; then
+  # One archive of everything (subfolders too) instead of the files: the device hands back at
+  # most 8 files, and a serving session writes a JSON, a markdown and a plot per configuration
+  # and scenario, besides its logs and compile caches.
+  tar czf "$out/$name.tgz" -C "$dir" out "$name.log"
+else
+  find "$dir/out" -maxdepth 1 -type f -exec cp {} "$out/" \;
+  cp "$dir/$name.log" "$out/"
+fi
 if [ -e "$dir/rc" ]; then echo "done rc=$(cat "$dir/rc")"; else echo "running"; fi

@@ -5,6 +5,7 @@
 #
 #   bash bench/detached.sh start S 570 'PAITON_COMMIT=<sha> STEPS="continuous gpu_tests sharegpt_32b" bash bench/session.sh'
 #   bash bench/detached.sh wait S 570        # in each later command, until it says "done"
+# (DETACHED_PACK=1 before each: one S.tgz comes back, not a file per result: the device hands back 8.)
 #
 # Steps (STEPS, in the order given):
 #   continuous    Qwen3-8B, synthetic ShareGPT-like workload, batches 1, 8, 32, 128: the engine's

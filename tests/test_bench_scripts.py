@@ -356,6 +356,28 @@ def test_detached_run_outlives_the_command_that_started_it(tmp_path):
     assert never.returncode == 2 and "never started" in never.stderr
 
 
+def test_detached_run_packed_into_one_archive(tmp_path):
+    """bench/detached.sh with DETACHED_PACK=1: one NAME.tgz in $OUT holding the results folder,
+    subfolders included, and the log (the device hands back at most 8 files)."""
+    import os
+    import subprocess
+    import tarfile
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "detached.sh"
+    env = {**os.environ, "DETACHED_ROOT": str(tmp_path / "runs"), "DETACHED_PACK": "1", "OUT": str(tmp_path / "out")}
+    command = ('for i in 1 2 3 4 5 6 7 8 9; do echo $i > "$DETACHED_OUT/r$i.md"; done; '
+               'mkdir "$DETACHED_OUT/x"; echo deep > "$DETACHED_OUT/x/p.json"; echo logged')
+    started = subprocess.run(["bash", str(script), "start", "job", "30", command], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert started.stdout.strip().endswith("done rc=0"), started
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["job.tgz"]
+    with tarfile.open(tmp_path / "out" / "job.tgz") as archive:
+        names = set(archive.getnames())
+        assert {f"out/r{i}.md" for i in range(1, 10)} | {"out/x/p.json", "job.log"} <= names
+        assert archive.extractfile("out/x/p.json").read() == b"deep\n"
+        assert b"logged" in archive.extractfile("job.log").read()
+
+
 def test_fused_kernels_cases_at_prefill_sizes_leave_out_the_decode_only_ops():
     import fused_kernels
 
