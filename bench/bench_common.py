@@ -368,16 +368,18 @@ def make_loop(model, config: str, max_batch: int, max_length: int, device: str, 
                       mode=kwargs.get("mode"), options=kwargs.get("options"))
 
 
-def make_engine(model, config: str, max_slots: int, max_length: int, device: str, paiton_inner: str = "inductor"):
-    """A continuous-batching Engine (models/engine.py) for one of CONFIGS, compiled as make_loop's loop is."""
+def make_engine(model, config: str, max_slots: int, max_length: int, device: str, paiton_inner: str = "inductor",
+                **engine_kwargs):
+    """A continuous-batching Engine (models/engine.py) for one of CONFIGS, compiled as make_loop's loop is;
+    `engine_kwargs` go to the Engine (e.g. max_prefill_tokens)."""
     from paiton.models.engine import Engine
 
     model = model_for(model, config)
     if config == "eager":
-        return Engine(model, max_slots=max_slots, max_length=max_length, backend="eager")
+        return Engine(model, max_slots=max_slots, max_length=max_length, backend="eager", **engine_kwargs)
     backend, kwargs = compile_settings(config, device, paiton_inner)
     return Engine(model, max_slots=max_slots, max_length=max_length, backend=backend, mode=kwargs.get("mode"),
-                  options=kwargs.get("options"))
+                  options=kwargs.get("options"), **engine_kwargs)
 
 
 # What a timed choice was measured against: bf16's vendor GEMM, or for FP8 weights (no vendor

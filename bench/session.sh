@@ -46,6 +46,9 @@
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
 #                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
+#   prefill       bench/profile_prefill.py: a burst of the workload's first PREFILL_PROMPTS (32) prompts
+#                 through the engine, prefills only (budget PREFILL_TOKENS, 2048), for PREFILL_CONFIGS
+#                 (paiton,inductor-cdt) on PREFILL_MODEL (qwen3-32b): time, TFLOP/s, kernels (issue 20's TTFT)
 #   swiglu_out    bench/swiglu_out_sweep.py: the batch-1 MLP with SwiGLU in down_proj's loop (today) or
 #                 in gate/up's last step (gemv SWIGLU_OUT), Qwen3-8B/32B, FP8 and bf16 (no compile, ~1 min)
 #   lowering_sweep, decode_loop_compare   bench/lowering_sweep.py (LOWERING_SWEEP_ARGS, e.g.
@@ -132,6 +135,11 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
         ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} ${PROFILE_FP8_IN_PLACE:+--fp8-in-place} \
         ${PROFILE_CACHE_LEN:+--cache-len "$PROFILE_CACHE_LEN"} --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
+    prefill)  # issue 20's TTFT: a burst of the workload's first PREFILL_PROMPTS (32) prompts, prefills only, by kernel
+      step "prefill_${PREFILL_MODEL:-qwen3-32b}${PREFILL_TAG:+_$PREFILL_TAG}" "${PREFILL_TIMEOUT:-600}" python3 bench/profile_prefill.py \
+        --model "${PREFILL_MODEL:-qwen3-32b}" --configs "${PREFILL_CONFIGS:-paiton,inductor-cdt}" \
+        --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts "${PREFILL_PROMPTS:-32}" \
+        --max-prefill-tokens "${PREFILL_TOKENS:-2048}" ${PREFILL_TAG:+--tag "$PREFILL_TAG"} --out "$out" ;;
     swiglu_out)
       step swiglu_out "${SWIGLU_OUT_TIMEOUT:-300}" python3 bench/swiglu_out_sweep.py --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...

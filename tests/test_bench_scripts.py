@@ -324,6 +324,40 @@ def test_profile_decode_loop_smoke(tmp_path):
         profile_decode_loop.main(["--model", "tiny", "--device", "cpu", "--prompt-len", "8", "--cache-len", "9"])
 
 
+def test_profile_prefill_work_arithmetic():
+    """profile_prefill's FLOPs, by hand for the tiny preset (2 layers, hidden 96, 4 heads and 2 KV
+    heads of 24, intermediate 160, vocab 512): linear weights 192x96 + 96x96 + 320x96 + 96x160 =
+    73728 a layer; prompts of 3 and 5 tokens in 16 padded tokens."""
+    import profile_prefill
+
+    assert profile_prefill.linear_flops_per_token("tiny") == 2 * 2 * 73728
+    work = profile_prefill.burst_work("tiny", [3, 5], padded_tokens=16)
+    attention = 2 * 2 * 4 * 24 * (3 * 4 + 5 * 6)  # layers x 2 x heads x head_dim x sum n(n+1)
+    assert work == {"useful_flop": 294912 * 8 + attention + 2 * 96 * 512 * 2, "pad_flop": 294912 * 8}
+
+
+def test_profile_prefill_smoke(tmp_path):
+    """A burst of four prompts (20, 10, 30 and 5 tokens) under a 32-token prefill budget packs
+    first fit in arrival order: 20 + 10, then 30, then 5 (buckets 32, 32, 16)."""
+    import profile_prefill
+    from serving_workload import Request, save_requests
+
+    workload = tmp_path / "burst.json"
+    save_requests(workload, [Request(list(range(1, n + 1)), 8) for n in (20, 10, 30, 5)], {"made": "by the test"})
+    profile_prefill.main(["--model", "tiny", "--device", "cpu", "--configs", "paiton", "--paiton-inner", "eager",
+                          "--requests", str(workload), "--num-prompts", "4", "--cache-len", "40",
+                          "--max-prefill-tokens", "32", "--repeats", "2", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_prefill-tiny-CPU-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert (row["config"], row["prompts"], row["prompt_tokens"], row["padded_tokens"]) == ("paiton", 4, 65, 80)
+    assert row["prefill_tokens"] == [32, 32, 16] and len(row["bursts"]) == 2
+    assert all(b["prefill_tokens"] == [32, 32, 16] and b["wall_ms"] > 0 for b in row["bursts"] + [row["profiled"]])
+    assert row["useful_flop"] == profile_prefill.burst_work("tiny", [20, 10, 30, 5], 80)["useful_flop"]
+    assert "| paiton | 3 (32, 32, 16) |" in path.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):  # a cache too short for the longest prompt and its first token
+        profile_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", str(workload), "--cache-len", "30"])
+
+
 def test_detached_run_outlives_the_command_that_started_it(tmp_path):
     """bench/detached.sh: `start` returns while the run goes on (a process session of its own),
     each call copies what the run wrote so far to $OUT and says "running" or "done rc=N"."""
