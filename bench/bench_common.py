@@ -118,6 +118,27 @@ def parse_configs(parser, text: str) -> list[str]:
     return configs
 
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def add_run_arguments(parser) -> None:
+    """--device, --paiton-inner and --out, as the profilers take them."""
+    import torch
+
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
+    parser.add_argument("--out", default=RESULTS_DIR)
+
+
+def parse_model_and_configs(parser, args) -> list[str]:
+    """args.configs as a list (parse_configs); an unknown --model preset is a usage error."""
+    from paiton.models.qwen3 import QWEN3_PRESETS
+
+    if args.model not in QWEN3_PRESETS:
+        parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
+    return parse_configs(parser, args.configs)
+
+
 def run_environment(device: str) -> dict:
     """What a result file records about the run: date, commit (PAITON_COMMIT: the device machine's
     copy of the checkout may carry a stale git history, so git is not asked), card, driver and

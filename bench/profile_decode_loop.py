@@ -49,7 +49,7 @@ import os
 import statistics
 
 import torch
-from bench_common import (CONFIGS, floor_fields, floor_lines, make_engine, make_loop, one_row_choices_markdown, parse_configs,
+from bench_common import (CONFIGS, add_run_arguments, parse_model_and_configs, floor_fields, floor_lines, make_engine, make_loop, one_row_choices_markdown,
                           run_environment, versions_line, write_results)
 from profile_decode_step import category
 
@@ -267,13 +267,9 @@ def main(argv=None):
     parser.add_argument("--profile-tokens", type=int, default=16)
     parser.add_argument("--gap-us", type=float, default=5.0, help="idle gaps shorter than this are not listed")
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    configs = parse_configs(parser, args.configs)
-    if args.model not in QWEN3_PRESETS:
-        parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
+    configs = parse_model_and_configs(parser, args)
     if args.profile_tokens < 3 or args.new_tokens < 2:
         parser.error("--profile-tokens must be at least 3 and --new-tokens at least 2")
     loops = args.loops.split(",")

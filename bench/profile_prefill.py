@@ -40,7 +40,7 @@ import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, make_engine, parse_configs, run_environment, versions_line, write_results)
+from bench_common import (CONFIGS, add_run_arguments, parse_model_and_configs, make_engine, run_environment, versions_line, write_results)
 from profile_decode_loop import GPU_CATEGORIES, _union_us, read_trace
 from profile_decode_step import category
 
@@ -209,13 +209,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--tag", default="", help="a suffix for the results files' names")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--paiton-inner", default="inductor", choices=["inductor", "eager"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
-    configs = parse_configs(parser, args.configs)
-    if args.model not in QWEN3_PRESETS:
-        parser.error(f"unknown preset {args.model!r}; presets: {', '.join(QWEN3_PRESETS)}")
+    configs = parse_model_and_configs(parser, args)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
