@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -371,11 +372,27 @@ def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, in
 # accumulate in fp32 and round once to bf16 (2**-8 relative), in different orders.
 AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
-# (device, rows bucket, N, K, W's row stride, dtype[, FP8 weight's dtype, its SCALES]) -> the
-# chosen launch (a candidate's dict) or VENDOR, and how it was chosen (the times seen,
-# candidates dropped for disagreeing).
-_CHOICES: dict[tuple, dict[str, int] | str] = {}
-_TIMINGS: dict[tuple, dict] = {}
+class ChoiceKey(NamedTuple):
+    """What `choose` keeps a choice under: the product's device, x's rows bucket, W's shape, row
+    stride and x's dtype; an FP8 weight's dtype and scales kind; whether the W_TMA launches were
+    timed (PAITON_W_TMA); whether SwiGLU is applied as x loads (gated)."""
+
+    device: str
+    rows: int
+    n: int
+    k: int
+    row_stride: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype | None
+    scales_kind: int | None  # gemv.scales_kind's SCALES
+    w_tma: bool
+    gated: bool
+
+
+# ChoiceKey -> the chosen launch (a candidate's dict) or VENDOR, and how it was chosen (the times
+# seen, candidates dropped for disagreeing).
+_CHOICES: dict[ChoiceKey, dict[str, int] | str] = {}
+_TIMINGS: dict[ChoiceKey, dict] = {}
 
 
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
@@ -408,13 +425,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
     baseline = candidates[0] if fp8 else VENDOR
-    key = (str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype)
-    if fp8:
-        key += (weight.dtype, kind)
-    if not tma_allowed:
-        key += ("without W_TMA",)
-    if up is not None:
-        key += ("gated",)
+    key = ChoiceKey(str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype,
+                    weight.dtype if fp8 else None, kind if fp8 else None, tma_allowed, up is not None)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -449,7 +461,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
             log.debug("paiton few_rows_gemm: %s failed: %s", config, failure)
             continue
         (agreeing if error <= bound else dropped).append(config)
-    what = (f"{bucket} rows x [{key[2]} x {key[3]}] {x.dtype}" + (f", {weight.dtype} weight" if fp8 else "")
+    what = (f"{bucket} rows x [{key.n} x {key.k}] {x.dtype}" + (f", {weight.dtype} weight" if fp8 else "")
             + (", gated" if up is not None else ""))
     if dropped:
         log.warning("paiton few_rows_gemm: %s on %s: launches %s disagree with torch's product; left out", what,
@@ -482,13 +494,18 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
 def chosen_launches() -> list[dict]:
     """What `choose` picked so far, one record per key (for result files: which kernel ran each
     product of a few rows), with its source and, timed, the vendor's and the choice's times."""
-    return [dict(device=key[0], rows=key[1], n=key[2], k=key[3], row_stride=key[4],
-                 dtype=str(key[5]).removeprefix("torch."),
-                 **({"weight_dtype": str(key[6]).removeprefix("torch.")} if len(key) > 6 and isinstance(key[6], torch.dtype)
-                    else {}),
-                 **({"gated": True} if "gated" in key[6:] else {}),
-                 choice=choice, **_TIMINGS.get(key, {}))
-            for key, choice in _CHOICES.items()]
+    records = []
+    for key, choice in _CHOICES.items():
+        record = dict(device=key.device, rows=key.rows, n=key.n, k=key.k, row_stride=key.row_stride,
+                      dtype=str(key.dtype).removeprefix("torch."))
+        if key.weight_dtype is not None:
+            record["weight_dtype"] = str(key.weight_dtype).removeprefix("torch.")
+        if key.gated:
+            record["gated"] = True
+        if not key.w_tma:
+            record["w_tma"] = False
+        records.append(dict(record, choice=choice, **_TIMINGS.get(key, {})))
+    return records
 
 
 def describe_choices() -> list[str]:

@@ -238,7 +238,8 @@ def test_choose_leaves_the_w_tma_launches_out_under_paiton_w_tma_0(fresh_choices
     assert set(calls) == {VENDOR, 16}
     monkeypatch.delenv(few_rows_gemm.W_TMA_ENV)
     assert few_rows_gemm.choose(x, weight, [plain, tma], time_ms_fn=timer) == tma  # both choices kept
-    assert len(few_rows_gemm.chosen_launches()) == 2
+    # The records say which choice was made without them.
+    assert [(r["choice"], r.get("w_tma", True)) for r in few_rows_gemm.chosen_launches()] == [(tma, True), (plain, False)]
 
 
 def test_choose_drops_a_launch_that_computes_something_else(fresh_choices, monkeypatch, caplog):
