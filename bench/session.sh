@@ -35,6 +35,7 @@
 #                 PROFILE_FP8_IN_PLACE=1: bf16 rows first, then the model quantized in place for the -fp8 ones
 #                 (Qwen3-32B and its FP8 copy do not fit an 80 GB H100 together);
 #                 PROFILE_CACHE_LEN: the KV cache's length (a server's, 1472: its attention's split layout);
+#                 PROFILE_PROMPT_LEN: the prompt's (128; 330 for ShareGPT contexts at output 256);
 #                 PROFILE_TAG names a second run of one model (its files and log); every
 #                 PROFILE_STACK_DUMPS seconds (60) each thread's stack goes to stacks-profile_decode_step-*.log
 #   pdl_chain     bench/pdl_chain.py: a batch-1 decode layer's products and norms as one CUDA graph,
@@ -134,7 +135,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step "profile_${PROFILE_MODEL:-qwen3-32b}${PROFILE_TAG:+_$PROFILE_TAG}" "${PROFILE_TIMEOUT:-600}" python3 bench/profile_decode_step.py \
         --model "${PROFILE_MODEL:-qwen3-32b}" --batches "${PROFILE_BATCHES:-1,2,32}" --configs "${PROFILE_CONFIGS:-paiton}" \
         ${PROFILE_RUNS:+--runs "$PROFILE_RUNS"} ${PROFILE_TAG:+--tag "$PROFILE_TAG"} ${PROFILE_FP8_IN_PLACE:+--fp8-in-place} \
-        ${PROFILE_CACHE_LEN:+--cache-len "$PROFILE_CACHE_LEN"} --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
+        ${PROFILE_CACHE_LEN:+--cache-len "$PROFILE_CACHE_LEN"} ${PROFILE_PROMPT_LEN:+--prompt-len "$PROFILE_PROMPT_LEN"} --stack-dumps "${PROFILE_STACK_DUMPS:-60}" --out "$out" ;;
     prefill)  # issue 20's TTFT: a burst of the workload's first PREFILL_PROMPTS (32) prompts, prefills only, by kernel
       step "prefill_${PREFILL_MODEL:-qwen3-32b}${PREFILL_TAG:+_$PREFILL_TAG}" "${PREFILL_TIMEOUT:-600}" python3 bench/profile_prefill.py \
         --model "${PREFILL_MODEL:-qwen3-32b}" --configs "${PREFILL_CONFIGS:-paiton,inductor-cdt}" \
