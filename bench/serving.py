@@ -60,10 +60,12 @@ baseline) and .png (total tokens/s and TPOT against batch size).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
+import urllib.request
 
 import torch
 from tqdm import tqdm
@@ -458,6 +460,20 @@ def serve_arguments(args, config_name, max_slots, max_length) -> list[str]:
     return flags + ["--warmup"]
 
 
+def server_steps(url: str) -> dict | None:
+    """The engine's prefill and decode step counts from `paiton serve`'s GET /stats (url: its
+    /v1 base), None from a server without them. A row's difference says how a run's requests
+    were packed: issue 20's batch-32 burst of 4676 prompt tokens is 3 prefills when every
+    request is waiting at once, more when the first arrivals start a prefill of their own."""
+    root = url.removesuffix("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(root + "/stats", timeout=30) as response:
+            steps = json.load(response).get("steps")
+    except (OSError, ValueError):
+        return None
+    return steps if isinstance(steps, dict) else None
+
+
 def server_cache_path(path: str, config_name: str) -> str:
     """Over HTTP each configuration's server saves its own cache: FILE.xz -> FILE-<config>.xz."""
     root, extension = os.path.splitext(path)
@@ -522,20 +538,25 @@ def main_http(args, configs, batches, workloads, scenarios, env, config):
                     batch_requests = workload_for(requests, batch, args)
                     scenario = f", output {scenarios[index] or 'dataset'}" if several else ""
                     progress.set_postfix_str(f"batch {batch}, {config_name}{scenario}: {len(batch_requests)} requests")
+                    steps_before = server_steps(url)
                     result = run_http(url, model_name, batch_requests, batch, args.request_rate, args.seed)
+                    steps_after = server_steps(url)
                     if not result.timings:
                         raise RuntimeError(f"every request failed: {result.failures[:3]}")
                     metrics = summarize(result.timings, result.duration_s)
                     row = dict(config=config_name, scheduler="http", label=config_name, batch=batch,
                                output_len=scenarios[index], compile_s=compile_s, failed=len(result.failures),
                                failures=result.failures[:5], request_rate=args.request_rate, **metrics)
+                    if steps_before is not None and steps_after is not None:
+                        row["server_steps"] = {kind: steps_after[kind] - steps_before.get(kind, 0) for kind in steps_after}
                     add_views(row, args, config, batch, batch_requests, metrics, copy_rate, dtype)
                     rows[index].append(row)
                     progress.update()
                     progress.write(f"batch {batch} {config_name}{scenario} (HTTP): "
                                    f"{metrics['total_token_throughput']:.1f} tok/s, TPOT {metrics['median_tpot_ms']:.2f} ms, "
                                    f"TTFT {metrics['mean_ttft_ms']:.1f} ms"
-                                   + (f", {len(result.failures)} failed" if result.failures else ""))
+                                   + (f", {len(result.failures)} failed" if result.failures else "")
+                                   + (f"; server steps {row['server_steps']}" if "server_steps" in row else ""))
                     tables[index] = markdown(envs[index], rows[index], configs)
                     stem = write_results(args.out, result_stem(envs[index], args, several),
                                          dict(env=envs[index], rows=rows[index]), tables[index], echo=False)

@@ -198,6 +198,14 @@ def test_over_http_through_paiton_serve(tmp_path, monkeypatch):
             assert row["scheduler"] == "http" and row["completed"] == 6 and row["failed"] == 0, row
             assert row["total_output_tokens"] == 6 * output_len
             assert row["median_tpot_ms"] > 0 and row["request_rate"] == 50
+            # The server's engine steps during the run (GET /stats): a prefill per request at
+            # batch 1 (one in flight at a time) and a decode step per token after the first;
+            # at batch 3 the same tokens in as many or fewer, shared steps.
+            steps = row["server_steps"]
+            if row["batch"] == 1:
+                assert steps == {"prefill": 6, "decode": 6 * (output_len - 1)}, steps
+            else:
+                assert 2 <= steps["prefill"] <= 6 and 2 * (output_len - 1) <= steps["decode"] <= 6 * (output_len - 1), steps
     # The server saved its warm-up's compile cache (empty here: the eager inner compiler makes
     # no Inductor artifacts), under the configuration's name, in a form the loader takes.
     from paiton.backends.compile_cache import XZ_MAGIC, load_compile_cache
