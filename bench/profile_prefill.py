@@ -173,7 +173,9 @@ def markdown(env, rows, top) -> str:
     lines = [f"# A burst's prefill: {env['model']} on {env['card']}", "",
              f"{versions_line(env)}. {rows[0]['prompts']} prompts of "
              f"{rows[0]['prompt_tokens']} tokens at once ({env['prompts_from']}), one token each; the engine's "
-             f"prefills of up to {env['max_prefill_tokens']} tokens, a cache of {env['cache_len']}.", "",
+             f"prefills of up to {env['max_prefill_tokens']} tokens, a cache of {env['cache_len']}."
+             + (" Paiton's rewritten graphs run eagerly (--paiton-inner eager: no Inductor, ops launched one by one "
+                "from the host), a check of the tool, not the server's speed." if env["paiton_inner"] == "eager" else ""), "",
              "| config | prefills (padded tokens) | wall ms | device ms | per prefill ms | useful TFLOP/s | incl. pads | warm-up s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -231,7 +233,7 @@ def main(argv=None):
         parser.error(f"--cache-len {args.cache_len} cannot hold a prompt of {too_long[0]} tokens and its first token")
     os.makedirs(args.out, exist_ok=True)
     env = dict(run_environment(args.device), model=args.model, dtype=str(dtype), prompts_from=source,
-               cache_len=args.cache_len, max_prefill_tokens=args.max_prefill_tokens)
+               cache_len=args.cache_len, max_prefill_tokens=args.max_prefill_tokens, paiton_inner=args.paiton_inner)
     rows = []
     stem = f"profile_prefill-{args.model}-{env['card'].replace(' ', '_')}-{env['date'][:10]}" + (f"-{args.tag}" if args.tag else "")
     for config in configs:

@@ -353,7 +353,8 @@ def test_profile_prefill_smoke(tmp_path):
     assert row["prefill_tokens"] == [32, 32, 16] and len(row["bursts"]) == 2
     assert all(b["prefill_tokens"] == [32, 32, 16] and b["wall_ms"] > 0 for b in row["bursts"] + [row["profiled"]])
     assert row["useful_flop"] == profile_prefill.burst_work("tiny", [20, 10, 30, 5], 80)["useful_flop"]
-    assert "| paiton | 3 (32, 32, 16) |" in path.with_suffix(".md").read_text()
+    table = path.with_suffix(".md").read_text()
+    assert "| paiton | 3 (32, 32, 16) |" in table and "--paiton-inner eager" in table
     with pytest.raises(SystemExit):  # a cache too short for the longest prompt and its first token
         profile_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", str(workload), "--cache-len", "30"])
 
