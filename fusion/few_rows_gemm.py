@@ -372,6 +372,7 @@ def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, in
 # accumulate in fp32 and round once to bf16 (2**-8 relative), in different orders.
 AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
+
 class ChoiceKey(NamedTuple):
     """What `choose` keeps a choice under: the product's device, x's rows bucket, W's shape, row
     stride and x's dtype; an FP8 weight's dtype and scales kind; whether the W_TMA launches were
