@@ -49,8 +49,8 @@ import os
 import statistics
 
 import torch
-from bench_common import (CONFIGS, add_run_arguments, parse_model_and_configs, floor_fields, floor_lines, make_engine, make_loop, one_row_choices_markdown,
-                          run_environment, versions_line, write_results)
+from bench_common import (CONFIGS, add_run_arguments, floor_fields, floor_lines, make_engine, make_loop,
+                          one_row_choices_markdown, parse_model_and_configs, run_environment, versions_line, write_results)
 from profile_decode_step import category
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -80,6 +80,19 @@ def _innermost_op(host_ops: list[dict], tid, at: float) -> str | None:
     return min(around, key=lambda e: e["dur"])["name"] if around else None
 
 
+def kernel_tallies(gpu: list[dict], per: float = 1.0) -> tuple[dict, dict]:
+    """Launches and microseconds of each kernel name ({name: [launches, us]}) over GPU events,
+    and microseconds of each category (profile_decode_step's), divided by `per`."""
+    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    for e in gpu:
+        per_kernel[e["name"]][0] += 1
+        per_kernel[e["name"]][1] += e["dur"]
+    categories = collections.defaultdict(float)
+    for name, (_, us) in per_kernel.items():
+        categories[category(name)] += us / per
+    return per_kernel, categories
+
+
 def analyze_trace(events: list[dict], gap_us: float = 5.0) -> dict:
     """The decode tokens of one profiled generation, from its Chrome trace events (kineto's
     format: complete events "X" with ts/dur in microseconds; GPU work and the runtime call that
@@ -101,18 +114,13 @@ def analyze_trace(events: list[dict], gap_us: float = 5.0) -> dict:
         return launches.get(event.get("args", {}).get("correlation"))
 
     busy = _union_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu], lo, hi)
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])
+    per_kernel, categories = kernel_tallies(gpu, tokens)
     eager = collections.defaultdict(lambda: [0, 0.0])  # work not launched by a CUDA graph replay
     for e in gpu:
-        per_kernel[e["name"]][0] += 1
-        per_kernel[e["name"]][1] += e["dur"]
         launch = launch_of(e)
         if launch is None or launch["name"] != GRAPH_LAUNCH:
             eager[e["name"]][0] += 1
             eager[e["name"]][1] += e["dur"]
-    categories = collections.defaultdict(float)
-    for name, (_, us) in per_kernel.items():
-        categories[category(name)] += us / tokens
     # Gaps: walk the GPU work in start order, tracking how far the busy time reaches.
     gaps = collections.defaultdict(lambda: [0, 0.0])  # (cause, launching op, next work) -> [count, us]
     reach = lo

@@ -34,15 +34,14 @@ Writes profile_prefill-<model>-<card>-<date>[-<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import statistics
 import time
 
 import torch
-from bench_common import (CONFIGS, add_run_arguments, parse_model_and_configs, make_engine, run_environment, versions_line, write_results)
-from profile_decode_loop import GPU_CATEGORIES, _union_us, read_trace
-from profile_decode_step import category
+from bench_common import (CONFIGS, add_run_arguments, make_engine, parse_model_and_configs, run_environment, versions_line,
+                          write_results)
+from profile_decode_loop import GPU_CATEGORIES, _union_us, kernel_tallies, read_trace
 
 
 def linear_flops_per_token(preset: str) -> int:
@@ -124,13 +123,7 @@ def kernel_table(events: list[dict]) -> dict:
     if not gpu:
         return dict(gpu_busy_us=None, categories={}, kernels=[])
     lo, hi = min(e["ts"] for e in gpu), max(e["ts"] + e["dur"] for e in gpu)
-    per_kernel = collections.defaultdict(lambda: [0, 0.0])
-    for e in gpu:
-        per_kernel[e["name"]][0] += 1
-        per_kernel[e["name"]][1] += e["dur"]
-    categories = collections.defaultdict(float)
-    for name, (_, us) in per_kernel.items():
-        categories[category(name)] += us
+    per_kernel, categories = kernel_tallies(gpu)
     return dict(gpu_span_us=hi - lo, gpu_busy_us=_union_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu], lo, hi),
                 categories=dict(sorted(categories.items(), key=lambda c: -c[1])),
                 kernels=sorted(({"name": n, "launches": c, "us": us} for n, (c, us) in per_kernel.items()), key=lambda k: -k["us"]))
