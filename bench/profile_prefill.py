@@ -17,7 +17,8 @@ Per configuration (bench_common.CONFIGS): an Engine as make_engine makes the ser
 slots the prompts' count, over a cache of --cache-len tokens. Every request asks for one token,
 so the burst is prefill steps only (the engine packs prompts first fit in arrival order, each
 prefill padded to a power of two). Two bursts warm it up (the first compiles each token bucket,
-the second records its CUDA graphs), --repeats bursts are timed (wall time from submission to
+the second records its CUDA graphs), or with --warm-up engine the server's warm-up does (then
+the first timed burst shows whether a server's first burst records any graph), --repeats bursts are timed (wall time from submission to
 the last first token, and the device time of each prefill between CUDA events at the engine's
 step hook), and one more runs under torch.profiler: kernel time by category
 (profile_decode_step's) and the top kernels, per burst.
@@ -42,6 +43,12 @@ import torch
 from bench_common import (CONFIGS, add_run_arguments, make_engine, parse_model_and_configs, run_environment, versions_line,
                           write_results)
 from profile_decode_loop import GPU_CATEGORIES, _union_us, kernel_tallies, read_trace
+
+
+WARM_UPS = {
+    "bursts": "two bursts of the same prompts (the first compiles each token bucket, the second records its CUDA graphs)",
+    "engine": "the engine's own (Engine.warm_up, as `paiton serve --warmup`): the first timed burst is a server's first",
+}
 
 
 def linear_flops_per_token(preset: str) -> int:
@@ -138,8 +145,11 @@ def profile_config(model, config, prompts, args) -> dict:
     engine = make_engine(model, config, len(prompts), args.cache_len, args.device, args.paiton_inner,
                          max_prefill_tokens=args.max_prefill_tokens)
     compile_begin = time.perf_counter()
-    for _ in range(2):  # compiles each token bucket, then records its CUDA graphs
-        run_burst(engine, prompts, cuda)
+    if args.warm_up == "engine":  # the server's warm-up (paiton serve --warmup), then the bursts as a server meets them
+        engine.warm_up(batch_sizes=[1], logit_rows=args.warm_logit_rows)  # decode at batch 1 only: bursts are prefills
+    else:
+        for _ in range(2):  # compiles each token bucket, then records its CUDA graphs
+            run_burst(engine, prompts, cuda)
     warm_up_s = time.perf_counter() - compile_begin
     bursts = [run_burst(engine, prompts, cuda) for _ in range(args.repeats)]
     prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
@@ -151,7 +161,8 @@ def profile_config(model, config, prompts, args) -> dict:
     work = burst_work(args.model, [len(p) for p in prompts], padded)
     row = dict(config=config, prompts=len(prompts), prompt_tokens=sum(len(p) for p in prompts), padded_tokens=padded,
                prefill_tokens=bursts[0]["prefill_tokens"], warm_up_s=warm_up_s, bursts=bursts, profiled=profiled,
-               wall_ms=statistics.median(b["wall_ms"] for b in bursts), trace=os.path.basename(trace), **work)
+               wall_ms=statistics.median(b["wall_ms"] for b in bursts), first_wall_ms=bursts[0]["wall_ms"],
+               warm_up=args.warm_up, warm_logit_rows=args.warm_logit_rows, trace=os.path.basename(trace), **work)
     if cuda:
         device_ms = [sum(b["prefill_device_ms"]) for b in bursts]
         row["device_ms"] = statistics.median(device_ms)
@@ -169,14 +180,17 @@ def markdown(env, rows, top) -> str:
              f"prefills of up to {env['max_prefill_tokens']} tokens, a cache of {env['cache_len']}."
              + (" Paiton's rewritten graphs run eagerly (--paiton-inner eager: no Inductor, ops launched one by one "
                 "from the host), a check of the tool, not the server's speed." if env["paiton_inner"] == "eager" else ""), "",
-             "| config | prefills (padded tokens) | wall ms | device ms | per prefill ms | useful TFLOP/s | incl. pads | warm-up s |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Warm-up: {WARM_UPS[rows[0]['warm_up']]}"
+             + (f", logit rows {rows[0]['warm_logit_rows']} only" if rows[0]["warm_logit_rows"] else "")
+             + f". Wall ms: the median of {len(rows[0]['bursts'])} bursts; the first burst's beside it.", "",
+             "| config | prefills (padded tokens) | wall ms | first burst ms | device ms | per prefill ms | useful TFLOP/s | incl. pads | warm-up s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         device = f"{r['device_ms']:.1f}" if "device_ms" in r else "-"
         each = ", ".join(f"{ms:.1f}" for ms in r.get("per_prefill_device_ms", [])) or "-"
         rates = (f"{r['useful_tflops']:.0f} | {r['padded_tflops']:.0f}" if "useful_tflops" in r else "- | -")
         lines.append(f"| {r['config']} | {len(r['prefill_tokens'])} ({', '.join(map(str, r['prefill_tokens']))}) | "
-                     f"{r['wall_ms']:.1f} | {device} | {each} | {rates} | {r['warm_up_s']:.0f} |")
+                     f"{r['wall_ms']:.1f} | {r['first_wall_ms']:.1f} | {device} | {each} | {rates} | {r['warm_up_s']:.0f} |")
     for r in rows:
         if not r["categories"]:
             continue
@@ -202,6 +216,10 @@ def main(argv=None):
     parser.add_argument("--cache-len", type=int, default=1472, help="the server's --max-model-len")
     parser.add_argument("--max-prefill-tokens", type=int, default=2048, help="the engine's prefill budget")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warm-up", choices=sorted(WARM_UPS), default="bursts", help="how the engine warms up before the timed bursts")
+    parser.add_argument("--warm-logit-rows", type=lambda v: [int(x) for x in v.split(",")],
+                        help="with --warm-up engine: record packed prefills with only these logit-row counts (e.g. 2: "
+                             "the warm-up before 2026-12-07's packed shapes)")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--tag", default="", help="a suffix for the results files' names")
     add_run_arguments(parser)

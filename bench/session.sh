@@ -49,7 +49,8 @@
 #                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
 #   prefill       bench/profile_prefill.py: a burst of the workload's first PREFILL_PROMPTS (32) prompts
 #                 through the engine, prefills only (budget PREFILL_TOKENS, 2048), for PREFILL_CONFIGS
-#                 (paiton,inductor-cdt) on PREFILL_MODEL (qwen3-32b): time, TFLOP/s, kernels (issue 20's TTFT)
+#                 (paiton,inductor-cdt) on PREFILL_MODEL (qwen3-32b): time, TFLOP/s, kernels (issue 20's TTFT);
+#                 PREFILL_ARGS: more of its flags (e.g. "--warm-up engine": the server's warm-up, not two bursts)
 #   swiglu_out    bench/swiglu_out_sweep.py: the batch-1 MLP with SwiGLU in down_proj's loop (today) or
 #                 in gate/up's last step (gemv SWIGLU_OUT), Qwen3-8B/32B, FP8 and bf16 (no compile, ~1 min)
 #   lowering_sweep, decode_loop_compare   bench/lowering_sweep.py (LOWERING_SWEEP_ARGS, e.g.
@@ -140,7 +141,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step "prefill_${PREFILL_MODEL:-qwen3-32b}${PREFILL_TAG:+_$PREFILL_TAG}" "${PREFILL_TIMEOUT:-600}" python3 bench/profile_prefill.py \
         --model "${PREFILL_MODEL:-qwen3-32b}" --configs "${PREFILL_CONFIGS:-paiton,inductor-cdt}" \
         --requests "${WORKLOAD:-.device/sharegpt-qwen3-32b.json}" --num-prompts "${PREFILL_PROMPTS:-32}" \
-        --max-prefill-tokens "${PREFILL_TOKENS:-2048}" ${PREFILL_TAG:+--tag "$PREFILL_TAG"} --out "$out" ;;
+        --max-prefill-tokens "${PREFILL_TOKENS:-2048}" ${PREFILL_TAG:+--tag "$PREFILL_TAG"} ${PREFILL_ARGS:-} --out "$out" ;;
     swiglu_out)
       step swiglu_out "${SWIGLU_OUT_TIMEOUT:-300}" python3 bench/swiglu_out_sweep.py --out "$out" ;;
     lowering_sweep)  # issue 20's spare-time runs: each kernel's table launch against its neighbours ...

@@ -74,6 +74,16 @@ MIN_PREFILL_TOKENS = 16  # the smallest prefill bucket
 PREFILL_LOOKAHEAD = 64  # the most waiting requests one prefill passes over looking for prompts that fit
 
 
+def logit_rows_bucket(prompts: int) -> int:
+    """The logit rows a prefill of `prompts` packed prompts computes: 2, 8, 32, 128, ... (the
+    last prompt's row repeats). A size of 1 would be another graph, and each bucket is another
+    CUDA graph per token bucket, so the buckets are few."""
+    rows = 2
+    while rows < prompts:
+        rows *= 4
+    return rows
+
+
 class EngineError(ValueError):
     """A request the engine cannot take (its message says why); the server answers 400."""
 
@@ -267,11 +277,19 @@ class Engine:
             raise EngineError(f"token ids must be integers in [0, {self.vocab_size}); got {bad[0]!r}")
 
     def submit(self, request: EngineRequest) -> EngineRequest:
-        self.check(request)
-        request.id, request.submitted_at = next(self._ids), time.perf_counter()
-        self._inbox.put(("submit", request))
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: Sequence[EngineRequest]) -> list[EngineRequest]:
+        """Submit `requests` together: the engine takes them in at one step, so a prefill packs
+        them as it would a burst that is all waiting (warm_up counts on it for its shapes)."""
+        for request in requests:
+            self.check(request)
+        now = time.perf_counter()
+        for request in requests:
+            request.id, request.submitted_at = next(self._ids), now
+        self._inbox.put(("submit", list(requests)))
         self._wake.set()
-        return request
+        return list(requests)
 
     def abort(self, request: EngineRequest) -> None:
         """Finish `request` early ("abort"): its slot frees at the engine's next step."""
@@ -377,15 +395,15 @@ class Engine:
     def _take_inbox(self) -> None:
         while True:
             try:
-                verb, request = self._inbox.get_nowait()
+                verb, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if verb == "submit":
-                self._waiting.append(request)
-            elif not request.finished:
-                if request in self._waiting:
-                    self._waiting.remove(request)
-                self._finish(request, "abort")
+            if verb == "submit":  # a list of requests, taken in together
+                self._waiting.extend(item)
+            elif not item.finished:  # "abort": one request
+                if item in self._waiting:
+                    self._waiting.remove(item)
+                self._finish(item, "abort")
 
     def _buffers(self) -> None:
         if self._layers:
@@ -457,12 +475,7 @@ class Engine:
         # shares a slot with another pad, harmlessly; each still sees itself, so no empty softmax).
         positions += [i % self.max_length for i in range(pad)]
         rows += [scratch] * pad
-        # Logit rows in buckets of 2, 8, 32, 128, ... (a size of 1 would be another graph, and
-        # each bucket another CUDA graph per token bucket): the last row repeats.
-        kept = 2
-        while kept < len(last):
-            kept *= 4
-        last += [last[-1]] * (kept - len(last))
+        last += [last[-1]] * (logit_rows_bucket(len(last)) - len(last))
 
         input_ids, positions_t, rows_t, last_t = (self._upload(v) for v in (ids, positions, rows, last))
         input_ids, positions_t, rows_t = input_ids[None], positions_t[None], rows_t[None]
@@ -618,20 +631,29 @@ class Engine:
             values[target, :, :length].copy_(values[source, :, :length])
 
     def warm_up(self, prompt_lengths: Sequence[int] | None = None, batch_sizes: Sequence[int] | None = None,
-                timeout_s: float = 3600.0, progress: Callable[[str, float], None] | None = None) -> float:
-        """Compile the engine's graphs and record the CUDA graphs of the shapes a run meets
-        most: a prefill of one prompt of each length (default: each prefill bucket, 16 to
-        max_prefill_tokens, so a lone request's prefill never records during a run), and decode
-        at each batch size (default: every power of two up to max_slots; each runs a few steps,
-        and CUDA graph trees record a shape at its second call). Runs on the engine thread if it
-        is started (the CUDA graphs belong to it), else here. `progress(what, seconds)` hears of
-        each shape as it is ready, with the seconds since the start (a 32B warm-up takes
-        minutes: where they go). Returns the seconds it took."""
+                timeout_s: float = 3600.0, progress: Callable[[str, float], None] | None = None,
+                logit_rows: Sequence[int] | None = None) -> float:
+        """Compile the engine's graphs and record the CUDA graphs of the shapes a run meets:
+        a prefill of one prompt of each length (default: each prefill bucket, 16 to
+        max_prefill_tokens, that one prompt fits in, so a lone request's prefill never records
+        during a run); packed prefills, each token bucket (of those lengths; default: each
+        up to max_prefill_tokens) with each count of logit rows (`logit_rows`, default: every
+        bucket the slots allow), so a burst's prefills never record either; and decode at each
+        batch size (default: every power of two up to max_slots; each runs a few steps). CUDA
+        graph trees record a shape at its second call, so each shape is called twice. Runs on
+        the engine thread if it is started (the CUDA graphs belong to it), else here.
+        `progress(what, seconds)` hears of each shape as it is ready, with the seconds since the
+        start (a 32B warm-up takes minutes: where they go). Returns the seconds it took."""
         start = time.perf_counter()
         batch_sizes = batch_sizes or [1 << i for i in range(self.max_slots.bit_length()) if 1 << i <= self.max_slots]
         if prompt_lengths is None:
             longest = min(self.max_prefill_tokens, self.max_length - 3)
             prompt_lengths = [n for n in (MIN_PREFILL_TOKENS << i for i in range(16)) if n <= longest] or [1]
+            token_buckets = [n for n in (MIN_PREFILL_TOKENS << i for i in range(16)) if n <= self.max_prefill_tokens]
+        else:
+            token_buckets = sorted({power_of_two_at_least(n, MIN_PREFILL_TOKENS) for n in prompt_lengths})
+        if logit_rows is None:
+            logit_rows = sorted({logit_rows_bucket(n) for n in range(1, self.max_slots + 1)})
         rounds = []  # (what it readies, requests)
         for length in sorted(set(prompt_lengths)):
             for call in range(2):  # recorded at the second call
@@ -639,6 +661,19 @@ class Engine:
                 if not rounds:  # the very first request compiles both forwards: most of a warm-up's time
                     what = f"first prefill ({length} tokens) and decode steps (the compiles)"
                 rounds.append((what, [EngineRequest([1] * length, 3)]))
+        # A burst's prefills: several prompts in a bucket, with more logit rows than a lone
+        # prompt's 2, or in a bucket longer than one prompt may be (a server's 2048-token prefills
+        # over a 1472-token context). Never met in warm-up, each such shape was recorded by the
+        # run's own requests, at their cost (the first bursts at batch 32 of issue 20's table).
+        alone = {(power_of_two_at_least(n, MIN_PREFILL_TOKENS), 2) for n in prompt_lengths}
+        for tokens in token_buckets:
+            for rows in sorted(set(logit_rows)):
+                lengths = self._packed_prompt_lengths(tokens, rows)
+                if (tokens, rows) in alone or lengths is None:
+                    continue
+                for call in range(2):
+                    what = f"prefill of {tokens} tokens in {len(lengths)} prompts ({rows} logit rows)" if call else None
+                    rounds.append((what, [EngineRequest([1] * n, 1) for n in lengths]))
         for batch in sorted(set(batch_sizes)):
             # A batch fills (one packed prefill), then runs 4 steps at that size.
             rounds.append((f"decode at batch {batch}", [EngineRequest([1] * 4, 5) for _ in range(batch)]))
@@ -646,7 +681,7 @@ class Engine:
             done = threading.Semaphore(0)
             for request in requests:
                 request.on_finish = lambda reason: done.release()
-                self.submit(request)
+            self.submit_all(requests)  # one packed prefill: taken in at one step
             if self._thread is None:
                 self.run_until_done()
             for _ in requests:
@@ -655,6 +690,17 @@ class Engine:
             if progress is not None and what is not None:
                 progress(what, time.perf_counter() - start)
         return time.perf_counter() - start
+
+    def _packed_prompt_lengths(self, tokens: int, rows: int) -> list[int] | None:
+        """Prompt lengths that pack into one prefill of `tokens` tokens (a bucket: a power of two)
+        with `rows` logit rows: as many prompts as the rows, slots and tokens allow, sharing the
+        tokens evenly; None if no prompt count gives `rows` or the prompts would not fit a
+        sequence (with their one token)."""
+        count = min(rows, self.max_slots, tokens)
+        lengths = [tokens // count + (i < tokens % count) for i in range(count)]
+        if logit_rows_bucket(count) != rows or tokens > self.max_prefill_tokens or lengths[0] > self.max_length - 1:
+            return None
+        return lengths
 
     # -- introspection --------------------------------------------------------------------
     def compiled_graphs(self) -> int:

@@ -355,6 +355,16 @@ def test_profile_prefill_smoke(tmp_path):
     assert row["useful_flop"] == profile_prefill.burst_work("tiny", [20, 10, 30, 5], 80)["useful_flop"]
     table = path.with_suffix(".md").read_text()
     assert "| paiton | 3 (32, 32, 16) |" in table and "--paiton-inner eager" in table
+    assert row["warm_up"] == "bursts" and row["first_wall_ms"] == row["bursts"][0]["wall_ms"]
+    # The server's warm-up instead of two bursts (with the old warm-up's logit rows): same bursts.
+    profile_prefill.main(["--model", "tiny", "--device", "cpu", "--configs", "paiton", "--paiton-inner", "eager",
+                          "--requests", str(workload), "--num-prompts", "4", "--cache-len", "40", "--max-prefill-tokens",
+                          "32", "--repeats", "1", "--warm-up", "engine", "--warm-logit-rows", "2", "--tag", "engine",
+                          "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("profile_prefill-tiny-CPU-*-engine.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert (row["warm_up"], row["warm_logit_rows"], row["prefill_tokens"]) == ("engine", [2], [32, 32, 16])
+    assert "the engine's own" in path.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):  # a cache too short for the longest prompt and its first token
         profile_prefill.main(["--model", "tiny", "--device", "cpu", "--requests", str(workload), "--cache-len", "30"])
 

@@ -2,6 +2,7 @@
 request gives what it gives alone through the bundled loop, whatever else shares the batch;
 slots are reused; the compiled graphs stay three; stops, aborts, sampling and bad requests."""
 
+import collections
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from paiton_testing import EAGER_INNER, fusions
 
 import paiton
 from paiton.models.decode_loop import DecodeLoop, Sampling
-from paiton.models.engine import Engine, EngineError, EngineRequest
+from paiton.models.engine import Engine, EngineError, EngineRequest, logit_rows_bucket
 from paiton.models.qwen3 import build_qwen3
 
 # Different prompt and output lengths, more requests than slots.
@@ -131,6 +132,37 @@ def test_warm_up_reports_each_shape_as_it_is_ready(model, alone):
                                            "decode at batch 2"]
     times = [at for _, at in heard]
     assert times == sorted(times) and 0 < times[-1] <= seconds
+    assert engine.generate(PROMPTS[:2], LIMITS[0]).tokens[0] == alone[0]
+
+
+def test_warm_up_calls_every_prefill_shape_a_burst_can_make_twice(model, alone):
+    """A burst packs prompts into prefills of any token bucket up to the budget with any count
+    of logit rows the slots allow, and CUDA graph trees record a shape at its second call: the
+    warm-up (here on the engine's thread, as a server runs it) calls each such shape at least
+    twice, the 64-token bucket too, which no prompt of this 40-token context fills alone. The
+    shapes a burst can make come from every prompt count and token total, not from warm_up."""
+    engine = Engine(model, max_slots=8, max_length=40, backend="eager", max_prefill_tokens=64)
+    calls = collections.Counter()
+
+    def hook(verb, *tensors):
+        if verb == "prefill":
+            input_ids, _, _, last_index = tensors
+            calls[(input_ids.shape[1], last_index.shape[0])] += 1
+
+    reachable = set()
+    for count in range(1, engine.max_slots + 1):
+        for total in range(count, engine.max_prefill_tokens + 1):
+            if total <= count * (engine.max_length - 1):  # each prompt and its one token fit a sequence
+                reachable.add((max(16, 1 << (total - 1).bit_length()), logit_rows_bucket(count)))
+    assert reachable == {(t, r) for t in (16, 32, 64) for r in (2, 8)}
+    engine.step_hook = hook
+    engine.start()
+    try:
+        engine.warm_up()
+    finally:
+        engine.stop()
+    engine.step_hook = None
+    assert set(calls) == reachable and min(calls.values()) >= 2, calls
     assert engine.generate(PROMPTS[:2], LIMITS[0]).tokens[0] == alone[0]
 
 
