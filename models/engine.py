@@ -663,8 +663,9 @@ class Engine:
                 rounds.append((what, [EngineRequest([1] * length, 3)]))
         # A burst's prefills: several prompts in a bucket, with more logit rows than a lone
         # prompt's 2, or in a bucket longer than one prompt may be (a server's 2048-token prefills
-        # over a 1472-token context). Never met in warm-up, each such shape was recorded by the
-        # run's own requests, at their cost (the first bursts at batch 32 of issue 20's table).
+        # over a 1472-token context). Left out of the warm-up, each such shape was first called
+        # and then recorded by served requests, at their cost (H100, Qwen3-8B, a burst of 32
+        # ShareGPT prompts: 199 and 344 ms, then 122 ms; bench/results/NOTES.md, 2026-12-07).
         alone = {(power_of_two_at_least(n, MIN_PREFILL_TOKENS), 2) for n in prompt_lengths}
         for tokens in token_buckets:
             for rows in sorted(set(logit_rows)):
