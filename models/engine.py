@@ -636,10 +636,11 @@ class Engine:
         """Compile the engine's graphs and record the CUDA graphs of the shapes a run meets:
         a prefill of one prompt of each length (default: each prefill bucket, 16 to
         max_prefill_tokens, that one prompt fits in, so a lone request's prefill never records
-        during a run); packed prefills, each token bucket (of those lengths; default: each
-        up to max_prefill_tokens) with each count of logit rows (`logit_rows`, default: every
-        bucket the slots allow), so a burst's prefills never record either; and decode at each
-        batch size (default: every power of two up to max_slots; each runs a few steps). CUDA
+        during a run); packed prefills, each token bucket (of those lengths; default: each up
+        to max_prefill_tokens) with each count of logit rows (`logit_rows`, default: every
+        bucket that `concurrency` prompts allow), so a burst's prefills never record either;
+        and decode at each batch size (default: every power of two up to max_slots; each runs
+        a few steps). CUDA
         graph trees record a shape at its second call, so each shape is called twice. Runs on
         the engine thread if it is started (the CUDA graphs belong to it), else here.
         `progress(what, seconds)` hears of each shape as it is ready, with the seconds since the
@@ -653,7 +654,7 @@ class Engine:
         else:
             token_buckets = sorted({power_of_two_at_least(n, MIN_PREFILL_TOKENS) for n in prompt_lengths})
         if logit_rows is None:
-            logit_rows = sorted({logit_rows_bucket(n) for n in range(1, self.max_slots + 1)})
+            logit_rows = sorted({logit_rows_bucket(n) for n in range(1, self._concurrency + 1)})
         rounds = []  # (what it readies, requests)
         for length in sorted(set(prompt_lengths)):
             for call in range(2):  # recorded at the second call
@@ -694,10 +695,10 @@ class Engine:
 
     def _packed_prompt_lengths(self, tokens: int, rows: int) -> list[int] | None:
         """Prompt lengths that pack into one prefill of `tokens` tokens (a bucket: a power of two)
-        with `rows` logit rows: as many prompts as the rows, slots and tokens allow, sharing the
-        tokens evenly; None if no prompt count gives `rows` or the prompts would not fit a
-        sequence (with their one token)."""
-        count = min(rows, self.max_slots, tokens)
+        with `rows` logit rows: as many prompts as the rows, the slots requests may take
+        (`concurrency`) and the tokens allow, sharing the tokens evenly; None if no prompt
+        count gives `rows` or the prompts would not fit a sequence (with their one token)."""
+        count = min(rows, self._concurrency, tokens)
         lengths = [tokens // count + (i < tokens % count) for i in range(count)]
         if logit_rows_bucket(count) != rows or tokens > self.max_prefill_tokens or lengths[0] > self.max_length - 1:
             return None

@@ -135,13 +135,17 @@ def test_warm_up_reports_each_shape_as_it_is_ready(model, alone):
     assert engine.generate(PROMPTS[:2], LIMITS[0]).tokens[0] == alone[0]
 
 
-def test_warm_up_calls_every_prefill_shape_a_burst_can_make_twice(model, alone):
+@pytest.mark.parametrize("concurrency", [8, 2])
+def test_warm_up_calls_every_prefill_shape_a_burst_can_make_twice(model, alone, concurrency):
     """A burst packs prompts into prefills of any token bucket up to the budget with any count
     of logit rows the slots allow, and CUDA graph trees record a shape at its second call: the
     warm-up (here on the engine's thread, as a server runs it) calls each such shape at least
     twice, the 64-token bucket too, which no prompt of this 40-token context fills alone. The
-    shapes a burst can make come from every prompt count and token total, not from warm_up."""
+    shapes a burst can make come from every prompt count and token total, not from warm_up. At
+    a concurrency of 2 (a benchmark's batch size) no prefill packs more than 2 prompts, and the
+    warm-up makes none that does."""
     engine = Engine(model, max_slots=8, max_length=40, backend="eager", max_prefill_tokens=64)
+    engine.concurrency = concurrency
     calls = collections.Counter()
 
     def hook(verb, *tensors):
@@ -150,11 +154,11 @@ def test_warm_up_calls_every_prefill_shape_a_burst_can_make_twice(model, alone):
             calls[(input_ids.shape[1], last_index.shape[0])] += 1
 
     reachable = set()
-    for count in range(1, engine.max_slots + 1):
+    for count in range(1, concurrency + 1):
         for total in range(count, engine.max_prefill_tokens + 1):
             if total <= count * (engine.max_length - 1):  # each prompt and its one token fit a sequence
                 reachable.add((max(16, 1 << (total - 1).bit_length()), logit_rows_bucket(count)))
-    assert reachable == {(t, r) for t in (16, 32, 64) for r in (2, 8)}
+    assert reachable == {(t, r) for t in (16, 32, 64) for r in ((2, 8) if concurrency > 2 else (2,))}
     engine.step_hook = hook
     engine.start()
     try:
@@ -163,6 +167,8 @@ def test_warm_up_calls_every_prefill_shape_a_burst_can_make_twice(model, alone):
         engine.stop()
     engine.step_hook = None
     assert set(calls) == reachable and min(calls.values()) >= 2, calls
+    # Each packed round is one prefill of its shape: 8 prompts of 2 tokens, or none at 2 slots.
+    assert engine._packed_prompt_lengths(16, 8) == ([2] * 8 if concurrency == 8 else None)
     assert engine.generate(PROMPTS[:2], LIMITS[0]).tokens[0] == alone[0]
 
 
