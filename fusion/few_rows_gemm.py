@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from paiton.fusion import split_k
-from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind
+from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind, silu_first
 from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.swiglu import silu_mul, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
@@ -322,8 +322,13 @@ def tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
 def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
                   config: dict | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (any number of rows; BLOCK_M rows per program) @ dequantize(weight, scales).T
-    in x's dtype; with `up` (x's shape): silu_mul(x, up) @ ... (GATED). `config`: launch keywords
+    in x's dtype; with `up` (x's shape): silu_mul(x, up) @ ... (GATED; or with the launch key
+    SILU_FIRST, paiton.silu_mul's kernel and then the launch plain). `config`: launch keywords
     (default few_rows_config)."""
+    if config is not None and config.get("SILU_FIRST"):
+        config = {key: value for key, value in config.items() if key != "SILU_FIRST"}
+        if up is not None:
+            x, up = silu_mul(x, up), None
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
@@ -411,9 +416,14 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     product of the dequantized weight; block scales keep the launches whose BLOCK_K divides
     their blocks.
 
-    With `up` (x the gate): the product of silu_mul(x, up), each launch applying SwiGLU as it
-    loads x (GATED) against paiton::silu_mul then torch's linear (VENDOR), a choice of its own
-    per shape and rows."""
+    With `up` (x the gate): the product of silu_mul(x, up), a choice of its own per shape and
+    rows between paiton::silu_mul then torch's linear (VENDOR) and each launch in two forms:
+    applying SwiGLU as it loads x (GATED), and after silu_mul's kernel, plain (SILU_FIRST, as
+    the one-row GEMV's `gemv.silu_first`). Why both: the gated launch recomputes SwiGLU over its
+    K slice in every program (80-320 at Qwen3-32B's down_proj), and on an H100 every gated
+    launch lost to silu_mul + cuBLAS there at 32 rows (168-370 us against 99.6; a5ebfb9), while
+    the plain launch after silu_mul had beaten cuBLAS by 7-9 us at 2-8 rows on an H200 (4613cae,
+    before the gated form existed). Without SILU_FIRST such a choice fell back to cuBLAS."""
     fp8 = scales is not None
     kind = scales_kind(weight, scales)
     rows = as_rows(x)
@@ -423,6 +433,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     tma_allowed = w_tma_allowed()
     if not tma_allowed:
         candidates = [config for config in candidates if not config.get("W_TMA")]
+    if up is not None:  # each launch gated, and after silu_mul's kernel plain
+        candidates = [*candidates, *(silu_first(c) for c in candidates if not c.get("SILU_FIRST"))]
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
     baseline = candidates[0] if fp8 else VENDOR

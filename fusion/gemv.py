@@ -277,7 +277,8 @@ def gemv_config(block_n: int, block_k: int, num_warps: int, num_stages: int, x_p
 
 
 def silu_first(config: dict[str, int]) -> dict[str, int]:
-    """`config` as a gated product's launch that runs paiton.silu_mul first, then the plain kernel.
+    """`config` as a gated product's launch that runs paiton.silu_mul first, then the plain kernel
+    (a GEMV's here; fusion/few_rows_gemm.py's `choose` takes the same key for a few rows).
 
     Why: the gated kernel computes silu(gate) * up for every element of W it multiplies, and
     with x in W's layout (X_PER_ROW) once for each of a tile's rows: ALU work that a card whose

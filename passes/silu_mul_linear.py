@@ -13,8 +13,9 @@ Fused::
 The GEMV (fusion/gemv.py) or the few-rows GEMM (fusion/few_rows_gemm.py), both GATED, computes
 silu(gate) * up as it loads its input, rounded as silu_mul rounds it, so the step loses one
 kernel launch per layer and the write and re-read of the activation; at 2-64 rows where the
-timing finds that faster than silu_mul and the vendor's GEMM (a choice of its own per shape and
-rows). Runs after SwiGLUPass on the ATen graph. Rewritten: a silu_mul whose only user is a
+timing finds that faster than silu_mul and then the vendor's GEMM or the same kernel plain (a
+choice of its own per shape and rows: the rewrite never leaves a product slower than it was).
+Runs after SwiGLUPass on the ATen graph. Rewritten: a silu_mul whose only user is a
 packed_linear of one row (every leading dimension static and 1) or of a decode step's few rows
 (passes/few_rows_linear.py's is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), or an
 fp8_linear of one row (FP8 weights: -> `paiton.silu_mul_fp8_linear`, the FP8 GEMV gated). Left
