@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from paiton.fusion import split_k
-from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, scales_kind, silu_first
+from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, run_silu_first, scales_kind, silu_first
 from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.swiglu import silu_mul, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
@@ -325,10 +325,8 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     in x's dtype; with `up` (x's shape): silu_mul(x, up) @ ... (GATED; or with the launch key
     SILU_FIRST, paiton.silu_mul's kernel and then the launch plain). `config`: launch keywords
     (default few_rows_config)."""
-    if config is not None and config.get("SILU_FIRST"):
-        config = {key: value for key, value in config.items() if key != "SILU_FIRST"}
-        if up is not None:
-            x, up = silu_mul(x, up), None
+    if config is not None:
+        config, x, up = run_silu_first(config, x, up)
     k = x.shape[-1]
     n = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:

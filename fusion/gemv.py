@@ -289,6 +289,15 @@ def silu_first(config: dict[str, int]) -> dict[str, int]:
     return {**config, "SILU_FIRST": True}
 
 
+def run_silu_first(config: dict, x: torch.Tensor, up: torch.Tensor | None):
+    """(config, x, up) for a launch: with SILU_FIRST, the config without it, silu_mul(x, up) and
+    no `up` (the gated product as silu_mul's kernel, then the launch plain); else unchanged."""
+    if not config.get("SILU_FIRST"):
+        return config, x, up
+    config = {key: value for key, value in config.items() if key != "SILU_FIRST"}
+    return (config, x, up) if up is None else (config, silu_mul(x, up), None)
+
+
 # The candidates a CUDA GPU times per shape (the lowering table's list). Each tile is 4 to 32
 # KB of weight; BLOCK_K of 512-2048 with 4-8 warps gives every thread 16-byte loads; BLOCK_N of
 # 4-16 gives Qwen3's narrowest weights (o_proj, 4096 rows at 8B) 256-1024 programs, two or more
@@ -444,10 +453,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int], up: t
             squares: torch.Tensor | None = None, eps: float = 0.0, residual: torch.Tensor | None = None,
             squares_out: bool = False, swiglu_out: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """launch_gemv without the input checks (its callers made them)."""
-    if config.get("SILU_FIRST"):  # silu_mul's kernel, then the launch plain
-        config = {key: value for key, value in config.items() if key != "SILU_FIRST"}
-        if up is not None:
-            x, up = silu_mul(x, up), None
+    config, x, up = run_silu_first(config, x, up)
     n, k = weight.shape
     row = _unit_stride_row(x, k)
     up_row = row if up is None else _unit_stride_row(up, k)  # not read unless GATED

@@ -14,7 +14,7 @@ The GEMV (fusion/gemv.py) or the few-rows GEMM (fusion/few_rows_gemm.py), both G
 silu(gate) * up as it loads its input, rounded as silu_mul rounds it, so the step loses one
 kernel launch per layer and the write and re-read of the activation; at 2-64 rows where the
 timing finds that faster than silu_mul and then the vendor's GEMM or the same kernel plain (a
-choice of its own per shape and rows: the rewrite never leaves a product slower than it was).
+choice of its own per shape and rows, so the plain form stays where it is faster).
 Runs after SwiGLUPass on the ATen graph. Rewritten: a silu_mul whose only user is a
 packed_linear of one row (every leading dimension static and 1) or of a decode step's few rows
 (passes/few_rows_linear.py's is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), or an
