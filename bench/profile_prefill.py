@@ -18,9 +18,9 @@ slots the prompts' count, over a cache of --cache-len tokens. Every request asks
 so the burst is prefill steps only (the engine packs prompts first fit in arrival order, each
 prefill padded to a power of two). Two bursts warm it up (the first compiles each token bucket,
 the second records its CUDA graphs), or with --warm-up engine the server's warm-up does (then
-the first timed burst shows whether a server's first burst records any graph), --repeats bursts are timed (wall time from submission to
-the last first token, and the device time of each prefill between CUDA events at the engine's
-step hook), and one more runs under torch.profiler: kernel time by category
+the first timed burst shows whether a server's first burst records any graph). --repeats
+bursts are timed (wall time from submission to the last first token, and the device time of
+each prefill between CUDA events at the engine's step hook), and one more runs under torch.profiler: kernel time by category
 (profile_decode_step's) and the top kernels, per burst.
 
 Work: a prompt of n tokens costs 2 x (the decoder's linear weights) FLOPs a token, plus causal

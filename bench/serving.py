@@ -141,11 +141,12 @@ class ContinuousRunner:
         self.engine = engine
 
     def warm_up(self, requests, batch):
-        """The engine's warm-up (a prompt of each prefill bucket alone, the packed prefills' shapes,
-        decode at each power of two up to B), then the workload itself with 2 output tokens each: the packed prefills
-        it meets at this concurrency (at B = 1, exactly those of the run; measured on an H200,
-        without this pass a run's first prefill of each prompt bucket recorded its CUDA graph
-        inside the run: Qwen3-8B's TTFT at batch 1 was 61.7 ms mean against 13.1 static)."""
+        """The engine's warm-up (a prompt of each prefill bucket alone, the packed prefills'
+        shapes, decode at each power of two up to B), then the workload itself with 2 output
+        tokens each: the packed prefills it meets at this concurrency (at B = 1, exactly those
+        of the run; measured on an H200, without this pass a run's first prefill of each prompt
+        bucket recorded its CUDA graph inside the run: Qwen3-8B's TTFT at batch 1 was 61.7 ms
+        mean against 13.1 static)."""
         start = time.perf_counter()
         self.engine.concurrency = batch
         self.engine.warm_up(batch_sizes=[1 << i for i in range(batch.bit_length()) if 1 << i <= batch])

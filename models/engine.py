@@ -640,9 +640,9 @@ class Engine:
         to max_prefill_tokens) with each count of logit rows (`logit_rows`, default: every
         bucket that `concurrency` prompts allow), so a burst's prefills never record either;
         and decode at each batch size (default: every power of two up to max_slots; each runs
-        a few steps). CUDA
-        graph trees record a shape at its second call, so each shape is called twice. Runs on
-        the engine thread if it is started (the CUDA graphs belong to it), else here.
+        a few steps). CUDA graph trees record a shape at its second call, so each shape is
+        called twice. Runs on the engine thread if it is started (the CUDA graphs belong to
+        it), else here.
         `progress(what, seconds)` hears of each shape as it is ready, with the seconds since the
         start (a 32B warm-up takes minutes: where they go). Returns the seconds it took."""
         start = time.perf_counter()
