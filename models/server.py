@@ -320,8 +320,8 @@ class CompletionServer:
                 self.engine.check(choice.request)
         except EngineError as error:
             raise ApiError(str(error), param="prompt") from None
-        for choice in choices:
-            self.engine.submit(choice.request)
+        # One request's choices (a list of prompts, or n of one) enter the engine together: one prefill.
+        self.engine.submit_all([choice.request for choice in choices])
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
             if params.stream:

@@ -141,6 +141,25 @@ def test_sixteen_concurrent_clients_get_their_solo_outputs(client, server, solo)
     assert stats["compiled_graphs"] <= 3, stats
 
 
+def test_a_requests_prompts_share_one_prefill(client, server, solo):
+    """A completion of three prompts: each choice is its prompt's solo output, and the three
+    entered the engine together (one prefill step, then one decode step for all)."""
+    import urllib.request
+
+    def steps():
+        with urllib.request.urlopen(server + "/stats") as response:
+            return json.load(response)["steps"]
+
+    generate, _ = solo
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    before = steps()
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=2, temperature=0,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    after = steps()
+    assert [c.token_ids for c in sorted(reply.choices, key=lambda c: c.index)] == [generate(p, 2) for p in prompts]
+    assert {kind: after[kind] - before[kind] for kind in after} == {"prefill": 1, "decode": 1}
+
+
 BAD_REQUESTS = [
     ({"model": "no-such-model", "prompt": "hi"}, 404, "does not exist"),
     ({"model": "tiny", "prompt": [1] * (MAX_LEN - 3), "max_tokens": 8}, 400, "exceeds the context"),
