@@ -20,8 +20,8 @@ prefill padded to a power of two). Two bursts warm it up (the first compiles eac
 the second records its CUDA graphs), or with --warm-up engine the server's warm-up does (then
 the first timed burst shows whether a server's first burst records any graph). --repeats
 bursts are timed (wall time from submission to the last first token, and the device time of
-each prefill between CUDA events at the engine's step hook), and one more runs under torch.profiler: kernel time by category
-(profile_decode_step's) and the top kernels, per burst.
+each prefill between CUDA events at the engine's step hook), and one more runs under
+torch.profiler: kernel time by category (profile_decode_step's) and the top kernels, per burst.
 
 Work: a prompt of n tokens costs 2 x (the decoder's linear weights) FLOPs a token, plus causal
 attention (QK^T and PV: 2 x 2 x heads x head_dim x (n + 1) / 2 a token per layer), plus one

@@ -648,9 +648,8 @@ class Engine:
         start = time.perf_counter()
         batch_sizes = batch_sizes or [1 << i for i in range(self.max_slots.bit_length()) if 1 << i <= self.max_slots]
         if prompt_lengths is None:
-            longest = min(self.max_prefill_tokens, self.max_length - 3)
-            prompt_lengths = [n for n in (MIN_PREFILL_TOKENS << i for i in range(16)) if n <= longest] or [1]
             token_buckets = [n for n in (MIN_PREFILL_TOKENS << i for i in range(16)) if n <= self.max_prefill_tokens]
+            prompt_lengths = [n for n in token_buckets if n <= self.max_length - 3] or [1]
         else:
             token_buckets = sorted({power_of_two_at_least(n, MIN_PREFILL_TOKENS) for n in prompt_lengths})
         if logit_rows is None:
