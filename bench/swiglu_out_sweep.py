@@ -85,7 +85,7 @@ def fastest(x, weight, candidates, scales, up=None, swiglu_out=False):
 def run_case(model: str, fp8: bool, device: str, rate_tbps: float | None) -> dict:
     from paiton.backends.lowering import launch_config
     from paiton.backends.target import detect_target
-    from paiton.fusion.gemv import INTERPRETER_CONFIG, silu_first
+    from paiton.fusion.gemv import INTERPRETER_CONFIG, gated_forms
 
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -97,7 +97,7 @@ def run_case(model: str, fp8: bool, device: str, rate_tbps: float | None) -> dic
     else:
         params = launch_config("fp8_linear" if fp8 else "one_row_linear", detect_target(x.device))
         candidates = list(params["one_row_candidates"] if fp8 else params["candidates"])
-        gated = candidates + [silu_first(c) for c in candidates]
+        gated = gated_forms(candidates)
         half = gate_up.shape[0] // 2
         both = torch.empty(1, 2 * half, device=device, dtype=dtype)
         gate, up = both[..., :half].contiguous(), both[..., half:].contiguous()

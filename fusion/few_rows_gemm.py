@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from paiton.fusion import split_k
-from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, run_silu_first, scales_kind, silu_first
+from paiton.fusion.gemv import BLOCK_SCALES, FP8_DTYPES, SCALE_BLOCK, VENDOR, gated_forms, run_silu_first, scales_kind
 from paiton.fusion.pdl import pdl_launch, prefetch_rows_to_l2, wait_for_previous_kernel
 from paiton.fusion.swiglu import silu_mul, silu_times_up
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
@@ -417,7 +417,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     With `up` (x the gate): the product of silu_mul(x, up), a choice of its own per shape and
     rows between paiton::silu_mul then torch's linear (VENDOR) and each launch in two forms:
     applying SwiGLU as it loads x (GATED), and after silu_mul's kernel, plain (SILU_FIRST, as
-    the one-row GEMV's `gemv.silu_first`). Why both: the gated launch recomputes SwiGLU over its
+    the one-row GEMV times them: `gemv.gated_forms`). Why both: the gated launch recomputes SwiGLU over its
     K slice in every program (80-320 at Qwen3-32B's down_proj), and on an H100 every gated
     launch lost to silu_mul + cuBLAS there at 32 rows (168-370 us against 99.6; a5ebfb9), while
     the plain launch after silu_mul had beaten cuBLAS by 7-9 us at 2-8 rows on an H200 (4613cae,
@@ -431,8 +431,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     tma_allowed = w_tma_allowed()
     if not tma_allowed:
         candidates = [config for config in candidates if not config.get("W_TMA")]
-    if up is not None:  # each launch gated, and after silu_mul's kernel plain
-        candidates = [*candidates, *(silu_first(c) for c in candidates if not c.get("SILU_FIRST"))]
+    if up is not None:
+        candidates = gated_forms(candidates)
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
     baseline = candidates[0] if fp8 else VENDOR

@@ -289,6 +289,13 @@ def silu_first(config: dict[str, int]) -> dict[str, int]:
     return {**config, "SILU_FIRST": True}
 
 
+def gated_forms(candidates: Sequence[dict]) -> list[dict]:
+    """A gated product's candidates for timing: each launch gated (as given) and after silu_mul's
+    kernel, plain (`silu_first`); the one-row GEMV's choice and the few-rows GEMM's both time
+    these, since which form wins depends on the card and the rows."""
+    return [*candidates, *(silu_first(c) for c in candidates if not c.get("SILU_FIRST"))]
+
+
 def run_silu_first(config: dict, x: torch.Tensor, up: torch.Tensor | None):
     """(config, x, up) for a launch: with SILU_FIRST, the config without it, silu_mul(x, up) and
     no `up` (the gated product as silu_mul's kernel, then the launch plain); else unchanged."""
@@ -554,8 +561,8 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     if time_ms is None and not timed_choices():  # untimed, kept: PAITON_TIMED_CHOICES=0
         _CHOICES[key], _TIMINGS[key] = (candidates[0] if fp8 else VENDOR), {"source": "untimed"}
         return _CHOICES[key]
-    if up is not None:  # a gated product: each launch gated, and after silu_mul's kernel
-        candidates = [*candidates, *(silu_first(c) for c in candidates if not c.get("SILU_FIRST"))]
+    if up is not None:
+        candidates = gated_forms(candidates)
     timed = time_candidates(x, weight, candidates, up, TIMING_ROUNDS, time_ms or _time_ms, scales)
     choice, best_ms = min(timed, key=lambda timing: timing[1])  # the baseline first: a tie keeps it
     baseline = "first candidate" if fp8 else "vendor"
