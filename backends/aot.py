@@ -357,13 +357,15 @@ def _cuobjdump() -> str | None:
     return None
 
 
-def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int, gated: bool = False) -> KernelBuild:
+def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int, gated: bool = False,
+                        swiglu_out: bool = False) -> KernelBuild:
     """The GEMM of 2-64 rows (fusion/few_rows_gemm.py): x in `dtype`, W in `weight_dtype` (x's
     dtype, or "fp8e4nv"/"fp8e4b8" with fp32 scales per row or per 128 x 128 block; NO_SCALES:
     no scale pointer, as the bf16 product launches it); products in x's dtype on the chip's
     matrix instructions (DOT_FP32 is the interpreter's). config["SPLITS"] > 1: split along K,
     with its fp32 partial sums and per-tile counters (atomics). `gated`: x is SwiGLU's gate and
-    up_ptr its up half, applied as x loads (down_proj at 2-64 rows)."""
+    up_ptr its up half, applied as x loads (down_proj at 2-64 rows). `swiglu_out`: W is gate/up
+    packed and SwiGLU pairs the halves in the product's last step (gate/up at 2-64 rows)."""
     config = dict(config)
     splits = config.pop("SPLITS", 1)
     via_fp16 = config.pop("W_VIA_FP16", False) and weight_dtype.startswith("fp8")
@@ -378,9 +380,10 @@ def few_rows_gemm_build(config: dict, dtype: str, weight_dtype: str, scales: int
                  "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "SCALES": "constexpr",
                  "SCALE_BLOCK": "constexpr", "DOT_FP32": "constexpr", "SPLITS": "constexpr", "W_VIA_FP16": "constexpr",
                  "SWAP_AB": "constexpr", "W_TMA": "constexpr", "up_ptr": f"*{dtype}" if gated else "constexpr",
-                 "stride_um": "i32" if gated else "constexpr", "GATED": "constexpr"}
+                 "stride_um": "i32" if gated else "constexpr", "GATED": "constexpr", "SWIGLU_OUT": "constexpr"}
     launcher = {"SCALES": scales, "SCALE_BLOCK": SCALE_BLOCK, "DOT_FP32": False, "SPLITS": splits,
-                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False), "W_TMA": tma, "GATED": gated}
+                "W_VIA_FP16": via_fp16, "SWAP_AB": config.pop("SWAP_AB", False), "W_TMA": tma, "GATED": gated,
+                "SWIGLU_OUT": swiglu_out}
     if not gated:
         launcher.update(up_ptr=None, stride_um=0)
     if not tma:

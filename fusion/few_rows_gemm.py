@@ -24,6 +24,11 @@ the fastest kept; a candidate whose product differs from torch's by more than bf
 dropped, so a kernel that is wrong on some chip is never chosen. FP8 weights go through
 fusion/fp8_paths.py's choice of products, this kernel being one (FP8_GEMM).
 
+SwiGLU, where a decode step's MLP has it: applied as down_proj's x loads (GATED, or silu_mul's
+kernel first: SILU_FIRST), or in the gate/up product's last step (SWIGLU_OUT, or silu_mul's
+kernel after the plain launch: SILU_AFTER); each a choice of its own per shape and rows, both
+forms of every launch timed (`choose`'s `up` and `swiglu_out`).
+
 Under Triton's interpreter (CPU tests) a bf16 `tl.dot` is wrong (ENV_NOTES: bf16 held as
 uint16): DOT_FP32 makes the products in fp32 there, as decode attention's kernel does.
 """
@@ -98,7 +103,7 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
                           SCALE_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr, SPLITS: tl.constexpr,
                           W_VIA_FP16: tl.constexpr = False, PDL: tl.constexpr = False,
                           SWAP_AB: tl.constexpr = False, W_TMA: tl.constexpr = False,
-                          up_ptr=None, stride_um=0, GATED: tl.constexpr = False):
+                          up_ptr=None, stride_um=0, GATED: tl.constexpr = False, SWIGLU_OUT: tl.constexpr = False):
     """Program (n, m, s): y[m rows, n rows of W] over K slice s (all of K when SPLITS is 1); see
     the module docstring. Split (SPLITS > 1): each slice's fp32 sums go to partial_ptr
     [SPLITS, M, N]; the tile's last program to arrive (count_ptr: one counter a tile, left at 0)
@@ -108,7 +113,18 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
     W_TMA: W's tiles come through `w_desc`, a [BLOCK_N, BLOCK_K] tensor descriptor of W (see
     W_TMA above); else (w_desc None) by every thread's own loads from w_ptr.
     GATED: x is the gate and `up_ptr` the up half of a SwiGLU, applied as x loads (silu(gate) *
-    up, rounded as paiton::silu_mul rounds it): down_proj without the silu_mul kernel before it."""
+    up, rounded as paiton::silu_mul rounds it): down_proj without the silu_mul kernel before it.
+    SWIGLU_OUT (a W in x's dtype): W is gate/up packed, [gate; up] of N / 2 rows each, and y
+    [M, N / 2] is silu(x @ gate.T) * (x @ up.T), each product rounded to y's dtype first, as
+    this kernel's plain product and then paiton::silu_mul round them. Program n reads gate rows
+    and up rows n * BLOCK_N + [0, BLOCK_N) (two W tiles a K step, two accumulators), so each
+    pair meets in its registers and SwiGLU is computed once per output, after the sums: the
+    gate/up product without the silu_mul kernel after it (GATED computes SwiGLU over its K
+    slice in every program of the product after it instead)."""
+    if SWIGLU_OUT:
+        n_out = N // 2  # outputs; up row r is W's row n_out + r
+    else:
+        n_out = N
     rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k_begin = tl.program_id(2) * K_SLICE
@@ -125,6 +141,12 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWIGLU_OUT:
+        up_w_rows = w_ptr + (rows_n + n_out).to(tl.int64)[:, None] * stride_wn
+        if SWAP_AB:
+            acc_t_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(k_begin, k_end, BLOCK_K):  # slices are whole BLOCK_K tiles: only K's end is ragged
         k = start + cols[None, :]
         x = tl.load(x_rows + k, mask=(rows_m[:, None] < M) & (k < K), other=0.0)
@@ -133,7 +155,7 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
         if W_TMA:  # the tile in one bulk copy, zeros past N and K as the mask below gives
             w = w_desc.load([tl.program_id(0) * BLOCK_N, start])
         else:
-            w = tl.load(w_rows + k, mask=(rows_n[:, None] < N) & (k < K), other=0.0, eviction_policy="evict_first")
+            w = tl.load(w_rows + k, mask=(rows_n[:, None] < n_out) & (k < K), other=0.0, eviction_policy="evict_first")
         if W_VIA_FP16:  # FP8 W: see W_VIA_FP16 above
             w = w.to(tl.float16).to(tl.float32).to(x.dtype)  # exact, as below
         else:
@@ -150,26 +172,55 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
             if SCALES == 2:
                 part *= block[None, :]
             acc += part
+        if SWIGLU_OUT:  # the up rows' tile (the tensor descriptor zero-fills past N)
+            if W_TMA:
+                w_up = w_desc.load([n_out + tl.program_id(0) * BLOCK_N, start])
+            else:
+                w_up = tl.load(up_w_rows + k, mask=(rows_n[:, None] < n_out) & (k < K), other=0.0,
+                               eviction_policy="evict_first")
+            if SWAP_AB:
+                acc_t_up += _times_transposed(w_up.to(x.dtype), x, DOT_FP32)
+            else:
+                acc_up += _times_transposed(x, w_up.to(x.dtype), DOT_FP32)
     if SWAP_AB:
         acc = tl.trans(acc_t)  # once, after the loop
+        if SWIGLU_OUT:
+            acc_up = tl.trans(acc_t_up)
+    if not SWIGLU_OUT:
+        acc_up = acc  # not read
     if SCALES == 1:
         acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
-    inside = (rows_m[:, None] < M) & (rows_n[None, :] < N)
+    inside = (rows_m[:, None] < M) & (rows_n[None, :] < n_out)
     y = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
     if SPLITS == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(y, _rounded_output(acc, acc_up, y_ptr.dtype.element_ty, SWIGLU_OUT), mask=inside)
     else:
-        at = rows_m.to(tl.int64)[:, None] * N + rows_n[None, :]
+        at = rows_m.to(tl.int64)[:, None] * N + rows_n[None, :]  # partials [SPLITS, M, N]: up sums at n_out on
         tl.store(partial_ptr + tl.program_id(2).to(tl.int64) * M * N + at, acc, mask=inside)
+        if SWIGLU_OUT:
+            tl.store(partial_ptr + tl.program_id(2).to(tl.int64) * M * N + at + n_out, acc_up, mask=inside)
         tl.debug_barrier()  # every thread's partial sums are written before the counter says so
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLITS - 1:  # the tile's last slice: add all slices (L2, not a stale L1 line)
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            total_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for s in tl.static_range(SPLITS):
-                total += tl.load(partial_ptr + (s * M).to(tl.int64) * N + at, mask=inside, other=0.0, cache_modifier=".cg")
-            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=inside)
+                slice_at = partial_ptr + (s * M).to(tl.int64) * N + at
+                total += tl.load(slice_at, mask=inside, other=0.0, cache_modifier=".cg")
+                if SWIGLU_OUT:
+                    total_up += tl.load(slice_at + n_out, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(y, _rounded_output(total, total_up, y_ptr.dtype.element_ty, SWIGLU_OUT), mask=inside)
             tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next product
+
+
+@triton.jit
+def _rounded_output(acc, acc_up, dtype: tl.constexpr, SWIGLU_OUT: tl.constexpr):
+    """The fp32 sums as y's elements: rounded once; SWIGLU_OUT: the gate and up sums each rounded
+    (the plain product's output), then SwiGLU as paiton::silu_mul computes it."""
+    if SWIGLU_OUT:
+        return silu_times_up(acc.to(dtype), acc_up.to(dtype))
+    return acc.to(dtype)
 
 
 def block_m(rows: int) -> int:
@@ -283,25 +334,43 @@ FP8_FEW_ROWS_TMA_CANDIDATES: tuple[dict[str, int], ...] = (
 )
 
 
+# SILU_AFTER (a launch key of a gate/up product made with `swiglu_out`): the launch plain, then
+# paiton.silu_mul's kernel on its two halves (the form before SWIGLU_OUT), timed beside it.
+SILU_AFTER = "SILU_AFTER"
+
+
+def swiglu_out_forms(candidates: Sequence[dict]) -> list[dict]:
+    """A gate/up product's candidates for timing: each launch with SwiGLU in its last step
+    (SWIGLU_OUT: as given) and plain followed by silu_mul's kernel (SILU_AFTER). Why both: the
+    fused launch reads two W tiles a K step into two accumulators (twice the shared memory and
+    registers of its plain form), so on some card and row count its loop may lose more than
+    silu_mul's launch costs (about 2.5 us a layer at Qwen3-32B's batch 32 on an H100: 162 us a
+    step, bench/results/NOTES.md, thirty-first session)."""
+    return [*candidates, *({**config, SILU_AFTER: True} for config in candidates)]
+
+
 # Under Triton's CPU interpreter (the CPU tests) each program runs in turn in Python: few wide
 # programs are what is fast there.
 INTERPRETER_CANDIDATE = candidate(64, 128, 4, 1)
 
 
-def shared_bytes(config: dict[str, int], rows: int, element_size: int) -> int:
+def shared_bytes(config: dict[str, int], rows: int, element_size: int, swiglu_out: bool = False) -> int:
     """At most the shared memory a launch of `config` for `rows` rows takes: Triton's pipeline
     keeps up to num_stages buffers of the x and W tiles (compiled by Triton 3.9 at 64 rows: on
     sm_90, 3 stages of 64 + 16 rows x 512 bf16 took 3 x 80 KB; on sm_80, 4 stages of 64 + 16 x 256
-    fp32 took 3 x 80 KB), plus the fp32 result's layout conversion."""
+    fp32 took 3 x 80 KB), plus the fp32 result's layout conversion; a SWIGLU_OUT launch (with
+    `swiglu_out`, not SILU_AFTER) has two W tiles a stage and two results."""
     bm = block_m(rows)
-    tiles = (bm + config["BLOCK_N"]) * config["BLOCK_K"] * element_size
-    return tiles * config["num_stages"] + bm * config["BLOCK_N"] * 4
+    w_tiles = 2 if swiglu_out and not config.get(SILU_AFTER) else 1
+    tiles = (bm + w_tiles * config["BLOCK_N"]) * config["BLOCK_K"] * element_size
+    return tiles * config["num_stages"] + w_tiles * bm * config["BLOCK_N"] * 4
 
 
-def fitting(candidates: Sequence[dict[str, int]], rows: int, element_size: int, limit: int) -> list[dict[str, int]]:
+def fitting(candidates: Sequence[dict[str, int]], rows: int, element_size: int, limit: int,
+            swiglu_out: bool = False) -> list[dict[str, int]]:
     """The candidates whose launch for `rows` rows fits `limit` bytes of shared memory (the x
     tiles grow with the rows: the widest need more than a chip has at 64 rows in fp32)."""
-    return [config for config in candidates if shared_bytes(config, rows, element_size) <= limit]
+    return [config for config in candidates if shared_bytes(config, rows, element_size, swiglu_out) <= limit]
 
 
 def tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
@@ -320,11 +389,18 @@ def tma_descriptor(weight: torch.Tensor, block_n: int, block_k: int):
 
 
 def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
-                  config: dict | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+                  config: dict | None = None, up: torch.Tensor | None = None, swiglu_out: bool = False) -> torch.Tensor:
     """x [..., K] (any number of rows; BLOCK_M rows per program) @ dequantize(weight, scales).T
     in x's dtype; with `up` (x's shape): silu_mul(x, up) @ ... (GATED; or with the launch key
-    SILU_FIRST, paiton.silu_mul's kernel and then the launch plain). `config`: launch keywords
-    (default few_rows_config)."""
+    SILU_FIRST, paiton.silu_mul's kernel and then the launch plain). `swiglu_out` (a gate/up
+    packed W in x's dtype, [gate; up] of N / 2 rows each): silu_mul(x @ gate.T, x @ up.T), [...,
+    N / 2] (SWIGLU_OUT; or with the launch key SILU_AFTER, the launch plain and then
+    paiton.silu_mul's kernel on its halves). `config`: launch keywords (default few_rows_config)."""
+    if config is not None and config.get(SILU_AFTER):
+        if not swiglu_out:
+            raise ValueError(f"paiton few_rows_gemm: {SILU_AFTER} is a launch of a gate/up product (swiglu_out); got {config}")
+        product = few_rows_gemm(x, weight, scales, {key: value for key, value in config.items() if key != SILU_AFTER}, up)
+        return silu_mul(*product.chunk(2, dim=-1))
     if config is not None:
         config, x, up = run_silu_first(config, x, up)
     k = x.shape[-1]
@@ -332,6 +408,9 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"paiton few_rows_gemm: x [..., K] and W [N, K] with unit stride along K; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
+    if swiglu_out and (n % 2 or up is not None or scales is not None):
+        raise ValueError(f"paiton few_rows_gemm: swiglu_out takes a gate/up packed W of an even row count in x's dtype "
+                         f"and no gate; got W {tuple(weight.shape)} {weight.dtype}")
     kind = scales_kind(weight, scales)
     rows = as_rows(x)
     m = rows.shape[0]
@@ -340,11 +419,12 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
             raise ValueError(f"paiton few_rows_gemm: gate and up of one shape and dtype; got {tuple(x.shape)} {x.dtype}, "
                              f"{tuple(up.shape)} {up.dtype}")
         up = as_rows(up)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    n_out = n // 2 if swiglu_out else n
+    y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m and n:
         launch = dict(config or few_rows_config(m))
         block_m, block_n, block_k = launch["BLOCK_M"], launch["BLOCK_N"], launch["BLOCK_K"]
-        grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+        grid_n, grid_m = triton.cdiv(n_out, block_n), triton.cdiv(m, block_m)
         k_slice, splits = split_k.k_slices(k, block_k, launch.pop("SPLITS", 1))
         via_fp16 = launch.pop("W_VIA_FP16", False) and weight.dtype in FP8_DTYPES
         w_desc = tma_descriptor(weight, block_n, block_k) if launch.pop("W_TMA", False) else None
@@ -358,17 +438,19 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
                 scales.stride(0) if kind == BLOCK_SCALES else 0, k_slice, partial, counters, SCALES=kind,
                 SCALE_BLOCK=SCALE_BLOCK, DOT_FP32=is_interpreted(_few_rows_gemm_kernel) or x.dtype == torch.float32,
                 SPLITS=splits, W_VIA_FP16=via_fp16, W_TMA=w_desc is not None,
-                up_ptr=up, stride_um=0 if up is None else up.stride(0), GATED=up is not None, **launch,
-                **(pdl_launch(x, _few_rows_gemm_kernel) if k else {}))  # (an empty W: nothing to prefetch)
-    return y.reshape(*x.shape[:-1], n)
+                up_ptr=up, stride_um=0 if up is None else up.stride(0), GATED=up is not None, SWIGLU_OUT=swiglu_out,
+                **launch, **(pdl_launch(x, _few_rows_gemm_kernel) if k else {}))  # (an empty W: nothing to prefetch)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 def launch_candidate(x: torch.Tensor, weight: torch.Tensor, config: dict[str, int],
-                     scales: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+                     scales: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                     swiglu_out: bool = False) -> torch.Tensor:
     """x @ weight.T (W in x's dtype, or FP8 with its `scales`; silu_mul(x, up) @ weight.T with
-    `up`) with `config`'s launch (a candidate: BLOCK_M from x's rows)."""
+    `up`; silu_mul of the gate and up halves with `swiglu_out`) with `config`'s launch (a
+    candidate: BLOCK_M from x's rows)."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return few_rows_gemm(x, weight, scales, {"BLOCK_M": block_m(rows), **config}, up=up)
+    return few_rows_gemm(x, weight, scales, {"BLOCK_M": block_m(rows), **config}, up=up, swiglu_out=swiglu_out)
 
 
 # Bound on |product - torch's product| / max |torch's product| for a candidate to be kept: both
@@ -379,7 +461,8 @@ AGREEMENT = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 class ChoiceKey(NamedTuple):
     """What `choose` keeps a choice under: the product's device, x's rows bucket, W's shape, row
     stride and x's dtype; an FP8 weight's dtype and scales kind; whether the W_TMA launches were
-    timed (PAITON_W_TMA); whether SwiGLU is applied as x loads (gated)."""
+    timed (PAITON_W_TMA); whether SwiGLU is applied as x loads (gated) or to the gate/up
+    product's halves (swiglu_out)."""
 
     device: str
     rows: int
@@ -391,6 +474,7 @@ class ChoiceKey(NamedTuple):
     scales_kind: int | None  # gemv.scales_kind's SCALES
     w_tma: bool
     gated: bool
+    swiglu_out: bool = False
 
 
 # ChoiceKey -> the chosen launch (a candidate's dict) or VENDOR, and how it was chosen (the times
@@ -401,7 +485,8 @@ _TIMINGS: dict[ChoiceKey, dict] = {}
 
 def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
            time_ms_fn: Callable[[Callable[[], object]], float] | None = None,
-           scales: torch.Tensor | None = None, up: torch.Tensor | None = None) -> dict[str, int] | str:
+           scales: torch.Tensor | None = None, up: torch.Tensor | None = None,
+           swiglu_out: bool = False) -> dict[str, int] | str:
     """The fastest of `candidates` and torch's linear (VENDOR) for x's rows (rounded up to a
     power of two) times this weight, decided once per (device, rows bucket, shape, stride, dtype)
     and kept: TIMING_ROUNDS rounds of each in turn over cold copies of W, the vendor first (a tie
@@ -421,7 +506,12 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     K slice in every program (80-320 at Qwen3-32B's down_proj), and on an H100 every gated
     launch lost to silu_mul + cuBLAS there at 32 rows (168-370 us against 99.6; a5ebfb9), while
     the plain launch after silu_mul had beaten cuBLAS by 7-9 us at 2-8 rows on an H200 (4613cae,
-    before the gated form existed). Without SILU_FIRST such a choice fell back to cuBLAS."""
+    before the gated form existed). Without SILU_FIRST such a choice fell back to cuBLAS.
+
+    With `swiglu_out` (W gate/up packed): the product's two halves through SwiGLU, a choice of
+    its own between torch's linear then paiton::silu_mul (VENDOR) and each launch in two forms:
+    SwiGLU in its last step (SWIGLU_OUT) and plain, then silu_mul's kernel (SILU_AFTER:
+    `swiglu_out_forms`)."""
     fp8 = scales is not None
     kind = scales_kind(weight, scales)
     rows = as_rows(x)
@@ -433,11 +523,13 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         candidates = [config for config in candidates if not config.get("W_TMA")]
     if up is not None:
         candidates = gated_forms(candidates)
+    if swiglu_out:
+        candidates = swiglu_out_forms(candidates)
     if bucket > MAX_ROWS or not candidates or rows.shape[0] == 0:
         return VENDOR
     baseline = candidates[0] if fp8 else VENDOR
     key = ChoiceKey(str(x.device), bucket, weight.shape[0], weight.shape[1], weight.stride(0), x.dtype,
-                    weight.dtype if fp8 else None, kind if fp8 else None, tma_allowed, up is not None)
+                    weight.dtype if fp8 else None, kind if fp8 else None, tma_allowed, up is not None, swiglu_out)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -452,11 +544,14 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     if x.is_cuda:  # the launches this chip's shared memory takes at this many rows
         from paiton.backends.target import detect_target
 
-        candidates = fitting(candidates, bucket, x.element_size(), detect_target(x.device).shared_memory_per_block)
+        candidates = fitting(candidates, bucket, x.element_size(), detect_target(x.device).shared_memory_per_block,
+                             swiglu_out)
     probe = bucket_probe(rows)
     up_probe = None if up is None else bucket_probe(as_rows(up))
     if up is not None:  # (FP8 weights take no gate: fusion/fp8_linear.py's own products)
         expected = torch.nn.functional.linear(silu_mul(probe, up_probe), weight).float()
+    elif swiglu_out:
+        expected = vendor_swiglu_out(probe, weight).float()
     elif fp8:
         from paiton.fusion.fp8_paths import dequantize  # (fp8_paths imports this module)
 
@@ -467,13 +562,14 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     agreeing, dropped = [], []
     for config in candidates:
         try:
-            error = (launch_candidate(probe, weight, config, scales, up_probe).float() - expected).abs().max().item()
+            error = (launch_candidate(probe, weight, config, scales, up_probe, swiglu_out).float()
+                     - expected).abs().max().item()
         except Exception as failure:  # a launch this chip cannot make (shared memory): not a candidate
             log.debug("paiton few_rows_gemm: %s failed: %s", config, failure)
             continue
         (agreeing if error <= bound else dropped).append(config)
     what = (f"{bucket} rows x [{key.n} x {key.k}] {x.dtype}" + (f", {weight.dtype} weight" if fp8 else "")
-            + (", gated" if up is not None else ""))
+            + (", gated" if up is not None else "") + (", SwiGLU out" if swiglu_out else ""))
     if dropped:
         log.warning("paiton few_rows_gemm: %s on %s: launches %s disagree with torch's product; left out", what,
                     x.device, dropped)
@@ -481,11 +577,14 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
         _CHOICES[key], _TIMINGS[key] = baseline, {"source": "fallback", "disagreeing": dropped}
         return baseline
     weights = cold_copies(weight)
-    if up is None:
-        runs = [] if fp8 else [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
-    else:  # the vendor's product after silu_mul's kernel
+    if up is not None:  # the vendor's product after silu_mul's kernel
         runs = [(VENDOR, lambda: [torch.nn.functional.linear(silu_mul(probe, up_probe), w) for w in weights])]
-    runs += [(config, lambda config=config: [launch_candidate(probe, w, config, scales, up_probe) for w in weights])
+    elif swiglu_out:  # the vendor's product, then silu_mul's kernel
+        runs = [(VENDOR, lambda: [vendor_swiglu_out(probe, w) for w in weights])]
+    else:
+        runs = [] if fp8 else [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]
+    runs += [(config, lambda config=config: [launch_candidate(probe, w, config, scales, up_probe, swiglu_out)
+                                             for w in weights])
              for config in agreeing]
     with device_guard(x):
         timed = best_times(runs, TIMING_ROUNDS, time_ms_fn or time_ms, required=runs[0][0],
@@ -513,6 +612,8 @@ def chosen_launches() -> list[dict]:
             record["weight_dtype"] = str(key.weight_dtype).removeprefix("torch.")
         if key.gated:
             record["gated"] = True
+        if key.swiglu_out:
+            record["swiglu_out"] = True
         if not key.w_tma:
             record["w_tma"] = False
         records.append(dict(record, choice=choice, **_TIMINGS.get(key, {})))
@@ -527,25 +628,35 @@ def describe_choices() -> list[str]:
         baseline = f"vendor {r['vendor_us']:.1f} us" if "vendor_us" in r else f"first launch {r.get('first_launch_us', 0):.1f} us"
         times = f": {r['chosen_us']:.1f} us, {baseline}" if "chosen_us" in r else f" ({r['source']})"
         weight = f", {r['weight_dtype']} weight" if "weight_dtype" in r else ""
-        gated = ", gated (SwiGLU as x loads)" if r.get("gated") else ""
+        gated = (", gated (SwiGLU as x loads)" if r.get("gated") else "") + (", SwiGLU on the gate/up halves"
+                                                                           if r.get("swiglu_out") else "")
         lines.append(f"{r['rows']} rows x [{r['n']} x {r['k']}] {r['dtype']}{weight}{gated}: {choice}{times}")
     return lines
 
 
+def vendor_swiglu_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu_mul of x @ weight.T's two halves (W gate/up packed) as it runs without the kernel:
+    torch's linear, then paiton.silu_mul's kernel on the halves, read in place."""
+    return silu_mul(*torch.nn.functional.linear(x, weight).chunk(2, dim=-1))
+
+
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str, int]],
-                    up: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight.T (with `up`: silu_mul(x, up) @ weight.T): Paiton's kernel or torch's
-    linear (after silu_mul), whichever `choose` found faster for this shape and row count. Under
+                    up: torch.Tensor | None = None, swiglu_out: bool = False) -> torch.Tensor:
+    """x [..., K] @ weight.T (with `up`: silu_mul(x, up) @ weight.T; with `swiglu_out`: silu_mul
+    of the gate/up product's two halves): Paiton's kernel or torch's linear (with silu_mul
+    before or after it), whichever `choose` found faster for this shape and row count. Under
     the interpreter (CPU tests) the kernel's interpreter launch runs, for 2 to MAX_ROWS rows."""
     def vendor():
+        if swiglu_out:
+            return vendor_swiglu_out(x, weight)
         return torch.nn.functional.linear(x if up is None else silu_mul(x, up), weight)
 
     if x.device.type == "cpu" and is_interpreted(_few_rows_gemm_kernel):
         rows = x.numel() // max(x.shape[-1], 1)
         if 1 < rows <= MAX_ROWS:
-            return launch_candidate(x, weight, INTERPRETER_CANDIDATE, up=up)
+            return launch_candidate(x, weight, INTERPRETER_CANDIDATE, up=up, swiglu_out=swiglu_out)
         return vendor()
-    config = choose(x, weight, candidates, up=up)
+    config = choose(x, weight, candidates, up=up, swiglu_out=swiglu_out)
     if config == VENDOR:
         return vendor()
-    return launch_candidate(x, weight, config, up=up)
+    return launch_candidate(x, weight, config, up=up, swiglu_out=swiglu_out)

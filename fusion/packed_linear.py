@@ -26,6 +26,13 @@ while it loads its input: down_proj at batch 1 without the silu_mul kernel befor
 (passes/silu_mul_linear.py); for 2 to 64 rows, on a chip whose table has a few-rows linear, the
 few-rows GEMM does the same where the timing finds it faster than silu_mul and the vendor's GEMM.
 Otherwise it is the two ops in turn.
+
+Op: paiton::packed_linear_silu_mul(x, [W_gate, W_up]) -> silu_mul(*packed_linear(x, [W_gate,
+W_up]).chunk(2, -1)): SwiGLU on the gate/up product's halves, for 2 to 64 rows on a chip whose
+table has a few-rows linear in the product's last step (fusion/few_rows_gemm.py SWIGLU_OUT) where
+the timing finds it faster than the plain product and silu_mul's kernel after it
+(passes/swiglu_out.py: a decode step's MLP at batch 2-64 without that kernel; its down_proj then
+runs plain). Otherwise it is the two ops in turn.
 """
 
 from __future__ import annotations
@@ -92,11 +99,13 @@ def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     return None
 
 
-def _several_rows(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (with `up`: silu_mul(x, up) @ weight.T) for x of any number of rows but one:
-    for 2 to 64 rows on a chip whose table has a few-rows linear, fusion/few_rows_gemm.py's
-    choice, the gated one applying SwiGLU as it loads x (on CPU only under Triton's interpreter,
-    for the tests); otherwise torch's linear (after silu_mul)."""
+def _several_rows(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None = None,
+                  swiglu_out: bool = False) -> torch.Tensor:
+    """x @ weight.T (with `up`: silu_mul(x, up) @ weight.T; with `swiglu_out`: silu_mul of the
+    gate/up product's halves) for x of any number of rows but one: for 2 to 64 rows on a chip
+    whose table has a few-rows linear, fusion/few_rows_gemm.py's choice, the gated one applying
+    SwiGLU as it loads x, the swiglu_out one in its last step (on CPU only under Triton's
+    interpreter, for the tests); otherwise torch's linear (with silu_mul before or after)."""
     from paiton.fusion import few_rows_gemm
 
     rows = x.numel() // max(x.shape[-1], 1)
@@ -104,7 +113,9 @@ def _several_rows(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     if 1 < rows <= few_rows_gemm.MAX_ROWS and runs_here:
         candidates = _table_candidates(x, "few_rows_linear")
         if candidates is not None:
-            return few_rows_gemm.few_rows_linear(x, weight, candidates, up=up)
+            return few_rows_gemm.few_rows_linear(x, weight, candidates, up=up, swiglu_out=swiglu_out)
+    if swiglu_out:
+        return few_rows_gemm.vendor_swiglu_out(x, weight)
     return torch.nn.functional.linear(x if up is None else silu_mul(x, up), weight)
 
 
@@ -138,3 +149,28 @@ def silu_mul_packed_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[t
 def _silu_mul_packed_linear_fake(gate, up, weights):
     _check_inputs(gate, weights)
     return gate.new_empty((*gate.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+def _check_gate_up(x: torch.Tensor, weights: list[torch.Tensor]) -> None:
+    _check_inputs(x, weights)
+    if len(weights) != 2 or weights[0].shape != weights[1].shape:
+        raise ValueError(f"paiton packed_linear_silu_mul: two weights of one shape, gate's and up's; got "
+                         f"{[tuple(w.shape) for w in weights]}")
+
+
+@torch.library.custom_op("paiton::packed_linear_silu_mul", mutates_args=())
+def packed_linear_silu_mul(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """silu_mul(gate, up) of (gate, up) = packed_linear(x, [W_gate, W_up]).chunk(2, -1), SwiGLU
+    in a few-rows GEMM's last step where that is faster (module doc)."""
+    _check_gate_up(x, weights)
+    weight = packed_weight(weights)
+    if x.numel() == x.shape[-1]:  # one row: the product as packed_linear makes it, then silu_mul
+        y = _one_row_gemv(x, weight)
+        return silu_mul(*(y if y is not None else _several_rows(x, weight)).chunk(2, dim=-1))
+    return _several_rows(x, weight, swiglu_out=True)
+
+
+@packed_linear_silu_mul.register_fake
+def _packed_linear_silu_mul_fake(x, weights):
+    _check_gate_up(x, weights)
+    return x.new_empty((*x.shape[:-1], weights[0].shape[0]))

@@ -42,6 +42,7 @@ from paiton.passes.qk_norm_rope import QKNormRoPEPass
 from paiton.passes.rms_norm import RMSNormPass
 from paiton.passes.silu_mul_linear import SiluMulLinearPass
 from paiton.passes.swiglu import SwiGLUPass
+from paiton.passes.swiglu_out import SwiGLUOutPass
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 # The all-reduce joins the fused add + RMSNorm op (tensor parallel);
 # QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
 # RoPE op and looks for the attention (fused or not) that reads the cache; the cache counters'
-# slots are those of the KV-cache write's op; SwiGLU into a one-row product starts from the
-# SwiGLU pass's output; the norms go into the products once those are in their final form
+# slots are those of the KV-cache write's op; SwiGLU into the gate/up product of a few rows and
+# into a one-row product both start from the SwiGLU pass's output (few rows first: what it
+# takes, the one-row pass would not); the norms go into the products once those are in their final form
 # (SwiGLU's included); the L2 prefetch goes last, into the norm and rotary ops the others left.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
@@ -62,6 +64,7 @@ PASS_ORDER: tuple[type[PaitonPass], ...] = (
     KVCacheWritePass,
     CacheCountersPass,
     SwiGLUPass,
+    SwiGLUOutPass,
     SiluMulLinearPass,
     NormLinearPass,
     L2PrefetchPass,

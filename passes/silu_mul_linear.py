@@ -22,7 +22,9 @@ fp8_linear of one row (FP8 weights: -> `paiton.silu_mul_fp8_linear`, the FP8 GEM
 alone: an fp8_linear of several rows (fusion/fp8_linear.py's products take no gate), other row
 counts (prefill), an activation with other users (it must exist anyway), a product fed by
 anything else. On chips whose lowering table leaves one-row linears to Inductor (AMD) the pass
-does not run.
+does not run. At 2-64 rows passes/swiglu_out.py runs first and takes the silu_mul of a merged
+gate/up product's halves (SwiGLU in that product's last step); this pass gets the few-rows ones it
+leaves (gate and up not merged, or that pass switched off).
 """
 
 from __future__ import annotations

@@ -108,6 +108,11 @@ def builds(target):
                                       target.shared_memory_per_block):
                     yield (f"few_rows_gemm/{dtype}/gated/rows={rows}/{launch_name(config)}", "few_rows_linear",
                            few_rows_gemm_build({"BLOCK_M": block_m(rows), **config}, dtype, dtype, NO_SCALES, gated=True))
+            # ... and gate/up with SwiGLU in its last step (two W tiles a stage), every candidate at 32 rows
+            for config in fitting(launch_config("few_rows_linear", target).get("candidates", ()), 32, element_size,
+                                  target.shared_memory_per_block, swiglu_out=True):
+                yield (f"few_rows_gemm/{dtype}/swiglu_out/rows=32/{launch_name(config)}", "few_rows_linear",
+                       few_rows_gemm_build({"BLOCK_M": block_m(32), **config}, dtype, dtype, NO_SCALES, swiglu_out=True))
         # The one-row GEMV on FP8 weights in the chip's format (e4m3fn; e4m3fnuz on gfx942), scales
         # per row (quantize_fp8's) or per 128 x 128 block (public FP8 checkpoints'), plain and gated.
         if dtype != "fp32" and lowering_for("fp8_linear", target).implementation == TRITON:

@@ -130,8 +130,8 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
     linear, and its SwiGLU into down_proj's GEMV; the lm_head alone when it reads the last
     position only (`last_logits_only`, logits_to_keep=1) of one sequence. A decode graph of 2-64
     sequences (`batch`; None: a dynamic batch) sends the same three linears through the
-    few-rows linear, and its SwiGLU into down_proj's few-rows GEMM, and the lm_head alone when
-    it reads the last position of each sequence."""
+    few-rows linear, and its SwiGLU into the gate/up product's few-rows GEMM (swiglu_out), and
+    the lm_head alone when it reads the last position of each sequence."""
     from paiton.fusion.few_rows_gemm import MAX_ROWS
     from paiton.passes.decode_attention import MAX_DECODE_QUERIES
 
@@ -150,9 +150,29 @@ def qwen3_fusions(num_layers: int, queries: int, static_cache: bool = True, batc
         cache_counters=(num_layers + (num_layers if num_layers >= 2 else 0)) if static_cache else 0,
         decode_attention=num_layers if static_cache and queries <= MAX_DECODE_QUERIES else 0,
         swiglu=num_layers,
-        # SwiGLU into down_proj's GEMV (one row) or few-rows GEMM (a decode step's 2-64 rows)
-        silu_mul_linear=num_layers if one_row or (few_rows and queries == 1) else 0,
+        # SwiGLU into down_proj's GEMV (one row), or into the gate/up product's few-rows GEMM (a
+        # decode step's 2-64 rows)
+        silu_mul_linear=num_layers if one_row else 0,
+        swiglu_out=num_layers if few_rows and queries == 1 else 0,
     )
+
+
+class SwiGLUMLP(torch.nn.Module):
+    """Qwen3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); `extra_use`: the activation is
+    also returned, so it must be materialized."""
+
+    def __init__(self, hidden, inner, dtype, activation="silu", extra_use=False):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.up_proj = torch.nn.Linear(hidden, inner, bias=False, dtype=dtype)
+        self.down_proj = torch.nn.Linear(inner, hidden, bias=False, dtype=dtype)
+        self.act_fn = torch.nn.SiLU() if activation == "silu" else torch.nn.GELU()
+        self.extra_use = extra_use
+
+    def forward(self, x):
+        act = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        out = self.down_proj(act)
+        return (out, act) if self.extra_use else out
 
 
 def transformers_rms_norm(x, weight, eps=1e-6):

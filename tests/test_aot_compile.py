@@ -147,7 +147,7 @@ def test_activation_quantization_uses_the_chips_fp8_conversion(compiled):
 
 def test_few_rows_candidates_are_built_where_they_fit(compiled):
     """The few-rows GEMM's candidates are compiled for each NVIDIA chip at 16 and 64 rows a program
-    where their estimated shared memory fits (fusion/few_rows_gemm.fitting; what did compile is
+    (and with SWIGLU_OUT at 32) where their estimated shared memory fits (fusion/few_rows_gemm.fitting; what did compile is
     checked against the chip by test_shared_memory_fits_the_chip): every one at 16 rows in bf16
     on sm_90 (the W_TMA launches among them), most at 64; on sm_80, which has no tensor memory
     accelerator, none with W_TMA; none for the AMD tables, which leave these products to Inductor."""
@@ -162,6 +162,9 @@ def test_few_rows_candidates_are_built_where_they_fit(compiled):
     assert sum("W_TMA=True" in n for n in built("bf16", 16, "sm_90")) == len(FEW_ROWS_TMA_CANDIDATES)
     assert built("fp32", 16, "sm_80") and not any("W_TMA" in n for n in built("bf16", 16, "sm_80"))
     assert not built("bf16", 16, "gfx942")
+    # gate/up with SwiGLU in its last step (two W tiles a stage): most of them at 32 rows in bf16
+    swiglu_out = [n for n in compiled if n.startswith("few_rows_gemm/bf16/swiglu_out/rows=32/") and n.endswith("@sm_90")]
+    assert len(swiglu_out) >= hopper - 4 and sum("W_TMA=True" in n for n in swiglu_out) == len(FEW_ROWS_TMA_CANDIDATES)
 
 
 def test_pdl_launches_wait_before_they_read(compiled):

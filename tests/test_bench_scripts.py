@@ -25,8 +25,9 @@ def test_profile_decode_step_smoke(tmp_path):
     for row in rows:
         names = {k["name"] for k in row["kernels"]}
         # A decode step of the tiny model runs Paiton's fused ops, two layers' worth each; SwiGLU
-        # is inside down_proj's product (one row: the GEMV; 2 rows: the few-rows GEMM).
-        swiglu = "paiton::silu_mul_packed_linear"
+        # is inside down_proj's product at one row (the GEMV), inside gate/up's at 2 rows (the
+        # few-rows GEMM).
+        swiglu = "paiton::silu_mul_packed_linear" if row["batch"] == 1 else "paiton::packed_linear_silu_mul"
         assert {"paiton::decode_attention", "paiton::qk_norm_rope_cache", swiglu} <= names, names
         assert row["categories"]["paiton kernels"] > 0 and row["step_us"] > 0
         assert abs(sum(row["categories"].values()) - row["kernel_us"]) < 1e-6 * max(row["kernel_us"], 1)

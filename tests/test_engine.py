@@ -63,7 +63,7 @@ def test_paiton_engine_equals_eager_with_three_graphs(model, alone):
         # prefill: attention within each packed prompt (Paiton's kernel), its cache write left to Inductor
         fusions(**common, prefill_attention=layers),
         fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode, batch 2 and up
-                few_rows_linear=2 * layers + 1, silu_mul_linear=layers),
+                few_rows_linear=2 * layers + 1, swiglu_out=layers),
         fusions(**common, kv_cache_write=layers, decode_attention=layers,  # decode at batch 1: the GEMVs too
                 one_row_linear=2 * layers + 1, silu_mul_linear=layers),
     ]

@@ -153,17 +153,18 @@ def test_a_strided_input_and_a_weight_view_are_read_where_they_lie():
 def fake_timer(times_by_block_n):
     """A timer for `choose` (the tests cannot time a CPU): each run's time from the launch it
     makes, read off the BLOCK_N it passes to the kernel ("silu first N" for a gated product's
-    SILU_FIRST form of that launch: the slowest where the test gives it no time); the vendor's
-    (torch's linear) when it launches none."""
+    SILU_FIRST form of that launch, "silu after N" for a gate/up product's SILU_AFTER form: the
+    slowest where the test gives it no time); the vendor's (torch's linear) when it launches none."""
     calls = []
 
     def time_ms(fn):
         launched = []
         original = few_rows_gemm.launch_candidate
 
-        def spy(x, weight, config, scales=None, up=None):
-            launched.append(f"silu first {config['BLOCK_N']}" if config.get("SILU_FIRST") else config["BLOCK_N"])
-            return original(x, weight, config, scales, up)
+        def spy(x, weight, config, scales=None, up=None, swiglu_out=False):
+            form = "silu first " if config.get("SILU_FIRST") else "silu after " if config.get(few_rows_gemm.SILU_AFTER) else ""
+            launched.append(f"{form}{config['BLOCK_N']}" if form else config["BLOCK_N"])
+            return original(x, weight, config, scales, up, swiglu_out)
 
         few_rows_gemm.launch_candidate = spy
         try:
@@ -172,7 +173,7 @@ def fake_timer(times_by_block_n):
             few_rows_gemm.launch_candidate = original
         key = launched[0] if launched else VENDOR
         calls.append(key)
-        if isinstance(key, str) and key.startswith("silu first"):
+        if isinstance(key, str) and key.startswith(("silu first", "silu after")):
             return times_by_block_n.get(key, 1e3)
         return times_by_block_n[key]
 
@@ -249,8 +250,8 @@ def test_choose_drops_a_launch_that_computes_something_else(fresh_choices, monke
     """A kernel that is wrong on some chip is never chosen, however fast it times."""
     original = few_rows_gemm.launch_candidate
 
-    def wrong_for_wide_tiles(x, weight, config, scales=None, up=None):
-        y = original(x, weight, config, scales, up)
+    def wrong_for_wide_tiles(x, weight, config, scales=None, up=None, swiglu_out=False):
+        y = original(x, weight, config, scales, up, swiglu_out)
         return y + 1.0 if config["BLOCK_N"] == 32 else y
 
     monkeypatch.setattr(few_rows_gemm, "launch_candidate", wrong_for_wide_tiles)
@@ -282,9 +283,9 @@ def test_packed_linear_takes_the_kernel_for_two_to_64_rows(monkeypatch):
     launched = []
     original = few_rows_gemm.launch_candidate
 
-    def spy(x, weight, config, up=None):
+    def spy(x, weight, config, up=None, swiglu_out=False):
         launched.append((x.shape, up is not None))
-        return original(x, weight, config, up=up)
+        return original(x, weight, config, up=up, swiglu_out=swiglu_out)
 
     monkeypatch.setattr(few_rows_gemm, "launch_candidate", spy)
     generator = torch.Generator().manual_seed(0)
@@ -363,6 +364,105 @@ def test_choose_times_each_gated_launch_also_after_silu_mul(fresh_choices):
     assert record["gated"] and record["choice"] == silu_first(launches[1])
 
 
+@given(rows=st.integers(2, 64), inner=st.integers(1, 60), k=st.integers(1, 150), three_d=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       launch=st.sampled_from(SMALL_LAUNCHES + [few_rows_gemm.candidate(16, 32, 4, 1, splits=3),
+                                                few_rows_gemm.candidate(16, 32, 4, 1, splits=2, swap_ab=True)]),
+       seed=st.integers(0, 2**16))
+def test_swiglu_out_launch_equals_the_product_then_silu_mul(rows, inner, k, three_d, dtype, launch, seed):
+    """SWIGLU_OUT (gate/up at 2-64 rows): silu(x @ gate.T) * (x @ up.T), each product rounded to
+    the output dtype first, as the same launch's plain product and then paiton::silu_mul give it
+    (SILU_AFTER: those two kernels); split or not, the tiles' counters left at zero. Against the
+    plain launch then silu_mul: the same sums and roundings, within the tolerance relative to the
+    output's norm (on CPU silu_mul is torch's, whose exp may differ from the interpreter's in
+    fp32's last bits, and the interpreter's fp32 dot may sum in another order for another tile's
+    memory); against float64: one rounding of each product and of the result."""
+    from paiton.fusion.swiglu import silu_mul
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=generator).to(DEVICE, dtype)
+    if three_d:  # a decode step's [batch, 1, K]
+        x = x.unsqueeze(1)
+    weight = torch.randn(2 * inner, k, generator=generator).to(DEVICE, dtype)  # [gate; up]
+    y = few_rows_gemm.launch_candidate(x, weight, launch, swiglu_out=True)
+    assert y.shape == (*x.shape[:-1], inner) and y.dtype == dtype
+    two_kernels = few_rows_gemm.launch_candidate(x, weight, {**launch, few_rows_gemm.SILU_AFTER: True}, swiglu_out=True)
+    plain = few_rows_gemm.launch_candidate(x, weight, launch)
+    assert torch.equal(two_kernels, silu_mul(*plain.chunk(2, dim=-1)))
+    assert relative_error(y, two_kernels.double()) <= TOLERANCE[dtype], (rows, inner, k, dtype, launch)
+    product = x.double() @ weight.double().T
+    expected = torch.nn.functional.silu(product[..., :inner]) * product[..., inner:]
+    assert relative_error(y, expected) <= 4 * TOLERANCE[dtype], (rows, inner, k, dtype, launch)
+    if launch.get("SPLITS", 1) > 1:
+        assert not split_k.COUNTERS.get(str(x.device), torch.zeros(1)).any()
+
+
+def test_swiglu_out_takes_a_packed_gate_up_weight_only():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="swiglu_out takes a gate/up packed W"):
+        few_rows_gemm.launch_candidate(x, torch.randn(33, 32), SMALL_LAUNCHES[0], swiglu_out=True)  # odd rows
+    with pytest.raises(ValueError, match="SILU_AFTER is a launch of a gate/up product"):
+        few_rows_gemm.launch_candidate(x, torch.randn(32, 32), {**SMALL_LAUNCHES[0], few_rows_gemm.SILU_AFTER: True})
+
+
+def test_choose_times_a_swiglu_out_product_in_both_forms_against_the_vendor(fresh_choices):
+    """With `swiglu_out`: a choice of its own, among the vendor's product then silu_mul and each
+    launch fused (SWIGLU_OUT) and plain then silu_mul (SILU_AFTER); the faster kept, its record
+    saying swiglu_out; a shared-memory estimate that counts two W tiles a stage."""
+    from paiton.fusion.swiglu import silu_mul
+
+    weight, x = torch.randn(40, 64), torch.randn(5, 64)
+    launches = SMALL_LAUNCHES[:2]
+    timer, calls = fake_timer({VENDOR: 1.0, 16: 0.9, 32: 0.8, "silu after 16": 0.95, "silu after 32": 0.5})
+    choice = few_rows_gemm.choose(x, weight, launches, time_ms_fn=timer, swiglu_out=True)
+    assert choice == {**launches[1], few_rows_gemm.SILU_AFTER: True}
+    assert {16, 32, "silu after 16", "silu after 32", VENDOR} <= set(calls)
+    y = few_rows_gemm.launch_candidate(x, weight, choice, swiglu_out=True)
+    assert torch.equal(y, silu_mul(*few_rows_gemm.launch_candidate(x, weight, launches[1]).chunk(2, dim=-1)))
+    timer, _ = fake_timer({VENDOR: 1.0, 16: 0.9, 32: 0.3})
+    assert few_rows_gemm.choose(x, weight, launches, time_ms_fn=timer) == launches[1]  # the plain product: its own
+    records = {bool(r.get("swiglu_out")): r for r in few_rows_gemm.chosen_launches()}
+    assert records[True]["choice"] == choice and records[False]["choice"] == launches[1]
+    assert any("SwiGLU on the gate/up halves" in line for line in few_rows_gemm.describe_choices())
+    config = few_rows_gemm.candidate(64, 128, 4, 4)
+    plain_bytes = few_rows_gemm.shared_bytes(config, 32, 2)
+    assert few_rows_gemm.shared_bytes(config, 32, 2, swiglu_out=True) > plain_bytes
+    assert few_rows_gemm.shared_bytes({**config, few_rows_gemm.SILU_AFTER: True}, 32, 2, swiglu_out=True) == plain_bytes
+
+
+def test_packed_linear_silu_mul_takes_the_kernel_for_two_to_64_rows(monkeypatch):
+    """paiton::packed_linear_silu_mul: SwiGLU on the gate/up product's halves; 2-64 rows through
+    the few-rows kernel fused (the interpreter's launch on CPU), 1 row and more than 64 through
+    the product and then silu_mul; its fake gives [..., I]; two weights of one shape only."""
+    import paiton.fusion.packed_linear  # noqa: F401  (registers the op)
+    from paiton.fusion.swiglu import silu_mul_reference
+
+    launched = []
+    original = few_rows_gemm.launch_candidate
+
+    def spy(x, weight, config, up=None, swiglu_out=False):
+        launched.append(swiglu_out)
+        return original(x, weight, config, up=up, swiglu_out=swiglu_out)
+
+    monkeypatch.setattr(few_rows_gemm, "launch_candidate", spy)
+    generator = torch.Generator().manual_seed(0)
+    packed = torch.randn(60, 40, generator=generator)
+    gate_w, up_w = packed[:30], packed[30:]
+    for rows, through_kernel in ((1, False), (2, True), (17, True), (64, True), (65, False)):
+        launched.clear()
+        x = torch.randn(rows, 1, 40, generator=generator)
+        y = torch.ops.paiton.packed_linear_silu_mul(x, [gate_w, up_w])
+        assert y.shape == (rows, 1, 30)
+        assert launched == ([True] if through_kernel else []), rows
+        expected = silu_mul_reference(x.double() @ gate_w.double().T, x.double() @ up_w.double().T)
+        assert relative_error(y, expected) <= 1e-5
+    with torch._subclasses.FakeTensorMode():
+        fake = torch.ops.paiton.packed_linear_silu_mul(torch.empty(8, 1, 40), [torch.empty(30, 40), torch.empty(30, 40)])
+    assert fake.shape == (8, 1, 30)
+    with pytest.raises(ValueError, match="two weights of one shape"):
+        torch.ops.paiton.packed_linear_silu_mul(torch.randn(4, 1, 40), [packed[:20], packed[20:]])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [2, 8, 32, 64])
 def test_few_rows_gemm_at_qwen3_32b_shapes_on_gpu(rows, fresh_choices):
@@ -421,6 +521,43 @@ def test_gated_few_rows_gemm_at_qwen3_32b_down_proj_on_gpu(rows, fresh_choices):
     choice = few_rows_gemm.choose(gate, weight, candidates, up=up)
     assert choice == VENDOR or choice in candidates or choice in [silu_first(config) for config in candidates]
     print("\n" + "\n".join(few_rows_gemm.describe_choices()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [2, 8, 32, 64])
+def test_swiglu_out_few_rows_gemm_at_qwen3_32b_gate_up_on_gpu(rows, fresh_choices):
+    """Qwen3-32B's gate/up product with SwiGLU in its last step (SWIGLU_OUT), bf16, [2 x 25600 x
+    5120]: every candidate that fits the chip against a float64 product and SwiGLU (split ones
+    also the same bits five times over); then `choose` times them (fused and SILU_AFTER) against
+    cuBLAS + silu_mul and picks one whose output agrees (its choice and times printed)."""
+    from paiton.backends.lowering import lowering_for
+    from paiton.backends.target import detect_target
+
+    target = detect_target(torch.device("cuda"))
+    candidates = lowering_for("few_rows_linear", target).params["candidates"]
+    weight = (torch.randn(2 * 25600, 5120, device="cuda") / 5120**0.5).bfloat16()
+    x = torch.randn(rows, 1, 5120, device="cuda").bfloat16()
+    product = (x.double() @ weight.double().T).bfloat16().double()  # each product rounded, as the kernel does
+    expected = torch.nn.functional.silu(product[..., :25600]).bfloat16().double() * product[..., 25600:]
+    fitting = few_rows_gemm.fitting(candidates, rows, 2, target.shared_memory_per_block, swiglu_out=True)
+    ran = 0
+    for config in fitting:
+        try:
+            y = few_rows_gemm.launch_candidate(x, weight, config, swiglu_out=True)
+        except Exception as error:  # a launch the chip cannot make (shared memory) is no candidate there
+            assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
+            continue
+        ran += 1
+        assert relative_error(y, expected) <= 2**-7, (rows, config)
+        if config.get("SPLITS", 1) > 1:
+            assert all(torch.equal(few_rows_gemm.launch_candidate(x, weight, config, swiglu_out=True), y)
+                       for _ in range(5)), config
+    assert ran >= len(fitting) // 2 and ran >= len(candidates) // 2
+    choice = few_rows_gemm.choose(x, weight, candidates, swiglu_out=True)
+    assert choice == VENDOR or choice in few_rows_gemm.swiglu_out_forms(candidates)
+    print("\n" + "\n".join(few_rows_gemm.describe_choices()))
+    (record,) = few_rows_gemm.chosen_launches()
+    print({str(config): us for config, us in record["candidate_times"]})
 
 
 @pytest.mark.gpu

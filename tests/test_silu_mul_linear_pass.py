@@ -14,27 +14,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from paiton_testing import SwiGLUMLP as MLP
 from paiton_testing import compile_and_capture, fusions
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2e-2)}
-
-
-class MLP(torch.nn.Module):
-    """Qwen3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); `extra_use`: the activation is
-    also returned, so it must be materialized."""
-
-    def __init__(self, hidden, inner, dtype, activation="silu", extra_use=False):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(hidden, inner, bias=False, dtype=dtype)
-        self.up_proj = torch.nn.Linear(hidden, inner, bias=False, dtype=dtype)
-        self.down_proj = torch.nn.Linear(inner, hidden, bias=False, dtype=dtype)
-        self.act_fn = torch.nn.SiLU() if activation == "silu" else torch.nn.GELU()
-        self.extra_use = extra_use
-
-    def forward(self, x):
-        act = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
-        out = self.down_proj(act)
-        return (out, act) if self.extra_use else out
 
 
 @given(hidden=st.sampled_from([16, 40, 64]), inner=st.sampled_from([24, 48, 96]), leading=st.sampled_from([(1,), (1, 1), ()]),
@@ -56,16 +39,17 @@ def test_swiglu_goes_into_the_down_projection(hidden, inner, leading, dtype):
 @pytest.mark.parametrize("batch", [2, 5, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_goes_into_a_decode_steps_few_rows_product(batch, dtype):
-    """A decode step's [batch, 1, hidden] at 2-64 rows: down_proj's few-rows GEMM applies SwiGLU
-    as it loads (fusion/few_rows_gemm.py GATED; the interpreter's launch on CPU)."""
+    """A decode step's [batch, 1, hidden] at 2-64 rows, with the gate/up product's SwiGLU pass
+    off (passes/swiglu_out.py takes these first): down_proj's few-rows GEMM applies SwiGLU as it
+    loads (fusion/few_rows_gemm.py GATED; the interpreter's launch on CPU)."""
     torch._dynamo.reset()
     module = MLP(40, 96, dtype)
     x = torch.randn(batch, 1, 40, dtype=dtype)
     with torch.no_grad():
         expected = module(x)
-    actual, graphs = compile_and_capture(module, x)
+    actual, graphs = compile_and_capture(module, x, options={"paiton.swiglu_out": False})
     (before, census, counts), = graphs
-    assert counts == fusions(merged_projections=1, few_rows_linear=1, swiglu=1, silu_mul_linear=1)
+    assert counts == {**fusions(merged_projections=1, few_rows_linear=1, swiglu=1, silu_mul_linear=1), "swiglu_out": 0}
     assert census["paiton.silu_mul_packed_linear.default"] == 1 and census["paiton.silu_mul.default"] == 0
     torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
 

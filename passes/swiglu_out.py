@@ -1,0 +1,109 @@
+"""SwiGLU on a decode step's gate/up product at batch 2-64 -> one `paiton.packed_linear_silu_mul` op.
+
+At batch 2 to 64 a decode step's MLP is (after the merged projections, few-rows linear and
+SwiGLU passes)::
+
+    gate_up = paiton.packed_linear(x, [W_gate, W_up])          # [..., 1, 2I]
+    act = paiton.silu_mul(narrow(gate_up, -1, 0, I), narrow(gate_up, -1, I, I))
+    out = paiton.packed_linear(act, [W_down])
+
+Fused::
+
+    act = paiton.packed_linear_silu_mul(x, [W_gate, W_up])
+    out = paiton.packed_linear(act, [W_down])
+
+Why: silu_mul is a kernel of its own between the two products, about 2.5 us a layer at
+Qwen3-32B's batch 32 on an H100 (162 us of a 24.4 ms step; bench/results/NOTES.md, thirty-first
+session). The few-rows GEMM (fusion/few_rows_gemm.py SWIGLU_OUT) can pair each gate row with its
+up row in one program and apply SwiGLU once per output after the sums. The other place for it,
+down_proj's loads (passes/silu_mul_linear.py's gated product), recomputes SwiGLU in each of
+down_proj's 80-320 programs and lost to silu_mul + a plain product at every row count timed on an
+H100 (3862dd6); at one row it stays there (the GEMV's gated loads win at batch 1). The op's
+launcher still times the plain product followed by silu_mul's kernel against the fused launch
+(few_rows_gemm.swiglu_out_forms), so a card where the fused loop is slower keeps the two kernels.
+
+Runs after SwiGLUPass and before SiluMulLinearPass on the ATen graph. Rewritten: a silu_mul
+whose gate and up are the two halves (narrows of the last dim, gate first) of one
+packed_linear of two equal weights, of a decode step's rows (passes/few_rows_linear.py's
+is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), where the halves and the product have
+no other users. Left alone: one row (the GEMV's gated down_proj), prefill rows, FP8 weights
+(fp8_linear: its products take no SWIGLU_OUT), halves used elsewhere or swapped, anything but
+the product's two halves. On chips whose lowering table leaves few-rows linears to the vendor
+(AMD) the pass does not run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paiton.passes.decode_attention import bound_args, is_call, val
+from paiton.passes.few_rows_linear import is_decode_rows
+from paiton.passes.paiton_pass import PaitonPass
+
+aten = torch.ops.aten
+
+
+def narrowed_range(node) -> tuple[torch.fx.Node, int, int] | None:
+    """(the tensor, start, end) of a narrow (or slice of step 1) of the last dimension, else None."""
+    if is_call(node, aten.slice.Tensor):
+        source, dim, start, end, *step = (*node.args, *([None] * (5 - len(node.args))))[:5]
+        step = step[0] if step and step[0] is not None else 1
+        start = 0 if start is None else start
+    elif is_call(node, aten.narrow.default):
+        source, dim, start, length = node.args
+        end, step = start + length if isinstance(start, int) and isinstance(length, int) else None, 1
+    else:
+        return None
+    value = val(source)
+    if not isinstance(value, torch.Tensor) or not all(isinstance(v, int) for v in (dim, start, end, step)) or step != 1:
+        return None
+    width = value.shape[-1]
+    if dim not in (-1, value.dim() - 1) or not isinstance(width, int):
+        return None
+    return source, start, min(end, width)
+
+
+class SwiGLUOutPass(PaitonPass):
+    """`options={"paiton.swiglu_out": False}` switches it off."""
+
+    name = "swiglu_out"
+    fused_op = "few_rows_linear"
+    depends_on = ("paiton.fusion.packed_linear", "paiton.passes.decode_attention", "paiton.passes.few_rows_linear")
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        import paiton.fusion.packed_linear  # noqa: F401  (registers the ops)
+        import paiton.fusion.swiglu  # noqa: F401
+
+        rewritten = 0
+        for node in list(graph.nodes):
+            if not is_call(node, torch.ops.paiton.silu_mul.default):
+                continue
+            swiglu = bound_args(node)
+            halves = [narrowed_range(swiglu[name]) for name in ("gate", "up")]
+            if None in halves or halves[0][0] is not halves[1][0]:
+                continue
+            product = halves[0][0]
+            if not is_call(product, torch.ops.paiton.packed_linear.default):
+                continue
+            args = bound_args(product)
+            weights = args["weights"]
+            if len(weights) != 2 or not all(isinstance(val(w), torch.Tensor) for w in weights):
+                continue
+            inner = val(weights[0]).shape[0]
+            if val(weights[1]).shape != val(weights[0]).shape or [h[1:] for h in halves] != [(0, inner), (inner, 2 * inner)]:
+                continue
+            half_nodes = {swiglu["gate"], swiglu["up"]}
+            if set(product.users) != half_nodes or any(set(h.users) != {node} for h in half_nodes):
+                continue
+            if not is_decode_rows(val(args["x"])):
+                continue
+            with graph.inserting_before(node):
+                fused = graph.call_function(torch.ops.paiton.packed_linear_silu_mul.default, (args["x"], weights))
+            fused.meta.update({key: value for key, value in node.meta.items() if key != "eager_input_vals"})
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            for half in half_nodes:
+                graph.erase_node(half)
+            graph.erase_node(product)
+            rewritten += 1
+        return rewritten
