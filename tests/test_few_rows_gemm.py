@@ -463,6 +463,18 @@ def test_packed_linear_silu_mul_takes_the_kernel_for_two_to_64_rows(monkeypatch)
         torch.ops.paiton.packed_linear_silu_mul(torch.randn(4, 1, 40), [packed[:20], packed[20:]])
 
 
+def launches_the_chip_makes(configs, launch):
+    """(config, output) of each launch of `configs` the chip can make: a launch it cannot
+    (resources: shared memory) is no candidate there; any other failure is the test's."""
+    for config in configs:
+        try:
+            y = launch(config)
+        except Exception as error:
+            assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
+            continue
+        yield config, y
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [2, 8, 32, 64])
 def test_few_rows_gemm_at_qwen3_32b_shapes_on_gpu(rows, fresh_choices):
@@ -478,12 +490,7 @@ def test_few_rows_gemm_at_qwen3_32b_shapes_on_gpu(rows, fresh_choices):
         x = torch.randn(rows, 1, k, device="cuda").bfloat16()
         expected = x.double() @ weight.double().T
         ran = 0
-        for config in candidates:
-            try:
-                y = few_rows_gemm.launch_candidate(x, weight, config)
-            except Exception as error:  # a launch the chip cannot make (shared memory) is no candidate there
-                assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
-                continue
+        for config, y in launches_the_chip_makes(candidates, lambda config: few_rows_gemm.launch_candidate(x, weight, config)):
             ran += 1
             assert relative_error(y, expected) <= 2**-7, (n, k, rows, config)
             if config.get("SPLITS", 1) > 1:  # a race between a tile's slices would move the bits
@@ -509,12 +516,8 @@ def test_gated_few_rows_gemm_at_qwen3_32b_down_proj_on_gpu(rows, fresh_choices):
     gate, up = (torch.randn(rows, 1, 25600, device="cuda").bfloat16() for _ in range(2))
     expected = (torch.nn.functional.silu(gate.float()).bfloat16().double() * up.double()) @ weight.double().T
     ran = 0
-    for config in candidates:
-        try:
-            y = few_rows_gemm.launch_candidate(gate, weight, config, up=up)
-        except Exception as error:  # a launch the chip cannot make (shared memory) is no candidate there
-            assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
-            continue
+    for config, y in launches_the_chip_makes(candidates, lambda config: few_rows_gemm.launch_candidate(gate, weight, config,
+                                                                                                       up=up)):
         ran += 1
         assert relative_error(y, expected) <= 2**-7, (rows, config)
     assert ran >= len(candidates) // 2
@@ -541,17 +544,15 @@ def test_swiglu_out_few_rows_gemm_at_qwen3_32b_gate_up_on_gpu(rows, fresh_choice
     expected = torch.nn.functional.silu(product[..., :25600]).bfloat16().double() * product[..., 25600:]
     fitting = few_rows_gemm.fitting(candidates, rows, 2, target.shared_memory_per_block, swiglu_out=True)
     ran = 0
-    for config in fitting:
-        try:
-            y = few_rows_gemm.launch_candidate(x, weight, config, swiglu_out=True)
-        except Exception as error:  # a launch the chip cannot make (shared memory) is no candidate there
-            assert "resources" in str(error).lower() or "shared memory" in str(error).lower(), error
-            continue
+
+    def fused(config):
+        return few_rows_gemm.launch_candidate(x, weight, config, swiglu_out=True)
+
+    for config, y in launches_the_chip_makes(fitting, fused):
         ran += 1
         assert relative_error(y, expected) <= 2**-7, (rows, config)
         if config.get("SPLITS", 1) > 1:
-            assert all(torch.equal(few_rows_gemm.launch_candidate(x, weight, config, swiglu_out=True), y)
-                       for _ in range(5)), config
+            assert all(torch.equal(fused(config), y) for _ in range(5)), config
     assert ran >= len(fitting) // 2 and ran >= len(candidates) // 2
     choice = few_rows_gemm.choose(x, weight, candidates, swiglu_out=True)
     assert choice == VENDOR or choice in few_rows_gemm.swiglu_out_forms(candidates)
