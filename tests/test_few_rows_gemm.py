@@ -570,7 +570,7 @@ def test_split_launch_first_used_in_a_cuda_graph_trees_warm_up(monkeypatch, fres
     until its graph is recorded and replayed, and checks the product each time."""
     monkeypatch.setattr(split_k, "COUNTERS", {})
     split = few_rows_gemm.candidate(32, 128, 4, 4, splits=4)
-    monkeypatch.setattr(few_rows_gemm, "choose", lambda x, weight, candidates, up=None: split)
+    monkeypatch.setattr(few_rows_gemm, "choose", lambda x, weight, candidates, up=None, swiglu_out=False: split)
     weight = (torch.randn(512, 4096, device="cuda") / 64).bfloat16()
 
     def product(x):
