@@ -51,9 +51,10 @@ log = logging.getLogger(__name__)
 # QK-norm + RoPE starts from the RMSNorm pass's output; the KV-cache write joins the QK-norm +
 # RoPE op and looks for the attention (fused or not) that reads the cache; the cache counters'
 # slots are those of the KV-cache write's op; SwiGLU into the gate/up product of a few rows and
-# into a one-row product both start from the SwiGLU pass's output (few rows first: what it
-# takes, the one-row pass would not); the norms go into the products once those are in their final form
-# (SwiGLU's included); the L2 prefetch goes last, into the norm and rotary ops the others left.
+# into down_proj's product both start from the SwiGLU pass's output (the gate/up one first: at a
+# few rows it wins, and down_proj's pass takes what it leaves); the norms go into the products
+# once those are in their final form (SwiGLU's included); the L2 prefetch goes last, into the
+# norm and rotary ops the others left.
 PASS_ORDER: tuple[type[PaitonPass], ...] = (
     FusedAddRMSNormPass,
     AllReduceAddRMSNormPass,

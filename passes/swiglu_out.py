@@ -21,14 +21,16 @@ down_proj's 80-320 programs and lost to silu_mul + a plain product at every row 
 H100 (3862dd6); at one row it stays there (the GEMV's gated loads win at batch 1). The op's
 launcher still times the plain product followed by silu_mul's kernel against the fused launch
 (few_rows_gemm.swiglu_out_forms), so a card where the fused loop is slower keeps the two kernels.
+On an H100 the fused launch won at Qwen3-32B's gate/up at 2-64 rows (3-10 us a layer), and the
+batch-32 decode step went from 24.53 to 24.31 ms (bench/results/NOTES.md, thirty-second session).
 
 Runs after SwiGLUPass and before SiluMulLinearPass on the ATen graph. Rewritten: a silu_mul
 whose gate and up are the two halves (narrows of the last dim, gate first) of one
 packed_linear of two equal weights, of a decode step's rows (passes/few_rows_linear.py's
 is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), where the halves and the product have
 no other users. Left alone: one row (the GEMV's gated down_proj), prefill rows, FP8 weights
-(fp8_linear: its products take no SWIGLU_OUT), halves used elsewhere or swapped, anything but
-the product's two halves. On chips whose lowering table leaves few-rows linears to the vendor
+(fp8_linear: its products take no SWIGLU_OUT), halves used elsewhere or in the other order
+(silu of the second half), anything but the product's two halves. On chips whose lowering table leaves few-rows linears to the vendor
 (AMD) the pass does not run.
 """
 
@@ -43,22 +45,26 @@ from paiton.passes.paiton_pass import PaitonPass
 aten = torch.ops.aten
 
 
+# aten.slice.Tensor(self, dim=0, start=None, end=None, step=1): its arguments past those given
+SLICE_DEFAULTS = (None, 0, None, None, 1)
+
+
 def narrowed_range(node) -> tuple[torch.fx.Node, int, int] | None:
-    """(the tensor, start, end) of a narrow (or slice of step 1) of the last dimension, else None."""
+    """(the tensor, start, end) of a narrow, or a slice of step 1, of the last dimension (static
+    bounds); else None."""
     if is_call(node, aten.slice.Tensor):
-        source, dim, start, end, *step = (*node.args, *([None] * (5 - len(node.args))))[:5]
-        step = step[0] if step and step[0] is not None else 1
-        start = 0 if start is None else start
+        source, dim, start, end, step = (*node.args, *SLICE_DEFAULTS[len(node.args):])
     elif is_call(node, aten.narrow.default):
         source, dim, start, length = node.args
-        end, step = start + length if isinstance(start, int) and isinstance(length, int) else None, 1
+        end, step = (start + length if isinstance(start, int) and isinstance(length, int) else None), 1
     else:
         return None
     value = val(source)
-    if not isinstance(value, torch.Tensor) or not all(isinstance(v, int) for v in (dim, start, end, step)) or step != 1:
+    if not isinstance(value, torch.Tensor) or not isinstance(value.shape[-1], int):
         return None
     width = value.shape[-1]
-    if dim not in (-1, value.dim() - 1) or not isinstance(width, int):
+    start, end = 0 if start is None else start, width if end is None else end
+    if not all(isinstance(v, int) for v in (dim, start, end, step)) or step != 1 or dim not in (-1, value.dim() - 1):
         return None
     return source, start, min(end, width)
 
