@@ -119,12 +119,16 @@ def _several_rows(x: torch.Tensor, weight: torch.Tensor, up: torch.Tensor | None
     return torch.nn.functional.linear(x if up is None else silu_mul(x, up), weight)
 
 
+def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T: the one-row GEMV's choice for one row, else _several_rows'."""
+    y = _one_row_gemv(x, weight)
+    return y if y is not None else _several_rows(x, weight)
+
+
 @torch.library.custom_op("paiton::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     _check_inputs(x, weights)
-    weight = packed_weight(weights)
-    y = _one_row_gemv(x, weight)
-    return y if y is not None else _several_rows(x, weight)
+    return _product(x, packed_weight(weights))
 
 
 @packed_linear.register_fake
@@ -165,8 +169,7 @@ def packed_linear_silu_mul(x: torch.Tensor, weights: list[torch.Tensor]) -> torc
     _check_gate_up(x, weights)
     weight = packed_weight(weights)
     if x.numel() == x.shape[-1]:  # one row: the product as packed_linear makes it, then silu_mul
-        y = _one_row_gemv(x, weight)
-        return silu_mul(*(y if y is not None else _several_rows(x, weight)).chunk(2, dim=-1))
+        return silu_mul(*_product(x, weight).chunk(2, dim=-1))
     return _several_rows(x, weight, swiglu_out=True)
 
 

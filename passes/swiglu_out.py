@@ -45,20 +45,17 @@ from paiton.passes.paiton_pass import PaitonPass
 aten = torch.ops.aten
 
 
-# aten.slice.Tensor(self, dim=0, start=None, end=None, step=1): its arguments past those given
-SLICE_DEFAULTS = (None, 0, None, None, 1)
-
-
 def narrowed_range(node) -> tuple[torch.fx.Node, int, int] | None:
     """(the tensor, start, end) of a narrow, or a slice of step 1, of the last dimension (static
     bounds); else None."""
-    if is_call(node, aten.slice.Tensor):
-        source, dim, start, end, step = (*node.args, *SLICE_DEFAULTS[len(node.args):])
-    elif is_call(node, aten.narrow.default):
-        source, dim, start, length = node.args
-        end, step = (start + length if isinstance(start, int) and isinstance(length, int) else None), 1
-    else:
+    if not is_call(node, aten.slice.Tensor, aten.narrow.default):
         return None
+    args = bound_args(node)  # (a slice's omitted arguments: its schema's defaults)
+    source, dim, start = args["self"], args["dim"], args["start"]
+    if is_call(node, aten.slice.Tensor):
+        end, step = args["end"], args["step"]
+    else:
+        end, step = (start + args["length"] if isinstance(start, int) and isinstance(args["length"], int) else None), 1
     value = val(source)
     if not isinstance(value, torch.Tensor) or not isinstance(value.shape[-1], int):
         return None
