@@ -114,9 +114,10 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
     W_TMA above); else (w_desc None) by every thread's own loads from w_ptr.
     GATED: x is the gate and `up_ptr` the up half of a SwiGLU, applied as x loads (silu(gate) *
     up, rounded as paiton::silu_mul rounds it): down_proj without the silu_mul kernel before it.
-    SWIGLU_OUT (a W in x's dtype): W is gate/up packed, [gate; up] of N / 2 rows each, and y
-    [M, N / 2] is silu(x @ gate.T) * (x @ up.T), each product rounded to y's dtype first, as
-    this kernel's plain product and then paiton::silu_mul round them. Program n reads gate rows
+    SWIGLU_OUT: W is gate/up packed, [gate; up] of N / 2 rows each (in x's dtype, or FP8 with
+    the packed scales: the up rows' scales are those of W's rows N / 2 on), and y [M, N / 2] is
+    silu(x @ gate.T) * (x @ up.T), each product rounded to y's dtype first, as this kernel's
+    plain product and then paiton::silu_mul round them. Program n reads gate rows
     and up rows n * BLOCK_N + [0, BLOCK_N) (two W tiles a K step, two accumulators), so each
     pair meets in its registers and SwiGLU is computed once per output, after the sums: the
     gate/up product without the silu_mul kernel after it (GATED computes SwiGLU over its K
@@ -162,6 +163,9 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
             w = w.to(x.dtype)  # exact: e4m3 values are bf16 and fp16 values
         if SCALES == 2:  # this K tile lies in one scale block (BLOCK_K divides SCALE_BLOCK)
             block = tl.load(scale_ptr + (rows_n // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK, mask=rows_n < N, other=0.0)
+            if SWIGLU_OUT:  # the up rows' blocks
+                block_up = tl.load(scale_ptr + ((rows_n + n_out) // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK,
+                                   mask=rows_n < n_out, other=0.0)
         if SWAP_AB:  # W's rows on the product's M side (SWAP_AB above)
             part_t = _times_transposed(w, x, DOT_FP32)
             if SCALES == 2:
@@ -178,10 +182,20 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
             else:
                 w_up = tl.load(up_w_rows + k, mask=(rows_n[:, None] < n_out) & (k < K), other=0.0,
                                eviction_policy="evict_first")
-            if SWAP_AB:
-                acc_t_up += _times_transposed(w_up.to(x.dtype), x, DOT_FP32)
+            if W_VIA_FP16:
+                w_up = w_up.to(tl.float16).to(tl.float32).to(x.dtype)
             else:
-                acc_up += _times_transposed(x, w_up.to(x.dtype), DOT_FP32)
+                w_up = w_up.to(x.dtype)
+            if SWAP_AB:
+                part_t_up = _times_transposed(w_up, x, DOT_FP32)
+                if SCALES == 2:
+                    part_t_up *= block_up[:, None]
+                acc_t_up += part_t_up
+            else:
+                part_up = _times_transposed(x, w_up, DOT_FP32)
+                if SCALES == 2:
+                    part_up *= block_up[None, :]
+                acc_up += part_up
     if SWAP_AB:
         acc = tl.trans(acc_t)  # once, after the loop
         if SWIGLU_OUT:
@@ -190,6 +204,8 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
         acc_up = acc  # not read
     if SCALES == 1:
         acc *= tl.load(scale_ptr + rows_n, mask=rows_n < N, other=0.0)[None, :]
+        if SWIGLU_OUT:  # the up rows' scales
+            acc_up *= tl.load(scale_ptr + n_out + rows_n, mask=rows_n < n_out, other=0.0)[None, :]
     inside = (rows_m[:, None] < M) & (rows_n[None, :] < n_out)
     y = y_ptr + rows_m.to(tl.int64)[:, None] * stride_ym + rows_n[None, :]
     if SPLITS == 1:
@@ -395,7 +411,8 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     SILU_FIRST, paiton.silu_mul's kernel and then the launch plain). `swiglu_out` (a gate/up
     packed W in x's dtype, [gate; up] of N / 2 rows each): silu_mul(x @ gate.T, x @ up.T), [...,
     N / 2] (SWIGLU_OUT; or with the launch key SILU_AFTER, the launch plain and then
-    paiton.silu_mul's kernel on its halves). `config`: launch keywords (default few_rows_config)."""
+    paiton.silu_mul's kernel on its halves; an FP8 W's scales are the packed gate/up's).
+    `config`: launch keywords (default few_rows_config)."""
     if config is not None and config.get(SILU_AFTER):
         if not swiglu_out:
             raise ValueError(f"paiton few_rows_gemm: {SILU_AFTER} is a launch of a gate/up product (swiglu_out); got {config}")
@@ -408,9 +425,9 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"paiton few_rows_gemm: x [..., K] and W [N, K] with unit stride along K; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)} strides {weight.stride()}")
-    if swiglu_out and (n % 2 or up is not None or scales is not None):
-        raise ValueError(f"paiton few_rows_gemm: swiglu_out takes a gate/up packed W of an even row count in x's dtype "
-                         f"and no gate; got W {tuple(weight.shape)} {weight.dtype}")
+    if swiglu_out and (n % 2 or up is not None):
+        raise ValueError(f"paiton few_rows_gemm: swiglu_out takes a gate/up packed W of an even row count and no "
+                         f"gate; got W {tuple(weight.shape)} {weight.dtype}")
     kind = scales_kind(weight, scales)
     rows = as_rows(x)
     m = rows.shape[0]
@@ -509,9 +526,9 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     before the gated form existed). Without SILU_FIRST such a choice fell back to cuBLAS.
 
     With `swiglu_out` (W gate/up packed): the product's two halves through SwiGLU, a choice of
-    its own between torch's linear then paiton::silu_mul (VENDOR) and each launch in two forms:
-    SwiGLU in its last step (SWIGLU_OUT) and plain, then silu_mul's kernel (SILU_AFTER:
-    `swiglu_out_forms`)."""
+    its own between torch's linear then paiton::silu_mul (VENDOR; not for an FP8 W) and each
+    launch in two forms: SwiGLU in its last step (SWIGLU_OUT) and plain, then silu_mul's kernel
+    (SILU_AFTER: `swiglu_out_forms`)."""
     fp8 = scales is not None
     kind = scales_kind(weight, scales)
     rows = as_rows(x)
@@ -548,16 +565,17 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
                              swiglu_out)
     probe = bucket_probe(rows)
     up_probe = None if up is None else bucket_probe(as_rows(up))
+    reference_weight = weight
+    if fp8:
+        from paiton.fusion.fp8_paths import dequantize  # (fp8_paths imports this module)
+
+        reference_weight = dequantize(weight, scales, x.dtype)
     if up is not None:  # (FP8 weights take no gate: fusion/fp8_linear.py's own products)
         expected = torch.nn.functional.linear(silu_mul(probe, up_probe), weight).float()
     elif swiglu_out:
-        expected = vendor_swiglu_out(probe, weight).float()
-    elif fp8:
-        from paiton.fusion.fp8_paths import dequantize  # (fp8_paths imports this module)
-
-        expected = torch.nn.functional.linear(probe, dequantize(weight, scales, x.dtype)).float()
+        expected = vendor_swiglu_out(probe, reference_weight).float()
     else:
-        expected = torch.nn.functional.linear(probe, weight).float()
+        expected = torch.nn.functional.linear(probe, reference_weight).float()
     bound = AGREEMENT.get(x.dtype, 2e-2) * max(expected.abs().max().item(), 1e-30)
     agreeing, dropped = [], []
     for config in candidates:
@@ -579,7 +597,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, candidates: Sequence[dict[str,
     weights = cold_copies(weight)
     if up is not None:  # the vendor's product after silu_mul's kernel
         runs = [(VENDOR, lambda: [torch.nn.functional.linear(silu_mul(probe, up_probe), w) for w in weights])]
-    elif swiglu_out:  # the vendor's product, then silu_mul's kernel
+    elif swiglu_out and not fp8:  # the vendor's product, then silu_mul's kernel
         runs = [(VENDOR, lambda: [vendor_swiglu_out(probe, w) for w in weights])]
     else:
         runs = [] if fp8 else [(VENDOR, lambda: [torch.nn.functional.linear(probe, w) for w in weights])]

@@ -25,6 +25,11 @@ only path on a chip without Paiton's kernels). On CPU that last one is the path,
 under Triton's interpreter (the tests), where the GEMV and the FP8 GEMM run.
 Op: paiton::silu_mul_fp8_linear(gate, up, weights, scales): fp8_linear(silu_mul(gate, up), ...),
 SwiGLU applied inside a one-row GEMV (passes/silu_mul_linear.py).
+Op: paiton::fp8_linear_silu_mul(x, [W8_gate, W8_up], [s_gate, s_up]): silu_mul of
+fp8_linear(x, ...)'s two halves, for 2-64 rows (a decode step's gate/up at batch 2-64,
+passes/swiglu_out.py): the FP8 GEMM's launch applies SwiGLU in its last step where its choice
+times that faster than the plain launch and silu_mul's kernel after it (fusion/few_rows_gemm.py
+SWIGLU_OUT); the other paths run silu_mul's kernel after their product.
 """
 
 from __future__ import annotations
@@ -150,3 +155,29 @@ def silu_mul_fp8_linear(gate: torch.Tensor, up: torch.Tensor, weights: list[torc
 def _silu_mul_fp8_linear_fake(gate, up, weights, scales):
     _check_inputs(gate, weights, scales)
     return gate.new_empty((*gate.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+def _check_gate_up(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> None:
+    _check_inputs(x, weights, scales)
+    if len(weights) != 2 or weights[0].shape != weights[1].shape:
+        raise ValueError(f"paiton fp8_linear_silu_mul: two weights of one shape, gate's and up's; got "
+                         f"{[tuple(w.shape) for w in weights]}")
+
+
+@torch.library.custom_op("paiton::fp8_linear_silu_mul", mutates_args=())
+def fp8_linear_silu_mul(x: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor:
+    """silu_mul(gate, up) of (gate, up) = fp8_linear(x, [W8_gate, W8_up], scales).chunk(2, -1),
+    SwiGLU in the FP8 GEMM's last step where that is faster (module doc)."""
+    _check_gate_up(x, weights, scales)
+    weight, packed = packed_weight(weights), packed_scales(weights, scales)
+    if x.numel() == x.shape[-1]:  # one row: the product as fp8_linear makes it, then silu_mul
+        return silu_mul(*_product(x, weight, packed).chunk(2, dim=-1))
+    params = _paiton_kernels(x)
+    paths = params["several_rows"] if params is not None else (DEQUANTIZE,)
+    return several_rows_product(x, weight, packed, paths, swiglu_out=True)
+
+
+@fp8_linear_silu_mul.register_fake
+def _fp8_linear_silu_mul_fake(x, weights, scales):
+    _check_gate_up(x, weights, scales)
+    return x.new_empty((*x.shape[:-1], weights[0].shape[0]))

@@ -45,6 +45,7 @@ from paiton.fusion import few_rows_gemm as _few_rows
 from paiton.fusion.few_rows_gemm import MAX_ROWS, few_rows_gemm
 from paiton.fusion.gemv import ROW_SCALES, SCALE_BLOCK, scales_kind
 from paiton.fusion.quantize_rows import quantize_rows, quantize_rows_reference
+from paiton.fusion.swiglu import silu_mul
 from paiton.fusion.timing import TIMING_ROUNDS, best_times, bucket_probe, cold_copies, rows_bucket, time_ms, timed_choices
 from paiton.fusion.triton_utils import as_rows, device_guard
 
@@ -104,21 +105,23 @@ def scaled_mm_reference(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     return activations @ (weight.double() * scales.double().reshape(-1, 1)).T
 
 
-def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """FP8_GEMM: the few-rows GEMM on the FP8 weight. On a GPU its launch is the one
-    few_rows_gemm.choose timed fastest for the shape and row count among the chip's
-    `several_rows_candidates` (the lowering table's fp8_linear; the first is the untimed
-    launch); elsewhere, and for a table without them, the untimed launch."""
+def fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, swiglu_out: bool = False) -> torch.Tensor:
+    """FP8_GEMM: the few-rows GEMM on the FP8 weight (`swiglu_out`: a gate/up packed weight,
+    SwiGLU on its halves, in the kernel's last step or by silu_mul's kernel after it, as the
+    choice times them). On a GPU its launch is the one few_rows_gemm.choose timed fastest for
+    the shape and row count among the chip's `several_rows_candidates` (the lowering table's
+    fp8_linear; the first is the untimed launch); elsewhere, and for a table without them, the
+    untimed launch."""
     if x.is_cuda:
         from paiton.backends.lowering import lowering_for
         from paiton.backends.target import detect_target
 
         candidates = lowering_for("fp8_linear", detect_target(x.device)).params.get("several_rows_candidates")
         if candidates:
-            config = _few_rows.choose(x, weight, candidates, scales=scales)
+            config = _few_rows.choose(x, weight, candidates, scales=scales, swiglu_out=swiglu_out)
             if config != _few_rows.VENDOR:
-                return _few_rows.launch_candidate(x, weight, config, scales)
-    return few_rows_gemm(x, weight, scales)
+                return _few_rows.launch_candidate(x, weight, config, scales, swiglu_out=swiglu_out)
+    return few_rows_gemm(x, weight, scales, swiglu_out=swiglu_out)
 
 
 def dequantize_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -129,6 +132,17 @@ def dequantize_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tenso
 RUNS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     FP8_GEMM: fp8_gemm, SCALED_MM: scaled_mm_linear, DEQUANTIZE: dequantize_linear,
 }
+
+
+def run_path(path: str, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+             swiglu_out: bool = False) -> torch.Tensor:
+    """`path`'s product; with `swiglu_out` (a gate/up packed weight) silu_mul of its two halves:
+    FP8_GEMM's launch applies it in its last step where its choice finds that faster, the other
+    paths run silu_mul's kernel after the product."""
+    if swiglu_out and path == FP8_GEMM:
+        return fp8_gemm(x, weight, scales, swiglu_out=True)
+    y = RUNS[path](x, weight, scales)
+    return silu_mul(*y.chunk(2, dim=-1)) if swiglu_out else y
 
 
 def weight_only() -> bool:
@@ -150,16 +164,17 @@ def eligible_paths(rows: int, x: torch.Tensor, weight: torch.Tensor, scales: tor
     return eligible if DEQUANTIZE in eligible else eligible + [DEQUANTIZE]
 
 
-# (device, rows bucket, N, K, x dtype, W dtype, scale layout, weight-only) -> the chosen path, and how it
-# was chosen (source, and timed: each path's best time in us).
+# (device, rows bucket, N, K, x dtype, W dtype, scale layout, weight-only, SwiGLU out) -> the chosen
+# path, and how it was chosen (source, and timed: each path's best time in us).
 _CHOICES: dict[tuple, str] = {}
 _TIMINGS: dict[tuple, dict] = {}
 
 
 def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, paths: Sequence[str],
-                time_ms_fn: Callable[[Callable[[], object]], float] | None = None) -> str:
+                time_ms_fn: Callable[[Callable[[], object]], float] | None = None, swiglu_out: bool = False) -> str:
     """The path for x [..., K] @ dequantize(weight, scales).T among `paths` (the chip's, in
-    fallback order): the only eligible one; else, decided once per key and kept: on a GPU (or
+    fallback order; with `swiglu_out`, the product followed by SwiGLU on its halves, a choice of
+    its own: run_path): the only eligible one; else, decided once per key and kept: on a GPU (or
     with `time_ms_fn`, the tests' timer) the fastest over TIMING_ROUNDS rounds of each in
     turn, at the bucket's row count, over cold copies of W (a tie keeps the earlier path); on a
     CPU the first. While a CUDA graph is captured: the first, not kept."""
@@ -170,7 +185,8 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, pat
     if len(eligible) == 1:
         return eligible[0]
     kind = "rows" if scales_kind(weight, scales) == ROW_SCALES else "blocks"
-    key = (str(x.device), rows_bucket(rows), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, kind, weight_only())
+    key = (str(x.device), rows_bucket(rows), weight.shape[0], weight.shape[1], x.dtype, weight.dtype, kind, weight_only(),
+           swiglu_out)
     choice = _CHOICES.get(key)
     if choice is not None:
         return choice
@@ -182,9 +198,10 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, pat
     if time_ms_fn is None and not timed_choices():  # untimed, kept: PAITON_TIMED_CHOICES=0
         _CHOICES[key], _TIMINGS[key] = eligible[0], {"source": "untimed"}
         return eligible[0]
-    timed = time_paths(x, weight, scales, eligible, TIMING_ROUNDS, time_ms_fn or time_ms)
+    timed = time_paths(x, weight, scales, eligible, TIMING_ROUNDS, time_ms_fn or time_ms, swiglu_out)
     choice, best_ms = min(timed, key=lambda timing: timing[1])  # min keeps the first of equal times
-    log.info("paiton fp8: %d rows x [%d x %d] %s on %s: %s (%s)", key[1], key[2], key[3], kind, x.device, choice,
+    log.info("paiton fp8: %d rows x [%d x %d] %s%s on %s: %s (%s)", key[1], key[2], key[3], kind,
+             ", SwiGLU out" if swiglu_out else "", x.device, choice,
              ", ".join(f"{path} {ms * 1e3:.1f} us" for path, ms in timed))
     _CHOICES[key] = choice
     _TIMINGS[key] = {"source": "timed", "times_us": {path: ms * 1e3 for path, ms in timed}}
@@ -192,14 +209,15 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, pat
 
 
 def time_paths(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, paths: Sequence[str], rounds: int,
-               time_ms_fn: Callable[[Callable[[], object]], float] = time_ms) -> list[tuple[str, float]]:
+               time_ms_fn: Callable[[Callable[[], object]], float] = time_ms,
+               swiglu_out: bool = False) -> list[tuple[str, float]]:
     """[(path, ms), ...]: each path's best time for one product of rows_bucket(rows) rows (x's
     rows repeated: no random numbers drawn) over `rounds` rounds, in turn, W from memory (a
     product over each of timing.cold_copies(W) per run). A path that fails here is left out;
     DEQUANTIZE's failure is raised."""
     probe = bucket_probe(as_rows(x))
     weights = cold_copies(weight)
-    runs = [(path, lambda run=RUNS[path]: [run(probe, w, scales) for w in weights]) for path in paths]
+    runs = [(path, lambda path=path: [run_path(path, probe, w, scales, swiglu_out) for w in weights]) for path in paths]
     with device_guard(x):
         timed = best_times(runs, rounds, time_ms_fn, required=DEQUANTIZE, what=f"paiton fp8 on {x.device}")
     return [(path, ms / len(weights)) for path, ms in timed]
@@ -210,8 +228,8 @@ def chosen_paths() -> list[dict]:
     which product ran each FP8 linear of several rows): rows (the bucket), n, k, dtypes, scale
     layout, the choice, its source ("timed" or "fallback") and, timed, every path's time."""
     return [dict(device=key[0], rows=key[1], n=key[2], k=key[3], dtype=str(key[4]).removeprefix("torch."),
-                 weight_dtype=str(key[5]).removeprefix("torch."), scales=key[6], weight_only=key[7], choice=choice,
-                 **_TIMINGS.get(key, {}))
+                 weight_dtype=str(key[5]).removeprefix("torch."), scales=key[6], weight_only=key[7],
+                 **({"swiglu_out": True} if key[8] else {}), choice=choice, **_TIMINGS.get(key, {}))
             for key, choice in _CHOICES.items()]
 
 
@@ -219,7 +237,8 @@ def describe_choice(record: dict) -> str:
     """One of chosen_paths' records as a line (for logs and result files): which product ran
     the shape and row count, and every path's time where it was timed."""
     times = ", ".join(f"{path} {us:.1f}" for path, us in record.get("times_us", {}).items())
-    return (f"{record['rows']} rows x [{record['n']} x {record['k']}]: {record['choice']} "
+    return (f"{record['rows']} rows x [{record['n']} x {record['k']}]{', SwiGLU out' if record.get('swiglu_out') else ''}: "
+            f"{record['choice']} "
             f"({record['source']}{'; us: ' + times if times else ''})")
 
 
@@ -228,7 +247,9 @@ def describe_choices() -> list[str]:
     return [describe_choice(record) for record in chosen_paths()]
 
 
-def several_rows_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, paths: Sequence[str]) -> torch.Tensor:
-    """x [..., K] @ dequantize(weight, scales).T in x's dtype by the path choose_path takes."""
-    return RUNS[choose_path(x, weight, scales, paths)](x, weight, scales)
+def several_rows_product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, paths: Sequence[str],
+                         swiglu_out: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequantize(weight, scales).T in x's dtype by the path choose_path takes (with
+    `swiglu_out`, a gate/up packed weight: silu_mul of the product's halves, run_path)."""
+    return run_path(choose_path(x, weight, scales, paths, swiglu_out=swiglu_out), x, weight, scales, swiglu_out)
 

@@ -54,7 +54,7 @@ def _product_weights() -> dict:
 
     ops = torch.ops.paiton
     return {ops.packed_linear.default: 1, ops.fp8_linear.default: 1, ops.silu_mul_packed_linear.default: 2,
-            ops.silu_mul_fp8_linear.default: 2, ops.packed_linear_silu_mul.default: 1}
+            ops.silu_mul_fp8_linear.default: 2, ops.packed_linear_silu_mul.default: 1, ops.fp8_linear_silu_mul.default: 1}
 
 
 # Products Paiton does not make: they end a window without taking its prefetch.

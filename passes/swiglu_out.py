@@ -1,4 +1,5 @@
-"""SwiGLU on a decode step's gate/up product at batch 2-64 -> one `paiton.packed_linear_silu_mul` op.
+"""SwiGLU on a decode step's gate/up product at batch 2-64 -> one `paiton.packed_linear_silu_mul` op
+(FP8 weights: `paiton.fp8_linear_silu_mul`).
 
 At batch 2 to 64 a decode step's MLP is (after the merged projections, few-rows linear and
 SwiGLU passes)::
@@ -24,13 +25,19 @@ launcher still times the plain product followed by silu_mul's kernel against the
 On an H100 the fused launch won at Qwen3-32B's gate/up at 2-64 rows (3-10 us a layer), and the
 batch-32 decode step went from 24.53 to 24.31 ms (bench/results/NOTES.md, thirty-second session).
 
+FP8 weights (models/fp8.py) make the same graph with `paiton.fp8_linear(x, [W8_gate, W8_up],
+[s_gate, s_up])` as the product: the FP8 GEMM's launch takes SWIGLU_OUT as the bf16 one does,
+timed against itself plain + silu_mul (fusion/fp8_paths.py's FP8_GEMM path; the other FP8 paths
+run silu_mul's kernel after their product). Why for FP8 too: the activations are bf16 either way,
+so the silu_mul kernel it saves costs what bf16's does (2.5 us a layer at 32B's batch 32), against
+a gate/up product of half the bytes (not yet timed on a GPU for FP8 weights).
+
 Runs after SwiGLUPass and before SiluMulLinearPass on the ATen graph. Rewritten: a silu_mul
 whose gate and up are the two halves (narrows of the last dim, gate first) of one
-packed_linear of two equal weights, of a decode step's rows (passes/few_rows_linear.py's
+packed_linear or fp8_linear of two equal weights, of a decode step's rows (passes/few_rows_linear.py's
 is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), where the halves and the product have
-no other users. Left alone: one row (the GEMV's gated down_proj), prefill rows, FP8 weights
-(fp8_linear: its products take no SWIGLU_OUT), halves used elsewhere or in the other order
-(silu of the second half), anything but the product's two halves. On chips whose lowering table leaves few-rows linears to the vendor
+no other users. Left alone: one row (the GEMV's gated down_proj), prefill rows, halves used
+elsewhere or in the other order (silu of the second half), anything but the product's two halves. On chips whose lowering table leaves few-rows linears to the vendor
 (AMD) the pass does not run.
 """
 
@@ -71,12 +78,17 @@ class SwiGLUOutPass(PaitonPass):
 
     name = "swiglu_out"
     fused_op = "few_rows_linear"
-    depends_on = ("paiton.fusion.packed_linear", "paiton.passes.decode_attention", "paiton.passes.few_rows_linear")
+    depends_on = ("paiton.fusion.packed_linear", "paiton.fusion.fp8_linear", "paiton.passes.decode_attention",
+                  "paiton.passes.few_rows_linear")
 
     def apply(self, graph: torch.fx.Graph) -> int:
-        import paiton.fusion.packed_linear  # noqa: F401  (registers the ops)
+        import paiton.fusion.fp8_linear  # noqa: F401  (registers the ops)
+        import paiton.fusion.packed_linear  # noqa: F401
         import paiton.fusion.swiglu  # noqa: F401
 
+        ops = torch.ops.paiton
+        fused_ops = {ops.packed_linear.default: ops.packed_linear_silu_mul.default,
+                     ops.fp8_linear.default: ops.fp8_linear_silu_mul.default}
         rewritten = 0
         for node in list(graph.nodes):
             if not is_call(node, torch.ops.paiton.silu_mul.default):
@@ -86,7 +98,8 @@ class SwiGLUOutPass(PaitonPass):
             if None in halves or halves[0][0] is not halves[1][0]:
                 continue
             product = halves[0][0]
-            if not is_call(product, torch.ops.paiton.packed_linear.default):
+            fused_op = fused_ops.get(product.target) if product.op == "call_function" else None
+            if fused_op is None:
                 continue
             args = bound_args(product)
             weights = args["weights"]
@@ -100,8 +113,9 @@ class SwiGLUOutPass(PaitonPass):
                 continue
             if not is_decode_rows(val(args["x"])):
                 continue
+            operands = (args["x"], weights) + ((args["scales"],) if "scales" in args else ())
             with graph.inserting_before(node):
-                fused = graph.call_function(torch.ops.paiton.packed_linear_silu_mul.default, (args["x"], weights))
+                fused = graph.call_function(fused_op, operands)
             fused.meta.update({key: value for key, value in node.meta.items() if key != "eager_input_vals"})
             node.replace_all_uses_with(fused)
             graph.erase_node(node)

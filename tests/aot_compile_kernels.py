@@ -152,6 +152,17 @@ def builds(target):
                     if config.get("W_TMA") and (scales != BLOCK_SCALES or SCALE_BLOCK % config["BLOCK_K"] == 0):
                         yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/rows=32/{launch_name(config)}",
                                "fp8_linear", few_rows_gemm_build({"BLOCK_M": block_m(32), **config}, dtype, weight_type, scales))
+                # ... and gate/up with SwiGLU in its last step (passes/swiglu_out.py's fp8_linear_silu_mul),
+                # bf16 at 32 rows: with quantize_fp8's row scales every launch that fits the chip's shared
+                # memory with two W tiles a stage; with block scales the untimed launch
+                if dtype == "bf16":
+                    launches = (fitting(params["several_rows_candidates"], 32, 2, target.shared_memory_per_block,
+                                        swiglu_out=True) if scales == ROW_SCALES else [params["several_rows_candidates"][0]])
+                    for config in launches:
+                        yield (f"few_rows_gemm/{dtype}/fp8={params['format']}/scales={scale_name}/swiglu_out/rows=32/"
+                               f"{launch_name(config)}", "fp8_linear",
+                               few_rows_gemm_build({"BLOCK_M": block_m(32), **config}, dtype, weight_type, scales,
+                                                   swiglu_out=True))
             # The per-token quantization before torch._scaled_mm (bf16 activations only: the one dtype
             # row-wise _scaled_mm returns), 128 tokens of Qwen3's linear inputs: hidden 4096 / 5120,
             # intermediate 12288 (one pass) and 25600 (32B: wider than a register row, two passes).

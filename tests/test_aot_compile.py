@@ -165,6 +165,16 @@ def test_few_rows_candidates_are_built_where_they_fit(compiled):
     # gate/up with SwiGLU in its last step (two W tiles a stage): most of them at 32 rows in bf16
     swiglu_out = [n for n in compiled if n.startswith("few_rows_gemm/bf16/swiglu_out/rows=32/") and n.endswith("@sm_90")]
     assert len(swiglu_out) >= hopper - 4 and sum("W_TMA=True" in n for n in swiglu_out) == len(FEW_ROWS_TMA_CANDIDATES)
+    # ... and on FP8 weights (fp8_linear_silu_mul): most of the FP8 launches with quantize_fp8's row
+    # scales on sm_90, every W_TMA one among them; the untimed launch with block scales on every FP8 chip
+    from paiton.fusion.few_rows_gemm import FP8_FEW_ROWS_CANDIDATES, FP8_FEW_ROWS_TMA_CANDIDATES
+
+    fp8_rows = [n for n in compiled if n.startswith("few_rows_gemm/bf16/fp8=e4m3fn/scales=rows/swiglu_out/rows=32/")
+                and n.endswith("@sm_90")]
+    fp8_hopper = len(FP8_FEW_ROWS_CANDIDATES) + len(FP8_FEW_ROWS_TMA_CANDIDATES)
+    assert len(fp8_rows) >= fp8_hopper - 3 and sum("W_TMA=True" in n for n in fp8_rows) == len(FP8_FEW_ROWS_TMA_CANDIDATES)
+    fp8_blocks = {n.rsplit("@", 1)[1] for n in compiled if "/scales=blocks/swiglu_out/" in n}
+    assert fp8_blocks == {"sm_90", "gfx942", "gfx950"}
 
 
 def test_pdl_launches_wait_before_they_read(compiled):

@@ -229,6 +229,24 @@ def test_choose_for_an_fp8_weight_times_its_launches_alone(fresh_choices):
     assert 32 not in calls
 
 
+def test_choose_for_an_fp8_gate_up_times_both_forms_of_its_launches_alone(fresh_choices):
+    """An FP8 gate/up weight with `swiglu_out`: no vendor form (FP8 has no vendor GEMM), each
+    launch fused (SWIGLU_OUT) and plain then silu_mul (SILU_AFTER), checked against SwiGLU on the
+    dequantized weight's product; the fused untimed launch is the baseline; the record says
+    swiglu_out and FP8."""
+    from paiton.fusion.fp8_linear import quantize_weight
+
+    w8, scales = quantize_weight(torch.randn(48, 64), torch.float8_e4m3fn)  # [gate; up], 24 rows each
+    x = torch.randn(5, 64)
+    timer, calls = fake_timer({16: 0.9, 32: 0.7, "silu after 16": 0.8, "silu after 32": 0.6})
+    choice = few_rows_gemm.choose(x, w8, SMALL_LAUNCHES[:2], time_ms_fn=timer, scales=scales, swiglu_out=True)
+    assert choice == {**SMALL_LAUNCHES[1], few_rows_gemm.SILU_AFTER: True}
+    assert VENDOR not in calls and set(calls) == {16, 32, "silu after 16", "silu after 32"}
+    (record,) = few_rows_gemm.chosen_launches()
+    assert record["swiglu_out"] and record["weight_dtype"] == "float8_e4m3fn" and record["disagreeing"] == []
+    assert (record["first_launch_us"], record["chosen_us"]) == (900.0, 600.0)
+
+
 def test_choose_leaves_the_w_tma_launches_out_under_paiton_w_tma_0(fresh_choices, monkeypatch):
     """PAITON_W_TMA=0 (a benchmark's "-notma" A/B): the W_TMA launches are not timed, and the
     choice made without them is kept apart from the one made with them."""

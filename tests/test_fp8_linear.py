@@ -149,6 +149,49 @@ def test_fp8_gemm_row_blocks_splits_and_orientations(m, n, k, per_block, splits,
     assert y.shape == (m, n) and ((y.double() - expected).abs() <= tolerance).all(), (y.double() - expected).abs().max()
 
 
+@settings(deadline=None, max_examples=8)
+@given(
+    m=st.integers(2, 64),
+    inner=st.integers(1, 150),
+    k=st.integers(1, 300),
+    x_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    fp8=st.sampled_from(FORMATS),
+    per_block=st.booleans(),
+    splits=st.sampled_from([1, 2]),
+    via_fp16=st.booleans(),
+    swap_ab=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@example(m=5, inner=70, k=300, x_dtype=torch.bfloat16, fp8=torch.float8_e4m3fn, per_block=True, splits=2, via_fp16=True,
+         swap_ab=True, seed=3)  # up rows 70-139: their block scales start inside the gate's first block
+def test_fp8_gemm_swiglu_out_equals_the_product_then_silu_mul(m, inner, k, x_dtype, fp8, per_block, splits, via_fp16,
+                                                             swap_ab, seed):
+    """SWIGLU_OUT on an FP8 gate/up weight (interpreted on CPU): each program's gate and up sums
+    scaled by their own rows' scales (per row, or per 128 x 128 block: the up rows' blocks are
+    the packed weight's rows I on), each rounded to x's dtype, then SwiGLU, as the same launch's
+    plain product and paiton::silu_mul give it (SILU_AFTER), within the tolerance relative to
+    the output's norm (torch's silu on CPU against the interpreter's); against the float64
+    product of the dequantized weight, one rounding of each product and of the result."""
+    from paiton.fusion.few_rows_gemm import SILU_AFTER, candidate, launch_candidate
+    from paiton.fusion.swiglu import silu_mul
+
+    w8, row_scales = quantize_weight(random_weight(2 * inner, k, seed, outliers=seed % 2 == 1), fp8)  # [gate; up]
+    scales = block_scales(2 * inner, k, seed) if per_block else row_scales
+    x = torch.randn(m, 1, k, generator=torch.Generator().manual_seed(seed + 1)).to(x_dtype)
+    launch = candidate(16, 32, 4, 1, splits=splits, via_fp16=via_fp16, swap_ab=swap_ab)
+    y = launch_candidate(x, w8, launch, scales, swiglu_out=True)
+    assert y.shape == (m, 1, inner) and y.dtype == x_dtype
+    plain = launch_candidate(x, w8, launch, scales)
+    two_kernels = launch_candidate(x, w8, {**launch, SILU_AFTER: True}, scales, swiglu_out=True)
+    assert torch.equal(two_kernels, silu_mul(*plain.chunk(2, dim=-1)))
+    tolerance = 2.0 ** -MANTISSA_BITS[x_dtype] if x_dtype != torch.float32 else 1e-5
+    norm = two_kernels.double().norm().clamp_min(1e-30)
+    assert ((y.double() - two_kernels.double()).norm() / norm).item() <= tolerance
+    product = gemv_reference(x, w8, scales)
+    expected = torch.nn.functional.silu(product[..., :inner]) * product[..., inner:]
+    assert ((y.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item() <= 4 * tolerance
+
+
 def test_gemv_scale_layouts_are_checked():
     w8, scales = quantize_weight(random_weight(200, 300, 1))
     x = torch.randn(1, 300)
@@ -199,6 +242,41 @@ def test_fp8_linear_over_packed_weights(rows, per_block):
     loose = [w.clone() for w in weights]
     with pytest.raises(RuntimeError, match="not where the packed buffer has it"):
         torch.ops.paiton.fp8_linear(x, loose, scales)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 80])
+@pytest.mark.parametrize("per_block", [False, True])
+def test_fp8_linear_silu_mul_over_packed_gate_up(rows, per_block):
+    """paiton.fp8_linear_silu_mul(x, [W8_gate, W8_up], [s_gate, s_up]): SwiGLU on the packed
+    product's halves. 2-64 rows: the FP8 GEMM with SWIGLU_OUT (the interpreter's untimed launch
+    on CPU), within one rounding of each half and of the result of the float64 reference; one row
+    (the GEMV) and more than 64 (dequantized, then torch's linear): fp8_linear's product, then
+    silu_mul, the same bits. Two weights of one shape only; its fake gives [..., I]."""
+    from paiton.fusion.swiglu import silu_mul
+
+    parts = []
+    for i in range(2):  # 256 rows each: whole 128-row blocks, as merged_projections packs block scales
+        w8, s = quantize_weight(random_weight(256, 384, i))
+        parts.append((w8, block_scales(256, 384, i) if per_block else s))
+    weights, scales = packed(parts)
+    x = torch.randn(rows, 1, 384).to(torch.bfloat16)
+    y = torch.ops.paiton.fp8_linear_silu_mul(x, weights, scales)
+    assert y.shape == (rows, 1, 256) and y.dtype == torch.bfloat16
+    two_ops = silu_mul(*torch.ops.paiton.fp8_linear(x, weights, scales).chunk(2, dim=-1))
+    if 1 < rows <= 64:
+        exact = torch.cat([gemv_reference(x, w, s) for w, s in parts], dim=-1)
+        expected = torch.nn.functional.silu(exact[..., :256]) * exact[..., 256:]
+        assert ((y.double() - expected).norm() / expected.norm()).item() <= 4 * 2**-7
+        assert ((y.double() - two_ops.double()).norm() / two_ops.double().norm()).item() <= 2**-7
+    else:
+        assert torch.equal(y, two_ops)
+    with torch._subclasses.FakeTensorMode():
+        fake = torch.ops.paiton.fp8_linear_silu_mul(torch.empty(8, 1, 384, dtype=torch.bfloat16),
+                                                    [torch.empty(256, 384, dtype=weights[0].dtype)] * 2,
+                                                    [torch.empty(256)] * 2)
+    assert fake.shape == (8, 1, 256)
+    with pytest.raises(ValueError, match="two weights of one shape"):
+        torch.ops.paiton.fp8_linear_silu_mul(x, weights[:1], scales[:1])
 
 
 def test_fp8_linear_opcheck():
@@ -291,3 +369,49 @@ def test_fp8_kernels_on_gpu_at_qwen3_shapes(rows, per_block):
                     continue  # not a launch block scales take
                 y = few_rows_gemm.launch_candidate(x, w8, config, scales)
                 assert ((y.double() - expected).abs() <= fp8_product_bound(x, w8, scales, "fp8_gemm")).all(), config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [8, 32])
+def test_fp8_gate_up_with_swiglu_out_on_gpu(rows):
+    """On the GPU, Qwen3-32B's gate/up in FP8 ([2 x 25600, 5120], quantize_fp8's row scales), bf16
+    x: every FP8 GEMM launch of the chip's table that fits with two W tiles a stage, SwiGLU in its
+    last step, against the same launch plain then silu_mul (one bf16 rounding relative to the
+    output's norm: the same sums, the same roundings, the GPU's exp); the op's timed choice
+    against SwiGLU of the float64 product (each half within the chosen path's bound, then
+    silu's and one rounding more). Printed: the FP8 paths' and the launches' times."""
+    from paiton_testing import fp8_product_bound
+
+    from paiton.backends.lowering import lowering_for
+    from paiton.backends.target import detect_target
+    from paiton.fusion import few_rows_gemm, fp8_paths
+    from paiton.fusion.swiglu import silu_mul
+
+    inner, k = 25600, 5120
+    w8, scales = quantize_weight(random_weight(2 * inner, k, 0, outliers=True).cuda(), fp8_format("cuda"))
+    weights, scale_parts = [w8[:inner], w8[inner:]], [scales[:inner], scales[inner:]]
+    x = torch.randn(rows, 1, k, device="cuda").to(torch.bfloat16)
+    target = detect_target(x.device)
+    launches = few_rows_gemm.fitting(lowering_for("fp8_linear", target).params["several_rows_candidates"], rows, 2,
+                                     target.shared_memory_per_block, swiglu_out=True)
+    assert launches
+    for config in launches:
+        y = few_rows_gemm.launch_candidate(x, w8, config, scales, swiglu_out=True)
+        two_kernels = few_rows_gemm.launch_candidate(x, w8, {**config, few_rows_gemm.SILU_AFTER: True}, scales,
+                                                     swiglu_out=True)
+        assert ((y.double() - two_kernels.double()).norm() / two_kernels.double().norm()).item() <= 2**-8, config
+    y = torch.ops.paiton.fp8_linear_silu_mul(x, weights, scale_parts)
+    record = next(r for r in fp8_paths.chosen_paths() if r.get("swiglu_out") and r["n"] == 2 * inner)
+    product = gemv_reference(x, w8, scales)
+    gate, up = product[..., :inner], product[..., inner:]
+    bound = fp8_product_bound(x, w8, scales, record["choice"])
+    expected = silu_mul(gate.bfloat16(), up.bfloat16()).double()  # each half rounded to bf16, as the kernels do
+    # a half off by its bound moves silu(gate) * up by at most |d silu| <= 1.1 times it, times |up|, and up's
+    # own error times |silu(gate)|; then one rounding of the result
+    slack = (1.1 * bound[..., :inner] * up.abs() + bound[..., inner:] * torch.nn.functional.silu(gate).abs()
+             + 2 * expected.abs() * 2**-8)
+    assert ((y.double() - expected).abs() <= slack + 1e-6).all(), record
+    print(f"\n{rows} rows: {fp8_paths.describe_choice(record)}")
+    for line in few_rows_gemm.describe_choices():
+        if "SwiGLU" in line and str(2 * inner) in line:
+            print("  " + line)

@@ -295,6 +295,44 @@ def test_fp8_linear_runs_the_chosen_path(fresh_choices, monkeypatch):
     assert ran == [(70, 64)]
 
 
+def test_swiglu_out_is_a_choice_of_its_own_and_every_path_applies_it(fresh_choices, cpu_scaled_mm):
+    """With `swiglu_out` (a gate/up packed weight: passes/swiglu_out.py's fp8_linear_silu_mul)
+    each path ends in SwiGLU on its product's halves: the FP8 GEMM in its kernel's last step
+    (the same roundings as its plain launch and silu_mul, torch's silu on CPU against the
+    interpreter's), the others by silu_mul's kernel after their product (the same bits). The
+    choice is kept apart from the plain product's of the same shape, timed and listed as such."""
+    from paiton.fusion.swiglu import silu_mul
+
+    w8, scales = row_weight(64, 64)  # [gate; up], 32 rows each
+    x = torch.randn(5, 64).bfloat16()
+    paths = (FP8_GEMM, SCALED_MM, DEQUANTIZE)
+    for path in paths:
+        y = fp8_paths.run_path(path, x, w8, scales, swiglu_out=True)
+        two_kernels = silu_mul(*fp8_paths.RUNS[path](x, w8, scales).chunk(2, dim=-1))
+        assert y.shape == (5, 32)
+        if path == FP8_GEMM:
+            assert ((y.double() - two_kernels.double()).norm() / two_kernels.double().norm()).item() <= 2**-7
+        else:
+            assert torch.equal(y, two_kernels), path
+
+    def timer_with(times):
+        calls = []
+
+        def timer(run):
+            run()
+            calls.append(run)
+            return times[(len(calls) - 1) % len(times)]  # the paths in turn, each round
+        return timer
+
+    assert fp8_paths.choose_path(x, w8, scales, paths, timer_with([2.0, 1.0, 3.0]), swiglu_out=True) == SCALED_MM
+    assert fp8_paths.choose_path(x, w8, scales, paths, timer_with([1.0, 2.0, 3.0])) == FP8_GEMM  # timed apart
+    fused, plain = fp8_paths.chosen_paths()
+    assert fused["swiglu_out"] and "swiglu_out" not in plain
+    assert fp8_paths.describe_choice(fused).startswith("8 rows x [64 x 64], SwiGLU out: scaled_mm (timed;")
+    assert torch.equal(fp8_paths.several_rows_product(x, w8, scales, paths, swiglu_out=True),
+                       fp8_paths.run_path(SCALED_MM, x, w8, scales, swiglu_out=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # On the GPU: every path at Qwen3 shapes, and the timed choice (printed)
 # ---------------------------------------------------------------------------------------------

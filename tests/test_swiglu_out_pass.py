@@ -2,7 +2,9 @@
 gate/up product and the silu_mul of its halves become paiton.packed_linear_silu_mul, whose
 few-rows GEMM pairs gate and up rows in one program (fusion/few_rows_gemm.py SWIGLU_OUT; the
 interpreter's launch on CPU), through backend="paiton" (eager inner compiler) on Qwen3's MLP;
-down_proj then runs plain. Random widths and row counts (hypothesis), a dynamic batch, and near
+down_proj then runs plain; with FP8 weights the merged fp8_linear and its silu_mul become
+paiton.fp8_linear_silu_mul (the FP8 GEMM's SWIGLU_OUT launch). Random widths and row counts
+(hypothesis), a dynamic batch, and near
 misses left alone: one row (down_proj's gated GEMV takes it), prefill rows, a half used
 elsewhere, halves that are not the product's [gate, up] (on a traced ATen graph), the pass
 switched off.
@@ -43,6 +45,48 @@ def test_swiglu_goes_into_the_gate_up_product_at_a_few_rows(hidden, inner, batch
     assert census["paiton.silu_mul.default"] == 0 and census["paiton.silu_mul_packed_linear.default"] == 0
     assert census["paiton.packed_linear.default"] == 1  # down_proj, plain
     torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+
+
+def fp8_mlp(hidden, inner, dtype):
+    """SwiGLUMLP with FP8 weights (models/fp8.py's Fp8Linear, per-channel scales), as
+    paiton.quantize_fp8 makes a Qwen3 MLP."""
+    from paiton.fusion.fp8_linear import quantize_weight
+    from paiton.models.fp8 import Fp8Linear
+
+    module = SwiGLUMLP(hidden, inner, dtype)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(module, name, Fp8Linear(*quantize_weight(getattr(module, name).weight.data)))
+    return module
+
+
+@settings(deadline=None, max_examples=6)
+@given(hidden=st.sampled_from([16, 40, 64]), inner=st.sampled_from([8, 24, 48]), batch=st.integers(2, 64),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fp8_weights_take_swiglu_into_their_gate_up_product(hidden, inner, batch, dtype):
+    """FP8 weights: the merged gate/up fp8_linear and the silu_mul of its halves become
+    paiton.fp8_linear_silu_mul (the FP8 GEMM's SWIGLU_OUT launch on CPU); down_proj stays a plain
+    fp8_linear. Eager runs the same FP8 GEMM plain and silu_mul's kernel: the tolerance above."""
+    torch._dynamo.reset()
+    module = fp8_mlp(hidden, inner, dtype)
+    actual, expected, graphs = run(module, torch.randn(batch, 1, hidden, dtype=dtype))
+    (before, census, counts), = graphs
+    assert counts == fusions(merged_projections=1, swiglu=1, swiglu_out=1)
+    assert census["paiton.fp8_linear_silu_mul.default"] == 1 and census["paiton.silu_mul.default"] == 0
+    assert census["paiton.fp8_linear.default"] == 1  # down_proj, plain
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("rows", [1, 6], ids=["one row", "prefill rows"])
+def test_fp8_weights_outside_a_decode_steps_few_rows_are_left_alone(rows):
+    """One row: down_proj's FP8 GEMV takes SwiGLU as it loads (silu_mul_linear); a prefill's rows:
+    the product and silu_mul's kernel, as they were."""
+    torch._dynamo.reset()
+    shape = (1, 1, 32) if rows == 1 else (1, rows, 32)
+    actual, expected, graphs = run(fp8_mlp(32, 48, torch.float32), torch.randn(*shape))
+    (before, census, counts), = graphs
+    assert counts["swiglu_out"] == 0 and census["paiton.fp8_linear_silu_mul.default"] == 0
+    assert counts["silu_mul_linear"] == (1 if rows == 1 else 0)
+    torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
 
 
 def test_a_dynamic_batch_is_a_decode_steps_rows():
