@@ -409,7 +409,7 @@ def few_rows_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | 
     """x [..., K] (any number of rows; BLOCK_M rows per program) @ dequantize(weight, scales).T
     in x's dtype; with `up` (x's shape): silu_mul(x, up) @ ... (GATED; or with the launch key
     SILU_FIRST, paiton.silu_mul's kernel and then the launch plain). `swiglu_out` (a gate/up
-    packed W in x's dtype, [gate; up] of N / 2 rows each): silu_mul(x @ gate.T, x @ up.T), [...,
+    packed W, [gate; up] of N / 2 rows each): silu_mul(x @ gate.T, x @ up.T), [...,
     N / 2] (SWIGLU_OUT; or with the launch key SILU_AFTER, the launch plain and then
     paiton.silu_mul's kernel on its halves; an FP8 W's scales are the packed gate/up's).
     `config`: launch keywords (default few_rows_config)."""
