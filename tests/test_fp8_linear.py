@@ -401,7 +401,7 @@ def test_fp8_gate_up_with_swiglu_out_on_gpu(rows):
                                                      swiglu_out=True)
         assert ((y.double() - two_kernels.double()).norm() / two_kernels.double().norm()).item() <= 2**-8, config
     y = torch.ops.paiton.fp8_linear_silu_mul(x, weights, scale_parts)
-    record = next(r for r in fp8_paths.chosen_paths() if r.get("swiglu_out") and r["n"] == 2 * inner)
+    record = next(r for r in fp8_paths.chosen_paths() if r.get("swiglu_out") and (r["n"], r["rows"]) == (2 * inner, rows))
     product = gemv_reference(x, w8, scales)
     gate, up = product[..., :inner], product[..., inner:]
     bound = fp8_product_bound(x, w8, scales, record["choice"])
@@ -413,5 +413,5 @@ def test_fp8_gate_up_with_swiglu_out_on_gpu(rows):
     assert ((y.double() - expected).abs() <= slack + 1e-6).all(), record
     print(f"\n{rows} rows: {fp8_paths.describe_choice(record)}")
     for line in few_rows_gemm.describe_choices():
-        if "SwiGLU" in line and str(2 * inner) in line:
+        if "SwiGLU" in line and line.startswith(f"{rows} rows x [{2 * inner} x"):
             print("  " + line)
