@@ -35,12 +35,13 @@ us fused against 107.6 plain + silu_mul, and the batch-32 FP8 decode step went f
 ms (bench/results/NOTES.md, thirty-third session).
 
 Runs after SwiGLUPass and before SiluMulLinearPass on the ATen graph. Rewritten: a silu_mul
-whose gate and up are the two halves (narrows of the last dim, gate first) of one
-packed_linear or fp8_linear of two equal weights, of a decode step's rows (passes/few_rows_linear.py's
-is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), where the halves and the product have
-no other users. Left alone: one row (the GEMV's gated down_proj), prefill rows, halves used
-elsewhere or in the other order (silu of the second half), anything but the product's two halves. On chips whose lowering table leaves few-rows linears to the vendor
-(AMD) the pass does not run.
+whose gate and up are the two halves (narrows of the last dim, gate first) of one packed_linear
+or fp8_linear of two equal weights, of a decode step's rows (passes/few_rows_linear.py's
+is_decode_rows: [..., 1, K], 2-64 rows or a dynamic batch), where the halves and the product
+have no other users. Left alone: one row (the GEMV's gated down_proj), prefill rows, halves used
+elsewhere or in the other order (silu of the second half), anything but the product's two
+halves. On chips whose lowering table leaves few-rows linears to the vendor (AMD) the pass does
+not run.
 """
 
 from __future__ import annotations

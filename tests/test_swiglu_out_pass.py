@@ -4,10 +4,9 @@ few-rows GEMM pairs gate and up rows in one program (fusion/few_rows_gemm.py SWI
 interpreter's launch on CPU), through backend="paiton" (eager inner compiler) on Qwen3's MLP;
 down_proj then runs plain; with FP8 weights the merged fp8_linear and its silu_mul become
 paiton.fp8_linear_silu_mul (the FP8 GEMM's SWIGLU_OUT launch). Random widths and row counts
-(hypothesis), a dynamic batch, and near
-misses left alone: one row (down_proj's gated GEMV takes it), prefill rows, a half used
-elsewhere, halves that are not the product's [gate, up] (on a traced ATen graph), the pass
-switched off.
+(hypothesis), a dynamic batch, and near misses left alone: one row (down_proj's gated GEMV takes
+it), prefill rows, a half used elsewhere, halves that are not the product's [gate, up] (on a
+traced ATen graph), the pass switched off.
 
 Tolerance: the fused launch rounds gate and up to the output dtype and applies SwiGLU as
 paiton.silu_mul does, so it differs from eager only by the few-rows GEMM's sums (another order
