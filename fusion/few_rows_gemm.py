@@ -93,6 +93,28 @@ def _times_transposed(a, b, DOT_FP32: tl.constexpr):
     return tl.dot(a, tl.trans(b))
 
 
+@triton.jit
+def _tile_product(w, x, block, SCALES: tl.constexpr, SWAP_AB: tl.constexpr, W_VIA_FP16: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+    """One K step of the product: the W tile converted to x's dtype (exact: e4m3 values are bf16
+    and fp16 values; W_VIA_FP16: through fp16, see W_VIA_FP16 above) times x's tile, [BLOCK_N,
+    BLOCK_M] with W's rows on the product's M side (SWAP_AB above), else [BLOCK_M, BLOCK_N]; with
+    block scales (SCALES == 2), times the tile's rows' `block` scales."""
+    if W_VIA_FP16:
+        w = w.to(tl.float16).to(tl.float32).to(x.dtype)
+    else:
+        w = w.to(x.dtype)
+    if SWAP_AB:
+        part = _times_transposed(w, x, DOT_FP32)
+        if SCALES == 2:
+            part *= block[:, None]
+    else:
+        part = _times_transposed(x, w, DOT_FP32)
+        if SCALES == 2:
+            part *= block[None, :]
+    return part
+
+
 # M is not specialized on (Triton would compile apart for 1, and for multiples of 16): a decode
 # step's 2, 4, 8 and 16 rows share one compiled kernel per BLOCK_M, so the first use's timing
 # compiles each candidate once per BLOCK_M rather than per row count.
@@ -157,24 +179,16 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
             w = w_desc.load([tl.program_id(0) * BLOCK_N, start])
         else:
             w = tl.load(w_rows + k, mask=(rows_n[:, None] < n_out) & (k < K), other=0.0, eviction_policy="evict_first")
-        if W_VIA_FP16:  # FP8 W: see W_VIA_FP16 above
-            w = w.to(tl.float16).to(tl.float32).to(x.dtype)  # exact, as below
-        else:
-            w = w.to(x.dtype)  # exact: e4m3 values are bf16 and fp16 values
+        block, block_up = None, None
         if SCALES == 2:  # this K tile lies in one scale block (BLOCK_K divides SCALE_BLOCK)
             block = tl.load(scale_ptr + (rows_n // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK, mask=rows_n < N, other=0.0)
             if SWIGLU_OUT:  # the up rows' blocks
                 block_up = tl.load(scale_ptr + ((rows_n + n_out) // SCALE_BLOCK) * stride_sn + start // SCALE_BLOCK,
                                    mask=rows_n < n_out, other=0.0)
-        if SWAP_AB:  # W's rows on the product's M side (SWAP_AB above)
-            part_t = _times_transposed(w, x, DOT_FP32)
-            if SCALES == 2:
-                part_t *= block[:, None]
-            acc_t += part_t
+        part = _tile_product(w, x, block, SCALES, SWAP_AB, W_VIA_FP16, DOT_FP32)
+        if SWAP_AB:
+            acc_t += part
         else:
-            part = _times_transposed(x, w, DOT_FP32)
-            if SCALES == 2:
-                part *= block[None, :]
             acc += part
         if SWIGLU_OUT:  # the up rows' tile (the tensor descriptor zero-fills past N)
             if W_TMA:
@@ -182,19 +196,10 @@ def _few_rows_gemm_kernel(x_ptr, w_ptr, w_desc, scale_ptr, y_ptr, M, N, K, strid
             else:
                 w_up = tl.load(up_w_rows + k, mask=(rows_n[:, None] < n_out) & (k < K), other=0.0,
                                eviction_policy="evict_first")
-            if W_VIA_FP16:
-                w_up = w_up.to(tl.float16).to(tl.float32).to(x.dtype)
-            else:
-                w_up = w_up.to(x.dtype)
+            part_up = _tile_product(w_up, x, block_up, SCALES, SWAP_AB, W_VIA_FP16, DOT_FP32)
             if SWAP_AB:
-                part_t_up = _times_transposed(w_up, x, DOT_FP32)
-                if SCALES == 2:
-                    part_t_up *= block_up[:, None]
-                acc_t_up += part_t_up
+                acc_t_up += part_up
             else:
-                part_up = _times_transposed(x, w_up, DOT_FP32)
-                if SCALES == 2:
-                    part_up *= block_up[None, :]
                 acc_up += part_up
     if SWAP_AB:
         acc = tl.trans(acc_t)  # once, after the loop
