@@ -2,8 +2,11 @@
 
 * Without a GPU, Paiton's Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 must
   be set before any kernel module is imported (triton.jit decides at decoration time), so it
-  is set here, first. Then the paiton::* ops run the real kernels on CPU tensors, and every
-  CPU test that goes through them tests the kernels too.
+  is set here, first, and every kernel module is imported here too: a module first imported
+  inside a test that sets TRITON_INTERPRET=0 (paiton_testing.use_reference_kernels, for the
+  processes a test starts) would otherwise keep GPU-only kernels for the rest of its worker.
+  Then the paiton::* ops run the real kernels on CPU tensors, and every CPU test that goes
+  through them tests the kernels too.
 * Tests marked `gpu` are skipped without CUDA/ROCm.
 * Hypothesis: no deadline (compiles take seconds), few examples by default; set
   HYPOTHESIS_PROFILE=thorough for a longer run.
@@ -17,6 +20,14 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+import pkgutil  # noqa: E402
+
+import paiton.fusion  # noqa: E402
+
+for _module in pkgutil.iter_modules(paiton.fusion.__path__):
+    importlib.import_module(f"paiton.fusion.{_module.name}")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -257,17 +257,21 @@ def attention_inputs(batch, seq, q_heads, kv_heads, head_dim, start, dtype, seed
     return q, k, v, angles.cos().to(dtype), angles.sin().to(dtype), positions
 
 
-FUSION_MODULES = ("decode_attention", "packed_linear", "qk_norm_rope", "rms_norm", "swiglu")
-
-
 def use_reference_kernels(monkeypatch) -> None:
     """Run Paiton's ops on their CPU references (eager's operations) instead of the Triton
     kernels in the interpreter, for tests of what is around the ops (a loop, a server, a
-    benchmark) that would otherwise spend minutes interpreting kernels tested on their own."""
+    benchmark) that would otherwise spend minutes interpreting kernels tested on their own:
+    every kernel module that asks `is_interpreted` is told no (conftest imported them all under
+    the interpreter)."""
     import importlib
+    import pkgutil
 
-    for name in FUSION_MODULES:
-        monkeypatch.setattr(importlib.import_module(f"paiton.fusion.{name}"), "is_interpreted", lambda kernel: False)
+    import paiton.fusion
+
+    for info in pkgutil.iter_modules(paiton.fusion.__path__):
+        module = importlib.import_module(f"paiton.fusion.{info.name}")
+        if info.name != "triton_utils" and hasattr(module, "is_interpreted"):
+            monkeypatch.setattr(module, "is_interpreted", lambda kernel: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # and in the processes the test starts
 
 
