@@ -21,19 +21,15 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
-import pkgutil  # noqa: E402
+# Test helpers live beside the tests (tests/ is not a package; see ENV_NOTES on import modes).
+sys.path.insert(0, os.path.dirname(__file__))
 
-import paiton.fusion  # noqa: E402
+from paiton_testing import kernel_modules  # noqa: E402
 
-for _module in pkgutil.iter_modules(paiton.fusion.__path__):
-    importlib.import_module(f"paiton.fusion.{_module.name}")
+kernel_modules()
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
-
-# Test helpers live beside the tests (tests/ is not a package; see ENV_NOTES on import modes).
-sys.path.insert(0, os.path.dirname(__file__))
 
 settings.register_profile(
     "ci",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
+import pkgutil
+import types
 
 import torch
 
@@ -16,6 +19,15 @@ import torch
 ULPS = {torch.float32: 8, torch.float16: 3, torch.bfloat16: 3}
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 
+
+
+def kernel_modules() -> list[types.ModuleType]:
+    """Every module of paiton.fusion, imported (conftest imports them all under the interpreter
+    first; use_reference_kernels patches the ones that ask `is_interpreted`)."""
+    import paiton.fusion
+
+    return [importlib.import_module(f"paiton.fusion.{info.name}")
+            for info in pkgutil.iter_modules(paiton.fusion.__path__)]
 
 
 def random_weight(n: int, k: int, seed: int, outliers: bool = False) -> torch.Tensor:
@@ -263,14 +275,8 @@ def use_reference_kernels(monkeypatch) -> None:
     benchmark) that would otherwise spend minutes interpreting kernels tested on their own:
     every kernel module that asks `is_interpreted` is told no (conftest imported them all under
     the interpreter)."""
-    import importlib
-    import pkgutil
-
-    import paiton.fusion
-
-    for info in pkgutil.iter_modules(paiton.fusion.__path__):
-        module = importlib.import_module(f"paiton.fusion.{info.name}")
-        if info.name != "triton_utils" and hasattr(module, "is_interpreted"):
+    for module in kernel_modules():
+        if module.__name__ != "paiton.fusion.triton_utils" and hasattr(module, "is_interpreted"):
             monkeypatch.setattr(module, "is_interpreted", lambda kernel: False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # and in the processes the test starts
 
