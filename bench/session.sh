@@ -45,6 +45,12 @@
 #                 does not prefetch their weight into L2 (L2_PROBE_ARGS, e.g. "--weight bf16"; no compile)
 #   fp8           FP8 weights against bf16 and stock Inductor + tuning, in process, batches 1, 8, 32,
 #                 output 128, for FP8_MODEL (default qwen3-8b) (issue 21)
+#   fp8_http      the same table through `paiton serve` over HTTP (FP8_CONFIGS, default paiton-fp8,
+#                 paiton,inductor-cdt; FP8_BATCHES, default 1,8,32; the server's slots: the largest):
+#                 one server start per configuration for all its batch sizes, where `fp8`'s bundled
+#                 loop compiles each batch size's shapes again (119-274 s a row for Qwen3-8B on an
+#                 H100 at 79661ae: its nine rows need about 30 minutes; this, three warm-ups); each
+#                 server saves its compile cache (compile-cache-<size>-<config>.xz), FP8_COMPILE_CACHES loads
 #   fp8_sweep     bench/fp8_gemm_sweep.py: every FP8 path of 1-128 rows at Qwen3-8B and 32B's
 #                 projections against the bf16 GEMM, and the paths fusion/fp8_paths.py chooses (issue 21)
 #   prefill       bench/profile_prefill.py: a burst of the workload's first PREFILL_PROMPTS (32) prompts
@@ -127,6 +133,15 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step fp8 "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "${FP8_MODEL:-qwen3-8b}" \
         --configs paiton,paiton-fp8,inductor-cdt --batch-sizes 1,8,32 --num-prompts 64 --rounds 1 --min-prompts 8 \
         --output-len 128 --max-prompt-len 512 --tag fp8 --out "$out" ;;
+    fp8_http)
+      model=${FP8_MODEL:-qwen3-8b}; short=${model#qwen3-}
+      caches=()
+      for f in ${FP8_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
+      step "fp8_http_$short" "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "$model" --serve \
+        --configs "${FP8_CONFIGS:-paiton-fp8,paiton,inductor-cdt}" --batch-sizes "${FP8_BATCHES:-1,8,32}" \
+        --num-prompts 64 --rounds 1 --min-prompts 8 --output-len 128 --max-prompt-len 512 --tag fp8-http \
+        ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
+      pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve" ;;
     fp8_sweep)
       step fp8_sweep "${FP8_SWEEP_TIMEOUT:-600}" python3 bench/fp8_gemm_sweep.py --models "${FP8_SWEEP_MODELS:-qwen3-8b,qwen3-32b}" \
         --out "$out" ;;
