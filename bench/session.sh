@@ -91,6 +91,17 @@ step() {  # step NAME SECONDS COMMAND...
   echo "step $name: rc=$rc in $((SECONDS - began)) s"
 }
 
+load_caches() {  # load_caches FILE...: caches=(--load-compile-cache FILE ...), for serving.py
+  caches=()
+  for f in "$@"; do caches+=(--load-compile-cache "$f"); done
+}
+
+stop_servers() {
+  # A server its limit cut off would hold the GPU. The pattern starts at the command's
+  # beginning, so it cannot match a shell whose text merely mentions it.
+  pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve"
+}
+
 for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
   case $name in
     continuous)
@@ -101,8 +112,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
       step gpu_tests "${GPU_TESTS_TIMEOUT:-480}" python3 -m pytest -q -ra -s -p no:cacheprovider -m gpu ${GPU_TESTS:-tests/} ;;
     sharegpt|sharegpt_32b)  # one server start per configuration, each under its own limit (CONFIG:SECONDS)
       model=${SHAREGPT_MODEL:-qwen3-32b}; short=${model#qwen3-}
-      caches=()
-      for f in ${SHAREGPT_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
+      load_caches ${SHAREGPT_COMPILE_CACHES:-}
       for entry in ${SHAREGPT_CONFIGS:-paiton:700 inductor-cdt:900}; do  # CONFIG[:SECONDS[:BATCHES[:SLOTS]]]
         IFS=: read -r config limit batches slots <<< "$entry"
         # A configuration without a compile cache warms up faster with fewer slots (fewer decode
@@ -116,9 +126,7 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
           --output-len "${SHAREGPT_OUTPUT_LEN:-dataset,256}" --tag "sharegpt-http-$config" \
           ${slots:+--server-slots "$slots"} ${SHAREGPT_MODEL_LEN:+--server-max-model-len "$SHAREGPT_MODEL_LEN"} \
           ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
-        # A server its limit cut off would hold the GPU. The pattern starts at the command's
-        # beginning, so it cannot match a shell whose text merely mentions it.
-        pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve"
+        stop_servers
       done ;;
     pdl_chain)
       for model in ${PDL_CHAIN_MODELS:-qwen3-32b qwen3-8b}; do
@@ -135,13 +143,12 @@ for name in ${STEPS:-continuous gpu_tests sharegpt_32b}; do
         --output-len 128 --max-prompt-len 512 --tag fp8 --out "$out" ;;
     fp8_http)
       model=${FP8_MODEL:-qwen3-8b}; short=${model#qwen3-}
-      caches=()
-      for f in ${FP8_COMPILE_CACHES:-}; do caches+=(--load-compile-cache "$f"); done
+      load_caches ${FP8_COMPILE_CACHES:-}
       step "fp8_http_$short" "${FP8_TIMEOUT:-900}" python3 bench/serving.py --model "$model" --serve \
         --configs "${FP8_CONFIGS:-paiton-fp8,paiton,inductor-cdt}" --batch-sizes "${FP8_BATCHES:-1,8,32}" \
         --num-prompts 64 --rounds 1 --min-prompts 8 --output-len 128 --max-prompt-len 512 --tag fp8-http \
         ${caches[@]+"${caches[@]}"} --save-compile-cache "$out/compile-cache-$short.xz" --out "$out"
-      pkill -f "^[^ ]*python[0-9.]* -m paiton serve" && sleep 5 && pkill -9 -f "^[^ ]*python[0-9.]* -m paiton serve" ;;
+      stop_servers ;;
     fp8_sweep)
       step fp8_sweep "${FP8_SWEEP_TIMEOUT:-600}" python3 bench/fp8_gemm_sweep.py --models "${FP8_SWEEP_MODELS:-qwen3-8b,qwen3-32b}" \
         --out "$out" ;;
